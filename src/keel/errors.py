@@ -1,0 +1,165 @@
+"""One exception hierarchy for all of Keel.
+
+Every error a caller of Keel can see derives from `KeelError`; no aio-pika, redis, kazoo or
+socket exception leaks through a public API (backends map them at their boundary). Each class
+is one thing a caller can act on, mixes in the builtin whose meaning matches (so
+``except TimeoutError`` still catches a `CallTimeout`), and carries structured fields.
+`retryable` says whether repeating the same operation later may succeed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class KeelError(Exception):
+    """Root of every error Keel raises."""
+
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str, **fields: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        for key, value in fields.items():
+            setattr(self, key, value)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+class ConfigError(KeelError, ValueError):
+    """A URL, option or environment variable is wrong; the message names it and the fix."""
+
+
+class UnknownScheme(ConfigError):
+    """A backend URL uses a scheme no installed backend handles."""
+
+
+class MissingExtra(ConfigError, ImportError):
+    """A backend's client library is not installed; the message names the extra to install."""
+
+
+# --- messaging -----------------------------------------------------------------------------
+
+
+class MessagingError(KeelError):
+    """Root of keel.messaging errors."""
+
+
+class TransportError(MessagingError, ConnectionError):
+    """The broker could not be reached or dropped the connection. Retry later."""
+
+    retryable = True
+
+
+class CallTimeout(MessagingError, TimeoutError):
+    """No reply came before the call's deadline. Says which topic, server and method."""
+
+    retryable = True
+
+
+class RemoteError(MessagingError):
+    """The remote endpoint raised an exception the caller did not register as allowed.
+
+    Fields: ``exc_type`` (``module.Class`` of the remote exception), ``remote_message`` and
+    ``remote_traceback`` (for logs; never shown to end users).
+    """
+
+
+class UnknownMethod(MessagingError, AttributeError):
+    """The server has no endpoint method of that name in that namespace."""
+
+
+class InvalidArguments(MessagingError, TypeError):
+    """The arguments do not match the remote method's signature."""
+
+
+class UnsupportedVersion(MessagingError):
+    """The server cannot serve the requested interface version (names both versions)."""
+
+
+class SerializationError(MessagingError, TypeError):
+    """A value cannot cross the wire; the message names the offending type."""
+
+
+class MessageTooLarge(MessagingError, ValueError):
+    """An encoded message exceeds the size limit (fields ``size`` and ``limit``)."""
+
+
+class ServerDraining(MessagingError):
+    """The server is draining and did not run the request. Retry on another server."""
+
+    retryable = True
+
+
+class AntiPatternError(MessagingError):
+    """Keel refused a use it knows to break services (field ``pattern`` names it)."""
+
+
+class MalformedMessage(MessagingError, ValueError):
+    """Bytes on a Keel queue are not a Keel envelope of a version this side reads."""
+
+
+# --- coordination --------------------------------------------------------------------------
+
+
+class CoordinationError(KeelError):
+    """Root of keel.coordination errors."""
+
+
+class LockLost(CoordinationError):
+    """The lease behind a held lock expired or its session was lost; stop using the resource."""
+
+
+class LockTimeout(CoordinationError, TimeoutError):
+    """A timed acquire did not get the lock in time."""
+
+    retryable = True
+
+
+class StaleFence(CoordinationError):
+    """A fenced resource refused a write whose fence is not above the last one it accepted."""
+
+
+class BackendUnavailable(CoordinationError, ConnectionError):
+    """The coordination backend cannot be reached. Retry later."""
+
+    retryable = True
+
+
+# --- hub, agent and HTTP-facing errors ------------------------------------------------------
+
+
+class NotFound(KeelError, LookupError):
+    """No such object visible to the caller (also the answer for another tenant's object)."""
+
+
+class Forbidden(KeelError, PermissionError):
+    """The caller is known but may not do this."""
+
+
+class Unauthorized(KeelError, PermissionError):
+    """No valid credentials."""
+
+
+class Conflict(KeelError):
+    """The request conflicts with the object's current state."""
+
+
+class QuotaExceeded(KeelError):
+    """A per-project quota is used up."""
+
+
+class AgentError(KeelError):
+    """Root of keel.agent errors."""
+
+
+class ProtocolError(AgentError, ValueError):
+    """The peer broke the agent protocol (garbage, unknown id, bad handshake)."""
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame exceeds the negotiated maximum (fields ``size`` and ``limit``)."""

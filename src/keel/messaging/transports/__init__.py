@@ -1,0 +1,1 @@
+"""Transports: thin adapters over what each broker already does well (see base.Transport)."""

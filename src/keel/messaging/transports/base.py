@@ -1,0 +1,92 @@
+"""The Transport protocol: the few I/O primitives a broker adapter provides.
+
+Everything else (reply routing, deadlines, retries, dedup, versioning, drain, dead-letter
+policy) lives once in keel.messaging's core. A transport offers:
+
+* named queues, durable or transient, each optionally bound to subjects;
+* ``send`` to one queue, ``publish`` to every queue bound to a subject;
+* ``consume`` with a credit window (``prefetch``): the transport never holds more than that many
+  unsettled deliveries for one consumer; each delivery is settled exactly once by the core with
+  ``ack`` (done), ``requeue`` (hand back for any consumer, e.g. on drain) or ``dead_letter``
+  (moved to the queue's dead-letter queue ``<queue>.dlq`` with a reason).
+
+Delivery promises a transport must keep (the conformance suite checks them):
+
+* ``send``/``publish`` with ``durable=True`` return only once the broker holds the message
+  (publisher confirm or equivalent) and it survives a broker restart; ``durable=False``
+  messages may be lost on a broker crash but never silently while the broker is up.
+* An unsettled delivery whose consumer disconnects or is cancelled goes back to its queue.
+* Within one queue, messages are offered in publish order (redeliveries may come later).
+* ``handler`` is called on the transport's event loop, must not block, and must not raise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
+
+from keel.urls import URL
+
+DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
+
+
+class Delivery(Protocol):
+    """One message handed to a consumer; settle it exactly once."""
+
+    @property
+    def body(self) -> bytes: ...
+
+    @property
+    def delivery_count(self) -> int:
+        """1 on first delivery, more after requeues (best effort where the broker cannot tell)."""
+        ...
+
+    async def ack(self) -> None: ...
+
+    async def requeue(self) -> None: ...
+
+    async def dead_letter(self, reason: str) -> None: ...
+
+
+Handler = Callable[[Delivery], None]
+
+
+class Consumer(Protocol):
+    async def cancel(self) -> None:
+        """Stop new deliveries. Deliveries already handed over stay the core's to settle."""
+        ...
+
+
+@runtime_checkable
+class Transport(Protocol):
+    url: URL
+    max_message_bytes: int
+
+    async def connect(self) -> None: ...
+
+    async def close(self) -> None:
+        """Close; unsettled deliveries go back to their queues."""
+        ...
+
+    async def declare_queue(
+        self,
+        name: str,
+        *,
+        durable: bool,
+        bindings: Sequence[str] = (),
+        exclusive: bool = False,
+    ) -> None:
+        """Create the queue if missing (idempotent) and bind it to subjects.
+
+        ``exclusive`` queues belong to this connection and vanish with it (reply queues,
+        fanout queues).
+        """
+        ...
+
+    async def delete_queue(self, name: str) -> None: ...
+
+    async def send(self, queue: str, body: bytes, *, durable: bool) -> None: ...
+
+    async def publish(self, subject: str, body: bytes, *, durable: bool) -> None: ...
+
+    async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> Consumer: ...
