@@ -17,6 +17,7 @@ Delivery promises a transport must keep (the conformance suite checks them):
   messages may be lost on a broker crash but never silently while the broker is up.
 * An unsettled delivery whose consumer disconnects or is cancelled goes back to its queue.
 * Within one queue, messages are offered in publish order (redeliveries may come later).
+* ``auto_ack`` consumers (replies, fanout) get at-most-once delivery with no credit window.
 * ``handler`` is called on the transport's event loop, must not block, and must not raise.
 """
 
@@ -89,4 +90,12 @@ class Transport(Protocol):
 
     async def publish(self, subject: str, body: bytes, *, durable: bool) -> None: ...
 
-    async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> Consumer: ...
+    async def consume(
+        self, queue: str, handler: Handler, *, prefetch: int, auto_ack: bool = False
+    ) -> Consumer:
+        """Deliver the queue's messages to ``handler``.
+
+        With ``auto_ack`` the transport settles each delivery as it hands it over (replies,
+        fanout: at-most-once) and ``prefetch`` is ignored; the handler must not settle it.
+        """
+        ...

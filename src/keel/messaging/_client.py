@@ -1,0 +1,280 @@
+"""RPC clients: call (request/reply with a deadline), cast (one server) and fanout (all).
+
+Every call has a deadline: the client's timeout, or the caller's own deadline if that comes
+first (a nested call never outlives the request it serves). A call whose deadline passes
+raises `CallTimeout` naming topic, server and method; a reply that arrives later is dropped
+and counted. Keel refuses or warns about the anti-patterns it can see at run time (see
+docs/patterns.md): calls without a deadline, a call into the caller's own saturated server,
+call chains that are too deep, payloads near the size limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from keel import urls
+from keel._log import event
+from keel.errors import AntiPatternError, CallTimeout
+from keel.messaging import _context, _metrics
+from keel.messaging._failures import from_failure, qualified
+from keel.messaging._link import link
+from keel.messaging._target import Target, fanout_subject, parse_version, rpc_queue
+from keel.messaging.transports.base import Transport
+from keel.wire import CALL, CAST, ENVELOPE_VERSION, FANOUT, Request, RequestContext, encode, new_id
+
+log = logging.getLogger("keel.messaging.client")
+
+DEFAULT_TIMEOUT = 60.0
+CHAIN_WARN_DEPTH = 5
+CHAIN_MAX_DEPTH = 32
+
+
+@dataclass(frozen=True, slots=True)
+class _Options:
+    target: Target
+    timeout: float
+    cast_ttl: float | None
+    idempotency_key: str | None
+
+
+_UNSET: Any = object()
+
+
+class RPCClient:
+    """Sends RPC messages to ``target``. Cheap to `prepare` copies with other options."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        target: Target,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        cast_ttl: float | None = None,
+        allowed_exceptions: Iterable[type[BaseException]] = (),
+        service: str | None = None,
+    ) -> None:
+        if not target.topic:
+            raise ValueError("an RPC client needs a target with a topic")
+        _check_timeout(timeout)
+        self.transport = transport
+        self._options = _Options(target, timeout, cast_ttl, None)
+        self._allowed = {qualified(cls): cls for cls in allowed_exceptions}
+        self.service = service or urls.from_env("service", "")
+        self._link = link(transport)
+        self.counts: Counter[tuple[str, ...]] = Counter()
+        self.metric_labels = {"topic": target.topic}
+        self._warned: set[tuple[str, str]] = set()
+        _metrics.track(self)
+
+    @property
+    def target(self) -> Target:
+        return self._options.target
+
+    def gauges(self) -> dict[str, float]:
+        return {}
+
+    def prepare(
+        self,
+        *,
+        server: str | None = _UNSET,
+        version: str = _UNSET,
+        namespace: str | None = _UNSET,
+        timeout: float = _UNSET,
+        cast_ttl: float | None = _UNSET,
+        idempotency_key: str | None = _UNSET,
+    ) -> RPCClient:
+        """A client sharing this one's connection with some options changed."""
+        options = self._options
+        target = options.target
+        changes: dict[str, Any] = {}
+        if server is not _UNSET:
+            changes["server"] = server
+        if version is not _UNSET:
+            parse_version(version)
+            changes["version"] = version
+        if namespace is not _UNSET:
+            changes["namespace"] = namespace
+        if changes:
+            target = replace(target, **changes)
+        if timeout is not _UNSET:
+            _check_timeout(timeout)
+        clone = object.__new__(RPCClient)
+        clone.__dict__.update(self.__dict__)
+        clone._options = _Options(
+            target,
+            options.timeout if timeout is _UNSET else timeout,
+            options.cast_ttl if cast_ttl is _UNSET else cast_ttl,
+            options.idempotency_key if idempotency_key is _UNSET else idempotency_key,
+        )
+        return clone
+
+    # --- the three patterns --------------------------------------------------------------
+
+    async def call(self, ctx: RequestContext | None, method: str, /, **kwargs: Any) -> Any:
+        """Run ``method`` on one server of the topic and return its result."""
+        options = self._options
+        target = options.target
+        now = time.time()
+        deadline = now + options.timeout
+        parent = ctx or _context.current_context()
+        if parent is not None and parent.deadline is not None and parent.deadline < deadline:
+            deadline = parent.deadline
+        child = self._child(parent, deadline, method)
+        lk = self._link
+        reply_to = await lk.reply_queue()
+        request_id = new_id()
+        request = Request(
+            ENVELOPE_VERSION, CALL, request_id, method, child, kwargs,
+            target.namespace, target.version, reply_to, target.server,
+        )  # fmt: skip
+        body = self._encode(request, method)
+        self._check_reentrant(target, method)
+        queue = rpc_queue(target.topic, target.server)
+        await lk.declare(queue, durable=True)
+        future = lk.expect(request_id)
+        loop = asyncio.get_running_loop()
+        timer = loop.call_at(loop.time() + (deadline - now), _expire, future)
+        try:
+            await self.transport.send(queue, body, durable=False)
+            reply = await future
+        except TimeoutError:
+            self.counts["keel_rpc_client_requests", "call", method, "timeout"] += 1
+            where = f"server {target.server!r}" if target.server else "any server"
+            raise CallTimeout(
+                f"no reply to {target.topic}.{method} from {where} within "
+                f"{deadline - now:.3g}s (request {child.request_id}); check that a server of "
+                f"topic {target.topic!r} is running and not overloaded",
+                topic=target.topic,
+                server=target.server,
+                method=method,
+                timeout=deadline - now,
+            ) from None
+        finally:
+            timer.cancel()
+            lk.forget(request_id)
+        if reply.failure is not None:
+            self.counts["keel_rpc_client_requests", "call", method, "error"] += 1
+            raise from_failure(reply.failure, self._allowed, f"{target.topic}.{method}")
+        self.counts["keel_rpc_client_requests", "call", method, "ok"] += 1
+        return reply.result
+
+    async def cast(self, ctx: RequestContext | None, method: str, /, **kwargs: Any) -> None:
+        """Run ``method`` on one server of the topic (or the named server); no reply.
+
+        Returns once the broker holds the message. At-least-once, deduplicated by
+        idempotency key (the message id, or the key given to `prepare`).
+        """
+        options = self._options
+        target = options.target
+        deadline = time.time() + options.cast_ttl if options.cast_ttl is not None else None
+        child = self._child(ctx or _context.current_context(), deadline, method)
+        request = Request(
+            ENVELOPE_VERSION, CAST, options.idempotency_key or new_id(), method, child, kwargs,
+            target.namespace, target.version, None, target.server,
+        )  # fmt: skip
+        body = self._encode(request, method)
+        queue = rpc_queue(target.topic, target.server)
+        await self._link.declare(queue, durable=True)
+        await self.transport.send(queue, body, durable=True)
+        self.counts["keel_rpc_client_requests", "cast", method, "sent"] += 1
+
+    async def fanout(self, ctx: RequestContext | None, method: str, /, **kwargs: Any) -> None:
+        """Run ``method`` on every server of the topic live now; no reply (at-most-once)."""
+        options = self._options
+        target = options.target
+        deadline = time.time() + options.cast_ttl if options.cast_ttl is not None else None
+        child = self._child(ctx or _context.current_context(), deadline, method)
+        request = Request(
+            ENVELOPE_VERSION, FANOUT, new_id(), method, child, kwargs,
+            target.namespace, target.version, None, None,
+        )  # fmt: skip
+        body = self._encode(request, method)
+        await self.transport.publish(fanout_subject(target.topic), body, durable=False)
+        self.counts["keel_rpc_client_requests", "fanout", method, "sent"] += 1
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _child(
+        self, parent: RequestContext | None, deadline: float | None, method: str
+    ) -> RequestContext:
+        if parent is None:
+            return RequestContext(deadline=deadline, service=self.service or None)
+        child = parent.child(deadline=deadline, service=self.service or None)
+        if child.depth > CHAIN_WARN_DEPTH:
+            if child.depth > CHAIN_MAX_DEPTH:
+                raise AntiPatternError(
+                    f"call chain {child.depth} deep at {self.target.topic}.{method}: this looks "
+                    "like a call loop (pattern: chatty-call-chain); pass references and let "
+                    "one service do the work",
+                    pattern="chatty-call-chain",
+                )
+            self._warn_once(
+                "chatty-call-chain",
+                method,
+                f"call chain is {child.depth} deep at {self.target.topic}.{method}",
+            )
+        return child
+
+    def _encode(self, request: Request, method: str) -> bytes:
+        limit = self.transport.max_message_bytes
+        body = encode(request, limit)
+        if len(body) > limit // 4:
+            self._warn_once(
+                "huge-payload",
+                method,
+                f"{self.target.topic}.{method} sent {len(body)} bytes (limit {limit}); "
+                "send a reference to the data instead",
+            )
+        return body
+
+    def _check_reentrant(self, target: Target, method: str) -> None:
+        found = _context.current.get()
+        if found is None:
+            return
+        server = found[0]
+        if getattr(server, "transport", None) is not self.transport:
+            return
+        if server.target.topic != target.topic:
+            return
+        if target.server is not None and target.server != server.name:
+            return
+        if server.free_slots <= 0:
+            raise AntiPatternError(
+                f"{target.topic}.{method} called from inside a handler of the same server, "
+                f"which has no free slot ({server.max_concurrency} running): it would wait for "
+                "itself (pattern: call-into-own-saturated-server); cast instead, or raise "
+                "max_concurrency",
+                pattern="call-into-own-saturated-server",
+            )
+        self._warn_once(
+            "call-into-own-server",
+            method,
+            f"{target.topic}.{method} called from a handler of a server of the same topic; "
+            "under load this deadlocks once every slot waits for itself",
+        )
+
+    def _warn_once(self, pattern: str, method: str, message: str) -> None:
+        if (pattern, method) not in self._warned:
+            self._warned.add((pattern, method))
+            event(log, logging.WARNING, "anti_pattern", pattern=pattern, message=message)
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is None or not timeout > 0 or timeout == float("inf"):
+        raise AntiPatternError(
+            f"timeout={timeout!r}: every call needs a finite deadline (pattern: "
+            "call-without-deadline); a call without one holds its caller forever when a "
+            "server dies",
+            pattern="call-without-deadline",
+        )

@@ -1,0 +1,88 @@
+"""Prometheus metrics for servers, clients and listeners.
+
+Counting on the hot path is a plain dict increment; a collector registered once with
+prometheus_client reads the live objects' counters at scrape time, so metrics cost nothing
+until someone scrapes.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import Counter
+from collections.abc import Iterator
+from typing import Protocol
+
+from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+
+class Measured(Protocol):
+    metric_labels: dict[str, str]
+    counts: Counter[tuple[str, ...]]
+
+    def gauges(self) -> dict[str, float]: ...
+
+
+_live: weakref.WeakSet[Measured] = weakref.WeakSet()
+_lock = threading.Lock()
+_registered = False
+
+# family name -> (help, label names of the count key)
+FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "keel_rpc_server_requests": (
+        "RPC requests handled by servers, by kind, method and outcome",
+        ("kind", "method", "outcome"),
+    ),
+    "keel_rpc_client_requests": (
+        "RPC requests sent by clients, by kind, method and outcome",
+        ("kind", "method", "outcome"),
+    ),
+    "keel_notifications": (
+        "Notifications published or handled, by priority and outcome",
+        ("priority", "outcome"),
+    ),
+}
+
+
+class _KeelCollector(Collector):
+    def describe(self) -> list[CounterMetricFamily]:
+        # Families depend on what is live at scrape time; describing none keeps
+        # registration from calling collect() (and so from taking our lock).
+        return []
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        with _lock:
+            objs = list(_live)
+        for family, (doc, labels) in FAMILIES.items():
+            metric: CounterMetricFamily | None = None
+            for obj in objs:
+                for key, value in list(obj.counts.items()):
+                    if key[0] != family:
+                        continue
+                    if metric is None:
+                        metric = CounterMetricFamily(
+                            family, doc, labels=[*obj.metric_labels, *labels]
+                        )
+                    metric.add_metric([*obj.metric_labels.values(), *key[1:]], value)
+            if metric is not None:
+                yield metric
+        gauges: dict[str, GaugeMetricFamily] = {}
+        for obj in objs:
+            for name, gauge_value in obj.gauges().items():
+                gauge = gauges.get(name)
+                if gauge is None:
+                    gauge = gauges[name] = GaugeMetricFamily(
+                        name, name.replace("_", " "), labels=list(obj.metric_labels)
+                    )
+                gauge.add_metric(list(obj.metric_labels.values()), gauge_value)
+        yield from gauges.values()
+
+
+def track(obj: Measured) -> None:
+    global _registered  # noqa: PLW0603 - one collector per process, registered on first use
+    with _lock:
+        if not _registered:
+            REGISTRY.register(_KeelCollector())
+            _registered = True
+        _live.add(obj)

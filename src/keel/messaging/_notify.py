@@ -1,0 +1,289 @@
+"""Notifications: a Notifier publishes events; NotificationListeners consume them in pools.
+
+Delivery: at-least-once. `Notifier` returns once the broker holds the notification for every
+queue bound to its topic and priority; the default queue (pool None) is declared by the
+notifier itself, so notifications wait for a listener that is not running yet. Every pool
+gets its own copy; listeners in one pool compete. A listener acknowledges after its handlers
+return; a handler may return `NotificationResult.REQUEUE` to have it delivered again (up to
+``max_redeliveries``, then it is dead-lettered); a handler that raises dead-letters it with
+the reason. With ``max_concurrency=1`` a listener handles one queue's notifications in
+publish order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import enum
+import functools
+import inspect
+import logging
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+from keel import urls
+from keel._log import event
+from keel.errors import ConfigError, MalformedMessage
+from keel.messaging import _metrics
+from keel.messaging._link import link
+from keel.messaging._target import Target, notify_queue, notify_subject
+from keel.messaging.transports.base import Consumer, Delivery, Transport
+from keel.wire import (
+    ENVELOPE_VERSION,
+    Notification,
+    RequestContext,
+    decode_notification,
+    encode,
+    new_id,
+)
+
+log = logging.getLogger("keel.messaging.notify")
+
+PRIORITIES = ("audit", "debug", "info", "warn", "error", "critical", "sample")
+
+
+class NotificationResult(enum.Enum):
+    HANDLED = "handled"
+    REQUEUE = "requeue"
+
+
+class Notifier:
+    """Publishes notifications as ``publisher_id`` on one or more topics."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        publisher_id: str,
+        *,
+        topics: Sequence[str] = ("notifications",),
+        service: str | None = None,
+    ) -> None:
+        for topic in topics:
+            Target(topic)  # validates the name
+        self.transport = transport
+        self.publisher_id = publisher_id
+        self.topics = tuple(topics)
+        self.service = service or urls.from_env("service", "")
+        self._link = link(transport)
+        self.counts: Counter[tuple[str, ...]] = Counter()
+        self.metric_labels = {"publisher": publisher_id}
+        _metrics.track(self)
+
+    def gauges(self) -> dict[str, float]:
+        return {}
+
+    def prepare(self, *, publisher_id: str) -> Notifier:
+        return Notifier(self.transport, publisher_id, topics=self.topics, service=self.service)
+
+    async def notify(
+        self, ctx: RequestContext | None, event_type: str, payload: Any, priority: str
+    ) -> None:
+        priority = priority.lower()
+        if priority not in PRIORITIES:
+            raise ConfigError(f"priority {priority!r} is not one of {', '.join(PRIORITIES)}")
+        message = Notification(
+            ENVELOPE_VERSION,
+            new_id(),
+            self.publisher_id,
+            event_type,
+            priority,
+            payload,
+            datetime.now(UTC).isoformat(),
+            ctx or RequestContext(service=self.service or None),
+        )
+        body = encode(message, self.transport.max_message_bytes)
+        for topic in self.topics:
+            subject = notify_subject(topic, priority)
+            await self._link.declare(
+                notify_queue(topic, priority, None), durable=True, bindings=[subject]
+            )
+            await self.transport.publish(subject, body, durable=True)
+        self.counts["keel_notifications", priority, "published"] += 1
+
+    async def audit(self, ctx: RequestContext | None, event_type: str, payload: Any) -> None:
+        await self.notify(ctx, event_type, payload, "audit")
+
+    async def debug(self, ctx: RequestContext | None, event_type: str, payload: Any) -> None:
+        await self.notify(ctx, event_type, payload, "debug")
+
+    async def info(self, ctx: RequestContext | None, event_type: str, payload: Any) -> None:
+        await self.notify(ctx, event_type, payload, "info")
+
+    async def warn(self, ctx: RequestContext | None, event_type: str, payload: Any) -> None:
+        await self.notify(ctx, event_type, payload, "warn")
+
+    warning = warn
+
+    async def error(self, ctx: RequestContext | None, event_type: str, payload: Any) -> None:
+        await self.notify(ctx, event_type, payload, "error")
+
+    async def critical(self, ctx: RequestContext | None, event_type: str, payload: Any) -> None:
+        await self.notify(ctx, event_type, payload, "critical")
+
+    async def sample(self, ctx: RequestContext | None, event_type: str, payload: Any) -> None:
+        await self.notify(ctx, event_type, payload, "sample")
+
+
+class NotificationFilter:
+    """Regular expressions (``re.match``, as oslo.messaging) a notification must all match."""
+
+    def __init__(self, *, event_type: str | None = None, publisher_id: str | None = None) -> None:
+        self.event_type = re.compile(event_type) if event_type else None
+        self.publisher_id = re.compile(publisher_id) if publisher_id else None
+
+    def match(self, notification: Notification) -> bool:
+        if self.event_type and not self.event_type.match(notification.event_type):
+            return False
+        return not (self.publisher_id and not self.publisher_id.match(notification.publisher_id))
+
+
+_Handler = Callable[..., Any]
+
+
+class NotificationListener:
+    """Consumes notifications of ``targets``' topics and hands them to endpoint methods.
+
+    An endpoint method is named after the priority it wants (``info``, ``error``, ...) and
+    takes ``(ctx, publisher_id, event_type, payload, metadata)``. An endpoint's optional
+    ``filter_rule`` (a `NotificationFilter`) skips notifications it does not match.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        targets: Sequence[Target],
+        endpoints: Sequence[object],
+        *,
+        pool: str | None = None,
+        max_concurrency: int = 16,
+        max_redeliveries: int = 5,
+        thread_pool_size: int = 8,
+    ) -> None:
+        if pool is not None:
+            Target(pool)  # validates the name
+        self.transport = transport
+        self.topics = [t.topic for t in targets]
+        self.pool = pool
+        self.max_concurrency = max_concurrency
+        self.max_redeliveries = max_redeliveries
+        self._handlers: dict[str, list[tuple[NotificationFilter | None, _Handler, bool]]] = {}
+        for endpoint in endpoints:
+            rule = getattr(endpoint, "filter_rule", None)
+            for priority in PRIORITIES:
+                func = getattr(endpoint, priority, None)
+                if callable(func):
+                    self._handlers.setdefault(priority, []).append(
+                        (rule, func, inspect.iscoroutinefunction(func))
+                    )
+        if not self._handlers:
+            raise ConfigError(
+                f"no endpoint has a method named after a priority ({', '.join(PRIORITIES)})"
+            )
+        self._executor = ThreadPoolExecutor(thread_pool_size, thread_name_prefix="keel-notify")
+        self._consumers: list[Consumer] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self.counts: Counter[tuple[str, ...]] = Counter()
+        self.metric_labels = {"pool": pool or ""}
+        _metrics.track(self)
+
+    def gauges(self) -> dict[str, float]:
+        return {}
+
+    async def start(self) -> None:
+        lk = link(self.transport)
+        for topic in self.topics:
+            for priority in self._handlers:
+                queue = notify_queue(topic, priority, self.pool)
+                await lk.declare(queue, durable=True, bindings=[notify_subject(topic, priority)])
+                self._consumers.append(
+                    await self.transport.consume(
+                        queue, self._on_delivery, prefetch=self.max_concurrency
+                    )
+                )
+
+    async def stop(self, timeout: float = 25.0) -> None:
+        for consumer in self._consumers:
+            await consumer.cancel()
+        self._consumers.clear()
+        if self._tasks:
+            _, late = await asyncio.wait(set(self._tasks), timeout=timeout)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def __aenter__(self) -> NotificationListener:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def _on_delivery(self, delivery: Delivery) -> None:
+        task = asyncio.get_running_loop().create_task(self._handle(delivery))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, delivery: Delivery) -> None:
+        try:
+            async with self._slots:
+                await self._process(delivery)
+        except asyncio.CancelledError:
+            await delivery.requeue()
+            raise
+
+    async def _process(self, delivery: Delivery) -> None:
+        try:
+            note = decode_notification(delivery.body)
+        except MalformedMessage as exc:
+            self.counts["keel_notifications", "?", "malformed"] += 1
+            event(log, logging.WARNING, "notification.malformed", error=exc)
+            await delivery.dead_letter(str(exc))
+            return
+        metadata = {
+            "message_id": note.message_id,
+            "timestamp": note.timestamp,
+            "priority": note.priority,
+        }
+        requeue = False
+        for rule, func, is_async in self._handlers.get(note.priority, ()):
+            if rule is not None and not rule.match(note):
+                continue
+            args = (note.ctx, note.publisher_id, note.event_type, note.payload, metadata)
+            try:
+                if is_async:
+                    result = await func(*args)
+                else:
+                    call = functools.partial(func, *args)
+                    result = await asyncio.get_running_loop().run_in_executor(
+                        self._executor, contextvars.copy_context().run, call
+                    )
+            except Exception as exc:
+                self.counts["keel_notifications", note.priority, "dead_lettered"] += 1
+                event(
+                    log,
+                    logging.ERROR,
+                    "notification.handler_failed",
+                    event_type=note.event_type,
+                    message_id=note.message_id,
+                    error=repr(exc),
+                )
+                await delivery.dead_letter(f"{type(exc).__name__}: {exc}")
+                return
+            requeue = requeue or result is NotificationResult.REQUEUE
+        if requeue:
+            if delivery.delivery_count > self.max_redeliveries:
+                self.counts["keel_notifications", note.priority, "dead_lettered"] += 1
+                await delivery.dead_letter(f"requeued {delivery.delivery_count} times")
+            else:
+                self.counts["keel_notifications", note.priority, "requeued"] += 1
+                await delivery.requeue()
+            return
+        self.counts["keel_notifications", note.priority, "handled"] += 1
+        await delivery.ack()

@@ -1,0 +1,526 @@
+"""RPC servers: run endpoint methods for calls, casts and fanouts on one topic.
+
+Delivery (docs/messaging-contract.md states it for users):
+
+* call: the request is acknowledged when its method starts, so a server crash mid-call never
+  runs it twice; the caller gets its reply, a typed error, or `CallTimeout`. Methods declared
+  ``@remote(idempotent=True)`` are acknowledged after the reply is sent instead, so a crash
+  redelivers them to another server.
+* cast: acknowledged after the method returns (at-least-once); a key already seen by the
+  dedup store is skipped; a method that raises or cannot be found dead-letters the message
+  with the reason, never drops it.
+* fanout: at-most-once to the servers live when it was sent.
+* A request past its deadline is never started (it is counted and logged).
+* Stopping stops taking new messages, hands unstarted ones back to the broker for other
+  servers, lets running ones finish up to the timeout, then cancels them: their callers get
+  `ServerDraining` (retryable), their casts go back to the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import enum
+import functools
+import logging
+import os
+import socket
+import time
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from keel import urls
+from keel._log import event
+from keel.errors import (
+    InvalidArguments,
+    KeelError,
+    MalformedMessage,
+    MessageTooLarge,
+    SerializationError,
+    ServerDraining,
+)
+from keel.messaging import _context, _metrics
+from keel.messaging._dedup import DedupStore, MemoryDedup
+from keel.messaging._endpoints import Dispatcher, Method
+from keel.messaging._failures import to_failure
+from keel.messaging._link import link
+from keel.messaging._target import Target, fanout_subject, rpc_queue
+from keel.messaging.transports.base import Consumer, Delivery, Transport
+from keel.wire import (
+    CALL,
+    CAST,
+    ENVELOPE_VERSION,
+    FANOUT,
+    Failure,
+    Reply,
+    Request,
+    decode_request,
+    encode,
+    new_id,
+)
+
+log = logging.getLogger("keel.messaging.server")
+
+KIND_NAMES = {CALL: "call", CAST: "cast", FANOUT: "fanout"}
+SWEEP_INTERVAL = 0.1  # how late past its deadline a call's handler may be cancelled
+
+
+class ServerState(enum.Enum):
+    NEW = "new"
+    STARTING = "starting"
+    SERVING = "serving"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+def _default_server_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{new_id()[:6]}"
+
+
+class RPCServer:
+    """Serves ``endpoints`` on ``target.topic`` (and on ``target.server`` for direct messages).
+
+    ``max_concurrency`` bounds the requests running at once; ``thread_pool_size`` bounds the
+    threads running sync methods. ``dedup`` decides how long cast idempotency keys are kept.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        target: Target,
+        endpoints: Sequence[object],
+        *,
+        max_concurrency: int = 64,
+        thread_pool_size: int = 16,
+        service: str | None = None,
+        dedup: DedupStore | None = None,
+        stop_timeout: float = 25.0,
+    ) -> None:
+        if not target.topic:
+            raise ValueError("an RPC server needs a target with a topic")
+        self.transport = transport
+        self.target = target
+        self.name = target.server or _default_server_name()
+        self.service = service or urls.from_env("service", target.topic)
+        self.max_concurrency = max_concurrency
+        self.stop_timeout = stop_timeout
+        self._dispatcher = Dispatcher(endpoints)
+        self._dedup: DedupStore = dedup or MemoryDedup()
+        self._thread_pool_size = thread_pool_size
+        self._executor: ThreadPoolExecutor | None = None
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self._consumers: list[Consumer] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._fanout_queue = f"{fanout_subject(target.topic)}.{self.name}.{new_id()[:8]}"
+        self._warned: set[tuple[str, str]] = set()
+        self._deadlines: dict[asyncio.Task[Any], float] = {}
+        self._expired_tasks: set[asyncio.Task[Any]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self.state = ServerState.NEW
+        self.running = 0
+        self.counts: Counter[tuple[str, ...]] = Counter()
+        self.metric_labels = {"topic": target.topic, "server": self.name}
+        _metrics.track(self)
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.state is ServerState.SERVING:
+            return
+        self._set_state(ServerState.STARTING)
+        self._stopping = False
+        lk = link(self.transport)
+        topic_queue = rpc_queue(self.target.topic)
+        server_queue = rpc_queue(self.target.topic, self.name)
+        await lk.declare(topic_queue, durable=True)
+        await lk.declare(server_queue, durable=True)
+        await self.transport.declare_queue(
+            self._fanout_queue,
+            durable=False,
+            exclusive=True,
+            bindings=[fanout_subject(self.target.topic)],
+        )
+        prefetch = self.max_concurrency
+        self._consumers = [
+            await self.transport.consume(topic_queue, self._on_delivery, prefetch=prefetch),
+            await self.transport.consume(server_queue, self._on_delivery, prefetch=prefetch),
+            await self.transport.consume(
+                self._fanout_queue, self._on_delivery, prefetch=0, auto_ack=True
+            ),
+        ]
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_deadlines())
+        self._set_state(ServerState.SERVING)
+
+    async def _sweep_deadlines(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = time.time()
+            for task, deadline in list(self._deadlines.items()):
+                if deadline <= now and task not in self._expired_tasks:
+                    self._expired_tasks.add(task)
+                    task.cancel()
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop taking messages, finish or hand back what was taken, then stop (see module)."""
+        if self.state in (ServerState.NEW, ServerState.STOPPED):
+            self._set_state(ServerState.STOPPED)
+            return
+        self._set_state(ServerState.DRAINING)
+        self._stopping = True
+        for consumer in self._consumers:
+            await consumer.cancel()
+        self._consumers.clear()
+        await self.transport.delete_queue(self._fanout_queue)
+        pending = set(self._tasks)
+        if pending:
+            wait = self.stop_timeout if timeout is None else timeout
+            _, late = await asyncio.wait(pending, timeout=wait)
+            for task in late:
+                task.cancel()
+            if late:
+                event(
+                    log, logging.WARNING, "server.stop_cancelled", server=self.name, tasks=len(late)
+                )
+                await asyncio.wait(late)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+        self._set_state(ServerState.STOPPED)
+
+    async def __aenter__(self) -> RPCServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def _set_state(self, state: ServerState) -> None:
+        self.state = state
+        event(
+            log,
+            logging.INFO,
+            "server.state",
+            server=self.name,
+            topic=self.target.topic,
+            state=state.value,
+        )
+
+    def gauges(self) -> dict[str, float]:
+        return {
+            "keel_rpc_server_running": self.running,
+            "keel_rpc_server_serving": float(self.state is ServerState.SERVING),
+        }
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_concurrency - self.running
+
+    def namespaces(self) -> dict[str | None, tuple[int, int]]:
+        return self._dispatcher.namespaces()
+
+    # --- per message ---------------------------------------------------------------------
+
+    def _on_delivery(self, delivery: Delivery) -> None:
+        task = asyncio.get_running_loop().create_task(self._handle(delivery))
+        self._tasks.add(task)
+        task.add_done_callback(self._forget_task)
+
+    def _forget_task(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._expired_tasks.discard(task)
+
+    async def _handle(self, delivery: Delivery) -> None:
+        started = False
+        try:
+            async with self._slots:
+                if self._stopping:
+                    await delivery.requeue()
+                    return
+                started = True
+                self.running += 1
+                try:
+                    await self._process(delivery)
+                finally:
+                    self.running -= 1
+        except asyncio.CancelledError:
+            if not started:
+                await delivery.requeue()
+            raise
+        except Exception as exc:  # a bug here must not kill the consumer: log it loudly
+            event(log, logging.ERROR, "server.internal_error", server=self.name, error=repr(exc))
+            log.exception("internal error handling a message")
+
+    async def _process(self, delivery: Delivery) -> None:
+        try:
+            request = decode_request(delivery.body)
+        except MalformedMessage as exc:
+            self.counts["keel_rpc_server_requests", "?", "?", "malformed"] += 1
+            event(
+                log,
+                logging.WARNING,
+                "request.malformed",
+                server=self.name,
+                error=exc,
+                bytes=len(delivery.body),
+            )
+            await delivery.dead_letter(str(exc))
+            return
+        kind = request.kind
+        if kind == CALL:
+            await self._do_call(request, delivery)
+        elif kind == CAST:
+            await self._do_cast(request, delivery)
+        elif kind == FANOUT:
+            await self._do_fanout(request)
+        else:
+            self.counts["keel_rpc_server_requests", "?", request.method, "malformed"] += 1
+            await delivery.dead_letter(f"unknown message kind {kind}")
+
+    def _expired(self, request: Request) -> bool:
+        deadline = request.ctx.deadline
+        if deadline is None or time.time() < deadline:
+            return False
+        self.counts[
+            "keel_rpc_server_requests", KIND_NAMES[request.kind], request.method, "expired"
+        ] += 1
+        event(
+            log,
+            logging.INFO,
+            "request.expired",
+            server=self.name,
+            method=request.method,
+            request_id=request.ctx.request_id,
+            late_s=round(time.time() - deadline, 3),
+        )
+        return True
+
+    async def _do_call(self, request: Request, delivery: Delivery) -> None:
+        if self._expired(request):
+            await delivery.ack()
+            return
+        try:
+            method = self._dispatcher.lookup(request.namespace, request.method, request.version)
+        except KeelError as exc:
+            await delivery.ack()
+            self.counts["keel_rpc_server_requests", "call", request.method, "rejected"] += 1
+            await self._reply(request, failure=to_failure(exc, with_traceback=False))
+            return
+        idempotent = method.options.idempotent
+        if not idempotent:
+            await delivery.ack()
+        try:
+            result = await self._invoke(method, request)
+        except asyncio.CancelledError:
+            if self._stopping:
+                await self._reply(
+                    request,
+                    failure=to_failure(
+                        ServerDraining(
+                            f"server {self.name} stopped while running {request.method}; "
+                            "it may have "
+                            "run in part. Retry if the method is idempotent",
+                            server=self.name,
+                        ),
+                        with_traceback=False,
+                    ),
+                )
+                if idempotent:
+                    await delivery.ack()
+            raise
+        except TimeoutError:
+            # Only the deadline guard raises this here: the caller has already given up.
+            self.counts[
+                "keel_rpc_server_requests", "call", request.method, "deadline_exceeded"
+            ] += 1
+            event(
+                log,
+                logging.WARNING,
+                "call.deadline_exceeded",
+                server=self.name,
+                method=request.method,
+                request_id=request.ctx.request_id,
+            )
+            if idempotent:
+                await delivery.ack()
+            return
+        except Exception as exc:
+            self.counts["keel_rpc_server_requests", "call", request.method, "error"] += 1
+            if not isinstance(exc, KeelError):
+                event(
+                    log,
+                    logging.INFO,
+                    "call.raised",
+                    server=self.name,
+                    method=request.method,
+                    error=repr(exc),
+                )
+            await self._reply(request, failure=to_failure(exc))
+        else:
+            self.counts["keel_rpc_server_requests", "call", request.method, "ok"] += 1
+            await self._reply(request, result=result)
+        if idempotent:
+            await delivery.ack()
+
+    async def _do_cast(self, request: Request, delivery: Delivery) -> None:
+        if self._expired(request):
+            await delivery.ack()
+            return
+        if self._dedup.seen(request.id):
+            self.counts["keel_rpc_server_requests", "cast", request.method, "duplicate"] += 1
+            event(
+                log,
+                logging.INFO,
+                "cast.duplicate",
+                server=self.name,
+                method=request.method,
+                key=request.id,
+            )
+            await delivery.ack()
+            return
+        try:
+            method = self._dispatcher.lookup(request.namespace, request.method, request.version)
+            await self._invoke(method, request)
+        except asyncio.CancelledError:
+            await delivery.requeue()
+            raise
+        except Exception as exc:
+            self.counts["keel_rpc_server_requests", "cast", request.method, "dead_lettered"] += 1
+            event(
+                log,
+                logging.ERROR,
+                "cast.dead_lettered",
+                server=self.name,
+                method=request.method,
+                key=request.id,
+                error=repr(exc),
+            )
+            await delivery.dead_letter(f"{type(exc).__name__}: {exc}")
+            return
+        self._dedup.remember(request.id)
+        self.counts["keel_rpc_server_requests", "cast", request.method, "ok"] += 1
+        await delivery.ack()
+
+    async def _do_fanout(self, request: Request) -> None:
+        if self._expired(request):
+            return
+        try:
+            method = self._dispatcher.lookup(request.namespace, request.method, request.version)
+            result = await self._invoke(method, request)
+        except Exception as exc:
+            self.counts["keel_rpc_server_requests", "fanout", request.method, "error"] += 1
+            event(
+                log,
+                logging.ERROR,
+                "fanout.failed",
+                server=self.name,
+                method=request.method,
+                error=repr(exc),
+            )
+            return
+        self.counts["keel_rpc_server_requests", "fanout", request.method, "ok"] += 1
+        if result is not None:
+            self._warn_once(
+                "fanout-as-request",
+                request.method,
+                f"fanout method {request.method!r} returned a value that nobody receives: "
+                "fanout is not a request; use call per server, or notifications",
+            )
+
+    def _warn_once(self, pattern: str, method: str, message: str) -> None:
+        if (pattern, method) not in self._warned:
+            self._warned.add((pattern, method))
+            event(
+                log,
+                logging.WARNING,
+                "anti_pattern",
+                pattern=pattern,
+                method=method,
+                message=message,
+            )
+
+    async def _invoke(self, method: Method, request: Request) -> Any:
+        ctx = request.ctx
+        token = _context.current.set((self, ctx))
+        try:
+            if method.is_async:
+                try:
+                    coro = method.func(ctx, **request.args)
+                except TypeError as exc:
+                    raise self._bad_arguments(method, request, exc) from None
+                if ctx.deadline is None or request.kind != CALL:
+                    return await coro
+                # A call's handler is cancelled at its deadline by the sweeper: cheaper than a
+                # timer per call, and the caller has given up by then anyway.
+                task = asyncio.current_task()
+                assert task is not None
+                self._deadlines[task] = ctx.deadline
+                try:
+                    return await coro
+                except asyncio.CancelledError:
+                    if task in self._expired_tasks:
+                        self._expired_tasks.discard(task)
+                        task.uncancel()
+                        raise TimeoutError from None
+                    raise
+                finally:
+                    self._deadlines.pop(task, None)
+            loop = asyncio.get_running_loop()
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    self._thread_pool_size, thread_name_prefix=f"keel-{self.target.topic}"
+                )
+            call = functools.partial(method.func, ctx, **request.args)
+            try:
+                return await loop.run_in_executor(
+                    self._executor, contextvars.copy_context().run, call
+                )
+            except TypeError as exc:
+                raise self._bad_arguments(method, request, exc) from None
+        finally:
+            _context.current.reset(token)
+
+    @staticmethod
+    def _bad_arguments(method: Method, request: Request, exc: TypeError) -> Exception:
+        try:
+            method.signature.bind(request.ctx, **request.args)
+        except TypeError as bind_error:
+            return InvalidArguments(
+                f"{request.method}{method.signature}: {bind_error}", method=request.method
+            )
+        return exc  # the method's own TypeError, raised from inside it
+
+    async def _reply(
+        self, request: Request, *, result: Any = None, failure: Failure | None = None
+    ) -> None:
+        if request.reply_to is None:
+            return
+        limit = self.transport.max_message_bytes
+        try:
+            body = encode(Reply(ENVELOPE_VERSION, request.id, result, failure, self.name), limit)
+        except (SerializationError, MessageTooLarge) as exc:
+            body = encode(
+                Reply(
+                    ENVELOPE_VERSION,
+                    request.id,
+                    None,
+                    to_failure(exc, with_traceback=False),
+                    self.name,
+                ),
+                limit,
+            )
+        try:
+            await self.transport.send(request.reply_to, body, durable=False)
+        except KeelError as exc:
+            event(
+                log,
+                logging.INFO,
+                "reply.undeliverable",
+                server=self.name,
+                method=request.method,
+                error=exc,
+            )

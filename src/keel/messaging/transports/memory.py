@@ -1,0 +1,285 @@
+"""The in-process transport, ``memory://[name]``: Keel's embedded default and a real backend.
+
+One broker per name per process, shared by every transport object (every "connection") that
+names it, across threads and event loops: a handler runs on the loop of the consumer it
+belongs to. It keeps the whole Transport contract except durability across a process exit:
+when the process ends, everything it held is gone. ``durable`` is accepted and means "held
+until consumed or the process exits".
+
+Options (URL query): ``max_message_bytes`` (default 1 MiB).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from keel.errors import MessageTooLarge, TransportError
+from keel.messaging.transports.base import DEFAULT_MAX_MESSAGE_BYTES, Handler
+from keel.urls import URL
+
+
+@dataclass(slots=True)
+class _Message:
+    body: bytes
+    delivery_count: int = 1
+
+
+@dataclass(slots=True, eq=False)
+class _Consumer:
+    queue: _Queue
+    handler: Handler
+    prefetch: int
+    loop: asyncio.AbstractEventLoop
+    owner: MemoryTransport
+    auto_ack: bool = False
+    unsettled: set[_Delivery] = field(default_factory=set)
+    active: bool = True
+
+    async def cancel(self) -> None:
+        with self.queue.broker.lock:
+            self.active = False
+            if self in self.queue.consumers:
+                self.queue.consumers.remove(self)
+
+
+@dataclass(slots=True, eq=False)
+class _Queue:
+    broker: _Broker
+    name: str
+    owner: MemoryTransport | None  # exclusive queues belong to one connection
+    ready: deque[_Message] = field(default_factory=deque)
+    consumers: list[_Consumer] = field(default_factory=list)
+    next_consumer: int = 0
+
+
+class _Delivery:
+    __slots__ = ("_consumer", "_message", "_settled")
+
+    def __init__(self, consumer: _Consumer, message: _Message) -> None:
+        self._consumer = consumer
+        self._message = message
+        self._settled = False
+
+    @property
+    def body(self) -> bytes:
+        return self._message.body
+
+    @property
+    def delivery_count(self) -> int:
+        return self._message.delivery_count
+
+    def _settle(self) -> bool:
+        if self._settled:
+            return False
+        self._settled = True
+        self._consumer.unsettled.discard(self)
+        return True
+
+    async def ack(self) -> None:
+        if self._settle():
+            self._consumer.queue.broker.dispatch(self._consumer.queue)
+
+    async def requeue(self) -> None:
+        self.requeue_now()
+
+    def requeue_now(self) -> None:
+        if self._settle():
+            queue = self._consumer.queue
+            self._message.delivery_count += 1
+            with queue.broker.lock:
+                queue.ready.appendleft(self._message)
+            queue.broker.dispatch(queue)
+
+    async def dead_letter(self, reason: str) -> None:
+        if self._settle():
+            queue = self._consumer.queue
+            broker = queue.broker
+            dlq = broker.ensure_queue(queue.name + ".dlq", owner=None)
+            with broker.lock:
+                dlq.ready.append(_Message(self._message.body))
+            broker.dispatch(dlq)
+            broker.dispatch(queue)
+
+
+class _Broker:
+    def __init__(self) -> None:
+        # One lock for the broker's tables: transports on several threads share it.
+        self.lock = threading.Lock()
+        self.queues: dict[str, _Queue] = {}
+        self.bindings: dict[str, set[str]] = {}
+
+    def ensure_queue(self, name: str, owner: MemoryTransport | None) -> _Queue:
+        with self.lock:
+            queue = self.queues.get(name)
+            if queue is None:
+                queue = self.queues[name] = _Queue(self, name, owner)
+            return queue
+
+    def dispatch(self, queue: _Queue) -> None:
+        """Hand ready messages to consumers with credit, round robin."""
+        # Unlocked fast path: whoever appends to `ready` calls dispatch afterwards.
+        if not queue.ready or not queue.consumers:
+            return
+        while True:
+            with self.lock:
+                if not queue.ready or not queue.consumers:
+                    return
+                consumers = queue.consumers
+                chosen = None
+                for step in range(len(consumers)):
+                    candidate = consumers[(queue.next_consumer + step) % len(consumers)]
+                    if candidate.auto_ack or len(candidate.unsettled) < candidate.prefetch:
+                        chosen = candidate
+                        queue.next_consumer = (queue.next_consumer + step + 1) % len(consumers)
+                        break
+                if chosen is None:
+                    return
+                delivery = _Delivery(chosen, queue.ready.popleft())
+                if chosen.auto_ack:
+                    delivery._settled = True
+                else:
+                    chosen.unsettled.add(delivery)
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is chosen.loop:
+                chosen.handler(delivery)
+            else:
+                chosen.loop.call_soon_threadsafe(chosen.handler, delivery)
+
+
+_brokers: dict[str, _Broker] = {}
+_brokers_lock = threading.Lock()
+_connection_ids = itertools.count(1)
+
+
+def _broker_for(url: URL) -> _Broker:
+    key = (url.host or "") + url.path
+    with _brokers_lock:
+        broker = _brokers.get(key)
+        if broker is None:
+            broker = _brokers[key] = _Broker()
+        return broker
+
+
+class MemoryTransport:
+    """In-process broker connection. See the module docstring for what it keeps."""
+
+    def __init__(self, url: URL, *, max_message_bytes: int | None = None) -> None:
+        self.url = url
+        self.max_message_bytes = max_message_bytes or int(
+            url.options.get("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
+        )
+        self._broker = _broker_for(url)
+        self._consumers: list[_Consumer] = []
+        self._exclusive: list[str] = []
+        self._closed = False
+        self.connection_id = next(_connection_ids)
+
+    async def connect(self) -> None:
+        self._closed = False
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for consumer in self._consumers:
+            await consumer.cancel()
+            for delivery in list(consumer.unsettled):
+                delivery.requeue_now()
+        self._consumers.clear()
+        for name in self._exclusive:
+            await self.delete_queue(name)
+        self._exclusive.clear()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportError(f"transport {self.url.raw} is closed")
+
+    async def declare_queue(
+        self,
+        name: str,
+        *,
+        durable: bool,
+        bindings: Sequence[str] = (),
+        exclusive: bool = False,
+    ) -> None:
+        self._check_open()
+        queue = self._broker.ensure_queue(name, self if exclusive else None)
+        if exclusive and queue.owner is self and name not in self._exclusive:
+            self._exclusive.append(name)
+        with self._broker.lock:
+            for subject in bindings:
+                self._broker.bindings.setdefault(subject, set()).add(name)
+
+    async def delete_queue(self, name: str) -> None:
+        broker = self._broker
+        with broker.lock:
+            queue = broker.queues.pop(name, None)
+            for names in broker.bindings.values():
+                names.discard(name)
+        if queue is not None:
+            for consumer in list(queue.consumers):
+                await consumer.cancel()
+
+    def _check_size(self, body: bytes) -> None:
+        if len(body) > self.max_message_bytes:
+            raise MessageTooLarge(
+                f"message is {len(body)} bytes, over the transport's "
+                f"{self.max_message_bytes}-byte limit",
+                size=len(body),
+                limit=self.max_message_bytes,
+            )
+
+    async def send(self, queue: str, body: bytes, *, durable: bool) -> None:
+        self._check_open()
+        self._check_size(body)
+        target = self._broker.queues.get(queue)
+        if target is None:
+            raise TransportError(
+                f"queue {queue!r} does not exist on {self.url.raw}; declare it before sending"
+            )
+        with self._broker.lock:
+            target.ready.append(_Message(body))
+        self._broker.dispatch(target)
+
+    async def publish(self, subject: str, body: bytes, *, durable: bool) -> None:
+        self._check_open()
+        self._check_size(body)
+        broker = self._broker
+        with broker.lock:
+            names = broker.bindings.get(subject, ())
+            targets = [broker.queues[n] for n in names if n in broker.queues]
+            for target in targets:
+                target.ready.append(_Message(body))
+        for target in targets:
+            broker.dispatch(target)
+
+    async def consume(
+        self, queue: str, handler: Handler, *, prefetch: int, auto_ack: bool = False
+    ) -> _Consumer:
+        self._check_open()
+        target = self._broker.queues.get(queue)
+        if target is None:
+            raise TransportError(f"queue {queue!r} does not exist on {self.url.raw}")
+        if target.owner is not None and target.owner is not self:
+            raise TransportError(f"queue {queue!r} is exclusive to another connection")
+        consumer = _Consumer(
+            target, handler, max(1, prefetch), asyncio.get_running_loop(), self, auto_ack=auto_ack
+        )
+        with self._broker.lock:
+            target.consumers.append(consumer)
+        self._consumers.append(consumer)
+        self._broker.dispatch(target)
+        return consumer
+
+    def queue_depth(self, queue: str) -> int:
+        """Messages ready in a queue (for tests and the CLI; not part of the protocol)."""
+        target = self._broker.queues.get(queue)
+        return len(target.ready) if target else 0
