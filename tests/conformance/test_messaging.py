@@ -165,9 +165,11 @@ async def test_context_travels_with_the_call(transport: Transport, topic: str) -
         {"k": "v"},
     )
     assert seen.request_id == ctx.request_id
-    assert seen.trace_id == ctx.trace_id and seen.traceparent != ctx.traceparent
+    assert seen.trace_id == ctx.trace_id
+    assert seen.traceparent != ctx.traceparent
     assert seen.service == "api"
-    assert seen.deadline is not None and 0 < seen.deadline - time.time() <= 5
+    assert seen.deadline is not None
+    assert 0 < seen.deadline - time.time() <= 5
     await server.stop()
 
 
@@ -211,9 +213,12 @@ async def test_call_to_a_topic_nobody_serves_times_out(transport: Transport, top
     with pytest.raises(errors.CallTimeout) as info:
         await client.call(None, "echo", value=1)
     assert 0.25 < time.monotonic() - started < 3
-    assert info.value.topic == topic and info.value.method == "echo"
-    assert topic in str(info.value) and "echo" in str(info.value)
-    assert isinstance(info.value, TimeoutError) and info.value.retryable
+    assert info.value.topic == topic
+    assert info.value.method == "echo"
+    assert topic in str(info.value)
+    assert "echo" in str(info.value)
+    assert isinstance(info.value, TimeoutError)
+    assert info.value.retryable
 
 
 async def test_handler_past_the_deadline_is_cancelled(transport: Transport, topic: str) -> None:
@@ -314,7 +319,8 @@ async def test_oversize_messages(transport: Transport, topic: str) -> None:
     limit = transport.max_message_bytes
     with pytest.raises(errors.MessageTooLarge) as info:
         await client.call(None, "echo", value=b"x" * limit)
-    assert info.value.limit == limit and info.value.size > limit
+    assert info.value.limit == limit
+    assert info.value.size > limit
     with pytest.raises(errors.MessageTooLarge):
         await client.cast(None, "record", value=b"x" * limit)
     with pytest.raises(errors.MessageTooLarge):
@@ -466,7 +472,8 @@ async def test_namespaces_and_versions(transport: Transport, topic: str) -> None
     )
     with pytest.raises(errors.UnsupportedVersion, match=r"1\.4.*1\.3") as info:
         await client.prepare(version="1.4").call(None, "version")
-    assert info.value.requested == "1.4" and info.value.served == "1.3"
+    assert info.value.requested == "1.4"
+    assert info.value.served == "1.3"
     with pytest.raises(errors.UnsupportedVersion):
         await client.prepare(version="2.0").call(None, "version")
     with pytest.raises(errors.UnknownMethod, match="namespace"):
