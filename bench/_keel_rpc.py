@@ -1,0 +1,113 @@
+"""Keel's side of the RPC benchmark, the same code on every transport URL."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from bench._stats import percentile
+from keel.messaging import (
+    NotificationListener,
+    Notifier,
+    RequestContext,
+    RPCClient,
+    RPCServer,
+    Target,
+    connect,
+)
+
+
+class Bench:
+    def __init__(self) -> None:
+        self.casts = 0
+        self.cast_done = asyncio.Event()
+        self.cast_goal = 0
+
+    async def echo(self, ctx: RequestContext, i: int) -> int:
+        return i
+
+    async def count(self, ctx: RequestContext, i: int) -> None:
+        self.casts += 1
+        if self.casts >= self.cast_goal:
+            self.cast_done.set()
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.seen = 0
+        self.goal = 0
+        self.done = asyncio.Event()
+
+    async def info(
+        self, ctx: Any, publisher_id: str, event_type: str, payload: Any, metadata: Any
+    ) -> None:
+        self.seen += 1
+        if self.seen >= self.goal:
+            self.done.set()
+
+
+async def measure(url: str, params: dict[str, Any]) -> dict[str, float]:
+    calls, concurrency = params["calls"], params["concurrency"]
+    server_transport = await connect(url)
+    client_transport = await connect(url)
+    endpoint = Bench()
+    topic = f"bench-{time.monotonic_ns()}"
+    server = RPCServer(server_transport, Target(topic), [endpoint], max_concurrency=64)
+    await server.start()
+    client = RPCClient(client_transport, Target(topic), timeout=30)
+
+    async def call(i: int) -> Any:
+        return await client.call(None, "echo", i=i)
+
+    for i in range(200):
+        await call(i)
+    samples: list[float] = []
+    started = time.perf_counter()
+    for i in range(calls):
+        t0 = time.perf_counter()
+        await call(i)
+        samples.append(time.perf_counter() - t0)
+    seq = time.perf_counter() - started
+
+    async def worker(n: int) -> None:
+        for i in range(n):
+            await call(i)
+
+    share = calls // concurrency
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(share) for _ in range(concurrency)))
+    conc = time.perf_counter() - started
+
+    casts = max(1000, calls // 2)
+    endpoint.cast_goal = casts
+    started = time.perf_counter()
+    for i in range(casts):
+        await client.cast(None, "count", i=i)
+    await asyncio.wait_for(endpoint.cast_done.wait(), 300)
+    cast_elapsed = time.perf_counter() - started
+    await server.stop()
+
+    sink = Sink()
+    sink.goal = casts
+    listener = NotificationListener(
+        server_transport, [Target(topic + "-n")], [sink], max_concurrency=64
+    )
+    await listener.start()
+    notifier = Notifier(client_transport, "bench", topics=[topic + "-n"])
+    started = time.perf_counter()
+    for i in range(casts):
+        await notifier.info(None, "bench.tick", i)
+    await asyncio.wait_for(sink.done.wait(), 300)
+    notify_elapsed = time.perf_counter() - started
+    await listener.stop()
+    await client_transport.close()
+    await server_transport.close()
+    return {
+        "call_p50_ms": percentile(samples, 50) * 1000,
+        "call_p99_ms": percentile(samples, 99) * 1000,
+        "seq_calls_per_s": calls / seq,
+        "conc_calls_per_s": share * concurrency / conc,
+        "casts_per_s": casts / cast_elapsed,
+        "notifications_per_s": casts / notify_elapsed,
+    }
