@@ -18,6 +18,10 @@ TRANSPORTS: dict[str, Callable[[], str]] = {
     "memory": lambda: f"memory://conformance-{uuid.uuid4().hex[:8]}",
 }
 
+# Brokers the fault tests restart: name -> (server name for scripts/servers, URL function).
+# The memory transport lives inside the test process, so it has no broker to restart.
+BROKERS: dict[str, tuple[str, Callable[[], str]]] = {}
+
 _topic_ids = itertools.count()
 
 
