@@ -133,6 +133,16 @@ class Dispatcher:
                 continue
             offered.append(endpoint.version)
             if endpoint.version[0] == wanted[0] and endpoint.version[1] >= wanted[1]:
+                since = method.options.since
+                if since is not None and wanted < since:
+                    raise UnsupportedVersion(
+                        f"{name!r} appeared in version {since[0]}.{since[1]} but the request "
+                        f"says {version}: the caller must send at least that version (its "
+                        "version cap may still be held down by older servers)",
+                        requested=version,
+                        served=f"{since[0]}.{since[1]}",
+                        method=name,
+                    )
                 return method
         if not offered:
             raise UnknownMethod(
