@@ -18,7 +18,6 @@ Delivery (docs/messaging-contract.md states it for users):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import enum
 import functools
@@ -119,6 +118,7 @@ class RPCServer:
         self._draining = False
         self._idle = asyncio.Event()
         self._drained = asyncio.Event()
+        self._hurry = asyncio.Event()
         self._traces: Counter[str] = Counter()
         self._tasks: set[asyncio.Task[None]] = set()
         self._fanout_queue = f"{fanout_subject(target.topic)}.{self.name}.{new_id()[:8]}"
@@ -193,6 +193,8 @@ class RPCServer:
             self._set_state(ServerState.STOPPED)
             return
         if self.state is ServerState.DRAINING:
+            if timeout is not None and timeout <= 0:
+                self._hurry.set()  # a second stop request: cut the running drain short
             await self._drained.wait()
             return
         self._set_state(ServerState.DRAINING)
@@ -204,15 +206,20 @@ class RPCServer:
         await self.transport.delete_queue(self._fanout_queue)
         loop = asyncio.get_running_loop()
         end = loop.time() + (self.stop_timeout if timeout is None else timeout)
-        while self.running and loop.time() < end:
+        while self.running and loop.time() < end and not self._hurry.is_set():
             self._idle.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), end - loop.time())
+            idle = loop.create_task(self._idle.wait())
+            hurry = loop.create_task(self._hurry.wait())
+            await asyncio.wait(
+                [idle, hurry], timeout=end - loop.time(), return_when=asyncio.FIRST_COMPLETED
+            )
+            idle.cancel()
+            hurry.cancel()
         if self._own is not None:
             await self._own.cancel()
             self._own = None
         late = {t for t in self._tasks if t is not asyncio.current_task()}
-        if late:
+        if late and not self._hurry.is_set():
             _, late = await asyncio.wait(late, timeout=max(0.0, end - loop.time()))
         for task in late:
             task.cancel()
