@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from typing import Any
 
+from bench import _servers as servers
 from bench._stats import percentile, result_line, table
 from keel.messaging import RequestContext, RPCClient, RPCServer, Target, connect, remote
 
@@ -135,11 +136,7 @@ def main(argv: list[str]) -> None:
     totals = {"keel_failed": 0, "keel_lost": 0, "keel_duplicated": 0}
     ratios: list[float] = []
     for transport in args.transport.split(","):
-        url = (
-            URLS[transport]()
-            if transport in URLS
-            else importlib.import_module(f"bench.rpc_{transport}").URL()
-        )
+        url = servers.url(transport)
         figures = asyncio.run(keel_run(url, args.clients, args.settle))
         rows.append({"run": f"keel-{transport}", **figures})
         totals["keel_failed"] += figures["failed"]
