@@ -21,7 +21,7 @@ from typing import Any
 from keel import urls
 from keel._log import event
 from keel.errors import AntiPatternError, CallTimeout, UnsupportedVersion
-from keel.messaging import _context, _metrics, _presence
+from keel.messaging import _context, _metrics, _presence, _tap
 from keel.messaging._failures import from_failure, qualified
 from keel.messaging._link import link
 from keel.messaging._target import Target, fanout_subject, parse_version, rpc_queue
@@ -142,6 +142,7 @@ class RPCClient:
         """
         options = self._options
         target = options.target
+        started = time.perf_counter()
         if self._cap is not None:
             await self._check_cap(target)
         now = time.time()
@@ -172,22 +173,16 @@ class RPCClient:
                 reply = await future
             except TimeoutError:
                 self.counts["keel_rpc_client_requests", "call", method, "timeout"] += 1
-                where = f"server {target.server!r}" if target.server else "any server"
-                raise CallTimeout(
-                    f"no reply to {target.topic}.{method} from {where} within "
-                    f"{deadline - now:.3g}s (request {child.request_id}); check that a server "
-                    f"of topic {target.topic!r} is running and not overloaded",
-                    topic=target.topic,
-                    server=target.server,
-                    method=method,
-                    timeout=deadline - now,
-                ) from None
+                self._report(method, "call", "timeout", started)
+                raise _timeout(target, method, child, deadline - now) from None
             finally:
                 timer.cancel()
                 lk.forget(request_id)
             failure = reply.failure
             if failure is None:
                 self.counts["keel_rpc_client_requests", "call", method, "ok"] += 1
+                if _tap.state.tap is not None:
+                    self._report(method, "call", "ok", started)
                 return reply.result
             pause = min(RETRY_PAUSE * attempt, RETRY_PAUSE_MAX, deadline - time.time())
             if _retryable_drain(failure) and pause > 0:
@@ -195,6 +190,7 @@ class RPCClient:
                 await asyncio.sleep(pause)
                 continue
             self.counts["keel_rpc_client_requests", "call", method, "error"] += 1
+            self._report(method, "call", "error", started)
             raise from_failure(failure, self._allowed, f"{target.topic}.{method}")
 
     async def can_send_version(self, version: str) -> bool:
@@ -243,6 +239,8 @@ class RPCClient:
         await self._link.declare(queue, durable=True)
         await self.transport.send(queue, body, durable=True)
         self.counts["keel_rpc_client_requests", "cast", method, "sent"] += 1
+        if _tap.state.tap is not None:
+            self._report(method, "cast", "sent", 0.0)
 
     async def fanout(self, ctx: RequestContext | None, method: str, /, **kwargs: Any) -> None:
         """Run ``method`` on every server of the topic live now; no reply (at-most-once)."""
@@ -259,8 +257,28 @@ class RPCClient:
         body = self._encode(request, method)
         await self.transport.publish(fanout_subject(target.topic), body, durable=False)
         self.counts["keel_rpc_client_requests", "fanout", method, "sent"] += 1
+        if _tap.state.tap is not None:
+            self._report(method, "fanout", "sent", 0.0)
 
     # --- helpers -------------------------------------------------------------------------
+
+    def _report(self, method: str, pattern: str, outcome: str, started: float) -> None:
+        tap = _tap.state.tap
+        if tap is None:
+            return
+        try:
+            tap.on_request(
+                caller=self.service or "?",
+                caller_method=_context.current_method(),
+                topic=self.target.topic,
+                method=method,
+                pattern=pattern,
+                version=self.target.version,
+                outcome=outcome,
+                seconds=time.perf_counter() - started if started else 0.0,
+            )
+        except Exception as exc:
+            _tap.failed(exc)
 
     def _child(
         self, parent: RequestContext | None, deadline: float | None, method: str
@@ -325,6 +343,19 @@ class RPCClient:
         if (pattern, method) not in self._warned:
             self._warned.add((pattern, method))
             event(log, logging.WARNING, "anti_pattern", pattern=pattern, message=message)
+
+
+def _timeout(target: Target, method: str, ctx: RequestContext, waited: float) -> CallTimeout:
+    where = f"server {target.server!r}" if target.server else "any server"
+    return CallTimeout(
+        f"no reply to {target.topic}.{method} from {where} within {waited:.3g}s (request "
+        f"{ctx.request_id}); check that a server of topic {target.topic!r} is running and "
+        "not overloaded",
+        topic=target.topic,
+        server=target.server,
+        method=method,
+        timeout=waited,
+    )
 
 
 def _retryable_drain(failure: Failure) -> bool:

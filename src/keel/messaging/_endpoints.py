@@ -109,6 +109,9 @@ class Dispatcher:
         """Each namespace and the highest interface version served in it."""
         return {ns: max(e.version for e in eps) for ns, eps in self._by_namespace.items()}
 
+    def method_names(self) -> list[str]:
+        return sorted({m for eps in self._by_namespace.values() for e in eps for m in e.methods})
+
     def lookup(self, namespace: str | None, name: str, version: str) -> Method:
         key = (namespace, name, version)
         method = self._cache.get(key)

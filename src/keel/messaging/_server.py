@@ -40,7 +40,7 @@ from keel.errors import (
     SerializationError,
     ServerDraining,
 )
-from keel.messaging import _context, _metrics
+from keel.messaging import _context, _metrics, _tap
 from keel.messaging._dedup import DedupStore, MemoryDedup
 from keel.messaging._endpoints import Dispatcher, Method
 from keel.messaging._failures import to_failure
@@ -171,6 +171,17 @@ class RPCServer:
         self._sweeper = loop.create_task(self._sweep_deadlines())
         self._set_state(ServerState.SERVING)
         await self._presence.start()
+        tap = _tap.state.tap
+        if tap is not None:
+            try:
+                tap.on_serve(
+                    topic=self.target.topic,
+                    service=self.service,
+                    versions=self._announced_versions(),
+                    methods=self._dispatcher.method_names(),
+                )
+            except Exception as exc:
+                _tap.failed(exc)
 
     async def _sweep_deadlines(self) -> None:
         while True:
@@ -520,7 +531,7 @@ class RPCServer:
 
     async def _invoke(self, method: Method, request: Request) -> Any:
         ctx = request.ctx
-        token = _context.current.set((self, ctx))
+        token = _context.current.set((self, ctx, request.method))
         try:
             if method.is_async:
                 try:
