@@ -17,6 +17,7 @@ from typing import Any
 from keel import urls
 from keel._log import event
 from keel.errors import ConfigError, MalformedMessage
+from keel.messaging import _tap
 from keel.messaging.transports.base import Delivery, Transport
 from keel.wire import Reply, decode_reply, new_id
 
@@ -31,6 +32,7 @@ async def connect(url: str | None = None, **options: Any) -> Transport:
     except TypeError as exc:
         raise ConfigError(f"bad option for {parsed.scheme}:// transport: {exc}") from None
     await transport.connect()
+    _tap.install_from_env()
     return transport
 
 
