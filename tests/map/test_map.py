@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from typer.testing import CliRunner
 
 from keel import errors
@@ -140,3 +143,35 @@ async def test_the_tap_turns_on_from_the_environment(
         await transport.close()
     graph = kmap.load(tmp_path / "env.db")
     assert _edges(graph) == {("tester", "", "echo", "call", "echo")}
+
+
+async def test_edges_are_exported_as_opentelemetry_spans(tmp_path: Path) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tap = kmap.MapTap(tmp_path / "otel.db", otel=kmap.OtelExport(provider))
+    _tap.install(tap)
+
+    class Echo:
+        async def echo(self, ctx: RequestContext, v: int) -> int:
+            return v
+
+    transport = await connect("memory://otel-tap")
+    ctx = RequestContext()
+    try:
+        async with RPCServer(transport, Target("echo"), [Echo()], service="echo"):
+            client = RPCClient(transport, Target("echo"), timeout=5, service="tester")
+            await client.call(ctx, "echo", v=1)
+            await client.cast(ctx, "echo", v=2)
+    finally:
+        kmap.disable()
+        await transport.close()
+    assert [s.name for s in exporter.get_finished_spans()] == ["echo/echo", "echo/echo"]
+    for span in exporter.get_finished_spans():
+        assert f"{span.context.trace_id:032x}" == ctx.trace_id
+        assert span.attributes is not None
+        assert span.attributes["keel.caller"] == "tester"
+    patterns = sorted(
+        str(s.attributes["keel.pattern"]) for s in exporter.get_finished_spans() if s.attributes
+    )
+    assert patterns == ["call", "cast"]

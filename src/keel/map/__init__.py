@@ -11,6 +11,7 @@ from pathlib import Path
 
 from keel.map._fake import FakeServer
 from keel.map._graph import Edge, Graph, IslandMethod, Service, Smell, island, load, smells
+from keel.map._otel import OtelExport
 from keel.map._record import MapTap
 from keel.map._render import to_dot, to_image, to_json
 from keel.messaging import _tap
@@ -36,6 +37,7 @@ __all__ = [
     "Graph",
     "IslandMethod",
     "MapTap",
+    "OtelExport",
     "Service",
     "Smell",
     "disable",

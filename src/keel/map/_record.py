@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from keel import urls
+from keel.map._otel import OtelExport
 
 BUCKETS = 48  # log-spaced latency buckets: 10 us * 1.5**i, up to about 2.5 hours
 
@@ -63,7 +64,16 @@ def connect_db(path: str | Path) -> sqlite3.Connection:
 class MapTap:
     """A `keel.messaging` tap that writes the service graph to ``path``."""
 
-    def __init__(self, path: str | Path | None = None, *, flush_interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        *,
+        flush_interval: float = 1.0,
+        otel: OtelExport | None = None,
+    ) -> None:
+        if otel is None and urls.from_env("map_otel", "") in ("1", "true", "yes"):
+            otel = OtelExport()
+        self._otel = otel
         self.path = Path(path or urls.from_env("map_db", ".keel/map.db"))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = connect_db(self.path)
@@ -85,7 +95,19 @@ class MapTap:
         version: str,
         outcome: str,
         seconds: float,
+        traceparent: str,
     ) -> None:
+        if self._otel is not None:
+            self._otel.span(
+                caller=caller,
+                topic=topic,
+                method=method,
+                pattern=pattern,
+                version=version,
+                outcome=outcome,
+                seconds=seconds,
+                traceparent=traceparent,
+            )
         key = (caller, caller_method or "", topic, method, pattern, version)
         now = time.time()
         with self._lock:

@@ -173,7 +173,7 @@ class RPCClient:
                 reply = await future
             except TimeoutError:
                 self.counts["keel_rpc_client_requests", "call", method, "timeout"] += 1
-                self._report(method, "call", "timeout", started)
+                self._report(method, "call", "timeout", started, child.traceparent)
                 raise _timeout(target, method, child, deadline - now) from None
             finally:
                 timer.cancel()
@@ -182,7 +182,7 @@ class RPCClient:
             if failure is None:
                 self.counts["keel_rpc_client_requests", "call", method, "ok"] += 1
                 if _tap.state.tap is not None:
-                    self._report(method, "call", "ok", started)
+                    self._report(method, "call", "ok", started, child.traceparent)
                 return reply.result
             pause = min(RETRY_PAUSE * attempt, RETRY_PAUSE_MAX, deadline - time.time())
             if _retryable_drain(failure) and pause > 0:
@@ -190,7 +190,7 @@ class RPCClient:
                 await asyncio.sleep(pause)
                 continue
             self.counts["keel_rpc_client_requests", "call", method, "error"] += 1
-            self._report(method, "call", "error", started)
+            self._report(method, "call", "error", started, child.traceparent)
             raise from_failure(failure, self._allowed, f"{target.topic}.{method}")
 
     async def can_send_version(self, version: str) -> bool:
@@ -240,7 +240,7 @@ class RPCClient:
         await self.transport.send(queue, body, durable=True)
         self.counts["keel_rpc_client_requests", "cast", method, "sent"] += 1
         if _tap.state.tap is not None:
-            self._report(method, "cast", "sent", 0.0)
+            self._report(method, "cast", "sent", 0.0, child.traceparent)
 
     async def fanout(self, ctx: RequestContext | None, method: str, /, **kwargs: Any) -> None:
         """Run ``method`` on every server of the topic live now; no reply (at-most-once)."""
@@ -258,11 +258,13 @@ class RPCClient:
         await self.transport.publish(fanout_subject(target.topic), body, durable=False)
         self.counts["keel_rpc_client_requests", "fanout", method, "sent"] += 1
         if _tap.state.tap is not None:
-            self._report(method, "fanout", "sent", 0.0)
+            self._report(method, "fanout", "sent", 0.0, child.traceparent)
 
     # --- helpers -------------------------------------------------------------------------
 
-    def _report(self, method: str, pattern: str, outcome: str, started: float) -> None:
+    def _report(
+        self, method: str, pattern: str, outcome: str, started: float, traceparent: str
+    ) -> None:
         tap = _tap.state.tap
         if tap is None:
             return
@@ -276,6 +278,7 @@ class RPCClient:
                 version=self.target.version,
                 outcome=outcome,
                 seconds=time.perf_counter() - started if started else 0.0,
+                traceparent=traceparent,
             )
         except Exception as exc:
             _tap.failed(exc)

@@ -30,6 +30,7 @@ class Tap(Protocol):
         version: str,
         outcome: str,
         seconds: float,
+        traceparent: str,
     ) -> None: ...
 
     def on_serve(
