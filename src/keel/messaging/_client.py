@@ -224,17 +224,9 @@ class RPCClient:
         Returns once the broker holds the message. At-least-once, deduplicated by
         idempotency key (the message id, or the key given to `prepare`).
         """
-        options = self._options
-        target = options.target
-        if self._cap is not None:
-            await self._check_cap(target)
-        deadline = time.time() + options.cast_ttl if options.cast_ttl is not None else None
-        child = self._child(ctx or _context.current_context(), deadline, method)
-        request = Request(
-            ENVELOPE_VERSION, CAST, options.idempotency_key or new_id(), method, child, kwargs,
-            target.namespace, target.version, None, target.server,
-        )  # fmt: skip
-        body = self._encode(request, method)
+        target = self._options.target
+        key = self._options.idempotency_key or new_id()
+        body, child = await self._one_way(ctx, CAST, key, method, kwargs, server=target.server)
         queue = rpc_queue(target.topic, target.server)
         await self._link.declare(queue, durable=True)
         await self.transport.send(queue, body, durable=True)
@@ -244,6 +236,23 @@ class RPCClient:
 
     async def fanout(self, ctx: RequestContext | None, method: str, /, **kwargs: Any) -> None:
         """Run ``method`` on every server of the topic live now; no reply (at-most-once)."""
+        body, child = await self._one_way(ctx, FANOUT, new_id(), method, kwargs, server=None)
+        subject = fanout_subject(self._options.target.topic)
+        await self.transport.publish(subject, body, durable=False)
+        self.counts["keel_rpc_client_requests", "fanout", method, "sent"] += 1
+        if _tap.state.tap is not None:
+            self._report(method, "fanout", "sent", 0.0, child.traceparent)
+
+    async def _one_way(
+        self,
+        ctx: RequestContext | None,
+        kind: int,
+        message_id: str,
+        method: str,
+        kwargs: dict[str, Any],
+        *,
+        server: str | None,
+    ) -> tuple[bytes, RequestContext]:
         options = self._options
         target = options.target
         if self._cap is not None:
@@ -251,14 +260,10 @@ class RPCClient:
         deadline = time.time() + options.cast_ttl if options.cast_ttl is not None else None
         child = self._child(ctx or _context.current_context(), deadline, method)
         request = Request(
-            ENVELOPE_VERSION, FANOUT, new_id(), method, child, kwargs,
-            target.namespace, target.version, None, None,
+            ENVELOPE_VERSION, kind, message_id, method, child, kwargs,
+            target.namespace, target.version, None, server,
         )  # fmt: skip
-        body = self._encode(request, method)
-        await self.transport.publish(fanout_subject(target.topic), body, durable=False)
-        self.counts["keel_rpc_client_requests", "fanout", method, "sent"] += 1
-        if _tap.state.tap is not None:
-            self._report(method, "fanout", "sent", 0.0, child.traceparent)
+        return self._encode(request, method), child
 
     # --- helpers -------------------------------------------------------------------------
 
