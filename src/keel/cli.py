@@ -5,12 +5,15 @@ from __future__ import annotations
 import typer
 
 import keel
+from keel.agent._cli import app as agent_app
 
 app = typer.Typer(
     help="Keel: messaging, drain, coordination, events and guest agents for control planes.",
     no_args_is_help=True,
     add_completion=False,
 )
+
+app.add_typer(agent_app, name="agent")
 
 
 @app.callback()
