@@ -27,17 +27,23 @@ from keel.agent import AgentClient
 MiB = 1024 * 1024
 
 
-async def _wait_socket(path: Path, proc: subprocess.Popen[bytes]) -> None:
+def _wait_socket(path: Path, proc: subprocess.Popen[bytes]) -> None:
     for _ in range(200):
         if path.exists():
             return
         if proc.poll() is not None:
             raise SystemExit(f"agent exited early with status {proc.returncode}")
-        await asyncio.sleep(0.05)
+        time.sleep(0.05)
     raise SystemExit(f"no socket at {path} after 10s")
 
 
-async def _measure(client: AgentClient, work: Path, pings: int, execs: int, size: int) -> dict[str, float]:
+def _start(argv: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+async def _measure(
+    client: AgentClient, work: Path, pings: int, execs: int, size: int
+) -> dict[str, float]:
     for _ in range(200):
         await client.ping()
     lat: list[float] = []
@@ -74,25 +80,21 @@ async def _measure(client: AgentClient, work: Path, pings: int, execs: int, size
 
 
 async def _run(args: argparse.Namespace) -> None:
-    qga_bin = shutil.which("qemu-ga") or "/usr/sbin/qemu-ga"
-    if not os.path.exists(qga_bin):
+    qga_bin = shutil.which("qemu-ga", path=os.environ.get("PATH", "") + ":/usr/sbin")
+    if qga_bin is None:
         raise SystemExit("qemu-ga is not installed: scripts/servers install qemu-ga")
     with tempfile.TemporaryDirectory(prefix="keel-bench-agent-") as tmp:
         work = Path(tmp)
         keel_sock, qga_sock = work / "keel.sock", work / "qga.sock"
-        keel_proc = subprocess.Popen(
-            [sys.executable, "-m", "keel", "agent", "run", "--listen", f"unix://{keel_sock}"],
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
+        keel_proc = _start(
+            [sys.executable, "-m", "keel", "agent", "run", "--listen", f"unix://{keel_sock}"]
         )
-        qga_proc = subprocess.Popen(
-            [qga_bin, "-m", "unix-listen", "-p", str(qga_sock), "-t", tmp, "-f", str(work / "qga.pid")],
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
+        qga_proc = _start(
+            [qga_bin, "-m", "unix-listen", "-p", str(qga_sock), "-t", tmp, "-f", f"{tmp}/qga.pid"]
         )
         try:
-            await _wait_socket(keel_sock, keel_proc)
-            await _wait_socket(qga_sock, qga_proc)
+            _wait_socket(keel_sock, keel_proc)
+            _wait_socket(qga_sock, qga_proc)
             size = args.size_mib * MiB
             async with await AgentClient.connect(f"qga+unix://{qga_sock}", timeout=120) as qga:
                 q = await _measure(qga, work, args.pings, args.execs, size)

@@ -40,7 +40,6 @@ from keel.errors import (
     ConfigError,
     FrameTooLarge,
     IntegrityError,
-    KeelError,
     ProtocolError,
     StreamLimitExceeded,
     UnknownCommand,

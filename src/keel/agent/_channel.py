@@ -239,7 +239,9 @@ async def listen_unix(path: str, handler: Handler) -> asyncio.Server:
         return await asyncio.start_unix_server(accepted, path, limit=READ_SIZE)
 
 
-async def listen_tls(host: str, port: int, context: ssl.SSLContext, handler: Handler) -> asyncio.Server:
+async def listen_tls(
+    host: str, port: int, context: ssl.SSLContext, handler: Handler
+) -> asyncio.Server:
     async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = check_identity(writer, None)
         await handler(_wrap(reader, writer, f"tls:{peer}"))

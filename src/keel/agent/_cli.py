@@ -43,7 +43,9 @@ def server_tls(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
     return ctx
 
 
-async def _serve(agent: Agent, listen: str | None, dial: str | None, tls: ssl.SSLContext | None) -> None:
+async def _serve(
+    agent: Agent, listen: str | None, dial: str | None, tls: ssl.SSLContext | None
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -103,6 +105,7 @@ async def _serve(agent: Agent, listen: str | None, dial: str | None, tls: ssl.SS
 
 @app.command()
 def run(
+    *,
     listen: Annotated[
         str | None, typer.Option(help="unix:///path or tls://host:port to accept controllers")
     ] = None,
@@ -110,7 +113,9 @@ def run(
         str | None,
         typer.Option(help="virtio:///dev/virtio-ports/NAME, vsock://2:PORT or unix:///path"),
     ] = None,
-    config: Annotated[Path | None, typer.Option(help="TOML config (allow, deny, audit_log)")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="TOML config (allow, deny, audit_log)")
+    ] = None,
     instance_id: Annotated[str | None, typer.Option(help="overrides the config's")] = None,
     cert: Annotated[Path | None, typer.Option(help="TLS certificate naming this instance")] = None,
     key: Annotated[Path | None, typer.Option(help="its private key")] = None,

@@ -31,7 +31,6 @@ from keel.agent._qga import QgaBackend
 from keel.agent._session import Connection
 from keel.agent._types import Backend, ExecResult, FileInfo, OutputCallback
 from keel.errors import (
-    AgentUnavailable,
     ConfigError,
     IntegrityError,
     ProtocolError,
@@ -306,7 +305,12 @@ class AgentClient:
         )
 
     async def put_file(
-        self, path: str, data: bytes | Path, *, mode: int | None = None, timeout: float | None = None
+        self,
+        path: str,
+        data: bytes | Path,
+        *,
+        mode: int | None = None,
+        timeout: float | None = None,
     ) -> FileInfo:
         """Write ``data`` (bytes, or a local file streamed in chunks) to ``path`` in the guest."""
         backend = await self._backend_ready()
@@ -347,10 +351,7 @@ class AgentClient:
 
     async def resync(self) -> None:
         """Get back to a clean stream on the same channel (no restart on either side)."""
-        try:
-            await (await self._backend_ready()).resync()
-        except AgentUnavailable:
-            raise
+        await (await self._backend_ready()).resync()
 
     async def close(self) -> None:
         await self._backend.close()

@@ -106,8 +106,13 @@ def load_plugins(
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             cls = ep.load()
-            if not (isinstance(cls, type) and issubclass(cls, Plugin)):
-                raise TypeError(f"{ep.value} is not a keel.agent.Plugin subclass")
+        except Exception as exc:
+            warn(ep.name, f"{type(exc).__name__}: {exc}")
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, Plugin)):
+            warn(ep.name, f"{ep.value} is not a keel.agent.Plugin subclass")
+            continue
+        try:
             plugin = cls(config.get(cls.name, {}))
         except Exception as exc:
             warn(ep.name, f"{type(exc).__name__}: {exc}")

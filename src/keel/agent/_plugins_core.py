@@ -39,6 +39,19 @@ def _uptime() -> float:
         return 0.0
 
 
+def _meminfo() -> dict[str, int]:
+    mem: dict[str, int] = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("MemTotal", "MemAvailable", "SwapTotal", "SwapFree"):
+                    mem[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError) as exc:
+        raise CommandFailed(f"cannot read /proc/meminfo: {exc}") from None
+    return mem
+
+
 class CorePlugin(Plugin):
     """Liveness and identity."""
 
@@ -77,16 +90,10 @@ class HealthPlugin(Plugin):
     version = "1.0"
 
     @command
-    async def report(self, ctx: CommandContext, *, paths: list[str] | None = None) -> dict[str, Any]:
-        mem: dict[str, int] = {}
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    key, _, rest = line.partition(":")
-                    if key in ("MemTotal", "MemAvailable", "SwapTotal", "SwapFree"):
-                        mem[key] = int(rest.split()[0]) * 1024
-        except (OSError, ValueError) as exc:
-            raise CommandFailed(f"cannot read /proc/meminfo: {exc}") from None
+    async def report(
+        self, ctx: CommandContext, *, paths: list[str] | None = None
+    ) -> dict[str, Any]:
+        mem = _meminfo()
         disks: dict[str, dict[str, int]] = {}
         for path in paths or ["/"]:
             try:

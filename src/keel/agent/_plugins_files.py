@@ -19,6 +19,17 @@ from keel.agent._plugin import CommandContext, Plugin, command
 from keel.errors import CommandFailed, IntegrityError
 
 
+def _check(path: str, size: int | None, written: int, sha256: str | None, actual: str) -> None:
+    if size is not None and size != written:
+        raise IntegrityError(
+            f"{path}: received {written} bytes, expected {size}",
+            expected=str(size),
+            actual=str(written),
+        )
+    if sha256 is not None and sha256.lower() != actual:
+        raise IntegrityError(f"{path}: sha256 mismatch", expected=sha256.lower(), actual=actual)
+
+
 class FilesPlugin(Plugin):
     name = "files"
     version = "1.0"
@@ -58,16 +69,7 @@ class FilesPlugin(Plugin):
             finally:
                 os.close(fd)
             actual = digest.hexdigest()
-            if size is not None and size != written:
-                raise IntegrityError(
-                    f"{path}: received {written} bytes, expected {size}",
-                    expected=str(size),
-                    actual=str(written),
-                )
-            if sha256 is not None and sha256.lower() != actual:
-                raise IntegrityError(
-                    f"{path}: sha256 mismatch", expected=sha256.lower(), actual=actual
-                )
+            _check(path, size, written, sha256, actual)
             os.replace(tmp, path)
         except BaseException as exc:
             with contextlib.suppress(OSError):

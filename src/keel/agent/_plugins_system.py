@@ -40,6 +40,30 @@ async def _run(argv: list[str], stdin: bytes | None = None, timeout: float = 60)
     return proc.returncode or 0, out[:2048].decode(errors="replace").strip()
 
 
+def _add_key(user: pwd.struct_passwd, key: str) -> bool:
+    ssh_dir = os.path.join(user.pw_dir, ".ssh")
+    path = os.path.join(ssh_dir, "authorized_keys")
+    try:
+        os.makedirs(ssh_dir, mode=0o700, exist_ok=True)
+        os.chown(ssh_dir, user.pw_uid, user.pw_gid)
+        try:
+            with open(path) as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            lines = []
+        added = key not in lines
+        if added:
+            tmp = path + ".keel-tmp"
+            with open(tmp, "w") as f:
+                f.write("\n".join([*lines, key]) + "\n")
+                os.fchmod(f.fileno(), 0o600)
+                os.fchown(f.fileno(), user.pw_uid, user.pw_gid)
+            os.replace(tmp, path)
+    except OSError as exc:
+        raise CommandFailed(f"cannot update {path}: {exc.strerror}") from None
+    return added
+
+
 class UsersPlugin(Plugin):
     name = "users"
     version = "1.0"
@@ -67,26 +91,7 @@ class UsersPlugin(Plugin):
             user = pwd.getpwnam(username)
         except KeyError:
             raise CommandFailed(f"no user {username}") from None
-        ssh_dir = os.path.join(user.pw_dir, ".ssh")
-        path = os.path.join(ssh_dir, "authorized_keys")
-        try:
-            os.makedirs(ssh_dir, mode=0o700, exist_ok=True)
-            os.chown(ssh_dir, user.pw_uid, user.pw_gid)
-            try:
-                with open(path) as f:
-                    lines = f.read().splitlines()
-            except FileNotFoundError:
-                lines = []
-            added = key not in lines
-            if added:
-                tmp = path + ".keel-tmp"
-                with open(tmp, "w") as f:
-                    f.write("\n".join([*lines, key]) + "\n")
-                    os.fchmod(f.fileno(), 0o600)
-                    os.fchown(f.fileno(), user.pw_uid, user.pw_gid)
-                os.replace(tmp, path)
-        except OSError as exc:
-            raise CommandFailed(f"cannot update {path}: {exc.strerror}") from None
+        added = _add_key(user, key)
         return {"username": username, "added": added}
 
 

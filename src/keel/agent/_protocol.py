@@ -114,7 +114,7 @@ class Error(msgspec.Struct, tag="error", array_like=True, omit_defaults=True):
 Message = Hello | Welcome | Call | Data | Credit | Cancel | Result | Error
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Message)  # type: ignore[arg-type]
+_decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
 
 
 def encode(message: Message) -> bytes:
@@ -217,7 +217,7 @@ class FrameDecoder:
             event = self._hunt_step() if self.hunting else self._frame_step()
             if event is None:
                 break
-            if event is not _AGAIN:
+            if not isinstance(event, _Again):
                 events.append(event)
         if self._pos:
             del self._buf[: self._pos]
@@ -258,9 +258,7 @@ class FrameDecoder:
             return self._garbage(ProtocolError("garbage on the agent channel: bad frame magic"))
         if avail < HEADER.size:
             if self._buf[self._pos : self._pos + 2] != MAGIC:
-                return self._garbage(
-                    ProtocolError("garbage on the agent channel: bad frame magic")
-                )
+                return self._garbage(ProtocolError("garbage on the agent channel: bad frame magic"))
             return None
         magic, length = HEADER.unpack_from(self._buf, self._pos)
         if magic != MAGIC:

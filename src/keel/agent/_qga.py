@@ -133,7 +133,9 @@ class QgaBackend:
         try:
             reply = json.loads(line)
         except ValueError:
-            raise ProtocolError(f"{command}: qemu-guest-agent sent a line that is not JSON") from None
+            raise ProtocolError(
+                f"{command}: qemu-guest-agent sent a line that is not JSON"
+            ) from None
         if not isinstance(reply, dict):
             raise ProtocolError(f"{command}: qemu-guest-agent sent {type(reply).__name__}")
         if reply.get("id") != self._seq:
@@ -232,7 +234,7 @@ class QgaBackend:
         if mode is not None:
             raise _unsupported("file mode")
         deadline = time.monotonic() + timeout
-        payload = data.read_bytes() if isinstance(data, Path) else data
+        payload = await asyncio.to_thread(data.read_bytes) if isinstance(data, Path) else data
         handle = await self.execute("guest-file-open", {"path": path, "mode": "wb"}, timeout)
         try:
             for start in range(0, len(payload), CHUNK):
@@ -291,7 +293,12 @@ class QgaBackend:
 
     async def resync(self) -> None:
         async with self._lock:
-            await self._sync(time.monotonic() + 5.0)
+            try:
+                async with asyncio.timeout(5.0):
+                    await self._sync(time.monotonic() + 5.0)
+            except TimeoutError:
+                self._dirty = True
+                raise AgentTimeout("qemu-guest-agent did not answer guest-sync-delimited") from None
 
     async def close(self) -> None:
         await self.channel.close()

@@ -155,9 +155,7 @@ class Connection:
                     return
             if self._closed is not None:
                 raise self._closed
-        raise AgentTimeout(
-            f"no sync answer from the agent in {self.sync_timeout}s", command="sync"
-        )
+        raise AgentTimeout(f"no sync answer from the agent in {self.sync_timeout}s", command="sync")
 
     async def close(self) -> None:
         self._fail_all(AgentUnavailable("the connection to the agent was closed"), fatal=True)
@@ -191,10 +189,7 @@ class Connection:
     async def _read_loop(self) -> None:
         while True:
             try:
-                data = await self.channel.read(p.CHUNK)
-                if not data:
-                    raise AgentUnavailable("the agent closed the channel")
-                for event in self._decoder.feed(data):
+                for event in self._decoder.feed(await self._read_some()):
                     self._on_event(event)
             except AgentUnavailable as exc:
                 self._fail_all(exc, fatal=True)
@@ -204,6 +199,12 @@ class Connection:
                 self._fail_all(exc, fatal=False)
                 self._synced.clear()
                 self._decoder.hunt()
+
+    async def _read_some(self) -> bytes:
+        data = await self.channel.read(p.CHUNK)
+        if not data:
+            raise AgentUnavailable("the agent closed the channel")
+        return data
 
     def _on_event(self, event: p.Event) -> None:
         if isinstance(event, p.Frame):
