@@ -7,7 +7,7 @@ The protocol is described in docs/agent-protocol.md.
 """
 
 from keel.agent._agent import Agent, AgentConfig
-from keel.agent._client import AgentClient
+from keel.agent._client import AgentClient, listen_for_agents
 from keel.agent._plugin import ENTRY_POINT_GROUP, CommandContext, Plugin, command
 from keel.agent._protocol import PROTOCOL_VERSIONS
 from keel.agent._types import ExecResult, FileInfo
@@ -23,4 +23,5 @@ __all__ = [
     "FileInfo",
     "Plugin",
     "command",
+    "listen_for_agents",
 ]

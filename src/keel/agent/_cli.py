@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import ssl
 import sys
@@ -61,8 +62,13 @@ async def _serve(
         else:
             raise ConfigError(f"--listen takes unix:// or tls://, not {addr.scheme}://")
         agent._log({"event": "listening", "url": listen})
-        async with server:
-            await stop.wait()
+        try:
+            async with server:
+                await stop.wait()
+        finally:
+            if addr.scheme == "unix":
+                with contextlib.suppress(OSError):
+                    os.unlink(addr.path)
         return
     assert dial is not None
     addr = parse_address(dial)

@@ -11,6 +11,7 @@ with `AgentUnavailable` and are not repeated, since they may have run.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import ssl
 from collections.abc import Awaitable, Callable
@@ -21,6 +22,8 @@ from typing import Any
 from keel.agent import _protocol as p
 from keel.agent._channel import (
     Channel,
+    listen_unix,
+    listen_vsock,
     open_tls,
     open_unix,
     open_virtio,
@@ -31,6 +34,7 @@ from keel.agent._qga import QgaBackend
 from keel.agent._session import Connection
 from keel.agent._types import Backend, ExecResult, FileInfo, OutputCallback
 from keel.errors import (
+    AgentError,
     ConfigError,
     IntegrityError,
     ProtocolError,
@@ -40,6 +44,32 @@ from keel.errors import (
 Opener = Callable[[], Awaitable[Channel]]
 DEFAULT_MAX_OUTPUT = 64 * 1024 * 1024
 DEFAULT_MAX_SIZE = 1024 * 1024 * 1024
+EXEC_GRACE = 5.0
+
+
+async def listen_for_agents(
+    url: str, on_agent: Callable[[AgentClient], Awaitable[None]], *, timeout: float = 30.0
+) -> asyncio.Server:
+    """Accept agents that dial in: ``vsock://any:PORT`` (the CID comes from accept(), which a
+    guest cannot forge) or ``unix:///path``. ``on_agent`` gets a connected client per agent
+    and the channel closes when it returns. A failed handshake is dropped, not raised."""
+    addr = parse_address(url)
+
+    async def accepted(channel: Channel) -> None:
+        try:
+            client = await AgentClient.from_channel(channel, timeout=timeout)
+        except AgentError:
+            await channel.close()
+            return
+        async with client:
+            await on_agent(client)
+
+    if addr.scheme == "vsock":
+        cid = -1 if addr.host == "any" else int(addr.host)
+        return await listen_vsock(addr.port, accepted, cid=cid)
+    if addr.scheme == "unix":
+        return await listen_unix(addr.path, accepted)
+    raise ConfigError(f"{url}: agents dial in over vsock:// or unix:// only")
 
 
 class KeelBackend:
@@ -77,7 +107,10 @@ class KeelBackend:
             args["cwd"] = cwd
         if stdin is not None:
             args["stdin"] = stdin
-        stream = await self.conn.request("exec", "run", args, timeout)
+        # The agent kills the program at ``timeout`` and reports it; the request's own
+        # deadline is a little later so that report can arrive.
+        args["timeout"] = timeout
+        stream = await self.conn.request("exec", "run", args, timeout + EXEC_GRACE)
         out: list[bytes] = []
         err: list[bytes] = []
         total = 0
@@ -244,6 +277,31 @@ class AgentClient:
 
     _make: Callable[[Channel], Backend] | None = None
 
+    @classmethod
+    async def from_channel(
+        cls, channel: Channel, *, timeout: float = 30.0, client_name: str = "keel"
+    ) -> AgentClient:
+        """A client for an agent that dialed in (vsock, or a listening unix socket)."""
+        client = cls(
+            KeelBackend(Connection(channel, client_name=client_name)), None, timeout=timeout
+        )
+        try:
+            await client._keel().conn.start()
+        except BaseException:
+            await client.close()
+            raise
+        return client
+
+    @property
+    def peer(self) -> str:
+        """Who is on the other end, as the channel knows it (e.g. ``vsock:cid=3``)."""
+        backend = self._backend
+        if isinstance(backend, KeelBackend):
+            return backend.conn.channel.peer
+        if isinstance(backend, QgaBackend):
+            return backend.channel.peer
+        return "?"
+
     def _keel(self) -> KeelBackend:
         assert isinstance(self._backend, KeelBackend)
         return self._backend
@@ -292,7 +350,8 @@ class AgentClient:
         max_output: int = DEFAULT_MAX_OUTPUT,
     ) -> ExecResult:
         """Run a program in the guest; output streams to ``on_output`` as it comes (Keel's
-        agent) or is collected into the result. The deadline kills the program."""
+        agent) or is collected into the result. At ``timeout`` the agent kills the program
+        and the result says ``timed_out`` (qemu-ga cannot kill: `AgentTimeout` there)."""
         backend = await self._backend_ready()
         return await backend.exec(
             argv,

@@ -177,6 +177,9 @@ class Connection:
             async with asyncio.timeout(timeout):
                 async with self._write_lock:
                     await self.channel.write(data)
+        except AgentUnavailable as exc:
+            self._fail_all(exc, fatal=True)
+            raise
         except TimeoutError:
             # A frame may be half written: this stream cannot be trusted any more.
             err = AgentTimeout("the agent stopped reading; channel closed", command="write")
