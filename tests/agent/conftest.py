@@ -12,13 +12,15 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from servers import server_url  # noqa: E402
+from servers import server_url
 
 
 class AgentProcess:
     """``keel agent run`` in its own process, with its audit log in a temp dir."""
 
-    def __init__(self, workdir: Path, *args: str, config: str = "", wait: Path | None = None):
+    def __init__(
+        self, workdir: Path, *args: str, config: str = "", wait: Path | None = None
+    ) -> None:
         self.workdir = workdir
         self.audit = workdir / "audit.log"
         self.url = ""
