@@ -197,7 +197,7 @@ async def open_tls(host: str, port: int, context: ssl.SSLContext, instance_id: s
     try:
         name = check_identity(writer, instance_id)
     except AgentIdentityMismatch:
-        writer.close()
+        await StreamChannel(reader, writer, "refused").close()
         raise
     return _wrap(reader, writer, f"tls:{name}@{host}:{port}")
 
