@@ -111,11 +111,15 @@ async def test_tls_refuses_an_agent_naming_another_instance(tls_agent) -> None: 
 
 async def test_tls_agent_refuses_a_controller_without_a_certificate(tls_agent) -> None:  # type: ignore[no-untyped-def]
     pki, url, _ = tls_agent
-    with pytest.raises(AgentUnavailable):
-        client = await AgentClient.connect(
+
+    async def attempt() -> None:
+        async with await AgentClient.connect(
             url, ssl_context=pki.client_context(None), instance_id="i-0001", timeout=5
-        )
-        await client.ping()
+        ) as client:
+            await client.ping()
+
+    with pytest.raises(AgentUnavailable):
+        await attempt()
 
 
 async def test_tls_refuses_an_agent_from_another_ca(tls_agent) -> None:  # type: ignore[no-untyped-def]
@@ -161,14 +165,18 @@ async def test_vsock_where_the_kernel_has_it(tmp_path: Path) -> None:
     unix and TLS tests above carry the suite."""
     port = 20000 + free_port() % 10000
 
+    unsupported: ChannelUnsupported | None = None
     try:
         server = await listen_vsock(port, lambda ch: ch.close(), cid=1)
     except ChannelUnsupported as exc:
-        assert exc.channel == "vsock"
-        assert "AF_VSOCK" in str(exc)
-        print(f"vsock is not available on this machine: {exc}")  # shown with -rA / -s
+        unsupported = exc
+    else:
+        server.close()
+    if unsupported is not None:
+        assert unsupported.channel == "vsock"
+        assert "AF_VSOCK" in str(unsupported)
+        print(f"vsock is not available on this machine: {unsupported}")  # shown with -rA
         return
-    server.close()
     # vsock works here: run the agent over it end to end.
     seen: asyncio.Queue[str] = asyncio.Queue()
 
