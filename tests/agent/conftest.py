@@ -73,7 +73,11 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
     work = tmp_path_factory.mktemp("agent")
     sock = work / "agent.sock"
     proc = AgentProcess(
-        work, "--listen", f"unix://{sock}", config='deny = ["services.restart"]\n', wait=sock
+        work,
+        "--listen",
+        f"unix://{sock}",
+        config='deny = ["services.restart"]\nframe_timeout = 0.5\n',
+        wait=sock,
     )
     proc.url = f"unix://{sock}"
     yield proc

@@ -3,7 +3,7 @@
 Failure semantics: the agent survives every bad frame. Garbage or an oversize length gets an
 ``Error`` frame with id 0 and the agent then drops bytes until the controller's sync token; an
 undecodable frame, an unknown, denied or badly-typed command, or a repeated request id gets
-an ``Error`` frame naming it. A frame left half-sent for ``frame_idle`` seconds is dropped the
+an ``Error`` frame naming it. A frame not whole ``frame_timeout`` seconds after its first byte is dropped the
 same way, so a controller that reconnects always gets back to a clean stream. A sync token
 cancels every command of the session before the answer is written, so no reply from before
 the sync follows it. Each command, allowed or not, writes one audit line (who, what, when,
@@ -60,7 +60,7 @@ class AgentConfig:
     audit_log: str = ""  # empty: stderr
     max_frame: int = p.DEFAULT_MAX_FRAME
     window: int = p.DEFAULT_WINDOW
-    frame_idle: float = 2.0
+    frame_timeout: float = 3.0
     plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
@@ -243,18 +243,29 @@ class Session:
             await self.channel.close()
 
     async def _loop(self) -> None:
-        idle = self.agent.config.frame_idle
+        limit = self.agent.config.frame_timeout
+        loop = asyncio.get_running_loop()
+        # A frame must be whole within ``limit`` of its first byte. Measured from the start,
+        # not from the last byte: a controller re-sending sync tokens into a bogus length
+        # would otherwise keep a junk frame open forever.
+        frame_deadline: float | None = None
         while True:
             try:
-                async with asyncio.timeout(idle if self.decoder.mid_frame else None):
+                async with asyncio.timeout_at(frame_deadline):
                     data = await self.channel.read(p.CHUNK)
             except TimeoutError:
+                frame_deadline = None
                 self.decoder.hunt()
                 await self._error(0, ProtocolError("a frame stalled half-sent; dropped it"))
                 continue
             if not data:
                 return
-            for event in self.decoder.feed(data):
+            events = self.decoder.feed(data)
+            if not self.decoder.mid_frame:
+                frame_deadline = None
+            elif frame_deadline is None or events:
+                frame_deadline = loop.time() + limit
+            for event in events:
                 await self._on_event(event)
 
     async def _error(self, rid: int, exc: BaseException) -> None:

@@ -96,8 +96,16 @@ class StreamChannel:
 
     async def close(self) -> None:
         self._writer.close()
-        with contextlib.suppress(Exception):
+        try:
             await asyncio.wait_for(self._writer.wait_closed(), 1.0)
+        except asyncio.CancelledError:
+            # A transport broken mid-write may have its close waiter cancelled; only our
+            # own cancellation goes on up.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+        except Exception:
+            pass
 
 
 class _DeviceChannel:

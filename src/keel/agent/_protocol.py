@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from keel.errors import FrameTooLarge, ProtocolError
+from keel.errors import BadArguments, FrameTooLarge, ProtocolError
 
 PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
 MAGIC = b"K\xe1"
@@ -125,7 +125,10 @@ def encode(message: Message) -> bytes:
 
 def encode_checked(message: Message, limit: int) -> bytes:
     """Like `encode`, but raise `FrameTooLarge` instead of producing a frame over ``limit``."""
-    frame = encode(message)
+    try:
+        frame = encode(message)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise BadArguments(f"cannot send {type(message).__name__}: {exc}") from None
     if len(frame) - HEADER.size > limit:
         raise FrameTooLarge(
             f"a {type(message).__name__} frame of {len(frame) - HEADER.size} bytes is over "

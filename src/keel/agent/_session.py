@@ -142,7 +142,7 @@ class Connection:
         self._sync_nonce = int.from_bytes(os.urandom(8), "big")
         self._synced.clear()
         deadline = time.monotonic() + self.sync_timeout
-        # Re-send the token: the agent drops a partial frame after its idle timeout, and a
+        # Re-send the token: the agent drops a partial frame after its frame timeout, and a
         # token that landed inside that frame was lost with it.
         while True:
             await self._write(p.sync_token(self._sync_nonce), deadline)
@@ -363,6 +363,8 @@ class Stream:
         """The streamed chunks, in order; credit goes back as each is consumed."""
         req = self._req
         while True:
+            if isinstance(req.final, AgentError):
+                raise req.final  # the connection broke: what is queued cannot be trusted
             while req.chunks:
                 chunk = req.chunks.popleft()
                 req.unacked += 1
