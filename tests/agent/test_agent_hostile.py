@@ -189,9 +189,13 @@ async def test_peer_stops_reading_mid_frame(tmp_path: Path) -> None:
         await c.ping()
         conn = c._keel().conn
         started = time.monotonic()
-        with pytest.raises(AgentTimeout, match="stopped reading"):
+
+        async def flood() -> None:
             for _ in range(10):  # fills the socket buffers within a frame or two
                 await conn.call("exec", "run", {"argv": ["cat"], "stdin": b"s" * 3_000_000}, 1)
+
+        with pytest.raises(AgentTimeout, match="stopped reading"):
+            await flood()
         assert time.monotonic() - started < 3
         assert conn.closed
 

@@ -3,8 +3,9 @@
 Failure semantics: the agent survives every bad frame. Garbage or an oversize length gets an
 ``Error`` frame with id 0 and the agent then drops bytes until the controller's sync token; an
 undecodable frame, an unknown, denied or badly-typed command, or a repeated request id gets
-an ``Error`` frame naming it. A frame not whole ``frame_timeout`` seconds after its first byte is dropped the
-same way, so a controller that reconnects always gets back to a clean stream. A sync token
+an ``Error`` frame naming it. A frame not whole ``frame_timeout`` seconds after its first
+byte is dropped the same way, so a controller that reconnects always gets back to a clean
+stream. A sync token
 cancels every command of the session before the answer is written, so no reply from before
 the sync follows it. Each command, allowed or not, writes one audit line (who, what, when,
 result) as JSON to the audit log. A command's deadline and the controller's cancel stop it

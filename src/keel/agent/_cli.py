@@ -22,7 +22,6 @@ import typer
 
 from keel.agent._agent import Agent, AgentConfig
 from keel.agent._channel import (
-    Channel,
     listen_tls,
     listen_unix,
     open_unix,
@@ -44,6 +43,54 @@ def server_tls(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
     return ctx
 
 
+async def _listen(
+    agent: Agent, listen: str, tls: ssl.SSLContext | None, stop: asyncio.Event
+) -> None:
+    addr = parse_address(listen)
+    if addr.scheme == "unix":
+        server = await listen_unix(addr.path, agent.serve)
+    elif addr.scheme == "tls":
+        if tls is None:
+            raise ConfigError("--listen tls:// needs --cert, --key and --ca")
+        server = await listen_tls(addr.host, addr.port, tls, agent.serve)
+    else:
+        raise ConfigError(f"--listen takes unix:// or tls://, not {addr.scheme}://")
+    agent._log({"event": "listening", "url": listen})
+    try:
+        async with server:
+            await stop.wait()
+    finally:
+        if addr.scheme == "unix":
+            with contextlib.suppress(OSError):
+                os.unlink(addr.path)
+
+
+async def _dial(agent: Agent, dial: str) -> None:
+    """Open the channel, serve it until it ends, open it again (capped backoff)."""
+    addr = parse_address(dial)
+    if addr.scheme not in ("vsock", "virtio", "unix"):
+        raise ConfigError(f"--connect takes virtio://, vsock:// or unix://, not {addr.scheme}://")
+    pause = 0.1
+    while True:
+        try:
+            if addr.scheme == "vsock":
+                channel = await open_vsock(int(addr.host), addr.port)
+            elif addr.scheme == "virtio":
+                channel = await open_virtio(addr.path)
+            else:
+                channel = await open_unix(addr.path)
+        except AgentError as exc:
+            agent._log({"event": "dial_failed", "url": dial, "error": str(exc)})
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 5.0)
+            continue
+        pause = 0.1
+        started = time.monotonic()
+        await agent.serve(channel)
+        if time.monotonic() - started < 0.1:
+            await asyncio.sleep(0.1)  # a channel that ends at once must not spin
+
+
 async def _serve(
     agent: Agent, listen: str | None, dial: str | None, tls: ssl.SSLContext | None
 ) -> None:
@@ -52,61 +99,16 @@ async def _serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if listen is not None:
-        addr = parse_address(listen)
-        if addr.scheme == "unix":
-            server = await listen_unix(addr.path, agent.serve)
-        elif addr.scheme == "tls":
-            if tls is None:
-                raise ConfigError("--listen tls:// needs --cert, --key and --ca")
-            server = await listen_tls(addr.host, addr.port, tls, agent.serve)
-        else:
-            raise ConfigError(f"--listen takes unix:// or tls://, not {addr.scheme}://")
-        agent._log({"event": "listening", "url": listen})
-        try:
-            async with server:
-                await stop.wait()
-        finally:
-            if addr.scheme == "unix":
-                with contextlib.suppress(OSError):
-                    os.unlink(addr.path)
+        await _listen(agent, listen, tls, stop)
         return
     assert dial is not None
-    addr = parse_address(dial)
-
-    async def opener() -> Channel:
-        if addr.scheme == "vsock":
-            return await open_vsock(int(addr.host), addr.port)
-        if addr.scheme == "virtio":
-            return await open_virtio(addr.path)
-        if addr.scheme == "unix":
-            return await open_unix(addr.path)
-        raise ConfigError(f"--connect takes virtio://, vsock:// or unix://, not {addr.scheme}://")
-
-    async def dial_loop() -> None:
-        pause = 0.1
-        while True:
-            try:
-                channel = await opener()
-            except ConfigError:
-                raise
-            except AgentError as exc:
-                agent._log({"event": "dial_failed", "url": dial, "error": str(exc)})
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 5.0)
-                continue
-            pause = 0.1
-            started = time.monotonic()
-            await agent.serve(channel)
-            if time.monotonic() - started < 0.1:
-                await asyncio.sleep(0.1)
-
-    task = asyncio.create_task(dial_loop())
+    task = asyncio.create_task(_dial(agent, dial))
     waiter = asyncio.create_task(stop.wait())
     await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
     task.cancel()
     waiter.cancel()
     with contextlib.suppress(asyncio.CancelledError):
-        await task
+        await task  # re-raises a ConfigError from _dial
 
 
 @app.command()
