@@ -105,6 +105,11 @@ class Agent:
             else sys.stderr
         )
 
+    def close(self) -> None:
+        """Close the audit log (the agent's sessions end with their channels)."""
+        if self._audit is not sys.stderr:
+            self._audit.close()
+
     def _plugin_failed(self, name: str, why: str) -> None:
         self._log({"event": "plugin_failed", "plugin": name, "error": why})
 

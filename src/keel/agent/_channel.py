@@ -112,6 +112,7 @@ class _DeviceChannel:
     """A character device (the guest end of virtio-serial), read and written without threads."""
 
     def __init__(self, path: str, fd: int) -> None:
+        os.set_blocking(fd, False)
         self._fd = fd
         self.peer = f"virtio:{path}"
         self._loop = asyncio.get_running_loop()

@@ -145,7 +145,10 @@ def run(
             except (OSError, ssl.SSLError) as exc:
                 raise ConfigError(f"cannot load TLS files: {exc}") from None
         agent = Agent(cfg)
-        asyncio.run(_serve(agent, listen, connect, tls))
+        try:
+            asyncio.run(_serve(agent, listen, connect, tls))
+        finally:
+            agent.close()
     except KeelError as exc:
         sys.stderr.write(json.dumps({"event": "fatal", "error": str(exc)}) + "\n")
         raise typer.Exit(2) from None
