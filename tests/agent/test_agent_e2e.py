@@ -225,3 +225,37 @@ async def test_client_reconnects_after_agent_restart(tmp_path: Path) -> None:
             third.stop()
     finally:
         await client.close()
+
+
+async def test_cancelling_exec_kills_the_program(agent: AgentProcess, tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    async with await connect(agent) as client:
+        task = asyncio.create_task(client.exec(["sh", "-c", f"echo $$ > {pidfile}; exec sleep 30"]))
+        for _ in range(100):
+            if pidfile.exists() and pidfile.read_text().strip():
+                break
+            await asyncio.sleep(0.05)
+        pid = int(pidfile.read_text())
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            if not Path(f"/proc/{pid}").exists():
+                break
+            await asyncio.sleep(0.05)
+        assert not Path(f"/proc/{pid}").exists(), "cancel did not kill the program"
+        await client.ping()
+    audits = [json.loads(line) for line in agent.audit_lines()]
+    assert any(r.get("what") == "exec.run" and r["result"] == "cancelled" for r in audits)
+
+
+async def test_agent_chunks_to_the_controllers_frame_limit(
+    agent: AgentProcess, tmp_path: Path
+) -> None:
+    target = tmp_path / "small-frames.bin"
+    data = os.urandom(1024 * 1024)
+    target.write_bytes(data)
+    async with await AgentClient.connect(agent.url, max_frame=64 * 1024) as client:
+        assert await client.get_file(str(target)) == data
+        await client.put_file(str(target), data[::-1])
+        assert target.read_bytes() == data[::-1]

@@ -172,7 +172,7 @@ class _Context:
         self._s = session
         self._run = run
         self.peer = session.who
-        self.chunk_size = min(p.CHUNK, session.agent.config.max_frame - 1024)
+        self.chunk_size = min(p.CHUNK, session.max_frame - 1024)
 
     async def send(self, data: bytes, stream: int = 0) -> None:
         run = self._run
@@ -230,6 +230,7 @@ class Session:
         self.decoder = p.FrameDecoder(agent.config.max_frame)
         self.running: dict[int, _Running] = {}
         self.version = 0
+        self.max_frame = agent.config.max_frame  # lowered to the controller's, if smaller
         self._lock = asyncio.Lock()
 
     async def write(self, msg: p.Message) -> None:
@@ -299,6 +300,10 @@ class Session:
                 await self._error(0, ProtocolError(f"no common version in {msg.versions}"))
                 return
             self.version = max(common)
+            if msg.max_frame < p.MIN_MAX_FRAME:
+                await self._error(0, ProtocolError(f"max_frame {msg.max_frame} is too small"))
+                return
+            self.max_frame = min(self.agent.config.max_frame, msg.max_frame)
             self.who = f"{self.channel.peer}/{msg.client[:64]}"
             await self.write(self.agent.welcome(self.version))
         elif isinstance(msg, p.Call):
@@ -380,7 +385,7 @@ class Session:
             reply = self._error_frame(call.id, exc)
         self._finish(run, cmd, call, when, outcome)
         try:
-            frame = p.encode_checked(reply, self.agent.config.max_frame)
+            frame = p.encode_checked(reply, self.max_frame)
         except (FrameTooLarge, TypeError, ValueError) as exc:
             frame = p.encode(self._error_frame(call.id, CommandFailed(f"bad result: {exc}")))
         with contextlib.suppress(AgentError):

@@ -150,7 +150,7 @@ class KeelBackend:
         if mode is not None:
             args["mode"] = mode
         stream = await self.conn.request("files", "put", args, timeout)
-        chunk = min(p.CHUNK, self.conn.max_frame - 1024, (self.conn.welcome or _W).max_frame - 1024)
+        chunk = min(p.CHUNK, self.conn.send_limit - 1024)
         if isinstance(data, Path):
             with data.open("rb") as f:
                 while block := f.read(chunk):
@@ -202,9 +202,6 @@ class KeelBackend:
 
     async def close(self) -> None:
         await self.conn.close()
-
-
-_W = p.Welcome(1, "", "", {}, p.DEFAULT_MAX_FRAME, p.DEFAULT_WINDOW)
 
 
 class AgentClient:

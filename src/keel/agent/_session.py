@@ -166,6 +166,12 @@ class Connection:
         await self.channel.close()
 
     @property
+    def send_limit(self) -> int:
+        """The largest frame this side may send: the smaller of both sides' maximums."""
+        theirs = self.welcome.max_frame if self.welcome is not None else self.max_frame
+        return min(self.max_frame, theirs)
+
+    @property
     def closed(self) -> bool:
         return self._closed is not None
 
@@ -268,6 +274,7 @@ class Connection:
             self._closed = exc
         self._ready = False
         for req in self._pending.values():
+            self._tombstone(req.id)  # the agent may still answer it; that is not an error
             req.final = exc
             req.wake.set()
             req.credit_wake.set()
@@ -295,7 +302,7 @@ class Connection:
         deadline = self._limit(timeout)
         call = p.Call(rid, plugin, command, args, timeout, self.window)
         try:
-            await self._write(p.encode_checked(call, self.max_frame), deadline)
+            await self._write(p.encode_checked(call, self.send_limit), deadline)
         except BaseException:
             self._pending.pop(rid, None)
             raise
@@ -309,11 +316,14 @@ class Connection:
             raise ProtocolError(f"{plugin}.{command}: the agent streamed to a plain call")
         return await stream.result()
 
+    def _tombstone(self, rid: int) -> None:
+        self._tombstones[rid] = None
+        while len(self._tombstones) > _TOMBSTONES:
+            del self._tombstones[next(iter(self._tombstones))]
+
     def _abandon(self, req: _Request) -> None:
         if self._pending.pop(req.id, None) is not None:
-            self._tombstones[req.id] = None
-            while len(self._tombstones) > _TOMBSTONES:
-                del self._tombstones[next(iter(self._tombstones))]
+            self._tombstone(req.id)
             if self._closed is None and self._ready:
                 # Best effort: the agent stops the command; its final frame is then dropped.
                 task = asyncio.get_running_loop().create_task(
@@ -404,7 +414,7 @@ class Stream:
             if req.send_credit <= 0:
                 await self._wait(req.credit_wake)
         req.send_credit -= 1
-        frame = p.encode_checked(p.Data(req.id, data, end=end), self._conn.max_frame)
+        frame = p.encode_checked(p.Data(req.id, data, end=end), self._conn.send_limit)
         await self._conn._write(frame, self._deadline)
 
     def abandon(self) -> None:
