@@ -73,6 +73,13 @@ def test_garbage_then_sync_recovers(garbage: bytes, nonce: int, msgs: list[p.Mes
     assert [p.decode(e.payload) for e in tail if isinstance(e, p.Frame)] == msgs
 
 
+def test_a_prefix_look_alike_before_the_token() -> None:
+    # Found by hypothesis: a bare prefix right before a real token.
+    decoder = p.FrameDecoder()
+    decoder.hunt()
+    assert decoder.feed(p.SYNC_PREFIX + p.sync_token(0)) == [p.Sync(0, ack=False)]
+
+
 def test_oversize_length_is_refused_before_buffering() -> None:
     decoder = p.FrameDecoder(max_frame=1024)
     events = decoder.feed(p.HEADER.pack(p.MAGIC, 10**9) + b"x" * 100)

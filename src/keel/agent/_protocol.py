@@ -235,7 +235,7 @@ class FrameDecoder:
             return None
         self._pos = at
         event = self._token()
-        if event is not None:
+        if isinstance(event, Sync):
             self.hunting = False
         return event
 
