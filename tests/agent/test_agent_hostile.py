@@ -6,6 +6,7 @@ resyncs on the same stream."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -13,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import msgspec
 import pytest
 from conftest import AgentProcess
 from hypothesis import HealthCheck, Phase, given, settings
@@ -23,6 +25,7 @@ from keel.agent import _protocol as p
 from keel.agent._channel import open_unix
 from keel.agent._session import Connection
 from keel.errors import (
+    AgentError,
     AgentTimeout,
     FrameTooLarge,
     ProtocolError,
@@ -33,11 +36,14 @@ Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter, p.Call], Await
 
 
 async def read_message(reader: asyncio.StreamReader, decoder: p.FrameDecoder) -> p.Event:
-    while True:
-        events = decoder.feed(await reader.read(65536))
-        if events:
-            assert len(events) == 1
-            return events[0]
+    """The next event; events that arrived together wait in the decoder's ``pending``."""
+    pending: list[p.Event] = decoder.__dict__.setdefault("pending", [])
+    while not pending:
+        data = await reader.read(65536)
+        if not data:
+            raise ConnectionError("client went away")
+        pending.extend(decoder.feed(data))
+    return pending.pop(0)
 
 
 @asynccontextmanager
@@ -58,14 +64,16 @@ async def hostile(
                 await behaviour(reader, writer, p.Call(0, "", ""))
                 return
             writer.write(p.ack_token(sync.nonce))
-            hello = await read_message(reader, decoder)
-            assert isinstance(hello, p.Frame)
-            writer.write(p.encode(p.Welcome(1, "evil", "i-evil", {}, p.DEFAULT_MAX_FRAME, 8)))
-            for _ in range(20):
+            for _ in range(40):
                 event = await read_message(reader, decoder)
-                if isinstance(event, p.Frame):
+                if isinstance(event, p.Sync):  # the client resyncs after our mischief
+                    writer.write(p.ack_token(event.nonce))
+                elif isinstance(event, p.Frame):
                     msg = p.decode(event.payload)
-                    if isinstance(msg, p.Call):
+                    if isinstance(msg, p.Hello):
+                        welcome = p.Welcome(1, "evil", "i-evil", {}, p.DEFAULT_MAX_FRAME, 8)
+                        writer.write(p.encode(welcome))
+                    elif isinstance(msg, p.Call):
                         await behaviour(reader, writer, msg)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
@@ -247,6 +255,21 @@ def raw_resync(path: str, junk: bytes) -> bytes:
         return got
 
 
+msg_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.text(max_size=8),
+    st.binary(max_size=64),
+    st.lists(st.integers(-5, 2**40), max_size=3),
+    st.dictionaries(st.text(max_size=4), st.integers(-5, 5) | st.text(max_size=4), max_size=3),
+)
+
+
+def framed(payload: bytes) -> bytes:
+    return p.HEADER.pack(p.MAGIC, len(payload)) + payload
+
+
 junk = st.one_of(
     st.binary(max_size=3000),
     st.builds(
@@ -257,6 +280,11 @@ junk = st.one_of(
     st.builds(
         lambda payload: p.HEADER.pack(p.MAGIC, len(payload)) + payload,
         st.binary(max_size=300),
+    ),
+    st.builds(
+        lambda tag, rest: framed(msgspec.msgpack.encode([tag, *rest])),
+        st.sampled_from(["hello", "call", "data", "credit", "cancel", "result", "error", "x"]),
+        st.lists(msg_values, max_size=7),
     ),
     st.builds(
         lambda cmd, args: p.encode(p.Call(1, "core", cmd, args)),
@@ -275,9 +303,13 @@ junk = st.one_of(
     phases=[Phase.explicit, Phase.reuse, Phase.generate],
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
-@given(st.lists(junk, min_size=1, max_size=4))
-def test_agent_survives_hostile_bytes_and_resyncs(agent: AgentProcess, parts: list[bytes]) -> None:
-    raw_resync(agent.url.removeprefix("unix://"), b"".join(parts))
+@given(st.booleans(), st.lists(junk, min_size=1, max_size=4))
+def test_agent_survives_hostile_bytes_and_resyncs(
+    agent: AgentProcess, hello: bool, parts: list[bytes]
+) -> None:
+    # With a handshake first, the junk reaches command dispatch, not only the frame layer.
+    start = p.sync_token(1) + p.encode(p.Hello((1,), "fuzz", p.DEFAULT_MAX_FRAME)) if hello else b""
+    raw_resync(agent.url.removeprefix("unix://"), start + b"".join(parts))
     assert agent.alive()
 
 
@@ -288,3 +320,35 @@ async def test_agent_answers_garbage_with_an_error_and_keeps_serving(agent: Agen
     assert any(isinstance(m, p.Error) and m.id == 0 and m.code == "protocol" for m in errors)
     async with await AgentClient.connect(agent.url, timeout=5) as client:
         await client.ping()
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(st.lists(junk, min_size=1, max_size=4))
+def test_client_against_random_answers(tmp_path: Path, parts: list[bytes]) -> None:
+    """Whatever a hostile agent answers, the client raises a keel.errors.AgentError (or
+    gets a value) within its deadline, never anything else."""
+
+    async def evil(r: asyncio.StreamReader, w: asyncio.StreamWriter, call: p.Call) -> None:
+        for part in parts:
+            w.write(part.replace(b"\x01", call.id.to_bytes(1, "big")) if call.id < 256 else part)
+        await w.drain()
+
+    async def scenario() -> None:
+        async with hostile(tmp_path, evil) as url:
+            client = await AgentClient.connect(url, timeout=0.5)
+            try:
+                with contextlib.suppress(AgentError):
+                    await client.exec(["x"], timeout=0.1, max_output=1 << 20)
+                with contextlib.suppress(AgentError):
+                    await client.get_file("/x", max_size=1 << 20)
+                with contextlib.suppress(AgentError):
+                    await client.info()
+            finally:
+                await client.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))

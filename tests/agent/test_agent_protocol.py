@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from keel.agent import _protocol as p
@@ -106,6 +106,7 @@ def test_encode_checked_refuses_large_frames() -> None:
     assert info.value.limit == 1024
 
 
+@example(b"\x91\xa1\x80")  # found by hypothesis: bad UTF-8 in the tag was a UnicodeDecodeError
 @given(st.binary(max_size=512))
 def test_decode_raises_only_protocol_error(payload: bytes) -> None:
     with contextlib.suppress(ProtocolError):

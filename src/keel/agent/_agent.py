@@ -273,7 +273,16 @@ class Session:
             elif frame_deadline is None or events:
                 frame_deadline = loop.time() + limit
             for event in events:
-                await self._on_event(event)
+                try:
+                    await self._on_event(event)
+                except AgentError:
+                    raise  # the channel itself failed
+                except Exception as exc:
+                    # A bug of ours must not end the session: report it, keep serving.
+                    self.agent._log(
+                        {"event": "internal_error", "who": self.who, "error": repr(exc)}
+                    )
+                    await self._error(0, CommandFailed("internal agent error; see its log"))
 
     async def _error(self, rid: int, exc: BaseException) -> None:
         await self.write(self._error_frame(rid, exc))

@@ -17,7 +17,9 @@ import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
+
+import msgspec
 
 from keel.agent import _protocol as p
 from keel.agent._channel import (
@@ -44,7 +46,7 @@ from keel.errors import (
 Opener = Callable[[], Awaitable[Channel]]
 DEFAULT_MAX_OUTPUT = 64 * 1024 * 1024
 DEFAULT_MAX_SIZE = 1024 * 1024 * 1024
-EXEC_GRACE = 5.0
+EXEC_GRACE = 2.0
 
 
 async def listen_for_agents(
@@ -72,6 +74,29 @@ async def listen_for_agents(
     raise ConfigError(f"{url}: agents dial in over vsock:// or unix:// only")
 
 
+class _ExecReply(msgspec.Struct):
+    exit_code: int | None
+    signal: int | None = None
+    timed_out: bool = False
+
+
+class _FileReply(msgspec.Struct):
+    path: str
+    size: int
+    sha256: str
+
+
+T = TypeVar("T")
+
+
+def _expect(value: Any, kind: type[T], command: str) -> T:
+    """The agent's result as ``kind``; anything else is the agent breaking the protocol."""
+    try:
+        return msgspec.convert(value, kind)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"{command}: the agent's result is malformed: {exc}") from None
+
+
 class KeelBackend:
     """Keel's own agent over a `Connection`."""
 
@@ -84,10 +109,7 @@ class KeelBackend:
         await self.conn.call("core", "ping", {}, timeout)
 
     async def info(self, timeout: float) -> dict[str, Any]:
-        info = await self.conn.call("core", "info", {}, timeout)
-        if not isinstance(info, dict):
-            raise ProtocolError("core.info did not return a map")
-        return info
+        return _expect(await self.conn.call("core", "info", {}, timeout), dict[str, Any], "info")
 
     async def exec(
         self,
@@ -125,13 +147,13 @@ class KeelBackend:
                 on_output(chunk.stream, chunk.data)
             else:
                 (err if chunk.stream else out).append(chunk.data)
-        res = await stream.result()
+        res = _expect(await stream.result(), _ExecReply, "exec.run")
         return ExecResult(
-            exit_code=res.get("exit_code"),
-            signal=res.get("signal"),
+            exit_code=res.exit_code,
+            signal=res.signal,
             stdout=b"".join(out),
             stderr=b"".join(err),
-            timed_out=bool(res.get("timed_out")),
+            timed_out=res.timed_out,
         )
 
     async def put_file(
@@ -160,8 +182,8 @@ class KeelBackend:
             for start in range(0, len(data), chunk):
                 await stream.send(bytes(view[start : start + chunk]))
         await stream.send(b"", end=True)
-        res = await stream.result()
-        return FileInfo(res["path"], res["size"], res["sha256"])
+        res = _expect(await stream.result(), _FileReply, "files.put")
+        return FileInfo(res.path, res.size, res.sha256)
 
     async def get_file(self, path: str, *, max_size: int, timeout: float) -> bytes:
         stream = await self.conn.request("files", "get", {"path": path}, timeout)
@@ -175,11 +197,11 @@ class KeelBackend:
                 raise StreamLimitExceeded(f"{path} is over {max_size} bytes", limit=max_size)
             digest.update(chunk.data)
             parts.append(chunk.data)
-        res = await stream.result()
-        if res.get("sha256") != digest.hexdigest() or res.get("size") != size:
+        res = _expect(await stream.result(), _FileReply, "files.get")
+        if res.sha256 != digest.hexdigest() or res.size != size:
             raise IntegrityError(
                 f"{path}: received {size} bytes that do not match the agent's sha256",
-                expected=res.get("sha256"),
+                expected=res.sha256,
                 actual=digest.hexdigest(),
             )
         return b"".join(parts)

@@ -143,7 +143,7 @@ def decode(payload: bytes | memoryview) -> Message:
     """Decode one frame's payload; raise `ProtocolError` naming what was wrong."""
     try:
         return _decoder.decode(payload)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, ValueError) as exc:  # ValueError: e.g. bad UTF-8 in a tag
         raise ProtocolError(f"undecodable agent frame: {exc}") from None
 
 
