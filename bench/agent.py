@@ -41,41 +41,46 @@ def _start(argv: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(argv, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-async def _measure(
-    client: AgentClient, work: Path, pings: int, execs: int, size: int
-) -> dict[str, float]:
-    for _ in range(200):
-        await client.ping()
-    lat: list[float] = []
+class _Samples:
+    def __init__(self) -> None:
+        self.ping: list[float] = []
+        self.exec: list[float] = []
+        self.put: list[float] = []
+        self.get: list[float] = []
+
+
+async def _round(
+    client: AgentClient, work: Path, out: _Samples, *, pings: int, execs: int, data: bytes
+) -> None:
+    """One round of every measure. Rounds alternate between the two agents, so drift in
+    the machine's load (other processes, CPU frequency) falls on both alike."""
     for _ in range(pings):
         t = time.perf_counter()
         await client.ping()
-        lat.append(time.perf_counter() - t)
-    lat.sort()
-    ex: list[float] = []
+        out.ping.append(time.perf_counter() - t)
     for _ in range(execs):
         t = time.perf_counter()
         result = await client.exec(["/bin/true"])
-        ex.append(time.perf_counter() - t)
+        out.exec.append(time.perf_counter() - t)
         assert result.exit_code == 0
-    data = os.urandom(size)
     target = str(work / f"{client.kind}.bin")
-    puts: list[float] = []
-    gets: list[float] = []
-    for _ in range(3):
-        t = time.perf_counter()
-        await client.put_file(target, data, timeout=120)
-        puts.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        got = await client.get_file(target, timeout=120)
-        gets.append(time.perf_counter() - t)
-        assert got == data, "file came back different"
+    t = time.perf_counter()
+    await client.put_file(target, data, timeout=120)
+    out.put.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    got = await client.get_file(target, timeout=120)
+    out.get.append(time.perf_counter() - t)
+    assert got == data, "file came back different"
+
+
+def _summary(s: _Samples, size: int) -> dict[str, float]:
+    ping = sorted(s.ping)
     return {
-        "ping_p50_us": lat[len(lat) // 2] * 1e6,
-        "ping_p99_us": lat[int(len(lat) * 0.99)] * 1e6,
-        "exec_ms": statistics.median(ex) * 1e3,
-        "put_mibs": size / MiB / statistics.median(puts),
-        "get_mibs": size / MiB / statistics.median(gets),
+        "ping_p50_us": ping[len(ping) // 2] * 1e6,
+        "ping_p99_us": ping[int(len(ping) * 0.99)] * 1e6,
+        "exec_ms": statistics.median(s.exec) * 1e3,
+        "put_mibs": size / MiB / statistics.median(s.put),
+        "get_mibs": size / MiB / statistics.median(s.get),
     }
 
 
@@ -96,14 +101,30 @@ async def _run(args: argparse.Namespace) -> None:
             _wait_socket(keel_sock, keel_proc)
             _wait_socket(qga_sock, qga_proc)
             size = args.size_mib * MiB
-            async with await AgentClient.connect(f"qga+unix://{qga_sock}", timeout=120) as qga:
-                q = await _measure(qga, work, args.pings, args.execs, size)
-            async with await AgentClient.connect(f"unix://{keel_sock}", timeout=120) as kc:
-                k = await _measure(kc, work, args.pings, args.execs, size)
+            data = os.urandom(size)
+            qs, ks = _Samples(), _Samples()
+            async with (
+                await AgentClient.connect(f"qga+unix://{qga_sock}", timeout=120) as qga,
+                await AgentClient.connect(f"unix://{keel_sock}", timeout=120) as kc,
+            ):
+                for client in (qga, kc):  # warm up
+                    for _ in range(200):
+                        await client.ping()
+                for _ in range(args.rounds):
+                    await _round(
+                        qga, work, qs, args.pings // args.rounds, args.execs // args.rounds, data
+                    )
+                    await _round(
+                        kc, work, ks, args.pings // args.rounds, args.execs // args.rounds, data
+                    )
+            q, k = _summary(qs, size), _summary(ks, size)
         finally:
             for proc in (keel_proc, qga_proc):
                 with_signal(proc)
-    table = Table(title=f"agent: Keel vs qemu-ga on unix sockets ({args.size_mib} MiB file)")
+    table = Table(
+        title=f"agent: Keel vs qemu-ga on unix sockets ({args.size_mib} MiB file, "
+        f"{args.rounds} alternating rounds)"
+    )
     table.add_column("measure")
     table.add_column("keel", justify="right")
     table.add_column("qemu-ga", justify="right")
@@ -145,4 +166,5 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--pings", type=int, default=2000)
     parser.add_argument("--execs", type=int, default=100)
     parser.add_argument("--size-mib", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
     asyncio.run(_run(parser.parse_args(argv)))

@@ -30,7 +30,7 @@ from typing import Any, TextIO
 
 import keel
 from keel.agent import _protocol as p
-from keel.agent._channel import Channel
+from keel.agent._channel import Bytes, Channel
 from keel.agent._plugin import Command, Plugin, commands_of, load_plugins
 from keel.errors import (
     AgentError,
@@ -236,7 +236,7 @@ class Session:
     async def write(self, msg: p.Message) -> None:
         await self.write_raw(p.encode(msg))
 
-    async def write_raw(self, data: bytes) -> None:
+    async def write_raw(self, data: Bytes) -> None:
         async with self._lock:
             await self.channel.write(data)
 

@@ -22,6 +22,7 @@ import socket
 import ssl
 import stat
 import struct
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -36,6 +37,7 @@ from keel.errors import (
 )
 
 READ_SIZE = 1024 * 1024
+Bytes = bytes | bytearray | memoryview
 VMADDR_CID_HOST = 2
 _UNSUPPORTED = {errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.ENODEV, errno.EPROTONOSUPPORT}
 
@@ -47,7 +49,7 @@ class Channel(Protocol):
 
     async def read(self, max_bytes: int) -> bytes: ...
 
-    async def write(self, data: bytes) -> None: ...
+    async def write(self, data: Bytes) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -75,37 +77,120 @@ def map_errors(what: str) -> Iterator[None]:
         raise AgentUnavailable(f"{what}: {exc.strerror or exc}") from None
 
 
-class StreamChannel:
-    """A channel over an asyncio stream pair (unix, TCP+TLS, vsock, character device)."""
+class StreamChannel(asyncio.Protocol):
+    """A channel over an asyncio transport (unix, TCP+TLS, vsock).
 
-    def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
-    ) -> None:
-        self._reader = reader
-        self._writer = writer
+    Received chunks are queued as the transport hands them over and returned as they are, so
+    a file chunk is not copied again on its way to the frame decoder. Reading pauses while
+    more than ``READ_SIZE`` bytes wait unread; writing waits while the transport is paused.
+    """
+
+    def __init__(self, peer: str = "?", on_open: Callable[[StreamChannel], None] | None = None):
         self.peer = peer
+        self._on_open = on_open
+        self._loop = asyncio.get_running_loop()
+        self._chunks: deque[bytes] = deque()
+        self._queued = 0
+        self._eof = False
+        self._lost: Exception | None = None
+        self._reading_paused = False
+        self._writing_paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain: asyncio.Future[None] | None = None
+        self._closed: asyncio.Future[None] = self._loop.create_future()
+        self.transport: asyncio.Transport | None = None
+
+    # asyncio.Protocol callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if self._on_open is not None:
+            self._on_open(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._queued += len(data)
+        if self._queued > READ_SIZE and not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake_reader()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake_reader()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._lost = exc
+        self._wake_reader()
+        self._wake_writer()
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._wake_writer()
+
+    def _wake_reader(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _wake_writer(self) -> None:
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    # Channel
 
     async def read(self, max_bytes: int) -> bytes:
-        with map_errors(f"read from {self.peer}"):
-            return await self._reader.read(max_bytes)
+        while not self._chunks:
+            if self._eof:
+                if self._lost is not None:
+                    with map_errors(f"read from {self.peer}"):
+                        raise self._lost
+                return b""
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        chunk = self._chunks.popleft()
+        if len(chunk) > max_bytes:
+            self._chunks.appendleft(chunk[max_bytes:])
+            chunk = chunk[:max_bytes]
+        self._queued -= len(chunk)
+        if self._reading_paused and self._queued <= READ_SIZE // 2 and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        return chunk
 
-    async def write(self, data: bytes) -> None:
-        with map_errors(f"write to {self.peer}"):
-            self._writer.write(data)
-            await self._writer.drain()
+    async def write(self, data: Bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._closed.done():
+            raise AgentUnavailable(f"write to {self.peer}: the channel is closed")
+        transport.write(data)
+        while self._writing_paused and not self._closed.done():
+            self._drain = self._loop.create_future()
+            try:
+                await self._drain
+            finally:
+                self._drain = None
+        if self._closed.done() and self._lost is not None:
+            with map_errors(f"write to {self.peer}"):
+                raise self._lost
 
     async def close(self) -> None:
-        self._writer.close()
-        try:
-            await asyncio.wait_for(self._writer.wait_closed(), 1.0)
-        except asyncio.CancelledError:
-            # A transport broken mid-write may have its close waiter cancelled; only our
-            # own cancellation goes on up.
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise
-        except Exception:
-            pass
+        if self.transport is not None:
+            self.transport.close()
+        with contextlib.suppress(TimeoutError):
+            # shield: our caller's cancellation must not cancel the shared close waiter
+            await asyncio.wait_for(asyncio.shield(self._closed), 1.0)
+        if not self._closed.done() and self.transport is not None:
+            self.transport.abort()
 
 
 class _DeviceChannel:
@@ -131,7 +216,7 @@ class _DeviceChannel:
             finally:
                 self._loop.remove_reader(self._fd)
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: Bytes) -> None:
         view = memoryview(data)
         while view:
             with map_errors(f"write to {self.peer}"):
@@ -152,12 +237,8 @@ class _DeviceChannel:
             os.close(self._fd)
 
 
-def _wrap(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> Channel:
-    return StreamChannel(reader, writer, peer)
-
-
-def _unix_peer(writer: asyncio.StreamWriter) -> str:
-    sock = writer.get_extra_info("socket")
+def _unix_peer(transport: asyncio.BaseTransport) -> str:
+    sock = transport.get_extra_info("socket")
     try:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, uid, _ = struct.unpack("3i", creds)
@@ -175,9 +256,9 @@ def cert_names(cert: dict[str, object] | None) -> list[str]:
     return names
 
 
-def check_identity(writer: asyncio.StreamWriter, expected: str | None) -> str:
+def check_identity(transport: asyncio.BaseTransport, expected: str | None) -> str:
     """The TLS peer's first name; raise `AgentIdentityMismatch` unless it names ``expected``."""
-    names = cert_names(writer.get_extra_info("peercert"))
+    names = cert_names(transport.get_extra_info("peercert"))
     if expected is not None and expected not in names and f"urn:keel:{expected}" not in names:
         raise AgentIdentityMismatch(
             f"the agent's certificate names {names or 'nothing'}, not instance {expected}; "
@@ -192,36 +273,46 @@ def check_identity(writer: asyncio.StreamWriter, expected: str | None) -> str:
 
 
 async def open_unix(path: str) -> Channel:
+    loop = asyncio.get_running_loop()
     with map_errors(f"connect to unix:{path}"):
-        reader, writer = await asyncio.open_unix_connection(path, limit=READ_SIZE)
-    return _wrap(reader, writer, f"unix:{path}")
+        _, channel = await loop.create_unix_connection(lambda: StreamChannel(f"unix:{path}"), path)
+    return channel
 
 
 async def open_tls(host: str, port: int, context: ssl.SSLContext, instance_id: str) -> Channel:
     """Connect with mutual TLS and refuse a peer whose certificate is not ``instance_id``'s."""
+    loop = asyncio.get_running_loop()
     with map_errors(f"connect to tls:{host}:{port}"):
-        reader, writer = await asyncio.open_connection(
-            host, port, ssl=context, server_hostname=instance_id, limit=READ_SIZE
+        transport, channel = await loop.create_connection(
+            lambda: StreamChannel(f"tls:{host}:{port}"),
+            host,
+            port,
+            ssl=context,
+            server_hostname=instance_id,
         )
     try:
-        name = check_identity(writer, instance_id)
+        name = check_identity(transport, instance_id)
     except AgentIdentityMismatch:
-        await StreamChannel(reader, writer, "refused").close()
+        await channel.close()
         raise
-    return _wrap(reader, writer, f"tls:{name}@{host}:{port}")
+    channel.peer = f"tls:{name}@{host}:{port}"
+    return channel
 
 
 async def open_vsock(cid: int, port: int) -> Channel:
+    loop = asyncio.get_running_loop()
     with map_errors(f"connect to vsock:{cid}:{port}"):
         sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(sock, (cid, port))
-            reader, writer = await asyncio.open_connection(sock=sock, limit=READ_SIZE)
+            await loop.sock_connect(sock, (cid, port))
+            _, channel = await loop.create_connection(
+                lambda: StreamChannel(f"vsock:{cid}:{port}"), sock=sock
+            )
         except BaseException:
             sock.close()
             raise
-    return _wrap(reader, writer, f"vsock:{cid}:{port}")
+    return channel
 
 
 async def open_virtio(path: str) -> Channel:
@@ -238,26 +329,49 @@ async def open_virtio(path: str) -> Channel:
 Handler = Callable[[Channel], Awaitable[None]]
 
 
-async def listen_unix(path: str, handler: Handler) -> asyncio.Server:
-    async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await handler(_wrap(reader, writer, _unix_peer(writer)))
+class _Acceptor:
+    """Makes a `StreamChannel` per accepted connection and runs the handler on it."""
 
+    def __init__(self, handler: Handler, name: Callable[[asyncio.BaseTransport], str]) -> None:
+        self.handler = handler
+        self.name = name
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def __call__(self) -> StreamChannel:
+        return StreamChannel(on_open=self._opened)
+
+    def _opened(self, channel: StreamChannel) -> None:
+        assert channel.transport is not None
+        channel.peer = self.name(channel.transport)
+        task = asyncio.get_running_loop().create_task(self._run(channel))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run(self, channel: StreamChannel) -> None:
+        try:
+            await self.handler(channel)
+        finally:
+            await channel.close()
+
+
+async def listen_unix(path: str, handler: Handler) -> asyncio.Server:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+    loop = asyncio.get_running_loop()
     with map_errors(f"listen on unix:{path}"):
-        return await asyncio.start_unix_server(accepted, path, limit=READ_SIZE)
+        return await loop.create_unix_server(_Acceptor(handler, _unix_peer), path)
 
 
 async def listen_tls(
     host: str, port: int, context: ssl.SSLContext, handler: Handler
 ) -> asyncio.Server:
-    async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = check_identity(writer, None)
-        await handler(_wrap(reader, writer, f"tls:{peer}"))
+    def name(transport: asyncio.BaseTransport) -> str:
+        return f"tls:{check_identity(transport, None)}"
 
+    loop = asyncio.get_running_loop()
     with map_errors(f"listen on tls:{host}:{port}"):
-        return await asyncio.start_server(
-            accepted, host, port, ssl=context, limit=READ_SIZE, reuse_address=True
+        return await loop.create_server(
+            _Acceptor(handler, name), host, port, ssl=context, reuse_address=True
         )
 
 
@@ -265,17 +379,18 @@ async def listen_vsock(port: int, handler: Handler, cid: int = -1) -> asyncio.Se
     """Host side: accept agents dialing in. The CID comes from ``accept()``, which the guest
     cannot forge; ``cid`` -1 is VMADDR_CID_ANY."""
 
-    async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer_cid, _ = writer.get_extra_info("peername")
-        await handler(_wrap(reader, writer, f"vsock:cid={peer_cid}"))
+    def name(transport: asyncio.BaseTransport) -> str:
+        peer_cid, _ = transport.get_extra_info("peername")
+        return f"vsock:cid={peer_cid}"
 
+    loop = asyncio.get_running_loop()
     with map_errors(f"listen on vsock:{cid}:{port}"):
         sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
         try:
             sock.bind((cid & 0xFFFFFFFF, port))
             sock.listen(16)
             sock.setblocking(False)
-            return await asyncio.start_server(accepted, sock=sock, limit=READ_SIZE)
+            return await loop.create_server(_Acceptor(handler, name), sock=sock)
         except BaseException:
             sock.close()
             raise

@@ -31,6 +31,7 @@ ACK_KIND = b"A"
 TOKEN = struct.Struct(">6scQ")  # prefix, kind, nonce
 DEFAULT_MAX_FRAME = 4 * 1024 * 1024
 MIN_MAX_FRAME = 64 * 1024
+_BIG = 64 * 1024  # frames at least this long are assembled in a buffer of their own
 DEFAULT_WINDOW = 8  # chunks in flight per stream before the receiver grants more credit
 CHUNK = 1024 * 1024
 
@@ -117,13 +118,16 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
 
 
-def encode(message: Message) -> bytes:
+def encode(message: Message) -> bytearray:
     """A whole frame (header and payload) for one message."""
-    payload = _encoder.encode(message)
-    return HEADER.pack(MAGIC, len(payload)) + payload
+    # Encoded behind room for the header, so a file chunk is copied once, not twice.
+    frame = bytearray(HEADER.size)
+    _encoder.encode_into(message, frame, HEADER.size)
+    HEADER.pack_into(frame, 0, MAGIC, len(frame) - HEADER.size)
+    return frame
 
 
-def encode_checked(message: Message, limit: int) -> bytes:
+def encode_checked(message: Message, limit: int) -> bytearray:
     """Like `encode`, but raise `FrameTooLarge` instead of producing a frame over ``limit``."""
     try:
         frame = encode(message)
@@ -139,7 +143,7 @@ def encode_checked(message: Message, limit: int) -> bytes:
     return frame
 
 
-def decode(payload: bytes | memoryview) -> Message:
+def decode(payload: bytes | bytearray | memoryview) -> Message:
     """Decode one frame's payload; raise `ProtocolError` naming what was wrong."""
     try:
         return _decoder.decode(payload)
@@ -160,7 +164,7 @@ def ack_token(nonce: int) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    payload: bytes
+    payload: bytes | bytearray
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,11 +200,15 @@ class FrameDecoder:
         self.hunting = False
         self._buf = bytearray()
         self._pos = 0
+        # A large frame's body fills its own buffer of exactly its length: no growing,
+        # compacting or copying it out again.
+        self._body: bytearray | None = None
+        self._have = 0
 
     @property
     def buffered(self) -> int:
         """Bytes held that are not yet a whole event."""
-        return len(self._buf) - self._pos
+        return len(self._buf) - self._pos + self._have
 
     @property
     def mid_frame(self) -> bool:
@@ -212,10 +220,24 @@ class FrameDecoder:
         self.hunting = True
         self._buf.clear()
         self._pos = 0
+        self._body = None
+        self._have = 0
 
-    def feed(self, data: bytes) -> list[Event]:
-        self._buf += data
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
         events: list[Event] = []
+        view = memoryview(data)
+        body = self._body
+        if body is not None:
+            take = min(len(body) - self._have, len(view))
+            body[self._have : self._have + take] = view[:take]
+            self._have += take
+            if self._have < len(body):
+                return events
+            events.append(Frame(body))
+            self._body = None
+            self._have = 0
+            view = view[take:]
+        self._buf += view
         while True:
             event = self._hunt_step() if self.hunting else self._frame_step()
             if event is None:
@@ -276,6 +298,13 @@ class FrameDecoder:
             )
         end = self._pos + HEADER.size + length
         if end > len(self._buf):
+            if length >= _BIG:
+                start = self._pos + HEADER.size
+                self._have = len(self._buf) - start
+                self._body = bytearray(length)
+                with memoryview(self._buf) as held:
+                    self._body[: self._have] = held[start:]
+                self._pos = len(self._buf)
             return None
         with memoryview(self._buf) as view:
             payload = bytes(view[self._pos + HEADER.size : end])

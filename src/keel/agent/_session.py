@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from keel.agent import _protocol as p
-from keel.agent._channel import Channel
+from keel.agent._channel import Bytes, Channel
 from keel.errors import (
     AgentError,
     AgentTimeout,
@@ -177,7 +177,7 @@ class Connection:
 
     # --- writing --------------------------------------------------------------------------
 
-    async def _write(self, data: bytes, deadline: float | None) -> None:
+    async def _write(self, data: Bytes, deadline: float | None) -> None:
         timeout = None if deadline is None else max(deadline - time.monotonic(), 0.001)
         try:
             async with asyncio.timeout(timeout):
@@ -312,9 +312,10 @@ class Connection:
         self, plugin: str, command: str, args: dict[str, Any], timeout: float | None
     ) -> Any:
         stream = await self.request(plugin, command, args, timeout)
-        async for _ in stream.chunks():
+        value = await stream.result()
+        if stream._req.chunks:
             raise ProtocolError(f"{plugin}.{command}: the agent streamed to a plain call")
-        return await stream.result()
+        return value
 
     def _tombstone(self, rid: int) -> None:
         self._tombstones[rid] = None
