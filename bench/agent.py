@@ -110,13 +110,10 @@ async def _run(args: argparse.Namespace) -> None:
                 for client in (qga, kc):  # warm up
                     for _ in range(200):
                         await client.ping()
+                pings, execs = args.pings // args.rounds, args.execs // args.rounds
                 for _ in range(args.rounds):
-                    await _round(
-                        qga, work, qs, args.pings // args.rounds, args.execs // args.rounds, data
-                    )
-                    await _round(
-                        kc, work, ks, args.pings // args.rounds, args.execs // args.rounds, data
-                    )
+                    await _round(qga, work, qs, pings=pings, execs=execs, data=data)
+                    await _round(kc, work, ks, pings=pings, execs=execs, data=data)
             q, k = _summary(qs, size), _summary(ks, size)
         finally:
             for proc in (keel_proc, qga_proc):
