@@ -85,6 +85,19 @@ class AgentConfig:
         return any(fnmatch.fnmatchcase(name, pat) for pat in self.allow)
 
 
+_second = (-1, "")
+
+
+def _stamp(when: float) -> str:
+    """ISO 8601 UTC with milliseconds (the second's text is cached: one audit line per
+    command is on the hot path)."""
+    global _second  # noqa: PLW0603 - a one-entry cache
+    sec = int(when)
+    if _second[0] != sec:
+        _second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
+    return f"{_second[1]}.{int(when % 1 * 1000):03d}Z"
+
+
 class Agent:
     """The plugins and policy shared by every session of one agent process."""
 
@@ -114,7 +127,7 @@ class Agent:
         self._log({"event": "plugin_failed", "plugin": name, "error": why})
 
     def _log(self, record: dict[str, Any]) -> None:
-        record.setdefault("ts", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        record.setdefault("when", _stamp(time.time()))
         self._audit.write(json.dumps(record, default=str) + "\n")
 
     def audit(self, who: str, what: str, args: dict[str, Any], when: float, result: str) -> None:
@@ -125,8 +138,7 @@ class Agent:
                 "who": who,
                 "what": what,
                 "args": shown,
-                "when": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when))
-                + f".{int(when % 1 * 1000):03d}Z",
+                "when": _stamp(when),
                 "ms": round((time.time() - when) * 1000, 3),
                 "result": result,
             }
@@ -258,8 +270,11 @@ class Session:
         frame_deadline: float | None = None
         while True:
             try:
-                async with asyncio.timeout_at(frame_deadline):
+                if frame_deadline is None:
                     data = await self.channel.read(p.CHUNK)
+                else:
+                    async with asyncio.timeout_at(frame_deadline):
+                        data = await self.channel.read(p.CHUNK)
             except TimeoutError:
                 frame_deadline = None
                 self.decoder.hunt()
@@ -367,15 +382,21 @@ class Session:
             return
         run = _Running(call, self.agent.config.window)
         self.running[call.id] = run
-        run.task = asyncio.create_task(self._run(run, cmd, kwargs, when))
+        if cmd.inline:
+            await self._run(run, cmd, kwargs, when)
+        else:
+            run.task = asyncio.create_task(self._run(run, cmd, kwargs, when))
 
     async def _run(self, run: _Running, cmd: Command, kwargs: dict[str, Any], when: float) -> None:
         call = run.call
         outcome = "ok"
         reply: p.Message
         try:
-            async with asyncio.timeout(call.timeout):
+            if call.timeout is None:
                 value = await cmd.fn(_Context(self, run), **kwargs)
+            else:
+                async with asyncio.timeout(call.timeout):
+                    value = await cmd.fn(_Context(self, run), **kwargs)
             reply = p.Result(call.id, value)
         except TimeoutError:
             exc: BaseException = AgentTimeout(

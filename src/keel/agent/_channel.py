@@ -37,6 +37,7 @@ from keel.errors import (
 )
 
 READ_SIZE = 1024 * 1024
+_RECV_BUF = 256 * 1024
 Bytes = bytes | bytearray | memoryview
 VMADDR_CID_HOST = 2
 _UNSUPPORTED = {errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.ENODEV, errno.EPROTONOSUPPORT}
@@ -47,7 +48,7 @@ class Channel(Protocol):
 
     peer: str
 
-    async def read(self, max_bytes: int) -> bytes: ...
+    async def read(self, max_bytes: int) -> bytes | bytearray: ...
 
     async def write(self, data: Bytes) -> None: ...
 
@@ -77,19 +78,22 @@ def map_errors(what: str) -> Iterator[None]:
         raise AgentUnavailable(f"{what}: {exc.strerror or exc}") from None
 
 
-class StreamChannel(asyncio.Protocol):
+class StreamChannel(asyncio.BufferedProtocol):
     """A channel over an asyncio transport (unix, TCP+TLS, vsock).
 
-    Received chunks are queued as the transport hands them over and returned as they are, so
-    a file chunk is not copied again on its way to the frame decoder. Reading pauses while
-    more than ``READ_SIZE`` bytes wait unread; writing waits while the transport is paused.
+    The transport receives into one reused buffer (a fresh ``bytes`` per recv would cost an
+    mmap, mremap and munmap for every small message); a full buffer is handed over whole and
+    replaced, so a bulk transfer is not copied again on its way to the frame decoder.
+    Reading pauses while more than ``READ_SIZE`` bytes wait unread; writing waits while the
+    transport is paused.
     """
 
     def __init__(self, peer: str = "?", on_open: Callable[[StreamChannel], None] | None = None):
         self.peer = peer
         self._on_open = on_open
         self._loop = asyncio.get_running_loop()
-        self._chunks: deque[bytes] = deque()
+        self._chunks: deque[bytes | bytearray] = deque()
+        self._rbuf = bytearray(_RECV_BUF)
         self._queued = 0
         self._eof = False
         self._lost: Exception | None = None
@@ -108,7 +112,15 @@ class StreamChannel(asyncio.Protocol):
         if self._on_open is not None:
             self._on_open(self)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return memoryview(self._rbuf)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        data: bytes | bytearray
+        if nbytes == len(self._rbuf):
+            data, self._rbuf = self._rbuf, bytearray(_RECV_BUF)
+        else:
+            data = self._rbuf[:nbytes]
         self._chunks.append(data)
         self._queued += len(data)
         if self._queued > READ_SIZE and not self._reading_paused and self.transport is not None:
@@ -146,7 +158,7 @@ class StreamChannel(asyncio.Protocol):
 
     # Channel
 
-    async def read(self, max_bytes: int) -> bytes:
+    async def read(self, max_bytes: int) -> bytes | bytearray:
         while not self._chunks:
             if self._eof:
                 if self._lost is not None:

@@ -57,6 +57,7 @@ class CorePlugin(Plugin):
 
     name = "core"
     version = "1.0"
+    inline = frozenset({"ping", "info"})
 
     @command
     async def ping(self, ctx: CommandContext) -> dict[str, Any]:
@@ -88,6 +89,7 @@ class HealthPlugin(Plugin):
 
     name = "health"
     version = "1.0"
+    inline = frozenset({"report"})
 
     @command
     async def report(

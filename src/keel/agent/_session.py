@@ -209,7 +209,7 @@ class Connection:
                 self._synced.clear()
                 self._decoder.hunt()
 
-    async def _read_some(self) -> bytes:
+    async def _read_some(self) -> bytes | bytearray:
         data = await self.channel.read(p.CHUNK)
         if not data:
             raise AgentUnavailable("the agent closed the channel")
