@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import trustme
-from conftest import AgentProcess
+from agent_helpers import AgentProcess
 
 from keel.agent import AgentClient, listen_for_agents
 from keel.agent._channel import listen_vsock

@@ -10,7 +10,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from conftest import AgentProcess, shadow_hash
+from agent_helpers import AgentProcess, shadow_hash
 
 from keel.agent import AgentClient
 from keel.errors import (

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from conftest import AgentProcess
+from agent_helpers import AgentProcess
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 

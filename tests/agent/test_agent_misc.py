@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AgentProcess
+from agent_helpers import AgentProcess
 from typer.testing import CliRunner
 
 from keel.agent import Agent, AgentClient, AgentConfig, CommandContext, Plugin, command

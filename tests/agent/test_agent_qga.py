@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import shadow_hash
+from agent_helpers import shadow_hash
 
 from keel.agent import AgentClient
 from keel.errors import AgentTimeout, CommandFailed, UnknownCommand
