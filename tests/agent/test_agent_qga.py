@@ -3,6 +3,7 @@ by scripts/servers on a unix socket, no VM)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import pytest
 from agent_helpers import shadow_hash
 
 from keel.agent import AgentClient
-from keel.errors import AgentTimeout, CommandFailed, UnknownCommand
+from keel.errors import AgentTimeout, AgentUnavailable, CommandFailed, UnknownCommand
+from servers import restart
 
 
 async def test_ping_and_info(qga_url: str) -> None:
@@ -87,4 +89,14 @@ async def test_resync_after_garbage_and_a_stale_reply(qga_url: str) -> None:
         await backend.channel.write(b'{"execute": gar\x01bage\n{"execute": "guest-ping"}\n')  # type: ignore[attr-defined]
         await client.resync()
         await client.ping()
+        assert (await client.info())["agent_version"].startswith("qemu-ga")
+
+
+async def test_reconnects_after_qga_restarts(qga_url: str) -> None:
+    async with await AgentClient.connect(qga_url, timeout=10) as client:
+        await client.ping()
+        await asyncio.to_thread(restart, "qemu-ga")
+        with pytest.raises(AgentUnavailable):
+            await client.ping()  # this channel died with the old qemu-ga
+        await client.ping()  # a new channel, resynced
         assert (await client.info())["agent_version"].startswith("qemu-ga")

@@ -225,6 +225,10 @@ class KeelBackend:
     async def close(self) -> None:
         await self.conn.close()
 
+    @property
+    def closed(self) -> bool:
+        return self.conn.closed
+
 
 class AgentClient:
     """Talk to one guest's agent, Keel's or qemu-guest-agent, with one API.
@@ -278,20 +282,19 @@ class AgentClient:
             async def opener() -> Channel:
                 return await open_unix(addr.path)
 
-        if addr.scheme == "qga+unix":
-            backend: Backend = QgaBackend(await opener())
-            return cls(backend, None, timeout=timeout)
-
         def make(channel: Channel) -> Backend:
+            if addr.scheme == "qga+unix":
+                return QgaBackend(channel)
             return KeelBackend(Connection(channel, client_name=client_name, max_frame=max_frame))
 
         client = cls(make(await opener()), opener, timeout=timeout)
         client._make = make
-        try:
-            await client._keel().conn.start()
-        except BaseException:
-            await client.close()
-            raise
+        if isinstance(client._backend, KeelBackend):
+            try:
+                await client._backend.conn.start()
+            except BaseException:
+                await client.close()
+                raise
         return client
 
     _make: Callable[[Channel], Backend] | None = None
@@ -337,12 +340,7 @@ class AgentClient:
 
     async def _backend_ready(self) -> Backend:
         backend = self._backend
-        if (
-            isinstance(backend, KeelBackend)
-            and backend.conn.closed
-            and self._opener is not None
-            and self._make is not None
-        ):
+        if backend.closed and self._opener is not None and self._make is not None:
             await backend.close()
             self._backend = self._make(await self._opener())
         return self._backend

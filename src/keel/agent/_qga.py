@@ -59,6 +59,7 @@ class QgaBackend:
         self._lock = asyncio.Lock()
         self._dirty = True
         self._seq = int.from_bytes(os.urandom(3), "big")
+        self.closed = False
 
     # --- transport ------------------------------------------------------------------------
 
@@ -121,6 +122,9 @@ class QgaBackend:
                 ) from None
             except (ProtocolError, asyncio.CancelledError):
                 self._dirty = True
+                raise
+            except AgentUnavailable:
+                self.closed = True
                 raise
 
     async def _roundtrip(self, command: str, args: dict[str, Any] | None) -> Any:

@@ -35,6 +35,11 @@ class Backend(Protocol):
 
     kind: str
 
+    @property
+    def closed(self) -> bool:
+        """The channel broke; `AgentClient` opens a new one for the next call."""
+        ...
+
     async def ping(self, timeout: float) -> None: ...
 
     async def info(self, timeout: float) -> dict[str, Any]: ...
