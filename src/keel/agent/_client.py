@@ -241,6 +241,7 @@ class AgentClient:
     def __init__(self, backend: Backend, opener: Opener | None, *, timeout: float) -> None:
         self._backend = backend
         self._opener = opener
+        self._make: Callable[[Channel], Backend] | None = None  # set with the opener
         self.timeout = timeout
 
     @classmethod
@@ -296,8 +297,6 @@ class AgentClient:
                 await client.close()
                 raise
         return client
-
-    _make: Callable[[Channel], Backend] | None = None
 
     @classmethod
     async def from_channel(
