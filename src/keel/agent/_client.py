@@ -180,7 +180,7 @@ class KeelBackend:
         else:
             view = memoryview(data)
             for start in range(0, len(data), chunk):
-                await stream.send(bytes(view[start : start + chunk]))
+                await stream.send(view[start : start + chunk])
         await stream.send(b"", end=True)
         res = _expect(await stream.result(), _FileReply, "files.put")
         return FileInfo(res.path, res.size, res.sha256)

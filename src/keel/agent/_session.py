@@ -21,7 +21,7 @@ import os
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 from keel.agent import _protocol as p
 from keel.agent._channel import Bytes, Channel
@@ -404,7 +404,7 @@ class Stream:
             raise error_from(final, req.command)
         return final.value
 
-    async def send(self, data: bytes, *, end: bool = False) -> None:
+    async def send(self, data: Bytes, *, end: bool = False) -> None:
         """Upload one chunk, waiting for the agent's credit (flow control both ways)."""
         req = self._req
         while req.send_credit <= 0:
@@ -415,7 +415,10 @@ class Stream:
             if req.send_credit <= 0:
                 await self._wait(req.credit_wake)
         req.send_credit -= 1
-        frame = p.encode_checked(p.Data(req.id, data, end=end), self._conn.send_limit)
+        # msgspec encodes any buffer as msgpack bin: a memoryview slice of the caller's data
+        # goes into the frame without an extra copy.
+        chunk = p.Data(req.id, cast(bytes, data), end=end)
+        frame = p.encode_checked(chunk, self._conn.send_limit)
         await self._conn._write(frame, self._deadline)
 
     def abandon(self) -> None:
