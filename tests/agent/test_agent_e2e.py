@@ -259,3 +259,19 @@ async def test_agent_chunks_to_the_controllers_frame_limit(
         assert await client.get_file(str(target)) == data
         await client.put_file(str(target), data[::-1])
         assert target.read_bytes() == data[::-1]
+
+
+async def test_pings_interleave_with_a_large_upload(agent: AgentProcess, tmp_path: Path) -> None:
+    data = os.urandom(24 * 1024 * 1024)
+    async with await connect(agent) as client:
+
+        async def pings() -> int:
+            done = 0
+            for _ in range(20):
+                await client.ping(timeout=5)
+                done += 1
+            return done
+
+        info, done = await asyncio.gather(client.put_file(str(tmp_path / "big"), data), pings())
+        assert info.size == len(data)
+        assert done == 20

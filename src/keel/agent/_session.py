@@ -134,6 +134,8 @@ class Connection:
                 ) from None
             if welcome.version not in p.PROTOCOL_VERSIONS:
                 raise ProtocolError(f"the agent chose protocol version {welcome.version}")
+            if welcome.max_frame < p.MIN_MAX_FRAME:
+                raise ProtocolError(f"the agent's max_frame {welcome.max_frame} is too small")
             self.welcome = welcome
             self._ready = True
             return welcome
@@ -161,8 +163,7 @@ class Connection:
         self._fail_all(AgentUnavailable("the connection to the agent was closed"), fatal=True)
         if self._reader is not None:
             self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
+            await asyncio.wait([self._reader])  # never raises; our own cancel still does
         await self.channel.close()
 
     @property
@@ -178,11 +179,19 @@ class Connection:
     # --- writing --------------------------------------------------------------------------
 
     async def _write(self, data: Bytes, deadline: float | None) -> None:
-        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+        loop = asyncio.get_running_loop()
+        when = None if deadline is None else loop.time() + max(deadline - time.monotonic(), 0)
         try:
-            async with asyncio.timeout(timeout):
-                async with self._write_lock:
-                    await self.channel.write(data)
+            async with asyncio.timeout_at(when):
+                await self._write_lock.acquire()
+        except TimeoutError:
+            # Nothing of ours is on the wire: only this request misses its deadline.
+            raise AgentTimeout(
+                "the channel stayed busy past the deadline", command="write"
+            ) from None
+        try:
+            async with asyncio.timeout_at(when):
+                await self.channel.write(data)
         except AgentUnavailable as exc:
             self._fail_all(exc, fatal=True)
             raise
@@ -192,6 +201,8 @@ class Connection:
             self._fail_all(err, fatal=True)
             await self.channel.close()
             raise err from None
+        finally:
+            self._write_lock.release()
 
     # --- reading --------------------------------------------------------------------------
 
