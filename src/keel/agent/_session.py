@@ -182,8 +182,11 @@ class Connection:
         loop = asyncio.get_running_loop()
         when = None if deadline is None else loop.time() + max(deadline - time.monotonic(), 0)
         try:
-            async with asyncio.timeout_at(when):
-                await self._write_lock.acquire()
+            if self._write_lock.locked():
+                async with asyncio.timeout_at(when):
+                    await self._write_lock.acquire()
+            else:
+                await self._write_lock.acquire()  # free: returns at once
         except TimeoutError:
             # Nothing of ours is on the wire: only this request misses its deadline.
             raise AgentTimeout(
