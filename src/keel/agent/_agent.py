@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import keel
 from keel.agent import _protocol as p
@@ -186,14 +186,17 @@ class _Context:
         self.peer = session.who
         self.chunk_size = min(p.CHUNK, session.max_frame - 1024)
 
-    async def send(self, data: bytes, stream: int = 0) -> None:
+    async def send(self, data: Bytes, stream: int = 0) -> None:
         run = self._run
-        for start in range(0, max(len(data), 1), self.chunk_size):
+        view = memoryview(data)
+        for start in range(0, max(len(view), 1), self.chunk_size):
             while run.credit <= 0:
                 run.credit_wake.clear()
                 await run.credit_wake.wait()
             run.credit -= 1
-            await self._s.write(p.Data(run.call.id, data[start : start + self.chunk_size], stream))
+            # msgspec encodes any buffer as bin; the frame holds its own copy.
+            piece = cast(bytes, view[start : start + self.chunk_size])
+            await self._s.write(p.Data(run.call.id, piece, stream))
 
     async def receive(self) -> AsyncIterator[bytes]:
         run = self._run

@@ -34,8 +34,9 @@ class CommandContext(Protocol):
     peer: str
     chunk_size: int
 
-    async def send(self, data: bytes, stream: int = 0) -> None:
-        """Stream a chunk to the controller (waits for its credit)."""
+    async def send(self, data: bytes | bytearray | memoryview, stream: int = 0) -> None:
+        """Stream a chunk to the controller (waits for its credit). The data is copied into
+        the frame before this returns, so a caller may reuse its buffer."""
 
     def receive(self) -> AsyncIterator[bytes]:
         """The chunks the controller uploads for this request, until it ends the upload."""

@@ -92,14 +92,18 @@ class FilesPlugin(Plugin):
         try:
             size = os.fstat(fd).st_size
             remaining = max(size - offset, 0) if length is None else length
+            # One buffer for the whole file: a fresh 1 MiB bytes per read costs an mmap,
+            # page faults and a munmap each time.
+            buf = bytearray(ctx.chunk_size)
+            view = memoryview(buf)
             while remaining > 0:
-                chunk = os.pread(fd, min(ctx.chunk_size, remaining), offset + sent)
-                if not chunk:
+                n = os.preadv(fd, [view[: min(len(buf), remaining)]], offset + sent)
+                if not n:
                     break
-                digest.update(chunk)
-                await ctx.send(chunk)
-                sent += len(chunk)
-                remaining -= len(chunk)
+                digest.update(view[:n])
+                await ctx.send(view[:n])
+                sent += n
+                remaining -= n
         except OSError as exc:
             raise CommandFailed(f"cannot read {path}: {exc.strerror}") from None
         finally:
