@@ -226,7 +226,7 @@ async def test_dead_member_leaves_by_expiry(backend: BackendUnderTest) -> None:
 
 
 async def test_semaphore_permits_and_fences(backend: BackendUnderTest) -> None:
-    a, b, c = (await backend.connect(m) for m in "abc")
+    a, b, c = [await backend.connect(m) for m in "abc"]
     name = backend.n("sem")
     sa, sb, sc = a.semaphore(name, 2), b.semaphore(name, 2), c.semaphore(name, 2)
     p1 = await sa.take()

@@ -78,8 +78,11 @@ class SqliteBackend:
         path = url.path
         if not path or path == "/":
             raise ConfigError(f"{url.raw!r} names no database file; use sqlite:///path/to/file")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return cls(os.path.normpath(path))
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            return cls(os.path.normpath(path))
+        except (OSError, sqlite3.Error) as exc:
+            raise BackendUnavailable(f"cannot open SQLite database {path}: {exc}") from exc
 
     def _call(self, op: Callable[[], Any]) -> Any:
         with map_errors((sqlite3.OperationalError,), backend="sqlite", url=self._path):
