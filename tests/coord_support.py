@@ -47,6 +47,13 @@ class CutProxy:
         self._started.set()
         self._loop.run_forever()
         server.close()
+        for w in list(self._writers):
+            w.transport.abort()
+        tasks = asyncio.all_tasks(self._loop)
+        for task in tasks:
+            task.cancel()
+        self._loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        self._loop.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -113,14 +113,19 @@ class BackendFactory(Protocol):
 
 @contextmanager
 def map_errors(
-    unavailable: tuple[type[BaseException], ...], *, backend: str, url: str
+    unavailable: tuple[type[BaseException], ...],
+    *,
+    backend: str,
+    url: str,
+    passthrough: tuple[type[BaseException], ...] = (),
 ) -> Iterator[None]:
     """Turn a client library's connection failures into `BackendUnavailable` (naming the
-    server), and any other foreign exception into `CoordinationError`. Keel errors and
-    cancellation pass through."""
+    server), and any other foreign exception into `CoordinationError`. Keel errors,
+    cancellation and the ``passthrough`` exceptions (answers the backend handles itself, such
+    as "node exists") pass through."""
     try:
         yield
-    except KeelError:
+    except (KeelError, *passthrough):
         raise
     except (*unavailable, TimeoutError, ConnectionError) as exc:
         raise BackendUnavailable(
