@@ -14,9 +14,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-import servers
 
 import keel.coordination
+import servers
 from keel.coordination import Coordinator
 
 BACKENDS = ["sqlite", "etcd", "zookeeper", "redis"]
@@ -116,7 +116,8 @@ class BackendUnderTest:
             return self.url
         if self._proxy is None:
             parts = urlsplit(self.url)
-            assert parts.hostname and parts.port
+            assert parts.hostname
+            assert parts.port
             self._proxy = CutProxy(parts.hostname, parts.port)
         return self.url.replace(f":{urlsplit(self.url).port}", f":{self._proxy.port}", 1)
 

@@ -1,12 +1,12 @@
 """A coordination client in its own process, for tests that kill, pause or cut it.
 
-    coord_worker.py hold URL NAME TTL          hold a lock, print "HOLDING fence", wait
-    coord_worker.py join URL GROUP TTL         join a group as "worker", print "JOINED", wait
-    coord_worker.py victim URL NAME TTL HIST REG CLIENT
-        hold a lock, write once, print "HOLDING fence", then block synchronously (a stuck
-        process) for 3*TTL, then try a second write and check the lock: records both.
-    coord_worker.py loop URL NAME TTL HIST REG CLIENT SECONDS SEED
-        acquire, write a few times, release, repeat, until SECONDS pass; records everything.
+coord_worker.py hold URL NAME TTL          hold a lock, print "HOLDING fence", wait
+coord_worker.py join URL GROUP TTL         join a group as "worker", print "JOINED", wait
+coord_worker.py victim URL NAME TTL HIST REG CLIENT
+    hold a lock, write once, print "HOLDING fence", then block synchronously (a stuck
+    process) for 3*TTL, then try a second write and check the lock: records both.
+coord_worker.py loop URL NAME TTL HIST REG CLIENT SECONDS SEED
+    acquire, write a few times, release, repeat, until SECONDS pass; records everything.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ async def join(url: str, group: str, ttl: float) -> None:
     await asyncio.sleep(600)
 
 
-async def victim(url: str, name: str, ttl: float, hist: str, reg: str, client: str) -> None:
+async def victim(url: str, name: str, ttl: float, *, hist: str, reg: str, client: str) -> None:
     coord = await kc.connect(url, member_id=client, ttl=ttl)
     recorder = kc.Recorder(hist, client)
     register = kc.SqliteFencedRegister(reg)
@@ -45,7 +45,7 @@ async def victim(url: str, name: str, ttl: float, hist: str, reg: str, client: s
     register.write(name, held.fence, client)
     recorder.record("write", name, held.fence, start)
     print("HOLDING", held.fence, flush=True)
-    time.sleep(ttl * 3)  # stuck: no renewal; the test also SIGSTOPs us meanwhile
+    time.sleep(ttl * 3)  # noqa: ASYNC251 - stuck: no renewal; the test SIGSTOPs us too
     start = time.time()
     try:
         register.write(name, held.fence, client)
@@ -65,7 +65,15 @@ async def victim(url: str, name: str, ttl: float, hist: str, reg: str, client: s
 
 
 async def loop(
-    url: str, name: str, ttl: float, hist: str, reg: str, client: str, seconds: float, seed: int
+    url: str,
+    name: str,
+    ttl: float,
+    *,
+    hist: str,
+    reg: str,
+    client: str,
+    seconds: float,
+    seed: int,
 ) -> None:
     rng = random.Random(seed)
     recorder = kc.Recorder(hist, client)
@@ -107,10 +115,22 @@ def main(argv: list[str]) -> None:
     elif mode == "join":
         asyncio.run(join(url, name, ttl))
     elif mode == "victim":
-        asyncio.run(victim(url, name, ttl, *argv[4:7]))
+        hist, reg, client = argv[4:7]
+        asyncio.run(victim(url, name, ttl, hist=hist, reg=reg, client=client))
     elif mode == "loop":
         hist, reg, client, seconds, seed = argv[4:9]
-        asyncio.run(loop(url, name, ttl, hist, reg, client, float(seconds), int(seed)))
+        asyncio.run(
+            loop(
+                url,
+                name,
+                ttl,
+                hist=hist,
+                reg=reg,
+                client=client,
+                seconds=float(seconds),
+                seed=int(seed),
+            )
+        )
 
 
 if __name__ == "__main__":

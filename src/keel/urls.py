@@ -34,7 +34,9 @@ _BUILTIN: dict[str, dict[str, BackendRef]] = {
     "coordination": {
         "sqlite": BackendRef("keel.coordination.backends.sqlite:SqliteBackend"),
         "etcd": BackendRef("keel.coordination.backends.etcd:EtcdBackend", "etcd"),
-        "zookeeper": BackendRef("keel.coordination.backends.zookeeper:ZookeeperBackend", "zookeeper"),
+        "zookeeper": BackendRef(
+            "keel.coordination.backends.zookeeper:ZookeeperBackend", "zookeeper"
+        ),
         "redis": BackendRef("keel.coordination.backends.redis:RedisBackend", "redis"),
     },
 }

@@ -11,11 +11,15 @@ import sys
 import time
 
 import pytest
-from coord_support import TTL, WORKER, BackendUnderTest
-from coord_support import backend_fixture as backend_fixture  # the one backend fixture
 
 import keel.coordination
-from keel.coordination import Characteristic, FencedRegister, Leader, Partitioner
+from coord_support import (
+    TTL,
+    WORKER,
+    BackendUnderTest,
+    backend_fixture,  # noqa: F401 - the one backend fixture
+)
+from keel.coordination import Characteristic, FencedRegister, HeldLock, Leader, Partitioner
 from keel.errors import BackendUnavailable, ConfigError, LockLost, LockTimeout, Unsupported
 
 pytestmark = pytest.mark.timeout(90)
@@ -75,26 +79,40 @@ async def test_pause_past_ttl_cancels_body_and_raises_lock_lost(backend: Backend
     a = await backend.connect("a")
     name = backend.n("lock")
     reached = False
-    with pytest.raises(LockLost):
+    seen: list[HeldLock] = []
+
+    async def body() -> None:
+        nonlocal reached
         async with a.lock(name) as held:
+            seen.append(held)
             time.sleep(TTL * 1.3)  # a stuck process: renewal cannot run
             await asyncio.sleep(30)  # cancelled at once when the loop notices
             reached = True
-    assert not reached
-    assert held.lost.is_set()
+
+    started = time.monotonic()
     with pytest.raises(LockLost):
-        held.check()
+        await body()
+    assert time.monotonic() - started < TTL * 1.3 + 5
+    assert not reached
+    assert seen[0].lost.is_set()
+    with pytest.raises(LockLost):
+        seen[0].check()
 
 
 async def test_opt_out_of_cancellation_still_reports_loss(backend: BackendUnderTest) -> None:
     a = await backend.connect("a")
     finished = False
-    with pytest.raises(LockLost):
+
+    async def body() -> None:
+        nonlocal finished
         async with a.lock(backend.n("lock"), cancel_on_loss=False) as held:
             time.sleep(TTL * 1.3)
             await asyncio.sleep(0.2)
             assert held.lost.is_set()
             finished = True
+
+    with pytest.raises(LockLost):
+        await body()
     assert finished
 
 
@@ -123,7 +141,12 @@ async def test_dead_holder_frees_within_ttl(backend: BackendUnderTest) -> None:
     b = await backend.connect("b")
     name = backend.n("lock")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(WORKER), "hold", backend.url, name, str(TTL),
+        sys.executable,
+        str(WORKER),
+        "hold",
+        backend.url,
+        name,
+        str(TTL),
         stdout=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None
@@ -193,7 +216,12 @@ async def test_dead_member_leaves_by_expiry(backend: BackendUnderTest) -> None:
     b = await backend.connect("b")
     group = b.group(backend.n("g"))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(WORKER), "join", backend.url, backend.n("g"), str(TTL),
+        sys.executable,
+        str(WORKER),
+        "join",
+        backend.url,
+        backend.n("g"),
+        str(TTL),
         stdout=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None
@@ -276,4 +304,3 @@ async def test_unreachable_backend_is_backend_unavailable(backend: BackendUnderT
     with pytest.raises(BackendUnavailable):
         await keel.coordination.connect(backend.unreachable_url(), connect_timeout="2")
     assert time.monotonic() - started < 10
-

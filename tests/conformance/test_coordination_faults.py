@@ -14,10 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
-from coord_support import TTL, WORKER, BackendUnderTest
-from coord_support import backend_fixture as backend_fixture  # the one backend fixture
 
 import keel.coordination as kc
+from coord_support import (
+    TTL,
+    WORKER,
+    BackendUnderTest,
+    backend_fixture,  # noqa: F401 - the one backend fixture
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -32,9 +36,9 @@ async def _spawn(*args: str) -> asyncio.subprocess.Process:
     )
 
 
-async def _line(proc: asyncio.subprocess.Process, timeout: float = 30) -> str:
+async def _line(proc: asyncio.subprocess.Process, within: float = 30) -> str:
     assert proc.stdout is not None
-    return (await asyncio.wait_for(proc.stdout.readline(), timeout)).decode().strip()
+    return (await asyncio.wait_for(proc.stdout.readline(), within)).decode().strip()
 
 
 async def test_paused_holder_is_refused_and_learns_loss(
@@ -71,7 +75,12 @@ async def test_paused_holder_is_refused_and_learns_loss(
     accepted = _accepted(register)
     register.close()
     kc.check(events, accepted)
-    assert [e.kind for e in events if e.client == "victim"] == ["acquire", "write", "refused", "lost"]
+    assert [e.kind for e in events if e.client == "victim"] == [
+        "acquire",
+        "write",
+        "refused",
+        "lost",
+    ]
 
 
 async def test_randomized_workload_under_faults(backend: BackendUnderTest, tmp_path: Path) -> None:
@@ -82,8 +91,15 @@ async def test_randomized_workload_under_faults(backend: BackendUnderTest, tmp_p
     seconds = 10.0
     workers = [
         await _spawn(
-            "loop", url, name, str(TTL), str(tmp_path / f"w{i}.jsonl"), reg_path, f"w{i}",
-            str(seconds), str(1000 + i),
+            "loop",
+            url,
+            name,
+            str(TTL),
+            str(tmp_path / f"w{i}.jsonl"),
+            reg_path,
+            f"w{i}",
+            str(seconds),
+            str(1000 + i),
         )
         for i in range(4)
     ]
@@ -107,7 +123,7 @@ async def test_randomized_workload_under_faults(backend: BackendUnderTest, tmp_p
                 os.kill(w.pid, signal.SIGCONT)
                 w.kill()
             await w.wait()
-    events = kc.load(sorted(tmp_path.glob("w*.jsonl")))
+    events = kc.load([tmp_path / f"w{i}.jsonl" for i in range(len(workers))])
     accepted = _accepted(register)
     register.close()
     kc.check(events, accepted)

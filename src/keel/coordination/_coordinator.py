@@ -16,18 +16,16 @@ import os
 import secrets
 import socket
 from types import TracebackType
-from typing import TYPE_CHECKING, cast
-from urllib.parse import quote
+from typing import cast
 
 from keel import urls
+from keel.coordination._election import Election
+from keel.coordination._group import Group
+from keel.coordination._keys import key_for
 from keel.coordination._lock import HeldLock, LockContext, acquire_key
+from keel.coordination._semaphore import Semaphore
 from keel.coordination.backends.base import Backend, BackendFactory, Characteristic
 from keel.errors import ConfigError, Unsupported
-
-if TYPE_CHECKING:
-    from keel.coordination._election import Election
-    from keel.coordination._group import Group
-    from keel.coordination._semaphore import Semaphore
 
 DEFAULT_TTL = 10.0
 
@@ -36,11 +34,6 @@ def default_url() -> str:
     """``KEEL_COORDINATION_URL``, else an SQLite file under ``.keel/`` in the working directory."""
     path = os.path.abspath(os.path.join(".keel", "coordination.db"))
     return urls.from_env("coordination_url", f"sqlite://{path}")
-
-
-def key_for(kind: str, *names: str) -> str:
-    """The backend key of an object: ``kind/quoted-name/...`` (names may hold any text)."""
-    return "/".join([kind, *(quote(n, safe="") or "%00" for n in names)])
 
 
 class Coordinator:
@@ -65,10 +58,7 @@ class Coordinator:
         if not (requested > 0 and math.isfinite(requested)):
             raise ConfigError(f"ttl must be a positive number of seconds, not {ttl!r}")
         enforced = self.backend.lease_ttl(requested)
-        if (
-            Characteristic.PER_LOCK_TTL not in self.characteristics
-            and enforced > requested + 1e-9
-        ):
+        if Characteristic.PER_LOCK_TTL not in self.characteristics and enforced > requested + 1e-9:
             raise Unsupported(
                 f"this backend times leases by its session ({enforced}s), so a lock cannot "
                 f"free sooner than that; ask for ttl >= {enforced} or connect with a shorter "
@@ -97,14 +87,15 @@ class Coordinator:
         """
         key = key_for("lock", name)
         return LockContext(
-            lambda: acquire_key(self, name, key, ttl, timeout), cancel_on_loss=cancel_on_loss
+            lambda: acquire_key(self, name, key, ttl=ttl, timeout=timeout),
+            cancel_on_loss=cancel_on_loss,
         )
 
     async def acquire(
         self, name: str, *, ttl: float | None = None, timeout: float | None = None
     ) -> HeldLock:
         """Acquire a lock for manual use; call ``await held.release()`` when done."""
-        return await acquire_key(self, name, key_for("lock", name), ttl, timeout)
+        return await acquire_key(self, name, key_for("lock", name), ttl=ttl, timeout=timeout)
 
     async def try_acquire(self, name: str, *, ttl: float | None = None) -> HeldLock | None:
         """One non-blocking attempt: the held lock, or None if someone else holds it."""
@@ -113,23 +104,17 @@ class Coordinator:
         grant = await self.backend.acquire(key, self.owner, lease, b"")
         if grant is None:
             return None
-        return HeldLock(self, name, key, grant.fence, lease, grant.expires)
+        return HeldLock(self, name, key, fence=grant.fence, ttl=lease, expires=grant.expires)
 
     # --- the rest is built on locks ---------------------------------------------------------
 
     def election(self, name: str) -> Election:
-        from keel.coordination._election import Election
-
         return Election(self, name)
 
     def group(self, name: str) -> Group:
-        from keel.coordination._group import Group
-
         return Group(self, name)
 
     def semaphore(self, name: str, permits: int) -> Semaphore:
-        from keel.coordination._semaphore import Semaphore
-
         return Semaphore(self, name, permits)
 
     async def close(self) -> None:

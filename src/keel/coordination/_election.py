@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from keel.coordination._keys import key_for
 from keel.coordination._lock import HeldLock, acquire_key
 
 if TYPE_CHECKING:
@@ -31,8 +32,6 @@ class Election:
     """One named election; make it with ``coord.election(name)``."""
 
     def __init__(self, coord: Coordinator, name: str) -> None:
-        from keel.coordination._coordinator import key_for
-
         self.coord = coord
         self.name = name
         self._key = key_for("election", name)
@@ -46,8 +45,8 @@ class Election:
             self.coord,
             self.name,
             self._key,
-            ttl,
-            timeout,
+            ttl=ttl,
+            timeout=timeout,
             data=self.coord.member_id.encode(),
         )
         return self.term
@@ -61,7 +60,7 @@ class Election:
 
     async def observe(self, *, poll: float = 0.1) -> AsyncIterator[Leader | None]:
         """Yield the leader now and then at every change (None when nobody leads)."""
-        last: Leader | None | bool = False  # False: nothing yielded yet
+        last: Leader | bool | None = False  # False: nothing yielded yet
         while True:
             current = await self.leader()
             if current != last:

@@ -74,10 +74,7 @@ def fenced_update(
     user input; values are bound parameters."""
     sets = ", ".join(f"{c} = ?" for c in values)
     conds = " AND ".join(f"{c} = ?" for c in where)
-    sql = (
-        f"UPDATE {table} SET {sets}, {fence_column} = ? "  # noqa: S608 - names are trusted
-        f"WHERE {conds} AND {fence_column} <= ?"
-    )
+    sql = f"UPDATE {table} SET {sets}, {fence_column} = ? WHERE {conds} AND {fence_column} <= ?"
     cursor = conn.execute(sql, (*values.values(), fence, *where.values(), fence))
     if cursor.rowcount != 1:
         raise _stale(f"{table}:{dict(where)}", fence, None)
@@ -126,7 +123,9 @@ class SqliteFencedRegister:
 
     def writes(self) -> list[tuple[int, str, int, str, float]]:
         """Every accepted write in acceptance order: (seq, key, fence, value, time)."""
-        return list(self._db.execute("SELECT seq, key, fence, value, at FROM accepted ORDER BY seq"))
+        return list(
+            self._db.execute("SELECT seq, key, fence, value, at FROM accepted ORDER BY seq")
+        )
 
     def close(self) -> None:
         self._db.close()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import unquote
 
+from keel.coordination._keys import key_for
 from keel.coordination._lock import HeldLock, acquire_key
 
 if TYPE_CHECKING:
@@ -37,8 +38,6 @@ class Group:
     """One named group; make it with ``coord.group(name)``."""
 
     def __init__(self, coord: Coordinator, name: str) -> None:
-        from keel.coordination._coordinator import key_for
-
         self.coord = coord
         self.name = name
         self._prefix = key_for("group", name) + "/"
@@ -53,7 +52,7 @@ class Group:
         if self.membership is not None and not self.membership.lost.is_set():
             return self.membership
         self.membership = await acquire_key(
-            self.coord, self.coord.member_id, self._key, ttl, timeout, metadata
+            self.coord, self.coord.member_id, self._key, ttl=ttl, timeout=timeout, data=metadata
         )
         return self.membership
 
@@ -65,9 +64,7 @@ class Group:
     async def members(self) -> dict[str, Member]:
         """The live members by id."""
         records = await self.coord.backend.children(self._prefix)
-        members = (
-            Member(unquote(r.key.rpartition("/")[2]), r.data, r.fence) for r in records
-        )
+        members = (Member(unquote(r.key.rpartition("/")[2]), r.data, r.fence) for r in records)
         return {m.member_id: m for m in members}
 
     async def watch(self, *, poll: float = 0.1) -> AsyncIterator[MembershipChange]:

@@ -66,9 +66,8 @@ def load(paths: Iterable[str | Path]) -> list[Event]:
     decoder = msgspec.json.Decoder(Event)
     events: list[Event] = []
     for path in paths:
-        for line in Path(path).read_bytes().splitlines():
-            if line.strip():
-                events.append(decoder.decode(line))
+        lines = Path(path).read_bytes().splitlines()
+        events.extend(decoder.decode(line) for line in lines if line.strip())
     return events
 
 

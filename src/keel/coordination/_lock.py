@@ -43,6 +43,7 @@ class HeldLock:
         coord: Coordinator,
         name: str,
         key: str,
+        *,
         fence: int,
         ttl: float,
         expires: float,
@@ -89,9 +90,7 @@ class HeldLock:
         self.check()
         new_ttl = self.coord._lease_ttl(ttl) if ttl is not None else self.ttl
         sent = time.monotonic()
-        expires = await self.coord.backend.renew(
-            self.key, self.coord.owner, self.fence, new_ttl
-        )
+        expires = await self.coord.backend.renew(self.key, self.coord.owner, self.fence, new_ttl)
         if expires is None:
             self._mark_lost("the backend no longer has this lease")
             self.check()
@@ -152,9 +151,7 @@ class HeldLock:
 class LockContext:
     """``async with coord.lock(name) as held:`` — acquire on entry, release on exit."""
 
-    def __init__(
-        self, acquire: Callable[[], Awaitable[HeldLock]], *, cancel_on_loss: bool
-    ) -> None:
+    def __init__(self, acquire: Callable[[], Awaitable[HeldLock]], *, cancel_on_loss: bool) -> None:
         self._acquire = acquire
         self._cancel_on_loss = cancel_on_loss
         self._held: HeldLock | None = None
@@ -192,6 +189,7 @@ async def acquire_key(
     coord: Coordinator,
     name: str,
     key: str,
+    *,
     ttl: float | None,
     timeout: float | None,
     data: bytes = b"",
@@ -202,7 +200,9 @@ async def acquire_key(
     while True:
         grant = await coord.backend.acquire(key, coord.owner, lease, data)
         if grant is not None:
-            return HeldLock(coord, name, key, grant.fence, lease, grant.expires, data)
+            return HeldLock(
+                coord, name, key, fence=grant.fence, ttl=lease, expires=grant.expires, data=data
+            )
         left = 1.0 if deadline is None else deadline - time.monotonic()
         if left <= 0:
             raise LockTimeout(

@@ -54,9 +54,7 @@ class Partitioner:
         return self._members
 
     def _rebuild(self, members: Iterable[str]) -> None:
-        ring = sorted(
-            (_hash(f"{m}#{i}"), m) for m in members for i in range(self.replicas)
-        )
+        ring = sorted((_hash(f"{m}#{i}"), m) for m in members for i in range(self.replicas))
         self._ring = ring
         self._points = [p for p, _ in ring]
 

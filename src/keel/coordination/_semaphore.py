@@ -13,6 +13,7 @@ import random
 import time
 from typing import TYPE_CHECKING
 
+from keel.coordination._keys import key_for
 from keel.coordination._lock import HeldLock, LockContext
 from keel.errors import ConfigError, LockTimeout
 
@@ -24,8 +25,6 @@ class Semaphore:
     """``async with coord.semaphore(name, n).acquire() as permit:``"""
 
     def __init__(self, coord: Coordinator, name: str, permits: int) -> None:
-        from keel.coordination._coordinator import key_for
-
         if permits < 1:
             raise ConfigError(f"a semaphore needs at least one permit, not {permits}")
         self.coord = coord
@@ -36,7 +35,9 @@ class Semaphore:
     def acquire(
         self, *, ttl: float | None = None, timeout: float | None = None, cancel_on_loss: bool = True
     ) -> LockContext:
-        return LockContext(lambda: self.take(ttl=ttl, timeout=timeout), cancel_on_loss=cancel_on_loss)
+        return LockContext(
+            lambda: self.take(ttl=ttl, timeout=timeout), cancel_on_loss=cancel_on_loss
+        )
 
     async def take(self, *, ttl: float | None = None, timeout: float | None = None) -> HeldLock:
         """Take a permit for manual use; ``await permit.release()`` gives it back."""
@@ -49,7 +50,9 @@ class Semaphore:
                 grant = await backend.acquire(key, self.coord.owner, lease, b"")
                 if grant is not None:
                     name = f"{self.name}[{slot}]"
-                    return HeldLock(self.coord, name, key, grant.fence, lease, grant.expires)
+                    return HeldLock(
+                        self.coord, name, key, fence=grant.fence, ttl=lease, expires=grant.expires
+                    )
             left = 0.1 if deadline is None else deadline - time.monotonic()
             if left <= 0:
                 raise LockTimeout(

@@ -123,11 +123,13 @@ def map_errors(
     server), and any other foreign exception into `CoordinationError`. Keel errors,
     cancellation and the ``passthrough`` exceptions (answers the backend handles itself, such
     as "node exists") pass through."""
+    keep: tuple[type[BaseException], ...] = (KeelError, *passthrough)
+    down: tuple[type[BaseException], ...] = (*unavailable, TimeoutError, ConnectionError)
     try:
         yield
-    except (KeelError, *passthrough):
+    except keep:
         raise
-    except (*unavailable, TimeoutError, ConnectionError) as exc:
+    except down as exc:
         raise BackendUnavailable(
             f"{backend} at {url} is unreachable ({type(exc).__name__}: {exc}); retry later",
             backend=backend,

@@ -207,7 +207,10 @@ class EtcdBackend:
         txn = rpc.TxnRequest(
             compare=[
                 rpc.Compare(
-                    key=k, result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, create_revision=fence
+                    key=k,
+                    result=rpc.Compare.EQUAL,
+                    target=rpc.Compare.CREATE,
+                    create_revision=fence,
                 )
             ],
             success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=k))],
@@ -218,7 +221,9 @@ class EtcdBackend:
     @staticmethod
     def _record(kv: Any) -> Record:
         owner, _, data = bytes(kv.value).partition(b"\n")
-        return Record(kv.key.decode().removeprefix("/keel/"), owner.decode(), kv.create_revision, data)
+        return Record(
+            kv.key.decode().removeprefix("/keel/"), owner.decode(), kv.create_revision, data
+        )
 
     async def get(self, key: str) -> Record | None:
         with self._mapped():
@@ -249,7 +254,7 @@ class EtcdBackend:
             )
         except aetcd.exceptions.WatchTimeoutError:
             return
-        except Exception:  # noqa: BLE001 - a failed watch only means we poll instead
+        except Exception:
             await asyncio.sleep(min(timeout, 0.05))
 
     def on_session_lost(self, callback: Callable[[], None]) -> None:

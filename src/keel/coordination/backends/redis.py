@@ -53,7 +53,8 @@ _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSErr
 _POLL = 0.01
 
 
-def _parse(key: str, raw: bytes) -> Record:
+def _parse(key: str, raw: bytes | str) -> Record:
+    raw = raw.encode() if isinstance(raw, str) else raw
     fence, owner, data = raw.split(b"\n", 2)
     return Record(key, owner.decode(), int(fence), data)
 
@@ -133,7 +134,7 @@ class RedisBackend:
             if gone:
                 await self._client.srem(index, *gone)
         return [
-            _parse(n.decode().removeprefix("keel:"), v)
+            _parse((n.decode() if isinstance(n, bytes) else n).removeprefix("keel:"), v)
             for n, v in zip(names, values, strict=True)
             if v is not None
         ]

@@ -15,7 +15,6 @@ retried with an async back-off rather than blocking the loop (``busy_timeout`` i
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
 import time
 from collections.abc import Callable, Mapping
@@ -47,7 +46,9 @@ RETURNING fence
 _RENEW = (
     "UPDATE keel_leases SET expires = ? WHERE key = ? AND owner = ? AND fence = ? AND expires > ?"
 )
-_RELEASE = "UPDATE keel_leases SET expires = 0, owner = NULL WHERE key = ? AND owner = ? AND fence = ?"
+_RELEASE = (
+    "UPDATE keel_leases SET expires = 0, owner = NULL WHERE key = ? AND owner = ? AND fence = ?"
+)
 _GET = "SELECT key, owner, fence, data FROM keel_leases WHERE key = ? AND expires > ?"
 _CHILDREN = "SELECT key, owner, fence, data FROM keel_leases WHERE parent = ? AND expires > ?"
 _POLL = 0.005
@@ -80,7 +81,7 @@ class SqliteBackend:
             raise ConfigError(f"{url.raw!r} names no database file; use sqlite:///path/to/file")
         try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            return cls(os.path.normpath(path))
+            return cls(path)
         except (OSError, sqlite3.Error) as exc:
             raise BackendUnavailable(f"cannot open SQLite database {path}: {exc}") from exc
 

@@ -117,7 +117,7 @@ class ZookeeperBackend:
                 return
             try:
                 future.set_result(result.get_nowait())
-            except Exception as exc:  # noqa: BLE001 - handed to the awaiting task
+            except Exception as exc:
                 future.set_exception(exc)
 
         with self._mapped():
