@@ -61,7 +61,13 @@ class HeldLock:
         self._released = False
         self._task: asyncio.Task[object] | None = None  # cancelled on loss
         self._cancelled = False
-        self._renewer = asyncio.create_task(self._renew_forever(), name=f"keel-renew:{key}")
+        # Renewal is a timer that starts a task only when a renewal is due: most locks are
+        # released long before that, and a task per acquisition would cost every cycle.
+        self._loop = asyncio.get_running_loop()
+        self._last = time.monotonic()
+        self._renewing: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._schedule()
         coord._held.add(self)
 
     def __repr__(self) -> str:
@@ -103,7 +109,7 @@ class HeldLock:
         if self._released:
             return
         self._released = True
-        self._renewer.cancel()
+        self._stop_renewal()
         self.coord._held.discard(self)
         with contextlib.suppress(BackendUnavailable):
             await self.coord.backend.release(self.key, self.coord.owner, self.fence)
@@ -114,8 +120,7 @@ class HeldLock:
         self.lost_reason = reason
         self.lost.set()
         self.coord._held.discard(self)
-        if asyncio.current_task() is not self._renewer:
-            self._renewer.cancel()
+        self._stop_renewal()
         if self._task is not None and not self._task.done():
             self._cancelled = True
             self._task.cancel(_LOSS_MESSAGE)
@@ -123,29 +128,44 @@ class HeldLock:
     def _session_lost(self) -> None:
         self._mark_lost("the backend dropped this client's session")
 
-    async def _renew_forever(self) -> None:
-        last = time.monotonic()
-        while True:
-            now = time.monotonic()
-            await asyncio.sleep(max(0.0, min(last + self.ttl / 3, self._expires) - now))
-            if time.monotonic() >= self._expires:
-                self._mark_lost("the lease ran out before it could be renewed")
-                return
-            sent = time.monotonic()
-            try:
-                async with asyncio.timeout(max(0.001, self._expires - sent)):
-                    expires = await self.coord.backend.renew(
-                        self.key, self.coord.owner, self.fence, self.ttl
-                    )
-            except (BackendUnavailable, TimeoutError):
-                # Keep trying until the expiry bound; the loop top declares the loss.
-                await asyncio.sleep(min(_RETRY, max(0.0, self._expires - time.monotonic())))
-                continue
-            if expires is None:
-                self._mark_lost("the backend no longer has this lease (expired or taken over)")
-                return
-            last = sent
-            self._expires = min(expires, sent + self.ttl)
+    def _stop_renewal(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._renewing is not None and self._renewing is not asyncio.current_task():
+            self._renewing.cancel()
+
+    def _schedule(self, delay: float | None = None) -> None:
+        if delay is None:
+            delay = min(self._last + self.ttl / 3, self._expires) - time.monotonic()
+        self._timer = self._loop.call_later(max(0.0, delay), self._due)
+
+    def _due(self) -> None:
+        self._timer = None
+        if not (self._released or self.lost.is_set()):
+            self._renewing = self._loop.create_task(self._renew_once())
+
+    async def _renew_once(self) -> None:
+        if time.monotonic() >= self._expires:
+            self._mark_lost("the lease ran out before it could be renewed")
+            return
+        sent = time.monotonic()
+        try:
+            async with asyncio.timeout(max(0.001, self._expires - sent)):
+                expires = await self.coord.backend.renew(
+                    self.key, self.coord.owner, self.fence, self.ttl
+                )
+        except (BackendUnavailable, TimeoutError):
+            # Keep trying until the expiry bound; the next attempt declares the loss.
+            self._schedule(min(_RETRY, max(0.0, self._expires - time.monotonic())))
+            return
+        if expires is None:
+            self._mark_lost("the backend no longer has this lease (expired or taken over)")
+            return
+        self._last = sent
+        self._expires = min(expires, sent + self.ttl)
+        if not (self._released or self.lost.is_set()):
+            self._schedule()
 
 
 class LockContext:

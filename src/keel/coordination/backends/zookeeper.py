@@ -12,10 +12,10 @@ Session expiry is pushed to the client (SESSION_EVENTS): every lock held through
 lost at once. kazoo runs the session on its own threads; results cross into the event loop
 with ``call_soon_threadsafe``. A paused process keeps no session alive (its threads stop too).
 
-Known gap: release checks the node is still ours (creation zxid and session) and then deletes
-it, two round trips; if the session expires between them the client's *new* session could
-delete a successor's node. The successor's fence is still higher than ours, so fenced
-resources stay safe; only mutual exclusion of that successor is weakened for that race.
+Known gap: release checks locally that the session is still the one that created the node and
+then deletes it (one round trip); if the session expires while that delete is in flight, the
+client's *new* session could delete a successor's node. The successor's fence is still higher
+than ours, so fenced resources stay safe; only that successor's exclusion is weakened.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any
 
 from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import (
+    BadVersionError,
     ConnectionClosedError,
     ConnectionLoss,
     NodeExistsError,
@@ -41,6 +42,7 @@ from keel.coordination.backends.base import Backend, Characteristic, Grant, Reco
 
 _UNAVAILABLE = (
     ConnectionLoss,
+    BadVersionError,
     ConnectionClosedError,
     SessionExpiredError,
     OperationTimeoutError,
@@ -99,7 +101,7 @@ class ZookeeperBackend:
             _UNAVAILABLE,
             backend="zookeeper",
             url=self._url,
-            passthrough=(NodeExistsError, NoNodeError),
+            passthrough=(NodeExistsError, NoNodeError, BadVersionError),
         )
 
     def _state_changed(self, state: str) -> None:
@@ -162,11 +164,10 @@ class ZookeeperBackend:
         session = self._sessions.pop((key, fence), None)
         if session is None or session != self._session_id():
             return  # our session ended, and the server deleted the node with it
-        stat = await self._call(self._client.exists_async, _path(key))
-        if stat is None or stat.czxid != fence:
-            return
-        with contextlib.suppress(NoNodeError):
-            await self._call(self._client.delete_async, _path(key), stat.version)
+        # Same session as at acquire, so the node is still the one we created (only we or
+        # the session's expiry delete it); its data version is 0 since we never set it.
+        with contextlib.suppress(NoNodeError, BadVersionError):
+            await self._call(self._client.delete_async, _path(key), 0)
 
     def _record(self, key: str, data: bytes, stat: Any) -> Record:
         owner, _, rest = data.partition(b"\n")
