@@ -57,8 +57,10 @@ async def test_waiter_gets_lock_when_released(backend: BackendUnderTest) -> None
     waiter = asyncio.create_task(b.acquire(name, timeout=10))
     await asyncio.sleep(0.2)
     assert not waiter.done()
+    released = time.monotonic()
     await held.release()
     got = await waiter
+    assert time.monotonic() - released < TTL / 2  # freed by the release, not by expiry
     assert got.fence > held.fence
     await got.release()
 

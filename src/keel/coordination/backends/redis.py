@@ -13,6 +13,7 @@ Leases are timed by the server's clock (``PX``), so client clocks do not matter.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from collections.abc import Callable, Mapping
@@ -21,11 +22,13 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import BusyLoadingError, NoScriptError
+from redis.exceptions import BusyLoadingError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from keel.coordination.backends._redis_pipe import Pipe
 from keel.coordination.backends.base import Backend, Characteristic, Grant, Record, map_errors
+from keel.errors import CoordinationError
 
 _ACQUIRE = """
 if redis.call('exists', KEYS[1]) == 1 then return false end
@@ -72,24 +75,21 @@ class RedisBackend:
         }
     )
 
-    def __init__(self, client: aioredis.Redis, url: str) -> None:
-        self._client = client
+    def __init__(self, client: aioredis.Redis, pipe: Pipe, url: str) -> None:
+        self._client = client  # reads and listings
+        self._pipe = pipe  # the lock scripts (see _redis_pipe)
         self._url = url
         self._shas = {s: hashlib.sha1(s.encode()).hexdigest() for s in (_ACQUIRE, _RENEW, _RELEASE)}
 
     async def _eval(self, script: str, keys: list[str], args: list[Any]) -> Any:
-        # EVALSHA straight through execute_command: redis-py's Script wrapper costs a
-        # quarter of a cycle; the script is loaded once on NOSCRIPT (e.g. after a restart).
-        with map_errors(_UNAVAILABLE, backend="redis", url=self._url):
-            try:
-                return await self._client.execute_command(  # type: ignore[no-untyped-call]
-                    "EVALSHA", self._shas[script], len(keys), *keys, *args
-                )
-            except NoScriptError:
-                await self._client.script_load(script)
-                return await self._client.execute_command(  # type: ignore[no-untyped-call]
-                    "EVALSHA", self._shas[script], len(keys), *keys, *args
-                )
+        # EVALSHA; the script is loaded once on NOSCRIPT (first use, or after a restart).
+        try:
+            return await self._pipe.call("EVALSHA", self._shas[script], len(keys), *keys, *args)
+        except CoordinationError as exc:
+            if not str(exc).startswith("redis: NOSCRIPT"):
+                raise
+        await self._pipe.call("SCRIPT", "LOAD", script)
+        return await self._pipe.call("EVALSHA", self._shas[script], len(keys), *keys, *args)
 
     @classmethod
     async def open(
@@ -101,7 +101,17 @@ class RedisBackend:
             socket_timeout=float(options.get("socket_timeout", 5)),
             retry=Retry(NoBackoff(), 0),
         )
-        backend = cls(client, url.redacted())
+        timeout = float(options.get("socket_timeout", 5))
+        pipe = Pipe(
+            url.host or "127.0.0.1",
+            url.port or 6379,
+            username=url.username,
+            password=url.password,
+            db=int(url.path.strip("/") or 0),
+            timeout=timeout,
+            on_connect=tuple(("SCRIPT", "LOAD", s) for s in (_ACQUIRE, _RENEW, _RELEASE)),
+        )
+        backend = cls(client, pipe, url.redacted())
         with map_errors(_UNAVAILABLE, backend="redis", url=backend._url):
             await client.ping()
         return backend
@@ -125,7 +135,12 @@ class RedisBackend:
         return sent + ttl if ok else None
 
     async def release(self, key: str, owner: str, fence: int) -> None:
-        await self._eval(_RELEASE, [f"keel:{key}"], [f"{fence}\n{owner}\n"])
+        # Pipelined, not awaited: this connection's next command is ordered after it. The
+        # scripts are loaded on every (re)connection; if the server restarted in between
+        # and forgot them, the release fails and the lease expires instead.
+        await self._pipe.send(
+            "EVALSHA", self._shas[_RELEASE], 1, f"keel:{key}", f"{fence}\n{owner}\n"
+        )
 
     async def get(self, key: str) -> Record | None:
         with map_errors(_UNAVAILABLE, backend="redis", url=self._url):
@@ -155,5 +170,8 @@ class RedisBackend:
         return None
 
     async def close(self) -> None:
+        with contextlib.suppress(CoordinationError):
+            await self._pipe.call("PING")  # after every pipelined release
+        await self._pipe.close()
         with map_errors(_UNAVAILABLE, backend="redis", url=self._url):
             await self._client.aclose()
