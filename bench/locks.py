@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import multiprocessing
 import statistics
 import subprocess
@@ -24,6 +25,9 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from tooz import coordination
+
+import keel.coordination as kc
 
 ROOT = Path(__file__).resolve().parent.parent
 TTL = 10
@@ -60,8 +64,6 @@ def _percentile(samples: list[float], q: float) -> float:
 
 
 async def _keel_cycles(url: str, seconds: float) -> list[float]:
-    import keel.coordination as kc
-
     coord = await kc.connect(url, member_id=f"bench-{uuid.uuid4().hex[:6]}", ttl=TTL)
     name = f"bench-{uuid.uuid4().hex[:8]}"
     lat: list[float] = []
@@ -80,8 +82,6 @@ async def _keel_cycles(url: str, seconds: float) -> list[float]:
 
 
 def _tooz_coordinator(url: str) -> Any:
-    from tooz import coordination
-
     coord = coordination.get_coordinator(url, f"bench-{uuid.uuid4().hex[:6]}".encode())
     coord.start()
     return coord
@@ -114,8 +114,6 @@ def _contend(library: str, url: str, name: str, start_at: float, seconds: float)
     if library == "keel":
 
         async def run() -> None:
-            import keel.coordination as kc
-
             coord = await kc.connect(url, member_id=f"c-{uuid.uuid4().hex[:6]}", ttl=TTL)
             await asyncio.sleep(max(0.0, start_at - time.time()))
             end = start_at + seconds
@@ -150,7 +148,7 @@ def _handoff(library: str, url: str, procs: int, seconds: float) -> tuple[list[f
     with ctx.Pool(procs) as pool:
         results = pool.starmap(_contend, [(library, url, name, start_at, seconds)] * procs)
     spans = sorted(s for r in results for s in r)
-    gaps = [b[0] - a[1] for a, b in zip(spans, spans[1:], strict=False) if b[0] >= a[1]]
+    gaps = [b[0] - a[1] for a, b in itertools.pairwise(spans) if b[0] >= a[1]]
     return gaps, len(spans)
 
 
