@@ -20,6 +20,7 @@ from keel.coordination._history import Accepted, Event, Recorder, check, load, v
 from keel.coordination._lock import HeldLock, LockContext
 from keel.coordination._partitioner import Partitioner, Rebalance
 from keel.coordination._semaphore import Semaphore
+from keel.coordination._support import support_table
 from keel.coordination.backends.base import Characteristic
 
 __all__ = [
@@ -45,5 +46,6 @@ __all__ = [
     "default_url",
     "fenced_update",
     "load",
+    "support_table",
     "violations",
 ]
