@@ -101,6 +101,19 @@ async def test_pause_past_ttl_cancels_body_and_raises_lock_lost(backend: Backend
         seen[0].check()
 
 
+async def test_loss_noticed_by_check_raises_once(backend: BackendUnderTest) -> None:
+    a = await backend.connect("a")
+
+    async def body() -> None:
+        async with a.lock(backend.n("lock")) as held:
+            time.sleep(TTL * 1.3)
+            held.check()  # noticed here, before the renewal timer runs
+
+    with pytest.raises(LockLost):
+        await body()
+    await asyncio.sleep(0.05)  # no stray cancellation is left pending on this task
+
+
 async def test_opt_out_of_cancellation_still_reports_loss(backend: BackendUnderTest) -> None:
     a = await backend.connect("a")
     finished = False

@@ -60,6 +60,7 @@ class HeldLock:
         self._expires = expires
         self._released = False
         self._task: asyncio.Task[object] | None = None  # cancelled on loss
+        self._on_lost: list[Callable[[], None]] = []
         self._cancelled = False
         # Renewal is a timer that starts a task only when a renewal is due: most locks are
         # released long before that, and a task per acquisition would cost every cycle.
@@ -121,7 +122,15 @@ class HeldLock:
         self.lost.set()
         self.coord._held.discard(self)
         self._stop_renewal()
-        if self._task is not None and not self._task.done():
+        for callback in self._on_lost:
+            callback()
+        # The body's own task noticing the loss (held.check()) gets LockLost raised there;
+        # cancelling itself too would hit its next await a second time.
+        if (
+            self._task is not None
+            and not self._task.done()
+            and self._task is not asyncio.current_task()
+        ):
             self._cancelled = True
             self._task.cancel(_LOSS_MESSAGE)
 

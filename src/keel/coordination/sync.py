@@ -53,12 +53,9 @@ class SyncHeldLock:
         self.name = held.name
         self.fence = held.fence
         self.lost = threading.Event()
-
-        async def mirror() -> None:
-            await held.lost.wait()
+        held._on_lost.append(self.lost.set)
+        if held.lost.is_set():
             self.lost.set()
-
-        self._mirror = runner.loop.call_soon_threadsafe(lambda: runner.loop.create_task(mirror()))
 
     def check(self) -> None:
         """Raise `LockLost` unless the lease is known to be valid right now."""

@@ -90,11 +90,15 @@ class SqliteBackend:
             return op()
 
     async def _run(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        return (await self._execute(sql, params))[0]
+
+    async def _execute(self, sql: str, params: tuple[Any, ...]) -> tuple[list[Any], int]:
         give_up = time.monotonic() + _BUSY_GIVE_UP
         delay = 0.0005
         while True:
             try:
-                return self._db.execute(sql, params).fetchall()
+                cursor = self._db.execute(sql, params)
+                return cursor.fetchall(), cursor.rowcount
             except sqlite3.OperationalError as exc:
                 # Another process holds the write lock for a moment; back off without
                 # blocking the event loop. Any other operational error is fatal.
@@ -117,9 +121,8 @@ class SqliteBackend:
 
     async def renew(self, key: str, owner: str, fence: int, ttl: float) -> float | None:
         sent, now = time.monotonic(), time.time()
-        await self._run(_RENEW, (now + ttl, key, owner, fence, now))
-        changed = self._db.execute("SELECT changes()").fetchone()[0]
-        return sent + ttl if changed else None
+        _, changed = await self._execute(_RENEW, (now + ttl, key, owner, fence, now))
+        return sent + ttl if changed == 1 else None
 
     async def release(self, key: str, owner: str, fence: int) -> None:
         await self._run(_RELEASE, (key, owner, fence))
