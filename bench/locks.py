@@ -116,7 +116,8 @@ def _contend(library: str, url: str, name: str, start_at: float, seconds: float)
         async def run() -> None:
             coord = await kc.connect(url, member_id=f"c-{uuid.uuid4().hex[:6]}", ttl=TTL)
             await asyncio.sleep(max(0.0, start_at - time.time()))
-            end = start_at + seconds
+            # A process that started late (slow import under load) still runs its share.
+            end = max(start_at, time.time()) + seconds
             while time.time() < end:
                 async with coord.lock(name, timeout=30):
                     got = time.time()
@@ -129,7 +130,7 @@ def _contend(library: str, url: str, name: str, start_at: float, seconds: float)
         coord = _tooz_coordinator(url)
         lock = coord.get_lock(name.encode())
         time.sleep(max(0.0, start_at - time.time()))
-        end = start_at + seconds
+        end = max(start_at, time.time()) + seconds
         while time.time() < end:
             lock.acquire(blocking=True)
             got = time.time()
@@ -154,9 +155,10 @@ def _handoff(library: str, url: str, procs: int, seconds: float) -> tuple[list[f
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench locks")
-    parser.add_argument("--seconds", type=float, default=3.0, help="per uncontended run")
+    parser.add_argument("--seconds", type=float, default=4.5, help="uncontended, per library")
     parser.add_argument("--handoff-seconds", type=float, default=3.0)
     parser.add_argument("--procs", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3, help="alternations per backend")
     parser.add_argument("--backends", default="sqlite,etcd,zookeeper,redis")
     args = parser.parse_args(argv)
 
@@ -167,7 +169,7 @@ def main(argv: list[str]) -> int:
         if b != "sqlite":
             urls[b] = _server_url(b)
 
-    console = Console()
+    console = Console(width=120)
     table = Table(title=f"locks: Keel vs tooz (uncontended {args.seconds}s; {args.procs} procs)")
     for col in (
         "backend",
@@ -182,12 +184,20 @@ def main(argv: list[str]) -> int:
         table.add_column(col, justify="right" if col not in ("backend", "library") else "left")
     rates: dict[tuple[str, str], float] = {}
     for backend in backends:
+        # Alternate short rounds of each library so that load from elsewhere on the machine
+        # drifts onto both alike instead of onto whichever ran second.
+        samples: dict[str, list[float]] = {"keel": [], "tooz": []}
+        for _ in range(args.rounds):
+            for library in ("keel", "tooz"):
+                url = urls[backend] if library == "keel" else _tooz_url(backend, urls[backend], tmp)
+                share = args.seconds / args.rounds
+                if library == "keel":
+                    samples[library] += asyncio.run(_keel_cycles(url, share))
+                else:
+                    samples[library] += _tooz_cycles(url, share)
         for library in ("keel", "tooz"):
             url = urls[backend] if library == "keel" else _tooz_url(backend, urls[backend], tmp)
-            if library == "keel":
-                lat = asyncio.run(_keel_cycles(url, args.seconds))
-            else:
-                lat = _tooz_cycles(url, args.seconds)
+            lat = samples[library]
             rate = len(lat) / sum(lat)
             rates[(backend, library)] = rate
             gaps, count = _handoff(library, url, args.procs, args.handoff_seconds)
