@@ -164,8 +164,9 @@ class HeldLock:
                 expires = await self.coord.backend.renew(
                     self.key, self.coord.owner, self.fence, self.ttl
                 )
-        except (BackendUnavailable, TimeoutError):
-            # Keep trying until the expiry bound; the next attempt declares the loss.
+        except Exception:  # any failure to renew is retried until the bound, never fatal
+            # Keep trying until the expiry bound; the next attempt declares the loss. A
+            # renewal task must not die quietly: the holder would learn only on check().
             self._schedule(min(_RETRY, max(0.0, self._expires - time.monotonic())))
             return
         if expires is None:
