@@ -155,10 +155,10 @@ def _handoff(library: str, url: str, procs: int, seconds: float) -> tuple[list[f
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench locks")
-    parser.add_argument("--seconds", type=float, default=4.5, help="uncontended, per library")
+    parser.add_argument("--seconds", type=float, default=5.0, help="uncontended, per library")
     parser.add_argument("--handoff-seconds", type=float, default=3.0)
     parser.add_argument("--procs", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3, help="alternations per backend")
+    parser.add_argument("--rounds", type=int, default=5, help="alternations per backend")
     parser.add_argument("--backends", default="sqlite,etcd,zookeeper,redis")
     args = parser.parse_args(argv)
 
