@@ -153,6 +153,28 @@ def _handoff(library: str, url: str, procs: int, seconds: float) -> tuple[list[f
     return gaps, len(spans)
 
 
+def _result_fields(
+    backends: list[str],
+    rates: dict[tuple[str, str], float],
+    medians: dict[tuple[str, str], float],
+) -> list[str]:
+    fields = ["name=locks"]
+    for backend in ("etcd", "zookeeper", "redis"):
+        if (backend, "keel") in rates:
+            ratio = rates[(backend, "keel")] / rates[(backend, "tooz")]
+            fields.append(f"ratio_{backend}_vs_tooz={ratio:.2f}")
+    for backend in ("etcd", "zookeeper", "redis"):
+        if (backend, "keel") in medians:
+            # The same comparison on the median cycle, which fsync stalls of a shared disk
+            # (they dominate the mean on ZooKeeper and Redis with appendfsync) do not move.
+            ratio = medians[(backend, "tooz")] / medians[(backend, "keel")]
+            fields.append(f"p50_ratio_{backend}_vs_tooz={ratio:.2f}")
+    for backend in backends:
+        fields.append(f"{backend}_per_s={rates[(backend, 'keel')]:.0f}")
+        fields.append(f"tooz_{backend}_per_s={rates[(backend, 'tooz')]:.0f}")
+    return fields
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench locks")
     parser.add_argument("--seconds", type=float, default=5.0, help="uncontended, per library")
@@ -214,19 +236,5 @@ def main(argv: list[str]) -> int:
                 f"{count / args.handoff_seconds:,.0f}",
             )
     console.print(table)
-    fields = ["name=locks"]
-    for backend in ("etcd", "zookeeper", "redis"):
-        if (backend, "keel") in rates:
-            ratio = rates[(backend, "keel")] / rates[(backend, "tooz")]
-            fields.append(f"ratio_{backend}_vs_tooz={ratio:.2f}")
-    for backend in ("etcd", "zookeeper", "redis"):
-        if (backend, "keel") in medians:
-            # The same comparison on the median cycle, which fsync stalls of a shared disk
-            # (they dominate the mean on ZooKeeper and Redis with appendfsync) do not move.
-            ratio = medians[(backend, "tooz")] / medians[(backend, "keel")]
-            fields.append(f"p50_ratio_{backend}_vs_tooz={ratio:.2f}")
-    for backend in backends:
-        fields.append(f"{backend}_per_s={rates[(backend, 'keel')]:.0f}")
-        fields.append(f"tooz_{backend}_per_s={rates[(backend, 'tooz')]:.0f}")
-    print("RESULT " + " ".join(fields))
+    print("RESULT " + " ".join(_result_fields(backends, rates, medians)))
     return 0
