@@ -96,7 +96,11 @@ class EtcdBackend:
         backend = cls(client, url.redacted(), timeout)
         with backend._mapped():
             await client.connect()
-            await client.kvstub.Range(rpc.RangeRequest(key=b"/keel/"), timeout=timeout)
+            # wait_for_ready: a first connection attempt that fails transiently (a loaded
+            # machine) is retried by gRPC until the timeout instead of failing at once.
+            await client.kvstub.Range(
+                rpc.RangeRequest(key=b"/keel/"), timeout=timeout, wait_for_ready=True
+            )
         return backend
 
     @contextlib.contextmanager
