@@ -33,7 +33,7 @@ CFG
         -cp "$cp" org.apache.zookeeper.server.ZooKeeperServerMain "$SRV_DIR/zoo.cfg"
 }
 srv_ready() {
-    exec 3<>"/dev/tcp/127.0.0.1/$ZK_PORT" 2>/dev/null || return 1
+    { exec 3<>"/dev/tcp/127.0.0.1/$ZK_PORT"; } 2>/dev/null || return 1
     printf ruok >&3
     local answer
     answer="$(timeout 2 cat <&3 2>/dev/null || true)"
