@@ -31,6 +31,14 @@ _BUILTIN: dict[str, dict[str, BackendRef]] = {
     "transport": {
         "memory": BackendRef("keel.messaging.transports.memory:MemoryTransport"),
     },
+    "coordination": {
+        "sqlite": BackendRef("keel.coordination.backends.sqlite:SqliteBackend"),
+        "etcd": BackendRef("keel.coordination.backends.etcd:EtcdBackend", "etcd"),
+        "zookeeper": BackendRef(
+            "keel.coordination.backends.zookeeper:ZookeeperBackend", "zookeeper"
+        ),
+        "redis": BackendRef("keel.coordination.backends.redis:RedisBackend", "redis"),
+    },
 }
 
 _ENTRY_POINT_GROUPS = {
