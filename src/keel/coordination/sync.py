@@ -1,6 +1,6 @@
 """Blocking facade over `keel.coordination`, for threaded services.
 
-Every operation is the async one, run on a private event loop in a background thread and
+Every operation is the async one, run on the process's shared portal loop (keel._portal) and
 waited for (as kazoo's ``exists()`` is ``exists_async().get()``); nothing is written twice.
 
 Failure semantics are the async ones with one difference: a thread cannot be cancelled, so a
@@ -11,12 +11,12 @@ lost lock does not interrupt the ``with`` body. The holder learns of the loss th
 
 from __future__ import annotations
 
-import asyncio
 import threading
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from keel._portal import Portal, portal
 from keel.coordination._coordinator import Coordinator
 from keel.coordination._coordinator import connect as _connect
 from keel.coordination._lock import HeldLock
@@ -27,27 +27,10 @@ T = TypeVar("T")
 __all__ = ["SyncCoordinator", "SyncHeldLock", "connect"]
 
 
-class _LoopThread:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self.loop.run_forever, daemon=True, name="keel-coord"
-        )
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
-
-
 class SyncHeldLock:
     """A held lock seen from a thread: ``fence``, ``lost``, ``check()``, ``extend()``."""
 
-    def __init__(self, held: HeldLock, runner: _LoopThread) -> None:
+    def __init__(self, held: HeldLock, runner: Portal) -> None:
         self._held = held
         self._runner = runner
         self.name = held.name
@@ -71,7 +54,7 @@ class SyncHeldLock:
 class SyncCoordinator:
     """`Coordinator` for threads; make it with `connect`. Use it as a context manager."""
 
-    def __init__(self, coord: Coordinator, runner: _LoopThread) -> None:
+    def __init__(self, coord: Coordinator, runner: Portal) -> None:
         self.coord = coord
         self._runner = runner
         self.member_id = coord.member_id
@@ -115,10 +98,7 @@ class SyncCoordinator:
             raise LockLost(f"lock {name!r} (fence {held.fence}) was lost while held", name=name)
 
     def close(self) -> None:
-        try:
-            self._runner.run(self.coord.close())
-        finally:
-            self._runner.stop()
+        self._runner.run(self.coord.close())
 
     def __enter__(self) -> SyncCoordinator:
         return self
@@ -129,10 +109,5 @@ class SyncCoordinator:
 
 def connect(url: str | None = None, **kwargs: Any) -> SyncCoordinator:
     """Blocking `keel.coordination.connect`; same arguments."""
-    runner = _LoopThread()
-    try:
-        coord = runner.run(_connect(url, **kwargs))
-    except BaseException:
-        runner.stop()
-        raise
-    return SyncCoordinator(coord, runner)
+    runner = portal()
+    return SyncCoordinator(runner.run(_connect(url, **kwargs)), runner)
