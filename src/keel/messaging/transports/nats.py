@@ -3,12 +3,15 @@
 Mapping of the Transport contract onto NATS (server 2.9, client nats-py):
 
 * A shared queue (not ``exclusive``) is a durable JetStream pull consumer named after the
-  queue, on an interest-retention stream that captures one subject, the queue's *address*:
-  ``keel.q.<queue>`` or, for a queue bound to a subject, that subject. Every queue bound to
-  the same subject is another consumer on the same stream, so each gets its own copy, and
-  the consumers of one queue compete. A message leaves the stream once every queue bound to
-  it acknowledged it. Stream and consumer names are the queue/subject escaped (``.`` and
-  ``_`` become ``_2E`` and ``_5F``), so the mapping is deterministic and injective.
+  queue. An unbound queue has its own work-queue stream ``KQ_<queue>`` on the subject
+  ``keel.q.<queue>``: a message leaves it when acknowledged. A queue bound to a subject is a
+  consumer (starting at its declaration) on the limits-retention stream ``KS_<subject>``, so
+  every queue bound to the subject gets its own copy and the consumers of one queue
+  compete; that stream keeps messages for ``subject_max_age`` (default 24 h), acknowledged
+  or not. Interest retention would delete on ack, but NATS 2.9 acknowledges and then drops
+  a publish that lands while a shutting-down server has already stopped its consumers, so
+  it is not used. Names are escaped (``.`` and ``_`` become ``_2E`` and ``_5F``), so the
+  mapping is deterministic and injective.
 * The credit window (``prefetch``) is enforced by the puller: it asks the server for at most
   ``prefetch - unsettled`` messages at a time. ``ack`` is ``+ACK``, ``requeue`` is
   ``-NAK`` (immediate redelivery to any consumer), ``dead_letter`` publishes the body with
@@ -39,8 +42,8 @@ Failure semantics:
 * Broker restart: the streams are file-backed, so everything acknowledged to a sender is
   still there; an ack from a consumer lost in the restart means a redelivery (at-least-once).
 
-Options (URL query): ``max_message_bytes`` (default 1 MiB), ``ack_wait`` and
-``publish_timeout`` (seconds), ``connect_timeout`` (seconds, default 10).
+Options (URL query): ``max_message_bytes`` (default 1 MiB), ``ack_wait``, ``publish_timeout``,
+``connect_timeout`` (seconds, default 10) and ``subject_max_age`` (seconds).
 """
 
 from __future__ import annotations
@@ -317,6 +320,7 @@ class NatsTransport:
             self.ack_wait = ack_wait or float(options.get("ack_wait", 10.0))
             self.publish_timeout = publish_timeout or float(options.get("publish_timeout", 10.0))
             self.connect_timeout = connect_timeout or float(options.get("connect_timeout", 10.0))
+            self.subject_max_age = float(options.get("subject_max_age", 86400.0))
         except ValueError as exc:
             raise ConfigError(f"bad option in {url.redacted()}: {exc}") from None
         self.nc = Client()
@@ -438,25 +442,38 @@ class NatsTransport:
                 f"queue {name!r}: the NATS transport binds a shared queue to one subject "
                 f"(asked for {len(bindings)}); declare one queue per subject"
             )
-        address = bindings[0] if bindings else _address(name)
-        declared = _Stream("KEEL_" + _token(address), _token(name), address, durable)
+        if bindings:
+            declared = _Stream("KS_" + _token(bindings[0]), _token(name), bindings[0], durable)
+        else:
+            declared = _Stream("KQ_" + _token(name), _token(name), _address(name), durable)
         await self._ensure(name, declared)
         self.streams[name] = declared
 
     async def _ensure(self, queue: str, declared: _Stream) -> None:
+        bound = declared.stream.startswith("KS_")
         with _mapped(f"declare queue {queue!r}"):
-            await self.js.add_stream(
-                name=declared.stream,
-                subjects=[declared.address],
-                retention=RetentionPolicy.INTEREST,
-                storage=StorageType.FILE if declared.durable else StorageType.MEMORY,
-            )
+            if bound:
+                await self.js.add_stream(
+                    name=declared.stream,
+                    subjects=[declared.address],
+                    retention=RetentionPolicy.LIMITS,
+                    max_age=self.subject_max_age,
+                    storage=StorageType.FILE if declared.durable else StorageType.MEMORY,
+                )
+            else:
+                await self.js.add_stream(
+                    name=declared.stream,
+                    subjects=[declared.address],
+                    retention=RetentionPolicy.WORK_QUEUE,
+                    storage=StorageType.FILE if declared.durable else StorageType.MEMORY,
+                )
             await self.js.add_consumer(
                 declared.stream,
                 ConsumerConfig(
                     durable_name=declared.consumer,
                     ack_policy=AckPolicy.EXPLICIT,
-                    deliver_policy=DeliverPolicy.NEW,
+                    # A bound queue starts at its declaration, as an AMQP queue would.
+                    deliver_policy=DeliverPolicy.NEW if bound else DeliverPolicy.ALL,
                     ack_wait=self.ack_wait,
                     max_ack_pending=_MAX_ACK_PENDING,
                     max_deliver=-1,
@@ -473,7 +490,10 @@ class NatsTransport:
         declared = self.streams.pop(name, None)
         if declared is not None and not self.closed:
             with contextlib.suppress(nats.js.errors.NotFoundError), _mapped("delete queue"):
-                await self.js.delete_consumer(declared.stream, declared.consumer)
+                if declared.stream.startswith("KS_"):
+                    await self.js.delete_consumer(declared.stream, declared.consumer)
+                else:
+                    await self.js.delete_stream(declared.stream)
 
     # --- sending -------------------------------------------------------------------------
 
@@ -504,7 +524,10 @@ class NatsTransport:
         self._check_open()
         self._check_size(body)
         if durable:
-            await self._stored(subject, body, None, must_exist=False)
+            # A subject this connection bound a queue to must have its stream: right after a
+            # broker restart JetStream may still be loading it, so wait rather than drop.
+            bound = any(d.address == subject for d in self.streams.values())
+            await self._stored(subject, body, None, must_exist=bound)
         else:
             with _mapped(f"publish to {subject!r}"):
                 await self.nc.publish(subject, body)
@@ -535,7 +558,8 @@ class NatsTransport:
                 cause = exc.__cause__
                 no_stream = isinstance(cause, nats.js.errors.NoStreamResponseError)
                 if no_stream and self.nc.is_connected and not must_exist:
-                    return  # nothing is bound to the subject: unroutable, as on AMQP
+                    log.debug("nats: nothing bound to %s; message dropped", subject)
+                    return  # unroutable, as on AMQP
                 if time.monotonic() + delay >= deadline or self.closed:
                     raise TransportError(
                         f"NATS did not confirm a message to {subject!r} within "
