@@ -170,7 +170,7 @@ def _check_version(data: bytes, what: str) -> None:
     # Called only after a decode failed, to say why in words an operator can act on.
     try:
         head = _any_decoder.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):  # msgpack str with invalid UTF-8
         raise MalformedMessage(f"not a Keel {what}: bytes are not msgpack") from None
     if isinstance(head, list) and head and isinstance(head[0], int) and head[0] > ENVELOPE_VERSION:
         raise MalformedMessage(

@@ -249,7 +249,7 @@ class _Puller:
 class _CoreDelivery:
     """A message of an exclusive queue: already settled (at-most-once)."""
 
-    __slots__ = ("_msg", "_transport", "_queue")
+    __slots__ = ("_msg", "_queue", "_transport")
 
     def __init__(self, transport: NatsTransport, queue: str, msg: Msg) -> None:
         self._transport = transport
@@ -345,7 +345,7 @@ class NatsTransport:
                         user=self.url.username,
                         password=self.url.password,
                         max_reconnect_attempts=-1,
-                        reconnect_time_wait=0.5,
+                        reconnect_time_wait=0.5,  # type: ignore[arg-type]  # a float works
                         connect_timeout=2,
                         reconnected_cb=self._on_reconnected,
                         disconnected_cb=self._on_disconnected,
@@ -551,9 +551,9 @@ class NatsTransport:
             left = deadline - time.monotonic()
             try:
                 with _mapped(f"durable publish to {subject!r}"):
-                    await self.js.publish(subject, body, timeout=max(0.1, min(2.0, left)),
-                                          headers=headers)
-                return
+                    await self.js.publish(
+                        subject, body, timeout=max(0.1, min(2.0, left)), headers=headers
+                    )
             except TransportError as exc:
                 cause = exc.__cause__
                 no_stream = isinstance(cause, nats.js.errors.NoStreamResponseError)
@@ -565,6 +565,8 @@ class NatsTransport:
                         f"NATS did not confirm a message to {subject!r} within "
                         f"{self.publish_timeout}s ({exc}); it may or may not be stored"
                     ) from None
+            else:
+                return
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
