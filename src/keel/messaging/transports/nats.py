@@ -51,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import time
@@ -76,6 +77,7 @@ _ACK, _NAK, _TERM, _WPI = b"+ACK", b"-NAK", b"+TERM", b"+WPI"
 _PULL_EXPIRES_NS = 30 * 1_000_000_000  # a long poll; the server answers 408 when it ends
 _MAX_ACK_PENDING = 100_000  # per queue across all its consumers; credit is per puller
 _AUTO_ACK_WINDOW = 256
+_SWEEP_INTERVAL = 1.0
 
 
 @contextlib.contextmanager
@@ -102,6 +104,11 @@ def _token(text: str) -> str:
 
 def _address(queue: str) -> str:
     return f"keel.q.{queue}"
+
+
+def _call_subject(queue: str) -> str:
+    """Core NATS subject of a queue: its exclusive consumer or its shared consumers' group."""
+    return f"keel.c.{queue}"
 
 
 @dataclass(slots=True)
@@ -169,15 +176,31 @@ class _Puller:
         self.handler = handler
         self.prefetch = prefetch
         self.auto_ack = auto_ack
-        self.unsettled: set[_Delivery] = set()
+        self.unsettled: set[_Delivery | _CoreDelivery] = set()
         self.requested = 0  # messages asked for and not yet delivered or expired
         self.active = True
         self.inbox = transport.nc.new_inbox()
         self._sub: Subscription | None = None
+        self._calls: Subscription | None = None
 
-    async def start(self) -> None:
-        self._sub = await self.transport.nc.subscribe(self.inbox, cb=self._on_msg)
+    async def start(self, call_subject: str | None) -> None:
+        nc = self.transport.nc
+        self._sub = await nc.subscribe(self.inbox, cb=self._on_msg)
+        if call_subject is not None:
+            # Competing consumers of the queue's core subject: one queue group per queue.
+            self._calls = await nc.subscribe(call_subject, queue=call_subject, cb=self._on_call)
         await self.refill()
+
+    async def _on_call(self, msg: Msg) -> None:
+        if not self.active:
+            # Routed here before the cancel reached the server: hand it to another consumer.
+            with contextlib.suppress(KeelError):
+                await self.transport.send(self.queue, msg.data, durable=False)
+            return
+        delivery = _CoreDelivery(self.transport, self.queue, msg, self)
+        # Counted against the credit window, so a busy consumer pulls fewer stored messages.
+        self.unsettled.add(delivery)
+        self.handler(delivery)
 
     async def refill(self) -> None:
         if not self.active or not self.transport.nc.is_connected:
@@ -240,21 +263,32 @@ class _Puller:
             return
         self.active = False
         self.transport.pullers.discard(self)
-        # Unsubscribing drops interest, so the server drops our waiting pull requests.
-        if self._sub is not None and not self.transport.closed:
-            with contextlib.suppress(nats.errors.Error):
-                await self._sub.unsubscribe()
+        # Dropping interest makes the server drop our waiting pull requests; draining (a
+        # round trip) hands back, through the callbacks, whatever it routed here before.
+        for sub in (self._calls, self._sub):
+            if sub is not None and not self.transport.closed:
+                try:
+                    if not self.transport.nc.is_connected:
+                        raise nats.errors.ConnectionReconnectingError
+                    await sub.drain()
+                except (nats.errors.Error, OSError):
+                    with contextlib.suppress(nats.errors.Error):
+                        await sub.unsubscribe()
 
 
 class _CoreDelivery:
-    """A message of an exclusive queue: already settled (at-most-once)."""
+    """A core NATS message (a call, a reply, a fanout): at-most-once, nothing to ack."""
 
-    __slots__ = ("_msg", "_queue", "_transport")
+    __slots__ = ("_msg", "_puller", "_queue", "_settled", "_transport")
 
-    def __init__(self, transport: NatsTransport, queue: str, msg: Msg) -> None:
+    def __init__(
+        self, transport: NatsTransport, queue: str, msg: Msg, puller: _Puller | None = None
+    ) -> None:
         self._transport = transport
         self._queue = queue
         self._msg = msg
+        self._puller = puller
+        self._settled = False
 
     @property
     def body(self) -> bytes:
@@ -264,14 +298,25 @@ class _CoreDelivery:
     def delivery_count(self) -> int:
         return 1
 
+    async def _settle(self) -> bool:
+        if self._settled:
+            return False
+        self._settled = True
+        if self._puller is not None:
+            self._puller.unsettled.discard(self)
+            await self._puller.refill()
+        return True
+
     async def ack(self) -> None:
-        return None
+        await self._settle()
 
     async def requeue(self) -> None:
-        await self._transport.send(self._queue, self._msg.data, durable=False)
+        if await self._settle():
+            await self._transport.send(self._queue, self._msg.data, durable=False)
 
     async def dead_letter(self, reason: str) -> None:
-        await self._transport.dead_letter(self._queue, self._msg.data, reason)
+        if await self._settle():
+            await self._transport.dead_letter(self._queue, self._msg.data, reason)
 
 
 class _CoreConsumer:
@@ -331,6 +376,12 @@ class NatsTransport:
         self.core_consumers: set[_CoreConsumer] = set()
         self.closed = False
         self._tasks: set[asyncio.Task[None]] = set()
+        # Core sends awaiting a possible "no responders" (503): reply token -> (queue, body).
+        # Two generations, swapped every sweep, so an entry lives one to two intervals.
+        self._unanswered: dict[str, tuple[str, bytes]] = {}
+        self._unanswered_old: dict[str, tuple[str, bytes]] = {}
+        self._refusals = ""
+        self._tokens = itertools.count()
 
     # --- connection ----------------------------------------------------------------------
 
@@ -357,6 +408,9 @@ class NatsTransport:
                 f"cannot reach NATS at {self.url.redacted()} within {self.connect_timeout}s"
             ) from None
         self.closed = False
+        self._refusals = self.nc.new_inbox()
+        with _mapped("subscribe"):
+            await self.nc.subscribe(self._refusals + ".*", cb=self._on_refused)
         self._spawn(self._keep_alive())
 
     def _spawn(self, coro: Coroutine[object, object, None]) -> None:
@@ -393,15 +447,22 @@ class NatsTransport:
                 await puller.refill()
 
     async def _keep_alive(self) -> None:
-        """Tell the server that deliveries still being handled are alive (+WPI)."""
+        """Forget core sends nobody refused; tell the server slow deliveries live (+WPI)."""
+        last_wpi = time.monotonic()
         while not self.closed:
-            await asyncio.sleep(self.ack_wait / 3)
-            if not self.nc.is_connected:
+            await asyncio.sleep(_SWEEP_INTERVAL)
+            now = time.monotonic()
+            # A 503 comes back within a round trip; anything older was taken by someone.
+            self._unanswered, old = {}, self._unanswered
+            self._unanswered_old = old
+            if now - last_wpi < self.ack_wait / 3 or not self.nc.is_connected:
                 continue
+            last_wpi = now
             for puller in list(self.pullers):
                 for delivery in list(puller.unsettled):
-                    with contextlib.suppress(nats.errors.Error):
-                        await self.nc.publish(delivery._msg.reply, _WPI)
+                    if isinstance(delivery, _Delivery):
+                        with contextlib.suppress(nats.errors.Error):
+                            await self.nc.publish(delivery._msg.reply, _WPI)
 
     async def close(self) -> None:
         if self.closed:
@@ -435,7 +496,7 @@ class NatsTransport:
     ) -> None:
         self._check_open()
         if exclusive:
-            self.exclusive[name] = [_address(name), *bindings]
+            self.exclusive[name] = [_call_subject(name), *bindings]
             return
         if len(bindings) > 1:
             raise ConfigError(
@@ -513,12 +574,35 @@ class NatsTransport:
     async def send(self, queue: str, body: bytes, *, durable: bool) -> None:
         self._check_open()
         self._check_size(body)
-        subject = self._subject_of(queue)
-        if durable:
-            await self._stored(subject, body, None, must_exist=True)
-        else:
+        declared = self.streams.get(queue)
+        if durable or (declared is not None and declared.address != _address(queue)):
+            subject = _address(queue) if declared is None else declared.address
+            if durable:
+                await self._stored(subject, body, None, must_exist=True)
+                return
             with _mapped(f"send to {queue!r}"):
                 await self.nc.publish(subject, body)
+            return
+        # Core first: taken at once by a consumer of the queue if one is subscribed. With
+        # none, the server answers 503 to the reply subject and the message goes to the
+        # queue's stream instead, to wait there for a consumer.
+        token = f"{self._refusals}.{next(self._tokens)}"
+        self._unanswered[token] = (queue, body)
+        with _mapped(f"send to {queue!r}"):
+            await self.nc.publish(_call_subject(queue), body, reply=token)
+
+    async def _on_refused(self, msg: Msg) -> None:
+        headers = msg.headers
+        if not headers or headers.get("Status") != "503":
+            return
+        entry = self._unanswered.pop(msg.subject, None) or self._unanswered_old.pop(
+            msg.subject, None
+        )
+        if entry is not None and not self.closed:
+            queue, body = entry
+            # Into the stream (if the queue has one; an exclusive queue that is gone has not).
+            with contextlib.suppress(nats.errors.Error):
+                await self.nc.publish(_address(queue), body)
 
     async def publish(self, subject: str, body: bytes, *, durable: bool) -> None:
         self._check_open()
@@ -589,6 +673,8 @@ class NatsTransport:
         window = _AUTO_ACK_WINDOW if auto_ack else max(1, prefetch)
         puller = _Puller(self, queue, handler, window, auto_ack)
         self.pullers.add(puller)
+        declared = self.streams[queue]
+        unbound = declared.address == _address(queue)
         with _mapped(f"consume from {queue!r}"):
-            await puller.start()
+            await puller.start(_call_subject(queue) if unbound else None)
         return puller
