@@ -56,7 +56,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 
 import nats
@@ -270,7 +270,8 @@ class _Puller:
                 try:
                     if not self.transport.nc.is_connected:
                         raise nats.errors.ConnectionReconnectingError
-                    await sub.drain()
+                    drain: Callable[[], Awaitable[None]] = sub.drain  # untyped in nats-py
+                    await drain()
                 except (nats.errors.Error, OSError):
                     with contextlib.suppress(nats.errors.Error):
                         await sub.unsubscribe()
