@@ -17,15 +17,25 @@ Mapping of the Transport contract onto NATS (server 2.9, client nats-py):
   ``-NAK`` (immediate redelivery to any consumer), ``dead_letter`` publishes the body with
   a ``Keel-Dead-Letter-Reason`` header to ``<queue>.dlq`` (waiting for the JetStream ack)
   and then ``+TERM``s the original. ``delivery_count`` is JetStream's ``num_delivered``.
-* ``exclusive`` queues (reply queues, fanout queues) are core NATS subscriptions on the
-  queue's address and its bindings: at-most-once, gone with the connection, no broker state.
-* ``send``/``publish`` with ``durable=True`` wait for the JetStream publish ack (the message
-  is in the stream's file store) and retry under one ``Nats-Msg-Id`` until
-  ``publish_timeout`` (default 10 s), so a retry across a reconnect is stored once; then
-  they raise `TransportError`. ``durable=False`` (calls, replies, fanout) is a core publish:
-  the stream still stores a call sent to a shared queue (so it waits for a server, competes,
-  and is requeued on stop), but the sender does not wait for the ack; a call lost with the
-  broker surfaces as `CallTimeout`.
+* Every queue also has a core subject ``keel.c.<queue>``. An ``exclusive`` queue (reply
+  queues, fanout queues) is only that: a core subscription on it and on its bindings,
+  at-most-once, gone with the connection, no broker state. The consumers of a shared,
+  unbound queue also subscribe to it in one queue group (named after the queue), so they
+  compete for core messages too; these count against the same credit window.
+* ``send`` with ``durable=False`` (calls, replies) is a core publish to ``keel.c.<queue>``
+  with a private reply subject: a consumer of the queue takes it at once (no store, no ack:
+  the contract acknowledges a call when it starts anyway, so at-most-once loses nothing it
+  promised). With no consumer subscribed, the server answers 503 "no responders" and the
+  message is published to the queue's stream, where it waits for a server (or for its
+  deadline). A consumer cancelled with core messages in flight hands them back the same
+  way; requeue of a core message is such a send. A call lost with the broker or with a
+  killed server surfaces as `CallTimeout`. This keeps calls at core NATS speed; through
+  JetStream (store, pull, ack) they ran at about half the rate of raw nats-py.
+* ``send``/``publish`` with ``durable=True`` (casts, notifications, dead letters) wait for
+  the JetStream publish ack (the message is in the stream's file store) and retry under one
+  ``Nats-Msg-Id`` until ``publish_timeout`` (default 10 s), so a retry across a reconnect is
+  stored once; then they raise `TransportError`. ``publish`` with ``durable=False``
+  (fanout, presence) is a core publish.
 * A durable queue has at most one binding (one consumer filter on NATS 2.9), and a queue
   with a binding receives only what is published to that subject: ``send`` to it publishes
   to its subject. ``publish`` to a subject no stream captures is dropped, as on AMQP.
