@@ -21,7 +21,9 @@ Mapping of the Transport contract onto NATS (server 2.9, client nats-py):
   queues, fanout queues) is only that: a core subscription on it and on its bindings,
   at-most-once, gone with the connection, no broker state. The consumers of a shared,
   unbound queue also subscribe to it in one queue group (named after the queue), so they
-  compete for core messages too; these count against the same credit window.
+  compete for core messages too; these count against the same credit window (core NATS has
+  no credit: what arrives beyond it waits in the consumer, unseen by the core, and is sent
+  on again if the consumer is cancelled first).
 * ``send`` with ``durable=False`` (calls, replies) is a core publish to ``keel.c.<queue>``
   with a private reply subject: a consumer of the queue takes it at once (no store, no ack:
   the contract acknowledges a call when it starts anyway, so at-most-once loses nothing it
@@ -66,6 +68,7 @@ import json
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -155,12 +158,11 @@ class _Delivery:
             return
         self._settled = True
         puller = self._puller
-        puller.unsettled.discard(self)
         transport = puller.transport
         if not transport.closed:
             with _mapped("settle"):
                 await transport.nc.publish(self._msg.reply, verdict)
-        await puller.refill()
+        await puller.settled(self)
 
     async def ack(self) -> None:
         await self._settle(_ACK)
@@ -171,7 +173,13 @@ class _Delivery:
     async def dead_letter(self, reason: str) -> None:
         if self._settled:
             return
-        await self._puller.transport.dead_letter(self._puller.queue, self.body, reason)
+        try:
+            await self._puller.transport.dead_letter(self._puller.queue, self.body, reason)
+        except KeelError:
+            # Not in the DLQ: hand it back rather than hold it (and its credit) forever.
+            with contextlib.suppress(KeelError):
+                await self._settle(_NAK)
+            raise
         await self._settle(_TERM)
 
 
@@ -192,6 +200,7 @@ class _Puller:
         self.inbox = transport.nc.new_inbox()
         self._sub: Subscription | None = None
         self._calls: Subscription | None = None
+        self._backlog: deque[Msg] = deque()
 
     async def start(self, call_subject: str | None) -> None:
         nc = self.transport.nc
@@ -207,10 +216,26 @@ class _Puller:
             with contextlib.suppress(KeelError):
                 await self.transport.send(self.queue, msg.data, durable=False)
             return
+        if len(self.unsettled) >= self.prefetch:
+            # Core NATS has no credit: keep it here, unseen by the core, until credit frees.
+            self._backlog.append(msg)
+            return
+        self._hand_over(msg)
+
+    def _hand_over(self, msg: Msg) -> None:
         delivery = _CoreDelivery(self.transport, self.queue, msg, self)
         # Counted against the credit window, so a busy consumer pulls fewer stored messages.
         self.unsettled.add(delivery)
         self.handler(delivery)
+
+    async def settled(self, delivery: _Delivery | _CoreDelivery) -> None:
+        self.unsettled.discard(delivery)
+        if self._backlog and self.active:
+            self._hand_over(self._backlog.popleft())
+            return
+        # A failed pull is not this delivery's failure: the reconnect replay pulls again.
+        with contextlib.suppress(KeelError):
+            await self.refill()
 
     async def refill(self) -> None:
         if not self.active or not self.transport.nc.is_connected:
@@ -285,6 +310,9 @@ class _Puller:
                 except (nats.errors.Error, OSError):
                     with contextlib.suppress(nats.errors.Error):
                         await sub.unsubscribe()
+        while self._backlog and not self.transport.closed:
+            with contextlib.suppress(KeelError):
+                await self.transport.send(self.queue, self._backlog.popleft().data, durable=False)
 
 
 class _CoreDelivery:
@@ -314,15 +342,14 @@ class _CoreDelivery:
             return False
         self._settled = True
         if self._puller is not None:
-            self._puller.unsettled.discard(self)
-            await self._puller.refill()
+            await self._puller.settled(self)
         return True
 
     async def ack(self) -> None:
         await self._settle()
 
     async def requeue(self) -> None:
-        if await self._settle():
+        if await self._settle() and not self._transport.closed:
             await self._transport.send(self._queue, self._msg.data, durable=False)
 
     async def dead_letter(self, reason: str) -> None:
