@@ -13,7 +13,8 @@ Mapping of the Transport contract onto NATS (server 2.9, client nats-py):
   it is not used. Names are escaped (``.`` and ``_`` become ``_2E`` and ``_5F``), so the
   mapping is deterministic and injective.
 * The credit window (``prefetch``) is enforced by the puller: it asks the server for at most
-  ``prefetch - unsettled`` messages at a time. ``ack`` is ``+ACK``, ``requeue`` is
+  ``prefetch - unsettled`` messages at a time (``max_ack_pending`` is per JetStream consumer,
+  i.e. shared by every server of a queue, so it is only a high safety cap). ``ack`` is ``+ACK``, ``requeue`` is
   ``-NAK`` (immediate redelivery to any consumer), ``dead_letter`` publishes the body with
   a ``Keel-Dead-Letter-Reason`` header to ``<queue>.dlq`` (waiting for the JetStream ack)
   and then ``+TERM``s the original. ``delivery_count`` is JetStream's ``num_delivered``.
