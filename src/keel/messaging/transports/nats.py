@@ -54,6 +54,8 @@ Failure semantics:
   unsettled so it is redelivered at once.
 * Broker restart: the streams are file-backed, so everything acknowledged to a sender is
   still there; an ack from a consumer lost in the restart means a redelivery (at-least-once).
+  The server writes each message before it acks it but fsyncs on its own interval (NATS 2.9:
+  every 2 minutes), so a machine crash, unlike a process crash, can lose recent messages.
 
 Options (URL query): ``max_message_bytes`` (default 1 MiB), ``ack_wait``, ``publish_timeout``,
 ``connect_timeout`` (seconds, default 10) and ``subject_max_age`` (seconds).
