@@ -17,7 +17,8 @@ Mapping of the Transport contract onto NATS (server 2.9, client nats-py):
   i.e. shared by every server of a queue, so it is only a high safety cap). ``ack`` is
   ``+ACK``, ``requeue`` is ``-NAK`` (immediate redelivery to any consumer), ``dead_letter``
   publishes the body with a ``Keel-Dead-Letter-Reason`` header to ``<queue>.dlq`` (waiting
-  for the JetStream ack) and then ``+TERM``s the original. ``delivery_count`` is JetStream's ``num_delivered``.
+  for the JetStream ack) and then ``+TERM``s the original. ``delivery_count`` is
+  JetStream's ``num_delivered``.
 * Every queue also has a core subject ``keel.c.<queue>``. An ``exclusive`` queue (reply
   queues, fanout queues) is only that: a core subscription on it and on its bindings,
   at-most-once, gone with the connection, no broker state. The consumers of a shared,
