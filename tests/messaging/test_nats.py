@@ -19,7 +19,7 @@ from keel.messaging.transports.nats import _token
 from tests.helpers import eventually
 from tests.servers import server_url
 
-NAMES = st.text(alphabet="abcXYZ019_.-", min_size=1, max_size=300)
+NAMES = st.text(alphabet="abcXYZ019_.-ü>*", min_size=1, max_size=300)
 
 
 @given(NAMES, NAMES)

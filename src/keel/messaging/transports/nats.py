@@ -95,6 +95,7 @@ _PULL_EXPIRES_NS = 30 * 1_000_000_000  # a long poll; the server answers 408 whe
 _MAX_ACK_PENDING = 100_000  # per queue across all its consumers; credit is per puller
 _AUTO_ACK_WINDOW = 256
 _SWEEP_INTERVAL = 1.0
+_PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
 
 
 @contextlib.contextmanager
@@ -113,7 +114,8 @@ def _mapped(what: str) -> Iterator[None]:
 
 def _token(text: str) -> str:
     """A JetStream name for a subject or queue name: injective escaping, bounded length."""
-    out = "".join(c if c.isalnum() or c == "-" else f"_{ord(c):02X}" for c in text)
+    # Byte-wise, fixed-width escapes of the UTF-8 form: distinct names stay distinct.
+    out = "".join(chr(b) if chr(b) in _PLAIN else f"_{b:02X}" for b in text.encode())
     if len(out) > 200:
         out = out[:160] + "_H" + hashlib.sha256(text.encode()).hexdigest()[:32]
     return out
