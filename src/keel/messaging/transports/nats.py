@@ -267,7 +267,8 @@ class _Puller:
         headers = msg.headers
         if headers and "Status" in headers:
             self._on_status(headers)
-            await self.refill()
+            with contextlib.suppress(KeelError):
+                await self.refill()
             return
         self.requested = max(0, self.requested - 1)
         if not self.active:
