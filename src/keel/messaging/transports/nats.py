@@ -98,18 +98,24 @@ _SWEEP_INTERVAL = 1.0
 _PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
 
 
+_FOREIGN = (nats.errors.Error, OSError, TimeoutError)
+
+
+def _translate(exc: BaseException, what: str) -> KeelError:
+    """The one place where nats-py (and socket) exceptions become keel.errors."""
+    if isinstance(exc, nats.errors.MaxPayloadError):
+        return MessageTooLarge(f"NATS {what}: message over the server's max_payload")
+    return TransportError(f"NATS {what} failed: {str(exc) or type(exc).__name__}")
+
+
 @contextlib.contextmanager
 def _mapped(what: str) -> Iterator[None]:
-    """The one place where nats-py exceptions become keel.errors."""
     try:
         yield
     except KeelError:
         raise
-    except nats.errors.MaxPayloadError as exc:
-        raise MessageTooLarge(f"NATS {what}: message over the server's max_payload") from exc
-    except (nats.errors.Error, OSError, TimeoutError) as exc:
-        detail = str(exc) or type(exc).__name__
-        raise TransportError(f"NATS {what} failed: {detail}") from exc
+    except _FOREIGN as exc:
+        raise _translate(exc, what) from exc
 
 
 def _token(text: str) -> str:
@@ -633,8 +639,10 @@ class NatsTransport:
         # queue's stream instead, to wait there for a consumer.
         token = f"{self._refusals}.{next(self._tokens)}"
         self._unanswered[token] = (queue, body)
-        with _mapped(f"send to {queue!r}"):
+        try:  # the hot path of every call and reply: no context manager
             await self.nc.publish(_call_subject(queue), body, reply=token)
+        except _FOREIGN as exc:
+            raise _translate(exc, f"send to {queue!r}") from exc
 
     async def _on_refused(self, msg: Msg) -> None:
         headers = msg.headers
