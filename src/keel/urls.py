@@ -30,6 +30,7 @@ class BackendRef:
 _BUILTIN: dict[str, dict[str, BackendRef]] = {
     "transport": {
         "memory": BackendRef("keel.messaging.transports.memory:MemoryTransport"),
+        "nats": BackendRef("keel.messaging.transports.nats:NatsTransport", extra="nats"),
     },
     "coordination": {
         "sqlite": BackendRef("keel.coordination.backends.sqlite:SqliteBackend"),
