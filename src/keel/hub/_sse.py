@@ -1,0 +1,81 @@
+"""Server-Sent Events for one subscription: a cursor over its queue, resumable by sequence.
+
+What a client gets: every message after its resume point, in sequence order, each exactly
+once per connection; a ``gap`` event (with the count) first if retention already dropped part
+of that range; a comment line every ``heartbeat`` seconds. Live messages come from the
+in-process fan-out; a client that falls behind (its bounded queue filled up) or sees a hole
+in the sequence is caught up from the store, so nothing is buffered for slow clients and
+nothing is skipped. Streaming does not ack or claim anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+from keel.hub._core import Hub
+from keel.hub._fanout import StreamClient, sse_frame
+from keel.hub.stores.base import Gap
+
+PAGE = 500
+HEARTBEAT = b": hb\n\n"
+
+
+def gap_frame(gap: Gap) -> bytes:
+    data = json.dumps({"from": gap.first, "to": gap.last, "count": gap.count})
+    return f"id: {gap.last}\nevent: gap\ndata: {data}\n\n".encode()
+
+
+class SSEStream:
+    """Built after the subscription was checked (so errors become HTTP answers, not streams)."""
+
+    def __init__(self, hub: Hub, sub_id: str, client: StreamClient, cursor: int) -> None:
+        self.hub = hub
+        self.sub_id = sub_id
+        self.client = client
+        self.cursor = cursor
+
+    async def _catch_up(self) -> AsyncIterator[bytes]:
+        client = self.client
+        while not client.queue.empty():
+            client.queue.get_nowait()
+        client.lagging = False
+        while True:
+            gap, messages = await self.hub.store.read(self.sub_id, after=self.cursor, limit=PAGE)
+            if gap is not None:
+                yield gap_frame(gap)
+                self.cursor = gap.last
+            for message in messages:
+                yield sse_frame(message.seq, bytes(message.event))
+                self.cursor = message.seq
+            if len(messages) < PAGE:
+                return
+
+    async def frames(self, *, heartbeat: float, catch_up: bool) -> AsyncIterator[bytes]:
+        client = self.client
+        try:
+            yield b"retry: 2000\n\n"
+            need = catch_up
+            while not client.closed.is_set():
+                if need or client.lagging:
+                    async for frame in self._catch_up():
+                        yield frame
+                    need = False
+                try:
+                    seq, frame = client.queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    try:
+                        seq, frame = await asyncio.wait_for(client.queue.get(), heartbeat)
+                    except TimeoutError:
+                        yield HEARTBEAT
+                        continue
+                if seq < 0 or seq <= self.cursor:
+                    continue  # wake-up sentinel, or already sent during a catch-up
+                if seq > self.cursor + 1:
+                    need = True  # a hole: the store has it, committed before the wake-up
+                    continue
+                self.cursor = seq
+                yield frame
+        finally:
+            self.hub.fanout.leave(client)

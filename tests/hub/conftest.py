@@ -1,0 +1,91 @@
+"""Hub fixtures: stores parametrized over every backend, and a hub serving on 127.0.0.1.
+
+Adding a store means adding it to STORES, nothing else: no test names a store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from keel.hub import Hub, HubServer, Principal, SQLiteStore, StaticTokens, Store
+
+StoreFactory = Callable[[Path], Awaitable[Store]]
+
+
+async def _sqlite(tmp: Path) -> Store:
+    store = SQLiteStore(tmp / "hub.db")
+    await store.open()
+    return store
+
+
+STORES: dict[str, StoreFactory] = {"sqlite": _sqlite}
+
+TOKENS = {
+    "tok-alice": Principal("alice", "p-one", ("member",)),
+    "tok-bob": Principal("bob", "p-two", ("member",)),
+    "tok-carol": Principal("carol", "p-one", ("member",)),
+    "tok-admin": Principal("root", "p-admin", ("admin",)),
+}
+
+
+@pytest.fixture(params=sorted(STORES))
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    s = await STORES[request.param](tmp_path)
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+async def hub(store: Store) -> AsyncIterator[Hub]:
+    h = Hub(store, StaticTokens(TOKENS), quota_subscriptions=5)
+    await h.start()
+    yield h
+    await h.stop()
+
+
+@pytest.fixture
+async def server(hub: Hub) -> AsyncIterator[HubServer]:
+    async with HubServer(hub, heartbeat=0.5) as srv:
+        yield srv
+
+
+class Clients:
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self._open: list[httpx.AsyncClient] = []
+
+    def __call__(self, token: str | None) -> httpx.AsyncClient:
+        headers = {"X-Auth-Token": token} if token else {}
+        client = httpx.AsyncClient(base_url=self.base, headers=headers, timeout=10)
+        self._open.append(client)
+        return client
+
+    async def close(self) -> None:
+        for c in self._open:
+            await c.aclose()
+
+
+@pytest.fixture
+async def clients(server: HubServer) -> AsyncIterator[Clients]:
+    c = Clients(server.url)
+    yield c
+    await c.close()
+
+
+@pytest.fixture
+def alice(clients: Clients) -> httpx.AsyncClient:
+    return clients("tok-alice")
+
+
+@pytest.fixture
+def bob(clients: Clients) -> httpx.AsyncClient:
+    return clients("tok-bob")
+
+
+@pytest.fixture
+def admin(clients: Clients) -> httpx.AsyncClient:
+    return clients("tok-admin")
