@@ -298,6 +298,8 @@ class Api:
 
     async def post_event(self, request: Request) -> Response:
         who = await self.who(request)
+        if not who.is_admin:
+            raise errors.Forbidden("only admins may post events")
         body = await read_json(request)
         event = decode_event(msgspec.json.encode(body))
         await self.hub.ingest_as(who, event)
