@@ -175,6 +175,7 @@ def subscription_view(sub: Subscription) -> dict[str, Any]:
         "last_seq": sub.last_seq,
         "first_seq": sub.first_seq,
         "dropped": sub.dropped,
+        "webhook": msgspec.to_builtins(sub.webhook) if sub.webhook else None,
     }
 
 

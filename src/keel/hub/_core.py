@@ -24,11 +24,12 @@ from typing import Any
 import msgspec
 
 from keel._log import event as log_event
-from keel.errors import BadRequest, Forbidden, NotFound, QuotaExceeded, Unauthorized
+from keel.errors import BadRequest, Conflict, Forbidden, NotFound, QuotaExceeded, Unauthorized
 from keel.hub._auth import Authenticator, Principal
 from keel.hub._events import CloudEvent, encode_event
 from keel.hub._fanout import Fanout
 from keel.hub._filters import Predicate, compile_filter
+from keel.hub._webhooks import DEFAULT_BACKOFF, Dispatcher, check_target, new_secret
 from keel.hub.stores.base import (
     Claim,
     Gap,
@@ -37,12 +38,17 @@ from keel.hub.stores.base import (
     Routed,
     Store,
     Subscription,
+    Webhook,
 )
 from keel.wire import new_id
 
 log = logging.getLogger("keel.hub")
 
 MAX_LIMIT = 1000
+
+
+class WebhookSpec(msgspec.Struct, forbid_unknown_fields=True):
+    url: str
 
 
 class SubscriptionSpec(msgspec.Struct, forbid_unknown_fields=True):
@@ -56,6 +62,7 @@ class SubscriptionSpec(msgspec.Struct, forbid_unknown_fields=True):
     all_projects: bool = False
     retention: Retention = Retention()
     max_deliveries: int = 5
+    webhook: WebhookSpec | None = None
 
 
 _FILTER_FIELDS = ("types", "source", "subject", "priority", "filters")
@@ -114,6 +121,10 @@ class Hub:
         batch_max: int = 512,
         retention_interval: float = 30.0,
         clock: Callable[[], float] = time.time,
+        allow_private_webhooks: bool = False,
+        webhook_backoff: Sequence[float] = DEFAULT_BACKOFF,
+        webhook_timeout: float = 10.0,
+        webhook_idle_check: float = 0.5,
     ) -> None:
         self.store = store
         self.auth = auth
@@ -122,6 +133,14 @@ class Hub:
         self.retention_interval = retention_interval
         self.clock = clock
         self.fanout = Fanout()
+        self.allow_private_webhooks = allow_private_webhooks
+        self.webhooks = Dispatcher(
+            store,
+            backoff=webhook_backoff,
+            timeout=webhook_timeout,
+            allow_private=allow_private_webhooks,
+            idle_check=webhook_idle_check,
+        )
         self._routes: dict[str, _Route] = {}
         self._pending: asyncio.Queue[tuple[CloudEvent, asyncio.Future[None]]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
@@ -133,6 +152,7 @@ class Hub:
             page = await self.store.list_subscriptions(None, limit=MAX_LIMIT, marker=marker)
             for sub in page:
                 self._routes[sub.id] = _Route(sub)
+                self.webhooks.add(sub)
             if len(page) < MAX_LIMIT:
                 break
             marker = page[-1].id
@@ -143,6 +163,7 @@ class Hub:
 
     async def stop(self) -> None:
         self.fanout.close_all()
+        await self.webhooks.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -195,6 +216,8 @@ class Hub:
                 if not fut.done():
                     fut.set_result(None)
             self.fanout.publish(appended)
+            for sub_id in {a.subscription for a in appended}:
+                self.webhooks.wake(sub_id)
 
     async def _retention(self) -> None:
         while True:
@@ -216,8 +239,13 @@ class Hub:
                 " delete one first",
                 limit=self.quota_subscriptions,
             )
+        webhook = None
+        if spec.webhook is not None:
+            await check_target(spec.webhook.url, allow_private=self.allow_private_webhooks)
+            webhook = Webhook(spec.webhook.url, new_secret())
         sub = Subscription(
             id="sub-" + new_id(),
+            webhook=webhook,
             project=who.project,
             user=who.user,
             spec=filter_fields(spec),
@@ -228,6 +256,7 @@ class Hub:
         )
         await self.store.create_subscription(sub)
         self._routes[sub.id] = _Route(sub)
+        self.webhooks.add(sub)
         return sub
 
     async def subscription(self, who: Principal, sub_id: str) -> Subscription:
@@ -249,6 +278,7 @@ class Hub:
     async def delete_subscription(self, who: Principal, sub_id: str) -> None:
         await self.subscription(who, sub_id)
         self._routes.pop(sub_id, None)
+        self.webhooks.remove(sub_id)
         await self.store.delete_subscription(sub_id)
         self.fanout.close_subscription(sub_id)
 
@@ -264,6 +294,8 @@ class Hub:
 
     async def claim(self, who: Principal, sub_id: str, *, limit: int, ttl: float) -> Claim | None:
         sub = await self.subscription(who, sub_id)
+        if sub.webhook is not None:
+            raise Conflict("this subscription is delivered by its webhook; it cannot be claimed")
         if not 1 <= limit <= 100:
             raise BadRequest("limit must be 1..100", field="limit")
         _check_ttl(ttl)

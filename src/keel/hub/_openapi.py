@@ -60,6 +60,12 @@ _SPEC = {
             },
         },
         "max_deliveries": {"type": "integer", "minimum": 1, "maximum": 100},
+        "webhook": {
+            "type": "object",
+            "required": ["url"],
+            "additionalProperties": False,
+            "properties": {"url": {"type": "string", "format": "uri"}},
+        },
     },
 }
 
@@ -78,6 +84,7 @@ _SUBSCRIPTION = {
         "last_seq": {"type": "integer"},
         "first_seq": {"type": "integer"},
         "dropped": {"type": "integer"},
+        "webhook": {"type": ["object", "null"]},
     },
 }
 

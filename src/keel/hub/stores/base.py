@@ -9,10 +9,10 @@ promises:
   is not enqueued twice.
 - Sequence numbers per queue start at 1, increase by one per message and never repeat.
 - Retention removes only from the head of a queue and counts every message it removes.
-- Claims: a ready message is in at most one live claim; a claim past its ``expires_at`` no
-  longer holds its messages; ack/release/extend of an expired or unknown claim raise
-  `ClaimExpired`. A message handed out ``max_deliveries`` times moves to the dead letters
-  instead of a further claim.
+- Claims (oldest first): a ready message is in at most one live claim; a claim past its
+  ``expires_at`` no longer holds its messages; ack/release/extend of an expired claim raise
+  `ClaimExpired`, of an unknown one `NotFound`. A message handed out ``max_deliveries``
+  times moves to the dead letters instead of a further claim.
 - Unknown subscription ids raise `NotFound` (the core has already checked the tenant).
 """
 
@@ -33,6 +33,11 @@ class Retention(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_messages: int | None = 10_000
 
 
+class Webhook(msgspec.Struct, frozen=True):
+    url: str
+    secret: str
+
+
 class Subscription(msgspec.Struct, kw_only=True):
     id: str
     project: str
@@ -41,6 +46,7 @@ class Subscription(msgspec.Struct, kw_only=True):
     all_projects: bool = False
     retention: Retention = Retention()
     max_deliveries: int = 5
+    webhook: Webhook | None = None
     created_at: float
     # Maintained by the store.
     last_seq: int = 0
@@ -118,8 +124,18 @@ class Store(Protocol):
     ) -> tuple[Gap | None, list[Message]]: ...
 
     async def claim(
-        self, sub_id: str, *, limit: int, ttl: float, now: float, max_deliveries: int
-    ) -> Claim | None: ...
+        self,
+        sub_id: str,
+        *,
+        limit: int,
+        ttl: float,
+        now: float,
+        max_deliveries: int,
+        head_only: bool = False,
+    ) -> Claim | None:
+        """Claim the oldest visible ready messages. ``head_only``: claim only if the oldest
+        ready message is visible (in-order consumers such as webhooks wait for it)."""
+        ...
 
     async def ack(
         self, sub_id: str, claim_id: str, seqs: Sequence[int] | None, *, now: float

@@ -293,7 +293,14 @@ class SQLiteStore:
         return await self._run(run)
 
     async def claim(
-        self, sub_id: str, *, limit: int, ttl: float, now: float, max_deliveries: int
+        self,
+        sub_id: str,
+        *,
+        limit: int,
+        ttl: float,
+        now: float,
+        max_deliveries: int,
+        head_only: bool = False,
     ) -> Claim | None:
         def run(db: sqlite3.Connection) -> Claim | None:
             self._require(db, sub_id)
@@ -303,11 +310,19 @@ class SQLiteStore:
                 "AND visible_at <= ? AND deliveries >= ?",
                 (DEAD, sub_id, READY, now, max_deliveries),
             )
-            rows = db.execute(
-                "SELECT seq FROM messages WHERE sub_id = ? AND state = ? AND visible_at <= ? "
-                "ORDER BY seq LIMIT ?",
-                (sub_id, READY, now, limit),
-            ).fetchall()
+            if head_only:
+                head = db.execute(
+                    "SELECT seq, visible_at FROM messages WHERE sub_id = ? AND state = ? "
+                    "ORDER BY seq LIMIT 1",
+                    (sub_id, READY),
+                ).fetchone()
+                rows = [(head[0],)] if head is not None and head[1] <= now else []
+            else:
+                rows = db.execute(
+                    "SELECT seq FROM messages WHERE sub_id = ? AND state = ? AND visible_at <= ? "
+                    "ORDER BY seq LIMIT ?",
+                    (sub_id, READY, now, limit),
+                ).fetchall()
             if not rows:
                 return None
             claim_id = "clm-" + new_id()
