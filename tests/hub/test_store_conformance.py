@@ -143,3 +143,18 @@ async def test_unknown_and_deleted_subscriptions_are_not_found(store: Store) -> 
         await store.claim("a", limit=1, ttl=1, now=NOW, max_deliveries=1)
     # Appending to a deleted subscription is a no-op, not an error (routing raced the delete).
     assert await store.append([Routed("e1", ev(1), ("a",))], now=NOW) == []
+
+
+async def test_ack_upto_and_the_acked_prefix(store: Store) -> None:
+    await make_sub(store, "a")
+    await store.append([Routed(f"e{n}", ev(n), ("a",)) for n in range(1, 5)], now=NOW)
+    assert await store.acked_upto("a") == 0
+    claim = await store.claim("a", limit=1, ttl=30, now=NOW, max_deliveries=5)
+    assert claim is not None
+    # Seq 1 is claimed by a pull consumer: a stream ack does not touch it.
+    assert await store.ack_upto("a", 3) == 2
+    assert await store.acked_upto("a") == 0
+    await store.ack("a", claim.id, None, now=NOW)
+    assert await store.acked_upto("a") == 3
+    assert await store.ack_upto("a", 10) == 1
+    assert await store.acked_upto("a") == 4

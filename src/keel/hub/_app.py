@@ -19,7 +19,8 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 from keel import errors
 from keel._log import event as log_event
@@ -27,7 +28,8 @@ from keel.hub._auth import Principal
 from keel.hub._core import Hub
 from keel.hub._events import decode_event
 from keel.hub._openapi import openapi_document
-from keel.hub._sse import SSEStream
+from keel.hub._sse import StreamCursor
+from keel.hub._ws import websocket_stream
 from keel.hub.stores.base import Claim, Gap, Message, Subscription
 
 log = logging.getLogger("keel.hub.http")
@@ -324,7 +326,7 @@ class Api:
         except BaseException:
             self.hub.fanout.leave(client)
             raise
-        stream = SSEStream(self.hub, sub_id, client, sub.last_seq if after is None else after)
+        stream = StreamCursor(self.hub, sub_id, client, sub.last_seq if after is None else after)
         return StreamingResponse(
             stream.frames(heartbeat=self.heartbeat, catch_up=after is not None),
             media_type="text/event-stream",
@@ -362,7 +364,12 @@ def create_app(hub: Hub, *, heartbeat: float = 15.0) -> Starlette:
         (s + "/dead-letters", api.dead_letters, ["GET"]),
         (s + "/dead-letters/redrive", api.redrive, ["POST"]),
     ]
-    routes = [Route(path, _guard(h), methods=m) for path, h, m in table]
+    routes: list[BaseRoute] = [Route(path, _guard(h), methods=m) for path, h, m in table]
+
+    async def ws(websocket: WebSocket) -> None:
+        await websocket_stream(websocket, hub, heartbeat=heartbeat)
+
+    routes.append(WebSocketRoute(s + "/ws", ws))
     return Starlette(
         routes=routes,
         exception_handlers={HTTPException: _http_error, Exception: _server_error},

@@ -318,6 +318,12 @@ class Hub:
         _check_ttl(ttl)
         return await self.store.extend(sub_id, claim_id, ttl=ttl, now=self.clock())
 
+    async def ack_upto(self, who: Principal, sub_id: str, seq: int) -> int:
+        await self.subscription(who, sub_id)
+        if seq < 0:
+            raise BadRequest("seq must be >= 0", field="seq")
+        return await self.store.ack_upto(sub_id, seq)
+
     async def dead_letters(
         self, who: Principal, sub_id: str, *, after: int, limit: int | None
     ) -> list[Message]:

@@ -1,4 +1,4 @@
-"""In-process fan-out of committed messages to live stream clients (SSE, later WebSocket).
+"""In-process fan-out of committed messages to live stream clients (SSE and WebSocket).
 
 Each message is encoded once per subscription and the same bytes go to every client of it.
 Every client has a bounded queue; a client whose queue is full is marked ``lagging`` and gets
@@ -19,10 +19,18 @@ def sse_frame(seq: int, body: bytes) -> bytes:
     return b"id: %d\nevent: cloudevent\ndata: %s\n\n" % (seq, body)
 
 
+def ws_frame(seq: int, body: bytes) -> bytes:
+    return b'{"type":"event","seq":%d,"event":%s}' % (seq, body)
+
+
+# What a client's queue holds: (seq, SSE frame, WebSocket frame), both built once per message.
+Item = tuple[int, bytes, bytes]
+
+
 class StreamClient:
     def __init__(self, subscription: str, maxsize: int) -> None:
         self.subscription = subscription
-        self.queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue(maxsize)
+        self.queue: asyncio.Queue[Item] = asyncio.Queue(maxsize)
         self.lagging = False
         self.closed = asyncio.Event()
 
@@ -50,7 +58,7 @@ class Fanout:
             clients = self._clients.get(item.subscription)
             if not clients:
                 continue
-            frame = (item.seq, sse_frame(item.seq, item.body))
+            frame = (item.seq, sse_frame(item.seq, item.body), ws_frame(item.seq, item.body))
             for client in clients:
                 if client.lagging:
                     continue
@@ -65,7 +73,7 @@ class Fanout:
             client.closed.set()
             # A sentinel wakes a client waiting on an empty queue; a full one is not waiting.
             if not client.queue.full():
-                client.queue.put_nowait((-1, b""))
+                client.queue.put_nowait((-1, b"", b""))
 
     def close_all(self) -> None:
         for subscription in list(self._clients):

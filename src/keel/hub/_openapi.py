@@ -219,6 +219,17 @@ def openapi_document() -> dict[str, Any]:
                 ],
             ),
         },
+        "/v1/subscriptions/{sub_id}/ws": {
+            "parameters": [_SUB_ID],
+            "get": _op(
+                "WebSocket stream with acks over the socket (upgrade)",
+                {"101": {"description": "Switching protocols"}},
+                parameters=[
+                    {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                    {"name": "access_token", "in": "query", "schema": {"type": "string"}},
+                ],
+            ),
+        },
         "/v1/subscriptions/{sub_id}/claims": {
             "parameters": [_SUB_ID],
             "post": _op(

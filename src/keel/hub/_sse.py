@@ -1,11 +1,11 @@
-"""Server-Sent Events for one subscription: a cursor over its queue, resumable by sequence.
+"""Streams of one subscription (SSE and WebSocket): a cursor over its queue, resumable by seq.
 
 What a client gets: every message after its resume point, in sequence order, each exactly
 once per connection; a ``gap`` event (with the count) first if retention already dropped part
-of that range; a comment line every ``heartbeat`` seconds. Live messages come from the
+of that range; a heartbeat every ``heartbeat`` seconds. Live messages come from the
 in-process fan-out; a client that falls behind (its bounded queue filled up) or sees a hole
 in the sequence is caught up from the store, so nothing is buffered for slow clients and
-nothing is skipped. Streaming does not ack or claim anything.
+nothing is skipped. Streaming itself does not ack or claim anything.
 """
 
 from __future__ import annotations
@@ -13,21 +13,25 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from typing import Literal
 
 from keel.hub._core import Hub
-from keel.hub._fanout import StreamClient, sse_frame
+from keel.hub._fanout import StreamClient, sse_frame, ws_frame
 from keel.hub.stores.base import Gap
 
 PAGE = 500
-HEARTBEAT = b": hb\n\n"
+Format = Literal["sse", "ws"]
+HEARTBEAT = {"sse": b": hb\n\n", "ws": b'{"type":"heartbeat"}'}
 
 
-def gap_frame(gap: Gap) -> bytes:
-    data = json.dumps({"from": gap.first, "to": gap.last, "count": gap.count})
-    return f"id: {gap.last}\nevent: gap\ndata: {data}\n\n".encode()
+def gap_frame(gap: Gap, fmt: Format = "sse") -> bytes:
+    data = {"from": gap.first, "to": gap.last, "count": gap.count}
+    if fmt == "ws":
+        return json.dumps({"type": "gap", **data}).encode()
+    return f"id: {gap.last}\nevent: gap\ndata: {json.dumps(data)}\n\n".encode()
 
 
-class SSEStream:
+class StreamCursor:
     """Built after the subscription was checked (so errors become HTTP answers, not streams)."""
 
     def __init__(self, hub: Hub, sub_id: str, client: StreamClient, cursor: int) -> None:
@@ -36,46 +40,51 @@ class SSEStream:
         self.client = client
         self.cursor = cursor
 
-    async def _catch_up(self) -> AsyncIterator[bytes]:
+    async def _catch_up(self, fmt: Format) -> AsyncIterator[bytes]:
         client = self.client
+        encode = sse_frame if fmt == "sse" else ws_frame
         while not client.queue.empty():
             client.queue.get_nowait()
         client.lagging = False
         while True:
             gap, messages = await self.hub.store.read(self.sub_id, after=self.cursor, limit=PAGE)
             if gap is not None:
-                yield gap_frame(gap)
+                yield gap_frame(gap, fmt)
                 self.cursor = gap.last
             for message in messages:
-                yield sse_frame(message.seq, bytes(message.event))
+                yield encode(message.seq, bytes(message.event))
                 self.cursor = message.seq
             if len(messages) < PAGE:
                 return
 
-    async def frames(self, *, heartbeat: float, catch_up: bool) -> AsyncIterator[bytes]:
+    async def frames(
+        self, *, heartbeat: float, catch_up: bool, fmt: Format = "sse"
+    ) -> AsyncIterator[bytes]:
         client = self.client
         try:
-            yield b"retry: 2000\n\n"
+            if fmt == "sse":
+                yield b"retry: 2000\n\n"
             need = catch_up
             while not client.closed.is_set():
                 if need or client.lagging:
-                    async for frame in self._catch_up():
+                    async for frame in self._catch_up(fmt):
                         yield frame
                     need = False
                 try:
-                    seq, frame = client.queue.get_nowait()
+                    item = client.queue.get_nowait()
                 except asyncio.QueueEmpty:
                     try:
-                        seq, frame = await asyncio.wait_for(client.queue.get(), heartbeat)
+                        item = await asyncio.wait_for(client.queue.get(), heartbeat)
                     except TimeoutError:
-                        yield HEARTBEAT
+                        yield HEARTBEAT[fmt]
                         continue
+                seq, sse, ws = item
                 if seq < 0 or seq <= self.cursor:
                     continue  # wake-up sentinel, or already sent during a catch-up
                 if seq > self.cursor + 1:
                     need = True  # a hole: the store has it, committed before the wake-up
                     continue
                 self.cursor = seq
-                yield frame
+                yield sse if fmt == "sse" else ws
         finally:
             self.hub.fanout.leave(client)

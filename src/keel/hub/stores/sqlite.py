@@ -408,6 +408,29 @@ class SQLiteStore:
 
         return await self._run(self._tx, run)
 
+    async def ack_upto(self, sub_id: str, seq: int) -> int:
+        def run(db: sqlite3.Connection) -> int:
+            self._require(db, sub_id)
+            return int(
+                db.execute(
+                    "UPDATE messages SET state = ? WHERE sub_id = ? AND seq <= ? AND state = ? "
+                    "AND claim_id IS NULL",
+                    (ACKED, sub_id, seq, READY),
+                ).rowcount
+            )
+
+        return await self._run(self._tx, run)
+
+    async def acked_upto(self, sub_id: str) -> int:
+        def run() -> int:
+            _, last = self._require(self.db, sub_id)
+            row = self.db.execute(
+                "SELECT min(seq) FROM messages WHERE sub_id = ? AND state = ?", (sub_id, READY)
+            ).fetchone()
+            return last if row[0] is None else int(row[0]) - 1
+
+        return await self._run(run)
+
     async def dead_letters(self, sub_id: str, *, after: int, limit: int) -> list[Message]:
         def run() -> list[Message]:
             self._require(self.db, sub_id)
