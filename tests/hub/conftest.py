@@ -5,6 +5,7 @@ Adding a store means adding it to STORES, nothing else: no test names a store.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import httpx
 import pytest
 
 from keel.hub import Hub, HubServer, Principal, SQLiteStore, StaticTokens, Store
+from tests.servers import server_url
 
 StoreFactory = Callable[[Path], Awaitable[Store]]
 
@@ -22,7 +24,15 @@ async def _sqlite(tmp: Path) -> Store:
     return store
 
 
-STORES: dict[str, StoreFactory] = {"sqlite": _sqlite}
+async def _postgres(tmp: Path) -> Store:
+    from keel.hub.stores.postgres import PostgresStore  # noqa: PLC0415 - needs the server
+
+    store = PostgresStore(server_url("postgres"), schema=f"t_{uuid.uuid4().hex[:12]}")
+    await store.open()
+    return store
+
+
+STORES: dict[str, StoreFactory] = {"sqlite": _sqlite, "postgres": _postgres}
 
 TOKENS = {
     "tok-alice": Principal("alice", "p-one", ("member",)),
@@ -37,6 +47,13 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     s = await STORES[request.param](tmp_path)
     yield s
     await s.close()
+    schema = getattr(s, "schema", None)
+    if schema is not None:  # PostgreSQL: each test had its own schema; drop it
+        import asyncpg  # noqa: PLC0415
+
+        conn = await asyncpg.connect(server_url("postgres"))
+        await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+        await conn.close()
 
 
 @pytest.fixture
