@@ -105,11 +105,6 @@ class _Route:
         self.all_projects = sub.all_projects
         self.predicate: Predicate = compile_filter(sub.spec)
 
-    def wants(self, event: CloudEvent, attrs: dict[str, str]) -> bool:
-        if not self.all_projects and event.tenant != self.project:
-            return False
-        return self.predicate(attrs)
-
 
 class Hub:
     def __init__(
@@ -142,6 +137,7 @@ class Hub:
             idle_check=webhook_idle_check,
         )
         self._routes: dict[str, _Route] = {}
+        self._by_tenant: dict[str | None, list[_Route]] | None = None  # rebuilt on change
         self._pending: asyncio.Queue[tuple[CloudEvent, asyncio.Future[None]]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self.ingested = 0
@@ -152,6 +148,7 @@ class Hub:
             page = await self.store.list_subscriptions(None, limit=MAX_LIMIT, marker=marker)
             for sub in page:
                 self._routes[sub.id] = _Route(sub)
+                self._by_tenant = None
                 self.webhooks.add(sub)
             if len(page) < MAX_LIMIT:
                 break
@@ -189,8 +186,17 @@ class Hub:
         await fut
 
     def route(self, event: CloudEvent) -> tuple[str, ...]:
+        """The subscriptions that get ``event``: its tenant's and the cross-project ones."""
+        if self._by_tenant is None:
+            index: dict[str | None, list[_Route]] = {}
+            for r in self._routes.values():
+                index.setdefault(None if r.all_projects else r.project, []).append(r)
+            self._by_tenant = index
         attrs = event.attributes()
-        return tuple(r.id for r in self._routes.values() if r.wants(event, attrs))
+        out = [r.id for r in self._by_tenant.get(None, ()) if r.predicate(attrs)]
+        if event.tenant is not None:
+            out += [r.id for r in self._by_tenant.get(event.tenant, ()) if r.predicate(attrs)]
+        return tuple(out)
 
     async def _batcher(self) -> None:
         while True:
@@ -256,6 +262,7 @@ class Hub:
         )
         await self.store.create_subscription(sub)
         self._routes[sub.id] = _Route(sub)
+        self._by_tenant = None
         self.webhooks.add(sub)
         return sub
 
@@ -278,6 +285,7 @@ class Hub:
     async def delete_subscription(self, who: Principal, sub_id: str) -> None:
         await self.subscription(who, sub_id)
         self._routes.pop(sub_id, None)
+        self._by_tenant = None
         self.webhooks.remove(sub_id)
         await self.store.delete_subscription(sub_id)
         self.fanout.close_subscription(sub_id)

@@ -56,11 +56,21 @@ def compile_filter(spec: Mapping[str, Any]) -> Predicate:
     return _all(parts)
 
 
+# Single-part shapes get their own closures: routing calls a predicate per subscription per
+# event, so one call instead of three nested ones is most of the ingest rate.
+
+
 def _all(parts: list[Predicate]) -> Predicate:
+    if not parts:
+        return lambda a: True
+    if len(parts) == 1:
+        return parts[0]
     return lambda a: all(p(a) for p in parts)
 
 
 def _any(parts: list[Predicate]) -> Predicate:
+    if len(parts) == 1:
+        return parts[0]
     return lambda a: any(p(a) for p in parts)
 
 
@@ -104,6 +114,9 @@ def _dialect(node: Any, where: str, depth: int, budget: list[int]) -> Predicate:
 
 def _exact(pairs: dict[str, str], where: str) -> Predicate:
     items = tuple(pairs.items())
+    if len(items) == 1:
+        ((key, value),) = items
+        return lambda a: a.get(key) == value  # a missing attribute is None, never equal
     return lambda a: all(k in a and a[k] == v for k, v in items)
 
 

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Literal
 
 from keel.hub._core import Hub
-from keel.hub._fanout import StreamClient, sse_frame, ws_frame
+from keel.hub._fanout import Item, StreamClient, sse_frame, ws_frame
 from keel.hub.stores.base import Gap
 
 PAGE = 500
@@ -57,6 +57,27 @@ class StreamCursor:
             if len(messages) < PAGE:
                 return
 
+    def _coalesce(self, item: Item, fmt: Format) -> tuple[list[bytes], bool]:
+        """Frames to send now (whatever is already queued, in order) and whether a hole
+        means catching up from the store. Under load one send per frame is what limits
+        fan-out, and SSE frames concatenate safely; WebSocket sends one message per event."""
+        chunk: list[bytes] = []
+        client = self.client
+        while True:
+            seq, sse, ws = item
+            if seq > self.cursor + 1:
+                return chunk, True  # the store has it: committed before the wake-up
+            if seq == self.cursor + 1:
+                self.cursor = seq
+                chunk.append(sse if fmt == "sse" else ws)
+            # else: a wake-up sentinel (-1), or already sent during a catch-up
+            if fmt == "ws" and chunk:
+                return chunk, False
+            try:
+                item = client.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return chunk, False
+
     async def frames(
         self, *, heartbeat: float, catch_up: bool, fmt: Format = "sse"
     ) -> AsyncIterator[bytes]:
@@ -78,13 +99,11 @@ class StreamCursor:
                     except TimeoutError:
                         yield HEARTBEAT[fmt]
                         continue
-                seq, sse, ws = item
-                if seq < 0 or seq <= self.cursor:
-                    continue  # wake-up sentinel, or already sent during a catch-up
-                if seq > self.cursor + 1:
-                    need = True  # a hole: the store has it, committed before the wake-up
-                    continue
-                self.cursor = seq
-                yield sse if fmt == "sse" else ws
+                chunk, need = self._coalesce(item, fmt)
+                if fmt == "ws":
+                    for frame in chunk:
+                        yield frame
+                elif chunk:
+                    yield b"".join(chunk)
         finally:
             self.hub.fanout.leave(client)
