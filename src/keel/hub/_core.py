@@ -199,31 +199,50 @@ class Hub:
         return tuple(out)
 
     async def _batcher(self) -> None:
-        while True:
-            batch = [await self._pending.get()]
-            while len(batch) < self.batch_max and not self._pending.empty():
-                batch.append(self._pending.get_nowait())
-            routed = [Routed(e.id, encode_event(e), self.route(e)) for e, _ in batch]
-            try:
-                appended = await self.store.append(routed, now=self.clock())
-            except asyncio.CancelledError:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(ConnectionError("hub stopped during the commit"))
-                raise
-            except Exception as exc:
-                log_event(log, logging.ERROR, "hub.ingest_failed", error=repr(exc))
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
-            self.ingested += len(batch)
+        # Two batches in flight: the next one is routed and encoded while the store commits
+        # the previous (the store's own ordering keeps sequence numbers in batch order).
+        slots = asyncio.Semaphore(2)
+        commits: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                batch = [await self._pending.get()]
+                while len(batch) < self.batch_max and not self._pending.empty():
+                    batch.append(self._pending.get_nowait())
+                routed = [Routed(e.id, encode_event(e), self.route(e)) for e, _ in batch]
+                await slots.acquire()
+                task = asyncio.create_task(self._commit(batch, routed))
+                commits.add(task)
+                task.add_done_callback(commits.discard)
+                task.add_done_callback(lambda _: slots.release())
+        finally:
+            for task in list(commits):
+                task.cancel()
+            if commits:
+                await asyncio.wait(commits)
+
+    async def _commit(
+        self, batch: list[tuple[CloudEvent, asyncio.Future[None]]], routed: list[Routed]
+    ) -> None:
+        try:
+            appended = await self.store.append(routed, now=self.clock())
+        except asyncio.CancelledError:
             for _, fut in batch:
                 if not fut.done():
-                    fut.set_result(None)
-            self.fanout.publish(appended)
-            for sub_id in {a.subscription for a in appended}:
-                self.webhooks.wake(sub_id)
+                    fut.set_exception(ConnectionError("hub stopped during the commit"))
+            raise
+        except Exception as exc:
+            log_event(log, logging.ERROR, "hub.ingest_failed", error=repr(exc))
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        self.ingested += len(batch)
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_result(None)
+        self.fanout.publish(appended)
+        for sub_id in {a.subscription for a in appended}:
+            self.webhooks.wake(sub_id)
 
     async def _retention(self) -> None:
         while True:

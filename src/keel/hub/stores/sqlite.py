@@ -187,35 +187,46 @@ class SQLiteStore:
     def _append(
         self, db: sqlite3.Connection, batch: Sequence[Routed], now: float
     ) -> list[Appended]:
-        out: list[Appended] = []
-        touched: dict[str, int] = {}
-        seqs: dict[str, int] = {}
+        ids = list({item.event_id for item in batch})
+        seen: set[str] = set()
+        for i in range(0, len(ids), 500):  # SQLite's bound-parameter limit
+            part = ids[i : i + 500]
+            marks = ",".join("?" * len(part))
+            query = f"SELECT event_id FROM ingested WHERE event_id IN ({marks})"
+            seen.update(r[0] for r in db.execute(query, part))
+        fresh: list[Routed] = []
         for item in batch:
-            fresh = db.execute(
-                "INSERT OR IGNORE INTO ingested (event_id, at) VALUES (?, ?)", (item.event_id, now)
-            ).rowcount
-            if not fresh:
-                continue
+            if item.event_id not in seen:
+                seen.add(item.event_id)  # a duplicate within the batch too
+                fresh.append(item)
+        if not fresh:
+            return []
+        db.executemany(
+            "INSERT INTO ingested (event_id, at) VALUES (?, ?)", [(i.event_id, now) for i in fresh]
+        )
+        seqs: dict[str, int] = {}
+        for sub_id in {s for item in fresh for s in item.subscriptions}:
+            row = db.execute(
+                "SELECT last_seq FROM subscriptions WHERE id = ?", (sub_id,)
+            ).fetchone()
+            if row is not None:  # else deleted between routing and commit
+                seqs[sub_id] = row[0]
+        out: list[Appended] = []
+        rows: list[tuple[str, int, bytes, str, float]] = []
+        for item in fresh:
             for sub_id in item.subscriptions:
-                if sub_id not in seqs:
-                    row = db.execute(
-                        "SELECT last_seq FROM subscriptions WHERE id = ?", (sub_id,)
-                    ).fetchone()
-                    if row is None:
-                        continue  # deleted between routing and commit
-                    seqs[sub_id] = row[0]
-                seqs[sub_id] += 1
-                seq = seqs[sub_id]
-                db.execute(
-                    "INSERT INTO messages (sub_id, seq, event, state, enqueued_at) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (sub_id, seq, item.body, READY, now),
-                )
-                touched[sub_id] = seq
-                out.append(Appended(sub_id, seq, item.body))
-        for sub_id, last in touched.items():
-            db.execute("UPDATE subscriptions SET last_seq = ? WHERE id = ?", (last, sub_id))
-            self._trim_length(db, sub_id, last)
+                if sub_id in seqs:
+                    seqs[sub_id] += 1
+                    rows.append((sub_id, seqs[sub_id], item.body, READY, now))
+                    out.append(Appended(sub_id, seqs[sub_id], item.body))
+        db.executemany(
+            "INSERT INTO messages (sub_id, seq, event, state, enqueued_at) VALUES (?, ?, ?, ?, ?)",
+            rows,
+        )
+        touched = {a.subscription for a in out}
+        for sub_id in touched:
+            db.execute("UPDATE subscriptions SET last_seq = ? WHERE id = ?", (seqs[sub_id], sub_id))
+            self._trim_length(db, sub_id, seqs[sub_id])
         return out
 
     @staticmethod
