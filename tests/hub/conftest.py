@@ -34,6 +34,38 @@ async def _postgres(tmp: Path) -> Store:
 
 STORES: dict[str, StoreFactory] = {"sqlite": _sqlite, "postgres": _postgres}
 
+
+def _classes() -> dict[str, type]:
+    from keel.hub.stores.postgres import PostgresStore  # noqa: PLC0415
+
+    return {"sqlite": SQLiteStore, "postgres": PostgresStore}
+
+
+# The stores that declare several hub processes may share them (tests/hub/test_scale_out.py).
+MULTI_PROCESS = sorted(name for name, cls in _classes().items() if cls.multi_process)
+
+
+async def drop(store: Store) -> None:
+    await store.close()
+    schema = getattr(store, "schema", None)
+    if schema is not None:  # PostgreSQL: each test had its own schema; drop it
+        import asyncpg  # noqa: PLC0415
+
+        conn = await asyncpg.connect(server_url("postgres"))
+        await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+        await conn.close()
+
+
+async def another_view(store: Store) -> Store:
+    """The same store opened again, as a second hub process would (multi-process stores)."""
+    from keel.hub.stores.postgres import PostgresStore  # noqa: PLC0415
+
+    assert isinstance(store, PostgresStore)
+    other = PostgresStore(store.url, schema=store.schema)
+    await other.open()
+    return other
+
+
 TOKENS = {
     "tok-alice": Principal("alice", "p-one", ("member",)),
     "tok-bob": Principal("bob", "p-two", ("member",)),
@@ -46,14 +78,7 @@ TOKENS = {
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     s = await STORES[request.param](tmp_path)
     yield s
-    await s.close()
-    schema = getattr(s, "schema", None)
-    if schema is not None:  # PostgreSQL: each test had its own schema; drop it
-        import asyncpg  # noqa: PLC0415
-
-        conn = await asyncpg.connect(server_url("postgres"))
-        await conn.execute(f"DROP SCHEMA {schema} CASCADE")
-        await conn.close()
+    await drop(s)
 
 
 @pytest.fixture

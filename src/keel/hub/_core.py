@@ -140,6 +140,7 @@ class Hub:
         self._by_tenant: dict[str | None, list[_Route]] | None = None  # rebuilt on change
         self._pending: asyncio.Queue[tuple[CloudEvent, asyncio.Future[None]]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
+        self._reloads: set[asyncio.Task[None]] = set()
         self.ingested = 0
 
     async def start(self) -> None:
@@ -153,12 +154,16 @@ class Hub:
             if len(page) < MAX_LIMIT:
                 break
             marker = page[-1].id
+        await self.store.watch(self._on_store_change)
         self._tasks = [
             asyncio.create_task(self._batcher(), name="keel-hub-ingest"),
             asyncio.create_task(self._retention(), name="keel-hub-retention"),
         ]
 
     async def stop(self) -> None:
+        await self.store.unwatch(self._on_store_change)
+        for task in self._reloads:
+            task.cancel()
         self.fanout.close_all()
         await self.webhooks.stop()
         for task in self._tasks:
@@ -171,6 +176,28 @@ class Hub:
             _, fut = self._pending.get_nowait()
             if not fut.done():
                 fut.set_exception(ConnectionError("hub stopped before the event was committed"))
+
+    def _on_store_change(self, kind: str, sub_id: str) -> None:
+        """Another hub process changed the shared store."""
+        if kind == "append":
+            self.fanout.nudge(sub_id)
+            self.webhooks.wake(sub_id)
+        elif kind == "subscription":
+            task = asyncio.get_running_loop().create_task(self._reload(sub_id))
+            self._reloads.add(task)
+            task.add_done_callback(self._reloads.discard)
+
+    async def _reload(self, sub_id: str) -> None:
+        try:
+            sub = await self.store.get_subscription(sub_id)
+        except NotFound:
+            self._routes.pop(sub_id, None)
+            self.webhooks.remove(sub_id)
+            self.fanout.close_subscription(sub_id)
+        else:
+            self._routes[sub_id] = _Route(sub)
+            self.webhooks.add(sub)
+        self._by_tenant = None
 
     async def authenticate(self, token: str | None) -> Principal:
         if not token:

@@ -68,6 +68,13 @@ class Fanout:
                     client.lagging = True
                     self.lagged += 1
 
+    def nudge(self, subscription: str) -> None:
+        """Another process appended: every client of it catches up from the store."""
+        for client in self._clients.get(subscription, ()):
+            client.lagging = True
+            if not client.queue.full():
+                client.queue.put_nowait((-1, b"", b""))
+
     def close_subscription(self, subscription: str) -> None:
         for client in self._clients.pop(subscription, set()):
             client.closed.set()

@@ -18,8 +18,8 @@ promises:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Protocol
 
 import msgspec
 
@@ -97,9 +97,23 @@ class Appended(msgspec.Struct, frozen=True):
 
 
 class Store(Protocol):
+    # Whether several hub processes may open the same store at once (declared, and tested by
+    # tests/hub/test_scale_out.py for every store that declares it).
+    multi_process: ClassVar[bool]
+
     async def open(self) -> None: ...
 
     async def close(self) -> None: ...
+
+    async def watch(self, on_change: Callable[[str, str], None]) -> None:
+        """Call ``on_change(kind, subscription_id)`` when another process changed the store:
+        kind ``"append"`` (new messages) or ``"subscription"`` (created or deleted). A
+        single-process store never calls it."""
+        ...
+
+    async def unwatch(self, on_change: Callable[[str, str], None]) -> None:
+        """Stop calling ``on_change``."""
+        ...
 
     # subscriptions
     async def create_subscription(self, sub: Subscription) -> None: ...

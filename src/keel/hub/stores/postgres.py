@@ -8,16 +8,19 @@ across processes without deadlocks; claims use ``FOR UPDATE SKIP LOCKED``, so co
 claimers in different processes get disjoint messages. Connection failures surface as
 `BackendUnavailable` (retryable); nothing is half-written.
 
-Not yet here: LISTEN/NOTIFY wake-ups, so a stream served by one process learns of messages
-appended by another only when it next reads the store (see the hub contract's status).
+Other processes learn of changes through LISTEN/NOTIFY, sent inside the writing transaction
+(so delivered only on commit): `watch` reports appends (streams and webhooks of that
+subscription catch up from the store) and subscription changes (routes are reloaded). A
+lost notification connection is not retried yet: the process then serves what it commits
+itself and reads the rest when its streams next catch up.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import asyncpg
 import msgspec
@@ -81,6 +84,8 @@ def _msg(row: asyncpg.Record) -> Message:
 
 
 class PostgresStore:
+    multi_process: ClassVar[bool] = True
+
     def __init__(
         self,
         url: str,
@@ -96,6 +101,10 @@ class PostgresStore:
         self.dedup_s = dedup_s
         self.pool_size = pool_size
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+        self._listener: asyncpg.Connection[asyncpg.Record] | None = None
+        self._watchers: list[Callable[[str, str], None]] = []
+        self.origin = new_id()  # tells this process's own notifications from others'
+        self.channel = f"keel_hub_{schema}"
 
     def _q(self, sql: str) -> str:
         return sql.replace("{s}", self.schema)
@@ -115,7 +124,40 @@ class PostgresStore:
                 + f"SELECT pg_advisory_unlock(hashtext('{self.schema}'));"
             )
 
+    async def watch(self, on_change: Callable[[str, str], None]) -> None:
+        self._watchers.append(on_change)
+        if self._listener is not None:
+            return
+
+        def handle(conn: object, pid: int, channel: str, payload: object) -> None:
+            origin, kind, ids = str(payload).split(" ", 2)
+            if origin == self.origin:
+                return
+            for watcher in list(self._watchers):
+                for sub_id in ids.split(","):
+                    watcher(kind, sub_id)
+
+        try:
+            self._listener = await asyncpg.connect(self.url)
+            await self._listener.add_listener(self.channel, handle)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise BackendUnavailable(f"cannot listen for hub changes: {exc}") from None
+
+    async def unwatch(self, on_change: Callable[[str, str], None]) -> None:
+        if on_change in self._watchers:
+            self._watchers.remove(on_change)
+
+    async def _notify(self, conn: Conn, kind: str, sub_ids: Sequence[str]) -> None:
+        # NOTIFY payloads are limited to 8000 bytes: send the ids in chunks.
+        ids = sorted(sub_ids)
+        for i in range(0, len(ids), 100):
+            payload = f"{self.origin} {kind} {','.join(ids[i : i + 100])}"
+            await conn.execute("SELECT pg_notify($1, $2)", self.channel, payload)
+
     async def close(self) -> None:
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -162,6 +204,7 @@ class PostgresStore:
                 )
             except asyncpg.UniqueViolationError:
                 raise Conflict(f"subscription {sub.id} exists") from None
+            await self._notify(conn, "subscription", [sub.id])
 
     async def get_subscription(self, sub_id: str) -> Subscription:
         async with self._conn() as conn:
@@ -203,6 +246,7 @@ class PostgresStore:
                 raise NotFound(f"no subscription {sub_id!r}", subscription=sub_id)
             await conn.execute(self._q("DELETE FROM {s}.messages WHERE sub_id = $1"), sub_id)
             await conn.execute(self._q("DELETE FROM {s}.claims WHERE sub_id = $1"), sub_id)
+            await self._notify(conn, "subscription", [sub_id])
 
     # --- queues -------------------------------------------------------------------------
 
@@ -273,6 +317,7 @@ class PostgresStore:
                 limit, last, first = r["max_messages"], r["last_seq"], r["first_seq"]
                 if limit is not None and last - first + 1 > limit:
                     await self._drop_before(conn, r["id"], last - limit + 1)
+            await self._notify(conn, "append", [r["id"] for r in rows])
         return out
 
     async def _drop_before(self, conn: Conn, sub_id: str, first: int) -> int:

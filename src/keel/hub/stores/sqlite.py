@@ -15,7 +15,7 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import msgspec
 
@@ -62,6 +62,8 @@ _MSG_COLUMNS = "seq, event, state, deliveries, enqueued_at"
 
 
 class SQLiteStore:
+    multi_process: ClassVar[bool] = False
+
     def __init__(
         self, path: str | Path, *, synchronous: str = "FULL", dedup_s: float = 86400.0
     ) -> None:
@@ -86,6 +88,12 @@ class SQLiteStore:
         db.execute("PRAGMA busy_timeout=5000")
         db.executescript(_SCHEMA)
         self._db = db
+
+    async def watch(self, on_change: Callable[[str, str], None]) -> None:
+        """One process per file: nobody else changes it."""
+
+    async def unwatch(self, on_change: Callable[[str, str], None]) -> None:
+        """Nothing to stop."""
 
     async def close(self) -> None:
         if self._db is not None:
