@@ -95,7 +95,9 @@ class StreamCursor:
                     item = client.queue.get_nowait()
                 except asyncio.QueueEmpty:
                     try:
-                        item = await asyncio.wait_for(client.queue.get(), heartbeat)
+                        # asyncio.timeout, not wait_for: no extra task per wake-up (hot path).
+                        async with asyncio.timeout(heartbeat):
+                            item = await client.queue.get()
                     except TimeoutError:
                         yield HEARTBEAT[fmt]
                         continue
