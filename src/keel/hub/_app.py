@@ -328,7 +328,7 @@ class Api:
             raise
         stream = StreamCursor(self.hub, sub_id, client, sub.last_seq if after is None else after)
         return StreamingResponse(
-            stream.frames(heartbeat=self.heartbeat, catch_up=after is not None),
+            stream.frames(catch_up=after is not None),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -345,6 +345,7 @@ class Api:
 
 
 def create_app(hub: Hub, *, heartbeat: float = 15.0) -> Starlette:
+    hub.fanout.heartbeat = heartbeat
     api = Api(hub, heartbeat=heartbeat)
     s = "/v1/subscriptions/{sub_id}"
     c = s + "/claims/{claim_id}"
@@ -367,7 +368,7 @@ def create_app(hub: Hub, *, heartbeat: float = 15.0) -> Starlette:
     routes: list[BaseRoute] = [Route(path, _guard(h), methods=m) for path, h, m in table]
 
     async def ws(websocket: WebSocket) -> None:
-        await websocket_stream(websocket, hub, heartbeat=heartbeat)
+        await websocket_stream(websocket, hub)
 
     routes.append(WebSocketRoute(s + "/ws", ws))
     return Starlette(

@@ -35,16 +35,36 @@ class StreamClient:
         self.closed = asyncio.Event()
 
 
+HEARTBEAT_ITEM: Item = (-2, b"", b"")
+WAKE_ITEM: Item = (-1, b"", b"")
+
+
 class Fanout:
-    def __init__(self, client_queue: int = 256) -> None:
+    """Also the one heartbeat clock: every ``heartbeat`` seconds an idle client gets a
+    heartbeat item, so a waiting client needs no timer of its own (one per wake-up was a
+    large share of the fan-out's cost)."""
+
+    def __init__(self, client_queue: int = 256, heartbeat: float = 15.0) -> None:
         self.client_queue = client_queue
+        self.heartbeat = heartbeat
         self._clients: dict[str, set[StreamClient]] = defaultdict(set)
+        self._beat: asyncio.Task[None] | None = None
         self.lagged = 0
 
     def join(self, subscription: str) -> StreamClient:
         client = StreamClient(subscription, self.client_queue)
         self._clients[subscription].add(client)
+        if self._beat is None or self._beat.done():
+            self._beat = asyncio.get_running_loop().create_task(self._beats())
         return client
+
+    async def _beats(self) -> None:
+        while self._clients:
+            await asyncio.sleep(self.heartbeat)
+            for clients in list(self._clients.values()):
+                for client in clients:
+                    if client.queue.empty():
+                        client.queue.put_nowait(HEARTBEAT_ITEM)
 
     def leave(self, client: StreamClient) -> None:
         clients = self._clients.get(client.subscription)
@@ -73,18 +93,21 @@ class Fanout:
         for client in self._clients.get(subscription, ()):
             client.lagging = True
             if not client.queue.full():
-                client.queue.put_nowait((-1, b"", b""))
+                client.queue.put_nowait(WAKE_ITEM)
 
     def close_subscription(self, subscription: str) -> None:
         for client in self._clients.pop(subscription, set()):
             client.closed.set()
             # A sentinel wakes a client waiting on an empty queue; a full one is not waiting.
             if not client.queue.full():
-                client.queue.put_nowait((-1, b"", b""))
+                client.queue.put_nowait(WAKE_ITEM)
 
     def close_all(self) -> None:
         for subscription in list(self._clients):
             self.close_subscription(subscription)
+        if self._beat is not None:
+            self._beat.cancel()
+            self._beat = None
 
     @property
     def client_count(self) -> int:

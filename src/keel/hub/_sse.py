@@ -2,10 +2,10 @@
 
 What a client gets: every message after its resume point, in sequence order, each exactly
 once per connection; a ``gap`` event (with the count) first if retention already dropped part
-of that range; a heartbeat every ``heartbeat`` seconds. Live messages come from the
-in-process fan-out; a client that falls behind (its bounded queue filled up) or sees a hole
-in the sequence is caught up from the store, so nothing is buffered for slow clients and
-nothing is skipped. Streaming itself does not ack or claim anything.
+of that range; a heartbeat when idle for the fan-out's ``heartbeat`` seconds. Live messages
+come from the in-process fan-out; a client that falls behind (its bounded queue filled up)
+or sees a hole in the sequence is caught up from the store, so nothing is buffered for slow
+clients and nothing is skipped. Streaming itself does not ack or claim anything.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Literal
 
 from keel.hub._core import Hub
-from keel.hub._fanout import Item, StreamClient, sse_frame, ws_frame
+from keel.hub._fanout import HEARTBEAT_ITEM, Item, StreamClient, sse_frame, ws_frame
 from keel.hub.stores.base import Gap
 
 PAGE = 500
@@ -70,7 +70,7 @@ class StreamCursor:
             if seq == self.cursor + 1:
                 self.cursor = seq
                 chunk.append(sse if fmt == "sse" else ws)
-            # else: a wake-up sentinel (-1), or already sent during a catch-up
+            # else: a wake-up or heartbeat item (< 0), or already sent during a catch-up
             if fmt == "ws" and chunk:
                 return chunk, False
             try:
@@ -78,9 +78,7 @@ class StreamCursor:
             except asyncio.QueueEmpty:
                 return chunk, False
 
-    async def frames(
-        self, *, heartbeat: float, catch_up: bool, fmt: Format = "sse"
-    ) -> AsyncIterator[bytes]:
+    async def frames(self, *, catch_up: bool, fmt: Format = "sse") -> AsyncIterator[bytes]:
         client = self.client
         try:
             if fmt == "sse":
@@ -91,16 +89,10 @@ class StreamCursor:
                     async for frame in self._catch_up(fmt):
                         yield frame
                     need = False
-                try:
-                    item = client.queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    try:
-                        # asyncio.timeout, not wait_for: no extra task per wake-up (hot path).
-                        async with asyncio.timeout(heartbeat):
-                            item = await client.queue.get()
-                    except TimeoutError:
-                        yield HEARTBEAT[fmt]
-                        continue
+                item = await client.queue.get()
+                if item is HEARTBEAT_ITEM:
+                    yield HEARTBEAT[fmt]
+                    continue
                 chunk, need = self._coalesce(item, fmt)
                 if fmt == "ws":
                     for frame in chunk:

@@ -35,7 +35,7 @@ def _error(status: int, code: str, message: str) -> str:
     )
 
 
-async def websocket_stream(ws: WebSocket, hub: Hub, *, heartbeat: float) -> None:
+async def websocket_stream(ws: WebSocket, hub: Hub) -> None:
     await ws.accept()
     sub_id = ws.path_params["sub_id"]
     token = ws.headers.get("x-auth-token") or ws.query_params.get("access_token")
@@ -62,7 +62,7 @@ async def websocket_stream(ws: WebSocket, hub: Hub, *, heartbeat: float) -> None
     cursor = StreamCursor(hub, sub_id, client, after)
 
     async def send() -> None:
-        async for frame in cursor.frames(heartbeat=heartbeat, catch_up=True, fmt="ws"):
+        async for frame in cursor.frames(catch_up=True, fmt="ws"):
             await ws.send_text(frame.decode())
 
     async def receive() -> None:
