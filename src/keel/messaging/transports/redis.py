@@ -1,0 +1,619 @@
+"""The Redis transport, ``redis://host:port/db``: queues on Redis Streams with consumer groups.
+
+Layout (keys under ``keel:``): a queue is a stream ``keel:q:<queue>`` with one consumer group
+``keel``; competing consumers are consumers of that group. A subject is a set
+``keel:b:<subject>`` of the queues bound to it, and a Lua script XADDs to each in one atomic
+step. Exclusive queues (reply and fanout queues, read ``auto_ack``) are plain lists
+``keel:l:<queue>`` guarded by an owner key ``keel:x:<queue>`` whose TTL the owner refreshes:
+cheaper than a stream for replies, and gone shortly after the owner dies.
+
+What the broker holds when ``send``/``publish`` returns: the entry is in the stream, i.e. in
+Redis memory and, when Redis runs ``appendonly yes`` + ``appendfsync always`` (as
+scripts/servers.d/redis.sh does), fsynced to the AOF before Redis replied. Without AOF (or with
+``appendfsync everysec``) a Redis crash loses what was acknowledged since the last fsync or
+snapshot: Keel cannot tell, so ``durable=True`` is only as durable as the server's config.
+
+Settlement: ``ack`` is XACK + XDEL (pipelined); ``requeue`` and ``dead_letter`` are Lua scripts
+that XACK + XDEL the entry and XADD it again at the tail of the queue (delivery count + 1) or
+to the ``<queue>.dlq`` stream with a ``reason`` field, atomically. A requeued entry is
+therefore available at once to any consumer of the group, behind the entries already queued.
+
+Consumer crash: an entry read but not settled stays in the group's pending list. A live
+consumer refreshes the idle time of its unsettled entries (XCLAIM JUSTID) every third of
+``visibility_timeout`` (URL option, default 10 s); every consumer also moves entries idle
+longer than that (XAUTOCLAIM) back to the tail of the queue. That is what redelivers a
+SIGKILLed server's casts and idempotent calls: after ``visibility_timeout`` plus at most a
+third of it. A consumer whose event loop stalls past ``visibility_timeout`` may see its
+entries redelivered to another consumer too (at-least-once, never lost).
+
+Exclusive queues vanish on ``close``; if the owner dies they expire ``exclusive_ttl`` (default
+30 s) after its last refresh. A consumer crash loses what it had popped from an exclusive
+queue, which is the at-most-once the contract allows for ``auto_ack`` consumers.
+
+Connection loss: each command reconnects and retries with backoff for about 10 s, then raises
+`TransportError`; a send whose reply was lost in the cut may be retried and so stored twice
+(casts carry an idempotency key for that). Consume loops retry forever with backoff and
+re-create their group after a restart without persistence. Every redis-py exception is mapped
+to keel.errors in `_mapped`.
+
+Options (URL query): ``max_message_bytes`` (default 1 MiB), ``visibility_timeout`` (s),
+``exclusive_ttl`` (s). The scripts name keys they are not given, so a Redis Cluster is not
+supported; one Redis server (or a primary with replicas) is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from keel.errors import MessageTooLarge, TransportError
+from keel.messaging.transports.base import DEFAULT_MAX_MESSAGE_BYTES, Handler
+from keel.urls import URL
+
+log = logging.getLogger("keel.messaging.redis")
+
+PREFIX = "keel:"
+GROUP = "keel"
+BLOCK_SECONDS = 2.0  # longest a consume loop blocks in Redis; well under socket_timeout
+AUTO_ACK_BATCH = 256
+
+# --- Lua scripts: each one atomic, so a crash between its steps cannot lose or double a message
+
+# KEYS: stream, owner key, list. ARGV: body, list ttl ms. 1 = queued, 0 = no such queue.
+_SEND = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('XADD', KEYS[1], '*', 'b', ARGV[1])
+  return 1
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('RPUSH', KEYS[3], ARGV[1])
+  redis.call('PEXPIRE', KEYS[3], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: binding set. ARGV: body, list ttl ms, prefix. Drops bindings of queues that are gone.
+_PUBLISH = """
+local n = 0
+for _, q in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local s = ARGV[3] .. 'q:' .. q
+  if redis.call('EXISTS', s) == 1 then
+    redis.call('XADD', s, '*', 'b', ARGV[1])
+    n = n + 1
+  elseif redis.call('EXISTS', ARGV[3] .. 'x:' .. q) == 1 then
+    local l = ARGV[3] .. 'l:' .. q
+    redis.call('RPUSH', l, ARGV[1])
+    redis.call('PEXPIRE', l, ARGV[2])
+    n = n + 1
+  else
+    redis.call('SREM', KEYS[1], q)
+  end
+end
+return n
+"""
+
+# Move entries back to the tail of the queue. KEYS: stream. ARGV: group, count increment,
+# ids... Entries no longer pending (settled meanwhile, or queue deleted) are left alone.
+_RETURN = """
+local moved = 0
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  local e = redis.call('XRANGE', KEYS[1], id, id)
+  if redis.call('XACK', KEYS[1], ARGV[1], id) == 1 then
+    redis.call('XDEL', KEYS[1], id)
+    if e[1] then
+      local f, n = e[1][2], 1
+      for j = 1, #f, 2 do if f[j] == 'n' then n = tonumber(f[j + 1]) end end
+      redis.call('XADD', KEYS[1], '*', 'b', f[2], 'n', n + tonumber(ARGV[2]))
+      moved = moved + 1
+    end
+  end
+end
+return moved
+"""
+
+# KEYS: stream, dead-letter stream. ARGV: group, id, body, reason.
+_DEAD = """
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('XDEL', KEYS[1], ARGV[2])
+  redis.call('XADD', KEYS[2], '*', 'b', ARGV[3], 'reason', ARGV[4])
+  return 1
+end
+return 0
+"""
+
+# Entries pending longer than the visibility timeout belong to a dead consumer: move them to
+# the tail. KEYS: stream. ARGV: group, consumer, min idle ms, count.
+_RECLAIM = """
+local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], '0-0', 'COUNT', ARGV[4])
+local moved = 0
+for _, e in ipairs(r[2]) do
+  local f, n = e[2], 1
+  for j = 1, #f, 2 do if f[j] == 'n' then n = tonumber(f[j + 1]) end end
+  redis.call('XACK', KEYS[1], ARGV[1], e[1])
+  redis.call('XDEL', KEYS[1], e[1])
+  redis.call('XADD', KEYS[1], '*', 'b', f[2], 'n', n + 1)
+  moved = moved + 1
+end
+return moved
+"""
+
+# A cancelled consumer's pending entries it never handed over (a read cut by the cancel) go
+# back unchanged. KEYS: stream. ARGV: group, consumer, ids handed over...
+_ORPHANS = """
+local keep = {}
+for i = 3, #ARGV do keep[ARGV[i]] = true end
+local moved = 0
+for _, p in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 10000, ARGV[2])) do
+  local id = p[1]
+  if not keep[id] then
+    local e = redis.call('XRANGE', KEYS[1], id, id)
+    redis.call('XACK', KEYS[1], ARGV[1], id)
+    redis.call('XDEL', KEYS[1], id)
+    if e[1] then
+      redis.call('XADD', KEYS[1], '*', unpack(e[1][2]))
+      moved = moved + 1
+    end
+  end
+end
+if #ARGV == 2 then redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) end
+return moved
+"""
+
+# KEYS: stream, owner key, list, reverse-binding set. ARGV: prefix, queue.
+_DELETE = """
+for _, s in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+  redis.call('SREM', ARGV[1] .. 'b:' .. s, ARGV[2])
+end
+return redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+"""
+
+
+@contextlib.contextmanager
+def _mapped(what: str, url: URL) -> Iterator[None]:
+    """The one place redis-py exceptions become keel.errors."""
+    try:
+        yield
+    except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
+        raise TransportError(
+            f"redis {url.redacted()} unreachable during {what}: {exc}; retry later",
+            operation=what,
+        ) from exc
+    except rexc.RedisError as exc:
+        raise TransportError(
+            f"redis {url.redacted()} refused {what}: {exc}", operation=what
+        ) from exc
+
+
+_DISCONNECTED = (rexc.ConnectionError, rexc.TimeoutError, OSError)
+
+
+def _stream(queue: str) -> str:
+    return f"{PREFIX}q:{queue}"
+
+
+def _owner(queue: str) -> str:
+    return f"{PREFIX}x:{queue}"
+
+
+def _list(queue: str) -> str:
+    return f"{PREFIX}l:{queue}"
+
+
+class _Delivery:
+    __slots__ = ("_consumer", "_settled", "body", "delivery_count", "entry_id")
+
+    def __init__(self, consumer: _Consumer, entry_id: bytes, body: bytes, count: int) -> None:
+        self._consumer = consumer
+        self.entry_id = entry_id
+        self.body = body
+        self.delivery_count = count
+        self._settled = False
+
+    def _settle(self) -> bool:
+        if self._settled:
+            return False
+        self._settled = True
+        self._consumer.settled(self)
+        return True
+
+    async def ack(self) -> None:
+        if self._settle():
+            await self._consumer.ack(self)
+
+    async def requeue(self) -> None:
+        if self._settle():
+            await self._consumer.requeue(self)
+
+    async def dead_letter(self, reason: str) -> None:
+        if self._settle():
+            await self._consumer.dead_letter(self, reason)
+
+
+class _Consumer:
+    """One consume loop on one queue; a stream group member or a list reader."""
+
+    def __init__(
+        self, transport: RedisTransport, queue: str, handler: Handler, prefetch: int, auto_ack: bool
+    ) -> None:
+        self.transport = transport
+        self.queue = queue
+        self.handler = handler
+        self.prefetch = max(1, prefetch)
+        self.auto_ack = auto_ack
+        self.exclusive = queue in transport._exclusive
+        self.key = _list(queue) if self.exclusive else _stream(queue)
+        self.name = f"{transport.token}-{next(transport._consumer_ids)}"
+        self.unsettled: dict[bytes, _Delivery] = {}
+        self._credit = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopped = False
+        self._list_ids = itertools.count()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def stopped(self) -> bool:
+        return self._stopped
+
+    def settled(self, delivery: _Delivery) -> None:
+        self.unsettled.pop(delivery.entry_id, None)
+        self._credit.set()
+
+    async def cancel(self) -> None:
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stopped = True
+        # redis-py can swallow a cancel that lands while it sets up a connection; insist.
+        while not task.done():
+            task.cancel()
+            await asyncio.wait([task], timeout=0.05)
+        if self in self.transport._consumers:
+            self.transport._consumers.remove(self)
+        if self.exclusive:
+            return
+        t = self.transport
+        try:
+            await t._scripts["orphans"](
+                keys=[self.key], args=[GROUP, self.name, *self.unsettled], client=t.redis
+            )
+        except rexc.RedisError as exc:  # the visibility timeout hands them back instead
+            log.info("redis: could not return unread entries of %s: %s", self.queue, exc)
+
+    # --- the loop --------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        t = self.transport
+        loop = asyncio.get_running_loop()
+        backoff = 0.05
+        next_upkeep = 0.0
+        while not self._stopped:
+            try:
+                if not self.exclusive and loop.time() >= next_upkeep:
+                    await self._upkeep()
+                    next_upkeep = loop.time() + t.visibility_timeout / 3
+                room = AUTO_ACK_BATCH if self.auto_ack else self.prefetch - len(self.unsettled)
+                if room <= 0:
+                    self._credit.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._credit.wait(), t.visibility_timeout / 3)
+                    continue
+                if self.exclusive:
+                    got = await self._read_list(room)
+                else:
+                    got = await self._read_stream(room)
+                backoff = 0.05
+            except _DISCONNECTED as exc:
+                log.info(
+                    "redis: consumer of %s lost its connection (%s); retrying", self.queue, exc
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            except rexc.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    log.warning("redis: consumer of %s: %s", self.queue, exc)
+                # The group is gone (a restart without persistence): declare it again.
+                with contextlib.suppress(rexc.RedisError):
+                    await t._create_group(self.queue)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            if self.stopped():  # a swallowed cancel: hand the entries back, do not deliver
+                for delivery in got:
+                    delivery._settled = True
+                    self.unsettled.pop(delivery.entry_id, None)
+                return
+            for delivery in got:
+                self.handler(delivery)
+
+    async def _upkeep(self) -> None:
+        t = self.transport
+        if self.unsettled:
+            # Keep our own unsettled entries from looking idle to other consumers' reclaim.
+            await t.cmd("XCLAIM", self.key, GROUP, self.name, 0, *self.unsettled, "JUSTID")
+        await t._scripts["reclaim"](
+            keys=[self.key],
+            args=[GROUP, self.name, int(t.visibility_timeout * 1000), 100],
+            client=t.redis,
+        )
+
+    async def _read_stream(self, room: int) -> list[_Delivery]:
+        t = self.transport
+        reply = await t.cmd(
+            "XREADGROUP", "GROUP", GROUP, self.name, "COUNT", room,
+            "BLOCK", int(BLOCK_SECONDS * 1000), "STREAMS", self.key, ">",
+        )  # fmt: skip
+        if not reply:
+            return []
+        entries = reply[0][1]
+        got = []
+        for entry_id, fields in entries:
+            count = fields.get(b"n")
+            delivery = _Delivery(self, entry_id, fields[b"b"], int(count) if count else 1)
+            got.append(delivery)
+        if self.auto_ack:
+            for delivery in got:
+                delivery._settled = True
+            await self._ack_ids([d.entry_id for d in got])
+        else:
+            for delivery in got:
+                self.unsettled[delivery.entry_id] = delivery
+        return got
+
+    async def _read_list(self, room: int) -> list[_Delivery]:
+        reply = await self.transport.cmd(
+            "BLMPOP", BLOCK_SECONDS, 1, self.key, "LEFT", "COUNT", room
+        )
+        if not reply:
+            return []
+        got = []
+        for body in reply[1]:
+            delivery = _Delivery(self, str(next(self._list_ids)).encode(), body, 1)
+            if self.auto_ack:
+                delivery._settled = True
+            else:
+                self.unsettled[delivery.entry_id] = delivery
+            got.append(delivery)
+        return got
+
+    # --- settlement --------------------------------------------------------------------------
+
+    async def _ack_ids(self, ids: Sequence[bytes]) -> None:
+        t = self.transport
+        with _mapped("ack", t.url):
+            async with t.redis.pipeline(transaction=False) as pipe:
+                pipe.execute_command("XACK", self.key, GROUP, *ids)
+                pipe.execute_command("XDEL", self.key, *ids)
+                await pipe.execute()
+
+    async def ack(self, delivery: _Delivery) -> None:
+        if not self.exclusive:
+            await self._ack_ids([delivery.entry_id])
+
+    async def requeue(self, delivery: _Delivery) -> None:
+        t = self.transport
+        with _mapped("requeue", t.url):
+            if self.exclusive:
+                await t.cmd("LPUSH", self.key, delivery.body)
+            else:
+                await t._scripts["return"](
+                    keys=[self.key], args=[GROUP, 1, delivery.entry_id], client=t.redis
+                )
+
+    async def dead_letter(self, delivery: _Delivery, reason: str) -> None:
+        t = self.transport
+        dlq = _stream(self.queue + ".dlq")
+        with _mapped("dead_letter", t.url):
+            if self.exclusive:
+                await t.cmd("XADD", dlq, "*", "b", delivery.body, "reason", reason)
+            else:
+                await t._scripts["dead"](
+                    keys=[self.key, dlq],
+                    args=[GROUP, delivery.entry_id, delivery.body, reason],
+                    client=t.redis,
+                )
+
+
+_SCRIPTS = {
+    "send": _SEND,
+    "publish": _PUBLISH,
+    "return": _RETURN,
+    "dead": _DEAD,
+    "reclaim": _RECLAIM,
+    "orphans": _ORPHANS,
+    "delete": _DELETE,
+}
+
+
+class RedisTransport:
+    """A connection pool to one Redis server. See the module docstring for what it keeps."""
+
+    def __init__(
+        self,
+        url: URL,
+        *,
+        max_message_bytes: int | None = None,
+        visibility_timeout: float | None = None,
+        exclusive_ttl: float | None = None,
+    ) -> None:
+        self.url = url
+        opts = url.options
+        self.max_message_bytes = max_message_bytes or int(
+            opts.get("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
+        )
+        self.visibility_timeout = visibility_timeout or float(opts.get("visibility_timeout", 10))
+        self.exclusive_ttl = exclusive_ttl or float(opts.get("exclusive_ttl", 30))
+        self._ttl_ms = int(self.exclusive_ttl * 1000)
+        self.token = f"{os.getpid()}-{uuid.uuid4().hex[:10]}"
+        db = url.path.strip("/") or "0"
+        self.redis = aioredis.Redis(
+            host=url.host or "127.0.0.1",
+            port=url.port or 6379,
+            db=int(db),
+            username=url.username,
+            password=url.password,
+            socket_timeout=BLOCK_SECONDS + 8,
+            socket_connect_timeout=2,
+            # Bounded reconnect-and-retry per command (about 10 s), then TransportError.
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 25),
+        )
+        # redis-py leaves execute_command untyped; one typed alias keeps mypy strict honest.
+        self.cmd: Callable[..., Awaitable[Any]] = self.redis.execute_command
+        self._scripts = {name: self.redis.register_script(lua) for name, lua in _SCRIPTS.items()}
+        self._consumers: list[_Consumer] = []
+        self._exclusive: set[str] = set()
+        self._consumer_ids = itertools.count(1)
+        self._keepalive: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def connect(self) -> None:
+        self._closed = False
+        with _mapped("connect", self.url):
+            await self.cmd("PING")
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for consumer in list(self._consumers):
+            unsettled = list(consumer.unsettled.values())
+            await consumer.cancel()
+            for delivery in unsettled:
+                with contextlib.suppress(TransportError):
+                    await delivery.requeue()
+        self._consumers.clear()
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
+        for name in list(self._exclusive):
+            with contextlib.suppress(TransportError):
+                await self.delete_queue(name)
+        self._exclusive.clear()
+        await self.redis.aclose()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportError(f"transport {self.url.redacted()} is closed")
+
+    # --- queues ----------------------------------------------------------------------------
+
+    async def _create_group(self, queue: str) -> None:
+        try:
+            await self.cmd("XGROUP", "CREATE", _stream(queue), GROUP, "0", "MKSTREAM")
+        except rexc.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def declare_queue(
+        self,
+        name: str,
+        *,
+        durable: bool,
+        bindings: Sequence[str] = (),
+        exclusive: bool = False,
+    ) -> None:
+        self._check_open()
+        with _mapped("declare_queue", self.url):
+            if exclusive:
+                await self.cmd("SET", _owner(name), self.token, "PX", self._ttl_ms)
+                self._exclusive.add(name)
+                if self._keepalive is None:
+                    self._keepalive = asyncio.get_running_loop().create_task(self._refresh())
+            else:
+                await self._create_group(name)
+            if bindings:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for subject in bindings:
+                        pipe.execute_command("SADD", f"{PREFIX}b:{subject}", name)
+                    pipe.execute_command("SADD", f"{PREFIX}qb:{name}", *bindings)
+                    await pipe.execute()
+
+    async def _refresh(self) -> None:
+        """Keep this connection's exclusive queues alive while it lives."""
+        while True:
+            await asyncio.sleep(self.exclusive_ttl / 3)
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for name in self._exclusive:
+                        # SET, not PEXPIRE: recreates the owner key after a restart without AOF.
+                        pipe.execute_command("SET", _owner(name), self.token, "PX", self._ttl_ms)
+                        pipe.execute_command("PEXPIRE", _list(name), self._ttl_ms)
+                    await pipe.execute()
+            except rexc.RedisError as exc:
+                log.info("redis: could not refresh exclusive queues: %s", exc)
+
+    async def delete_queue(self, name: str) -> None:
+        for consumer in [c for c in self._consumers if c.queue == name]:
+            await consumer.cancel()
+        self._exclusive.discard(name)
+        with _mapped("delete_queue", self.url):
+            await self._scripts["delete"](
+                keys=[_stream(name), _owner(name), _list(name), f"{PREFIX}qb:{name}"],
+                args=[PREFIX, name],
+                client=self.redis,
+            )
+
+    # --- messages --------------------------------------------------------------------------
+
+    def _check_size(self, body: bytes) -> None:
+        if len(body) > self.max_message_bytes:
+            raise MessageTooLarge(
+                f"message is {len(body)} bytes, over the transport's "
+                f"{self.max_message_bytes}-byte limit",
+                size=len(body),
+                limit=self.max_message_bytes,
+            )
+
+    async def send(self, queue: str, body: bytes, *, durable: bool) -> None:
+        self._check_open()
+        self._check_size(body)
+        with _mapped("send", self.url):
+            found = await self._scripts["send"](
+                keys=[_stream(queue), _owner(queue), _list(queue)],
+                args=[body, self._ttl_ms],
+                client=self.redis,
+            )
+        if not found:
+            raise TransportError(
+                f"queue {queue!r} does not exist on {self.url.redacted()}; "
+                "declare it before sending"
+            )
+
+    async def publish(self, subject: str, body: bytes, *, durable: bool) -> None:
+        self._check_open()
+        self._check_size(body)
+        with _mapped("publish", self.url):
+            await self._scripts["publish"](
+                keys=[f"{PREFIX}b:{subject}"], args=[body, self._ttl_ms, PREFIX], client=self.redis
+            )
+
+    async def consume(
+        self, queue: str, handler: Handler, *, prefetch: int, auto_ack: bool = False
+    ) -> _Consumer:
+        self._check_open()
+        if queue not in self._exclusive:
+            with _mapped("consume", self.url):
+                owner = await self.cmd("GET", _owner(queue))
+                exists = await self.cmd("EXISTS", _stream(queue))
+            if owner is not None:
+                raise TransportError(f"queue {queue!r} is exclusive to another connection")
+            if not exists:
+                raise TransportError(f"queue {queue!r} does not exist on {self.url.redacted()}")
+        consumer = _Consumer(self, queue, handler, prefetch, auto_ack)
+        self._consumers.append(consumer)
+        consumer.start()
+        return consumer
