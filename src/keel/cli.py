@@ -5,12 +5,16 @@ from __future__ import annotations
 import typer
 
 import keel
+from keel._spec_cli import app as spec_app
 
 app = typer.Typer(
     help="Keel: messaging, drain, coordination, events and guest agents for control planes.",
     no_args_is_help=True,
     add_completion=False,
 )
+
+
+app.add_typer(spec_app, name="spec")
 
 
 @app.callback()
@@ -22,6 +26,14 @@ def _root() -> None:
 def version() -> None:
     """Print Keel's version."""
     typer.echo(keel.__version__)
+
+
+@app.command()
+def demo() -> None:
+    """Run call, cast, fanout and notifications on the embedded memory:// transport."""
+    from keel import _demo  # noqa: PLC0415 - keep `keel --help` fast
+
+    _demo.main()
 
 
 def main() -> None:

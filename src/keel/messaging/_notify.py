@@ -28,7 +28,7 @@ from typing import Any
 from keel import urls
 from keel._log import event
 from keel.errors import ConfigError, MalformedMessage
-from keel.messaging import _metrics
+from keel.messaging import _metrics, _tap
 from keel.messaging._link import link
 from keel.messaging._target import Target, notify_queue, notify_subject
 from keel.messaging.transports.base import Consumer, Delivery, Transport
@@ -103,6 +103,18 @@ class Notifier:
             )
             await self.transport.publish(subject, body, durable=True)
         self.counts["keel_notifications", priority, "published"] += 1
+        tap = _tap.state.tap
+        if tap is not None:
+            for topic in self.topics:
+                try:
+                    tap.on_notify(
+                        publisher=self.service or self.publisher_id,
+                        topic=topic,
+                        priority=priority,
+                        event_type=event_type,
+                    )
+                except Exception as exc:
+                    _tap.failed(exc)
 
     async def audit(self, ctx: RequestContext | None, event_type: str, payload: Any) -> None:
         await self.notify(ctx, event_type, payload, "audit")
@@ -162,12 +174,14 @@ class NotificationListener:
         max_concurrency: int = 16,
         max_redeliveries: int = 5,
         thread_pool_size: int = 8,
+        service: str | None = None,
     ) -> None:
         if pool is not None:
             Target(pool)  # validates the name
         self.transport = transport
         self.topics = [t.topic for t in targets]
         self.pool = pool
+        self.service = service or urls.from_env("service", pool or "listener")
         self.max_concurrency = max_concurrency
         self.max_redeliveries = max_redeliveries
         self._handlers: dict[str, list[tuple[NotificationFilter | None, _Handler, bool]]] = {}
@@ -195,6 +209,13 @@ class NotificationListener:
         return {}
 
     async def start(self) -> None:
+        tap = _tap.state.tap
+        if tap is not None:
+            for topic in self.topics:
+                try:
+                    tap.on_listen(topic=topic, service=self.service, pool=self.pool)
+                except Exception as exc:
+                    _tap.failed(exc)
         lk = link(self.transport)
         for topic in self.topics:
             for priority in self._handlers:

@@ -2,10 +2,9 @@
 
 Delivery (docs/messaging-contract.md states it for users):
 
-* call: the request is acknowledged when its method starts, so a server crash mid-call never
-  runs it twice; the caller gets its reply, a typed error, or `CallTimeout`. Methods declared
-  ``@remote(idempotent=True)`` are acknowledged after the reply is sent instead, so a crash
-  redelivers them to another server.
+* call: the request is acknowledged when it is taken, before its method starts, so a server
+  crash mid-call never runs it twice on any transport; the caller gets its reply, a typed
+  error, or `CallTimeout` (retryable: retry it if the method is idempotent).
 * cast: acknowledged after the method returns (at-least-once); a key already seen by the
   dedup store is skipped; a method that raises or cannot be found dead-letters the message
   with the reason, never drops it.
@@ -27,7 +26,7 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -41,11 +40,12 @@ from keel.errors import (
     SerializationError,
     ServerDraining,
 )
-from keel.messaging import _context, _metrics
+from keel.messaging import _context, _metrics, _tap
 from keel.messaging._dedup import DedupStore, MemoryDedup
 from keel.messaging._endpoints import Dispatcher, Method
 from keel.messaging._failures import to_failure
 from keel.messaging._link import link
+from keel.messaging._presence import DEFAULT_INTERVAL, Announcer
 from keel.messaging._target import Target, fanout_subject, rpc_queue
 from keel.messaging.transports.base import Consumer, Delivery, Transport
 from keel.wire import (
@@ -64,6 +64,7 @@ from keel.wire import (
 log = logging.getLogger("keel.messaging.server")
 
 KIND_NAMES = {CALL: "call", CAST: "cast", FANOUT: "fanout"}
+DECLINE_PAUSE = 0.2  # seconds a draining server holds a cast for its successor before returning it
 SWEEP_INTERVAL = 0.1  # how late past its deadline a call's handler may be cancelled
 
 
@@ -97,6 +98,7 @@ class RPCServer:
         service: str | None = None,
         dedup: DedupStore | None = None,
         stop_timeout: float = 25.0,
+        presence_interval: float = DEFAULT_INTERVAL,
     ) -> None:
         if not target.topic:
             raise ValueError("an RPC server needs a target with a topic")
@@ -111,7 +113,13 @@ class RPCServer:
         self._thread_pool_size = thread_pool_size
         self._executor: ThreadPoolExecutor | None = None
         self._slots = asyncio.Semaphore(max_concurrency)
-        self._consumers: list[Consumer] = []
+        self._new_work: list[Consumer] = []
+        self._own: Consumer | None = None
+        self._draining = False
+        self._idle = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._hurry = asyncio.Event()
+        self._traces: Counter[str] = Counter()
         self._tasks: set[asyncio.Task[None]] = set()
         self._fanout_queue = f"{fanout_subject(target.topic)}.{self.name}.{new_id()[:8]}"
         self._warned: set[tuple[str, str]] = set()
@@ -122,6 +130,14 @@ class RPCServer:
         self.running = 0
         self.counts: Counter[tuple[str, ...]] = Counter()
         self.metric_labels = {"topic": target.topic, "server": self.name}
+        self._presence = Announcer(
+            transport,
+            target.topic,
+            self.name,
+            self._announced_versions,
+            lambda: self.state.value,
+            interval=presence_interval,
+        )
         _metrics.track(self)
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -130,7 +146,7 @@ class RPCServer:
         if self.state is ServerState.SERVING:
             return
         self._set_state(ServerState.STARTING)
-        self._stopping = False
+        self._draining = False
         lk = link(self.transport)
         topic_queue = rpc_queue(self.target.topic)
         server_queue = rpc_queue(self.target.topic, self.name)
@@ -143,15 +159,29 @@ class RPCServer:
             bindings=[fanout_subject(self.target.topic)],
         )
         prefetch = self.max_concurrency
-        self._consumers = [
-            await self.transport.consume(topic_queue, self._on_delivery, prefetch=prefetch),
-            await self.transport.consume(server_queue, self._on_delivery, prefetch=prefetch),
-            await self.transport.consume(
-                self._fanout_queue, self._on_delivery, prefetch=0, auto_ack=True
-            ),
+        consume = self.transport.consume
+        # New work arrives on the shared topic queue and the fanout queue; the server's own
+        # queue also carries continuations of work it already runs, so drain keeps it open.
+        self._new_work = [
+            await consume(topic_queue, self._on_shared, prefetch=prefetch),
+            await consume(self._fanout_queue, self._on_shared, prefetch=0, auto_ack=True),
         ]
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_deadlines())
+        self._own = await consume(server_queue, self._on_own, prefetch=prefetch)
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.create_task(self._sweep_deadlines())
         self._set_state(ServerState.SERVING)
+        await self._presence.start()
+        tap = _tap.state.tap
+        if tap is not None:
+            try:
+                tap.on_serve(
+                    topic=self.target.topic,
+                    service=self.service,
+                    versions=self._announced_versions(),
+                    methods=self._dispatcher.method_names(),
+                )
+            except Exception as exc:
+                _tap.failed(exc)
 
     async def _sweep_deadlines(self) -> None:
         while True:
@@ -162,35 +192,65 @@ class RPCServer:
                     self._expired_tasks.add(task)
                     task.cancel()
 
-    async def stop(self, timeout: float | None = None) -> None:
-        """Stop taking messages, finish or hand back what was taken, then stop (see module)."""
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop taking new work, finish what runs, hand back what has not started, stop.
+
+        Continuations of running work (calls, casts addressed to this server that carry the
+        trace of a request it is running) are still taken while running work lasts. Past
+        ``timeout`` (default ``stop_timeout``) running methods are cancelled: their callers
+        get `ServerDraining`, their casts go back to the queue.
+        """
         if self.state in (ServerState.NEW, ServerState.STOPPED):
             self._set_state(ServerState.STOPPED)
             return
+        if self.state is ServerState.DRAINING:
+            if timeout is not None and timeout <= 0:
+                self._hurry.set()  # a second stop request: cut the running drain short
+            await self._drained.wait()
+            return
         self._set_state(ServerState.DRAINING)
-        self._stopping = True
-        for consumer in self._consumers:
+        self._draining = True
+        await self._presence.announce()
+        for consumer in self._new_work:
             await consumer.cancel()
-        self._consumers.clear()
+        self._new_work.clear()
         await self.transport.delete_queue(self._fanout_queue)
-        pending = set(self._tasks)
-        if pending:
-            wait = self.stop_timeout if timeout is None else timeout
-            _, late = await asyncio.wait(pending, timeout=wait)
-            for task in late:
-                task.cancel()
-            if late:
-                event(
-                    log, logging.WARNING, "server.stop_cancelled", server=self.name, tasks=len(late)
-                )
-                await asyncio.wait(late)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + (self.stop_timeout if timeout is None else timeout)
+        while self.running and loop.time() < end and not self._hurry.is_set():
+            self._idle.clear()
+            idle = loop.create_task(self._idle.wait())
+            hurry = loop.create_task(self._hurry.wait())
+            await asyncio.wait(
+                [idle, hurry], timeout=end - loop.time(), return_when=asyncio.FIRST_COMPLETED
+            )
+            idle.cancel()
+            hurry.cancel()
+        if self._own is not None:
+            await self._own.cancel()
+            self._own = None
+        late = {t for t in self._tasks if t is not asyncio.current_task()}
+        if late and not self._hurry.is_set():
+            _, late = await asyncio.wait(late, timeout=max(0.0, end - loop.time()))
+        for task in late:
+            task.cancel()
+        if late:
+            event(log, logging.WARNING, "server.drain_cancelled", server=self.name, tasks=len(late))
+            await asyncio.wait(late)
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+        await self._presence.stop()
         self._set_state(ServerState.STOPPED)
+        self._drained.set()
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """The same as `drain`: a server stopping to die and one stopping for an upgrade
+        follow one path."""
+        await self.drain(timeout)
 
     async def __aenter__(self) -> RPCServer:
         await self.start()
@@ -223,10 +283,19 @@ class RPCServer:
     def namespaces(self) -> dict[str | None, tuple[int, int]]:
         return self._dispatcher.namespaces()
 
+    def _announced_versions(self) -> dict[str, str]:
+        return {ns or "": f"{v[0]}.{v[1]}" for ns, v in self._dispatcher.namespaces().items()}
+
     # --- per message ---------------------------------------------------------------------
 
-    def _on_delivery(self, delivery: Delivery) -> None:
-        task = asyncio.get_running_loop().create_task(self._handle(delivery))
+    def _on_shared(self, delivery: Delivery) -> None:
+        self._spawn(self._handle(delivery, own=False))
+
+    def _on_own(self, delivery: Delivery) -> None:
+        self._spawn(self._handle(delivery, own=True))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._forget_task)
 
@@ -234,32 +303,11 @@ class RPCServer:
         self._tasks.discard(task)
         self._expired_tasks.discard(task)
 
-    async def _handle(self, delivery: Delivery) -> None:
-        started = False
-        try:
-            async with self._slots:
-                if self._stopping:
-                    await delivery.requeue()
-                    return
-                started = True
-                self.running += 1
-                try:
-                    await self._process(delivery)
-                finally:
-                    self.running -= 1
-        except asyncio.CancelledError:
-            if not started:
-                await delivery.requeue()
-            raise
-        except Exception as exc:  # a bug here must not kill the consumer: log it loudly
-            event(log, logging.ERROR, "server.internal_error", server=self.name, error=repr(exc))
-            log.exception("internal error handling a message")
-
-    async def _process(self, delivery: Delivery) -> None:
+    async def _handle(self, delivery: Delivery, *, own: bool) -> None:
         try:
             request = decode_request(delivery.body)
         except MalformedMessage as exc:
-            self.counts["keel_rpc_server_requests", "?", "?", "malformed"] += 1
+            self._count("?", "?", "malformed")
             event(
                 log,
                 logging.WARNING,
@@ -270,16 +318,65 @@ class RPCServer:
             )
             await delivery.dead_letter(str(exc))
             return
-        kind = request.kind
-        if kind == CALL:
-            await self._do_call(request, delivery)
-        elif kind == CAST:
-            await self._do_cast(request, delivery)
-        elif kind == FANOUT:
-            await self._do_fanout(request)
+        started = False
+        try:
+            async with self._slots:
+                if self._draining and not (own and request.ctx.trace_id in self._traces):
+                    await self._decline(request, delivery, own=own)
+                    return
+                started = True
+                await self._run(request, delivery)
+        except asyncio.CancelledError:
+            if not started:
+                await delivery.requeue()
+            raise
+        except Exception as exc:  # a bug here must not kill the consumer: log it loudly
+            event(log, logging.ERROR, "server.internal_error", server=self.name, error=repr(exc))
+            log.exception("internal error handling a message")
+
+    async def _run(self, request: Request, delivery: Delivery) -> None:
+        trace = request.ctx.trace_id
+        self.running += 1
+        self._traces[trace] += 1
+        try:
+            kind = request.kind
+            if kind == CALL:
+                await self._do_call(request, delivery)
+            elif kind == CAST:
+                await self._do_cast(request, delivery)
+            elif kind == FANOUT:
+                await self._do_fanout(request)
+            else:
+                self._count("?", request.method, "malformed")
+                await delivery.dead_letter(f"unknown message kind {kind}")
+        finally:
+            self.running -= 1
+            self._traces[trace] -= 1
+            if not self._traces[trace]:
+                del self._traces[trace]
+            if not self.running:
+                self._idle.set()
+
+    async def _decline(self, request: Request, delivery: Delivery, *, own: bool) -> None:
+        """New work reached a draining server: give it back without running any of it."""
+        self._count(KIND_NAMES.get(request.kind, "?"), request.method, "handed_back")
+        if not own:
+            await delivery.requeue()  # another server of the topic takes it
+        elif request.kind == CALL:
+            # Only this server (or its successor of the same name) may run it: tell the
+            # caller it did not start, so the caller retries until the successor is up.
+            await delivery.ack()
+            draining = ServerDraining(
+                f"server {self.name} is draining and did not start {request.method}",
+                server=self.name,
+                started=False,
+            )
+            await self._reply(request, failure=to_failure(draining, with_traceback=False))
         else:
-            self.counts["keel_rpc_server_requests", "?", request.method, "malformed"] += 1
-            await delivery.dead_letter(f"unknown message kind {kind}")
+            # A cast for this server waits in its queue for the successor; pausing before
+            # handing it back keeps the broker from bouncing it while this server drains.
+            await asyncio.sleep(DECLINE_PAUSE)
+            await delivery.requeue()
 
     def _expired(self, request: Request) -> bool:
         deadline = request.ctx.deadline
@@ -300,43 +397,33 @@ class RPCServer:
         return True
 
     async def _do_call(self, request: Request, delivery: Delivery) -> None:
+        # Acknowledged before the method runs (after the checks): a crash mid-call must never
+        # lead a broker to run the call a second time elsewhere.
+        await delivery.ack()
         if self._expired(request):
-            await delivery.ack()
             return
         try:
             method = self._dispatcher.lookup(request.namespace, request.method, request.version)
         except KeelError as exc:
-            await delivery.ack()
             self.counts["keel_rpc_server_requests", "call", request.method, "rejected"] += 1
             await self._reply(request, failure=to_failure(exc, with_traceback=False))
             return
-        idempotent = method.options.idempotent
-        if not idempotent:
-            await delivery.ack()
         try:
             result = await self._invoke(method, request)
         except asyncio.CancelledError:
-            if self._stopping:
-                await self._reply(
-                    request,
-                    failure=to_failure(
-                        ServerDraining(
-                            f"server {self.name} stopped while running {request.method}; "
-                            "it may have "
-                            "run in part. Retry if the method is idempotent",
-                            server=self.name,
-                        ),
-                        with_traceback=False,
-                    ),
+            if self._draining:
+                draining = ServerDraining(
+                    f"server {self.name} stopped while running {request.method}; it may have "
+                    "run in part. Retry if the method is idempotent",
+                    server=self.name,
+                    started=True,
+                    idempotent=method.options.idempotent,
                 )
-                if idempotent:
-                    await delivery.ack()
+                await self._reply(request, failure=to_failure(draining, with_traceback=False))
             raise
         except TimeoutError:
             # Only the deadline guard raises this here: the caller has already given up.
-            self.counts[
-                "keel_rpc_server_requests", "call", request.method, "deadline_exceeded"
-            ] += 1
+            self._count("call", request.method, "deadline_exceeded")
             event(
                 log,
                 logging.WARNING,
@@ -345,11 +432,9 @@ class RPCServer:
                 method=request.method,
                 request_id=request.ctx.request_id,
             )
-            if idempotent:
-                await delivery.ack()
             return
         except Exception as exc:
-            self.counts["keel_rpc_server_requests", "call", request.method, "error"] += 1
+            self._count("call", request.method, "error")
             if not isinstance(exc, KeelError):
                 event(
                     log,
@@ -361,10 +446,11 @@ class RPCServer:
                 )
             await self._reply(request, failure=to_failure(exc))
         else:
-            self.counts["keel_rpc_server_requests", "call", request.method, "ok"] += 1
+            self._count("call", request.method, "ok")
             await self._reply(request, result=result)
-        if idempotent:
-            await delivery.ack()
+
+    def _count(self, kind: str, method: str, outcome: str) -> None:
+        self.counts["keel_rpc_server_requests", kind, method, outcome] += 1
 
     async def _do_cast(self, request: Request, delivery: Delivery) -> None:
         if self._expired(request):
@@ -445,7 +531,7 @@ class RPCServer:
 
     async def _invoke(self, method: Method, request: Request) -> Any:
         ctx = request.ctx
-        token = _context.current.set((self, ctx))
+        token = _context.current.set((self, ctx, request.method))
         try:
             if method.is_async:
                 try:
