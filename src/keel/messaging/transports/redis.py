@@ -332,6 +332,11 @@ class _Consumer:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
+            except Exception:  # a bug must not silently end the consumer: log and go on
+                log.exception("redis: consumer of %s failed; retrying", self.queue)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
             if self.stopped():  # a swallowed cancel: hand the entries back, do not deliver
                 for delivery in got:
                     delivery._settled = True
@@ -344,7 +349,16 @@ class _Consumer:
         t = self.transport
         if self.unsettled:
             # Keep our own unsettled entries from looking idle to other consumers' reclaim.
-            await t.cmd("XCLAIM", self.key, GROUP, self.name, 0, *self.unsettled, "JUSTID")
+            await t.cmd(
+                "XCLAIM",
+                self.key,
+                GROUP,
+                self.name,
+                0,
+                *self.unsettled,
+                "JUSTID",
+                parse_justid=True,
+            )
         await t._scripts["reclaim"](
             keys=[self.key],
             args=[GROUP, self.name, int(t.visibility_timeout * 1000), 100],
