@@ -54,6 +54,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
+from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
@@ -70,15 +71,19 @@ AUTO_ACK_BATCH = 256
 
 # --- Lua scripts: each one atomic, so a crash between its steps cannot lose or double a message
 
-# KEYS: stream, owner key, list. ARGV: body, list ttl ms. 1 = queued, 0 = no such queue.
+# An exclusive queue's messages go by PUBLISH to its channel while its auto_ack consumer is
+# subscribed (no AOF write, so no fsync on the reply path), else to its list.
+# KEYS: stream, owner key, list. ARGV: body, list ttl ms, channel. 1 = queued, 0 = no queue.
 _SEND = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('XADD', KEYS[1], '*', 'b', ARGV[1])
   return 1
 end
 if redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('RPUSH', KEYS[3], ARGV[1])
-  redis.call('PEXPIRE', KEYS[3], ARGV[2])
+  if redis.call('PUBLISH', ARGV[3], ARGV[1]) == 0 then
+    redis.call('RPUSH', KEYS[3], ARGV[1])
+    redis.call('PEXPIRE', KEYS[3], ARGV[2])
+  end
   return 1
 end
 return 0
@@ -93,9 +98,11 @@ for _, q in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     redis.call('XADD', s, '*', 'b', ARGV[1])
     n = n + 1
   elseif redis.call('EXISTS', ARGV[3] .. 'x:' .. q) == 1 then
-    local l = ARGV[3] .. 'l:' .. q
-    redis.call('RPUSH', l, ARGV[1])
-    redis.call('PEXPIRE', l, ARGV[2])
+    if redis.call('PUBLISH', ARGV[3] .. 'c:' .. q, ARGV[1]) == 0 then
+      local l = ARGV[3] .. 'l:' .. q
+      redis.call('RPUSH', l, ARGV[1])
+      redis.call('PEXPIRE', l, ARGV[2])
+    end
     n = n + 1
   else
     redis.call('SREM', KEYS[1], q)
@@ -212,6 +219,10 @@ def _list(queue: str) -> str:
     return f"{PREFIX}l:{queue}"
 
 
+def _channel(queue: str) -> str:
+    return f"{PREFIX}c:{queue}"
+
+
 class _Delivery:
     __slots__ = ("_consumer", "_settled", "body", "delivery_count", "entry_id")
 
@@ -255,6 +266,8 @@ class _Consumer:
         self.auto_ack = auto_ack
         self.exclusive = queue in transport._exclusive
         self.key = _list(queue) if self.exclusive else _stream(queue)
+        self._pubsub: PubSub | None = None
+        self._drain = True
         self.name = f"{transport.token}-{next(transport._consumer_ids)}"
         self.unsettled: dict[bytes, _Delivery] = {}
         self._credit = asyncio.Event()
@@ -283,6 +296,11 @@ class _Consumer:
             await asyncio.wait([task], timeout=0.05)
         if self in self.transport._consumers:
             self.transport._consumers.remove(self)
+        if self._pubsub is not None:
+            close: Callable[[], Awaitable[None]] = self._pubsub.aclose
+            with contextlib.suppress(rexc.RedisError, OSError):
+                await close()
+            self._pubsub = None
         if self.exclusive:
             return
         t = self.transport
@@ -311,12 +329,10 @@ class _Consumer:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._credit.wait(), t.visibility_timeout / 3)
                     continue
-                if self.exclusive:
-                    got = await self._read_list(room)
-                else:
-                    got = await self._read_stream(room)
+                got = await self._read(room)
                 backoff = 0.05
             except _DISCONNECTED as exc:
+                self._drain = True  # what was sent while we were away waits in the list
                 log.info(
                     "redis: consumer of %s lost its connection (%s); retrying", self.queue, exc
                 )
@@ -344,6 +360,13 @@ class _Consumer:
                 return
             for delivery in got:
                 self.handler(delivery)
+
+    async def _read(self, room: int) -> list[_Delivery]:
+        if self.exclusive and self.auto_ack:
+            return await self._read_pubsub(room)
+        if self.exclusive:
+            return await self._read_list(room)
+        return await self._read_stream(room)
 
     async def _upkeep(self) -> None:
         t = self.transport
@@ -388,10 +411,47 @@ class _Consumer:
                 self.unsettled[delivery.entry_id] = delivery
         return got
 
-    async def _read_list(self, room: int) -> list[_Delivery]:
-        reply = await self.transport.cmd(
-            "BLMPOP", BLOCK_SECONDS, 1, self.key, "LEFT", "COUNT", room
+    async def subscribe(self) -> None:
+        """Subscribe and wait until Redis confirms: from then on sends PUBLISH to us."""
+        pubsub = self.transport.redis.pubsub()
+        await pubsub.subscribe(_channel(self.queue))
+        while True:
+            message = await pubsub.get_message(timeout=BLOCK_SECONDS)
+            if message is not None and message["type"] == "subscribe":
+                break
+        self._pubsub = pubsub
+
+    async def _read_pubsub(self, room: int) -> list[_Delivery]:
+        if self._pubsub is None:
+            await self.subscribe()
+        assert self._pubsub is not None
+        if self._drain:
+            # Messages that found no subscriber (before the subscription, or while the
+            # connection was down) wait in the list; an idle wake-up also looks there.
+            self._drain = False
+            got = await self._read_list(room, block=False)
+            if got:
+                self._drain = True
+                return got
+        message = await self._pubsub.get_message(
+            ignore_subscribe_messages=True, timeout=BLOCK_SECONDS
         )
+        if message is None:
+            self._drain = True
+            return []
+        if message["type"] != "message":
+            return []
+        delivery = _Delivery(self, b"", message["data"], 1)
+        delivery._settled = True
+        return [delivery]
+
+    async def _read_list(self, room: int, *, block: bool = True) -> list[_Delivery]:
+        if block:
+            reply = await self.transport.cmd(
+                "BLMPOP", BLOCK_SECONDS, 1, self.key, "LEFT", "COUNT", room
+            )
+        else:
+            reply = await self.transport.cmd("LMPOP", 1, self.key, "LEFT", "COUNT", room)
         if not reply:
             return []
         got = []
@@ -598,7 +658,7 @@ class RedisTransport:
         with _mapped("send", self.url):
             found = await self._scripts["send"](
                 keys=[_stream(queue), _owner(queue), _list(queue)],
-                args=[body, self._ttl_ms],
+                args=[body, self._ttl_ms, _channel(queue)],
                 client=self.redis,
             )
         if not found:
@@ -628,6 +688,9 @@ class RedisTransport:
             if not exists:
                 raise TransportError(f"queue {queue!r} does not exist on {self.url.redacted()}")
         consumer = _Consumer(self, queue, handler, prefetch, auto_ack)
+        if consumer.exclusive and auto_ack:
+            with _mapped("consume", self.url):
+                await consumer.subscribe()
         self._consumers.append(consumer)
         consumer.start()
         return consumer
