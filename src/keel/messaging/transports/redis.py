@@ -23,8 +23,9 @@ consumer refreshes the idle time of its unsettled entries (XCLAIM JUSTID) every 
 ``visibility_timeout`` (URL option, default 10 s); every consumer also moves entries idle
 longer than that (XAUTOCLAIM) back to the tail of the queue. That is what redelivers a
 SIGKILLed server's casts and idempotent calls: after ``visibility_timeout`` plus at most a
-third of it. A consumer whose event loop stalls past ``visibility_timeout`` may see its
-entries redelivered to another consumer too (at-least-once, never lost).
+third of it (or 2 s, whichever is less). A consumer whose event loop stalls past
+``visibility_timeout`` may see its entries redelivered to another consumer too
+(at-least-once, never lost).
 
 Exclusive queues vanish on ``close``; if the owner dies they expire ``exclusive_ttl`` (default
 30 s) after its last refresh. A consumer crash loses what it had popped from an exclusive
@@ -36,9 +37,9 @@ Connection loss: each command reconnects and retries with backoff for about 10 s
 re-create their group after a restart without persistence. Every redis-py exception is mapped
 to keel.errors in `_mapped`.
 
-Options (URL query): ``max_message_bytes`` (default 1 MiB), ``visibility_timeout`` (s),
-``exclusive_ttl`` (s). The scripts name keys they are not given, so a Redis Cluster is not
-supported; one Redis server (or a primary with replicas) is.
+Options (URL query or keyword): ``max_message_bytes`` (default 1 MiB), ``visibility_timeout``
+(s), ``exclusive_ttl`` (s), ``reconnect_retries`` (per command, default 25). The scripts name
+keys they are not given, so a Redis Cluster is not supported; one Redis server is.
 """
 
 from __future__ import annotations
@@ -392,7 +393,7 @@ class _Consumer:
         t = self.transport
         reply = await t.cmd(
             "XREADGROUP", "GROUP", GROUP, self.name, "COUNT", room,
-            "BLOCK", int(BLOCK_SECONDS * 1000), "STREAMS", self.key, ">",
+            "BLOCK", t.block_ms, "STREAMS", self.key, ">",
         )  # fmt: skip
         if not reply:
             return []
@@ -523,6 +524,7 @@ class RedisTransport:
         max_message_bytes: int | None = None,
         visibility_timeout: float | None = None,
         exclusive_ttl: float | None = None,
+        reconnect_retries: int | None = None,
     ) -> None:
         self.url = url
         opts = url.options
@@ -532,6 +534,10 @@ class RedisTransport:
         self.visibility_timeout = visibility_timeout or float(opts.get("visibility_timeout", 10))
         self.exclusive_ttl = exclusive_ttl or float(opts.get("exclusive_ttl", 30))
         self._ttl_ms = int(self.exclusive_ttl * 1000)
+        # A stream consumer wakes at least this often for its upkeep (heartbeat, reclaim).
+        self.block_ms = int(min(BLOCK_SECONDS, self.visibility_timeout / 3) * 1000)
+        if reconnect_retries is None:
+            reconnect_retries = int(opts.get("reconnect_retries", 25))
         self.token = f"{os.getpid()}-{uuid.uuid4().hex[:10]}"
         db = url.path.strip("/") or "0"
         self.redis = aioredis.Redis(
@@ -542,8 +548,8 @@ class RedisTransport:
             password=url.password,
             socket_timeout=BLOCK_SECONDS + 8,
             socket_connect_timeout=2,
-            # Bounded reconnect-and-retry per command (about 10 s), then TransportError.
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 25),
+            # Bounded reconnect-and-retry per command (25: about 10 s), then TransportError.
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), reconnect_retries),
         )
         # redis-py leaves execute_command untyped; one typed alias keeps mypy strict honest.
         self.cmd: Callable[..., Awaitable[Any]] = self.redis.execute_command
