@@ -269,6 +269,8 @@ class _Consumer:
         self.key = _list(queue) if self.exclusive else _stream(queue)
         self._pubsub: PubSub | None = None
         self._drain = True
+        self._acks: list[bytes] = []
+        self._acks_done: asyncio.Future[None] | None = None
         self.name = f"{transport.token}-{next(transport._consumer_ids)}"
         self.unsettled: dict[bytes, _Delivery] = {}
         self._credit = asyncio.Event()
@@ -476,8 +478,32 @@ class _Consumer:
                 await pipe.execute()
 
     async def ack(self, delivery: _Delivery) -> None:
-        if not self.exclusive:
-            await self._ack_ids([delivery.entry_id])
+        if self.exclusive:
+            return
+        # Acks made in the same loop iteration (a batch read by one XREADGROUP) share one
+        # XACK + XDEL round trip: each costs an fsync with appendfsync always.
+        self._acks.append(delivery.entry_id)
+        done = self._acks_done
+        if done is None:
+            loop = asyncio.get_running_loop()
+            done = self._acks_done = loop.create_future()
+            loop.call_soon(self._flush_acks)
+        await asyncio.shield(done)
+
+    def _flush_acks(self) -> None:
+        ids, self._acks = self._acks, []
+        done, self._acks_done = self._acks_done, None
+        assert done is not None
+
+        def finished(task: asyncio.Task[None]) -> None:
+            error = None if task.cancelled() else task.exception()
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+                done.exception()  # counted as seen: a cancelled waiter must not warn
+
+        asyncio.get_running_loop().create_task(self._ack_ids(ids)).add_done_callback(finished)
 
     async def requeue(self, delivery: _Delivery) -> None:
         t = self.transport
