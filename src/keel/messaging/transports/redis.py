@@ -581,7 +581,7 @@ class RedisTransport:
         self.cmd: Callable[..., Awaitable[Any]] = self.redis.execute_command
         self._scripts = {name: self.redis.register_script(lua) for name, lua in _SCRIPTS.items()}
         self._consumers: list[_Consumer] = []
-        self._exclusive: set[str] = set()
+        self._exclusive: dict[str, Sequence[str]] = {}  # exclusive queue -> its subjects
         self._consumer_ids = itertools.count(1)
         self._keepalive: asyncio.Task[None] | None = None
         self._closed = False
@@ -636,7 +636,7 @@ class RedisTransport:
         with _mapped("declare_queue", self.url):
             if exclusive:
                 await self.cmd("SET", _owner(name), self.token, "PX", self._ttl_ms)
-                self._exclusive.add(name)
+                self._exclusive[name] = tuple(bindings)
                 if self._keepalive is None:
                     self._keepalive = asyncio.get_running_loop().create_task(self._refresh())
             else:
@@ -654,18 +654,22 @@ class RedisTransport:
             await asyncio.sleep(self.exclusive_ttl / 3)
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    for name in self._exclusive:
+                    for name, subjects in self._exclusive.items():
+                        # A publish finding the owner key expired (a long disconnect) drops
+                        # the binding; the owner puts it back.
+                        for subject in subjects:
+                            pipe.execute_command("SADD", f"{PREFIX}b:{subject}", name)
                         # SET, not PEXPIRE: recreates the owner key after a restart without AOF.
                         pipe.execute_command("SET", _owner(name), self.token, "PX", self._ttl_ms)
                         pipe.execute_command("PEXPIRE", _list(name), self._ttl_ms)
                     await pipe.execute()
-            except rexc.RedisError as exc:
+            except (rexc.RedisError, OSError) as exc:
                 log.info("redis: could not refresh exclusive queues: %s", exc)
 
     async def delete_queue(self, name: str) -> None:
         for consumer in [c for c in self._consumers if c.queue == name]:
             await consumer.cancel()
-        self._exclusive.discard(name)
+        self._exclusive.pop(name, None)
         with _mapped("delete_queue", self.url):
             await self._scripts["delete"](
                 keys=[_stream(name), _owner(name), _list(name), f"{PREFIX}qb:{name}"],
