@@ -63,8 +63,8 @@ async def test_a_dead_consumers_entries_are_redelivered(
 async def test_a_live_consumer_keeps_its_unsettled_entries(
     redis_url: str, opened: list[Transport]
 ) -> None:
-    a = await _open(redis_url, opened, visibility_timeout=0.6)
-    b = await _open(redis_url, opened, visibility_timeout=0.6)
+    a = await _open(redis_url, opened, visibility_timeout=1.0)
+    b = await _open(redis_url, opened, visibility_timeout=1.0)
     queue = _queue()
     await a.declare_queue(queue, durable=True)
     held: list[Any] = []
@@ -73,7 +73,7 @@ async def test_a_live_consumer_keeps_its_unsettled_entries(
     await eventually(lambda: len(held) == 1)
     other: list[Any] = []
     await b.consume(queue, other.append, prefetch=1)
-    await asyncio.sleep(2)  # three visibility timeouts: a's heartbeat keeps it a's
+    await asyncio.sleep(2.5)  # past two visibility timeouts: a's heartbeat keeps it a's
     assert other == []
     await held[0].ack()
 
