@@ -5,6 +5,8 @@ from __future__ import annotations
 import typer
 
 import keel
+from keel._map_cli import app as map_app
+from keel._map_cli import island
 from keel._spec_cli import app as spec_app
 
 app = typer.Typer(
@@ -15,6 +17,8 @@ app = typer.Typer(
 
 
 app.add_typer(spec_app, name="spec")
+app.add_typer(map_app, name="map")
+app.command("island")(island)
 
 
 @app.callback()

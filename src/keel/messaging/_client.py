@@ -146,16 +146,16 @@ class RPCClient:
         if self._cap is not None:
             await self._check_cap(target)
         now = time.time()
-        deadline = now + options.timeout
         parent = ctx or _context.current_context()
-        if parent is not None and parent.deadline is not None and parent.deadline < deadline:
-            deadline = parent.deadline
+        deadline = _sooner(now + options.timeout, parent)
         child = self._child(parent, deadline, method)
         self._check_reentrant(target, method)
         lk = self._link
-        reply_to = await lk.reply_queue()
+        # Both are set up once per transport; skipping the awaits keeps the hot path short.
+        reply_to = lk.reply_to or await lk.reply_queue()
         queue = rpc_queue(target.topic, target.server)
-        await lk.declare(queue, durable=True)
+        if queue not in lk.declared:
+            await lk.declare(queue, durable=True)
         loop = asyncio.get_running_loop()
         attempt = 0
         while True:
@@ -173,7 +173,7 @@ class RPCClient:
                 reply = await future
             except TimeoutError:
                 self.counts["keel_rpc_client_requests", "call", method, "timeout"] += 1
-                self._report(method, "call", "timeout", started)
+                self._report(method, "call", "timeout", started, child.traceparent)
                 raise _timeout(target, method, child, deadline - now) from None
             finally:
                 timer.cancel()
@@ -182,7 +182,7 @@ class RPCClient:
             if failure is None:
                 self.counts["keel_rpc_client_requests", "call", method, "ok"] += 1
                 if _tap.state.tap is not None:
-                    self._report(method, "call", "ok", started)
+                    self._report(method, "call", "ok", started, child.traceparent)
                 return reply.result
             pause = min(RETRY_PAUSE * attempt, RETRY_PAUSE_MAX, deadline - time.time())
             if _retryable_drain(failure) and pause > 0:
@@ -190,7 +190,7 @@ class RPCClient:
                 await asyncio.sleep(pause)
                 continue
             self.counts["keel_rpc_client_requests", "call", method, "error"] += 1
-            self._report(method, "call", "error", started)
+            self._report(method, "call", "error", started, child.traceparent)
             raise from_failure(failure, self._allowed, f"{target.topic}.{method}")
 
     async def can_send_version(self, version: str) -> bool:
@@ -224,26 +224,35 @@ class RPCClient:
         Returns once the broker holds the message. At-least-once, deduplicated by
         idempotency key (the message id, or the key given to `prepare`).
         """
-        options = self._options
-        target = options.target
-        if self._cap is not None:
-            await self._check_cap(target)
-        deadline = time.time() + options.cast_ttl if options.cast_ttl is not None else None
-        child = self._child(ctx or _context.current_context(), deadline, method)
-        request = Request(
-            ENVELOPE_VERSION, CAST, options.idempotency_key or new_id(), method, child, kwargs,
-            target.namespace, target.version, None, target.server,
-        )  # fmt: skip
-        body = self._encode(request, method)
+        target = self._options.target
+        key = self._options.idempotency_key or new_id()
+        body, child = await self._one_way(ctx, CAST, key, method, kwargs, server=target.server)
         queue = rpc_queue(target.topic, target.server)
         await self._link.declare(queue, durable=True)
         await self.transport.send(queue, body, durable=True)
         self.counts["keel_rpc_client_requests", "cast", method, "sent"] += 1
         if _tap.state.tap is not None:
-            self._report(method, "cast", "sent", 0.0)
+            self._report(method, "cast", "sent", 0.0, child.traceparent)
 
     async def fanout(self, ctx: RequestContext | None, method: str, /, **kwargs: Any) -> None:
         """Run ``method`` on every server of the topic live now; no reply (at-most-once)."""
+        body, child = await self._one_way(ctx, FANOUT, new_id(), method, kwargs, server=None)
+        subject = fanout_subject(self._options.target.topic)
+        await self.transport.publish(subject, body, durable=False)
+        self.counts["keel_rpc_client_requests", "fanout", method, "sent"] += 1
+        if _tap.state.tap is not None:
+            self._report(method, "fanout", "sent", 0.0, child.traceparent)
+
+    async def _one_way(
+        self,
+        ctx: RequestContext | None,
+        kind: int,
+        message_id: str,
+        method: str,
+        kwargs: dict[str, Any],
+        *,
+        server: str | None,
+    ) -> tuple[bytes, RequestContext]:
         options = self._options
         target = options.target
         if self._cap is not None:
@@ -251,18 +260,16 @@ class RPCClient:
         deadline = time.time() + options.cast_ttl if options.cast_ttl is not None else None
         child = self._child(ctx or _context.current_context(), deadline, method)
         request = Request(
-            ENVELOPE_VERSION, FANOUT, new_id(), method, child, kwargs,
-            target.namespace, target.version, None, None,
+            ENVELOPE_VERSION, kind, message_id, method, child, kwargs,
+            target.namespace, target.version, None, server,
         )  # fmt: skip
-        body = self._encode(request, method)
-        await self.transport.publish(fanout_subject(target.topic), body, durable=False)
-        self.counts["keel_rpc_client_requests", "fanout", method, "sent"] += 1
-        if _tap.state.tap is not None:
-            self._report(method, "fanout", "sent", 0.0)
+        return self._encode(request, method), child
 
     # --- helpers -------------------------------------------------------------------------
 
-    def _report(self, method: str, pattern: str, outcome: str, started: float) -> None:
+    def _report(
+        self, method: str, pattern: str, outcome: str, started: float, traceparent: str
+    ) -> None:
         tap = _tap.state.tap
         if tap is None:
             return
@@ -276,6 +283,7 @@ class RPCClient:
                 version=self.target.version,
                 outcome=outcome,
                 seconds=time.perf_counter() - started if started else 0.0,
+                traceparent=traceparent,
             )
         except Exception as exc:
             _tap.failed(exc)
@@ -343,6 +351,13 @@ class RPCClient:
         if (pattern, method) not in self._warned:
             self._warned.add((pattern, method))
             event(log, logging.WARNING, "anti_pattern", pattern=pattern, message=message)
+
+
+def _sooner(deadline: float, parent: RequestContext | None) -> float:
+    """A nested call never outlives the request it serves."""
+    if parent is not None and parent.deadline is not None and parent.deadline < deadline:
+        return parent.deadline
+    return deadline
 
 
 def _timeout(target: Target, method: str, ctx: RequestContext, waited: float) -> CallTimeout:

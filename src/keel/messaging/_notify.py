@@ -13,9 +13,7 @@ publish order.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import enum
-import functools
 import inspect
 import logging
 import re
@@ -31,6 +29,7 @@ from keel.errors import ConfigError, MalformedMessage
 from keel.messaging import _metrics, _tap
 from keel.messaging._link import link
 from keel.messaging._target import Target, notify_queue, notify_subject
+from keel.messaging._threads import run_sync
 from keel.messaging.transports.base import Consumer, Delivery, Transport
 from keel.wire import (
     ENVELOPE_VERSION,
@@ -281,10 +280,7 @@ class NotificationListener:
                 if is_async:
                     result = await func(*args)
                 else:
-                    call = functools.partial(func, *args)
-                    result = await asyncio.get_running_loop().run_in_executor(
-                        self._executor, contextvars.copy_context().run, call
-                    )
+                    result = await run_sync(self._executor, func, *args)
             except Exception as exc:
                 self.counts["keel_notifications", note.priority, "dead_lettered"] += 1
                 event(

@@ -18,9 +18,7 @@ Delivery (docs/messaging-contract.md states it for users):
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import enum
-import functools
 import logging
 import os
 import socket
@@ -47,6 +45,7 @@ from keel.messaging._failures import to_failure
 from keel.messaging._link import link
 from keel.messaging._presence import DEFAULT_INTERVAL, Announcer
 from keel.messaging._target import Target, fanout_subject, rpc_queue
+from keel.messaging._threads import run_sync
 from keel.messaging.transports.base import Consumer, Delivery, Transport
 from keel.wire import (
     CALL,
@@ -405,7 +404,7 @@ class RPCServer:
         try:
             method = self._dispatcher.lookup(request.namespace, request.method, request.version)
         except KeelError as exc:
-            self.counts["keel_rpc_server_requests", "call", request.method, "rejected"] += 1
+            self._count("call", request.method, "rejected")
             await self._reply(request, failure=to_failure(exc, with_traceback=False))
             return
         try:
@@ -457,7 +456,7 @@ class RPCServer:
             await delivery.ack()
             return
         if self._dedup.seen(request.id):
-            self.counts["keel_rpc_server_requests", "cast", request.method, "duplicate"] += 1
+            self._count("cast", request.method, "duplicate")
             event(
                 log,
                 logging.INFO,
@@ -475,7 +474,7 @@ class RPCServer:
             await delivery.requeue()
             raise
         except Exception as exc:
-            self.counts["keel_rpc_server_requests", "cast", request.method, "dead_lettered"] += 1
+            self._count("cast", request.method, "dead_lettered")
             event(
                 log,
                 logging.ERROR,
@@ -488,7 +487,7 @@ class RPCServer:
             await delivery.dead_letter(f"{type(exc).__name__}: {exc}")
             return
         self._dedup.remember(request.id)
-        self.counts["keel_rpc_server_requests", "cast", request.method, "ok"] += 1
+        self._count("cast", request.method, "ok")
         await delivery.ack()
 
     async def _do_fanout(self, request: Request) -> None:
@@ -498,7 +497,7 @@ class RPCServer:
             method = self._dispatcher.lookup(request.namespace, request.method, request.version)
             result = await self._invoke(method, request)
         except Exception as exc:
-            self.counts["keel_rpc_server_requests", "fanout", request.method, "error"] += 1
+            self._count("fanout", request.method, "error")
             event(
                 log,
                 logging.ERROR,
@@ -508,7 +507,7 @@ class RPCServer:
                 error=repr(exc),
             )
             return
-        self.counts["keel_rpc_server_requests", "fanout", request.method, "ok"] += 1
+        self._count("fanout", request.method, "ok")
         if result is not None:
             self._warn_once(
                 "fanout-as-request",
@@ -555,16 +554,12 @@ class RPCServer:
                     raise
                 finally:
                     self._deadlines.pop(task, None)
-            loop = asyncio.get_running_loop()
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(
                     self._thread_pool_size, thread_name_prefix=f"keel-{self.target.topic}"
                 )
-            call = functools.partial(method.func, ctx, **request.args)
             try:
-                return await loop.run_in_executor(
-                    self._executor, contextvars.copy_context().run, call
-                )
+                return await run_sync(self._executor, method.func, ctx, **request.args)
             except TypeError as exc:
                 raise self._bad_arguments(method, request, exc) from None
         finally:

@@ -9,6 +9,8 @@ logged once and the tap is removed, so traffic never fails because of observatio
 from __future__ import annotations
 
 import logging
+import os
+from importlib.metadata import entry_points
 from typing import Protocol
 
 from keel._log import event
@@ -28,6 +30,7 @@ class Tap(Protocol):
         version: str,
         outcome: str,
         seconds: float,
+        traceparent: str,
     ) -> None: ...
 
     def on_serve(
@@ -49,6 +52,17 @@ state = _State()
 def install(tap: Tap | None) -> None:
     """Install a tap (None removes it)."""
     state.tap = tap
+
+
+def install_from_env() -> None:
+    """``KEEL_MAP_DB=path`` turns the map tap on (found through the ``keel.taps`` entry
+    point group, so messaging never imports the map)."""
+    if state.tap is not None or not os.environ.get("KEEL_MAP_DB"):
+        return
+    for ep in entry_points(group="keel.taps"):
+        if ep.name == "map":
+            state.tap = ep.load()()
+            return
 
 
 def failed(exc: Exception) -> None:
