@@ -12,7 +12,7 @@ import pytest
 
 from keel import errors
 from keel.messaging import Transport, connect
-from keel.messaging.transports.redis import GROUP, RedisTransport
+from keel.messaging.transports.redis import GROUP, PREFIX, RedisTransport
 from tests.helpers import eventually
 from tests.servers import server_url
 
@@ -50,7 +50,7 @@ async def test_a_dead_consumers_entries_are_redelivered(
     await t.send(queue, b"orphan", durable=True)
     # A consumer that reads and dies before settling: the entry stays pending under its name.
     await t.cmd(
-        "XREADGROUP", "GROUP", GROUP, "dead-one", "COUNT", 1, "STREAMS", f"keel:q:{queue}", ">"
+        "XREADGROUP", "GROUP", GROUP, "dead-one", "COUNT", 1, "STREAMS", f"{PREFIX}q:{queue}", ">"
     )
     got: list[Any] = []
     await t.consume(queue, got.append, prefetch=4)
@@ -95,9 +95,9 @@ async def test_requeue_and_dead_letter(redis_url: str, opened: list[Transport]) 
     await got[1].dead_letter("bad input")
     await eventually(lambda: len(dead) == 1)
     assert dead[0].body == b"m"
-    fields = await t.cmd("XRANGE", f"keel:q:{queue}.dlq", "-", "+")
+    fields = await t.cmd("XRANGE", f"{PREFIX}q:{queue}.dlq", "-", "+")
     assert fields[0][1][b"reason"] == b"bad input"
-    assert await t.cmd("XLEN", f"keel:q:{queue}") == 0
+    assert await t.cmd("XLEN", f"{PREFIX}q:{queue}") == 0
 
 
 async def test_a_dead_owners_exclusive_queue_expires(
@@ -114,7 +114,7 @@ async def test_a_dead_owners_exclusive_queue_expires(
     with pytest.raises(errors.TransportError, match="does not exist"):
         await sender.send(queue, b"after death", durable=False)
     await sender.publish(queue + ".s", b"to nobody", durable=False)
-    assert await sender.cmd("SISMEMBER", f"keel:b:{queue}.s", queue) == 0
+    assert await sender.cmd("SISMEMBER", f"{PREFIX}b:{queue}.s", queue) == 0
 
 
 async def test_exclusive_queues_vanish_on_close(redis_url: str, opened: list[Transport]) -> None:

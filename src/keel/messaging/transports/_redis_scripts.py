@@ -1,5 +1,5 @@
 """Lua scripts of the Redis transport, each one atomic: a crash between its steps cannot
-lose or double a message. Keys other than KEYS are built inside from the ``keel:`` prefix,
+lose or double a message. Keys other than KEYS are built inside from the ``keel:mq:`` prefix,
 so they need one Redis server, not a Cluster."""
 
 # An exclusive queue's messages go by PUBLISH to its channel while its auto_ack consumer is

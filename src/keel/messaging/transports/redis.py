@@ -1,11 +1,15 @@
 """The Redis transport, ``redis://host:port/db``: queues on Redis Streams with consumer groups.
 
-Layout (keys under ``keel:``): a queue is a stream ``keel:q:<queue>`` with one consumer group
-``keel``; competing consumers are consumers of that group. A subject is a set
-``keel:b:<subject>`` of the queues bound to it, and a Lua script XADDs to each in one atomic
-step. Exclusive queues (reply and fanout queues, read ``auto_ack``) are plain lists
-``keel:l:<queue>`` guarded by an owner key ``keel:x:<queue>`` whose TTL the owner refreshes:
-cheaper than a stream for replies, and gone shortly after the owner dies.
+Layout (keys under ``keel:mq:``, written ``mq:`` here): a queue is a stream ``mq:q:<queue>``
+with one consumer group ``keel``; competing consumers are consumers of that group. A subject
+is a set ``mq:b:<subject>`` of the queues bound to it, and a Lua script XADDs to each in one
+atomic step. Exclusive queues (reply and fanout queues, read ``auto_ack``) are an owner key
+``mq:x:<queue>`` whose TTL the owner refreshes, a channel ``mq:c:<queue>`` and a list
+``mq:l:<queue>``: a message goes by PUBLISH while the consumer is subscribed (no AOF write,
+so no fsync on the reply path), else waits in the list, which the consumer drains after
+subscribing, after a reconnect and whenever idle. A reply published to a subscription whose
+connection is dying but not yet closed is lost: the caller gets `CallTimeout` (at-most-once,
+as the contract allows for ``auto_ack``).
 
 What the broker holds when ``send``/``publish`` returns: the entry is in the stream, i.e. in
 Redis memory and, when Redis runs ``appendonly yes`` + ``appendfsync always`` (as
@@ -66,7 +70,7 @@ from keel.urls import URL
 
 log = logging.getLogger("keel.messaging.redis")
 
-PREFIX = "keel:"
+PREFIX = "keel:mq:"  # coordination keeps its keys under keel: too
 GROUP = "keel"
 BLOCK_SECONDS = 2.0  # longest a consume loop blocks in Redis; well under socket_timeout
 AUTO_ACK_BATCH = 256
