@@ -4,8 +4,10 @@ The anchor is the obvious hand-written RPC over Redis lists: a client LPUSHes
 ``<reply list>|<correlation id>|<body>`` on a request list; a server task BRPOPs it and
 LPUSHes the body back on that client's reply list (one per client, the reply router matching
 correlation ids, as Keel does); a reader task per client BRPOPs replies and resolves the
-waiting call. The server replies without waiting for its LPUSH to finish, so it is not held
-to one round trip at a time. No acks, no redelivery, no deadlines: a floor, not a peer.
+waiting call. Both pop up to 64 at a time (BLMPOP COUNT) and the server pipelines its replies
+without waiting for them, so neither is held to one round trip per message (each pop is a
+write, an fsync under appendfsync always). No acks, no redelivery, no deadlines: a floor,
+not a peer.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import redis.asyncio as aioredis
 from bench import _servers as servers
 from bench._keel_rpc import measure
 from bench._stats import percentile
+
+BATCH = 64
 
 
 async def keel_redis(params: dict[str, Any]) -> dict[str, float]:
@@ -43,23 +47,27 @@ async def redispy_redis(params: dict[str, Any]) -> dict[str, float]:
 
     async def serve() -> None:
         while True:
-            popped = await server_cmd("BRPOP", requests, 1)
+            popped = await server_cmd("BLMPOP", 1, 1, requests, "RIGHT", "COUNT", BATCH)
             if popped is None:
                 continue
-            reply_to, corr, body = popped[1].split(b"|", 2)
-            task = asyncio.ensure_future(server_cmd("LPUSH", reply_to, corr + b"|" + body))
+            pipe = server_r.pipeline(transaction=False)
+            for item in popped[1]:
+                reply_to, corr, body = item.split(b"|", 2)
+                pipe.lpush(reply_to, corr + b"|" + body)
+            task = asyncio.ensure_future(pipe.execute())
             background.add(task)
             task.add_done_callback(background.discard)
 
     async def read_replies() -> None:
         while True:
-            popped = await client_cmd("BRPOP", replies, 1)
+            popped = await client_cmd("BLMPOP", 1, 1, replies, "RIGHT", "COUNT", BATCH)
             if popped is None:
                 continue
-            corr, body = popped[1].split(b"|", 1)
-            future = pending.pop(corr, None)
-            if future is not None and not future.done():
-                future.set_result(body)
+            for item in popped[1]:
+                corr, body = item.split(b"|", 1)
+                future = pending.pop(corr, None)
+                if future is not None and not future.done():
+                    future.set_result(body)
 
     async def call(i: int) -> bytes:
         corr = str(next(ids)).encode()
