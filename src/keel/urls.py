@@ -31,6 +31,15 @@ _BUILTIN: dict[str, dict[str, BackendRef]] = {
     "transport": {
         "memory": BackendRef("keel.messaging.transports.memory:MemoryTransport"),
         "redis": BackendRef("keel.messaging.transports.redis:RedisTransport", extra="redis"),
+        "nats": BackendRef("keel.messaging.transports.nats:NatsTransport", extra="nats"),
+    },
+    "coordination": {
+        "sqlite": BackendRef("keel.coordination.backends.sqlite:SqliteBackend"),
+        "etcd": BackendRef("keel.coordination.backends.etcd:EtcdBackend", "etcd"),
+        "zookeeper": BackendRef(
+            "keel.coordination.backends.zookeeper:ZookeeperBackend", "zookeeper"
+        ),
+        "redis": BackendRef("keel.coordination.backends.redis:RedisBackend", "redis"),
     },
 }
 
