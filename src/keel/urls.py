@@ -30,6 +30,7 @@ class BackendRef:
 _BUILTIN: dict[str, dict[str, BackendRef]] = {
     "transport": {
         "memory": BackendRef("keel.messaging.transports.memory:MemoryTransport"),
+        "redis": BackendRef("keel.messaging.transports.redis:RedisTransport", extra="redis"),
         "nats": BackendRef("keel.messaging.transports.nats:NatsTransport", extra="nats"),
     },
     "coordination": {

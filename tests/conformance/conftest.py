@@ -18,12 +18,14 @@ from tests.servers import server_url
 TRANSPORTS: dict[str, Callable[[], str]] = {
     "memory": lambda: f"memory://conformance-{uuid.uuid4().hex[:8]}",
     "nats": lambda: server_url("nats"),
+    "redis": lambda: server_url("redis"),
 }
 
 # Brokers the fault tests restart: name -> (server name for scripts/servers, URL function).
 # The memory transport lives inside the test process, so it has no broker to restart.
 BROKERS: dict[str, tuple[str, Callable[[], str]]] = {
     "nats": ("nats", lambda: server_url("nats")),
+    "redis": ("redis", lambda: server_url("redis")),
 }
 
 _topic_ids = itertools.count()

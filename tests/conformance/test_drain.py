@@ -43,9 +43,7 @@ class Worker:
     async def continue_self(self, ctx: RequestContext) -> str:
         # Work in flight sends itself a follow-up cast and waits for it: drain must let it in.
         client = RPCClient(self.transport, Target(self.topic, server=self.name))  # type: ignore[attr-defined]
-        # Long enough for the test to see it running and start the drain before the cast: on
-        # a fast broker the continuation can otherwise be done before the first poll.
-        await asyncio.sleep(0.05)
+        await self.gate.wait()  # the test opens the gate once the server is draining
         await client.cast(ctx, "note", value="continuation")
         for _ in range(200):
             if "continuation" in self.done:
@@ -86,13 +84,15 @@ async def test_states_and_drain_order(make_transport: TransportFactory, topic: s
 async def test_continuations_reach_a_draining_server(
     make_transport: TransportFactory, topic: str
 ) -> None:
-    server, _ = await start(await make_transport(), topic, "a")
+    server, worker = await start(await make_transport(), topic, "a")
     client = RPCClient(await make_transport(), Target(topic), timeout=10)
     call = asyncio.ensure_future(client.call(None, "continue_self"))
-    await asyncio.sleep(0)  # the call is on its way; drain starts while it may be running
     await eventually(lambda: server.running == 1)
-    await server.drain(timeout=10)
+    draining = asyncio.ensure_future(server.drain(timeout=10))
+    await eventually(lambda: server.state is ServerState.DRAINING)
+    worker.gate.set()  # now the running handler sends its continuation to the draining server
     assert await call == "continued"
+    await draining
 
 
 async def test_new_direct_work_waits_for_the_successor(

@@ -1,0 +1,669 @@
+"""The Redis transport, ``redis://host:port/db``: queues on Redis Streams with consumer groups.
+
+Layout (keys under ``keel:mq:``, written ``mq:`` here): a queue is a stream ``mq:q:<queue>``
+with one consumer group ``keel``; competing consumers are consumers of that group. A subject
+is a set ``mq:b:<subject>`` of the queues bound to it, and a Lua script XADDs to each in one
+atomic step. Exclusive queues (reply and fanout queues, read ``auto_ack``) are an owner key
+``mq:x:<queue>`` whose TTL the owner refreshes, a channel ``mq:c:<queue>`` and a list
+``mq:l:<queue>``: a message goes by PUBLISH while the consumer is subscribed (no AOF write,
+so no fsync on the reply path), else waits in the list, which the consumer drains after
+subscribing, after a reconnect and whenever idle. A reply published to a subscription whose
+connection is dying but not yet closed is lost: the caller gets `CallTimeout` (at-most-once,
+as the contract allows for ``auto_ack``).
+
+What the broker holds when ``send``/``publish`` returns: the entry is in the stream, i.e. in
+Redis memory and, when Redis runs ``appendonly yes`` + ``appendfsync always`` (as
+scripts/servers.d/redis.sh does), fsynced to the AOF before Redis replied. Without AOF (or with
+``appendfsync everysec``) a Redis crash loses what was acknowledged since the last fsync or
+snapshot: Keel cannot tell, so ``durable=True`` is only as durable as the server's config.
+
+Settlement: ``ack`` is XACK + XDEL (pipelined); ``requeue`` and ``dead_letter`` are Lua scripts
+that XACK + XDEL the entry and XADD it again at the tail of the queue (delivery count + 1) or
+to the ``<queue>.dlq`` stream with a ``reason`` field, atomically. A requeued entry is
+therefore available at once to any consumer of the group, behind the entries already queued.
+
+Consumer crash: an entry read but not settled stays in the group's pending list. A live
+consumer refreshes the idle time of its unsettled entries (XCLAIM JUSTID) every third of
+``visibility_timeout`` (URL option, default 10 s); every consumer also moves entries idle
+longer than that (XAUTOCLAIM) back to the tail of the queue. That is what redelivers a
+SIGKILLed server's casts and idempotent calls: after ``visibility_timeout`` plus at most a
+third of it (or 2 s, whichever is less). A consumer whose event loop stalls past
+``visibility_timeout`` may see its entries redelivered to another consumer too
+(at-least-once, never lost).
+
+Exclusive queues vanish on ``close``; if the owner dies they expire ``exclusive_ttl`` (default
+30 s) after its last refresh. A consumer crash loses what it had popped from an exclusive
+queue, which is the at-most-once the contract allows for ``auto_ack`` consumers.
+
+Connection loss: each command reconnects and retries with backoff for about 10 s, then raises
+`TransportError`; a send whose reply was lost in the cut may be retried and so stored twice
+(casts carry an idempotency key for that). Consume loops retry forever with backoff and
+re-create their group after a restart without persistence. Every redis-py exception is mapped
+to keel.errors in `_mapped`.
+
+Options (URL query or keyword): ``max_message_bytes`` (default 1 MiB), ``visibility_timeout``
+(s), ``exclusive_ttl`` (s), ``reconnect_retries`` (per command, default 25). The scripts name
+keys they are not given, so a Redis Cluster is not supported; one Redis server is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from keel.errors import MessageTooLarge, TransportError
+from keel.messaging.transports._redis_scripts import SCRIPTS
+from keel.messaging.transports.base import DEFAULT_MAX_MESSAGE_BYTES, Handler
+from keel.urls import URL
+
+log = logging.getLogger("keel.messaging.redis")
+
+PREFIX = "keel:mq:"  # coordination keeps its keys under keel: too
+GROUP = "keel"
+BLOCK_SECONDS = 2.0  # longest a consume loop blocks in Redis; well under socket_timeout
+AUTO_ACK_BATCH = 256
+
+
+@contextlib.contextmanager
+def _mapped(what: str, url: URL) -> Iterator[None]:
+    """The one place redis-py exceptions become keel.errors."""
+    try:
+        yield
+    except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
+        raise TransportError(
+            f"redis {url.redacted()} unreachable during {what}: {exc}; retry later",
+            operation=what,
+        ) from exc
+    except rexc.RedisError as exc:
+        raise TransportError(
+            f"redis {url.redacted()} refused {what}: {exc}", operation=what
+        ) from exc
+
+
+_DISCONNECTED = (rexc.ConnectionError, rexc.TimeoutError, OSError)
+
+
+def _stream(queue: str) -> str:
+    return f"{PREFIX}q:{queue}"
+
+
+def _owner(queue: str) -> str:
+    return f"{PREFIX}x:{queue}"
+
+
+def _list(queue: str) -> str:
+    return f"{PREFIX}l:{queue}"
+
+
+def _channel(queue: str) -> str:
+    return f"{PREFIX}c:{queue}"
+
+
+class _Delivery:
+    __slots__ = ("_consumer", "_settled", "body", "delivery_count", "entry_id")
+
+    def __init__(self, consumer: _Consumer, entry_id: bytes, body: bytes, count: int) -> None:
+        self._consumer = consumer
+        self.entry_id = entry_id
+        self.body = body
+        self.delivery_count = count
+        self._settled = False
+
+    def _settle(self) -> bool:
+        if self._settled:
+            return False
+        self._settled = True
+        self._consumer.settled(self)
+        return True
+
+    async def ack(self) -> None:
+        if self._settle():
+            await self._consumer.ack(self)
+
+    async def requeue(self) -> None:
+        if self._settle():
+            await self._consumer.requeue(self)
+
+    async def dead_letter(self, reason: str) -> None:
+        if self._settle():
+            await self._consumer.dead_letter(self, reason)
+
+
+class _Consumer:
+    """One consume loop on one queue; a stream group member or a list reader."""
+
+    def __init__(
+        self, transport: RedisTransport, queue: str, handler: Handler, prefetch: int, auto_ack: bool
+    ) -> None:
+        self.transport = transport
+        self.queue = queue
+        self.handler = handler
+        self.prefetch = max(1, prefetch)
+        self.auto_ack = auto_ack
+        self.exclusive = queue in transport._exclusive
+        self.key = _list(queue) if self.exclusive else _stream(queue)
+        self._pubsub: PubSub | None = None
+        self._drain = True
+        self._acks: list[bytes] = []
+        self._acks_done: asyncio.Future[None] | None = None
+        self.name = f"{transport.token}-{next(transport._consumer_ids)}"
+        self.unsettled: dict[bytes, _Delivery] = {}
+        self._credit = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopped = False
+        self._list_ids = itertools.count()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def stopped(self) -> bool:
+        return self._stopped
+
+    def settled(self, delivery: _Delivery) -> None:
+        self.unsettled.pop(delivery.entry_id, None)
+        self._credit.set()
+
+    async def cancel(self) -> None:
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stopped = True
+        # redis-py can swallow a cancel that lands while it sets up a connection; insist.
+        while not task.done():
+            task.cancel()
+            await asyncio.wait([task], timeout=0.05)
+        if self in self.transport._consumers:
+            self.transport._consumers.remove(self)
+        if self._pubsub is not None:
+            close: Callable[[], Awaitable[None]] = self._pubsub.aclose
+            with contextlib.suppress(rexc.RedisError, OSError):
+                await close()
+            self._pubsub = None
+        if self.exclusive:
+            return
+        t = self.transport
+        try:
+            await t._scripts["orphans"](
+                keys=[self.key], args=[GROUP, self.name, *self.unsettled], client=t.redis
+            )
+        except rexc.RedisError as exc:  # the visibility timeout hands them back instead
+            log.info("redis: could not return unread entries of %s: %s", self.queue, exc)
+
+    # --- the loop --------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        t = self.transport
+        loop = asyncio.get_running_loop()
+        backoff = 0.05
+        next_upkeep = 0.0
+        while not self._stopped:
+            try:
+                if not self.exclusive and loop.time() >= next_upkeep:
+                    await self._upkeep()
+                    next_upkeep = loop.time() + t.visibility_timeout / 3
+                room = AUTO_ACK_BATCH if self.auto_ack else self.prefetch - len(self.unsettled)
+                if room <= 0:
+                    self._credit.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._credit.wait(), t.visibility_timeout / 3)
+                    continue
+                got = await self._read(room)
+                backoff = 0.05
+            except _DISCONNECTED as exc:
+                self._drain = True  # what was sent while we were away waits in the list
+                log.info(
+                    "redis: consumer of %s lost its connection (%s); retrying", self.queue, exc
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            except rexc.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    log.warning("redis: consumer of %s: %s", self.queue, exc)
+                # The group is gone (a restart without persistence): declare it again.
+                with contextlib.suppress(rexc.RedisError):
+                    await t._create_group(self.queue)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            except Exception:  # a bug must not silently end the consumer: log and go on
+                log.exception("redis: consumer of %s failed; retrying", self.queue)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            if self.stopped():  # a swallowed cancel: hand the entries back, do not deliver
+                for delivery in got:
+                    delivery._settled = True
+                    self.unsettled.pop(delivery.entry_id, None)
+                return
+            for delivery in got:
+                self.handler(delivery)
+
+    async def _read(self, room: int) -> list[_Delivery]:
+        if self.exclusive and self.auto_ack:
+            return await self._read_pubsub(room)
+        if self.exclusive:
+            return await self._read_list(room)
+        return await self._read_stream(room)
+
+    async def _upkeep(self) -> None:
+        t = self.transport
+        if self.unsettled:
+            # Keep our own unsettled entries from looking idle to other consumers' reclaim.
+            await t.cmd(
+                "XCLAIM",
+                self.key,
+                GROUP,
+                self.name,
+                0,
+                *self.unsettled,
+                "JUSTID",
+                parse_justid=True,
+            )
+        await t._scripts["reclaim"](
+            keys=[self.key],
+            args=[GROUP, self.name, int(t.visibility_timeout * 1000), 100],
+            client=t.redis,
+        )
+
+    async def _read_stream(self, room: int) -> list[_Delivery]:
+        t = self.transport
+        reply = await t.cmd(
+            "XREADGROUP", "GROUP", GROUP, self.name, "COUNT", room,
+            "BLOCK", t.block_ms, "STREAMS", self.key, ">",
+        )  # fmt: skip
+        if not reply:
+            return []
+        entries = reply[0][1]
+        got = []
+        for entry_id, fields in entries:
+            count = fields.get(b"n")
+            delivery = _Delivery(self, entry_id, fields[b"b"], int(count) if count else 1)
+            got.append(delivery)
+        if self.auto_ack:
+            for delivery in got:
+                delivery._settled = True
+            await self._ack_ids([d.entry_id for d in got])
+        else:
+            for delivery in got:
+                self.unsettled[delivery.entry_id] = delivery
+        return got
+
+    async def subscribe(self) -> None:
+        """Subscribe and wait until Redis confirms: from then on sends PUBLISH to us."""
+        pubsub = self.transport.redis.pubsub()
+        await pubsub.subscribe(_channel(self.queue))
+        while True:
+            message = await pubsub.get_message(timeout=BLOCK_SECONDS)
+            if message is not None and message["type"] == "subscribe":
+                break
+        self._pubsub = pubsub
+
+    async def _read_pubsub(self, room: int) -> list[_Delivery]:
+        if self._pubsub is None:
+            await self.subscribe()
+        assert self._pubsub is not None
+        if self._drain:
+            # Messages that found no subscriber (before the subscription, or while the
+            # connection was down) wait in the list; an idle wake-up also looks there.
+            self._drain = False
+            got = await self._read_list(room, block=False)
+            if got:
+                self._drain = True
+                return got
+        message = await self._pubsub.get_message(
+            ignore_subscribe_messages=True, timeout=BLOCK_SECONDS
+        )
+        if message is None:
+            self._drain = True
+            return []
+        if message["type"] != "message":
+            return []
+        delivery = _Delivery(self, b"", message["data"], 1)
+        delivery._settled = True
+        return [delivery]
+
+    async def _read_list(self, room: int, *, block: bool = True) -> list[_Delivery]:
+        if block:
+            reply = await self.transport.cmd(
+                "BLMPOP", BLOCK_SECONDS, 1, self.key, "LEFT", "COUNT", room
+            )
+        else:
+            reply = await self.transport.cmd("LMPOP", 1, self.key, "LEFT", "COUNT", room)
+        if not reply:
+            return []
+        got = []
+        for body in reply[1]:
+            delivery = _Delivery(self, str(next(self._list_ids)).encode(), body, 1)
+            if self.auto_ack:
+                delivery._settled = True
+            else:
+                self.unsettled[delivery.entry_id] = delivery
+            got.append(delivery)
+        return got
+
+    # --- settlement --------------------------------------------------------------------------
+
+    async def _ack_ids(self, ids: Sequence[bytes]) -> None:
+        t = self.transport
+        with _mapped("ack", t.url):
+            async with t.redis.pipeline(transaction=False) as pipe:
+                pipe.execute_command("XACK", self.key, GROUP, *ids)
+                pipe.execute_command("XDEL", self.key, *ids)
+                await pipe.execute()
+
+    async def ack(self, delivery: _Delivery) -> None:
+        if self.exclusive:
+            return
+        # Acks made in the same loop iteration (a batch read by one XREADGROUP) share one
+        # XACK + XDEL round trip: each costs an fsync with appendfsync always.
+        self._acks.append(delivery.entry_id)
+        done = self._acks_done
+        if done is None:
+            loop = asyncio.get_running_loop()
+            done = self._acks_done = loop.create_future()
+            loop.call_soon(self._flush_acks)
+        await asyncio.shield(done)
+
+    def _flush_acks(self) -> None:
+        ids, self._acks = self._acks, []
+        done, self._acks_done = self._acks_done, None
+        assert done is not None
+
+        def finished(task: asyncio.Task[None]) -> None:
+            error = None if task.cancelled() else task.exception()
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+                done.exception()  # counted as seen: a cancelled waiter must not warn
+
+        asyncio.get_running_loop().create_task(self._ack_ids(ids)).add_done_callback(finished)
+
+    async def requeue(self, delivery: _Delivery) -> None:
+        t = self.transport
+        with _mapped("requeue", t.url):
+            if self.exclusive:
+                await t.cmd("LPUSH", self.key, delivery.body)
+            else:
+                await t._scripts["return"](
+                    keys=[self.key], args=[GROUP, 1, delivery.entry_id], client=t.redis
+                )
+
+    async def dead_letter(self, delivery: _Delivery, reason: str) -> None:
+        t = self.transport
+        dlq = _stream(self.queue + ".dlq")
+        with _mapped("dead_letter", t.url):
+            if self.exclusive:
+                await t.cmd("XADD", dlq, "*", "b", delivery.body, "reason", reason)
+            else:
+                await t._scripts["dead"](
+                    keys=[self.key, dlq],
+                    args=[GROUP, delivery.entry_id, delivery.body, reason],
+                    client=t.redis,
+                )
+
+
+_Pending = tuple[str, tuple[Any, ...], "asyncio.Future[Any]"]
+
+
+class _Batcher:
+    """Script calls made in one loop iteration go to Redis in one pipeline.
+
+    With many callers at once (16 concurrent calls, a server replying to a batch) this turns
+    N round trips, N socket writes and N pass-throughs redis-py's per-command machinery into
+    one; a lone call goes straight through. Each caller still gets its own result or error.
+    """
+
+    def __init__(self, transport: RedisTransport) -> None:
+        self._t = transport
+        self._items: list[_Pending] = []
+
+    async def call(self, script: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._items.append((script, (len(keys), *keys, *args), future))
+        if len(self._items) == 1:
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        items, self._items = self._items, []
+        asyncio.get_running_loop().create_task(self._run(items))
+
+    async def _run(self, items: list[_Pending]) -> None:
+        t = self._t
+        try:
+            if len(items) == 1:
+                name, argv, _ = items[0]
+                results: list[Any] = [await self._one(name, argv)]
+            else:
+                async with t.redis.pipeline(transaction=False) as pipe:
+                    for name, argv, _ in items:
+                        pipe.execute_command("EVALSHA", t._scripts[name].sha, *argv)
+                    results = await pipe.execute(raise_on_error=False)
+                for i, (name, argv, _) in enumerate(items):
+                    if isinstance(results[i], rexc.NoScriptError):  # Redis restarted
+                        results[i] = await self._one(name, argv)
+        except Exception as exc:
+            results = [exc] * len(items)
+        for (_, _, future), result in zip(items, results, strict=True):
+            if future.done():  # the caller was cancelled
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def _one(self, name: str, argv: tuple[Any, ...]) -> Any:
+        script = self._t._scripts[name]
+        try:
+            return await self._t.cmd("EVALSHA", script.sha, *argv)
+        except rexc.NoScriptError:
+            await self._t.cmd("SCRIPT", "LOAD", script.script)
+            return await self._t.cmd("EVALSHA", script.sha, *argv)
+
+
+class RedisTransport:
+    """A connection pool to one Redis server. See the module docstring for what it keeps."""
+
+    def __init__(
+        self,
+        url: URL,
+        *,
+        max_message_bytes: int | None = None,
+        visibility_timeout: float | None = None,
+        exclusive_ttl: float | None = None,
+        reconnect_retries: int | None = None,
+    ) -> None:
+        self.url = url
+        opts = url.options
+        self.max_message_bytes = max_message_bytes or int(
+            opts.get("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
+        )
+        self.visibility_timeout = visibility_timeout or float(opts.get("visibility_timeout", 10))
+        self.exclusive_ttl = exclusive_ttl or float(opts.get("exclusive_ttl", 30))
+        self._ttl_ms = int(self.exclusive_ttl * 1000)
+        # A stream consumer wakes at least this often for its upkeep (heartbeat, reclaim).
+        self.block_ms = int(min(BLOCK_SECONDS, self.visibility_timeout / 3) * 1000)
+        if reconnect_retries is None:
+            reconnect_retries = int(opts.get("reconnect_retries", 25))
+        self.token = f"{os.getpid()}-{uuid.uuid4().hex[:10]}"
+        db = url.path.strip("/") or "0"
+        self.redis = aioredis.Redis(
+            host=url.host or "127.0.0.1",
+            port=url.port or 6379,
+            db=int(db),
+            username=url.username,
+            password=url.password,
+            socket_timeout=BLOCK_SECONDS + 8,
+            socket_connect_timeout=2,
+            # Bounded reconnect-and-retry per command (25: about 10 s), then TransportError.
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), reconnect_retries),
+        )
+        # redis-py leaves execute_command untyped; one typed alias keeps mypy strict honest.
+        self.cmd: Callable[..., Awaitable[Any]] = self.redis.execute_command
+        self._scripts = {name: self.redis.register_script(lua) for name, lua in SCRIPTS.items()}
+        self._batch = _Batcher(self)
+        self._consumers: list[_Consumer] = []
+        self._exclusive: dict[str, Sequence[str]] = {}  # exclusive queue -> its subjects
+        self._consumer_ids = itertools.count(1)
+        self._keepalive: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def connect(self) -> None:
+        self._closed = False
+        with _mapped("connect", self.url):
+            await self.cmd("PING")
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for consumer in list(self._consumers):
+            unsettled = list(consumer.unsettled.values())
+            await consumer.cancel()
+            for delivery in unsettled:
+                with contextlib.suppress(TransportError):
+                    await delivery.requeue()
+        self._consumers.clear()
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
+        for name in list(self._exclusive):
+            with contextlib.suppress(TransportError):
+                await self.delete_queue(name)
+        self._exclusive.clear()
+        await self.redis.aclose()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportError(f"transport {self.url.redacted()} is closed")
+
+    # --- queues ----------------------------------------------------------------------------
+
+    async def _create_group(self, queue: str) -> None:
+        try:
+            await self.cmd("XGROUP", "CREATE", _stream(queue), GROUP, "0", "MKSTREAM")
+        except rexc.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def declare_queue(
+        self,
+        name: str,
+        *,
+        durable: bool,
+        bindings: Sequence[str] = (),
+        exclusive: bool = False,
+    ) -> None:
+        self._check_open()
+        with _mapped("declare_queue", self.url):
+            if exclusive:
+                await self.cmd("SET", _owner(name), self.token, "PX", self._ttl_ms)
+                self._exclusive[name] = tuple(bindings)
+                if self._keepalive is None:
+                    self._keepalive = asyncio.get_running_loop().create_task(self._refresh())
+            else:
+                await self._create_group(name)
+            if bindings:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for subject in bindings:
+                        pipe.execute_command("SADD", f"{PREFIX}b:{subject}", name)
+                    pipe.execute_command("SADD", f"{PREFIX}qb:{name}", *bindings)
+                    await pipe.execute()
+
+    async def _refresh(self) -> None:
+        """Keep this connection's exclusive queues alive while it lives."""
+        while True:
+            await asyncio.sleep(self.exclusive_ttl / 3)
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for name, subjects in self._exclusive.items():
+                        # A publish finding the owner key expired (a long disconnect) drops
+                        # the binding; the owner puts it back.
+                        for subject in subjects:
+                            pipe.execute_command("SADD", f"{PREFIX}b:{subject}", name)
+                        # SET, not PEXPIRE: recreates the owner key after a restart without AOF.
+                        pipe.execute_command("SET", _owner(name), self.token, "PX", self._ttl_ms)
+                        pipe.execute_command("PEXPIRE", _list(name), self._ttl_ms)
+                    await pipe.execute()
+            except (rexc.RedisError, OSError) as exc:
+                log.info("redis: could not refresh exclusive queues: %s", exc)
+
+    async def delete_queue(self, name: str) -> None:
+        for consumer in [c for c in self._consumers if c.queue == name]:
+            await consumer.cancel()
+        self._exclusive.pop(name, None)
+        with _mapped("delete_queue", self.url):
+            await self._scripts["delete"](
+                keys=[_stream(name), _owner(name), _list(name), f"{PREFIX}qb:{name}"],
+                args=[PREFIX, name],
+                client=self.redis,
+            )
+
+    # --- messages --------------------------------------------------------------------------
+
+    def _check_size(self, body: bytes) -> None:
+        if len(body) > self.max_message_bytes:
+            raise MessageTooLarge(
+                f"message is {len(body)} bytes, over the transport's "
+                f"{self.max_message_bytes}-byte limit",
+                size=len(body),
+                limit=self.max_message_bytes,
+            )
+
+    async def send(self, queue: str, body: bytes, *, durable: bool) -> None:
+        self._check_open()
+        self._check_size(body)
+        with _mapped("send", self.url):
+            found = await self._batch.call(
+                "send",
+                [_stream(queue), _owner(queue), _list(queue)],
+                [body, self._ttl_ms, _channel(queue)],
+            )
+        if not found:
+            raise TransportError(
+                f"queue {queue!r} does not exist on {self.url.redacted()}; "
+                "declare it before sending"
+            )
+
+    async def publish(self, subject: str, body: bytes, *, durable: bool) -> None:
+        self._check_open()
+        self._check_size(body)
+        with _mapped("publish", self.url):
+            await self._batch.call(
+                "publish", [f"{PREFIX}b:{subject}"], [body, self._ttl_ms, PREFIX]
+            )
+
+    async def consume(
+        self, queue: str, handler: Handler, *, prefetch: int, auto_ack: bool = False
+    ) -> _Consumer:
+        self._check_open()
+        if queue not in self._exclusive:
+            with _mapped("consume", self.url):
+                owner = await self.cmd("GET", _owner(queue))
+                exists = await self.cmd("EXISTS", _stream(queue))
+            if owner is not None:
+                raise TransportError(f"queue {queue!r} is exclusive to another connection")
+            if not exists:
+                raise TransportError(f"queue {queue!r} does not exist on {self.url.redacted()}")
+        consumer = _Consumer(self, queue, handler, prefetch, auto_ack)
+        if consumer.exclusive and auto_ack:
+            with _mapped("consume", self.url):
+                await consumer.subscribe()
+        self._consumers.append(consumer)
+        consumer.start()
+        return consumer
