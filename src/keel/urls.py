@@ -30,6 +30,10 @@ class BackendRef:
 _BUILTIN: dict[str, dict[str, BackendRef]] = {
     "transport": {
         "memory": BackendRef("keel.messaging.transports.memory:MemoryTransport"),
+        "rabbit": BackendRef(
+            "keel.messaging.transports.rabbitmq:RabbitTransport", extra="rabbitmq"
+        ),
+        "amqp": BackendRef("keel.messaging.transports.rabbitmq:RabbitTransport", extra="rabbitmq"),
     },
 }
 

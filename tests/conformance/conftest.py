@@ -12,10 +12,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from keel.messaging import Transport, connect
+from tests.servers import server_url
 
 # name -> function returning a URL for a fresh, isolated namespace on that backend
 TRANSPORTS: dict[str, Callable[[], str]] = {
     "memory": lambda: f"memory://conformance-{uuid.uuid4().hex[:8]}",
+    "rabbitmq": lambda: server_url("rabbitmq"),
 }
 
 _topic_ids = itertools.count()
