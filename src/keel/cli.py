@@ -24,5 +24,13 @@ def version() -> None:
     typer.echo(keel.__version__)
 
 
+@app.command()
+def demo() -> None:
+    """Run call, cast, fanout and notifications on the embedded memory:// transport."""
+    from keel import _demo  # noqa: PLC0415 - keep `keel --help` fast
+
+    _demo.main()
+
+
 def main() -> None:
     app()

@@ -20,6 +20,10 @@ TRANSPORTS: dict[str, Callable[[], str]] = {
     "rabbitmq": lambda: server_url("rabbitmq"),
 }
 
+# Brokers the fault tests restart: name -> (server name for scripts/servers, URL function).
+# The memory transport lives inside the test process, so it has no broker to restart.
+BROKERS: dict[str, tuple[str, Callable[[], str]]] = {}
+
 _topic_ids = itertools.count()
 
 

@@ -29,8 +29,8 @@ class RemoteOptions:
 
 def remote(*, since: str | None = None, idempotent: bool = False) -> Callable[[F], F]:
     """Declare a method's metadata: the interface version it appeared in, and whether it is
-    idempotent (safe to run twice: its request is acknowledged after it finishes, so a server
-    crash redelivers it instead of losing it)."""
+    idempotent (safe to run twice), which lets Keel retry a call to it that a stopping server
+    may have started."""
     options = RemoteOptions(parse_version(since) if since else None, idempotent)
 
     def mark(func: F) -> F:

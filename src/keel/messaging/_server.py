@@ -2,10 +2,9 @@
 
 Delivery (docs/messaging-contract.md states it for users):
 
-* call: the request is acknowledged when its method starts, so a server crash mid-call never
-  runs it twice; the caller gets its reply, a typed error, or `CallTimeout`. Methods declared
-  ``@remote(idempotent=True)`` are acknowledged after the reply is sent instead, so a crash
-  redelivers them to another server.
+* call: the request is acknowledged when it is taken, before its method starts, so a server
+  crash mid-call never runs it twice on any transport; the caller gets its reply, a typed
+  error, or `CallTimeout` (retryable: retry it if the method is idempotent).
 * cast: acknowledged after the method returns (at-least-once); a key already seen by the
   dedup store is skipped; a method that raises or cannot be found dead-letters the message
   with the reason, never drops it.
@@ -300,43 +299,31 @@ class RPCServer:
         return True
 
     async def _do_call(self, request: Request, delivery: Delivery) -> None:
+        # Acknowledged before the method runs (after the checks): a crash mid-call must never
+        # lead a broker to run the call a second time elsewhere.
+        await delivery.ack()
         if self._expired(request):
-            await delivery.ack()
             return
         try:
             method = self._dispatcher.lookup(request.namespace, request.method, request.version)
         except KeelError as exc:
-            await delivery.ack()
             self.counts["keel_rpc_server_requests", "call", request.method, "rejected"] += 1
             await self._reply(request, failure=to_failure(exc, with_traceback=False))
             return
-        idempotent = method.options.idempotent
-        if not idempotent:
-            await delivery.ack()
         try:
             result = await self._invoke(method, request)
         except asyncio.CancelledError:
             if self._stopping:
-                await self._reply(
-                    request,
-                    failure=to_failure(
-                        ServerDraining(
-                            f"server {self.name} stopped while running {request.method}; "
-                            "it may have "
-                            "run in part. Retry if the method is idempotent",
-                            server=self.name,
-                        ),
-                        with_traceback=False,
-                    ),
+                draining = ServerDraining(
+                    f"server {self.name} stopped while running {request.method}; it may have "
+                    "run in part. Retry if the method is idempotent",
+                    server=self.name,
                 )
-                if idempotent:
-                    await delivery.ack()
+                await self._reply(request, failure=to_failure(draining, with_traceback=False))
             raise
         except TimeoutError:
             # Only the deadline guard raises this here: the caller has already given up.
-            self.counts[
-                "keel_rpc_server_requests", "call", request.method, "deadline_exceeded"
-            ] += 1
+            self._count("call", request.method, "deadline_exceeded")
             event(
                 log,
                 logging.WARNING,
@@ -345,11 +332,9 @@ class RPCServer:
                 method=request.method,
                 request_id=request.ctx.request_id,
             )
-            if idempotent:
-                await delivery.ack()
             return
         except Exception as exc:
-            self.counts["keel_rpc_server_requests", "call", request.method, "error"] += 1
+            self._count("call", request.method, "error")
             if not isinstance(exc, KeelError):
                 event(
                     log,
@@ -361,10 +346,11 @@ class RPCServer:
                 )
             await self._reply(request, failure=to_failure(exc))
         else:
-            self.counts["keel_rpc_server_requests", "call", request.method, "ok"] += 1
+            self._count("call", request.method, "ok")
             await self._reply(request, result=result)
-        if idempotent:
-            await delivery.ack()
+
+    def _count(self, kind: str, method: str, outcome: str) -> None:
+        self.counts["keel_rpc_server_requests", kind, method, outcome] += 1
 
     async def _do_cast(self, request: Request, delivery: Delivery) -> None:
         if self._expired(request):
