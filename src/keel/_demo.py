@@ -20,7 +20,6 @@ from keel.messaging import (
     connect,
 )
 
-
 _instance_numbers = itertools.count(1)
 
 
@@ -75,7 +74,8 @@ async def run_demo(console: Console) -> list[tuple[str, str, str]]:
         NotificationListener(transport, [Target("notifications")], [Audit(pool, log)], pool=pool)
         for pool in ("billing", "search")
     ]
-    for part in [*servers, *listeners]:
+    parts: list[RPCServer | NotificationListener] = [*servers, *listeners]
+    for part in parts:
         await part.start()
     client = RPCClient(transport, Target("compute"), timeout=5, service="demo-api")
     ctx = RequestContext(user="alice", project="demo")
@@ -93,7 +93,7 @@ async def run_demo(console: Console) -> list[tuple[str, str, str]]:
     except errors.CallTimeout as exc:
         log.append(("error", "caller", f"CallTimeout: {exc}"))
     await asyncio.sleep(0.2)  # let casts, fanouts and notifications land
-    for part in [*listeners, *servers]:
+    for part in reversed(parts):
         await part.stop()
     await transport.close()
     return log

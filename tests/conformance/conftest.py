@@ -22,7 +22,9 @@ TRANSPORTS: dict[str, Callable[[], str]] = {
 
 # Brokers the fault tests restart: name -> (server name for scripts/servers, URL function).
 # The memory transport lives inside the test process, so it has no broker to restart.
-BROKERS: dict[str, tuple[str, Callable[[], str]]] = {}
+BROKERS: dict[str, tuple[str, Callable[[], str]]] = {
+    "rabbitmq": ("rabbitmq", lambda: server_url("rabbitmq")),
+}
 
 _topic_ids = itertools.count()
 

@@ -157,6 +157,8 @@ async def spawn(
     for proc in procs:
         proc.kill()
         proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def _events(log: Path) -> list[tuple[str, str, str]]:
