@@ -257,8 +257,9 @@ class RabbitTransport:
     """One AMQP connection with its channels. See the module docstring for what it keeps.
 
     Options (keywords or URL query): ``max_message_bytes`` (default 1 MiB), ``heartbeat``
-    (seconds, default 20), ``exchange`` (default ``keel``), ``reconnect_wait`` (seconds a
-    send waits for a reconnect, default 10), ``publish_timeout`` (default 30).
+    (seconds, default 20), ``exchange`` (default ``keel``), ``exchange_durable`` (URL only,
+    default true; false to share a non-durable oslo.messaging exchange), ``reconnect_wait``
+    (seconds a send waits for a reconnect, default 10), ``publish_timeout`` (default 30).
     """
 
     def __init__(
@@ -277,6 +278,9 @@ class RabbitTransport:
             options.get("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
         )
         self.exchange = exchange or options.get("exchange", "keel")
+        # oslo.messaging declares its exchanges durable only with amqp_durable_queues=True;
+        # RabbitMQ refuses a second declaration that differs, so interop must match it.
+        self._exchange_durable = options.get("exchange_durable", "true").lower() != "false"
         self._heartbeat = heartbeat or int(options.get("heartbeat", 20))
         self._reconnect_wait = reconnect_wait or float(options.get("reconnect_wait", 10))
         self._publish_timeout = publish_timeout or float(options.get("publish_timeout", 30))
@@ -320,7 +324,9 @@ class RabbitTransport:
             self._confirm = await connection.channel(publisher_confirms=True)
             self._plain = await connection.channel(publisher_confirms=False)
             self._control = await connection.channel(publisher_confirms=False)
-            await self._control.exchange_declare(self.exchange, exchange_type="topic", durable=True)
+            await self._control.exchange_declare(
+                self.exchange, exchange_type="topic", durable=self._exchange_durable
+            )
             for name, queue in list(self._queues.items()):
                 await self._declare(self._control, name, queue)
             for consumer in list(self._consumers):
@@ -496,10 +502,14 @@ class RabbitTransport:
         durable: bool,
         headers: dict[str, Any] | None = None,
         content_type: str | None = None,
+        content_encoding: str | None = None,
     ) -> None:
         """Publish one message; with ``durable`` return only once the broker confirmed it."""
         properties = spec.Basic.Properties(
-            delivery_mode=2 if durable else 1, headers=headers, content_type=content_type
+            delivery_mode=2 if durable else 1,
+            headers=headers,
+            content_type=content_type,
+            content_encoding=content_encoding,
         )
         try:
             channel = await self._channel("_confirm" if durable else "_plain")
@@ -525,6 +535,18 @@ class RabbitTransport:
     async def publish(self, subject: str, body: bytes, *, durable: bool) -> None:
         self._check_size(body)
         await self.publish_raw(self.exchange, subject, body, durable=durable)
+
+    async def publish_json(self, subject: str, body: bytes, *, durable: bool) -> None:
+        """`publish` labelled ``application/json`` (kombu, hence oslo.messaging, needs it)."""
+        self._check_size(body)
+        await self.publish_raw(
+            self.exchange,
+            subject,
+            body,
+            durable=durable,
+            content_type="application/json",
+            content_encoding="utf-8",
+        )
 
     async def consume(
         self, queue: str, handler: Handler, *, prefetch: int, auto_ack: bool = False
