@@ -129,6 +129,8 @@ class _Delivery:
             return
         try:
             await channel.basic_ack(self._tag)
+        except KeelError:
+            raise
         except _CLIENT_ERRORS as exc:
             raise _translate(exc, "ack", self._consumer.transport.url) from exc
 
@@ -189,9 +191,9 @@ class _Consumer:
 
     async def start(self, connection: aiormq.Connection) -> None:
         """(Re)open this consumer's channel and consume; earlier deliveries become stale."""
+        channel = await connection.channel(publisher_confirms=False)
         self.generation += 1
         self.unsettled = 0
-        channel = await connection.channel(publisher_confirms=False)
         self.channel = channel
         if not self.auto_ack:
             await channel.basic_qos(prefetch_count=self.prefetch)
@@ -312,6 +314,8 @@ class RabbitTransport:
             return
         try:
             await self._open()
+        except KeelError:
+            raise
         except _CLIENT_ERRORS as exc:
             raise _translate(exc, "connect", self.url) from exc
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
@@ -342,8 +346,10 @@ class RabbitTransport:
         while True:
             connection = self._connection
             assert connection is not None
-            with contextlib.suppress(Exception):
-                await connection.closing
+            closing = connection.closing
+            await asyncio.wait([closing])  # never raises, whatever closed it (even cancelled)
+            if not closing.cancelled():
+                closing.exception()
             if self.closed:
                 return
             self._ready.clear()
@@ -385,6 +391,8 @@ class RabbitTransport:
     async def _wait_ready(self, action: str) -> aiormq.Connection:
         if self._closed:
             raise TransportError(f"transport {self.url.redacted()} is closed")
+        if self._connection is None or self._connection.is_closed:
+            self._ready.clear()  # lost a moment ago: the supervisor has not seen it yet
         if not self._ready.is_set():
             try:
                 await asyncio.wait_for(self._ready.wait(), self._reconnect_wait)
@@ -405,7 +413,10 @@ class RabbitTransport:
         async with self._channel_lock:
             channel = getattr(self, kind)
             if channel is None or channel.is_closed:
-                channel = await connection.channel(publisher_confirms=kind == "_confirm")
+                try:
+                    channel = await connection.channel(publisher_confirms=kind == "_confirm")
+                except RuntimeError as exc:  # aiormq: the connection closed under us
+                    raise _translate(exc, "opening a channel", self.url) from exc
                 setattr(self, kind, channel)
         assert channel is not None
         return channel
@@ -427,7 +438,11 @@ class RabbitTransport:
             return  # the supervisor replays every consumer after reconnecting
         log.warning("channel of consumer on %s closed; consuming again", consumer.queue)
 
+        lost = consumer.channel
+
         async def restart() -> None:
+            if connection is not self._connection or consumer.channel is not lost:
+                return  # reconnected or restarted meanwhile
             try:
                 await consumer.start(connection)
             except (*_CLIENT_ERRORS, RuntimeError) as exc:
@@ -466,6 +481,8 @@ class RabbitTransport:
         try:
             channel = await self._channel("_control")
             await self._declare(channel, name, queue)
+        except KeelError:
+            raise
         except _CLIENT_ERRORS as exc:
             raise _translate(exc, f"declaring queue {name!r}", self.url) from exc
         known = self._queues.get(name)
@@ -481,6 +498,8 @@ class RabbitTransport:
         try:
             channel = await self._channel("_control")
             await channel.queue_delete(name)
+        except KeelError:
+            raise
         except _CLIENT_ERRORS as exc:
             raise _translate(exc, f"deleting queue {name!r}", self.url) from exc
 
@@ -520,6 +539,8 @@ class RabbitTransport:
                 properties=properties,
                 timeout=self._publish_timeout,
             )
+        except KeelError:
+            raise
         except _CLIENT_ERRORS as exc:
             raise _translate(exc, f"publishing to {routing_key!r}", self.url) from exc
         if durable and not isinstance(confirmation, spec.Basic.Ack):
@@ -555,6 +576,8 @@ class RabbitTransport:
         consumer = _Consumer(self, queue, handler, max(1, prefetch), auto_ack)
         try:
             await consumer.start(connection)
+        except KeelError:
+            raise
         except _CLIENT_ERRORS as exc:
             consumer.active = False
             await consumer._close_channel()
