@@ -5,12 +5,23 @@ from __future__ import annotations
 import typer
 
 import keel
+from keel._map_cli import app as map_app
+from keel._map_cli import island
+from keel._spec_cli import app as spec_app
+from keel.agent._cli import app as agent_app
 
 app = typer.Typer(
     help="Keel: messaging, drain, coordination, events and guest agents for control planes.",
     no_args_is_help=True,
     add_completion=False,
 )
+
+app.add_typer(agent_app, name="agent")
+
+
+app.add_typer(spec_app, name="spec")
+app.add_typer(map_app, name="map")
+app.command("island")(island)
 
 
 @app.callback()

@@ -163,3 +163,49 @@ class ProtocolError(AgentError, ValueError):
 
 class FrameTooLarge(ProtocolError):
     """A frame exceeds the negotiated maximum (fields ``size`` and ``limit``)."""
+
+
+class AgentTimeout(AgentError, TimeoutError):
+    """An agent request passed its deadline (or the peer stalled mid-frame). Fields
+    ``command`` and ``timeout``. The request was cancelled on the agent side when possible."""
+
+    retryable = True
+
+
+class AgentUnavailable(AgentError, ConnectionError):
+    """The channel to the agent could not be opened or was closed. Reconnect and retry."""
+
+    retryable = True
+
+
+class ChannelUnsupported(AgentError, OSError):
+    """This machine's kernel lacks the channel (e.g. AF_VSOCK); field ``channel``."""
+
+
+class AgentIdentityMismatch(AgentError, PermissionError):
+    """The agent's TLS certificate names another instance than the one asked for
+    (fields ``expected`` and ``presented``). Never talk to that peer."""
+
+
+class CommandDenied(AgentError, PermissionError):
+    """The agent's allow/deny list refuses the command (field ``command``)."""
+
+
+class UnknownCommand(AgentError, LookupError):
+    """The agent has no such plugin or command (field ``command``)."""
+
+
+class CommandFailed(AgentError):
+    """The command ran on the agent and failed (fields ``command``, ``code``, ``detail``)."""
+
+
+class StreamLimitExceeded(ProtocolError):
+    """A streamed result went past its size limit or its flow-control window (field ``limit``)."""
+
+
+class IntegrityError(AgentError, ValueError):
+    """A transferred file's sha256 does not match (fields ``expected`` and ``actual``)."""
+
+
+class BadArguments(AgentError, TypeError):
+    """A command's arguments do not match its declared types (field ``command``)."""

@@ -170,7 +170,7 @@ def _check_version(data: bytes, what: str) -> None:
     # Called only after a decode failed, to say why in words an operator can act on.
     try:
         head = _any_decoder.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, ValueError):  # invalid UTF-8 is a ValueError
         raise MalformedMessage(f"not a Keel {what}: bytes are not msgpack") from None
     if isinstance(head, list) and head and isinstance(head[0], int) and head[0] > ENVELOPE_VERSION:
         raise MalformedMessage(
@@ -184,7 +184,7 @@ def _check_version(data: bytes, what: str) -> None:
 def decode_request(data: bytes) -> Request:
     try:
         return _request_decoder.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, ValueError):  # invalid UTF-8 is a ValueError
         _check_version(data, "request")
         raise  # unreachable: _check_version always raises
 
@@ -192,7 +192,7 @@ def decode_request(data: bytes) -> Request:
 def decode_reply(data: bytes) -> Reply:
     try:
         return _reply_decoder.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, ValueError):  # invalid UTF-8 is a ValueError
         _check_version(data, "reply")
         raise
 
@@ -200,6 +200,6 @@ def decode_reply(data: bytes) -> Reply:
 def decode_notification(data: bytes) -> Notification:
     try:
         return _notification_decoder.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, ValueError):  # invalid UTF-8 is a ValueError
         _check_version(data, "notification")
         raise

@@ -16,6 +16,7 @@ from keel.messaging._notify import (
     NotificationResult,
     Notifier,
 )
+from keel.messaging._serve import Runner, serve
 from keel.messaging._server import RPCServer, ServerState
 from keel.messaging._target import Target
 from keel.messaging.transports.base import Transport
@@ -32,6 +33,7 @@ __all__ = [
     "RPCClient",
     "RPCServer",
     "RequestContext",
+    "Runner",
     "SQLiteDedup",
     "ServerState",
     "Target",
@@ -39,4 +41,5 @@ __all__ = [
     "connect",
     "current_context",
     "remote",
+    "serve",
 ]

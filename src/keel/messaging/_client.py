@@ -20,17 +20,30 @@ from typing import Any
 
 from keel import urls
 from keel._log import event
-from keel.errors import AntiPatternError, CallTimeout
-from keel.messaging import _context, _metrics
+from keel.errors import AntiPatternError, CallTimeout, UnsupportedVersion
+from keel.messaging import _context, _metrics, _presence, _tap
 from keel.messaging._failures import from_failure, qualified
 from keel.messaging._link import link
 from keel.messaging._target import Target, fanout_subject, parse_version, rpc_queue
 from keel.messaging.transports.base import Transport
-from keel.wire import CALL, CAST, ENVELOPE_VERSION, FANOUT, Request, RequestContext, encode, new_id
+from keel.wire import (
+    CALL,
+    CAST,
+    ENVELOPE_VERSION,
+    FANOUT,
+    Failure,
+    Request,
+    RequestContext,
+    encode,
+    new_id,
+)
 
 log = logging.getLogger("keel.messaging.client")
 
 DEFAULT_TIMEOUT = 60.0
+RETRY_PAUSE = 0.05  # first pause before resending a call a draining server handed back
+RETRY_PAUSE_MAX = 0.5
+FIRST_PRESENCE_WAIT = 1.0  # how long an auto-capped client waits to hear servers at first
 CHAIN_WARN_DEPTH = 5
 CHAIN_MAX_DEPTH = 32
 
@@ -58,6 +71,7 @@ class RPCClient:
         cast_ttl: float | None = None,
         allowed_exceptions: Iterable[type[BaseException]] = (),
         service: str | None = None,
+        version_cap: str | None = None,
     ) -> None:
         if not target.topic:
             raise ValueError("an RPC client needs a target with a topic")
@@ -65,6 +79,10 @@ class RPCClient:
         self.transport = transport
         self._options = _Options(target, timeout, cast_ttl, None)
         self._allowed = {qualified(cls): cls for cls in allowed_exceptions}
+        if version_cap is not None and version_cap != "auto":
+            parse_version(version_cap)
+        self._cap = version_cap
+        self._watch: _presence.VersionWatch | None = None
         self.service = service or urls.from_env("service", "")
         self._link = link(transport)
         self.counts: Counter[tuple[str, ...]] = Counter()
@@ -117,52 +135,88 @@ class RPCClient:
     # --- the three patterns --------------------------------------------------------------
 
     async def call(self, ctx: RequestContext | None, method: str, /, **kwargs: Any) -> Any:
-        """Run ``method`` on one server of the topic and return its result."""
+        """Run ``method`` on one server of the topic and return its result.
+
+        A call a draining server hands back unstarted (or an idempotent one it was stopped
+        in) is sent again, within the same deadline, without the caller noticing.
+        """
         options = self._options
         target = options.target
+        started = time.perf_counter()
+        if self._cap is not None:
+            await self._check_cap(target)
         now = time.time()
-        deadline = now + options.timeout
         parent = ctx or _context.current_context()
-        if parent is not None and parent.deadline is not None and parent.deadline < deadline:
-            deadline = parent.deadline
+        deadline = _sooner(now + options.timeout, parent)
         child = self._child(parent, deadline, method)
-        lk = self._link
-        reply_to = await lk.reply_queue()
-        request_id = new_id()
-        request = Request(
-            ENVELOPE_VERSION, CALL, request_id, method, child, kwargs,
-            target.namespace, target.version, reply_to, target.server,
-        )  # fmt: skip
-        body = self._encode(request, method)
         self._check_reentrant(target, method)
+        lk = self._link
+        # Both are set up once per transport; skipping the awaits keeps the hot path short.
+        reply_to = lk.reply_to or await lk.reply_queue()
         queue = rpc_queue(target.topic, target.server)
-        await lk.declare(queue, durable=True)
-        future = lk.expect(request_id)
+        if queue not in lk.declared:
+            await lk.declare(queue, durable=True)
         loop = asyncio.get_running_loop()
-        timer = loop.call_at(loop.time() + (deadline - now), _expire, future)
-        try:
-            await self.transport.send(queue, body, durable=False)
-            reply = await future
-        except TimeoutError:
-            self.counts["keel_rpc_client_requests", "call", method, "timeout"] += 1
-            where = f"server {target.server!r}" if target.server else "any server"
-            raise CallTimeout(
-                f"no reply to {target.topic}.{method} from {where} within "
-                f"{deadline - now:.3g}s (request {child.request_id}); check that a server of "
-                f"topic {target.topic!r} is running and not overloaded",
-                topic=target.topic,
-                server=target.server,
-                method=method,
-                timeout=deadline - now,
-            ) from None
-        finally:
-            timer.cancel()
-            lk.forget(request_id)
-        if reply.failure is not None:
+        attempt = 0
+        while True:
+            attempt += 1
+            request_id = new_id()
+            request = Request(
+                ENVELOPE_VERSION, CALL, request_id, method, child, kwargs,
+                target.namespace, target.version, reply_to, target.server, attempt,
+            )  # fmt: skip
+            body = self._encode(request, method)
+            future = lk.expect(request_id)
+            timer = loop.call_at(loop.time() + (deadline - time.time()), _expire, future)
+            try:
+                await self.transport.send(queue, body, durable=False)
+                reply = await future
+            except TimeoutError:
+                self.counts["keel_rpc_client_requests", "call", method, "timeout"] += 1
+                self._report(method, "call", "timeout", started, child.traceparent)
+                raise _timeout(target, method, child, deadline - now) from None
+            finally:
+                timer.cancel()
+                lk.forget(request_id)
+            failure = reply.failure
+            if failure is None:
+                self.counts["keel_rpc_client_requests", "call", method, "ok"] += 1
+                if _tap.state.tap is not None:
+                    self._report(method, "call", "ok", started, child.traceparent)
+                return reply.result
+            pause = min(RETRY_PAUSE * attempt, RETRY_PAUSE_MAX, deadline - time.time())
+            if _retryable_drain(failure) and pause > 0:
+                self.counts["keel_rpc_client_requests", "call", method, "retried"] += 1
+                await asyncio.sleep(pause)
+                continue
             self.counts["keel_rpc_client_requests", "call", method, "error"] += 1
-            raise from_failure(reply.failure, self._allowed, f"{target.topic}.{method}")
-        self.counts["keel_rpc_client_requests", "call", method, "ok"] += 1
-        return reply.result
+            self._report(method, "call", "error", started, child.traceparent)
+            raise from_failure(failure, self._allowed, f"{target.topic}.{method}")
+
+    async def can_send_version(self, version: str) -> bool:
+        """Whether a message needing ``version`` may be sent under the version cap now."""
+        cap = await self._current_cap(self.target.namespace)
+        return cap is None or parse_version(version) <= cap
+
+    async def _current_cap(self, namespace: str | None) -> tuple[int, int] | None:
+        if self._cap is None or self._cap != "auto":
+            return None if self._cap is None else parse_version(self._cap)
+        if self._watch is None:
+            self._watch = _presence.watch(self.transport, self.target.topic)
+            await self._watch.start()
+            await self._watch.wait_heard(FIRST_PRESENCE_WAIT)
+        return self._watch.cap(namespace)
+
+    async def _check_cap(self, target: Target) -> None:
+        cap = await self._current_cap(target.namespace)
+        if cap is not None and target.version_tuple > cap:
+            raise UnsupportedVersion(
+                f"{target.topic} message needs version {target.version} but the client's "
+                f"version cap is {cap[0]}.{cap[1]} (older servers still run); check "
+                "can_send_version() and fall back to the older method",
+                requested=target.version,
+                served=f"{cap[0]}.{cap[1]}",
+            )
 
     async def cast(self, ctx: RequestContext | None, method: str, /, **kwargs: Any) -> None:
         """Run ``method`` on one server of the topic (or the named server); no reply.
@@ -170,35 +224,69 @@ class RPCClient:
         Returns once the broker holds the message. At-least-once, deduplicated by
         idempotency key (the message id, or the key given to `prepare`).
         """
-        options = self._options
-        target = options.target
-        deadline = time.time() + options.cast_ttl if options.cast_ttl is not None else None
-        child = self._child(ctx or _context.current_context(), deadline, method)
-        request = Request(
-            ENVELOPE_VERSION, CAST, options.idempotency_key or new_id(), method, child, kwargs,
-            target.namespace, target.version, None, target.server,
-        )  # fmt: skip
-        body = self._encode(request, method)
+        target = self._options.target
+        key = self._options.idempotency_key or new_id()
+        body, child = await self._one_way(ctx, CAST, key, method, kwargs, server=target.server)
         queue = rpc_queue(target.topic, target.server)
         await self._link.declare(queue, durable=True)
         await self.transport.send(queue, body, durable=True)
         self.counts["keel_rpc_client_requests", "cast", method, "sent"] += 1
+        if _tap.state.tap is not None:
+            self._report(method, "cast", "sent", 0.0, child.traceparent)
 
     async def fanout(self, ctx: RequestContext | None, method: str, /, **kwargs: Any) -> None:
         """Run ``method`` on every server of the topic live now; no reply (at-most-once)."""
+        body, child = await self._one_way(ctx, FANOUT, new_id(), method, kwargs, server=None)
+        subject = fanout_subject(self._options.target.topic)
+        await self.transport.publish(subject, body, durable=False)
+        self.counts["keel_rpc_client_requests", "fanout", method, "sent"] += 1
+        if _tap.state.tap is not None:
+            self._report(method, "fanout", "sent", 0.0, child.traceparent)
+
+    async def _one_way(
+        self,
+        ctx: RequestContext | None,
+        kind: int,
+        message_id: str,
+        method: str,
+        kwargs: dict[str, Any],
+        *,
+        server: str | None,
+    ) -> tuple[bytes, RequestContext]:
         options = self._options
         target = options.target
+        if self._cap is not None:
+            await self._check_cap(target)
         deadline = time.time() + options.cast_ttl if options.cast_ttl is not None else None
         child = self._child(ctx or _context.current_context(), deadline, method)
         request = Request(
-            ENVELOPE_VERSION, FANOUT, new_id(), method, child, kwargs,
-            target.namespace, target.version, None, None,
+            ENVELOPE_VERSION, kind, message_id, method, child, kwargs,
+            target.namespace, target.version, None, server,
         )  # fmt: skip
-        body = self._encode(request, method)
-        await self.transport.publish(fanout_subject(target.topic), body, durable=False)
-        self.counts["keel_rpc_client_requests", "fanout", method, "sent"] += 1
+        return self._encode(request, method), child
 
     # --- helpers -------------------------------------------------------------------------
+
+    def _report(
+        self, method: str, pattern: str, outcome: str, started: float, traceparent: str
+    ) -> None:
+        tap = _tap.state.tap
+        if tap is None:
+            return
+        try:
+            tap.on_request(
+                caller=self.service or "?",
+                caller_method=_context.current_method(),
+                topic=self.target.topic,
+                method=method,
+                pattern=pattern,
+                version=self.target.version,
+                outcome=outcome,
+                seconds=time.perf_counter() - started if started else 0.0,
+                traceparent=traceparent,
+            )
+        except Exception as exc:
+            _tap.failed(exc)
 
     def _child(
         self, parent: RequestContext | None, deadline: float | None, method: str
@@ -263,6 +351,32 @@ class RPCClient:
         if (pattern, method) not in self._warned:
             self._warned.add((pattern, method))
             event(log, logging.WARNING, "anti_pattern", pattern=pattern, message=message)
+
+
+def _sooner(deadline: float, parent: RequestContext | None) -> float:
+    """A nested call never outlives the request it serves."""
+    if parent is not None and parent.deadline is not None and parent.deadline < deadline:
+        return parent.deadline
+    return deadline
+
+
+def _timeout(target: Target, method: str, ctx: RequestContext, waited: float) -> CallTimeout:
+    where = f"server {target.server!r}" if target.server else "any server"
+    return CallTimeout(
+        f"no reply to {target.topic}.{method} from {where} within {waited:.3g}s (request "
+        f"{ctx.request_id}); check that a server of topic {target.topic!r} is running and "
+        "not overloaded",
+        topic=target.topic,
+        server=target.server,
+        method=method,
+        timeout=waited,
+    )
+
+
+def _retryable_drain(failure: Failure) -> bool:
+    if not (failure.keel and failure.type.endswith(".ServerDraining")):
+        return False
+    return not failure.fields.get("started", True) or bool(failure.fields.get("idempotent"))
 
 
 def _expire(future: asyncio.Future[Any]) -> None:

@@ -7,10 +7,16 @@ from typing import Any
 
 from keel.wire import RequestContext
 
-# (server, context) of the request this task is handling, if any.
-current: ContextVar[tuple[Any, RequestContext] | None] = ContextVar(
+# (server, context, method) of the request this task is handling, if any.
+current: ContextVar[tuple[Any, RequestContext, str] | None] = ContextVar(
     "keel_current_request", default=None
 )
+
+
+def current_method() -> str | None:
+    """The method being handled here (for the traffic tap), or None outside a handler."""
+    found = current.get()
+    return found[2] if found else None
 
 
 def current_context() -> RequestContext | None:

@@ -109,6 +109,9 @@ class Dispatcher:
         """Each namespace and the highest interface version served in it."""
         return {ns: max(e.version for e in eps) for ns, eps in self._by_namespace.items()}
 
+    def method_names(self) -> list[str]:
+        return sorted({m for eps in self._by_namespace.values() for e in eps for m in e.methods})
+
     def lookup(self, namespace: str | None, name: str, version: str) -> Method:
         key = (namespace, name, version)
         method = self._cache.get(key)
@@ -133,6 +136,16 @@ class Dispatcher:
                 continue
             offered.append(endpoint.version)
             if endpoint.version[0] == wanted[0] and endpoint.version[1] >= wanted[1]:
+                since = method.options.since
+                if since is not None and wanted < since:
+                    raise UnsupportedVersion(
+                        f"{name!r} appeared in version {since[0]}.{since[1]} but the request "
+                        f"says {version}: the caller must send at least that version (its "
+                        "version cap may still be held down by older servers)",
+                        requested=version,
+                        served=f"{since[0]}.{since[1]}",
+                        method=name,
+                    )
                 return method
         if not offered:
             raise UnknownMethod(

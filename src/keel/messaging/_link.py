@@ -17,6 +17,7 @@ from typing import Any
 from keel import urls
 from keel._log import event
 from keel.errors import ConfigError, MalformedMessage
+from keel.messaging import _tap
 from keel.messaging.transports.base import Delivery, Transport
 from keel.wire import Reply, decode_reply, new_id
 
@@ -31,38 +32,39 @@ async def connect(url: str | None = None, **options: Any) -> Transport:
     except TypeError as exc:
         raise ConfigError(f"bad option for {parsed.scheme}:// transport: {exc}") from None
     await transport.connect()
+    _tap.install_from_env()
     return transport
 
 
 class Link:
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
-        self._declared: set[str] = set()
+        self.declared: set[str] = set()
         self._pending: dict[str, asyncio.Future[Reply]] = {}
-        self._reply_queue: str | None = None
+        self.reply_to: str | None = None
         self._reply_lock = asyncio.Lock()
         self.late_replies = 0
 
     async def declare(
         self, name: str, *, durable: bool, bindings: Sequence[str] = (), exclusive: bool = False
     ) -> None:
-        if name in self._declared:
+        if name in self.declared:
             return
         await self.transport.declare_queue(
             name, durable=durable, bindings=bindings, exclusive=exclusive
         )
-        self._declared.add(name)
+        self.declared.add(name)
 
     async def reply_queue(self) -> str:
-        if self._reply_queue is not None:
-            return self._reply_queue
+        if self.reply_to is not None:
+            return self.reply_to
         async with self._reply_lock:
-            if self._reply_queue is None:
+            if self.reply_to is None:
                 name = f"keel.reply.{new_id()}"
                 await self.transport.declare_queue(name, durable=False, exclusive=True)
                 await self.transport.consume(name, self._on_reply, prefetch=0, auto_ack=True)
-                self._reply_queue = name
-        return self._reply_queue
+                self.reply_to = name
+        return self.reply_to
 
     def expect(self, request_id: str) -> asyncio.Future[Reply]:
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()

@@ -13,9 +13,7 @@ publish order.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import enum
-import functools
 import inspect
 import logging
 import re
@@ -28,9 +26,10 @@ from typing import Any
 from keel import urls
 from keel._log import event
 from keel.errors import ConfigError, MalformedMessage
-from keel.messaging import _metrics
+from keel.messaging import _metrics, _tap
 from keel.messaging._link import link
 from keel.messaging._target import Target, notify_queue, notify_subject
+from keel.messaging._threads import run_sync
 from keel.messaging.transports.base import Consumer, Delivery, Transport
 from keel.wire import (
     ENVELOPE_VERSION,
@@ -103,6 +102,18 @@ class Notifier:
             )
             await self.transport.publish(subject, body, durable=True)
         self.counts["keel_notifications", priority, "published"] += 1
+        tap = _tap.state.tap
+        if tap is not None:
+            for topic in self.topics:
+                try:
+                    tap.on_notify(
+                        publisher=self.service or self.publisher_id,
+                        topic=topic,
+                        priority=priority,
+                        event_type=event_type,
+                    )
+                except Exception as exc:
+                    _tap.failed(exc)
 
     async def audit(self, ctx: RequestContext | None, event_type: str, payload: Any) -> None:
         await self.notify(ctx, event_type, payload, "audit")
@@ -162,12 +173,14 @@ class NotificationListener:
         max_concurrency: int = 16,
         max_redeliveries: int = 5,
         thread_pool_size: int = 8,
+        service: str | None = None,
     ) -> None:
         if pool is not None:
             Target(pool)  # validates the name
         self.transport = transport
         self.topics = [t.topic for t in targets]
         self.pool = pool
+        self.service = service or urls.from_env("service", pool or "listener")
         self.max_concurrency = max_concurrency
         self.max_redeliveries = max_redeliveries
         self._handlers: dict[str, list[tuple[NotificationFilter | None, _Handler, bool]]] = {}
@@ -195,6 +208,13 @@ class NotificationListener:
         return {}
 
     async def start(self) -> None:
+        tap = _tap.state.tap
+        if tap is not None:
+            for topic in self.topics:
+                try:
+                    tap.on_listen(topic=topic, service=self.service, pool=self.pool)
+                except Exception as exc:
+                    _tap.failed(exc)
         lk = link(self.transport)
         for topic in self.topics:
             for priority in self._handlers:
@@ -264,10 +284,7 @@ class NotificationListener:
                 if is_async:
                     result = await func(*args)
                 else:
-                    call = functools.partial(func, *args)
-                    result = await asyncio.get_running_loop().run_in_executor(
-                        self._executor, contextvars.copy_context().run, call
-                    )
+                    result = await run_sync(self._executor, func, *args)
             except Exception as exc:
                 self.counts["keel_notifications", note.priority, "dead_lettered"] += 1
                 event(

@@ -18,15 +18,13 @@ Delivery (docs/messaging-contract.md states it for users):
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import enum
-import functools
 import logging
 import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -40,12 +38,14 @@ from keel.errors import (
     SerializationError,
     ServerDraining,
 )
-from keel.messaging import _context, _metrics
+from keel.messaging import _context, _metrics, _tap
 from keel.messaging._dedup import DedupStore, MemoryDedup
 from keel.messaging._endpoints import Dispatcher, Method
 from keel.messaging._failures import to_failure
 from keel.messaging._link import link
+from keel.messaging._presence import DEFAULT_INTERVAL, Announcer
 from keel.messaging._target import Target, fanout_subject, rpc_queue
+from keel.messaging._threads import run_sync
 from keel.messaging.transports.base import Consumer, Delivery, Transport
 from keel.wire import (
     CALL,
@@ -63,6 +63,7 @@ from keel.wire import (
 log = logging.getLogger("keel.messaging.server")
 
 KIND_NAMES = {CALL: "call", CAST: "cast", FANOUT: "fanout"}
+DECLINE_PAUSE = 0.2  # seconds a draining server holds a cast for its successor before returning it
 SWEEP_INTERVAL = 0.1  # how late past its deadline a call's handler may be cancelled
 
 
@@ -96,6 +97,7 @@ class RPCServer:
         service: str | None = None,
         dedup: DedupStore | None = None,
         stop_timeout: float = 25.0,
+        presence_interval: float = DEFAULT_INTERVAL,
     ) -> None:
         if not target.topic:
             raise ValueError("an RPC server needs a target with a topic")
@@ -110,7 +112,13 @@ class RPCServer:
         self._thread_pool_size = thread_pool_size
         self._executor: ThreadPoolExecutor | None = None
         self._slots = asyncio.Semaphore(max_concurrency)
-        self._consumers: list[Consumer] = []
+        self._new_work: list[Consumer] = []
+        self._own: Consumer | None = None
+        self._draining = False
+        self._idle = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._hurry = asyncio.Event()
+        self._traces: Counter[str] = Counter()
         self._tasks: set[asyncio.Task[None]] = set()
         self._fanout_queue = f"{fanout_subject(target.topic)}.{self.name}.{new_id()[:8]}"
         self._warned: set[tuple[str, str]] = set()
@@ -121,6 +129,14 @@ class RPCServer:
         self.running = 0
         self.counts: Counter[tuple[str, ...]] = Counter()
         self.metric_labels = {"topic": target.topic, "server": self.name}
+        self._presence = Announcer(
+            transport,
+            target.topic,
+            self.name,
+            self._announced_versions,
+            lambda: self.state.value,
+            interval=presence_interval,
+        )
         _metrics.track(self)
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -129,7 +145,7 @@ class RPCServer:
         if self.state is ServerState.SERVING:
             return
         self._set_state(ServerState.STARTING)
-        self._stopping = False
+        self._draining = False
         lk = link(self.transport)
         topic_queue = rpc_queue(self.target.topic)
         server_queue = rpc_queue(self.target.topic, self.name)
@@ -142,15 +158,29 @@ class RPCServer:
             bindings=[fanout_subject(self.target.topic)],
         )
         prefetch = self.max_concurrency
-        self._consumers = [
-            await self.transport.consume(topic_queue, self._on_delivery, prefetch=prefetch),
-            await self.transport.consume(server_queue, self._on_delivery, prefetch=prefetch),
-            await self.transport.consume(
-                self._fanout_queue, self._on_delivery, prefetch=0, auto_ack=True
-            ),
+        consume = self.transport.consume
+        # New work arrives on the shared topic queue and the fanout queue; the server's own
+        # queue also carries continuations of work it already runs, so drain keeps it open.
+        self._new_work = [
+            await consume(topic_queue, self._on_shared, prefetch=prefetch),
+            await consume(self._fanout_queue, self._on_shared, prefetch=0, auto_ack=True),
         ]
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_deadlines())
+        self._own = await consume(server_queue, self._on_own, prefetch=prefetch)
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.create_task(self._sweep_deadlines())
         self._set_state(ServerState.SERVING)
+        await self._presence.start()
+        tap = _tap.state.tap
+        if tap is not None:
+            try:
+                tap.on_serve(
+                    topic=self.target.topic,
+                    service=self.service,
+                    versions=self._announced_versions(),
+                    methods=self._dispatcher.method_names(),
+                )
+            except Exception as exc:
+                _tap.failed(exc)
 
     async def _sweep_deadlines(self) -> None:
         while True:
@@ -161,35 +191,65 @@ class RPCServer:
                     self._expired_tasks.add(task)
                     task.cancel()
 
-    async def stop(self, timeout: float | None = None) -> None:
-        """Stop taking messages, finish or hand back what was taken, then stop (see module)."""
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop taking new work, finish what runs, hand back what has not started, stop.
+
+        Continuations of running work (calls, casts addressed to this server that carry the
+        trace of a request it is running) are still taken while running work lasts. Past
+        ``timeout`` (default ``stop_timeout``) running methods are cancelled: their callers
+        get `ServerDraining`, their casts go back to the queue.
+        """
         if self.state in (ServerState.NEW, ServerState.STOPPED):
             self._set_state(ServerState.STOPPED)
             return
+        if self.state is ServerState.DRAINING:
+            if timeout is not None and timeout <= 0:
+                self._hurry.set()  # a second stop request: cut the running drain short
+            await self._drained.wait()
+            return
         self._set_state(ServerState.DRAINING)
-        self._stopping = True
-        for consumer in self._consumers:
+        self._draining = True
+        await self._presence.announce()
+        for consumer in self._new_work:
             await consumer.cancel()
-        self._consumers.clear()
+        self._new_work.clear()
         await self.transport.delete_queue(self._fanout_queue)
-        pending = set(self._tasks)
-        if pending:
-            wait = self.stop_timeout if timeout is None else timeout
-            _, late = await asyncio.wait(pending, timeout=wait)
-            for task in late:
-                task.cancel()
-            if late:
-                event(
-                    log, logging.WARNING, "server.stop_cancelled", server=self.name, tasks=len(late)
-                )
-                await asyncio.wait(late)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + (self.stop_timeout if timeout is None else timeout)
+        while self.running and loop.time() < end and not self._hurry.is_set():
+            self._idle.clear()
+            idle = loop.create_task(self._idle.wait())
+            hurry = loop.create_task(self._hurry.wait())
+            await asyncio.wait(
+                [idle, hurry], timeout=end - loop.time(), return_when=asyncio.FIRST_COMPLETED
+            )
+            idle.cancel()
+            hurry.cancel()
+        if self._own is not None:
+            await self._own.cancel()
+            self._own = None
+        late = {t for t in self._tasks if t is not asyncio.current_task()}
+        if late and not self._hurry.is_set():
+            _, late = await asyncio.wait(late, timeout=max(0.0, end - loop.time()))
+        for task in late:
+            task.cancel()
+        if late:
+            event(log, logging.WARNING, "server.drain_cancelled", server=self.name, tasks=len(late))
+            await asyncio.wait(late)
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+        await self._presence.stop()
         self._set_state(ServerState.STOPPED)
+        self._drained.set()
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """The same as `drain`: a server stopping to die and one stopping for an upgrade
+        follow one path."""
+        await self.drain(timeout)
 
     async def __aenter__(self) -> RPCServer:
         await self.start()
@@ -222,10 +282,19 @@ class RPCServer:
     def namespaces(self) -> dict[str | None, tuple[int, int]]:
         return self._dispatcher.namespaces()
 
+    def _announced_versions(self) -> dict[str, str]:
+        return {ns or "": f"{v[0]}.{v[1]}" for ns, v in self._dispatcher.namespaces().items()}
+
     # --- per message ---------------------------------------------------------------------
 
-    def _on_delivery(self, delivery: Delivery) -> None:
-        task = asyncio.get_running_loop().create_task(self._handle(delivery))
+    def _on_shared(self, delivery: Delivery) -> None:
+        self._spawn(self._handle(delivery, own=False))
+
+    def _on_own(self, delivery: Delivery) -> None:
+        self._spawn(self._handle(delivery, own=True))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._forget_task)
 
@@ -233,32 +302,11 @@ class RPCServer:
         self._tasks.discard(task)
         self._expired_tasks.discard(task)
 
-    async def _handle(self, delivery: Delivery) -> None:
-        started = False
-        try:
-            async with self._slots:
-                if self._stopping:
-                    await delivery.requeue()
-                    return
-                started = True
-                self.running += 1
-                try:
-                    await self._process(delivery)
-                finally:
-                    self.running -= 1
-        except asyncio.CancelledError:
-            if not started:
-                await delivery.requeue()
-            raise
-        except Exception as exc:  # a bug here must not kill the consumer: log it loudly
-            event(log, logging.ERROR, "server.internal_error", server=self.name, error=repr(exc))
-            log.exception("internal error handling a message")
-
-    async def _process(self, delivery: Delivery) -> None:
+    async def _handle(self, delivery: Delivery, *, own: bool) -> None:
         try:
             request = decode_request(delivery.body)
         except MalformedMessage as exc:
-            self.counts["keel_rpc_server_requests", "?", "?", "malformed"] += 1
+            self._count("?", "?", "malformed")
             event(
                 log,
                 logging.WARNING,
@@ -269,16 +317,65 @@ class RPCServer:
             )
             await delivery.dead_letter(str(exc))
             return
-        kind = request.kind
-        if kind == CALL:
-            await self._do_call(request, delivery)
-        elif kind == CAST:
-            await self._do_cast(request, delivery)
-        elif kind == FANOUT:
-            await self._do_fanout(request)
+        started = False
+        try:
+            async with self._slots:
+                if self._draining and not (own and request.ctx.trace_id in self._traces):
+                    await self._decline(request, delivery, own=own)
+                    return
+                started = True
+                await self._run(request, delivery)
+        except asyncio.CancelledError:
+            if not started:
+                await delivery.requeue()
+            raise
+        except Exception as exc:  # a bug here must not kill the consumer: log it loudly
+            event(log, logging.ERROR, "server.internal_error", server=self.name, error=repr(exc))
+            log.exception("internal error handling a message")
+
+    async def _run(self, request: Request, delivery: Delivery) -> None:
+        trace = request.ctx.trace_id
+        self.running += 1
+        self._traces[trace] += 1
+        try:
+            kind = request.kind
+            if kind == CALL:
+                await self._do_call(request, delivery)
+            elif kind == CAST:
+                await self._do_cast(request, delivery)
+            elif kind == FANOUT:
+                await self._do_fanout(request)
+            else:
+                self._count("?", request.method, "malformed")
+                await delivery.dead_letter(f"unknown message kind {kind}")
+        finally:
+            self.running -= 1
+            self._traces[trace] -= 1
+            if not self._traces[trace]:
+                del self._traces[trace]
+            if not self.running:
+                self._idle.set()
+
+    async def _decline(self, request: Request, delivery: Delivery, *, own: bool) -> None:
+        """New work reached a draining server: give it back without running any of it."""
+        self._count(KIND_NAMES.get(request.kind, "?"), request.method, "handed_back")
+        if not own:
+            await delivery.requeue()  # another server of the topic takes it
+        elif request.kind == CALL:
+            # Only this server (or its successor of the same name) may run it: tell the
+            # caller it did not start, so the caller retries until the successor is up.
+            await delivery.ack()
+            draining = ServerDraining(
+                f"server {self.name} is draining and did not start {request.method}",
+                server=self.name,
+                started=False,
+            )
+            await self._reply(request, failure=to_failure(draining, with_traceback=False))
         else:
-            self.counts["keel_rpc_server_requests", "?", request.method, "malformed"] += 1
-            await delivery.dead_letter(f"unknown message kind {kind}")
+            # A cast for this server waits in its queue for the successor; pausing before
+            # handing it back keeps the broker from bouncing it while this server drains.
+            await asyncio.sleep(DECLINE_PAUSE)
+            await delivery.requeue()
 
     def _expired(self, request: Request) -> bool:
         deadline = request.ctx.deadline
@@ -307,17 +404,19 @@ class RPCServer:
         try:
             method = self._dispatcher.lookup(request.namespace, request.method, request.version)
         except KeelError as exc:
-            self.counts["keel_rpc_server_requests", "call", request.method, "rejected"] += 1
+            self._count("call", request.method, "rejected")
             await self._reply(request, failure=to_failure(exc, with_traceback=False))
             return
         try:
             result = await self._invoke(method, request)
         except asyncio.CancelledError:
-            if self._stopping:
+            if self._draining:
                 draining = ServerDraining(
                     f"server {self.name} stopped while running {request.method}; it may have "
                     "run in part. Retry if the method is idempotent",
                     server=self.name,
+                    started=True,
+                    idempotent=method.options.idempotent,
                 )
                 await self._reply(request, failure=to_failure(draining, with_traceback=False))
             raise
@@ -357,7 +456,7 @@ class RPCServer:
             await delivery.ack()
             return
         if self._dedup.seen(request.id):
-            self.counts["keel_rpc_server_requests", "cast", request.method, "duplicate"] += 1
+            self._count("cast", request.method, "duplicate")
             event(
                 log,
                 logging.INFO,
@@ -375,7 +474,7 @@ class RPCServer:
             await delivery.requeue()
             raise
         except Exception as exc:
-            self.counts["keel_rpc_server_requests", "cast", request.method, "dead_lettered"] += 1
+            self._count("cast", request.method, "dead_lettered")
             event(
                 log,
                 logging.ERROR,
@@ -388,7 +487,7 @@ class RPCServer:
             await delivery.dead_letter(f"{type(exc).__name__}: {exc}")
             return
         self._dedup.remember(request.id)
-        self.counts["keel_rpc_server_requests", "cast", request.method, "ok"] += 1
+        self._count("cast", request.method, "ok")
         await delivery.ack()
 
     async def _do_fanout(self, request: Request) -> None:
@@ -398,7 +497,7 @@ class RPCServer:
             method = self._dispatcher.lookup(request.namespace, request.method, request.version)
             result = await self._invoke(method, request)
         except Exception as exc:
-            self.counts["keel_rpc_server_requests", "fanout", request.method, "error"] += 1
+            self._count("fanout", request.method, "error")
             event(
                 log,
                 logging.ERROR,
@@ -408,7 +507,7 @@ class RPCServer:
                 error=repr(exc),
             )
             return
-        self.counts["keel_rpc_server_requests", "fanout", request.method, "ok"] += 1
+        self._count("fanout", request.method, "ok")
         if result is not None:
             self._warn_once(
                 "fanout-as-request",
@@ -431,7 +530,7 @@ class RPCServer:
 
     async def _invoke(self, method: Method, request: Request) -> Any:
         ctx = request.ctx
-        token = _context.current.set((self, ctx))
+        token = _context.current.set((self, ctx, request.method))
         try:
             if method.is_async:
                 try:
@@ -455,16 +554,12 @@ class RPCServer:
                     raise
                 finally:
                     self._deadlines.pop(task, None)
-            loop = asyncio.get_running_loop()
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(
                     self._thread_pool_size, thread_name_prefix=f"keel-{self.target.topic}"
                 )
-            call = functools.partial(method.func, ctx, **request.args)
             try:
-                return await loop.run_in_executor(
-                    self._executor, contextvars.copy_context().run, call
-                )
+                return await run_sync(self._executor, method.func, ctx, **request.args)
             except TypeError as exc:
                 raise self._bad_arguments(method, request, exc) from None
         finally:
