@@ -203,9 +203,14 @@ class _Consumer:
         channel.closing.add_done_callback(lambda f: self._on_channel_closed(f, generation))
 
     def _on_channel_closed(self, closed: asyncio.Future[Any], generation: int) -> None:
-        if not closed.cancelled():
-            closed.exception()  # retrieved: the reason is logged below, not by asyncio
-        if self.active and generation == self.generation:
+        reason = None if closed.cancelled() else closed.exception()
+        # Only a channel the broker closed on its own (consumer_timeout, a channel error) is
+        # reopened here; a lost connection closes every channel and the supervisor replays.
+        if (
+            isinstance(reason, amqp_errors.AMQPChannelError)
+            and self.active
+            and generation == self.generation
+        ):
             self.transport.channel_lost(self)
 
     async def _on_message(self, message: DeliveredMessage) -> None:
