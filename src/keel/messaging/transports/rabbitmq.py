@@ -220,7 +220,9 @@ class _Consumer:
         assert tag is not None
         if self.auto_ack:
             if self.active:
-                self.handler(_Delivery(self, tag, message.body, 1))
+                settled = _Delivery(self, tag, message.body, 1)
+                settled._settled = True  # no_ack: the broker forgot it when it sent it
+                self.handler(settled)
             return
         if not self.active or message.channel is not self.channel:
             with contextlib.suppress(*_CLIENT_ERRORS):
