@@ -130,6 +130,14 @@ class BackendUnavailable(CoordinationError, ConnectionError):
     retryable = True
 
 
+class Unsupported(CoordinationError, NotImplementedError):
+    """The backend cannot keep this promise (field ``feature``); its characteristics say which."""
+
+
+class HistoryViolation(CoordinationError, AssertionError):
+    """A recorded coordination history breaks the contract (field ``violations`` lists how)."""
+
+
 # --- hub, agent and HTTP-facing errors ------------------------------------------------------
 
 

@@ -34,6 +34,15 @@ _BUILTIN: dict[str, dict[str, BackendRef]] = {
             "keel.messaging.transports.rabbitmq:RabbitTransport", extra="rabbitmq"
         ),
         "amqp": BackendRef("keel.messaging.transports.rabbitmq:RabbitTransport", extra="rabbitmq"),
+        "nats": BackendRef("keel.messaging.transports.nats:NatsTransport", extra="nats"),
+    },
+    "coordination": {
+        "sqlite": BackendRef("keel.coordination.backends.sqlite:SqliteBackend"),
+        "etcd": BackendRef("keel.coordination.backends.etcd:EtcdBackend", "etcd"),
+        "zookeeper": BackendRef(
+            "keel.coordination.backends.zookeeper:ZookeeperBackend", "zookeeper"
+        ),
+        "redis": BackendRef("keel.coordination.backends.redis:RedisBackend", "redis"),
     },
 }
 

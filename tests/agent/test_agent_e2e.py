@@ -209,7 +209,10 @@ async def test_client_reconnects_after_agent_restart(tmp_path: Path) -> None:
     try:
         await client.ping()
         first.stop()
-        await asyncio.sleep(0.2)  # the client sees the channel end
+        for _ in range(500):  # the client sees the channel end (bounded: 5 s on a busy machine)
+            if client._backend.closed:
+                break
+            await asyncio.sleep(0.01)
         second = AgentProcess(tmp_path, "--listen", f"unix://{sock}", wait=sock)
         try:
             await client.ping()  # a new channel, resynced, without a failed call

@@ -17,12 +17,14 @@ from tests.servers import server_url
 # name -> function returning a URL for a fresh, isolated namespace on that backend
 TRANSPORTS: dict[str, Callable[[], str]] = {
     "memory": lambda: f"memory://conformance-{uuid.uuid4().hex[:8]}",
+    "nats": lambda: server_url("nats"),
     "rabbitmq": lambda: server_url("rabbitmq"),
 }
 
 # Brokers the fault tests restart: name -> (server name for scripts/servers, URL function).
 # The memory transport lives inside the test process, so it has no broker to restart.
 BROKERS: dict[str, tuple[str, Callable[[], str]]] = {
+    "nats": ("nats", lambda: server_url("nats")),
     "rabbitmq": ("rabbitmq", lambda: server_url("rabbitmq")),
 }
 

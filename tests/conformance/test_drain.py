@@ -43,6 +43,9 @@ class Worker:
     async def continue_self(self, ctx: RequestContext) -> str:
         # Work in flight sends itself a follow-up cast and waits for it: drain must let it in.
         client = RPCClient(self.transport, Target(self.topic, server=self.name))  # type: ignore[attr-defined]
+        # Long enough for the test to see it running and start the drain before the cast: on
+        # a fast broker the continuation can otherwise be done before the first poll.
+        await asyncio.sleep(0.05)
         await client.cast(ctx, "note", value="continuation")
         for _ in range(200):
             if "continuation" in self.done:

@@ -1,4 +1,4 @@
-"""The fault tests reuse the conformance suite's per-test topic fixture."""
+"""Fixtures the fault tests share with the conformance suite."""
 
 from tests.conformance.conftest import topic
 

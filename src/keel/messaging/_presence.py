@@ -29,6 +29,7 @@ from keel.wire import ENVELOPE_VERSION, new_id
 log = logging.getLogger("keel.messaging.presence")
 
 DEFAULT_INTERVAL = 2.0
+PROBE_GATHER = 0.1  # seconds to keep collecting probe answers after the first one
 
 
 class Presence(msgspec.Struct, array_like=True):
@@ -166,6 +167,10 @@ class VersionWatch:
     async def wait_heard(self, timeout: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._heard.wait(), timeout)
+        if self._heard.is_set():
+            # Answers to the probe come from separate connections in no set order: the first
+            # one alone (a new server's) would lift the cap while an old server still runs.
+            await asyncio.sleep(PROBE_GATHER)
 
     def servers(self) -> dict[str, Presence]:
         now = time.monotonic()

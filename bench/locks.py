@@ -1,0 +1,240 @@
+"""``python -m bench locks``: Keel's locks beside tooz's on the same local servers.
+
+Per backend and library: uncontended acquire+release per second with p50/p99 (one client, one
+name, for ``--seconds``), and hand-off latency with ``--procs`` processes contending for one
+name (time from one holder's release to the next holder's acquire). Keel does fencing and
+background renewal in every cycle; tooz does neither. Servers come from scripts/servers.
+Last line: ``RESULT name=locks ratio_etcd_vs_tooz=... ratio_zookeeper_vs_tooz=...
+ratio_redis_vs_tooz=... sqlite_per_s=...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import multiprocessing
+import statistics
+import subprocess
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from tooz import coordination
+
+import keel.coordination as kc
+
+ROOT = Path(__file__).resolve().parent.parent
+TTL = 10
+
+
+@dataclass
+class Case:
+    backend: str
+    library: str
+    url: str
+
+
+def _server_url(name: str) -> str:
+    script = str(ROOT / "scripts" / "servers")
+    subprocess.run([script, "start", name], check=True, capture_output=True)
+    out = subprocess.run([script, "url", name], check=True, capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def _tooz_url(backend: str, url: str, tmp: str) -> str:
+    if backend == "etcd":
+        return url.replace("etcd://", "etcd3+http://")
+    if backend == "sqlite":
+        return f"file://{tmp}/tooz-file"
+    return url
+
+
+def _percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+# --- one client, uncontended ----------------------------------------------------------------
+
+
+async def _keel_cycles(url: str, seconds: float) -> list[float]:
+    coord = await kc.connect(url, member_id=f"bench-{uuid.uuid4().hex[:6]}", ttl=TTL)
+    name = f"bench-{uuid.uuid4().hex[:8]}"
+    lat: list[float] = []
+    try:
+        for _ in range(20):  # warm-up: connections, scripts, leases
+            async with coord.lock(name):
+                pass
+        end = time.perf_counter() + seconds
+        while (t0 := time.perf_counter()) < end:
+            async with coord.lock(name) as held:
+                _ = held.fence
+            lat.append(time.perf_counter() - t0)
+    finally:
+        await coord.close()
+    return lat
+
+
+def _tooz_coordinator(url: str) -> Any:
+    coord = coordination.get_coordinator(url, f"bench-{uuid.uuid4().hex[:6]}".encode())
+    coord.start()
+    return coord
+
+
+def _tooz_cycles(url: str, seconds: float) -> list[float]:
+    coord = _tooz_coordinator(url)
+    lock = coord.get_lock(f"bench-{uuid.uuid4().hex[:8]}".encode())
+    lat: list[float] = []
+    try:
+        for _ in range(20):
+            lock.acquire()
+            lock.release()
+        end = time.perf_counter() + seconds
+        while (t0 := time.perf_counter()) < end:
+            lock.acquire()
+            lock.release()
+            lat.append(time.perf_counter() - t0)
+    finally:
+        coord.stop()
+    return lat
+
+
+# --- many processes, one name ---------------------------------------------------------------
+
+
+def _contend(library: str, url: str, name: str, start_at: float, seconds: float) -> list[Any]:
+    """One contending process: returns [(acquired_at, released_at), ...] (wall clock)."""
+    spans: list[tuple[float, float]] = []
+    if library == "keel":
+
+        async def run() -> None:
+            coord = await kc.connect(url, member_id=f"c-{uuid.uuid4().hex[:6]}", ttl=TTL)
+            await asyncio.sleep(max(0.0, start_at - time.time()))
+            # A process that started late (slow import under load) still runs its share.
+            end = max(start_at, time.time()) + seconds
+            while time.time() < end:
+                async with coord.lock(name, timeout=30):
+                    got = time.time()
+                    await asyncio.sleep(0.001)
+                    spans.append((got, time.time()))
+            await coord.close()
+
+        asyncio.run(run())
+    else:
+        coord = _tooz_coordinator(url)
+        lock = coord.get_lock(name.encode())
+        time.sleep(max(0.0, start_at - time.time()))
+        end = max(start_at, time.time()) + seconds
+        while time.time() < end:
+            lock.acquire(blocking=True)
+            got = time.time()
+            time.sleep(0.001)
+            released = time.time()
+            lock.release()
+            spans.append((got, released))
+        coord.stop()
+    return spans
+
+
+def _handoff(library: str, url: str, procs: int, seconds: float) -> tuple[list[float], int]:
+    name = f"handoff-{uuid.uuid4().hex[:8]}"
+    start_at = time.time() + 3.0  # lets every process import and connect first
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(procs) as pool:
+        results = pool.starmap(_contend, [(library, url, name, start_at, seconds)] * procs)
+    spans = sorted(s for r in results for s in r)
+    gaps = [b[0] - a[1] for a, b in itertools.pairwise(spans) if b[0] >= a[1]]
+    return gaps, len(spans)
+
+
+def _result_fields(
+    backends: list[str],
+    rates: dict[tuple[str, str], float],
+    medians: dict[tuple[str, str], float],
+) -> list[str]:
+    fields = ["name=locks"]
+    for backend in ("etcd", "zookeeper", "redis"):
+        if (backend, "keel") in rates:
+            ratio = rates[(backend, "keel")] / rates[(backend, "tooz")]
+            fields.append(f"ratio_{backend}_vs_tooz={ratio:.2f}")
+    for backend in ("etcd", "zookeeper", "redis"):
+        if (backend, "keel") in medians:
+            # The same comparison on the median cycle, which fsync stalls of a shared disk
+            # (they dominate the mean on ZooKeeper and Redis with appendfsync) do not move.
+            ratio = medians[(backend, "tooz")] / medians[(backend, "keel")]
+            fields.append(f"p50_ratio_{backend}_vs_tooz={ratio:.2f}")
+    for backend in backends:
+        fields.append(f"{backend}_per_s={rates[(backend, 'keel')]:.0f}")
+        fields.append(f"tooz_{backend}_per_s={rates[(backend, 'tooz')]:.0f}")
+    return fields
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench locks")
+    parser.add_argument("--seconds", type=float, default=5.0, help="uncontended, per library")
+    parser.add_argument("--handoff-seconds", type=float, default=3.0)
+    parser.add_argument("--procs", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5, help="alternations per backend")
+    parser.add_argument("--backends", default="sqlite,etcd,zookeeper,redis")
+    args = parser.parse_args(argv)
+
+    tmp = tempfile.mkdtemp(prefix="keel-bench-locks-")
+    urls = {"sqlite": f"sqlite://{tmp}/keel.db"}
+    backends = args.backends.split(",")
+    for b in backends:
+        if b != "sqlite":
+            urls[b] = _server_url(b)
+
+    console = Console(width=120)
+    table = Table(title=f"locks: Keel vs tooz (uncontended {args.seconds}s; {args.procs} procs)")
+    for col in (
+        "backend",
+        "library",
+        "acq+rel/s",
+        "p50 ms",
+        "p99 ms",
+        "handoff p50 ms",
+        "handoff p99 ms",
+        "contended/s",
+    ):
+        table.add_column(col, justify="right" if col not in ("backend", "library") else "left")
+    rates: dict[tuple[str, str], float] = {}
+    medians: dict[tuple[str, str], float] = {}
+    for backend in backends:
+        # Alternate short rounds of each library so that load from elsewhere on the machine
+        # drifts onto both alike instead of onto whichever ran second.
+        samples: dict[str, list[float]] = {"keel": [], "tooz": []}
+        for _ in range(args.rounds):
+            for library in ("keel", "tooz"):
+                url = urls[backend] if library == "keel" else _tooz_url(backend, urls[backend], tmp)
+                share = args.seconds / args.rounds
+                if library == "keel":
+                    samples[library] += asyncio.run(_keel_cycles(url, share))
+                else:
+                    samples[library] += _tooz_cycles(url, share)
+        for library in ("keel", "tooz"):
+            url = urls[backend] if library == "keel" else _tooz_url(backend, urls[backend], tmp)
+            lat = samples[library]
+            rate = len(lat) / sum(lat)
+            rates[(backend, library)] = rate
+            medians[(backend, library)] = statistics.median(lat)
+            gaps, count = _handoff(library, url, args.procs, args.handoff_seconds)
+            table.add_row(
+                backend,
+                library,
+                f"{rate:,.0f}",
+                f"{statistics.median(lat) * 1000:.2f}",
+                f"{_percentile(lat, 0.99) * 1000:.2f}",
+                f"{statistics.median(gaps) * 1000:.2f}" if gaps else "-",
+                f"{_percentile(gaps, 0.99) * 1000:.2f}" if gaps else "-",
+                f"{count / args.handoff_seconds:,.0f}",
+            )
+    console.print(table)
+    print("RESULT " + " ".join(_result_fields(backends, rates, medians)))
+    return 0

@@ -1,0 +1,75 @@
+"""Leader election on a leased, fenced key.
+
+The leader is whoever holds the election's key; each term's fence is that key's fence, so a
+deposed leader's writes are refused by any resource fenced with it. A leader that dies loses
+the term by lease expiry (ttl plus the backend's bound). ``observe()`` reports changes as it
+sees them: on backends without change watches it polls, so a term shorter than the poll
+interval can go unreported; it never reports a leader out of order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from keel.coordination._keys import key_for
+from keel.coordination._lock import HeldLock, acquire_key
+
+if TYPE_CHECKING:
+    from keel.coordination._coordinator import Coordinator
+
+
+@dataclass(frozen=True, slots=True)
+class Leader:
+    """Who leads, and the fence of the term."""
+
+    member_id: str
+    fence: int
+
+
+class Election:
+    """One named election; make it with ``coord.election(name)``."""
+
+    def __init__(self, coord: Coordinator, name: str) -> None:
+        self.coord = coord
+        self.name = name
+        self._key = key_for("election", name)
+        self.term: HeldLock | None = None
+
+    async def campaign(self, *, ttl: float | None = None, timeout: float | None = None) -> HeldLock:
+        """Wait (up to ``timeout``) to become leader; the term's lease, with its fence."""
+        if self.term is not None and not self.term.lost.is_set():
+            return self.term
+        self.term = await acquire_key(
+            self.coord,
+            self.name,
+            self._key,
+            ttl=ttl,
+            timeout=timeout,
+            data=self.coord.member_id.encode(),
+        )
+        return self.term
+
+    async def leader(self) -> Leader | None:
+        """The current leader, or None between terms."""
+        record = await self.coord.backend.get(self._key)
+        if record is None:
+            return None
+        return Leader(record.data.decode(), record.fence)
+
+    async def observe(self, *, poll: float = 0.1) -> AsyncIterator[Leader | None]:
+        """Yield the leader now and then at every change (None when nobody leads)."""
+        last: Leader | bool | None = False  # False: nothing yielded yet
+        while True:
+            current = await self.leader()
+            if current != last:
+                last = current
+                yield current
+            await self.coord.backend.wait(self._key, poll)
+
+    async def resign(self) -> None:
+        """End this member's term (no-op when not leading)."""
+        term, self.term = self.term, None
+        if term is not None:
+            await term.release()

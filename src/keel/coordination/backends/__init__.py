@@ -1,0 +1,1 @@
+"""Coordination backends: thin adapters over each server's leases (see `base.Backend`)."""

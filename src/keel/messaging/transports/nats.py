@@ -1,0 +1,733 @@
+"""The NATS transport, ``nats://host:port``: JetStream for queues, core NATS for the rest.
+
+Mapping of the Transport contract onto NATS (server 2.9, client nats-py):
+
+* A shared queue (not ``exclusive``) is a durable JetStream pull consumer named after the
+  queue. An unbound queue has its own work-queue stream ``KQ_<queue>`` on the subject
+  ``keel.q.<queue>``: a message leaves it when acknowledged. A queue bound to a subject is a
+  consumer (starting at its declaration) on the limits-retention stream ``KS_<subject>``, so
+  every queue bound to the subject gets its own copy and the consumers of one queue
+  compete; that stream keeps messages for ``subject_max_age`` (default 24 h), acknowledged
+  or not. Interest retention would delete on ack, but NATS 2.9 acknowledges and then drops
+  a publish that lands while a shutting-down server has already stopped its consumers, so
+  it is not used. Names are escaped (``.`` and ``_`` become ``_2E`` and ``_5F``), so the
+  mapping is deterministic and injective.
+* The credit window (``prefetch``) is enforced by the puller: it asks the server for at most
+  ``prefetch - unsettled`` messages at a time (``max_ack_pending`` is per JetStream consumer,
+  i.e. shared by every server of a queue, so it is only a high safety cap). ``ack`` is
+  ``+ACK``, ``requeue`` is ``-NAK`` (immediate redelivery to any consumer), ``dead_letter``
+  publishes the body with a ``Keel-Dead-Letter-Reason`` header to ``<queue>.dlq`` (waiting
+  for the JetStream ack) and then ``+TERM``s the original. ``delivery_count`` is
+  JetStream's ``num_delivered``.
+* Every queue also has a core subject ``keel.c.<queue>``. An ``exclusive`` queue (reply
+  queues, fanout queues) is only that: a core subscription on it and on its bindings,
+  at-most-once, gone with the connection, no broker state. The consumers of a shared,
+  unbound queue also subscribe to it in one queue group (named after the queue), so they
+  compete for core messages too; these count against the same credit window (core NATS has
+  no credit: what arrives beyond it waits in the consumer, unseen by the core, and is sent
+  on again if the consumer is cancelled first).
+* ``send`` with ``durable=False`` (calls, replies) is a core publish to ``keel.c.<queue>``
+  with a private reply subject: a consumer of the queue takes it at once (no store, no ack:
+  the contract acknowledges a call when it starts anyway, so at-most-once loses nothing it
+  promised). With no consumer subscribed, the server answers 503 "no responders" and the
+  message is published to the queue's stream, where it waits for a server (or for its
+  deadline). A consumer cancelled with core messages in flight hands them back the same
+  way; requeue of a core message is such a send. A call lost with the broker or with a
+  killed server surfaces as `CallTimeout`. This keeps calls at core NATS speed; through
+  JetStream (store, pull, ack) they ran at about half the rate of raw nats-py.
+* ``send``/``publish`` with ``durable=True`` (casts, notifications, dead letters) wait for
+  the JetStream publish ack (the message is in the stream's file store) and retry under one
+  ``Nats-Msg-Id`` until ``publish_timeout`` (default 10 s), so a retry across a reconnect is
+  stored once; then they raise `TransportError`. ``publish`` with ``durable=False``
+  (fanout, presence) is a core publish.
+* A durable queue has at most one binding (one consumer filter on NATS 2.9), and a queue
+  with a binding receives only what is published to that subject: ``send`` to it publishes
+  to its subject. ``publish`` to a subject no stream captures is dropped, as on AMQP.
+
+Failure semantics:
+
+* Connection loss: nats-py reconnects with backoff and restores core subscriptions; this
+  transport then replays its declarations (streams, consumers) and re-issues its pull
+  requests. Deliveries taken before the loss can still be settled afterwards.
+* Consumer crash (process killed): its unsettled messages are redelivered once
+  ``ack_wait`` (default 10 s) passes; a live consumer keeps long-running deliveries alive
+  with ``+WPI`` every ``ack_wait / 3``. ``cancel`` stops pulling; ``close`` naks what is
+  unsettled so it is redelivered at once.
+* Broker restart: the streams are file-backed, so everything acknowledged to a sender is
+  still there; an ack from a consumer lost in the restart means a redelivery (at-least-once).
+  The server writes each message before it acks it but fsyncs on its own interval (NATS 2.9:
+  every 2 minutes), so a machine crash, unlike a process crash, can lose recent messages.
+
+Options (URL query): ``max_message_bytes`` (default 1 MiB), ``ack_wait``, ``publish_timeout``,
+``connect_timeout`` (seconds, default 10) and ``subject_max_age`` (seconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import json
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType
+
+from keel.errors import ConfigError, KeelError, MessageTooLarge, TransportError
+from keel.messaging.transports.base import DEFAULT_MAX_MESSAGE_BYTES, Handler
+from keel.urls import URL
+
+log = logging.getLogger("keel.messaging.nats")
+
+_ACK, _NAK, _TERM, _WPI = b"+ACK", b"-NAK", b"+TERM", b"+WPI"
+_PULL_EXPIRES_NS = 30 * 1_000_000_000  # a long poll; the server answers 408 when it ends
+_MAX_ACK_PENDING = 100_000  # per queue across all its consumers; credit is per puller
+_AUTO_ACK_WINDOW = 256
+_SWEEP_INTERVAL = 1.0
+_PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
+
+
+_FOREIGN = (nats.errors.Error, OSError, TimeoutError)
+
+
+def _translate(exc: BaseException, what: str) -> KeelError:
+    """The one place where nats-py (and socket) exceptions become keel.errors."""
+    if isinstance(exc, nats.errors.MaxPayloadError):
+        return MessageTooLarge(f"NATS {what}: message over the server's max_payload")
+    return TransportError(f"NATS {what} failed: {str(exc) or type(exc).__name__}")
+
+
+@contextlib.contextmanager
+def _mapped(what: str) -> Iterator[None]:
+    try:
+        yield
+    except KeelError:
+        raise
+    except _FOREIGN as exc:
+        raise _translate(exc, what) from exc
+
+
+def _token(text: str) -> str:
+    """A JetStream name for a subject or queue name: injective escaping, bounded length."""
+    # Byte-wise, fixed-width escapes of the UTF-8 form: distinct names stay distinct.
+    out = "".join(chr(b) if chr(b) in _PLAIN else f"_{b:02X}" for b in text.encode())
+    if len(out) > 200:
+        out = out[:160] + "_H" + hashlib.sha256(text.encode()).hexdigest()[:32]
+    return out
+
+
+def _address(queue: str) -> str:
+    return f"keel.q.{queue}"
+
+
+def _call_subject(queue: str) -> str:
+    """Core NATS subject of a queue: its exclusive consumer or its shared consumers' group."""
+    return f"keel.c.{queue}"
+
+
+@dataclass(slots=True)
+class _Stream:
+    """A shared queue as declared: its consumer on the stream of its address subject."""
+
+    stream: str
+    consumer: str
+    address: str
+    durable: bool
+
+
+class _Delivery:
+    __slots__ = ("_msg", "_puller", "_settled")
+
+    def __init__(self, puller: _Puller, msg: Msg, settled: bool = False) -> None:
+        self._puller = puller
+        self._msg = msg
+        self._settled = settled
+
+    @property
+    def body(self) -> bytes:
+        return self._msg.data
+
+    @property
+    def delivery_count(self) -> int:
+        try:
+            return int(self._msg.metadata.num_delivered)
+        except (ValueError, IndexError, nats.errors.Error):
+            return 1
+
+    async def _settle(self, verdict: bytes) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        puller = self._puller
+        transport = puller.transport
+        if not transport.closed:
+            with _mapped("settle"):
+                await transport.nc.publish(self._msg.reply, verdict)
+        await puller.settled(self)
+
+    async def ack(self) -> None:
+        await self._settle(_ACK)
+
+    async def requeue(self) -> None:
+        await self._settle(_NAK)
+
+    async def dead_letter(self, reason: str) -> None:
+        if self._settled:
+            return
+        try:
+            await self._puller.transport.dead_letter(self._puller.queue, self.body, reason)
+        except KeelError:
+            # Not in the DLQ: hand it back rather than hold it (and its credit) forever.
+            with contextlib.suppress(KeelError):
+                await self._settle(_NAK)
+            raise
+        await self._settle(_TERM)
+
+
+class _Puller:
+    """One ``consume`` on a shared queue: pull requests sized by free credit."""
+
+    def __init__(
+        self, transport: NatsTransport, queue: str, handler: Handler, prefetch: int, auto_ack: bool
+    ) -> None:
+        self.transport = transport
+        self.queue = queue
+        self.handler = handler
+        self.prefetch = prefetch
+        self.auto_ack = auto_ack
+        self.unsettled: set[_Delivery | _CoreDelivery] = set()
+        self.requested = 0  # messages asked for and not yet delivered or expired
+        self.active = True
+        self.inbox = transport.nc.new_inbox()
+        self._sub: Subscription | None = None
+        self._calls: Subscription | None = None
+        self._backlog: deque[Msg] = deque()
+
+    async def start(self, call_subject: str | None) -> None:
+        nc = self.transport.nc
+        self._sub = await nc.subscribe(self.inbox, cb=self._on_msg)
+        if call_subject is not None:
+            # Competing consumers of the queue's core subject: one queue group per queue.
+            self._calls = await nc.subscribe(call_subject, queue=call_subject, cb=self._on_call)
+        await self.refill()
+
+    async def _on_call(self, msg: Msg) -> None:
+        if not self.active:
+            # Routed here before the cancel reached the server: hand it to another consumer.
+            with contextlib.suppress(KeelError):
+                await self.transport.send(self.queue, msg.data, durable=False)
+            return
+        if len(self.unsettled) >= self.prefetch:
+            # Core NATS has no credit: keep it here, unseen by the core, until credit frees.
+            self._backlog.append(msg)
+            return
+        self._hand_over(msg)
+
+    def _hand_over(self, msg: Msg) -> None:
+        delivery = _CoreDelivery(self.transport, self.queue, msg, self)
+        # Counted against the credit window, so a busy consumer pulls fewer stored messages.
+        self.unsettled.add(delivery)
+        self.handler(delivery)
+
+    async def settled(self, delivery: _Delivery | _CoreDelivery) -> None:
+        self.unsettled.discard(delivery)
+        if self._backlog and self.active:
+            self._hand_over(self._backlog.popleft())
+            return
+        # A failed pull is not this delivery's failure: the reconnect replay pulls again.
+        with contextlib.suppress(KeelError):
+            await self.refill()
+
+    async def refill(self) -> None:
+        if not self.active or not self.transport.nc.is_connected:
+            return
+        free = self.prefetch - len(self.unsettled) - self.requested
+        # Ask in batches of at least half the window while a request is outstanding: one
+        # pull request per message would double the traffic of a busy queue.
+        if free <= 0 or (self.requested and free < max(1, self.prefetch // 2)):
+            return
+        declared = self.transport.streams.get(self.queue)
+        if declared is None:
+            return
+        self.requested += free
+        request = json.dumps({"batch": free, "expires": _PULL_EXPIRES_NS}).encode()
+        with _mapped(f"pull from {self.queue!r}"):
+            await self.transport.nc.publish(
+                f"$JS.API.CONSUMER.MSG.NEXT.{declared.stream}.{declared.consumer}",
+                request,
+                reply=self.inbox,
+            )
+
+    async def _on_msg(self, msg: Msg) -> None:
+        headers = msg.headers
+        if headers and "Status" in headers:
+            self._on_status(headers)
+            with contextlib.suppress(KeelError):
+                await self.refill()
+            return
+        self.requested = max(0, self.requested - 1)
+        if not self.active:
+            # A pull answered after cancel: hand it straight back for another consumer.
+            with contextlib.suppress(nats.errors.Error):
+                await self.transport.nc.publish(msg.reply, _NAK)
+            return
+        if self.auto_ack:
+            await self.transport.nc.publish(msg.reply, _ACK)
+            self.handler(_Delivery(self, msg, settled=True))
+            await self.refill()
+            return
+        delivery = _Delivery(self, msg)
+        self.unsettled.add(delivery)
+        self.handler(delivery)
+
+    def _on_status(self, headers: dict[str, str]) -> None:
+        status = headers.get("Status", "")
+        if status == "100":  # idle heartbeat
+            return
+        pending = headers.get("Nats-Pending-Messages")
+        # 408 (expired) / 409 (deleted, leadership change, limits): the unfilled part of the
+        # request is gone; without a count, assume every outstanding request is.
+        self.requested = max(0, self.requested - int(pending)) if pending else 0
+        if status == "409":
+            log.info("pull on %s ended: %s", self.queue, headers.get("Description", ""))
+
+    def reset(self) -> None:
+        """After a reconnect: outstanding pull requests died with the old connection."""
+        self.requested = 0
+
+    async def cancel(self) -> None:
+        if not self.active:
+            return
+        self.active = False
+        self.transport.pullers.discard(self)
+        # Dropping interest makes the server drop our waiting pull requests; draining (a
+        # round trip) hands back, through the callbacks, whatever it routed here before.
+        for sub in (self._calls, self._sub):
+            if sub is not None and not self.transport.closed:
+                try:
+                    if not self.transport.nc.is_connected:
+                        raise nats.errors.ConnectionReconnectingError
+                    drain: Callable[[], Awaitable[None]] = sub.drain  # untyped in nats-py
+                    await drain()
+                except (nats.errors.Error, OSError):
+                    with contextlib.suppress(nats.errors.Error):
+                        await sub.unsubscribe()
+        while self._backlog and not self.transport.closed:
+            with contextlib.suppress(KeelError):
+                await self.transport.send(self.queue, self._backlog.popleft().data, durable=False)
+
+
+class _CoreDelivery:
+    """A core NATS message (a call, a reply, a fanout): at-most-once, nothing to ack."""
+
+    __slots__ = ("_msg", "_puller", "_queue", "_settled", "_transport")
+
+    def __init__(
+        self, transport: NatsTransport, queue: str, msg: Msg, puller: _Puller | None = None
+    ) -> None:
+        self._transport = transport
+        self._queue = queue
+        self._msg = msg
+        self._puller = puller
+        self._settled = False
+
+    @property
+    def body(self) -> bytes:
+        return self._msg.data
+
+    @property
+    def delivery_count(self) -> int:
+        return 1
+
+    async def _settle(self) -> bool:
+        if self._settled:
+            return False
+        self._settled = True
+        if self._puller is not None:
+            await self._puller.settled(self)
+        return True
+
+    async def ack(self) -> None:
+        await self._settle()
+
+    async def requeue(self) -> None:
+        if await self._settle() and not self._transport.closed:
+            await self._transport.send(self._queue, self._msg.data, durable=False)
+
+    async def dead_letter(self, reason: str) -> None:
+        if await self._settle():
+            await self._transport.dead_letter(self._queue, self._msg.data, reason)
+
+
+class _CoreConsumer:
+    def __init__(self, transport: NatsTransport, queue: str, handler: Handler) -> None:
+        self.transport = transport
+        self.queue = queue
+        self.handler = handler
+        self.subs: list[Subscription] = []
+
+    async def _on_msg(self, msg: Msg) -> None:
+        self.handler(_CoreDelivery(self.transport, self.queue, msg))
+
+    async def start(self, subjects: Sequence[str]) -> None:
+        for subject in subjects:
+            with _mapped(f"subscribe to {subject!r}"):
+                self.subs.append(await self.transport.nc.subscribe(subject, cb=self._on_msg))
+
+    async def cancel(self) -> None:
+        subs, self.subs = self.subs, []
+        self.transport.core_consumers.discard(self)
+        if self.transport.closed:
+            return
+        for sub in subs:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+
+
+class NatsTransport:
+    """A NATS connection. See the module docstring for the mapping and what it keeps."""
+
+    def __init__(
+        self,
+        url: URL,
+        *,
+        max_message_bytes: int | None = None,
+        ack_wait: float | None = None,
+        publish_timeout: float | None = None,
+        connect_timeout: float | None = None,
+    ) -> None:
+        self.url = url
+        options = url.options
+        try:
+            self.max_message_bytes = max_message_bytes or int(
+                options.get("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
+            )
+            self.ack_wait = ack_wait or float(options.get("ack_wait", 10.0))
+            self.publish_timeout = publish_timeout or float(options.get("publish_timeout", 10.0))
+            self.connect_timeout = connect_timeout or float(options.get("connect_timeout", 10.0))
+            self.subject_max_age = float(options.get("subject_max_age", 86400.0))
+        except ValueError as exc:
+            raise ConfigError(f"bad option in {url.redacted()}: {exc}") from None
+        self.nc = Client()
+        self.js = self.nc.jetstream(timeout=5.0)
+        self.streams: dict[str, _Stream] = {}
+        self.exclusive: dict[str, list[str]] = {}
+        self.pullers: set[_Puller] = set()
+        self.core_consumers: set[_CoreConsumer] = set()
+        self.closed = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Core sends awaiting a possible "no responders" (503): reply token -> (queue, body).
+        # Two generations, swapped every sweep, so an entry lives one to two intervals.
+        self._unanswered: dict[str, tuple[str, bytes]] = {}
+        self._unanswered_old: dict[str, tuple[str, bytes]] = {}
+        self._refusals = ""
+        self._tokens = itertools.count()
+
+    # --- connection ----------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        server = f"nats://{self.url.host or '127.0.0.1'}:{self.url.port or 4222}"
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                with _mapped(f"connect to {server}"):
+                    await self.nc.connect(
+                        servers=[server],
+                        name="keel",
+                        user=self.url.username,
+                        password=self.url.password,
+                        max_reconnect_attempts=-1,
+                        reconnect_time_wait=0.5,  # type: ignore[arg-type]  # a float works
+                        connect_timeout=2,
+                        reconnected_cb=self._on_reconnected,
+                        disconnected_cb=self._on_disconnected,
+                        error_cb=self._on_error,
+                    )
+        except TimeoutError:
+            await self.nc.close()
+            raise TransportError(
+                f"cannot reach NATS at {self.url.redacted()} within {self.connect_timeout}s"
+            ) from None
+        self.closed = False
+        self._refusals = self.nc.new_inbox()
+        with _mapped("subscribe"):
+            await self.nc.subscribe(self._refusals + ".*", cb=self._on_refused)
+        self._spawn(self._keep_alive())
+
+    def _spawn(self, coro: Coroutine[object, object, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.debug("nats: %r", exc)
+
+    async def _on_disconnected(self) -> None:
+        if not self.closed:
+            log.warning("nats: disconnected from %s; reconnecting", self.url.redacted())
+
+    async def _on_reconnected(self) -> None:
+        log.info("nats: reconnected to %s; replaying declarations", self.url.redacted())
+        self._spawn(self._replay())
+
+    async def _replay(self) -> None:
+        """Re-declare every stream and consumer, then re-issue the pull requests."""
+        delay = 0.1
+        while not self.closed:
+            try:
+                for queue, declared in list(self.streams.items()):
+                    await self._ensure(queue, declared)
+                break
+            except KeelError as exc:
+                log.info("nats: replay failed (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        for puller in list(self.pullers):
+            puller.reset()
+            with contextlib.suppress(KeelError):
+                await puller.refill()
+
+    async def _keep_alive(self) -> None:
+        """Forget core sends nobody refused; tell the server slow deliveries live (+WPI)."""
+        last_wpi = time.monotonic()
+        while not self.closed:
+            await asyncio.sleep(_SWEEP_INTERVAL)
+            now = time.monotonic()
+            # A 503 comes back within a round trip; anything older was taken by someone.
+            self._unanswered, old = {}, self._unanswered
+            self._unanswered_old = old
+            if now - last_wpi < self.ack_wait / 3 or not self.nc.is_connected:
+                continue
+            last_wpi = now
+            for puller in list(self.pullers):
+                for delivery in list(puller.unsettled):
+                    if isinstance(delivery, _Delivery):
+                        with contextlib.suppress(nats.errors.Error):
+                            await self.nc.publish(delivery._msg.reply, _WPI)
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        for puller in list(self.pullers):
+            await puller.cancel()
+            for delivery in list(puller.unsettled):
+                await delivery.requeue()
+        for consumer in list(self.core_consumers):
+            await consumer.cancel()
+        self.closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
+            await self.nc.flush(timeout=2)
+        await self.nc.close()
+
+    def _check_open(self) -> None:
+        if self.closed or self.nc.is_closed:
+            raise TransportError(f"transport {self.url.redacted()} is closed")
+
+    # --- queues --------------------------------------------------------------------------
+
+    async def declare_queue(
+        self,
+        name: str,
+        *,
+        durable: bool,
+        bindings: Sequence[str] = (),
+        exclusive: bool = False,
+    ) -> None:
+        self._check_open()
+        if exclusive:
+            self.exclusive[name] = [_call_subject(name), *bindings]
+            return
+        if len(bindings) > 1:
+            raise ConfigError(
+                f"queue {name!r}: the NATS transport binds a shared queue to one subject "
+                f"(asked for {len(bindings)}); declare one queue per subject"
+            )
+        if bindings:
+            declared = _Stream("KS_" + _token(bindings[0]), _token(name), bindings[0], durable)
+        else:
+            declared = _Stream("KQ_" + _token(name), _token(name), _address(name), durable)
+        await self._ensure(name, declared)
+        self.streams[name] = declared
+
+    async def _ensure(self, queue: str, declared: _Stream) -> None:
+        bound = declared.stream.startswith("KS_")
+        with _mapped(f"declare queue {queue!r}"):
+            if bound:
+                await self.js.add_stream(
+                    name=declared.stream,
+                    subjects=[declared.address],
+                    retention=RetentionPolicy.LIMITS,
+                    max_age=self.subject_max_age,
+                    storage=StorageType.FILE if declared.durable else StorageType.MEMORY,
+                )
+            else:
+                await self.js.add_stream(
+                    name=declared.stream,
+                    subjects=[declared.address],
+                    retention=RetentionPolicy.WORK_QUEUE,
+                    storage=StorageType.FILE if declared.durable else StorageType.MEMORY,
+                )
+            await self.js.add_consumer(
+                declared.stream,
+                ConsumerConfig(
+                    durable_name=declared.consumer,
+                    ack_policy=AckPolicy.EXPLICIT,
+                    # A bound queue starts at its declaration, as an AMQP queue would.
+                    deliver_policy=DeliverPolicy.NEW if bound else DeliverPolicy.ALL,
+                    ack_wait=self.ack_wait,
+                    max_ack_pending=_MAX_ACK_PENDING,
+                    max_deliver=-1,
+                ),
+            )
+
+    async def delete_queue(self, name: str) -> None:
+        for consumer in [c for c in self.core_consumers if c.queue == name]:
+            await consumer.cancel()
+        if self.exclusive.pop(name, None) is not None:
+            return
+        for puller in [p for p in self.pullers if p.queue == name]:
+            await puller.cancel()
+        declared = self.streams.pop(name, None)
+        if declared is not None and not self.closed:
+            with contextlib.suppress(nats.js.errors.NotFoundError), _mapped("delete queue"):
+                if declared.stream.startswith("KS_"):
+                    await self.js.delete_consumer(declared.stream, declared.consumer)
+                else:
+                    await self.js.delete_stream(declared.stream)
+
+    # --- sending -------------------------------------------------------------------------
+
+    def _check_size(self, body: bytes) -> None:
+        if len(body) > self.max_message_bytes:
+            raise MessageTooLarge(
+                f"message is {len(body)} bytes, over the transport's "
+                f"{self.max_message_bytes}-byte limit",
+                size=len(body),
+                limit=self.max_message_bytes,
+            )
+
+    def _subject_of(self, queue: str) -> str:
+        declared = self.streams.get(queue)
+        return declared.address if declared is not None else _address(queue)
+
+    async def send(self, queue: str, body: bytes, *, durable: bool) -> None:
+        self._check_open()
+        self._check_size(body)
+        declared = self.streams.get(queue)
+        if durable or (declared is not None and declared.address != _address(queue)):
+            subject = _address(queue) if declared is None else declared.address
+            if durable:
+                await self._stored(subject, body, None, must_exist=True)
+                return
+            with _mapped(f"send to {queue!r}"):
+                await self.nc.publish(subject, body)
+            return
+        # Core first: taken at once by a consumer of the queue if one is subscribed. With
+        # none, the server answers 503 to the reply subject and the message goes to the
+        # queue's stream instead, to wait there for a consumer.
+        token = f"{self._refusals}.{next(self._tokens)}"
+        self._unanswered[token] = (queue, body)
+        try:  # the hot path of every call and reply: no context manager
+            await self.nc.publish(_call_subject(queue), body, reply=token)
+        except _FOREIGN as exc:
+            raise _translate(exc, f"send to {queue!r}") from exc
+
+    async def _on_refused(self, msg: Msg) -> None:
+        headers = msg.headers
+        if not headers or headers.get("Status") != "503":
+            return
+        entry = self._unanswered.pop(msg.subject, None) or self._unanswered_old.pop(
+            msg.subject, None
+        )
+        if entry is not None and not self.closed:
+            queue, body = entry
+            # Into the stream (if the queue has one; an exclusive queue that is gone has not).
+            with contextlib.suppress(nats.errors.Error):
+                await self.nc.publish(_address(queue), body)
+
+    async def publish(self, subject: str, body: bytes, *, durable: bool) -> None:
+        self._check_open()
+        self._check_size(body)
+        if durable:
+            # A subject this connection bound a queue to must have its stream: right after a
+            # broker restart JetStream may still be loading it, so wait rather than drop.
+            bound = any(d.address == subject for d in self.streams.values())
+            await self._stored(subject, body, None, must_exist=bound)
+        else:
+            with _mapped(f"publish to {subject!r}"):
+                await self.nc.publish(subject, body)
+
+    async def dead_letter(self, queue: str, body: bytes, reason: str) -> None:
+        dlq = queue + ".dlq"
+        if dlq not in self.streams:
+            await self.declare_queue(dlq, durable=True)
+        # Header values are one line; the reason is for people reading the DLQ.
+        headers = {"Keel-Dead-Letter-Reason": " ".join(reason.split())[:1000] or "-"}
+        await self._stored(_address(dlq), body, headers, must_exist=True)
+
+    async def _stored(
+        self, subject: str, body: bytes, headers: dict[str, str] | None, *, must_exist: bool
+    ) -> None:
+        """Publish until JetStream acks, one message id across retries (bounded in time)."""
+        headers = {**(headers or {}), "Nats-Msg-Id": uuid.uuid4().hex}
+        deadline = time.monotonic() + self.publish_timeout
+        delay = 0.05
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                with _mapped(f"durable publish to {subject!r}"):
+                    await self.js.publish(
+                        subject, body, timeout=max(0.1, min(2.0, left)), headers=headers
+                    )
+            except TransportError as exc:
+                cause = exc.__cause__
+                no_stream = isinstance(cause, nats.js.errors.NoStreamResponseError)
+                if no_stream and self.nc.is_connected and not must_exist:
+                    log.debug("nats: nothing bound to %s; message dropped", subject)
+                    return  # unroutable, as on AMQP
+                if time.monotonic() + delay >= deadline or self.closed:
+                    raise TransportError(
+                        f"NATS did not confirm a message to {subject!r} within "
+                        f"{self.publish_timeout}s ({exc}); it may or may not be stored"
+                    ) from None
+            else:
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    # --- consuming -----------------------------------------------------------------------
+
+    async def consume(
+        self, queue: str, handler: Handler, *, prefetch: int, auto_ack: bool = False
+    ) -> _Puller | _CoreConsumer:
+        self._check_open()
+        subjects = self.exclusive.get(queue)
+        if subjects is not None:
+            core = _CoreConsumer(self, queue, handler)
+            await core.start(subjects)
+            self.core_consumers.add(core)
+            return core
+        if queue not in self.streams:
+            raise TransportError(
+                f"queue {queue!r} is not declared on this {self.url.redacted()} connection"
+            )
+        window = _AUTO_ACK_WINDOW if auto_ack else max(1, prefetch)
+        puller = _Puller(self, queue, handler, window, auto_ack)
+        self.pullers.add(puller)
+        declared = self.streams[queue]
+        unbound = declared.address == _address(queue)
+        with _mapped(f"consume from {queue!r}"):
+            await puller.start(_call_subject(queue) if unbound else None)
+        return puller

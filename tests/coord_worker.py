@@ -1,0 +1,137 @@
+"""A coordination client in its own process, for tests that kill, pause or cut it.
+
+coord_worker.py hold URL NAME TTL          hold a lock, print "HOLDING fence", wait
+coord_worker.py join URL GROUP TTL         join a group as "worker", print "JOINED", wait
+coord_worker.py victim URL NAME TTL HIST REG CLIENT
+    hold a lock, write once, print "HOLDING fence", then block synchronously (a stuck
+    process) for 3*TTL, then try a second write and check the lock: records both.
+coord_worker.py loop URL NAME TTL HIST REG CLIENT SECONDS SEED
+    acquire, write a few times, release, repeat, until SECONDS pass; records everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+import time
+
+import keel.coordination as kc
+from keel.errors import BackendUnavailable, CoordinationError, LockLost, LockTimeout, StaleFence
+
+
+async def hold(url: str, name: str, ttl: float) -> None:
+    coord = await kc.connect(url, member_id="worker", ttl=ttl)
+    held = await coord.acquire(name, timeout=30)
+    print("HOLDING", held.fence, flush=True)
+    await asyncio.sleep(600)
+
+
+async def join(url: str, group: str, ttl: float) -> None:
+    coord = await kc.connect(url, member_id="worker", ttl=ttl)
+    await coord.group(group).join(b"w", timeout=30)
+    print("JOINED", flush=True)
+    await asyncio.sleep(600)
+
+
+async def victim(url: str, name: str, ttl: float, *, hist: str, reg: str, client: str) -> None:
+    coord = await kc.connect(url, member_id=client, ttl=ttl)
+    recorder = kc.Recorder(hist, client)
+    register = kc.SqliteFencedRegister(reg)
+    start = time.time()
+    held = await coord.acquire(name, timeout=60)
+    recorder.record("acquire", name, held.fence, start)
+    start = time.time()
+    register.write(name, held.fence, client)
+    recorder.record("write", name, held.fence, start)
+    print("HOLDING", held.fence, flush=True)
+    time.sleep(ttl * 3)
+    start = time.time()
+    try:
+        register.write(name, held.fence, client)
+        recorder.record("write", name, held.fence, start)
+        print("WROTE", flush=True)
+    except StaleFence:
+        recorder.record("refused", name, held.fence, start)
+        print("REFUSED", flush=True)
+    try:
+        held.check()
+        print("STILL-HELD", flush=True)
+    except LockLost:
+        recorder.record("lost", name, held.fence, start)
+        print("LOST", flush=True)
+    await held.release()
+    await coord.close()
+
+
+async def loop(
+    url: str,
+    name: str,
+    ttl: float,
+    *,
+    hist: str,
+    reg: str,
+    client: str,
+    seconds: float,
+    seed: int,
+) -> None:
+    rng = random.Random(seed)
+    recorder = kc.Recorder(hist, client)
+    register = kc.SqliteFencedRegister(reg)
+    end = time.monotonic() + seconds
+    coord: kc.Coordinator | None = None
+    print("STARTED", flush=True)
+    while time.monotonic() < end:
+        try:
+            if coord is None:
+                coord = await kc.connect(url, member_id=client, ttl=ttl)
+            start = time.time()
+            async with coord.lock(name, timeout=ttl * 2) as held:
+                recorder.record("acquire", name, held.fence, start)
+                for _ in range(rng.randint(1, 3)):
+                    start = time.time()
+                    try:
+                        register.write(name, held.fence, client)
+                        recorder.record("write", name, held.fence, start)
+                    except StaleFence:
+                        recorder.record("refused", name, held.fence, start)
+                    await asyncio.sleep(rng.uniform(0, 0.02))
+                start = time.time()
+            recorder.record("release", name, held.fence, start)
+        except LockLost as exc:
+            recorder.record("lost", name, getattr(exc, "fence", -1), time.time())
+        except (LockTimeout, BackendUnavailable):
+            await asyncio.sleep(0.05)
+        except CoordinationError:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(rng.uniform(0, 0.01))
+    print("DONE", flush=True)
+
+
+def main(argv: list[str]) -> None:
+    mode, url, name, ttl = argv[0], argv[1], argv[2], float(argv[3])
+    if mode == "hold":
+        asyncio.run(hold(url, name, ttl))
+    elif mode == "join":
+        asyncio.run(join(url, name, ttl))
+    elif mode == "victim":
+        hist, reg, client = argv[4:7]
+        asyncio.run(victim(url, name, ttl, hist=hist, reg=reg, client=client))
+    elif mode == "loop":
+        hist, reg, client, seconds, seed = argv[4:9]
+        asyncio.run(
+            loop(
+                url,
+                name,
+                ttl,
+                hist=hist,
+                reg=reg,
+                client=client,
+                seconds=float(seconds),
+                seed=int(seed),
+            )
+        )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,89 @@
+"""What the NATS transport adds to the contract: its name mapping, its limits, its errors."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import uuid
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from keel import errors
+from keel.messaging import connect
+from keel.messaging.transports.base import Delivery
+from keel.messaging.transports.nats import _token
+from tests.helpers import eventually
+from tests.servers import server_url
+
+NAMES = st.text(alphabet="abcXYZ019_.-ü>*", min_size=1, max_size=300)
+
+
+@given(NAMES, NAMES)
+def test_jetstream_names_are_injective_and_valid(a: str, b: str) -> None:
+    assert (_token(a) == _token(b)) == (a == b)
+    assert len(_token(a)) <= 200
+    assert not set(_token(a)) & set(". *>/\\")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def test_unreachable_server_is_a_transport_error_in_bounded_time() -> None:
+    started = time.monotonic()
+    with pytest.raises(errors.TransportError, match="cannot reach NATS"):
+        await connect(f"nats://127.0.0.1:{_free_port()}?connect_timeout=1")
+    assert time.monotonic() - started < 5
+
+
+async def test_requeue_counts_deliveries_and_dead_letters_carry_the_body() -> None:
+    transport = await connect(server_url("nats"))
+    queue = f"nats-{uuid.uuid4().hex[:8]}"
+    await transport.declare_queue(queue, durable=True)
+    await transport.declare_queue(queue + ".dlq", durable=True)
+    counts: list[int] = []
+    dead: list[bytes] = []
+
+    def on_message(delivery: Delivery) -> None:
+        counts.append(delivery.delivery_count)
+        settle = delivery.requeue() if len(counts) < 3 else delivery.dead_letter("enough")
+        asyncio.get_running_loop().create_task(settle)
+
+    def on_dead(delivery: Delivery) -> None:
+        dead.append(delivery.body)
+        asyncio.get_running_loop().create_task(delivery.ack())
+
+    await transport.consume(queue, on_message, prefetch=1)
+    await transport.consume(queue + ".dlq", on_dead, prefetch=1)
+    await transport.send(queue, b"payload", durable=True)
+    await eventually(lambda: dead == [b"payload"])
+    assert counts == [1, 2, 3]
+    await transport.close()
+
+
+async def test_a_call_sent_before_any_consumer_waits_in_the_stream() -> None:
+    transport = await connect(server_url("nats"))
+    queue = f"nats-{uuid.uuid4().hex[:8]}"
+    await transport.declare_queue(queue, durable=True)
+    await transport.send(queue, b"early", durable=False)  # core first, nobody there: 503
+    got: list[Any] = []
+    await asyncio.sleep(0.2)
+    await transport.consume(queue, lambda d: got.append(d.body), prefetch=4)
+    await eventually(lambda: got == [b"early"])
+    await transport.close()
+
+
+async def test_limits_are_typed_errors() -> None:
+    transport = await connect(server_url("nats"))
+    with pytest.raises(errors.MessageTooLarge):
+        await transport.send("anything", b"x" * (transport.max_message_bytes + 1), durable=True)
+    with pytest.raises(errors.ConfigError, match="one subject"):
+        await transport.declare_queue("two-bindings", durable=True, bindings=["a.b", "c.d"])
+    await transport.close()
