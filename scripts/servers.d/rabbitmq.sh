@@ -11,27 +11,27 @@ SRV_START_TIMEOUT=90
 srv_install() { apt_install rabbitmq-server; }
 
 rabbit_env() {
-    # The environment every rabbitmq command of this node runs with.
-    echo HOME="$SRV_DIR/home" \
-        RABBITMQ_NODENAME="keel-$RABBITMQ_PORT@localhost" \
-        RABBITMQ_USE_LONGNAME=false \
-        RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
-        RABBITMQ_NODE_PORT="$RABBITMQ_PORT" \
-        RABBITMQ_DIST_PORT="$RABBITMQ_DIST" \
-        RABBITMQ_MNESIA_BASE="$SRV_DIR/mnesia" \
-        RABBITMQ_LOG_BASE="$SRV_DIR/log" \
-        RABBITMQ_FEATURE_FLAGS_FILE="$SRV_DIR/feature_flags" \
-        RABBITMQ_ENABLED_PLUGINS_FILE="$SRV_DIR/enabled_plugins" \
-        RABBITMQ_CONFIG_FILE="$SRV_DIR/rabbitmq.conf" \
-        RABBITMQ_ADVANCED_CONFIG_FILE="$SRV_DIR/advanced.config" \
-        RABBITMQ_CONF_ENV_FILE="$SRV_DIR/rabbitmq-env.conf" \
-        RABBITMQ_PID_FILE="$SRV_DIR/mnesia/rabbit.pid" \
+    # The environment the node runs with (an array: one value has spaces). Erlang's
+    # distribution port and epmd listen on loopback only, like the AMQP port.
+    RABBIT_ENV=(
+        HOME="$SRV_DIR/home"
+        RABBITMQ_NODENAME="keel-$RABBITMQ_PORT@localhost"
+        RABBITMQ_USE_LONGNAME=false
+        RABBITMQ_NODE_IP_ADDRESS=127.0.0.1
+        RABBITMQ_NODE_PORT="$RABBITMQ_PORT"
+        RABBITMQ_DIST_PORT="$RABBITMQ_DIST"
+        RABBITMQ_MNESIA_BASE="$SRV_DIR/mnesia"
+        RABBITMQ_LOG_BASE="$SRV_DIR/log"
+        RABBITMQ_FEATURE_FLAGS_FILE="$SRV_DIR/feature_flags"
+        RABBITMQ_ENABLED_PLUGINS_FILE="$SRV_DIR/enabled_plugins"
+        RABBITMQ_CONFIG_FILE="$SRV_DIR/rabbitmq.conf"
+        RABBITMQ_ADVANCED_CONFIG_FILE="$SRV_DIR/advanced.config"
+        RABBITMQ_CONF_ENV_FILE="$SRV_DIR/rabbitmq-env.conf"
+        RABBITMQ_PID_FILE="$SRV_DIR/mnesia/rabbit.pid"
         RABBITMQ_LOGS=-
-}
-
-as_rabbit() {
-    # shellcheck disable=SC2046
-    setpriv --reuid=rabbitmq --regid=rabbitmq --init-groups env $(rabbit_env) "$@"
+        ERL_EPMD_ADDRESS=127.0.0.1
+        RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
+    )
 }
 
 srv_launch() {
@@ -52,8 +52,8 @@ log.console.level = warning
 log.file = false
 CONF
     chown -R rabbitmq:rabbitmq "$SRV_DIR"
-    # shellcheck disable=SC2046
-    launch setpriv --reuid=rabbitmq --regid=rabbitmq --init-groups env $(rabbit_env) \
+    rabbit_env
+    launch setpriv --reuid=rabbitmq --regid=rabbitmq --init-groups env "${RABBIT_ENV[@]}" \
         /usr/lib/rabbitmq/bin/rabbitmq-server
 }
 
