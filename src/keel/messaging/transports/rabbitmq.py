@@ -13,6 +13,11 @@ A thin adapter over AMQP 0-9-1 (aiormq, the protocol layer under aio-pika; ``kee
   to ``<queue>.dlq`` with the reason in the ``x-keel-reason`` header, waits for the broker's
   confirm, then acks the original.
 
+RabbitMQ's direct reply-to (``amq.rabbitmq.reply-to``) is not used: it is not a queue that
+can be declared or consumed like the others (it must be consumed with no_ack on the very
+channel that publishes the requests), so it does not fit the contract's one exclusive reply
+queue per transport; an exclusive auto-delete queue costs one declare per transport.
+
 What the broker holds when a call returns:
 
 * ``send``/``publish`` with ``durable=True`` go out persistent on a publisher-confirm channel
