@@ -161,6 +161,33 @@ class QuotaExceeded(KeelError):
     """A per-project quota is used up."""
 
 
+# hub (keel.hub) ----------------------------------------------------------------------
+
+
+class HubError(KeelError):
+    """Root of keel.hub errors that have no more general class above."""
+
+
+class BadRequest(HubError, ValueError):
+    """Input to the hub is invalid; ``field`` names the offending part when there is one."""
+
+
+class InvalidFilter(BadRequest):
+    """A subscription filter is malformed; the message names the part and the fix."""
+
+
+class PayloadTooLarge(BadRequest):
+    """A request body exceeds the limit (fields ``size`` and ``limit``)."""
+
+
+class ClaimExpired(Conflict):
+    """A claim's visibility timeout ran out; its messages are visible again. Claim anew."""
+
+
+class UnsafeWebhookTarget(BadRequest):
+    """A webhook URL points at a loopback, link-local or private address the operator forbids."""
+
+
 class AgentError(KeelError):
     """Root of keel.agent errors."""
 

@@ -104,6 +104,9 @@ class RPCServer:
         self.transport = transport
         self.target = target
         self.name = target.server or _default_server_name()
+        # A made-up name has no successor to inherit its queue, so stopping deletes it; a
+        # named server's queue waits for the next server of that name.
+        self._named = target.server is not None
         self.service = service or urls.from_env("service", target.topic)
         self.max_concurrency = max_concurrency
         self.stop_timeout = stop_timeout
@@ -243,6 +246,8 @@ class RPCServer:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
         await self._presence.stop()
+        if not self._named:
+            await self.transport.delete_queue(rpc_queue(self.target.topic, self.name))
         self._set_state(ServerState.STOPPED)
         self._drained.set()
 

@@ -1,0 +1,293 @@
+"""`python -m bench hub`: ingest, claim+ack and SSE fan-out latency, SQLite and PostgreSQL.
+
+For each store, in one run: the raw engine's own append and read rates (plain batched
+INSERT/SELECT, no hub), the hub's ingest rate with 100 subscriptions (each event matching
+5), claim+ack of messages through the hub, and publish-to-receipt latency over SSE with
+many concurrent clients (in two other processes), publishing on the bus (memory transport)
+at a steady rate. Goals: >= 5,000 events/s ingested; SSE p99 < 100 ms with 1,000 clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sqlite3
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from bench._servers import url as server_url
+from bench._stats import percentile, result_line, table
+from keel.hub import CloudEvent, Hub, HubServer, Principal, SQLiteStore, StaticTokens, Store
+from keel.hub import listener as hub_listener
+from keel.messaging import Notifier, RequestContext, connect
+
+USER = Principal("bench", "p-bench", ("member",))
+TOKEN = "bench-token"
+SUBJECTS = 20  # 100 subscriptions over 20 subjects: each event matches 5
+
+
+async def open_store(kind: str, tmp: Path) -> Store:
+    if kind == "sqlite":
+        store: Store = SQLiteStore(tmp / f"hub-{uuid.uuid4().hex[:6]}.db")
+    else:
+        from keel.hub.stores.postgres import PostgresStore  # noqa: PLC0415
+
+        store = PostgresStore(server_url("postgres"), schema=f"bench_{uuid.uuid4().hex[:8]}")
+    await store.open()
+    return store
+
+
+async def drop(store: Store) -> None:
+    schema = getattr(store, "schema", None)
+    await store.close()
+    if schema is not None:
+        import asyncpg  # noqa: PLC0415
+
+        conn = await asyncpg.connect(server_url("postgres"))
+        await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+        await conn.close()
+
+
+def raw_sqlite(tmp: Path, n: int) -> tuple[float, float]:
+    db = sqlite3.connect(tmp / "raw.db", isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute(
+        "CREATE TABLE m (q TEXT, seq INTEGER, body BLOB, PRIMARY KEY (q, seq)) WITHOUT ROWID"
+    )
+    body = b"x" * 300
+    start = time.perf_counter()
+    for b in range(0, n, 500):
+        db.execute("BEGIN")
+        db.executemany(
+            "INSERT INTO m VALUES (?, ?, ?)", [(f"q{i % 100}", i, body) for i in range(b, b + 500)]
+        )
+        db.execute("COMMIT")
+    append = n / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for q in range(100):
+        db.execute("SELECT seq, body FROM m WHERE q = ? ORDER BY seq", (f"q{q}",)).fetchall()
+    read = n / (time.perf_counter() - start)
+    db.close()
+    return append, read
+
+
+async def raw_postgres(n: int) -> tuple[float, float]:
+    import asyncpg  # noqa: PLC0415
+
+    conn = await asyncpg.connect(server_url("postgres"))
+    table_name = f"raw_{uuid.uuid4().hex[:8]}"
+    await conn.execute(
+        f"CREATE TABLE {table_name} (q TEXT, seq BIGINT, body BYTEA, PRIMARY KEY (q, seq))"
+    )
+    body = b"x" * 300
+    start = time.perf_counter()
+    for b in range(0, n, 500):
+        rows = list(range(b, b + 500))
+        await conn.execute(
+            f"INSERT INTO {table_name} SELECT u.a, u.b, u.c FROM unnest($1::text[], $2::bigint[], "
+            "$3::bytea[]) AS u(a, b, c)",
+            [f"q{i % 100}" for i in rows],
+            rows,
+            [body] * 500,
+        )
+    append = n / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for q in range(100):
+        await conn.fetch(f"SELECT seq, body FROM {table_name} WHERE q = $1 ORDER BY seq", f"q{q}")
+    read = n / (time.perf_counter() - start)
+    await conn.execute(f"DROP TABLE {table_name}")
+    await conn.close()
+    return append, read
+
+
+async def make_subs(hub: Hub, n: int = 100) -> list[str]:
+    ids = []
+    for i in range(n):
+        sub = await hub.create_subscription(
+            USER, {"filters": [{"exact": {"subject": f"k{i % SUBJECTS}"}}]}
+        )
+        ids.append(sub.id)
+    return ids
+
+
+async def ingest_rate(store: Store, events: int) -> float:
+    hub = Hub(store, StaticTokens({TOKEN: USER}), quota_subscriptions=1000)
+    await hub.start()
+    await make_subs(hub)
+    data = {"payload": "x" * 200}
+    batch = [
+        CloudEvent(
+            id=f"ev-{uuid.uuid4().hex}",
+            source="bench",
+            type="bench.event",
+            subject=f"k{n % SUBJECTS}",
+            tenant="p-bench",
+            data=data,
+        )
+        for n in range(events)
+    ]
+    pending = iter(batch)
+
+    async def producer() -> None:
+        # As many concurrent publishers as a NotificationListener runs handlers (256).
+        for e in pending:
+            await hub.ingest(e)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(producer() for _ in range(256)))
+    rate = events / (time.perf_counter() - start)
+    await hub.stop()
+    return rate
+
+
+async def claim_ack_rate(store: Store, messages: int) -> float:
+    hub = Hub(store, StaticTokens({TOKEN: USER}), quota_subscriptions=1000)
+    await hub.start()
+    subs = [(await hub.create_subscription(USER, {})).id for _ in range(4)]
+    events = [
+        CloudEvent(id=f"c-{uuid.uuid4().hex}", source="b", type="t", tenant="p-bench")
+        for _ in range(messages // len(subs))
+    ]
+    await asyncio.gather(*(hub.ingest(e) for e in events))
+
+    async def worker(sub: str) -> int:
+        done = 0
+        while True:
+            claim = await hub.claim(USER, sub, limit=10, ttl=60)
+            if claim is None:
+                return done
+            done += await hub.ack(USER, sub, claim.id, None)
+
+    start = time.perf_counter()
+    done = sum(await asyncio.gather(*(worker(s) for s in subs)))
+    rate = done / (time.perf_counter() - start)
+    await hub.stop()
+    return rate
+
+
+async def sse_latency(store: Store, clients: int, rate: float, seconds: float) -> list[float]:
+    hub = Hub(store, StaticTokens({TOKEN: USER}), quota_subscriptions=1000)
+    await hub.start()
+    subs = await make_subs(hub)
+    transport = await connect(f"memory://bench-{uuid.uuid4().hex[:6]}")
+    lis = hub_listener(hub, transport)
+    await lis.start()
+    server = HubServer(hub, heartbeat=15)
+    await server.start()
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bench._hub_clients",
+            str(server.port),
+            str(half),
+            TOKEN,
+            *subs,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=2**28,  # the delays come back as one JSON line
+        )
+        for half in (clients // 2, clients - clients // 2)
+    ]
+    for p in procs:
+        assert p.stdout is not None
+        line = await asyncio.wait_for(p.stdout.readline(), 120)
+        assert line.strip() == b"READY", line
+    notifier = Notifier(transport, "compute.bench")
+    ctx = RequestContext(project="p-bench")
+    n = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        due = start + n / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await notifier.info(
+            ctx, "bench.event", {"instance_id": f"k{n % SUBJECTS}", "t": time.time()}
+        )
+        n += 1
+    await asyncio.sleep(1.0)  # let the last events arrive
+    delays: list[float] = []
+    for p in procs:
+        assert p.stdin is not None
+        assert p.stdout is not None
+        p.stdin.write(b"stop\n")
+        await p.stdin.drain()
+        delays += json.loads(await asyncio.wait_for(p.stdout.readline(), 60))
+        await p.wait()
+    await lis.stop()
+    await server.stop()
+    await hub.stop()
+    await transport.close()
+    expected = n * clients * 5 // len(subs)
+    if len(delays) < expected:
+        raise RuntimeError(f"SSE clients got {len(delays)} of {expected} events")
+    return delays
+
+
+async def run_store(kind: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    if kind == "sqlite":
+        raw_append, raw_read = raw_sqlite(tmp, args.raw)
+    else:
+        raw_append, raw_read = await raw_postgres(args.raw)
+    row: dict[str, Any] = {"store": kind, "raw_append_rows_per_s": raw_append}
+    row["raw_read_rows_per_s"] = raw_read
+    store = await open_store(kind, tmp)
+    row["ingest_events_per_s"] = await ingest_rate(store, args.events)
+    await drop(store)
+    store = await open_store(kind, tmp)
+    row["claim_ack_per_s"] = await claim_ack_rate(store, args.claims)
+    await drop(store)
+    store = await open_store(kind, tmp)
+    delays = await sse_latency(store, args.clients, args.rate, args.seconds)
+    await drop(store)
+    row["sse_clients"] = args.clients
+    row["sse_deliveries"] = len(delays)
+    row["sse_p50_ms"] = percentile(delays, 50)
+    row["sse_p99_ms"] = percentile(delays, 99)
+    return row
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench hub")
+    parser.add_argument("--events", type=int, default=20000, help="events to ingest")
+    parser.add_argument("--claims", type=int, default=8000, help="messages to claim and ack")
+    parser.add_argument("--clients", type=int, default=1000, help="concurrent SSE clients")
+    parser.add_argument("--rate", type=float, default=200, help="events/s published for SSE")
+    parser.add_argument("--seconds", type=float, default=5, help="SSE publishing time")
+    parser.add_argument("--raw", type=int, default=50000, help="rows for the raw engine rates")
+    parser.add_argument("--stores", default="sqlite,postgres")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-hub-") as tmp:
+        rows = [asyncio.run(run_store(kind, args, Path(tmp))) for kind in args.stores.split(",")]
+    columns = [
+        "store",
+        "raw_append_rows_per_s",
+        "raw_read_rows_per_s",
+        "ingest_events_per_s",
+        "claim_ack_per_s",
+        "sse_clients",
+        "sse_deliveries",
+        "sse_p50_ms",
+        "sse_p99_ms",
+    ]
+    table(
+        f"keel.hub: 100 subscriptions (5 per event), {args.clients} SSE clients at "
+        f"{args.rate:.0f} events/s",
+        columns,
+        rows,
+    )
+    keys = ["ingest_events_per_s", "claim_ack_per_s", "sse_clients", "sse_p50_ms", "sse_p99_ms"]
+    values: dict[str, float | int | str] = {}
+    for row in rows:
+        prefix = "" if row["store"] == "sqlite" else "scale_"
+        for key in keys:
+            values[prefix + key] = row[key]
+        values[prefix + "raw_append_rows_per_s"] = row["raw_append_rows_per_s"]
+    print(result_line("hub", values))

@@ -1,0 +1,20 @@
+# PostgreSQL (Debian postgresql) as a plain process of the postgres user, data under $SRV_DIR,
+# on 127.0.0.1 only, trust authentication (loopback test server; no password to leak).
+POSTGRES_PORT="${KEEL_POSTGRES_PORT:-54320}"
+SRV_START_TIMEOUT=60
+pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
+srv_install() { apt_install postgresql; }
+srv_launch() {
+    local bin data="$SRV_DIR/data"
+    bin="$(pg_bin)"
+    chown postgres "$SRV_DIR" "$SRV_LOG"
+    if [ ! -f "$data/PG_VERSION" ]; then
+        runuser -u postgres -- "$bin/initdb" -D "$data" -A trust -U postgres --no-sync >>"$SRV_LOG" 2>&1
+    fi
+    # fsync stays on: the hub's ack-after-commit promise is what the tests check.
+    setsid runuser -u postgres -- "$bin/postgres" -D "$data" -h 127.0.0.1 -p "$POSTGRES_PORT" \
+        -k "$SRV_DIR" -c max_connections=200 -c shared_buffers=128MB >>"$SRV_LOG" 2>&1 < /dev/null &
+    echo $! > "$SRV_PID"
+}
+srv_ready() { "$(pg_bin)/pg_isready" -q -h 127.0.0.1 -p "$POSTGRES_PORT" -U postgres -d postgres; }
+srv_url() { echo "postgresql://postgres@127.0.0.1:$POSTGRES_PORT/postgres"; }

@@ -1,0 +1,377 @@
+"""The hub's HTTP API (Starlette): /v1 paths, JSON errors, tokens, the SSE stream, the page.
+
+Every failure a client can cause is a JSON error body with a 4xx status (see
+docs/hub-api.md); an unexpected fault is a JSON 500 with no traceback (logged here). Bodies are
+read up to ``max_body`` bytes and refused past it before they are parsed. No request changes
+state before it is authenticated and its tenant checked (in `Hub`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import Any
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from keel import errors
+from keel._log import event as log_event
+from keel.hub._auth import Principal
+from keel.hub._core import Hub
+from keel.hub._events import decode_event
+from keel.hub._openapi import openapi_document
+from keel.hub._sse import StreamCursor
+from keel.hub._ws import websocket_stream
+from keel.hub.stores.base import Claim, Gap, Message, Subscription
+
+log = logging.getLogger("keel.hub.http")
+
+MAX_BODY = 64 * 1024
+
+_STATUS: list[tuple[type[errors.KeelError], int, str]] = [
+    (errors.Unauthorized, 401, "unauthorized"),
+    (errors.Forbidden, 403, "forbidden"),
+    (errors.NotFound, 404, "not_found"),
+    (errors.ClaimExpired, 409, "claim_expired"),
+    (errors.QuotaExceeded, 409, "quota_exceeded"),
+    (errors.Conflict, 409, "conflict"),
+    (errors.PayloadTooLarge, 413, "too_large"),
+    (errors.BadRequest, 400, "bad_request"),
+    (errors.ConfigError, 400, "bad_request"),
+]
+
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    415: "unsupported_media_type",
+}
+
+
+def error_response(status: int, code: str, message: str) -> Response:
+    body = {"error": {"code": code, "message": message, "status": status}}
+    return Response(msgspec.json.encode(body), status, media_type="application/json")
+
+
+def json_response(data: Any, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(data), status, media_type="application/json")
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _guard(func: Handler) -> Handler:
+    @functools.wraps(func)
+    async def run(request: Request) -> Response:
+        try:
+            return await func(request)
+        except errors.KeelError as exc:
+            for cls, status, code in _STATUS:
+                if isinstance(exc, cls):
+                    return error_response(status, code, exc.message)
+            log_event(log, logging.ERROR, "hub.http_error", error=repr(exc))
+            return error_response(503 if exc.retryable else 500, "internal", exc.message)
+
+    return run
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "bad_request")
+    return error_response(exc.status_code, code, str(exc.detail))
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log_event(log, logging.ERROR, "hub.http_unhandled", path=request.url.path, error=repr(exc))
+    return error_response(500, "internal", "internal error; the hub logged it")
+
+
+async def read_json(request: Request, max_body: int = MAX_BODY) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body:
+        raise errors.PayloadTooLarge(
+            f"body of {declared} bytes exceeds {max_body}", size=int(declared), limit=max_body
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body:
+            raise errors.PayloadTooLarge(f"body exceeds {max_body} bytes", limit=max_body)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body.strip():
+        return {}
+    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    if ctype not in ("application/json", "application/cloudevents+json"):
+        raise HTTPException(415, f"send application/json, not {ctype}")
+    try:
+        return msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise errors.BadRequest(f"body is not valid JSON: {exc}") from None
+
+
+def _query_int(request: Request, name: str, default: int | None) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise errors.BadRequest(
+            f"{name} must be an integer, not {raw[:40]!r}", field=name
+        ) from None
+    if value < 0 or value > 2**62:
+        raise errors.BadRequest(f"{name} is out of range", field=name)
+    return value
+
+
+def _seqs(body: Any) -> list[int] | None:
+    if not isinstance(body, dict):
+        raise errors.BadRequest("body must be a JSON object")
+    unknown = set(body) - {"seqs"}
+    if unknown:
+        raise errors.BadRequest(f"unknown field {sorted(unknown)[0]!r}")
+    seqs = body.get("seqs")
+    if seqs is None:
+        return None
+    if (
+        not isinstance(seqs, list)
+        or len(seqs) > 1000
+        or not all(type(s) is int and 0 < s < 2**62 for s in seqs)
+    ):
+        raise errors.BadRequest("seqs must be a list of up to 1000 positive integers", field="seqs")
+    return seqs
+
+
+def _number(body: Any, name: str, default: float, allowed: set[str]) -> float:
+    if not isinstance(body, dict):
+        raise errors.BadRequest("body must be a JSON object")
+    unknown = set(body) - allowed
+    if unknown:
+        raise errors.BadRequest(f"unknown field {sorted(unknown)[0]!r}")
+    value = body.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise errors.BadRequest(f"{name} must be a number", field=name)
+    return float(value)
+
+
+def subscription_view(sub: Subscription) -> dict[str, Any]:
+    return {
+        "id": sub.id,
+        "project": sub.project,
+        "user": sub.user,
+        "filter": sub.spec,
+        "all_projects": sub.all_projects,
+        "retention": msgspec.to_builtins(sub.retention),
+        "max_deliveries": sub.max_deliveries,
+        "created_at": sub.created_at,
+        "last_seq": sub.last_seq,
+        "first_seq": sub.first_seq,
+        "dropped": sub.dropped,
+        "webhook": msgspec.to_builtins(sub.webhook) if sub.webhook else None,
+    }
+
+
+def message_view(m: Message) -> dict[str, Any]:
+    return {
+        "seq": m.seq,
+        "state": m.state,
+        "deliveries": m.deliveries,
+        "enqueued_at": m.enqueued_at,
+        "event": m.event,
+    }
+
+
+def gap_view(gap: Gap | None) -> dict[str, int] | None:
+    if gap is None:
+        return None
+    return {"from": gap.first, "to": gap.last, "count": gap.count}
+
+
+def claim_view(c: Claim) -> dict[str, Any]:
+    return {
+        "claim_id": c.id,
+        "expires_at": c.expires_at,
+        "messages": [message_view(m) for m in c.messages],
+    }
+
+
+class Api:
+    def __init__(self, hub: Hub, *, heartbeat: float = 15.0) -> None:
+        self.hub = hub
+        self.heartbeat = heartbeat
+
+    async def who(self, request: Request, *, query_token: bool = False) -> Principal:
+        token = request.headers.get("x-auth-token")
+        if not token and query_token:
+            token = request.query_params.get("access_token")
+        return await self.hub.authenticate(token)
+
+    async def subscriptions(self, request: Request) -> Response:
+        who = await self.who(request)
+        if request.method == "POST":
+            sub = await self.hub.create_subscription(who, await read_json(request))
+            return json_response(subscription_view(sub), 201)
+        page, nxt = await self.hub.list_subscriptions(
+            who,
+            limit=_query_int(request, "limit", None),
+            marker=request.query_params.get("marker"),
+        )
+        return json_response({"subscriptions": [subscription_view(s) for s in page], "next": nxt})
+
+    async def subscription(self, request: Request) -> Response:
+        who = await self.who(request)
+        sub_id = request.path_params["sub_id"]
+        if request.method == "DELETE":
+            await self.hub.delete_subscription(who, sub_id)
+            return Response(status_code=204)
+        return json_response(subscription_view(await self.hub.subscription(who, sub_id)))
+
+    async def events(self, request: Request) -> Response:
+        who = await self.who(request)
+        after = _query_int(request, "after", 0) or 0
+        gap, messages = await self.hub.read(
+            who,
+            request.path_params["sub_id"],
+            after=after,
+            limit=_query_int(request, "limit", None),
+        )
+        nxt = messages[-1].seq if messages else None
+        return json_response(
+            {"gap": gap_view(gap), "messages": [message_view(m) for m in messages], "next": nxt}
+        )
+
+    async def claims(self, request: Request) -> Response:
+        who = await self.who(request)
+        body = await read_json(request)
+        ttl = _number(body, "ttl", 30, {"ttl", "limit"})
+        limit = _number(body, "limit", 10, {"ttl", "limit"})
+        if limit != int(limit):
+            raise errors.BadRequest("limit must be an integer", field="limit")
+        claim = await self.hub.claim(who, request.path_params["sub_id"], limit=int(limit), ttl=ttl)
+        if claim is None:
+            return Response(status_code=204)
+        return json_response(claim_view(claim), 201)
+
+    async def claim(self, request: Request) -> Response:
+        who = await self.who(request)
+        ttl = _number(await read_json(request), "ttl", 30, {"ttl"})
+        p = request.path_params
+        expires = await self.hub.extend(who, p["sub_id"], p["claim_id"], ttl)
+        return json_response({"claim_id": p["claim_id"], "expires_at": expires})
+
+    async def ack(self, request: Request) -> Response:
+        who = await self.who(request)
+        seqs = _seqs(await read_json(request))
+        p = request.path_params
+        return json_response({"acked": await self.hub.ack(who, p["sub_id"], p["claim_id"], seqs)})
+
+    async def release(self, request: Request) -> Response:
+        who = await self.who(request)
+        await read_json(request)
+        p = request.path_params
+        return json_response({"released": await self.hub.release(who, p["sub_id"], p["claim_id"])})
+
+    async def dead_letters(self, request: Request) -> Response:
+        who = await self.who(request)
+        messages = await self.hub.dead_letters(
+            who,
+            request.path_params["sub_id"],
+            after=_query_int(request, "marker", 0) or 0,
+            limit=_query_int(request, "limit", None),
+        )
+        limit = _query_int(request, "limit", 100)
+        nxt = messages[-1].seq if messages and len(messages) == limit else None
+        return json_response({"messages": [message_view(m) for m in messages], "next": nxt})
+
+    async def redrive(self, request: Request) -> Response:
+        who = await self.who(request)
+        seqs = _seqs(await read_json(request))
+        n = await self.hub.redrive(who, request.path_params["sub_id"], seqs)
+        return json_response({"redriven": n})
+
+    async def post_event(self, request: Request) -> Response:
+        who = await self.who(request)
+        if not who.is_admin:
+            raise errors.Forbidden("only admins may post events")
+        body = await read_json(request)
+        event = decode_event(msgspec.json.encode(body))
+        await self.hub.ingest_as(who, event)
+        return json_response({"id": event.id}, 202)
+
+    async def stream(self, request: Request) -> Response:
+        who = await self.who(request, query_token=True)
+        sub_id = request.path_params["sub_id"]
+        resume = request.headers.get("last-event-id")
+        after: int | None
+        if resume:
+            if not resume.isdigit():
+                raise errors.BadRequest("Last-Event-ID must be a sequence number", field="id")
+            after = int(resume)
+        else:
+            after = _query_int(request, "after", None)
+        # Join the fan-out before reading the position: nothing committed in between is lost.
+        client = self.hub.fanout.join(sub_id)
+        try:
+            sub = await self.hub.subscription(who, sub_id)
+        except BaseException:
+            self.hub.fanout.leave(client)
+            raise
+        stream = StreamCursor(self.hub, sub_id, client, sub.last_seq if after is None else after)
+        return StreamingResponse(
+            stream.frames(catch_up=after is not None),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def openapi(self, request: Request) -> Response:
+        return json_response(openapi_document())
+
+    async def healthz(self, request: Request) -> Response:
+        return json_response({"ok": True})
+
+    async def page(self, request: Request) -> Response:
+        html = resources.files("keel.hub").joinpath("static/index.html").read_bytes()
+        return Response(html, media_type="text/html; charset=utf-8")
+
+
+def create_app(hub: Hub, *, heartbeat: float = 15.0) -> Starlette:
+    hub.fanout.heartbeat = heartbeat
+    api = Api(hub, heartbeat=heartbeat)
+    s = "/v1/subscriptions/{sub_id}"
+    c = s + "/claims/{claim_id}"
+    table: list[tuple[str, Handler, list[str]]] = [
+        ("/", api.page, ["GET"]),
+        ("/healthz", api.healthz, ["GET"]),
+        ("/v1/openapi.json", api.openapi, ["GET"]),
+        ("/v1/events", api.post_event, ["POST"]),
+        ("/v1/subscriptions", api.subscriptions, ["GET", "POST"]),
+        (s, api.subscription, ["GET", "DELETE"]),
+        (s + "/events", api.events, ["GET"]),
+        (s + "/stream", api.stream, ["GET"]),
+        (s + "/claims", api.claims, ["POST"]),
+        (c, api.claim, ["PATCH"]),
+        (c + "/ack", api.ack, ["POST"]),
+        (c + "/release", api.release, ["POST"]),
+        (s + "/dead-letters", api.dead_letters, ["GET"]),
+        (s + "/dead-letters/redrive", api.redrive, ["POST"]),
+    ]
+    routes: list[BaseRoute] = [Route(path, _guard(h), methods=m) for path, h, m in table]
+
+    async def ws(websocket: WebSocket) -> None:
+        await websocket_stream(websocket, hub)
+
+    routes.append(WebSocketRoute(s + "/ws", ws))
+    return Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+    )

@@ -1,0 +1,399 @@
+"""The hub's core: tenancy, filters, quotas, group-commit ingest and wake-ups, over one Store.
+
+Ingest: `ingest` returns only after the event is committed to every matching subscription's
+queue (or raises, and then nothing of it is committed). Concurrent ingests are committed
+together in one store transaction (group commit); each caller still waits for its own.
+Routing uses the subscriptions known when the batch is committed: a subscription created
+after that sees only later events.
+
+Tenancy: a principal sees only its own project's subscriptions; anything else is `NotFound`,
+worded exactly as a subscription that does not exist. A subscription receives only events of
+its project, unless an admin created it with ``all_projects`` (then every event, including
+those with no tenant).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgspec
+
+from keel._log import event as log_event
+from keel.errors import BadRequest, Conflict, Forbidden, NotFound, QuotaExceeded, Unauthorized
+from keel.hub._auth import Authenticator, Principal
+from keel.hub._events import CloudEvent, encode_event
+from keel.hub._fanout import Fanout
+from keel.hub._filters import Predicate, compile_filter
+from keel.hub._webhooks import DEFAULT_BACKOFF, Dispatcher, check_target, new_secret
+from keel.hub.stores.base import (
+    Claim,
+    Gap,
+    Message,
+    Retention,
+    Routed,
+    Store,
+    Subscription,
+    Webhook,
+)
+from keel.wire import new_id
+
+log = logging.getLogger("keel.hub")
+
+MAX_LIMIT = 1000
+
+
+class WebhookSpec(msgspec.Struct, forbid_unknown_fields=True):
+    url: str
+
+
+class SubscriptionSpec(msgspec.Struct, forbid_unknown_fields=True):
+    """The body of ``POST /v1/subscriptions``."""
+
+    types: list[str] | None = None
+    source: str | None = None
+    subject: str | None = None
+    priority: list[str] | str | None = None
+    filters: list[Any] | None = None
+    all_projects: bool = False
+    retention: Retention = Retention()
+    max_deliveries: int = 5
+    webhook: WebhookSpec | None = None
+
+
+_FILTER_FIELDS = ("types", "source", "subject", "priority", "filters")
+
+
+def parse_spec(raw: Any) -> SubscriptionSpec:
+    try:
+        spec = msgspec.convert(raw, SubscriptionSpec)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"bad subscription: {exc}") from None
+    if not 1 <= spec.max_deliveries <= 100:
+        raise BadRequest("max_deliveries must be 1..100", field="max_deliveries")
+    r = spec.retention
+    if r.max_messages is not None and not 1 <= r.max_messages <= 1_000_000:
+        raise BadRequest("retention.max_messages must be 1..1000000", field="retention")
+    if r.max_age_s is not None and not 1 <= r.max_age_s <= 30 * 86400:
+        raise BadRequest("retention.max_age_s must be 1..2592000", field="retention")
+    compile_filter(filter_fields(spec))  # raises InvalidFilter
+    return spec
+
+
+def filter_fields(spec: SubscriptionSpec) -> dict[str, Any]:
+    return {k: getattr(spec, k) for k in _FILTER_FIELDS if getattr(spec, k) is not None}
+
+
+def check_limit(limit: int | None, default: int = 100) -> int:
+    if limit is None:
+        return default
+    if not 1 <= limit <= MAX_LIMIT:
+        raise BadRequest(f"limit must be 1..{MAX_LIMIT}", field="limit")
+    return limit
+
+
+class _Route:
+    __slots__ = ("all_projects", "id", "predicate", "project")
+
+    def __init__(self, sub: Subscription) -> None:
+        self.id = sub.id
+        self.project = sub.project
+        self.all_projects = sub.all_projects
+        self.predicate: Predicate = compile_filter(sub.spec)
+
+
+class Hub:
+    def __init__(
+        self,
+        store: Store,
+        auth: Authenticator,
+        *,
+        quota_subscriptions: int = 100,
+        batch_max: int = 512,
+        retention_interval: float = 30.0,
+        clock: Callable[[], float] = time.time,
+        allow_private_webhooks: bool = False,
+        webhook_backoff: Sequence[float] = DEFAULT_BACKOFF,
+        webhook_timeout: float = 10.0,
+        webhook_idle_check: float = 0.5,
+    ) -> None:
+        self.store = store
+        self.auth = auth
+        self.quota_subscriptions = quota_subscriptions
+        self.batch_max = batch_max
+        self.retention_interval = retention_interval
+        self.clock = clock
+        self.fanout = Fanout()
+        self.allow_private_webhooks = allow_private_webhooks
+        self.webhooks = Dispatcher(
+            store,
+            backoff=webhook_backoff,
+            timeout=webhook_timeout,
+            allow_private=allow_private_webhooks,
+            idle_check=webhook_idle_check,
+        )
+        self._routes: dict[str, _Route] = {}
+        self._by_tenant: dict[str | None, list[_Route]] | None = None  # rebuilt on change
+        self._pending: asyncio.Queue[tuple[CloudEvent, asyncio.Future[None]]] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._reloads: set[asyncio.Task[None]] = set()
+        self.ingested = 0
+
+    async def start(self) -> None:
+        marker: str | None = None
+        while True:
+            page = await self.store.list_subscriptions(None, limit=MAX_LIMIT, marker=marker)
+            for sub in page:
+                self._routes[sub.id] = _Route(sub)
+                self._by_tenant = None
+                self.webhooks.add(sub)
+            if len(page) < MAX_LIMIT:
+                break
+            marker = page[-1].id
+        await self.store.watch(self._on_store_change)
+        self._tasks = [
+            asyncio.create_task(self._batcher(), name="keel-hub-ingest"),
+            asyncio.create_task(self._retention(), name="keel-hub-retention"),
+        ]
+
+    async def stop(self) -> None:
+        await self.store.unwatch(self._on_store_change)
+        for task in self._reloads:
+            task.cancel()
+        self.fanout.close_all()
+        await self.webhooks.stop()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        while not self._pending.empty():
+            _, fut = self._pending.get_nowait()
+            if not fut.done():
+                fut.set_exception(ConnectionError("hub stopped before the event was committed"))
+
+    def _on_store_change(self, kind: str, sub_id: str) -> None:
+        """Another hub process changed the shared store."""
+        if kind == "append":
+            self.fanout.nudge(sub_id)
+            self.webhooks.wake(sub_id)
+        elif kind == "subscription":
+            task = asyncio.get_running_loop().create_task(self._reload(sub_id))
+            self._reloads.add(task)
+            task.add_done_callback(self._reloads.discard)
+
+    async def _reload(self, sub_id: str) -> None:
+        try:
+            sub = await self.store.get_subscription(sub_id)
+        except NotFound:
+            self._routes.pop(sub_id, None)
+            self.webhooks.remove(sub_id)
+            self.fanout.close_subscription(sub_id)
+        else:
+            self._routes[sub_id] = _Route(sub)
+            self.webhooks.add(sub)
+        self._by_tenant = None
+
+    async def authenticate(self, token: str | None) -> Principal:
+        if not token:
+            raise Unauthorized("missing X-Auth-Token header")
+        return await self.auth.authenticate(token)
+
+    # --- ingest ---------------------------------------------------------------------------
+
+    async def ingest(self, event: CloudEvent) -> None:
+        """Return once ``event`` is committed to every matching queue."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await self._pending.put((event, fut))
+        await fut
+
+    def route(self, event: CloudEvent) -> tuple[str, ...]:
+        """The subscriptions that get ``event``: its tenant's and the cross-project ones."""
+        if self._by_tenant is None:
+            index: dict[str | None, list[_Route]] = {}
+            for r in self._routes.values():
+                index.setdefault(None if r.all_projects else r.project, []).append(r)
+            self._by_tenant = index
+        attrs = event.attributes()
+        out = [r.id for r in self._by_tenant.get(None, ()) if r.predicate(attrs)]
+        if event.tenant is not None:
+            out += [r.id for r in self._by_tenant.get(event.tenant, ()) if r.predicate(attrs)]
+        return tuple(out)
+
+    async def _batcher(self) -> None:
+        # Two batches in flight: the next one is routed and encoded while the store commits
+        # the previous (the store's own ordering keeps sequence numbers in batch order).
+        slots = asyncio.Semaphore(2)
+        commits: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                batch = [await self._pending.get()]
+                while len(batch) < self.batch_max and not self._pending.empty():
+                    batch.append(self._pending.get_nowait())
+                routed = [Routed(e.id, encode_event(e), self.route(e)) for e, _ in batch]
+                await slots.acquire()
+                task = asyncio.create_task(self._commit(batch, routed))
+                commits.add(task)
+                task.add_done_callback(commits.discard)
+                task.add_done_callback(lambda _: slots.release())
+        finally:
+            for task in list(commits):
+                task.cancel()
+            if commits:
+                await asyncio.wait(commits)
+
+    async def _commit(
+        self, batch: list[tuple[CloudEvent, asyncio.Future[None]]], routed: list[Routed]
+    ) -> None:
+        try:
+            appended = await self.store.append(routed, now=self.clock())
+        except asyncio.CancelledError:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(ConnectionError("hub stopped during the commit"))
+            raise
+        except Exception as exc:
+            log_event(log, logging.ERROR, "hub.ingest_failed", error=repr(exc))
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        self.ingested += len(batch)
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_result(None)
+        self.fanout.publish(appended)
+        for sub_id in {a.subscription for a in appended}:
+            self.webhooks.wake(sub_id)
+
+    async def _retention(self) -> None:
+        while True:
+            await asyncio.sleep(self.retention_interval)
+            try:
+                await self.store.enforce_retention(now=self.clock())
+            except Exception as exc:
+                log_event(log, logging.ERROR, "hub.retention_failed", error=repr(exc))
+
+    # --- subscriptions --------------------------------------------------------------------
+
+    async def create_subscription(self, who: Principal, raw: Any) -> Subscription:
+        spec = parse_spec(raw)
+        if spec.all_projects and not who.is_admin:
+            raise Forbidden("only admins may create all_projects subscriptions")
+        if await self.store.count_subscriptions(who.project) >= self.quota_subscriptions:
+            raise QuotaExceeded(
+                f"project {who.project} has {self.quota_subscriptions} subscriptions, its quota;"
+                " delete one first",
+                limit=self.quota_subscriptions,
+            )
+        webhook = None
+        if spec.webhook is not None:
+            await check_target(spec.webhook.url, allow_private=self.allow_private_webhooks)
+            webhook = Webhook(spec.webhook.url, new_secret())
+        sub = Subscription(
+            id="sub-" + new_id(),
+            webhook=webhook,
+            project=who.project,
+            user=who.user,
+            spec=filter_fields(spec),
+            all_projects=spec.all_projects,
+            retention=spec.retention,
+            max_deliveries=spec.max_deliveries,
+            created_at=self.clock(),
+        )
+        await self.store.create_subscription(sub)
+        self._routes[sub.id] = _Route(sub)
+        self._by_tenant = None
+        self.webhooks.add(sub)
+        return sub
+
+    async def subscription(self, who: Principal, sub_id: str) -> Subscription:
+        try:
+            sub = await self.store.get_subscription(sub_id)
+        except NotFound:
+            sub = None
+        if sub is None or sub.project != who.project:
+            raise NotFound(f"no subscription {sub_id!r} in your project", subscription=sub_id)
+        return sub
+
+    async def list_subscriptions(
+        self, who: Principal, *, limit: int | None, marker: str | None
+    ) -> tuple[list[Subscription], str | None]:
+        n = check_limit(limit)
+        page = await self.store.list_subscriptions(who.project, limit=n, marker=marker)
+        return page, (page[-1].id if len(page) == n else None)
+
+    async def delete_subscription(self, who: Principal, sub_id: str) -> None:
+        await self.subscription(who, sub_id)
+        self._routes.pop(sub_id, None)
+        self._by_tenant = None
+        self.webhooks.remove(sub_id)
+        await self.store.delete_subscription(sub_id)
+        self.fanout.close_subscription(sub_id)
+
+    # --- queues ---------------------------------------------------------------------------
+
+    async def read(
+        self, who: Principal, sub_id: str, *, after: int, limit: int | None
+    ) -> tuple[Gap | None, list[Message]]:
+        await self.subscription(who, sub_id)
+        if after < 0:
+            raise BadRequest("after must be >= 0", field="after")
+        return await self.store.read(sub_id, after=after, limit=check_limit(limit))
+
+    async def claim(self, who: Principal, sub_id: str, *, limit: int, ttl: float) -> Claim | None:
+        sub = await self.subscription(who, sub_id)
+        if sub.webhook is not None:
+            raise Conflict("this subscription is delivered by its webhook; it cannot be claimed")
+        if not 1 <= limit <= 100:
+            raise BadRequest("limit must be 1..100", field="limit")
+        _check_ttl(ttl)
+        return await self.store.claim(
+            sub_id, limit=limit, ttl=ttl, now=self.clock(), max_deliveries=sub.max_deliveries
+        )
+
+    async def ack(
+        self, who: Principal, sub_id: str, claim_id: str, seqs: Sequence[int] | None
+    ) -> int:
+        await self.subscription(who, sub_id)
+        return await self.store.ack(sub_id, claim_id, seqs, now=self.clock())
+
+    async def release(self, who: Principal, sub_id: str, claim_id: str) -> int:
+        await self.subscription(who, sub_id)
+        return await self.store.release(sub_id, claim_id, now=self.clock())
+
+    async def extend(self, who: Principal, sub_id: str, claim_id: str, ttl: float) -> float:
+        await self.subscription(who, sub_id)
+        _check_ttl(ttl)
+        return await self.store.extend(sub_id, claim_id, ttl=ttl, now=self.clock())
+
+    async def ack_upto(self, who: Principal, sub_id: str, seq: int) -> int:
+        await self.subscription(who, sub_id)
+        if seq < 0:
+            raise BadRequest("seq must be >= 0", field="seq")
+        return await self.store.ack_upto(sub_id, seq)
+
+    async def dead_letters(
+        self, who: Principal, sub_id: str, *, after: int, limit: int | None
+    ) -> list[Message]:
+        await self.subscription(who, sub_id)
+        return await self.store.dead_letters(sub_id, after=after, limit=check_limit(limit))
+
+    async def redrive(self, who: Principal, sub_id: str, seqs: Sequence[int] | None) -> int:
+        await self.subscription(who, sub_id)
+        return await self.store.redrive(sub_id, seqs)
+
+    async def ingest_as(self, who: Principal, event: CloudEvent) -> None:
+        if not who.is_admin:
+            raise Forbidden("only admins may post events")
+        await self.ingest(event)
+
+
+def _check_ttl(ttl: float) -> None:
+    if not 1 <= ttl <= 43200:
+        raise BadRequest("ttl must be 1..43200 seconds", field="ttl")

@@ -1,0 +1,116 @@
+"""CloudEvents 1.0 (JSON format) from Keel notifications; pure functions, no I/O.
+
+The event id is the notification's message id, so a notification the bus redelivers becomes
+the same event and the store recognises it. The tenant is the context's project, else the
+payload's ``project_id``/``tenant_id`` (or a versioned payload's ``nova_object.data``); an
+event without one carries no ``tenant`` and reaches only admins' cross-project subscriptions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from keel.errors import BadRequest
+from keel.wire import RequestContext, new_id
+
+_SUBJECT_KEYS = ("instance_id", "resource_id", "uuid", "id")
+_TENANT_KEYS = ("project_id", "tenant_id")
+_REQUIRED = ("id", "source", "type")
+_STRING_ATTRIBUTES = ("id", "source", "type", "subject", "time", "priority", "tenant")
+
+
+class CloudEvent(msgspec.Struct, omit_defaults=True):
+    """One event as the hub stores and sends it (CloudEvents 1.0, JSON format)."""
+
+    id: str
+    source: str
+    type: str
+    specversion: str = "1.0"
+    subject: str | None = None
+    time: str | None = None
+    datacontenttype: str | None = "application/json"
+    data: Any = None
+    priority: str | None = None
+    tenant: str | None = None
+
+    def attributes(self) -> dict[str, str]:
+        """The string attributes filters look at (absent ones are missing, not empty)."""
+        out = {}
+        for name in _STRING_ATTRIBUTES:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(CloudEvent)
+
+
+def encode_event(event: CloudEvent) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode_event(body: bytes) -> CloudEvent:
+    """A CloudEvent from JSON; anything else is `BadRequest` naming what is wrong."""
+    try:
+        event = _decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"not a CloudEvent: {exc}", field="event") from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"body is not JSON: {exc}", field="event") from None
+    if event.specversion != "1.0":
+        raise BadRequest("specversion must be '1.0'", field="specversion")
+    for name in _REQUIRED:
+        value = getattr(event, name)
+        if not value or len(value) > 512:
+            raise BadRequest(f"{name} must be 1 to 512 characters", field=name)
+    return event
+
+
+def _nova_data(payload: Any) -> Mapping[str, Any]:
+    if isinstance(payload, Mapping):
+        obj = payload.get("nova_object.data")
+        if isinstance(obj, Mapping):
+            return obj
+    return {}
+
+
+def _first_string(sources: list[Mapping[str, Any]], keys: tuple[str, ...]) -> str | None:
+    for source in sources:
+        for key in keys:
+            value = source.get(key)
+            if isinstance(value, str) and value:
+                return value
+    return None
+
+
+def from_notification(
+    ctx: RequestContext | None,
+    publisher_id: str,
+    event_type: str,
+    payload: Any,
+    metadata: Mapping[str, Any],
+) -> CloudEvent:
+    """The CloudEvent for a notification as a NotificationListener endpoint receives it."""
+    sources: list[Mapping[str, Any]] = []
+    if isinstance(payload, Mapping):
+        sources.append(payload)
+    nova = _nova_data(payload)
+    if nova:
+        sources.append(nova)
+    tenant = (ctx.project if ctx is not None else None) or _first_string(sources, _TENANT_KEYS)
+    return CloudEvent(
+        id=str(metadata.get("message_id") or new_id()),
+        source=publisher_id or "unknown",
+        type=event_type,
+        subject=_first_string(sources, _SUBJECT_KEYS),
+        time=str(metadata.get("timestamp") or datetime.now(UTC).isoformat()),
+        data=payload,
+        priority=str(metadata["priority"]) if metadata.get("priority") else None,
+        tenant=tenant,
+    )

@@ -1,0 +1,114 @@
+"""In-process fan-out of committed messages to live stream clients (SSE and WebSocket).
+
+Each message is encoded once per subscription and the same bytes go to every client of it.
+Every client has a bounded queue; a client whose queue is full is marked ``lagging`` and gets
+nothing more from here until it has caught up from the store, so a slow client costs a flag,
+never memory. Nothing here is durable: the store is the truth, this is only the wake-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Sequence
+
+from keel.hub.stores.base import Appended
+
+
+def sse_frame(seq: int, body: bytes) -> bytes:
+    return b"id: %d\nevent: cloudevent\ndata: %s\n\n" % (seq, body)
+
+
+def ws_frame(seq: int, body: bytes) -> bytes:
+    return b'{"type":"event","seq":%d,"event":%s}' % (seq, body)
+
+
+# What a client's queue holds: (seq, SSE frame, WebSocket frame), both built once per message.
+Item = tuple[int, bytes, bytes]
+
+
+class StreamClient:
+    def __init__(self, subscription: str, maxsize: int) -> None:
+        self.subscription = subscription
+        self.queue: asyncio.Queue[Item] = asyncio.Queue(maxsize)
+        self.lagging = False
+        self.closed = asyncio.Event()
+
+
+HEARTBEAT_ITEM: Item = (-2, b"", b"")
+WAKE_ITEM: Item = (-1, b"", b"")
+
+
+class Fanout:
+    """Also the one heartbeat clock: every ``heartbeat`` seconds an idle client gets a
+    heartbeat item, so a waiting client needs no timer of its own (one per wake-up was a
+    large share of the fan-out's cost)."""
+
+    def __init__(self, client_queue: int = 256, heartbeat: float = 15.0) -> None:
+        self.client_queue = client_queue
+        self.heartbeat = heartbeat
+        self._clients: dict[str, set[StreamClient]] = defaultdict(set)
+        self._beat: asyncio.Task[None] | None = None
+        self.lagged = 0
+
+    def join(self, subscription: str) -> StreamClient:
+        client = StreamClient(subscription, self.client_queue)
+        self._clients[subscription].add(client)
+        if self._beat is None or self._beat.done():
+            self._beat = asyncio.get_running_loop().create_task(self._beats())
+        return client
+
+    async def _beats(self) -> None:
+        while self._clients:
+            await asyncio.sleep(self.heartbeat)
+            for clients in list(self._clients.values()):
+                for client in clients:
+                    if client.queue.empty():
+                        client.queue.put_nowait(HEARTBEAT_ITEM)
+
+    def leave(self, client: StreamClient) -> None:
+        clients = self._clients.get(client.subscription)
+        if clients is not None:
+            clients.discard(client)
+            if not clients:
+                del self._clients[client.subscription]
+
+    def publish(self, appended: Sequence[Appended]) -> None:
+        for item in appended:
+            clients = self._clients.get(item.subscription)
+            if not clients:
+                continue
+            frame = (item.seq, sse_frame(item.seq, item.body), ws_frame(item.seq, item.body))
+            for client in clients:
+                if client.lagging:
+                    continue
+                try:
+                    client.queue.put_nowait(frame)
+                except asyncio.QueueFull:
+                    client.lagging = True
+                    self.lagged += 1
+
+    def nudge(self, subscription: str) -> None:
+        """Another process appended: every client of it catches up from the store."""
+        for client in self._clients.get(subscription, ()):
+            client.lagging = True
+            if not client.queue.full():
+                client.queue.put_nowait(WAKE_ITEM)
+
+    def close_subscription(self, subscription: str) -> None:
+        for client in self._clients.pop(subscription, set()):
+            client.closed.set()
+            # A sentinel wakes a client waiting on an empty queue; a full one is not waiting.
+            if not client.queue.full():
+                client.queue.put_nowait(WAKE_ITEM)
+
+    def close_all(self) -> None:
+        for subscription in list(self._clients):
+            self.close_subscription(subscription)
+        if self._beat is not None:
+            self._beat.cancel()
+            self._beat = None
+
+    @property
+    def client_count(self) -> int:
+        return sum(len(c) for c in self._clients.values())

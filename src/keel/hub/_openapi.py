@@ -1,0 +1,323 @@
+"""The OpenAPI 3.1 document of the hub's /v1 API, written by hand beside the routes in _app.
+
+Pure data. A test checks every route of the app appears here and the other way round, so the
+two cannot drift silently.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message", "status"],
+            "properties": {
+                "code": {"type": "string"},
+                "message": {"type": "string"},
+                "status": {"type": "integer"},
+            },
+        }
+    },
+}
+
+_FILTER: dict[str, Any] = {
+    "type": "object",
+    "description": "A CloudEvents Subscriptions API filter: exactly one dialect key.",
+    "minProperties": 1,
+    "maxProperties": 1,
+    "properties": {
+        "exact": {"type": "object", "additionalProperties": {"type": "string"}},
+        "prefix": {"type": "object", "additionalProperties": {"type": "string"}},
+        "suffix": {"type": "object", "additionalProperties": {"type": "string"}},
+        "all": {"type": "array", "items": {"$ref": "#/components/schemas/Filter"}},
+        "any": {"type": "array", "items": {"$ref": "#/components/schemas/Filter"}},
+        "not": {"$ref": "#/components/schemas/Filter"},
+    },
+    "additionalProperties": False,
+}
+
+_SPEC = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "types": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        "source": {"type": "string"},
+        "subject": {"type": "string"},
+        "priority": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+        "filters": {"type": "array", "items": {"$ref": "#/components/schemas/Filter"}},
+        "all_projects": {"type": "boolean"},
+        "retention": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "max_age_s": {"type": ["number", "null"], "minimum": 1, "maximum": 2592000},
+                "max_messages": {"type": ["integer", "null"], "minimum": 1, "maximum": 1000000},
+            },
+        },
+        "max_deliveries": {"type": "integer", "minimum": 1, "maximum": 100},
+        "webhook": {
+            "type": "object",
+            "required": ["url"],
+            "additionalProperties": False,
+            "properties": {"url": {"type": "string", "format": "uri"}},
+        },
+    },
+}
+
+_SUBSCRIPTION = {
+    "type": "object",
+    "required": ["id", "project", "filter", "last_seq", "first_seq", "dropped"],
+    "properties": {
+        "id": {"type": "string"},
+        "project": {"type": "string"},
+        "user": {"type": "string"},
+        "filter": {"type": "object"},
+        "all_projects": {"type": "boolean"},
+        "retention": {"type": "object"},
+        "max_deliveries": {"type": "integer"},
+        "created_at": {"type": "number"},
+        "last_seq": {"type": "integer"},
+        "first_seq": {"type": "integer"},
+        "dropped": {"type": "integer"},
+        "webhook": {"type": ["object", "null"]},
+    },
+}
+
+_MESSAGE = {
+    "type": "object",
+    "required": ["seq", "state", "deliveries", "event"],
+    "properties": {
+        "seq": {"type": "integer"},
+        "state": {"type": "string", "enum": ["ready", "acked", "dead"]},
+        "deliveries": {"type": "integer"},
+        "enqueued_at": {"type": "number"},
+        "event": {"type": "object"},
+    },
+}
+
+_GAP = {
+    "type": ["object", "null"],
+    "properties": {
+        "from": {"type": "integer"},
+        "to": {"type": "integer"},
+        "count": {"type": "integer"},
+    },
+}
+
+_SEQS = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "seqs": {"type": "array", "items": {"type": "integer", "minimum": 1}, "maxItems": 1000}
+    },
+}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _body(schema: dict[str, Any], required: bool = True) -> dict[str, Any]:
+    return {"required": required, "content": {"application/json": {"schema": schema}}}
+
+
+_ERRORS = {
+    str(code): _json(_ref("Error"), text)
+    for code, text in [
+        (400, "Bad input"),
+        (401, "Missing or unknown token"),
+        (404, "Unknown id, or another project's"),
+        (413, "Body too large"),
+    ]
+}
+
+_SUB_ID = {"name": "sub_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_CLAIM_ID = {"name": "claim_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_LIMIT = {
+    "name": "limit",
+    "in": "query",
+    "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+}
+
+
+def _op(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"summary": summary, "responses": {**responses, **_ERRORS}, **extra}
+
+
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    claim = {
+        "type": "object",
+        "properties": {
+            "claim_id": {"type": "string"},
+            "expires_at": {"type": "number"},
+            "messages": {"type": "array", "items": _ref("Message")},
+        },
+    }
+    conflict = {"409": _json(_ref("Error"), "Claim expired")}
+    paths: dict[str, Any] = {
+        "/v1/subscriptions": {
+            "get": _op(
+                "List your project's subscriptions",
+                {"200": _json({"type": "object"})},
+                parameters=[
+                    _LIMIT,
+                    {"name": "marker", "in": "query", "schema": {"type": "string"}},
+                ],
+            ),
+            "post": _op(
+                "Create a subscription",
+                {"201": _json(_ref("Subscription"), "Created"), "403": _json(_ref("Error"))},
+                requestBody=_body(_ref("SubscriptionSpec")),
+            ),
+        },
+        "/v1/subscriptions/{sub_id}": {
+            "parameters": [_SUB_ID],
+            "get": _op("Show a subscription", {"200": _json(_ref("Subscription"))}),
+            "delete": _op("Delete a subscription", {"204": {"description": "Deleted"}}),
+        },
+        "/v1/subscriptions/{sub_id}/events": {
+            "parameters": [_SUB_ID],
+            "get": _op(
+                "Replay the queue after a sequence number",
+                {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "gap": _GAP,
+                                "messages": {"type": "array", "items": _ref("Message")},
+                                "next": {"type": ["integer", "null"]},
+                            },
+                        }
+                    )
+                },
+                parameters=[
+                    {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                    _LIMIT,
+                ],
+            ),
+        },
+        "/v1/subscriptions/{sub_id}/stream": {
+            "parameters": [_SUB_ID],
+            "get": _op(
+                "Server-Sent Events from the queue (Last-Event-ID resumes)",
+                {"200": {"description": "text/event-stream"}},
+                parameters=[
+                    {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                    {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}},
+                    {"name": "access_token", "in": "query", "schema": {"type": "string"}},
+                ],
+            ),
+        },
+        "/v1/subscriptions/{sub_id}/ws": {
+            "parameters": [_SUB_ID],
+            "get": _op(
+                "WebSocket stream with acks over the socket (upgrade)",
+                {"101": {"description": "Switching protocols"}},
+                parameters=[
+                    {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                    {"name": "access_token", "in": "query", "schema": {"type": "string"}},
+                ],
+            ),
+        },
+        "/v1/subscriptions/{sub_id}/claims": {
+            "parameters": [_SUB_ID],
+            "post": _op(
+                "Claim up to limit ready messages for ttl seconds",
+                {"201": _json(claim, "Claimed"), "204": {"description": "Nothing to claim"}},
+                requestBody=_body(
+                    {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "limit": {"type": "integer", "minimum": 1, "maximum": 100},
+                            "ttl": {"type": "number", "minimum": 1, "maximum": 43200},
+                        },
+                    },
+                    required=False,
+                ),
+            ),
+        },
+        "/v1/subscriptions/{sub_id}/claims/{claim_id}": {
+            "parameters": [_SUB_ID, _CLAIM_ID],
+            "patch": _op(
+                "Extend a claim",
+                {"200": _json({"type": "object"}), **conflict},
+                requestBody=_body(
+                    {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {"ttl": {"type": "number", "minimum": 1, "maximum": 43200}},
+                    },
+                    required=False,
+                ),
+            ),
+        },
+        "/v1/subscriptions/{sub_id}/claims/{claim_id}/ack": {
+            "parameters": [_SUB_ID, _CLAIM_ID],
+            "post": _op(
+                "Ack a claim's messages",
+                {"200": _json({"type": "object"}), **conflict},
+                requestBody=_body(_SEQS, required=False),
+            ),
+        },
+        "/v1/subscriptions/{sub_id}/claims/{claim_id}/release": {
+            "parameters": [_SUB_ID, _CLAIM_ID],
+            "post": _op("Release a claim", {"200": _json({"type": "object"}), **conflict}),
+        },
+        "/v1/subscriptions/{sub_id}/dead-letters": {
+            "parameters": [_SUB_ID],
+            "get": _op(
+                "List dead letters",
+                {"200": _json({"type": "object"})},
+                parameters=[
+                    _LIMIT,
+                    {"name": "marker", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                ],
+            ),
+        },
+        "/v1/subscriptions/{sub_id}/dead-letters/redrive": {
+            "parameters": [_SUB_ID],
+            "post": _op(
+                "Make dead letters ready again",
+                {"200": _json({"type": "object"})},
+                requestBody=_body(_SEQS, required=False),
+            ),
+        },
+        "/v1/events": {
+            "post": _op(
+                "Ingest one CloudEvent (admins)",
+                {"202": _json({"type": "object"}, "Committed"), "403": _json(_ref("Error"))},
+                requestBody=_body({"type": "object", "required": ["id", "source", "type"]}),
+            ),
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Keel hub", "version": "1"},
+        "servers": [{"url": "/"}],
+        "security": [{"token": []}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {
+                "token": {"type": "apiKey", "in": "header", "name": "X-Auth-Token"}
+            },
+            "schemas": {
+                "Error": _ERROR,
+                "Filter": _FILTER,
+                "SubscriptionSpec": _SPEC,
+                "Subscription": _SUBSCRIPTION,
+                "Message": _MESSAGE,
+            },
+        },
+    }

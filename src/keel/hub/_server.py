@@ -1,0 +1,90 @@
+"""Run the hub's HTTP app with uvicorn inside the caller's event loop.
+
+`HubServer.start` returns once the socket is bound and serving (port 0 picks a free port);
+`stop` ends every stream first (so no client waits out a heartbeat), then lets in-flight
+requests finish for up to ``grace`` seconds. Signals are the caller's business: the server
+installs no signal handlers, so `keel up` and tests decide what Ctrl-C means.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Iterator
+
+import uvicorn
+
+from keel.hub._app import create_app
+from keel.hub._core import Hub
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class HubServer:
+    def __init__(
+        self,
+        hub: Hub,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        heartbeat: float = 15.0,
+        grace: float = 2.0,
+    ) -> None:
+        self.hub = hub
+        self.host = host
+        self._port = port
+        self.heartbeat = heartbeat
+        self.grace = grace
+        self._server: _Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._sock: socket.socket | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._sock is not None, "start() first"
+        return int(self._sock.getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self._port))
+        self._sock = sock
+        config = uvicorn.Config(
+            create_app(self.hub, heartbeat=self.heartbeat),
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=int(max(1, self.grace)),
+        )
+        self._server = _Server(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
+        while not self._server.started:
+            if self._task.done():
+                await self._task
+                raise RuntimeError("the hub's HTTP server stopped while starting")
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        self.hub.fanout.close_all()
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            await self._task
+        if self._sock is not None:
+            self._sock.close()
+        self._server = self._task = None
+
+    async def __aenter__(self) -> HubServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

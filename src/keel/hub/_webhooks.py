@@ -1,0 +1,227 @@
+"""Webhooks: push a subscription's queue to a URL, signed as Standard Webhooks says.
+
+Signing: ``webhook-id`` (stable across retries of one message), ``webhook-timestamp`` (Unix
+seconds of the attempt) and ``webhook-signature: v1,<base64 HMAC-SHA256 of
+"id.timestamp.body">`` keyed by the subscription's ``whsec_`` secret.
+
+Delivery: in order, one message at a time per subscription, at least once. A webhook is a
+consumer of the subscription's queue through head-only claims, so its retry state (delivery
+count, next attempt time) lives in the store and survives a hub restart: after a failed
+attempt the claim is extended to the next backoff time; after ``max_deliveries`` failed
+attempts the message goes to the dead letters and the next one is tried. A receiver that
+answered 2xx after the claim expired may get the message again (at least once; the
+``webhook-id`` lets it deduplicate).
+
+Targets in loopback, link-local, private and other non-global ranges are refused at
+creation and re-checked before every attempt (the name may resolve elsewhere later), unless
+the operator allows them. The re-check and the connection resolve separately, so a name that
+changes its answer between the two is not caught: operators who need that closed put an
+egress proxy in front.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import ipaddress
+import logging
+import secrets
+import socket
+import time
+from collections.abc import Sequence
+from urllib.parse import urlsplit
+
+import httpx
+
+from keel._log import event as log_event
+from keel.errors import KeelError, UnsafeWebhookTarget
+from keel.hub.stores.base import Message, Store, Subscription
+
+log = logging.getLogger("keel.hub.webhooks")
+
+DEFAULT_BACKOFF = (5.0, 30.0, 120.0, 600.0, 1800.0, 7200.0)
+
+
+def new_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+
+
+def verify(secret: str, headers: dict[str, str], body: bytes, *, tolerance: float = 300) -> bool:
+    """What a receiver does (used by tests; a receiver may use any Standard Webhooks library)."""
+    try:
+        msg_id, ts = headers["webhook-id"], int(headers["webhook-timestamp"])
+    except (KeyError, ValueError):
+        return False
+    if abs(time.time() - ts) > tolerance:
+        return False
+    want = sign(secret, msg_id, ts, body)
+    return any(hmac.compare_digest(want, s) for s in headers.get("webhook-signature", "").split())
+
+
+def check_url(url: str) -> tuple[str, int]:
+    """Host and port of an http(s) URL; `UnsafeWebhookTarget` for anything else."""
+    if len(url) > 2048:
+        raise UnsafeWebhookTarget("webhook url is longer than 2048 characters", field="webhook")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UnsafeWebhookTarget("webhook url must be http:// or https:// with a host")
+    if parts.username or parts.password:
+        raise UnsafeWebhookTarget("webhook url must not carry credentials")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise UnsafeWebhookTarget("webhook url has a bad port") from None
+    return parts.hostname, port
+
+
+async def check_target(url: str, *, allow_private: bool) -> None:
+    host, port = check_url(url)
+    if allow_private:
+        return
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise UnsafeWebhookTarget(f"webhook host {host!r} does not resolve: {exc}") from None
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0])
+        if not address.is_global:
+            raise UnsafeWebhookTarget(
+                f"webhook host {host!r} resolves to {address}, which is not a public address "
+                "(loopback, link-local and private ranges are refused unless the operator "
+                "allows them)"
+            )
+
+
+class Dispatcher:
+    """One delivery task per webhook subscription, woken by new messages."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        backoff: Sequence[float] = DEFAULT_BACKOFF,
+        timeout: float = 10.0,
+        allow_private: bool = False,
+        idle_check: float = 0.5,
+    ) -> None:
+        self.store = store
+        self.backoff = tuple(backoff)
+        self.timeout = timeout
+        self.allow_private = allow_private
+        self.idle_check = idle_check
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._wakes: dict[str, asyncio.Event] = {}
+        self._client: httpx.AsyncClient | None = None
+        self.attempts = 0
+
+    def add(self, sub: Subscription) -> None:
+        if sub.webhook is None or sub.id in self._tasks:
+            return
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self.timeout, follow_redirects=False)
+        self._wakes[sub.id] = asyncio.Event()
+        self._tasks[sub.id] = asyncio.create_task(self._run(sub), name=f"webhook-{sub.id}")
+
+    def remove(self, sub_id: str) -> None:
+        task = self._tasks.pop(sub_id, None)
+        self._wakes.pop(sub_id, None)
+        if task is not None:
+            task.cancel()
+
+    def wake(self, sub_id: str) -> None:
+        wake = self._wakes.get(sub_id)
+        if wake is not None:
+            wake.set()
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def delay(self, deliveries: int) -> float:
+        return self.backoff[min(deliveries, len(self.backoff)) - 1]
+
+    async def _run(self, sub: Subscription) -> None:
+        wake = self._wakes[sub.id]
+        while True:
+            try:
+                delivered = await self._once(sub)
+            except KeelError as exc:  # e.g. the claim expired during a slow attempt
+                log_event(log, logging.WARNING, "webhook.store_error", sub=sub.id, error=exc)
+                delivered = False
+            if not delivered:
+                wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), self.idle_check)
+
+    async def _once(self, sub: Subscription) -> bool:
+        """Try the head message once; False when there was nothing to try."""
+        claim = await self.store.claim(
+            sub.id,
+            limit=1,
+            ttl=self.timeout + 1,
+            now=time.time(),
+            max_deliveries=sub.max_deliveries,
+            head_only=True,
+        )
+        if claim is None:
+            return False
+        message = claim.messages[0]
+        if await self._post(sub, message):
+            await self.store.ack(sub.id, claim.id, None, now=time.time())
+        elif message.deliveries >= sub.max_deliveries:
+            # The next claim moves it to the dead letters and goes on with the next message.
+            await self.store.release(sub.id, claim.id, now=time.time())
+        else:
+            await self.store.extend(
+                sub.id, claim.id, ttl=self.delay(message.deliveries), now=time.time()
+            )
+            return False
+        return True
+
+    async def _post(self, sub: Subscription, message: Message) -> bool:
+        assert sub.webhook is not None
+        assert self._client is not None
+        self.attempts += 1
+        body = bytes(message.event)
+        msg_id = f"msg_{sub.id}_{message.seq}"
+        ts = int(time.time())
+        headers = {
+            "content-type": "application/json",
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(ts),
+            "webhook-signature": sign(sub.webhook.secret, msg_id, ts, body),
+        }
+        try:
+            await check_target(sub.webhook.url, allow_private=self.allow_private)
+            response = await self._client.post(sub.webhook.url, content=body, headers=headers)
+        except (httpx.HTTPError, UnsafeWebhookTarget) as exc:
+            log_event(log, logging.INFO, "webhook.failed", sub=sub.id, seq=message.seq, error=exc)
+            return False
+        ok = 200 <= response.status_code < 300
+        if not ok:
+            log_event(
+                log,
+                logging.INFO,
+                "webhook.refused",
+                sub=sub.id,
+                seq=message.seq,
+                status=response.status_code,
+            )
+        return ok

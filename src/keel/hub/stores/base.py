@@ -1,0 +1,176 @@
+"""The hub store protocol: subscriptions and their durable queues, as a few I/O primitives.
+
+Tenancy, filters, quotas and push live above the store, once (keel.hub's core). A store
+promises:
+
+- `append` commits a batch atomically and durably: when it returns, every event of the batch
+  is in every queue it was routed to, and a crash before it returns leaves none of the batch.
+  An event id seen before (within ``dedup_s``) is skipped, so a bus redelivery after a crash
+  is not enqueued twice.
+- Sequence numbers per queue start at 1, increase by one per message and never repeat.
+- Retention removes only from the head of a queue and counts every message it removes.
+- Claims (oldest first): a ready message is in at most one live claim; a claim past its
+  ``expires_at`` no longer holds its messages; ack/release/extend of an expired claim raise
+  `ClaimExpired`, of an unknown one `NotFound`. A message handed out ``max_deliveries``
+  times moves to the dead letters instead of a further claim.
+- Unknown subscription ids raise `NotFound` (the core has already checked the tenant).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Protocol
+
+import msgspec
+
+READY = "ready"
+ACKED = "acked"
+DEAD = "dead"
+
+
+class Retention(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    max_age_s: float | None = 7 * 86400.0
+    max_messages: int | None = 10_000
+
+
+class Webhook(msgspec.Struct, frozen=True):
+    url: str
+    secret: str
+
+
+class Subscription(msgspec.Struct, kw_only=True):
+    id: str
+    project: str
+    user: str
+    spec: dict[str, Any]
+    all_projects: bool = False
+    retention: Retention = Retention()
+    max_deliveries: int = 5
+    webhook: Webhook | None = None
+    created_at: float
+    # Maintained by the store.
+    last_seq: int = 0
+    first_seq: int = 1
+    dropped: int = 0
+
+
+class Message(msgspec.Struct, kw_only=True):
+    seq: int
+    event: msgspec.Raw
+    state: str
+    deliveries: int
+    enqueued_at: float
+
+
+class Gap(msgspec.Struct):
+    """Messages ``first..last`` of the requested range were dropped by retention."""
+
+    first: int
+    last: int
+
+    @property
+    def count(self) -> int:
+        return self.last - self.first + 1
+
+
+class Claim(msgspec.Struct, kw_only=True):
+    id: str
+    subscription: str
+    expires_at: float
+    messages: list[Message]
+
+
+class Routed(msgspec.Struct, frozen=True):
+    """One event of an ingest batch and the subscriptions it goes to."""
+
+    event_id: str
+    body: bytes
+    subscriptions: tuple[str, ...]
+
+
+class Appended(msgspec.Struct, frozen=True):
+    """A message `append` created (for waking streams): queue, seq, event body."""
+
+    subscription: str
+    seq: int
+    body: bytes
+
+
+class Store(Protocol):
+    # Whether several hub processes may open the same store at once (declared, and tested by
+    # tests/hub/test_scale_out.py for every store that declares it).
+    multi_process: ClassVar[bool]
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def watch(self, on_change: Callable[[str, str], None]) -> None:
+        """Call ``on_change(kind, subscription_id)`` when another process changed the store:
+        kind ``"append"`` (new messages) or ``"subscription"`` (created or deleted). A
+        single-process store never calls it."""
+        ...
+
+    async def unwatch(self, on_change: Callable[[str, str], None]) -> None:
+        """Stop calling ``on_change``."""
+        ...
+
+    # subscriptions
+    async def create_subscription(self, sub: Subscription) -> None: ...
+
+    async def get_subscription(self, sub_id: str) -> Subscription: ...
+
+    async def list_subscriptions(
+        self, project: str | None, *, limit: int, marker: str | None
+    ) -> list[Subscription]:
+        """Ordered by id, after ``marker``; ``project=None`` lists every project's."""
+        ...
+
+    async def count_subscriptions(self, project: str) -> int: ...
+
+    async def delete_subscription(self, sub_id: str) -> None: ...
+
+    # queues
+    async def append(self, batch: Sequence[Routed], *, now: float) -> list[Appended]: ...
+
+    async def read(
+        self, sub_id: str, *, after: int, limit: int
+    ) -> tuple[Gap | None, list[Message]]: ...
+
+    async def claim(
+        self,
+        sub_id: str,
+        *,
+        limit: int,
+        ttl: float,
+        now: float,
+        max_deliveries: int,
+        head_only: bool = False,
+    ) -> Claim | None:
+        """Claim the oldest visible ready messages. ``head_only``: claim only if the oldest
+        ready message is visible (in-order consumers such as webhooks wait for it)."""
+        ...
+
+    async def ack(
+        self, sub_id: str, claim_id: str, seqs: Sequence[int] | None, *, now: float
+    ) -> int: ...
+
+    async def release(self, sub_id: str, claim_id: str, *, now: float) -> int: ...
+
+    async def extend(self, sub_id: str, claim_id: str, *, ttl: float, now: float) -> float: ...
+
+    async def ack_upto(self, sub_id: str, seq: int) -> int:
+        """Ack every ready, unclaimed message up to ``seq`` (a stream client's ack)."""
+        ...
+
+    async def acked_upto(self, sub_id: str) -> int:
+        """The highest seq with every message up to it acked, dead or dropped."""
+        ...
+
+    async def dead_letters(self, sub_id: str, *, after: int, limit: int) -> list[Message]: ...
+
+    async def redrive(self, sub_id: str, seqs: Sequence[int] | None) -> int: ...
+
+    async def enforce_retention(self, *, now: float) -> int:
+        """Drop messages past every queue's age limit; returns how many were dropped."""
+        ...

@@ -1,0 +1,580 @@
+"""The scale-out hub store: PostgreSQL through asyncpg (see docs/adr/0001-hub-scale-out-store.md).
+
+Several hub processes may share one database. Durability: every write is one transaction;
+`append` returns after COMMIT, which PostgreSQL makes durable (WAL fsync) unless the
+operator turned ``fsync``/``synchronous_commit`` off. Concurrency: `append` locks the
+subscriptions it writes to, in id order, so sequence numbers stay gapless and increasing
+across processes without deadlocks; claims use ``FOR UPDATE SKIP LOCKED``, so concurrent
+claimers in different processes get disjoint messages. Connection failures surface as
+`BackendUnavailable` (retryable); nothing is half-written.
+
+Other processes learn of changes through LISTEN/NOTIFY, sent inside the writing transaction
+(so delivered only on commit): `watch` reports appends (streams and webhooks of that
+subscription catch up from the store) and subscription changes (routes are reloaded). A
+lost notification connection is not retried yet: the process then serves what it commits
+itself and reads the rest when its streams next catch up.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import asyncpg
+import msgspec
+
+from keel.errors import BackendUnavailable, ClaimExpired, ConfigError, Conflict, NotFound
+from keel.hub.stores.base import (
+    ACKED,
+    DEAD,
+    READY,
+    Appended,
+    Claim,
+    Gap,
+    Message,
+    Routed,
+    Subscription,
+)
+from keel.wire import new_id
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS {s}.subscriptions (
+    id TEXT PRIMARY KEY, project TEXT NOT NULL, body TEXT NOT NULL,
+    last_seq BIGINT NOT NULL DEFAULT 0, first_seq BIGINT NOT NULL DEFAULT 1,
+    dropped BIGINT NOT NULL DEFAULT 0, max_messages BIGINT, max_age_s DOUBLE PRECISION
+);
+CREATE INDEX IF NOT EXISTS subscriptions_project ON {s}.subscriptions (project, id);
+CREATE TABLE IF NOT EXISTS {s}.messages (
+    sub_id TEXT NOT NULL, seq BIGINT NOT NULL, event BYTEA NOT NULL, state TEXT NOT NULL,
+    deliveries INT NOT NULL DEFAULT 0, visible_at DOUBLE PRECISION NOT NULL DEFAULT 0,
+    claim_id TEXT, enqueued_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (sub_id, seq)
+);
+CREATE INDEX IF NOT EXISTS messages_state ON {s}.messages (sub_id, state, seq);
+CREATE INDEX IF NOT EXISTS messages_claim ON {s}.messages (claim_id) WHERE claim_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS {s}.claims (
+    id TEXT PRIMARY KEY, sub_id TEXT NOT NULL, expires_at DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {s}.ingested (event_id TEXT PRIMARY KEY, at DOUBLE PRECISION NOT NULL);
+CREATE INDEX IF NOT EXISTS ingested_at ON {s}.ingested (at);
+"""
+
+if TYPE_CHECKING:
+    Conn = asyncpg.pool.PoolConnectionProxy[asyncpg.Record]
+
+_MSG = "seq, event, state, deliveries, enqueued_at"
+_SUB = "body, last_seq, first_seq, dropped"
+
+
+def _sub(row: asyncpg.Record) -> Subscription:
+    sub = msgspec.json.decode(row["body"], type=Subscription)
+    sub.last_seq, sub.first_seq, sub.dropped = row["last_seq"], row["first_seq"], row["dropped"]
+    return sub
+
+
+def _msg(row: asyncpg.Record) -> Message:
+    return Message(
+        seq=row["seq"],
+        event=msgspec.Raw(bytes(row["event"])),
+        state=row["state"],
+        deliveries=row["deliveries"],
+        enqueued_at=row["enqueued_at"],
+    )
+
+
+class PostgresStore:
+    multi_process: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str = "keel_hub",
+        dedup_s: float = 86400.0,
+        pool_size: int = 10,
+    ) -> None:
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
+            raise ConfigError("schema must be a lowercase SQL identifier")
+        self.url = url
+        self.schema = schema
+        self.dedup_s = dedup_s
+        self.pool_size = pool_size
+        self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+        self._listener: asyncpg.Connection[asyncpg.Record] | None = None
+        self._watchers: list[Callable[[str, str], None]] = []
+        self.origin = new_id()  # tells this process's own notifications from others'
+        self.channel = f"keel_hub_{schema}"
+
+    def _q(self, sql: str) -> str:
+        return sql.replace("{s}", self.schema)
+
+    async def open(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=self.pool_size)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise BackendUnavailable(
+                f"cannot reach PostgreSQL at the hub store URL: {exc}"
+            ) from None
+        async with self._conn() as conn:
+            await conn.execute(
+                f"SELECT pg_advisory_lock(hashtext('{self.schema}'));"
+                f"CREATE SCHEMA IF NOT EXISTS {self.schema};"
+                + self._q(_SCHEMA)
+                + f"SELECT pg_advisory_unlock(hashtext('{self.schema}'));"
+            )
+
+    async def watch(self, on_change: Callable[[str, str], None]) -> None:
+        self._watchers.append(on_change)
+        if self._listener is not None:
+            return
+
+        def handle(conn: object, pid: int, channel: str, payload: object) -> None:
+            origin, kind, ids = str(payload).split(" ", 2)
+            if origin == self.origin:
+                return
+            for watcher in list(self._watchers):
+                for sub_id in ids.split(","):
+                    watcher(kind, sub_id)
+
+        try:
+            self._listener = await asyncpg.connect(self.url)
+            await self._listener.add_listener(self.channel, handle)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise BackendUnavailable(f"cannot listen for hub changes: {exc}") from None
+
+    async def unwatch(self, on_change: Callable[[str, str], None]) -> None:
+        if on_change in self._watchers:
+            self._watchers.remove(on_change)
+
+    async def _notify(self, conn: Conn, kind: str, sub_ids: Sequence[str]) -> None:
+        # NOTIFY payloads are limited to 8000 bytes: send the ids in chunks.
+        ids = sorted(sub_ids)
+        for i in range(0, len(ids), 100):
+            payload = f"{self.origin} {kind} {','.join(ids[i : i + 100])}"
+            await conn.execute("SELECT pg_notify($1, $2)", self.channel, payload)
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    @asynccontextmanager
+    async def _conn(self) -> AsyncIterator[Conn]:
+        if self._pool is None:
+            raise ConfigError("the store is not open; call open() first")
+        try:
+            async with self._pool.acquire() as conn:
+                yield conn
+        except (OSError, asyncpg.exceptions.ConnectionDoesNotExistError) as exc:
+            raise BackendUnavailable(f"PostgreSQL connection lost: {exc}") from None
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[Conn]:
+        async with self._conn() as conn, conn.transaction():
+            yield conn
+
+    async def _require(self, conn: Conn, sub_id: str) -> tuple[int, int]:
+        row = await conn.fetchrow(
+            self._q("SELECT first_seq, last_seq FROM {s}.subscriptions WHERE id = $1"), sub_id
+        )
+        if row is None:
+            raise NotFound(f"no subscription {sub_id!r}", subscription=sub_id)
+        return int(row[0]), int(row[1])
+
+    # --- subscriptions ------------------------------------------------------------------
+
+    async def create_subscription(self, sub: Subscription) -> None:
+        r = sub.retention
+        async with self._conn() as conn:
+            try:
+                await conn.execute(
+                    self._q(
+                        "INSERT INTO {s}.subscriptions (id, project, body, max_messages, "
+                        "max_age_s) VALUES ($1, $2, $3, $4, $5)"
+                    ),
+                    sub.id,
+                    sub.project,
+                    msgspec.json.encode(sub).decode(),
+                    r.max_messages,
+                    r.max_age_s,
+                )
+            except asyncpg.UniqueViolationError:
+                raise Conflict(f"subscription {sub.id} exists") from None
+            await self._notify(conn, "subscription", [sub.id])
+
+    async def get_subscription(self, sub_id: str) -> Subscription:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(
+                self._q(f"SELECT {_SUB} FROM {{s}}.subscriptions WHERE id = $1"), sub_id
+            )
+        if row is None:
+            raise NotFound(f"no subscription {sub_id!r}", subscription=sub_id)
+        return _sub(row)
+
+    async def list_subscriptions(
+        self, project: str | None, *, limit: int, marker: str | None
+    ) -> list[Subscription]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                self._q(
+                    f"SELECT {_SUB} FROM {{s}}.subscriptions WHERE id > $1 "
+                    "AND ($2::text IS NULL OR project = $2) ORDER BY id LIMIT $3"
+                ),
+                marker or "",
+                project,
+                limit,
+            )
+        return [_sub(r) for r in rows]
+
+    async def count_subscriptions(self, project: str) -> int:
+        async with self._conn() as conn:
+            n = await conn.fetchval(
+                self._q("SELECT count(*) FROM {s}.subscriptions WHERE project = $1"), project
+            )
+        return int(n)
+
+    async def delete_subscription(self, sub_id: str) -> None:
+        async with self._tx() as conn:
+            done = await conn.execute(
+                self._q("DELETE FROM {s}.subscriptions WHERE id = $1"), sub_id
+            )
+            if done.endswith(" 0"):
+                raise NotFound(f"no subscription {sub_id!r}", subscription=sub_id)
+            await conn.execute(self._q("DELETE FROM {s}.messages WHERE sub_id = $1"), sub_id)
+            await conn.execute(self._q("DELETE FROM {s}.claims WHERE sub_id = $1"), sub_id)
+            await self._notify(conn, "subscription", [sub_id])
+
+    # --- queues -------------------------------------------------------------------------
+
+    async def append(self, batch: Sequence[Routed], *, now: float) -> list[Appended]:
+        async with self._tx() as conn:
+            fresh_ids = {
+                r[0]
+                for r in await conn.fetch(
+                    self._q(
+                        "INSERT INTO {s}.ingested (event_id, at) SELECT DISTINCT e, $2::float8 "
+                        "FROM unnest($1::text[]) AS e ON CONFLICT DO NOTHING RETURNING event_id"
+                    ),
+                    [item.event_id for item in batch],
+                    now,
+                )
+            }
+            fresh: list[Routed] = []
+            for item in batch:
+                if item.event_id in fresh_ids:
+                    fresh.append(item)
+                    fresh_ids.discard(item.event_id)  # a duplicate within the batch too
+            counts: dict[str, int] = {}
+            for item in fresh:
+                for sub_id in item.subscriptions:
+                    counts[sub_id] = counts.get(sub_id, 0) + 1
+            if not counts:
+                return []
+            # Lock every touched queue in id order (no deadlock between hubs), then advance.
+            await conn.execute(
+                self._q(
+                    "SELECT id FROM {s}.subscriptions WHERE id = ANY($1::text[]) "
+                    "ORDER BY id FOR UPDATE"
+                ),
+                sorted(counts),
+            )
+            rows = await conn.fetch(
+                self._q(
+                    "UPDATE {s}.subscriptions AS s SET last_seq = s.last_seq + c.n "
+                    "FROM unnest($1::text[], $2::bigint[]) AS c(id, n) WHERE s.id = c.id "
+                    "RETURNING s.id, s.last_seq, s.first_seq, s.max_messages"
+                ),
+                sorted(counts),
+                [counts[k] for k in sorted(counts)],
+            )
+            next_seq = {r["id"]: r["last_seq"] - counts[r["id"]] for r in rows}
+            out: list[Appended] = []
+            cols: tuple[list[Any], ...] = ([], [], [])
+            for item in fresh:
+                for sub_id in item.subscriptions:
+                    if sub_id not in next_seq:
+                        continue  # deleted between routing and commit
+                    next_seq[sub_id] += 1
+                    cols[0].append(sub_id)
+                    cols[1].append(next_seq[sub_id])
+                    cols[2].append(item.body)
+                    out.append(Appended(sub_id, next_seq[sub_id], item.body))
+            await conn.execute(
+                self._q(
+                    "INSERT INTO {s}.messages (sub_id, seq, event, state, enqueued_at) "
+                    "SELECT u.a, u.b, u.c, $4, $5 FROM unnest($1::text[], $2::bigint[], "
+                    "$3::bytea[]) AS u(a, b, c)"
+                ),
+                *cols,
+                READY,
+                now,
+            )
+            for r in rows:
+                limit, last, first = r["max_messages"], r["last_seq"], r["first_seq"]
+                if limit is not None and last - first + 1 > limit:
+                    await self._drop_before(conn, r["id"], last - limit + 1)
+            await self._notify(conn, "append", [r["id"] for r in rows])
+        return out
+
+    async def _drop_before(self, conn: Conn, sub_id: str, first: int) -> int:
+        done = await conn.execute(
+            self._q("DELETE FROM {s}.messages WHERE sub_id = $1 AND seq < $2"), sub_id, first
+        )
+        dropped = int(done.split()[-1])
+        await conn.execute(
+            self._q(
+                "UPDATE {s}.subscriptions SET first_seq = greatest(first_seq, $2), "
+                "dropped = dropped + $3 WHERE id = $1"
+            ),
+            sub_id,
+            first,
+            dropped,
+        )
+        return dropped
+
+    async def enforce_retention(self, *, now: float) -> int:
+        total = 0
+        async with self._tx() as conn:
+            subs = await conn.fetch(
+                self._q(
+                    "SELECT id, max_age_s, last_seq FROM {s}.subscriptions "
+                    "WHERE max_age_s IS NOT NULL ORDER BY id FOR UPDATE"
+                )
+            )
+            for sub in subs:
+                keep = await conn.fetchval(
+                    self._q(
+                        "SELECT min(seq) FROM {s}.messages WHERE sub_id = $1 AND enqueued_at >= $2"
+                    ),
+                    sub["id"],
+                    now - sub["max_age_s"],
+                )
+                total += await self._drop_before(
+                    conn, sub["id"], keep if keep is not None else sub["last_seq"] + 1
+                )
+            await conn.execute(
+                self._q("DELETE FROM {s}.ingested WHERE at < $1"), now - self.dedup_s
+            )
+            await conn.execute(self._q("DELETE FROM {s}.claims WHERE expires_at < $1"), now - 3600)
+        return total
+
+    async def read(
+        self, sub_id: str, *, after: int, limit: int
+    ) -> tuple[Gap | None, list[Message]]:
+        async with self._conn() as conn:
+            first, last = await self._require(conn, sub_id)
+            rows = await conn.fetch(
+                self._q(
+                    f"SELECT {_MSG} FROM {{s}}.messages WHERE sub_id = $1 AND seq > $2 "
+                    "ORDER BY seq LIMIT $3"
+                ),
+                sub_id,
+                after,
+                limit,
+            )
+        gap = Gap(after + 1, min(first - 1, last)) if after + 1 < first else None
+        return gap, [_msg(r) for r in rows]
+
+    async def claim(
+        self,
+        sub_id: str,
+        *,
+        limit: int,
+        ttl: float,
+        now: float,
+        max_deliveries: int,
+        head_only: bool = False,
+    ) -> Claim | None:
+        async with self._tx() as conn:
+            await self._require(conn, sub_id)
+            await conn.execute(
+                self._q(
+                    "UPDATE {s}.messages SET state = $2, claim_id = NULL WHERE sub_id = $1 "
+                    "AND state = $3 AND visible_at <= $4 AND deliveries >= $5"
+                ),
+                sub_id,
+                DEAD,
+                READY,
+                now,
+                max_deliveries,
+            )
+            if head_only:
+                head = await conn.fetchrow(
+                    self._q(
+                        "SELECT seq, visible_at FROM {s}.messages WHERE sub_id = $1 AND state = $2 "
+                        "ORDER BY seq LIMIT 1 FOR UPDATE"
+                    ),
+                    sub_id,
+                    READY,
+                )
+                seqs = [head["seq"]] if head is not None and head["visible_at"] <= now else []
+            else:
+                seqs = [
+                    r[0]
+                    for r in await conn.fetch(
+                        self._q(
+                            "SELECT seq FROM {s}.messages WHERE sub_id = $1 AND state = $2 "
+                            "AND visible_at <= $3 ORDER BY seq LIMIT $4 FOR UPDATE SKIP LOCKED"
+                        ),
+                        sub_id,
+                        READY,
+                        now,
+                        limit,
+                    )
+                ]
+            if not seqs:
+                return None
+            claim_id = "clm-" + new_id()
+            expires = now + ttl
+            await conn.execute(
+                self._q("INSERT INTO {s}.claims (id, sub_id, expires_at) VALUES ($1, $2, $3)"),
+                claim_id,
+                sub_id,
+                expires,
+            )
+            rows = await conn.fetch(
+                self._q(
+                    "UPDATE {s}.messages SET claim_id = $3, visible_at = $4, "
+                    "deliveries = deliveries + 1 WHERE sub_id = $1 AND seq = ANY($2::bigint[]) "
+                    f"RETURNING {_MSG}"
+                ),
+                sub_id,
+                seqs,
+                claim_id,
+                expires,
+            )
+        messages = sorted((_msg(r) for r in rows), key=lambda m: m.seq)
+        return Claim(id=claim_id, subscription=sub_id, expires_at=expires, messages=messages)
+
+    async def _live_claim(self, conn: Conn, sub_id: str, claim_id: str, now: float) -> None:
+        await self._require(conn, sub_id)
+        expires = await conn.fetchval(
+            self._q("SELECT expires_at FROM {s}.claims WHERE id = $1 AND sub_id = $2 FOR UPDATE"),
+            claim_id,
+            sub_id,
+        )
+        if expires is None:
+            raise NotFound(f"no claim {claim_id!r} on this subscription", claim=claim_id)
+        if expires <= now:
+            raise ClaimExpired(
+                f"claim {claim_id} expired; its messages are visible again, claim them anew",
+                claim=claim_id,
+            )
+
+    @staticmethod
+    def _count(status: str) -> int:
+        return int(status.rsplit(maxsplit=1)[-1])
+
+    async def ack(
+        self, sub_id: str, claim_id: str, seqs: Sequence[int] | None, *, now: float
+    ) -> int:
+        async with self._tx() as conn:
+            await self._live_claim(conn, sub_id, claim_id, now)
+            status = await conn.execute(
+                self._q(
+                    "UPDATE {s}.messages SET state = $3, claim_id = NULL WHERE sub_id = $1 "
+                    "AND claim_id = $2 AND state = $4 "
+                    "AND ($5::bigint[] IS NULL OR seq = ANY($5::bigint[]))"
+                ),
+                sub_id,
+                claim_id,
+                ACKED,
+                READY,
+                list(seqs) if seqs is not None else None,
+            )
+        return self._count(status)
+
+    async def release(self, sub_id: str, claim_id: str, *, now: float) -> int:
+        async with self._tx() as conn:
+            await self._live_claim(conn, sub_id, claim_id, now)
+            status = await conn.execute(
+                self._q(
+                    "UPDATE {s}.messages SET claim_id = NULL, visible_at = $3 WHERE sub_id = $1 "
+                    "AND claim_id = $2 AND state = $4"
+                ),
+                sub_id,
+                claim_id,
+                now,
+                READY,
+            )
+            await conn.execute(self._q("DELETE FROM {s}.claims WHERE id = $1"), claim_id)
+        return self._count(status)
+
+    async def extend(self, sub_id: str, claim_id: str, *, ttl: float, now: float) -> float:
+        expires = now + ttl
+        async with self._tx() as conn:
+            await self._live_claim(conn, sub_id, claim_id, now)
+            await conn.execute(
+                self._q("UPDATE {s}.claims SET expires_at = $2 WHERE id = $1"), claim_id, expires
+            )
+            await conn.execute(
+                self._q(
+                    "UPDATE {s}.messages SET visible_at = $3 WHERE sub_id = $1 AND claim_id = $2 "
+                    "AND state = $4"
+                ),
+                sub_id,
+                claim_id,
+                expires,
+                READY,
+            )
+        return expires
+
+    async def ack_upto(self, sub_id: str, seq: int) -> int:
+        async with self._tx() as conn:
+            await self._require(conn, sub_id)
+            status = await conn.execute(
+                self._q(
+                    "UPDATE {s}.messages SET state = $3 WHERE sub_id = $1 AND seq <= $2 "
+                    "AND state = $4 AND claim_id IS NULL"
+                ),
+                sub_id,
+                seq,
+                ACKED,
+                READY,
+            )
+        return self._count(status)
+
+    async def acked_upto(self, sub_id: str) -> int:
+        async with self._conn() as conn:
+            _, last = await self._require(conn, sub_id)
+            low = await conn.fetchval(
+                self._q("SELECT min(seq) FROM {s}.messages WHERE sub_id = $1 AND state = $2"),
+                sub_id,
+                READY,
+            )
+        return last if low is None else int(low) - 1
+
+    async def dead_letters(self, sub_id: str, *, after: int, limit: int) -> list[Message]:
+        async with self._conn() as conn:
+            await self._require(conn, sub_id)
+            rows = await conn.fetch(
+                self._q(
+                    f"SELECT {_MSG} FROM {{s}}.messages WHERE sub_id = $1 AND state = $2 "
+                    "AND seq > $3 ORDER BY seq LIMIT $4"
+                ),
+                sub_id,
+                DEAD,
+                after,
+                limit,
+            )
+        return [_msg(r) for r in rows]
+
+    async def redrive(self, sub_id: str, seqs: Sequence[int] | None) -> int:
+        async with self._tx() as conn:
+            await self._require(conn, sub_id)
+            status = await conn.execute(
+                self._q(
+                    "UPDATE {s}.messages SET state = $2, deliveries = 0, visible_at = 0, "
+                    "claim_id = NULL WHERE sub_id = $1 AND state = $3 "
+                    "AND ($4::bigint[] IS NULL OR seq = ANY($4::bigint[]))"
+                ),
+                sub_id,
+                READY,
+                DEAD,
+                list(seqs) if seqs is not None else None,
+            )
+        return self._count(status)

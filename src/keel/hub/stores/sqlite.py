@@ -1,0 +1,478 @@
+"""The embedded hub store: one SQLite file in WAL mode, for one hub process.
+
+Durability: every write is one transaction committed with ``synchronous=FULL`` (configurable)
+before the coroutine returns, so what `append` returned survives a SIGKILL and, with FULL,
+a power cut. All statements run on one dedicated thread with one connection, which
+serializes them; concurrency comes from batching (`append` takes a whole ingest batch).
+Two hub processes must not share one file (use the scale-out store for that). See
+`keel.hub.stores.base` for what each primitive promises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import msgspec
+
+from keel.errors import ClaimExpired, ConfigError, Conflict, NotFound
+from keel.hub.stores.base import (
+    ACKED,
+    DEAD,
+    READY,
+    Appended,
+    Claim,
+    Gap,
+    Message,
+    Routed,
+    Subscription,
+)
+from keel.wire import new_id
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS subscriptions (
+    id TEXT PRIMARY KEY, project TEXT NOT NULL, body TEXT NOT NULL,
+    last_seq INTEGER NOT NULL DEFAULT 0, first_seq INTEGER NOT NULL DEFAULT 1,
+    dropped INTEGER NOT NULL DEFAULT 0, max_messages INTEGER, max_age_s REAL
+);
+CREATE INDEX IF NOT EXISTS subscriptions_project ON subscriptions (project, id);
+CREATE TABLE IF NOT EXISTS messages (
+    sub_id TEXT NOT NULL, seq INTEGER NOT NULL, event BLOB NOT NULL,
+    state TEXT NOT NULL, deliveries INTEGER NOT NULL DEFAULT 0,
+    visible_at REAL NOT NULL DEFAULT 0, claim_id TEXT, enqueued_at REAL NOT NULL,
+    PRIMARY KEY (sub_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS messages_state ON messages (sub_id, state, seq);
+CREATE INDEX IF NOT EXISTS messages_claim ON messages (claim_id) WHERE claim_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS claims (
+    id TEXT PRIMARY KEY, sub_id TEXT NOT NULL, expires_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ingested (event_id TEXT PRIMARY KEY, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS ingested_at ON ingested (at);
+"""
+
+_SUB_COLUMNS = "body, last_seq, first_seq, dropped"
+_MSG_COLUMNS = "seq, event, state, deliveries, enqueued_at"
+
+
+class SQLiteStore:
+    multi_process: ClassVar[bool] = False
+
+    def __init__(
+        self, path: str | Path, *, synchronous: str = "FULL", dedup_s: float = 86400.0
+    ) -> None:
+        if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
+            raise ConfigError("synchronous must be FULL, EXTRA or NORMAL")
+        self.path = str(path)
+        self.synchronous = synchronous.upper()
+        self.dedup_s = dedup_s
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="keel-hub-sqlite")
+        self._db: sqlite3.Connection | None = None
+
+    async def _run(self, func: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
+
+    async def open(self) -> None:
+        await self._run(self._open)
+
+    def _open(self) -> None:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={self.synchronous}")
+        db.execute("PRAGMA busy_timeout=5000")
+        db.executescript(_SCHEMA)
+        self._db = db
+
+    async def watch(self, on_change: Callable[[str, str], None]) -> None:
+        """One process per file: nobody else changes it."""
+
+    async def unwatch(self, on_change: Callable[[str, str], None]) -> None:
+        """Nothing to stop."""
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._run(self._db.close)
+            self._db = None
+        self._executor.shutdown(wait=True)
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise ConfigError("the store is not open; call open() first")
+        return self._db
+
+    def _tx(self, func: Callable[[sqlite3.Connection], T]) -> T:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = func(db)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return result
+
+    # --- subscriptions ------------------------------------------------------------------
+
+    async def create_subscription(self, sub: Subscription) -> None:
+        body = msgspec.json.encode(sub).decode()
+        r = sub.retention
+
+        def run(db: sqlite3.Connection) -> None:
+            try:
+                db.execute(
+                    "INSERT INTO subscriptions (id, project, body, max_messages, max_age_s) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (sub.id, sub.project, body, r.max_messages, r.max_age_s),
+                )
+            except sqlite3.IntegrityError:
+                raise Conflict(f"subscription {sub.id} exists") from None
+
+        await self._run(self._tx, run)
+
+    @staticmethod
+    def _sub(row: tuple[Any, ...]) -> Subscription:
+        sub = msgspec.json.decode(row[0], type=Subscription)
+        sub.last_seq, sub.first_seq, sub.dropped = row[1], row[2], row[3]
+        return sub
+
+    async def get_subscription(self, sub_id: str) -> Subscription:
+        def run() -> Subscription:
+            row = self.db.execute(
+                f"SELECT {_SUB_COLUMNS} FROM subscriptions WHERE id = ?", (sub_id,)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no subscription {sub_id!r}", subscription=sub_id)
+            return self._sub(row)
+
+        return await self._run(run)
+
+    async def list_subscriptions(
+        self, project: str | None, *, limit: int, marker: str | None
+    ) -> list[Subscription]:
+        def run() -> list[Subscription]:
+            where, args = "id > ?", [marker or ""]
+            if project is not None:
+                where += " AND project = ?"
+                args.append(project)
+            rows = self.db.execute(
+                f"SELECT {_SUB_COLUMNS} FROM subscriptions WHERE {where} ORDER BY id LIMIT ?",
+                (*args, limit),
+            ).fetchall()
+            return [self._sub(r) for r in rows]
+
+        return await self._run(run)
+
+    async def count_subscriptions(self, project: str) -> int:
+        def run() -> int:
+            row = self.db.execute(
+                "SELECT count(*) FROM subscriptions WHERE project = ?", (project,)
+            ).fetchone()
+            return int(row[0])
+
+        return await self._run(run)
+
+    async def delete_subscription(self, sub_id: str) -> None:
+        def run(db: sqlite3.Connection) -> None:
+            if db.execute("DELETE FROM subscriptions WHERE id = ?", (sub_id,)).rowcount == 0:
+                raise NotFound(f"no subscription {sub_id!r}", subscription=sub_id)
+            db.execute("DELETE FROM messages WHERE sub_id = ?", (sub_id,))
+            db.execute("DELETE FROM claims WHERE sub_id = ?", (sub_id,))
+
+        await self._run(self._tx, run)
+
+    # --- queues -------------------------------------------------------------------------
+
+    async def append(self, batch: Sequence[Routed], *, now: float) -> list[Appended]:
+        return await self._run(self._tx, lambda db: self._append(db, batch, now))
+
+    def _append(
+        self, db: sqlite3.Connection, batch: Sequence[Routed], now: float
+    ) -> list[Appended]:
+        ids = list({item.event_id for item in batch})
+        seen: set[str] = set()
+        for i in range(0, len(ids), 500):  # SQLite's bound-parameter limit
+            part = ids[i : i + 500]
+            marks = ",".join("?" * len(part))
+            query = f"SELECT event_id FROM ingested WHERE event_id IN ({marks})"
+            seen.update(r[0] for r in db.execute(query, part))
+        fresh: list[Routed] = []
+        for item in batch:
+            if item.event_id not in seen:
+                seen.add(item.event_id)  # a duplicate within the batch too
+                fresh.append(item)
+        if not fresh:
+            return []
+        db.executemany(
+            "INSERT INTO ingested (event_id, at) VALUES (?, ?)", [(i.event_id, now) for i in fresh]
+        )
+        seqs: dict[str, int] = {}
+        for sub_id in {s for item in fresh for s in item.subscriptions}:
+            row = db.execute(
+                "SELECT last_seq FROM subscriptions WHERE id = ?", (sub_id,)
+            ).fetchone()
+            if row is not None:  # else deleted between routing and commit
+                seqs[sub_id] = row[0]
+        out: list[Appended] = []
+        rows: list[tuple[str, int, bytes, str, float]] = []
+        for item in fresh:
+            for sub_id in item.subscriptions:
+                if sub_id in seqs:
+                    seqs[sub_id] += 1
+                    rows.append((sub_id, seqs[sub_id], item.body, READY, now))
+                    out.append(Appended(sub_id, seqs[sub_id], item.body))
+        db.executemany(
+            "INSERT INTO messages (sub_id, seq, event, state, enqueued_at) VALUES (?, ?, ?, ?, ?)",
+            rows,
+        )
+        touched = {a.subscription for a in out}
+        for sub_id in touched:
+            db.execute("UPDATE subscriptions SET last_seq = ? WHERE id = ?", (seqs[sub_id], sub_id))
+            self._trim_length(db, sub_id, seqs[sub_id])
+        return out
+
+    @staticmethod
+    def _drop_before(db: sqlite3.Connection, sub_id: str, first: int) -> int:
+        """Remove messages with seq < first; count them; move first_seq."""
+        dropped = db.execute(
+            "DELETE FROM messages WHERE sub_id = ? AND seq < ?", (sub_id, first)
+        ).rowcount
+        db.execute(
+            "UPDATE subscriptions SET first_seq = max(first_seq, ?), dropped = dropped + ? "
+            "WHERE id = ?",
+            (first, dropped, sub_id),
+        )
+        return int(dropped)
+
+    def _trim_length(self, db: sqlite3.Connection, sub_id: str, last: int) -> None:
+        row = db.execute(
+            "SELECT max_messages, first_seq FROM subscriptions WHERE id = ?", (sub_id,)
+        ).fetchone()
+        limit, first = row
+        if limit is not None and last - first + 1 > limit:
+            self._drop_before(db, sub_id, last - limit + 1)
+
+    async def enforce_retention(self, *, now: float) -> int:
+        def run(db: sqlite3.Connection) -> int:
+            total = 0
+            subs = db.execute(
+                "SELECT id, max_age_s, last_seq FROM subscriptions WHERE max_age_s IS NOT NULL"
+            ).fetchall()
+            for sub_id, max_age, last in subs:
+                row = db.execute(
+                    "SELECT min(seq) FROM messages WHERE sub_id = ? AND enqueued_at >= ?",
+                    (sub_id, now - max_age),
+                ).fetchone()
+                keep_from = row[0] if row[0] is not None else last + 1
+                total += self._drop_before(db, sub_id, keep_from)
+            db.execute("DELETE FROM ingested WHERE at < ?", (now - self.dedup_s,))
+            db.execute("DELETE FROM claims WHERE expires_at < ?", (now - 3600,))
+            return total
+
+        return await self._run(self._tx, run)
+
+    def _require(self, db: sqlite3.Connection, sub_id: str) -> tuple[int, int]:
+        row = db.execute(
+            "SELECT first_seq, last_seq FROM subscriptions WHERE id = ?", (sub_id,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no subscription {sub_id!r}", subscription=sub_id)
+        return int(row[0]), int(row[1])
+
+    @staticmethod
+    def _msg(row: tuple[Any, ...]) -> Message:
+        return Message(
+            seq=row[0],
+            event=msgspec.Raw(row[1]),
+            state=row[2],
+            deliveries=row[3],
+            enqueued_at=row[4],
+        )
+
+    async def read(
+        self, sub_id: str, *, after: int, limit: int
+    ) -> tuple[Gap | None, list[Message]]:
+        def run() -> tuple[Gap | None, list[Message]]:
+            db = self.db
+            first, last = self._require(db, sub_id)
+            gap = Gap(after + 1, min(first - 1, last)) if after + 1 < first else None
+            rows = db.execute(
+                f"SELECT {_MSG_COLUMNS} FROM messages WHERE sub_id = ? AND seq > ? "
+                "ORDER BY seq LIMIT ?",
+                (sub_id, after, limit),
+            ).fetchall()
+            return gap, [self._msg(r) for r in rows]
+
+        return await self._run(run)
+
+    async def claim(
+        self,
+        sub_id: str,
+        *,
+        limit: int,
+        ttl: float,
+        now: float,
+        max_deliveries: int,
+        head_only: bool = False,
+    ) -> Claim | None:
+        def run(db: sqlite3.Connection) -> Claim | None:
+            self._require(db, sub_id)
+            # Messages that already had their last delivery go to the dead letters first.
+            db.execute(
+                "UPDATE messages SET state = ?, claim_id = NULL WHERE sub_id = ? AND state = ? "
+                "AND visible_at <= ? AND deliveries >= ?",
+                (DEAD, sub_id, READY, now, max_deliveries),
+            )
+            if head_only:
+                head = db.execute(
+                    "SELECT seq, visible_at FROM messages WHERE sub_id = ? AND state = ? "
+                    "ORDER BY seq LIMIT 1",
+                    (sub_id, READY),
+                ).fetchone()
+                rows = [(head[0],)] if head is not None and head[1] <= now else []
+            else:
+                rows = db.execute(
+                    "SELECT seq FROM messages WHERE sub_id = ? AND state = ? AND visible_at <= ? "
+                    "ORDER BY seq LIMIT ?",
+                    (sub_id, READY, now, limit),
+                ).fetchall()
+            if not rows:
+                return None
+            claim_id = "clm-" + new_id()
+            expires = now + ttl
+            db.execute(
+                "INSERT INTO claims (id, sub_id, expires_at) VALUES (?, ?, ?)",
+                (claim_id, sub_id, expires),
+            )
+            db.executemany(
+                "UPDATE messages SET claim_id = ?, visible_at = ?, deliveries = deliveries + 1 "
+                "WHERE sub_id = ? AND seq = ?",
+                [(claim_id, expires, sub_id, r[0]) for r in rows],
+            )
+            marks = ",".join("?" * len(rows))
+            msgs = db.execute(
+                f"SELECT {_MSG_COLUMNS} FROM messages WHERE sub_id = ? AND seq IN ({marks}) "
+                "ORDER BY seq",
+                (sub_id, *(r[0] for r in rows)),
+            ).fetchall()
+            return Claim(
+                id=claim_id,
+                subscription=sub_id,
+                expires_at=expires,
+                messages=[self._msg(m) for m in msgs],
+            )
+
+        return await self._run(self._tx, run)
+
+    def _live_claim(self, db: sqlite3.Connection, sub_id: str, claim_id: str, now: float) -> None:
+        self._require(db, sub_id)
+        row = db.execute(
+            "SELECT expires_at FROM claims WHERE id = ? AND sub_id = ?", (claim_id, sub_id)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no claim {claim_id!r} on this subscription", claim=claim_id)
+        if row[0] <= now:
+            raise ClaimExpired(
+                f"claim {claim_id} expired; its messages are visible again, claim them anew",
+                claim=claim_id,
+            )
+
+    async def ack(
+        self, sub_id: str, claim_id: str, seqs: Sequence[int] | None, *, now: float
+    ) -> int:
+        def run(db: sqlite3.Connection) -> int:
+            self._live_claim(db, sub_id, claim_id, now)
+            query = (
+                "UPDATE messages SET state = ?, claim_id = NULL WHERE sub_id = ? "
+                "AND claim_id = ? AND state = ?"
+            )
+            args: list[Any] = [ACKED, sub_id, claim_id, READY]
+            if seqs is not None:
+                query += f" AND seq IN ({','.join('?' * len(seqs))})"
+                args.extend(seqs)
+            return int(db.execute(query, args).rowcount)
+
+        return await self._run(self._tx, run)
+
+    async def release(self, sub_id: str, claim_id: str, *, now: float) -> int:
+        def run(db: sqlite3.Connection) -> int:
+            self._live_claim(db, sub_id, claim_id, now)
+            n = db.execute(
+                "UPDATE messages SET claim_id = NULL, visible_at = ? WHERE sub_id = ? "
+                "AND claim_id = ? AND state = ?",
+                (now, sub_id, claim_id, READY),
+            ).rowcount
+            db.execute("DELETE FROM claims WHERE id = ?", (claim_id,))
+            return int(n)
+
+        return await self._run(self._tx, run)
+
+    async def extend(self, sub_id: str, claim_id: str, *, ttl: float, now: float) -> float:
+        def run(db: sqlite3.Connection) -> float:
+            self._live_claim(db, sub_id, claim_id, now)
+            expires = now + ttl
+            db.execute("UPDATE claims SET expires_at = ? WHERE id = ?", (expires, claim_id))
+            db.execute(
+                "UPDATE messages SET visible_at = ? WHERE sub_id = ? AND claim_id = ? "
+                "AND state = ?",
+                (expires, sub_id, claim_id, READY),
+            )
+            return expires
+
+        return await self._run(self._tx, run)
+
+    async def ack_upto(self, sub_id: str, seq: int) -> int:
+        def run(db: sqlite3.Connection) -> int:
+            self._require(db, sub_id)
+            return int(
+                db.execute(
+                    "UPDATE messages SET state = ? WHERE sub_id = ? AND seq <= ? AND state = ? "
+                    "AND claim_id IS NULL",
+                    (ACKED, sub_id, seq, READY),
+                ).rowcount
+            )
+
+        return await self._run(self._tx, run)
+
+    async def acked_upto(self, sub_id: str) -> int:
+        def run() -> int:
+            _, last = self._require(self.db, sub_id)
+            row = self.db.execute(
+                "SELECT min(seq) FROM messages WHERE sub_id = ? AND state = ?", (sub_id, READY)
+            ).fetchone()
+            return last if row[0] is None else int(row[0]) - 1
+
+        return await self._run(run)
+
+    async def dead_letters(self, sub_id: str, *, after: int, limit: int) -> list[Message]:
+        def run() -> list[Message]:
+            self._require(self.db, sub_id)
+            rows = self.db.execute(
+                f"SELECT {_MSG_COLUMNS} FROM messages WHERE sub_id = ? AND state = ? "
+                "AND seq > ? ORDER BY seq LIMIT ?",
+                (sub_id, DEAD, after, limit),
+            ).fetchall()
+            return [self._msg(r) for r in rows]
+
+        return await self._run(run)
+
+    async def redrive(self, sub_id: str, seqs: Sequence[int] | None) -> int:
+        def run(db: sqlite3.Connection) -> int:
+            self._require(db, sub_id)
+            query = (
+                "UPDATE messages SET state = ?, deliveries = 0, visible_at = 0, claim_id = NULL "
+                "WHERE sub_id = ? AND state = ?"
+            )
+            args: list[Any] = [READY, sub_id, DEAD]
+            if seqs is not None:
+                query += f" AND seq IN ({','.join('?' * len(seqs))})"
+                args.extend(seqs)
+            return int(db.execute(query, args).rowcount)
+
+        return await self._run(self._tx, run)

@@ -1,0 +1,133 @@
+"""Hub fixtures: stores parametrized over every backend, and a hub serving on 127.0.0.1.
+
+Adding a store means adding it to STORES, nothing else: no test names a store.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from keel.hub import Hub, HubServer, Principal, SQLiteStore, StaticTokens, Store
+from tests.servers import server_url
+
+StoreFactory = Callable[[Path], Awaitable[Store]]
+
+
+async def _sqlite(tmp: Path) -> Store:
+    store = SQLiteStore(tmp / "hub.db")
+    await store.open()
+    return store
+
+
+async def _postgres(tmp: Path) -> Store:
+    from keel.hub.stores.postgres import PostgresStore  # noqa: PLC0415 - needs the server
+
+    store = PostgresStore(server_url("postgres"), schema=f"t_{uuid.uuid4().hex[:12]}")
+    await store.open()
+    return store
+
+
+STORES: dict[str, StoreFactory] = {"sqlite": _sqlite, "postgres": _postgres}
+
+
+def _classes() -> dict[str, type]:
+    from keel.hub.stores.postgres import PostgresStore  # noqa: PLC0415
+
+    return {"sqlite": SQLiteStore, "postgres": PostgresStore}
+
+
+# The stores that declare several hub processes may share them (tests/hub/test_scale_out.py).
+MULTI_PROCESS = sorted(name for name, cls in _classes().items() if cls.multi_process)
+
+
+async def drop(store: Store) -> None:
+    await store.close()
+    schema = getattr(store, "schema", None)
+    if schema is not None:  # PostgreSQL: each test had its own schema; drop it
+        import asyncpg  # noqa: PLC0415
+
+        conn = await asyncpg.connect(server_url("postgres"))
+        await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+        await conn.close()
+
+
+async def another_view(store: Store) -> Store:
+    """The same store opened again, as a second hub process would (multi-process stores)."""
+    from keel.hub.stores.postgres import PostgresStore  # noqa: PLC0415
+
+    assert isinstance(store, PostgresStore)
+    other = PostgresStore(store.url, schema=store.schema)
+    await other.open()
+    return other
+
+
+TOKENS = {
+    "tok-alice": Principal("alice", "p-one", ("member",)),
+    "tok-bob": Principal("bob", "p-two", ("member",)),
+    "tok-carol": Principal("carol", "p-one", ("member",)),
+    "tok-admin": Principal("root", "p-admin", ("admin",)),
+}
+
+
+@pytest.fixture(params=sorted(STORES))
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    s = await STORES[request.param](tmp_path)
+    yield s
+    await drop(s)
+
+
+@pytest.fixture
+async def hub(store: Store) -> AsyncIterator[Hub]:
+    h = Hub(store, StaticTokens(TOKENS), quota_subscriptions=5)
+    await h.start()
+    yield h
+    await h.stop()
+
+
+@pytest.fixture
+async def server(hub: Hub) -> AsyncIterator[HubServer]:
+    async with HubServer(hub, heartbeat=0.5) as srv:
+        yield srv
+
+
+class Clients:
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self._open: list[httpx.AsyncClient] = []
+
+    def __call__(self, token: str | None) -> httpx.AsyncClient:
+        headers = {"X-Auth-Token": token} if token else {}
+        client = httpx.AsyncClient(base_url=self.base, headers=headers, timeout=10)
+        self._open.append(client)
+        return client
+
+    async def close(self) -> None:
+        for c in self._open:
+            await c.aclose()
+
+
+@pytest.fixture
+async def clients(server: HubServer) -> AsyncIterator[Clients]:
+    c = Clients(server.url)
+    yield c
+    await c.close()
+
+
+@pytest.fixture
+def alice(clients: Clients) -> httpx.AsyncClient:
+    return clients("tok-alice")
+
+
+@pytest.fixture
+def bob(clients: Clients) -> httpx.AsyncClient:
+    return clients("tok-bob")
+
+
+@pytest.fixture
+def admin(clients: Clients) -> httpx.AsyncClient:
+    return clients("tok-admin")

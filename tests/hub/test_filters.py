@@ -1,0 +1,128 @@
+"""Filters are pure: property tests over the CloudEvents Subscriptions API dialects."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from keel.errors import InvalidFilter
+from keel.hub import compile_filter
+
+NAMES = st.sampled_from(["type", "source", "subject", "priority", "tenant"])
+VALUES = st.text(alphabet="abc.-*", max_size=6)
+ATTRS = st.dictionaries(NAMES, VALUES, max_size=5)
+
+
+def leaf() -> st.SearchStrategy[dict[str, Any]]:
+    pairs = st.dictionaries(NAMES, VALUES, min_size=1, max_size=2)
+    return st.one_of(
+        pairs.map(lambda p: {"exact": p}),
+        pairs.map(lambda p: {"prefix": p}),
+        pairs.map(lambda p: {"suffix": p}),
+    )
+
+
+FILTERS = st.recursive(
+    leaf(),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3).map(lambda f: {"all": f}),
+        st.lists(inner, max_size=3).map(lambda f: {"any": f}),
+        inner.map(lambda f: {"not": f}),
+    ),
+    max_leaves=6,
+)
+
+
+def match(f: dict[str, Any], attrs: dict[str, str]) -> bool:
+    return compile_filter({"filters": [f]})(attrs)
+
+
+@given(FILTERS, ATTRS)
+def test_not_inverts(f: dict[str, Any], attrs: dict[str, str]) -> None:
+    assert match({"not": f}, attrs) is (not match(f, attrs))
+
+
+@given(st.lists(FILTERS, max_size=3), ATTRS)
+def test_all_is_conjunction(fs: list[dict[str, Any]], attrs: dict[str, str]) -> None:
+    assert match({"all": fs}, attrs) is all(match(f, attrs) for f in fs)
+
+
+@given(st.lists(FILTERS, max_size=3), ATTRS)
+def test_any_is_disjunction(fs: list[dict[str, Any]], attrs: dict[str, str]) -> None:
+    assert match({"any": fs}, attrs) is any(match(f, attrs) for f in fs)
+
+
+@given(NAMES, VALUES, ATTRS)
+def test_exact_prefix_suffix(name: str, value: str, attrs: dict[str, str]) -> None:
+    present = name in attrs
+    assert match({"exact": {name: value}}, attrs) is (present and attrs[name] == value)
+    assert match({"prefix": {name: value}}, attrs) is (present and attrs[name].startswith(value))
+    assert match({"suffix": {name: value}}, attrs) is (present and attrs[name].endswith(value))
+
+
+@given(NAMES, ATTRS)
+def test_empty_prefix_matches_exactly_the_present_attributes(
+    name: str, attrs: dict[str, str]
+) -> None:
+    assert match({"prefix": {name: ""}}, attrs) is (name in attrs)
+
+
+@given(st.text(alphabet="ab.", max_size=8), st.text(alphabet="ab.", max_size=8))
+def test_type_wildcard_star_matches_any_run(head: str, tail: str) -> None:
+    pred = compile_filter({"types": [head + "*" + tail]})
+    assert pred({"type": head + "xyz" + tail})
+    assert pred({"type": head + tail})
+
+
+def test_type_wildcard_is_literal_otherwise() -> None:
+    pred = compile_filter({"types": ["compute.instance.*"]})
+    assert pred({"type": "compute.instance.create.end"})
+    assert not pred({"type": "computeXinstance.create"})
+    assert not pred({"type": "volume.create"})
+    assert not pred({})
+
+
+def test_top_level_fields_all_hold() -> None:
+    pred = compile_filter(
+        {"types": ["a.*"], "source": "s", "subject": "i-1", "priority": ["info", "error"]}
+    )
+    good = {"type": "a.b", "source": "s", "subject": "i-1", "priority": "info"}
+    assert pred(good)
+    for key, bad in [("type", "b"), ("source", "t"), ("subject", "i-2"), ("priority", "debug")]:
+        assert not pred({**good, key: bad})
+
+
+def test_empty_all_matches_and_empty_any_does_not() -> None:
+    assert match({"all": []}, {})
+    assert not match({"any": []}, {})
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ({"filters": [{"sql": "type = 'x'"}]}, "sql dialect is not supported"),
+        ({"filters": [{"nope": {}}]}, "unknown dialect"),
+        ({"filters": [{"exact": {"type": 1}}]}, "must be a string"),
+        ({"filters": [{"exact": {"Type": "x"}}]}, "lowercase"),
+        ({"filters": [{"exact": {}}]}, "must map attribute names"),
+        ({"filters": [{"exact": {"a": "b"}, "prefix": {"a": "b"}}]}, "exactly one dialect"),
+        ({"filters": {"exact": {"a": "b"}}}, "must be a list"),
+        ({"types": []}, "1 to 100 strings"),
+        ({"types": "compute.*"}, "1 to 100 strings"),
+        ({"filters": [{"all": {"exact": {"a": "b"}}}]}, "list of filters"),
+    ],
+)
+def test_bad_filters_name_the_problem(spec: dict[str, Any], words: str) -> None:
+    with pytest.raises(InvalidFilter, match=words):
+        compile_filter(spec)
+
+
+def test_deep_nesting_is_refused() -> None:
+    f: dict[str, Any] = {"exact": {"type": "x"}}
+    for _ in range(10):
+        f = {"not": f}
+    with pytest.raises(InvalidFilter, match="deeper"):
+        compile_filter({"filters": [f]})

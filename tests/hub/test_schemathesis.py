@@ -1,0 +1,90 @@
+"""Schemathesis against the OpenAPI document, with tokens of two tenants: no 5xx, and no
+operation on another tenant's subscription answers with success or its data.
+
+The hub runs in its own process (schemathesis calls are blocking). Streams are left out:
+a stream of an existing subscription never ends by design (tests/hub/test_sse.py and
+test_ws.py cover them).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import not_a_server_error
+
+from keel.hub import StaticTokens
+from keel.hub._openapi import openapi_document
+from tests.hub.conftest import TOKENS
+
+schema = schemathesis.openapi.from_dict(openapi_document()).exclude(path_regex=r"/(stream|ws)$")
+
+
+class Hub:
+    url = ""
+    bob_sub = ""
+    bob_event = "bob-secret-event"
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[type[Hub]]:
+    tmp: Path = tmp_path_factory.mktemp("schemathesis")
+    StaticTokens(TOKENS).write(tmp / "tokens.json")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.hub.hub_proc",
+            str(tmp / "hub.db"),
+            str(tmp / "tokens.json"),
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith(b"READY"), line
+        Hub.url = f"http://127.0.0.1:{int(line.split()[1])}"
+        with httpx.Client(base_url=Hub.url, timeout=10) as c:
+            r = c.post("/v1/subscriptions", json={}, headers={"X-Auth-Token": "tok-bob"})
+            Hub.bob_sub = r.json()["id"]
+            event = {
+                "specversion": "1.0",
+                "id": Hub.bob_event,
+                "source": "s",
+                "type": "t",
+                "tenant": "p-two",
+            }
+            r = c.post("/v1/events", json=event, headers={"X-Auth-Token": "tok-admin"})
+            assert r.status_code == 202
+        yield Hub
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+@schema.parametrize()
+@settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+def test_api(case: schemathesis.Case, hub: type[Hub]) -> None:
+    response = case.call(base_url=hub.url, headers={"X-Auth-Token": "tok-alice"}, timeout=10)
+    case.validate_response(response, checks=[not_a_server_error])
+    if "sub_id" in (case.path_parameters or {}):
+        case.path_parameters["sub_id"] = hub.bob_sub
+        other = case.call(base_url=hub.url, headers={"X-Auth-Token": "tok-alice"}, timeout=10)
+        case.validate_response(other, checks=[not_a_server_error])
+        assert not 200 <= other.status_code < 300, (case.path, other.status_code, other.text)
+        assert hub.bob_event not in other.text
+        assert other.status_code != 403

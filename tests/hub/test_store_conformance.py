@@ -1,0 +1,160 @@
+"""The store conformance suite: every store (see conftest.STORES) keeps the same promises."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from keel.errors import ClaimExpired, NotFound
+from keel.hub.stores.base import Retention, Routed, Store, Subscription
+
+NOW = 1_000_000.0
+
+
+async def make_sub(store: Store, sub_id: str, **kw: object) -> Subscription:
+    sub = Subscription(
+        id=sub_id,
+        project="p",
+        user="u",
+        spec={},
+        created_at=NOW,
+        **kw,  # type: ignore[arg-type]
+    )
+    await store.create_subscription(sub)
+    return sub
+
+
+def ev(n: int) -> bytes:
+    return msgspec.json.encode({"id": f"e{n}", "source": "s", "type": "t", "n": n})
+
+
+async def test_append_numbers_each_queue_from_one(store: Store) -> None:
+    await make_sub(store, "a")
+    await make_sub(store, "b")
+    out = await store.append(
+        [Routed("e1", ev(1), ("a", "b")), Routed("e2", ev(2), ("a",))], now=NOW
+    )
+    assert [(x.subscription, x.seq) for x in out] == [("a", 1), ("b", 1), ("a", 2)]
+    _, msgs = await store.read("a", after=0, limit=10)
+    assert [m.seq for m in msgs] == [1, 2]
+    assert msgspec.json.decode(msgs[1].event)["n"] == 2
+
+
+async def test_redelivered_event_is_not_enqueued_twice(store: Store) -> None:
+    await make_sub(store, "a")
+    await store.append([Routed("e1", ev(1), ("a",))], now=NOW)
+    again = await store.append([Routed("e1", ev(1), ("a",))], now=NOW + 1)
+    assert again == []
+    assert (await store.get_subscription("a")).last_seq == 1
+
+
+async def test_length_retention_counts_drops_and_reports_a_gap(store: Store) -> None:
+    await make_sub(store, "a", retention=Retention(max_age_s=None, max_messages=3))
+    await store.append([Routed(f"e{n}", ev(n), ("a",)) for n in range(1, 8)], now=NOW)
+    sub = await store.get_subscription("a")
+    assert (sub.first_seq, sub.last_seq, sub.dropped) == (5, 7, 4)
+    gap, msgs = await store.read("a", after=1, limit=10)
+    assert gap is not None
+    assert (gap.first, gap.last, gap.count) == (2, 4, 3)
+    assert [m.seq for m in msgs] == [5, 6, 7]
+    nogap, _ = await store.read("a", after=4, limit=10)
+    assert nogap is None
+
+
+async def test_age_retention_drops_from_the_head(store: Store) -> None:
+    await make_sub(store, "a", retention=Retention(max_age_s=10, max_messages=None))
+    await store.append([Routed("e1", ev(1), ("a",))], now=NOW)
+    await store.append([Routed("e2", ev(2), ("a",))], now=NOW + 8)
+    assert await store.enforce_retention(now=NOW + 12) == 1
+    sub = await store.get_subscription("a")
+    assert (sub.first_seq, sub.dropped) == (2, 1)
+
+
+async def test_claim_ack_and_expiry(store: Store) -> None:
+    await make_sub(store, "a")
+    await store.append([Routed(f"e{n}", ev(n), ("a",)) for n in range(1, 4)], now=NOW)
+    c1 = await store.claim("a", limit=2, ttl=30, now=NOW, max_deliveries=5)
+    assert c1 is not None
+    assert [m.seq for m in c1.messages] == [1, 2]
+    c2 = await store.claim("a", limit=5, ttl=30, now=NOW, max_deliveries=5)
+    assert c2 is not None
+    assert [m.seq for m in c2.messages] == [3]
+    assert await store.claim("a", limit=5, ttl=30, now=NOW, max_deliveries=5) is None
+    assert await store.ack("a", c1.id, [1], now=NOW + 1) == 1
+    # c1 expires: seq 2 is visible again, seq 1 stays acked.
+    c3 = await store.claim("a", limit=5, ttl=30, now=NOW + 31, max_deliveries=5)
+    assert c3 is not None
+    assert [(m.seq, m.deliveries) for m in c3.messages] == [(2, 2), (3, 2)]
+    with pytest.raises(ClaimExpired):
+        await store.ack("a", c1.id, None, now=NOW + 31)
+
+
+async def test_release_and_extend(store: Store) -> None:
+    await make_sub(store, "a")
+    await store.append([Routed("e1", ev(1), ("a",))], now=NOW)
+    c = await store.claim("a", limit=1, ttl=10, now=NOW, max_deliveries=5)
+    assert c is not None
+    assert await store.extend("a", c.id, ttl=100, now=NOW + 5) == NOW + 105
+    assert await store.claim("a", limit=1, ttl=10, now=NOW + 50, max_deliveries=5) is None
+    assert await store.release("a", c.id, now=NOW + 50) == 1
+    again = await store.claim("a", limit=1, ttl=10, now=NOW + 50, max_deliveries=5)
+    assert again is not None
+    with pytest.raises(NotFound):
+        await store.ack("a", "clm-nope", None, now=NOW)
+
+
+async def test_max_deliveries_dead_letters_and_redrive(store: Store) -> None:
+    await make_sub(store, "a")
+    await store.append([Routed("e1", ev(1), ("a",))], now=NOW)
+    t = NOW
+    for _ in range(2):
+        assert await store.claim("a", limit=1, ttl=1, now=t, max_deliveries=2) is not None
+        t += 2
+    assert await store.claim("a", limit=1, ttl=1, now=t, max_deliveries=2) is None
+    dead = await store.dead_letters("a", after=0, limit=10)
+    assert [(m.seq, m.state) for m in dead] == [(1, "dead")]
+    assert await store.redrive("a", None) == 1
+    assert await store.dead_letters("a", after=0, limit=10) == []
+    c = await store.claim("a", limit=1, ttl=1, now=t, max_deliveries=2)
+    assert c is not None
+    assert c.messages[0].deliveries == 1
+
+
+async def test_subscriptions_list_by_project_and_page(store: Store) -> None:
+    for i in range(5):
+        await make_sub(store, f"s{i}")
+    other = Subscription(id="x", project="q", user="u", spec={}, created_at=NOW)
+    await store.create_subscription(other)
+    page = await store.list_subscriptions("p", limit=3, marker=None)
+    assert [s.id for s in page] == ["s0", "s1", "s2"]
+    page = await store.list_subscriptions("p", limit=3, marker="s2")
+    assert [s.id for s in page] == ["s3", "s4"]
+    assert await store.count_subscriptions("q") == 1
+
+
+async def test_unknown_and_deleted_subscriptions_are_not_found(store: Store) -> None:
+    await make_sub(store, "a")
+    await store.delete_subscription("a")
+    with pytest.raises(NotFound):
+        await store.get_subscription("a")
+    with pytest.raises(NotFound):
+        await store.read("a", after=0, limit=1)
+    with pytest.raises(NotFound):
+        await store.claim("a", limit=1, ttl=1, now=NOW, max_deliveries=1)
+    # Appending to a deleted subscription is a no-op, not an error (routing raced the delete).
+    assert await store.append([Routed("e1", ev(1), ("a",))], now=NOW) == []
+
+
+async def test_ack_upto_and_the_acked_prefix(store: Store) -> None:
+    await make_sub(store, "a")
+    await store.append([Routed(f"e{n}", ev(n), ("a",)) for n in range(1, 5)], now=NOW)
+    assert await store.acked_upto("a") == 0
+    claim = await store.claim("a", limit=1, ttl=30, now=NOW, max_deliveries=5)
+    assert claim is not None
+    # Seq 1 is claimed by a pull consumer: a stream ack does not touch it.
+    assert await store.ack_upto("a", 3) == 2
+    assert await store.acked_upto("a") == 0
+    await store.ack("a", claim.id, None, now=NOW)
+    assert await store.acked_upto("a") == 3
+    assert await store.ack_upto("a", 10) == 1
+    assert await store.acked_upto("a") == 4
