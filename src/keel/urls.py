@@ -30,8 +30,12 @@ class BackendRef:
 _BUILTIN: dict[str, dict[str, BackendRef]] = {
     "transport": {
         "memory": BackendRef("keel.messaging.transports.memory:MemoryTransport"),
-        "redis": BackendRef("keel.messaging.transports.redis:RedisTransport", extra="redis"),
+        "rabbit": BackendRef(
+            "keel.messaging.transports.rabbitmq:RabbitTransport", extra="rabbitmq"
+        ),
+        "amqp": BackendRef("keel.messaging.transports.rabbitmq:RabbitTransport", extra="rabbitmq"),
         "nats": BackendRef("keel.messaging.transports.nats:NatsTransport", extra="nats"),
+        "redis": BackendRef("keel.messaging.transports.redis:RedisTransport", extra="redis"),
     },
     "coordination": {
         "sqlite": BackendRef("keel.coordination.backends.sqlite:SqliteBackend"),

@@ -18,6 +18,7 @@ from tests.servers import server_url
 TRANSPORTS: dict[str, Callable[[], str]] = {
     "memory": lambda: f"memory://conformance-{uuid.uuid4().hex[:8]}",
     "nats": lambda: server_url("nats"),
+    "rabbitmq": lambda: server_url("rabbitmq"),
     "redis": lambda: server_url("redis"),
 }
 
@@ -25,6 +26,7 @@ TRANSPORTS: dict[str, Callable[[], str]] = {
 # The memory transport lives inside the test process, so it has no broker to restart.
 BROKERS: dict[str, tuple[str, Callable[[], str]]] = {
     "nats": ("nats", lambda: server_url("nats")),
+    "rabbitmq": ("rabbitmq", lambda: server_url("rabbitmq")),
     "redis": ("redis", lambda: server_url("redis")),
 }
 

@@ -245,6 +245,10 @@ class NotificationListener:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
+    def _decode(self, body: bytes) -> Notification:
+        """Bytes on a queue to a notification (keel.messaging.oslo reads oslo's format)."""
+        return decode_notification(body)
+
     def _on_delivery(self, delivery: Delivery) -> None:
         task = asyncio.get_running_loop().create_task(self._handle(delivery))
         self._tasks.add(task)
@@ -260,7 +264,7 @@ class NotificationListener:
 
     async def _process(self, delivery: Delivery) -> None:
         try:
-            note = decode_notification(delivery.body)
+            note = self._decode(delivery.body)
         except MalformedMessage as exc:
             self.counts["keel_notifications", "?", "malformed"] += 1
             event(log, logging.WARNING, "notification.malformed", error=exc)
