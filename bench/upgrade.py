@@ -128,6 +128,7 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench upgrade")
     parser.add_argument("--transport", default="memory")
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--oslo", action="store_true", help="also run oslo.messaging on RabbitMQ")
     parser.add_argument(
         "--settle", type=float, default=2.0, help="seconds of load before and after"
     )

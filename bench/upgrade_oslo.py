@@ -21,7 +21,8 @@ def run(clients: int, settle: float) -> dict[str, Any]:
     import oslo_messaging as om  # noqa: PLC0415 - only when the anchor runs
     from oslo_config import cfg  # noqa: PLC0415
 
-    conf = cfg.ConfigOpts()
+    conf = cfg.CONF  # oslo registers some options (tracing) on the global CONF only
+    conf([], project="bench")
     transport = om.get_rpc_transport(conf, url=servers.url("rabbit"))
     topic = f"oslo-upgrade-{time.monotonic_ns()}"
     executed: Counter[str] = Counter()
