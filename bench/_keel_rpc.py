@@ -6,7 +6,7 @@ import asyncio
 import time
 from typing import Any
 
-from bench._stats import percentile
+from bench._timing import time_calls
 from keel.messaging import (
     NotificationListener,
     Notifier,
@@ -60,24 +60,7 @@ async def measure(url: str, params: dict[str, Any]) -> dict[str, float]:
     async def call(i: int) -> Any:
         return await client.call(None, "echo", i=i)
 
-    for i in range(200):
-        await call(i)
-    samples: list[float] = []
-    started = time.perf_counter()
-    for i in range(calls):
-        t0 = time.perf_counter()
-        await call(i)
-        samples.append(time.perf_counter() - t0)
-    seq = time.perf_counter() - started
-
-    async def worker(n: int) -> None:
-        for i in range(n):
-            await call(i)
-
-    share = calls // concurrency
-    started = time.perf_counter()
-    await asyncio.gather(*(worker(share) for _ in range(concurrency)))
-    conc = time.perf_counter() - started
+    timed = await time_calls(call, calls, concurrency)
 
     casts = max(1000, calls // 2)
     endpoint.cast_goal = casts
@@ -104,10 +87,7 @@ async def measure(url: str, params: dict[str, Any]) -> dict[str, float]:
     await client_transport.close()
     await server_transport.close()
     return {
-        "call_p50_ms": percentile(samples, 50) * 1000,
-        "call_p99_ms": percentile(samples, 99) * 1000,
-        "seq_calls_per_s": calls / seq,
-        "conc_calls_per_s": share * concurrency / conc,
+        **timed,
         "casts_per_s": casts / cast_elapsed,
         "notifications_per_s": casts / notify_elapsed,
     }

@@ -8,7 +8,6 @@ no deadline propagation). Casts and notifications have no raw equivalent worth t
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -17,7 +16,7 @@ from nats.aio.msg import Msg
 
 from bench._keel_rpc import measure
 from bench._servers import url
-from bench._stats import percentile
+from bench._timing import time_calls
 
 
 async def keel_nats(params: dict[str, Any]) -> dict[str, float]:
@@ -41,31 +40,11 @@ async def natspy_nats(params: dict[str, Any]) -> dict[str, float]:
         reply = await client_nc.request(subject, str(i).encode(), timeout=30)
         return reply.data
 
-    for i in range(200):
-        await call(i)
-    samples: list[float] = []
-    started = time.perf_counter()
-    for i in range(calls):
-        t0 = time.perf_counter()
-        await call(i)
-        samples.append(time.perf_counter() - t0)
-    seq = time.perf_counter() - started
-
-    async def worker(n: int) -> None:
-        for i in range(n):
-            await call(i)
-
-    share = calls // concurrency
-    started = time.perf_counter()
-    await asyncio.gather(*(worker(share) for _ in range(concurrency)))
-    conc = time.perf_counter() - started
+    timed = await time_calls(call, calls, concurrency)
     await client_nc.close()
     await server_nc.close()
     return {
-        "call_p50_ms": percentile(samples, 50) * 1000,
-        "call_p99_ms": percentile(samples, 99) * 1000,
-        "seq_calls_per_s": calls / seq,
-        "conc_calls_per_s": share * concurrency / conc,
+        **timed,
     }
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from bench._keel_rpc import measure
 from bench._stats import percentile
+from bench._timing import time_calls
 
 SERVERS = Path(__file__).resolve().parent.parent / "scripts" / "servers"
 
@@ -232,24 +233,7 @@ async def aiopika_rabbit(params: dict[str, Any]) -> dict[str, float]:
         )
         return await asyncio.wait_for(future, 30)
 
-    for i in range(200):
-        await call(i)
-    samples: list[float] = []
-    started = time.perf_counter()
-    for i in range(calls):
-        t0 = time.perf_counter()
-        await call(i)
-        samples.append(time.perf_counter() - t0)
-    seq = time.perf_counter() - started
-
-    async def worker(n: int) -> None:
-        for i in range(n):
-            await call(i)
-
-    share = calls // concurrency
-    started = time.perf_counter()
-    await asyncio.gather(*(worker(share) for _ in range(concurrency)))
-    conc = time.perf_counter() - started
+    timed = await time_calls(call, calls, concurrency)
 
     started = time.perf_counter()
     for i in range(casts):
@@ -263,10 +247,7 @@ async def aiopika_rabbit(params: dict[str, Any]) -> dict[str, float]:
     await client_conn.close()
     await server_conn.close()
     return {
-        "call_p50_ms": percentile(samples, 50) * 1000,
-        "call_p99_ms": percentile(samples, 99) * 1000,
-        "seq_calls_per_s": calls / seq,
-        "conc_calls_per_s": share * concurrency / conc,
+        **timed,
         "casts_per_s": casts / cast_elapsed,
     }
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,7 +22,7 @@ import redis.asyncio as aioredis
 
 from bench import _servers as servers
 from bench._keel_rpc import measure
-from bench._stats import percentile
+from bench._timing import time_calls
 
 BATCH = 64
 
@@ -77,24 +76,7 @@ async def redispy_redis(params: dict[str, Any]) -> dict[str, float]:
         return await asyncio.wait_for(future, 30)
 
     tasks = [asyncio.ensure_future(serve()), asyncio.ensure_future(read_replies())]
-    for i in range(200):
-        await call(i)
-    samples: list[float] = []
-    started = time.perf_counter()
-    for i in range(calls):
-        t0 = time.perf_counter()
-        await call(i)
-        samples.append(time.perf_counter() - t0)
-    seq = time.perf_counter() - started
-
-    async def worker(n: int) -> None:
-        for i in range(n):
-            await call(i)
-
-    share = calls // concurrency
-    started = time.perf_counter()
-    await asyncio.gather(*(worker(share) for _ in range(concurrency)))
-    conc = time.perf_counter() - started
+    timed = await time_calls(call, calls, concurrency)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -102,10 +84,7 @@ async def redispy_redis(params: dict[str, Any]) -> dict[str, float]:
     await server_r.aclose()
     await client_r.aclose()
     return {
-        "call_p50_ms": percentile(samples, 50) * 1000,
-        "call_p99_ms": percentile(samples, 99) * 1000,
-        "seq_calls_per_s": calls / seq,
-        "conc_calls_per_s": share * concurrency / conc,
+        **timed,
     }
 
 
