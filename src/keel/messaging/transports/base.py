@@ -26,9 +26,20 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
+from keel.errors import MessageTooLarge
 from keel.urls import URL
 
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
+
+
+def check_size(body: bytes, limit: int) -> None:
+    """Refuse a body over the transport's limit before it reaches the broker."""
+    if len(body) > limit:
+        raise MessageTooLarge(
+            f"message is {len(body)} bytes, over the transport's {limit}-byte limit",
+            size=len(body),
+            limit=limit,
+        )
 
 
 class Delivery(Protocol):

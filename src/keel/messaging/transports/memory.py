@@ -18,8 +18,8 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from keel.errors import MessageTooLarge, TransportError
-from keel.messaging.transports.base import DEFAULT_MAX_MESSAGE_BYTES, Handler
+from keel.errors import TransportError
+from keel.messaging.transports.base import DEFAULT_MAX_MESSAGE_BYTES, Handler, check_size
 from keel.urls import URL
 
 
@@ -229,13 +229,7 @@ class MemoryTransport:
                 await consumer.cancel()
 
     def _check_size(self, body: bytes) -> None:
-        if len(body) > self.max_message_bytes:
-            raise MessageTooLarge(
-                f"message is {len(body)} bytes, over the transport's "
-                f"{self.max_message_bytes}-byte limit",
-                size=len(body),
-                limit=self.max_message_bytes,
-            )
+        check_size(body, self.max_message_bytes)
 
     async def send(self, queue: str, body: bytes, *, durable: bool) -> None:
         self._check_open()

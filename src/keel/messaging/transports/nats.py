@@ -85,7 +85,7 @@ from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType
 
 from keel.errors import ConfigError, KeelError, MessageTooLarge, TransportError
-from keel.messaging.transports.base import DEFAULT_MAX_MESSAGE_BYTES, Handler
+from keel.messaging.transports.base import DEFAULT_MAX_MESSAGE_BYTES, Handler, check_size
 from keel.urls import URL
 
 log = logging.getLogger("keel.messaging.nats")
@@ -610,13 +610,7 @@ class NatsTransport:
     # --- sending -------------------------------------------------------------------------
 
     def _check_size(self, body: bytes) -> None:
-        if len(body) > self.max_message_bytes:
-            raise MessageTooLarge(
-                f"message is {len(body)} bytes, over the transport's "
-                f"{self.max_message_bytes}-byte limit",
-                size=len(body),
-                limit=self.max_message_bytes,
-            )
+        check_size(body, self.max_message_bytes)
 
     def _subject_of(self, queue: str) -> str:
         declared = self.streams.get(queue)

@@ -63,8 +63,8 @@ import aiormq.exceptions as amqp_errors
 from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp import commands as spec
 
-from keel.errors import ConfigError, KeelError, MessageTooLarge, TransportError
-from keel.messaging.transports.base import DEFAULT_MAX_MESSAGE_BYTES, Handler
+from keel.errors import ConfigError, KeelError, TransportError
+from keel.messaging.transports.base import DEFAULT_MAX_MESSAGE_BYTES, Handler, check_size
 from keel.urls import URL
 
 log = logging.getLogger("keel.messaging.rabbitmq")
@@ -516,13 +516,7 @@ class RabbitTransport:
             raise _translate(exc, f"deleting queue {name!r}", self.url) from exc
 
     def _check_size(self, body: bytes) -> None:
-        if len(body) > self.max_message_bytes:
-            raise MessageTooLarge(
-                f"message is {len(body)} bytes, over the transport's "
-                f"{self.max_message_bytes}-byte limit",
-                size=len(body),
-                limit=self.max_message_bytes,
-            )
+        check_size(body, self.max_message_bytes)
 
     async def publish_raw(
         self,

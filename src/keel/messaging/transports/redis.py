@@ -63,9 +63,9 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from keel.errors import MessageTooLarge, TransportError
+from keel.errors import TransportError
 from keel.messaging.transports._redis_scripts import SCRIPTS
-from keel.messaging.transports.base import DEFAULT_MAX_MESSAGE_BYTES, Handler
+from keel.messaging.transports.base import DEFAULT_MAX_MESSAGE_BYTES, Handler, check_size
 from keel.urls import URL
 
 log = logging.getLogger("keel.messaging.redis")
@@ -617,13 +617,7 @@ class RedisTransport:
     # --- messages --------------------------------------------------------------------------
 
     def _check_size(self, body: bytes) -> None:
-        if len(body) > self.max_message_bytes:
-            raise MessageTooLarge(
-                f"message is {len(body)} bytes, over the transport's "
-                f"{self.max_message_bytes}-byte limit",
-                size=len(body),
-                limit=self.max_message_bytes,
-            )
+        check_size(body, self.max_message_bytes)
 
     async def send(self, queue: str, body: bytes, *, durable: bool) -> None:
         self._check_open()
