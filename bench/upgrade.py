@@ -20,7 +20,8 @@ from collections import Counter
 from typing import Any
 
 from bench import _servers as servers
-from bench._stats import percentile, result_line, table
+from bench._stats import result_line, table
+from bench._upgrade import upgrade_figures
 from keel.messaging import RequestContext, RPCClient, RPCServer, Target, connect, remote
 
 
@@ -107,21 +108,9 @@ async def keel_run(url: str, clients: int, settle: float) -> dict[str, Any]:
         await asyncio.sleep(0.1)
     for server in servers:
         await server.stop()
-    during = [lat for at, lat in latencies if window["start"] <= at <= window["end"]]
-    outside = [lat for at, lat in latencies if not window["start"] <= at <= window["end"]]
-    p99_out = percentile(outside, 99) * 1000
-    p99_during = percentile(during, 99) * 1000
-    return {
-        "calls": len(latencies) + len(failed),
-        "failed": len(failed),
-        "lost": sum(1 for k in sent if executed[k] == 0),
-        "duplicated": sum(n - 1 for n in executed.values() if n > 1),
-        "p99_outside_ms": p99_out,
-        "p99_during_ms": p99_during,
-        "p99_ratio": p99_during / p99_out if p99_out else float("nan"),
-        "replace_s": max(replacements),
-        "first_failure": failed[0] if failed else "",
-    }
+    return upgrade_figures(
+        latencies, failed, sent=sent, executed=executed, window=window, replacements=replacements
+    )
 
 
 def main(argv: list[str]) -> None:
