@@ -27,6 +27,7 @@ from keel._log import event as log_event
 from keel.hub._auth import Principal
 from keel.hub._core import Hub
 from keel.hub._events import decode_event
+from keel.hub._map_feed import MapFeed
 from keel.hub._openapi import openapi_document
 from keel.hub._sse import StreamCursor
 from keel.hub._ws import websocket_stream
@@ -206,9 +207,12 @@ def claim_view(c: Claim) -> dict[str, Any]:
 
 
 class Api:
-    def __init__(self, hub: Hub, *, heartbeat: float = 15.0) -> None:
+    def __init__(
+        self, hub: Hub, *, heartbeat: float = 15.0, map_feed: MapFeed | None = None
+    ) -> None:
         self.hub = hub
         self.heartbeat = heartbeat
+        self.map_feed = map_feed
 
     async def who(self, request: Request, *, query_token: bool = False) -> Principal:
         token = request.headers.get("x-auth-token")
@@ -340,17 +344,49 @@ class Api:
         return json_response({"ok": True})
 
     async def page(self, request: Request) -> Response:
-        html = resources.files("keel.hub").joinpath("static/index.html").read_bytes()
-        return Response(html, media_type="text/html; charset=utf-8")
+        return _static_page("index.html")
+
+    async def map_page(self, request: Request) -> Response:
+        return _static_page("map.html")
+
+    def _feed(self) -> MapFeed:
+        if self.map_feed is None:
+            raise errors.NotFound(
+                "this hub records no service map; run it with a map database "
+                "(`keel up` does, or set KEEL_MAP_DB for the services and the hub)"
+            )
+        return self.map_feed
+
+    async def service_map(self, request: Request) -> Response:
+        # The map names services, methods and rates, never a tenant's events, so any valid
+        # token may read it.
+        await self.who(request)
+        return Response(self._feed().current(), media_type="application/json")
+
+    async def map_stream(self, request: Request) -> Response:
+        await self.who(request, query_token=True)
+        return StreamingResponse(
+            self._feed().frames(heartbeat=self.heartbeat),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
 
-def create_app(hub: Hub, *, heartbeat: float = 15.0) -> Starlette:
+def _static_page(name: str) -> Response:
+    html = resources.files("keel.hub").joinpath("static", name).read_bytes()
+    return Response(html, media_type="text/html; charset=utf-8")
+
+
+def create_app(hub: Hub, *, heartbeat: float = 15.0, map_feed: MapFeed | None = None) -> Starlette:
     hub.fanout.heartbeat = heartbeat
-    api = Api(hub, heartbeat=heartbeat)
+    api = Api(hub, heartbeat=heartbeat, map_feed=map_feed)
     s = "/v1/subscriptions/{sub_id}"
     c = s + "/claims/{claim_id}"
     table: list[tuple[str, Handler, list[str]]] = [
         ("/", api.page, ["GET"]),
+        ("/map", api.map_page, ["GET"]),
+        ("/v1/map", api.service_map, ["GET"]),
+        ("/v1/map/stream", api.map_stream, ["GET"]),
         ("/healthz", api.healthz, ["GET"]),
         ("/v1/openapi.json", api.openapi, ["GET"]),
         ("/v1/events", api.post_event, ["POST"]),

@@ -44,7 +44,11 @@ class DemoCompute:
         self.interval = interval
         self.max_instances = max_instances
         self.rng = random.Random(seed)
-        self.hosts = [Notifier(transport, f"compute.host-{h}") for h in ("a", "b")]
+        # One service name for both hosts, the map demo's compute: the live map shows one
+        # compute service notifying the hub, not one node per host.
+        self.hosts = [
+            Notifier(transport, f"compute.host-{h}", service="compute") for h in ("a", "b")
+        ]
         self.instances: dict[str, dict[str, Any]] = {}
         self._numbers = itertools.count(1)
         self.emitted = 0

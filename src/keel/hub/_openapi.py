@@ -164,6 +164,23 @@ def openapi_document() -> dict[str, Any]:
         },
     }
     conflict = {"409": _json(_ref("Error"), "Claim expired")}
+    service_map = {
+        "type": "object",
+        "required": ["version", "at", "map"],
+        "properties": {
+            "version": {"type": "integer"},
+            "at": {"type": "number"},
+            "map": {
+                "type": "object",
+                "required": ["services", "edges", "smells"],
+                "properties": {
+                    "services": {"type": "object"},
+                    "edges": {"type": "array", "items": {"type": "object"}},
+                    "smells": {"type": "array", "items": {"type": "object"}},
+                },
+            },
+        },
+    }
     paths: dict[str, Any] = {
         "/v1/subscriptions": {
             "get": _op(
@@ -292,6 +309,19 @@ def openapi_document() -> dict[str, Any]:
                 "Make dead letters ready again",
                 {"200": _json({"type": "object"})},
                 requestBody=_body(_SEQS, required=False),
+            ),
+        },
+        "/v1/map": {
+            "get": _op(
+                "The live service map (services, edges, smells) recorded by the traffic tap",
+                {"200": _json(service_map, "The map; 404 when the hub records none")},
+            ),
+        },
+        "/v1/map/stream": {
+            "get": _op(
+                "Server-Sent Events: the service map now and after every change",
+                {"200": {"description": "text/event-stream of `map` events"}},
+                parameters=[{"name": "access_token", "in": "query", "schema": {"type": "string"}}],
             ),
         },
         "/v1/events": {

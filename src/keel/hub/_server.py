@@ -17,6 +17,7 @@ import uvicorn
 
 from keel.hub._app import create_app
 from keel.hub._core import Hub
+from keel.hub._map_feed import MapFeed
 
 
 class _Server(uvicorn.Server):
@@ -34,8 +35,10 @@ class HubServer:
         *,
         heartbeat: float = 15.0,
         grace: float = 2.0,
+        map_feed: MapFeed | None = None,
     ) -> None:
         self.hub = hub
+        self.map_feed = map_feed
         self.host = host
         self._port = port
         self.heartbeat = heartbeat
@@ -59,7 +62,7 @@ class HubServer:
         sock.bind((self.host, self._port))
         self._sock = sock
         config = uvicorn.Config(
-            create_app(self.hub, heartbeat=self.heartbeat),
+            create_app(self.hub, heartbeat=self.heartbeat, map_feed=self.map_feed),
             log_level="warning",
             access_log=False,
             lifespan="off",
@@ -75,6 +78,8 @@ class HubServer:
 
     async def stop(self) -> None:
         self.hub.fanout.close_all()
+        if self.map_feed is not None:
+            await self.map_feed.stop()
         if self._server is not None and self._task is not None:
             self._server.should_exit = True
             await self._task

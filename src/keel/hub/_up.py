@@ -1,9 +1,12 @@
-"""`keel up`: the hub, its dashboard and a demo compute service on embedded defaults.
+"""`keel up`: the hub, its dashboard and demo services on embedded defaults.
 
 Memory transport, SQLite store (in a temporary directory unless ``data_dir`` is given), two
-demo tenants with fresh tokens. Ctrl-C (SIGINT) or SIGTERM stops it cleanly: the demo stops
-publishing, the listener stops (acking what it committed), streams end, the HTTP server
-drains, the store closes; a second signal does not wait for any of that.
+demo tenants with fresh tokens. A demo compute service emits instance lifecycle notifications
+for the tenants' dashboards; the map demo's services (api, compute, image, network, billing)
+call and notify each other with the traffic tap on, so the map page shows them live.
+Ctrl-C (SIGINT) or SIGTERM stops it cleanly: the demos stop, the listener stops (acking what
+it committed), streams end, the HTTP server drains, the store closes; a second signal does not
+wait for any of that.
 """
 
 from __future__ import annotations
@@ -21,8 +24,12 @@ from keel.hub._auth import Principal, StaticTokens, new_token
 from keel.hub._core import Hub
 from keel.hub._demo_compute import DemoCompute
 from keel.hub._ingest import listener
+from keel.hub._map_feed import MapFeed
 from keel.hub._server import HubServer
 from keel.hub.stores.sqlite import SQLiteStore
+from keel.map import disable as map_disable
+from keel.map import enable as map_enable
+from keel.map.demo import DemoServices
 from keel.messaging import connect
 
 TENANTS = (("demo-alpha", "alice"), ("demo-beta", "bob"))
@@ -43,6 +50,9 @@ async def run_up(
         if data_dir is None:
             data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="keel-up-")))
         data_dir.mkdir(parents=True, exist_ok=True)
+        # The tap goes on first, so the hub's own listener shows on the map too.
+        tap = map_enable(data_dir / "map.db")
+        stack.callback(map_disable)
         tokens = {new_token(): Principal(user, project, ("member",)) for project, user in TENANTS}
         auth = StaticTokens(tokens)
         auth.write(data_dir / "tokens.json")
@@ -53,13 +63,18 @@ async def run_up(
         transport = await connect("memory://keel-up")
         lis = listener(hub, transport)
         await lis.start()
-        server = HubServer(hub, host, port)
+        services = DemoServices(transport)
+        await services.start()
+        feed = MapFeed(tap.path)
+        await feed.start()
+        server = HubServer(hub, host, port, map_feed=feed)
         await server.start()
         for principal in tokens.values():
             await hub.create_subscription(principal, DASHBOARD_FILTER)
         demo = DemoCompute(transport, TENANTS, interval=interval)
-        demo_task = asyncio.create_task(demo.run())
+        tasks = [asyncio.create_task(demo.run()), asyncio.create_task(services.run(interval))]
         print(f"Keel hub and dashboard: {server.url}/", file=out)
+        print(f"  live service map: {server.url}/map", file=out)
         for token, principal in tokens.items():
             print(
                 f"  tenant {principal.project} ({principal.user}): token {token}\n"
@@ -70,9 +85,11 @@ async def run_up(
         try:
             await stop.wait()
         finally:
-            demo_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await demo_task
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await services.stop()
             await lis.stop(timeout=5)
             await server.stop()
             await hub.stop()

@@ -8,9 +8,13 @@ compute.resize.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
+from keel._log import event as log_event
+from keel.errors import KeelError
 from keel.map._record import MapTap
 from keel.messaging import (
     NotificationListener,
@@ -23,6 +27,8 @@ from keel.messaging import (
     _tap,
     connect,
 )
+
+log = logging.getLogger("keel.map.demo")
 
 
 class Image:
@@ -79,13 +85,16 @@ class Billing:
         self.seen += 1
 
 
-async def run(url: str, db: str | Path, rounds: int = 20) -> None:
-    """Run the demo services on ``url`` for ``rounds`` API requests, recording into ``db``."""
-    tap = MapTap(db)
-    _tap.install(tap)
-    transport = await connect(url)
-    try:
-        parts: list[RPCServer | NotificationListener] = [
+class DemoServices:
+    """The four services (image, network, compute, billing) and the api client, on one transport.
+
+    `keel up` keeps them running beside the hub so its map page has live traffic; `run`
+    drives them for a fixed number of requests.
+    """
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self.parts: list[RPCServer | NotificationListener] = [
             RPCServer(transport, Target("image"), [Image()], service="image"),
             RPCServer(transport, Target("network"), [Network(transport)], service="network"),
             RPCServer(transport, Target("compute"), [Compute(transport)], service="compute"),
@@ -93,16 +102,47 @@ async def run(url: str, db: str | Path, rounds: int = 20) -> None:
                 transport, [Target("notifications")], [Billing()], service="billing"
             ),
         ]
-        for part in parts:
+        self.compute = RPCClient(transport, Target("compute"), timeout=5, service="api")
+        self.image = RPCClient(transport, Target("image", version="1.0"), timeout=5, service="api")
+        self.requests = 0
+
+    async def start(self) -> None:
+        for part in self.parts:
             await part.start()
-        compute = RPCClient(transport, Target("compute"), timeout=5, service="api")
-        image = RPCClient(transport, Target("image", version="1.0"), timeout=5, service="api")
-        for n in range(rounds):
-            await compute.call(None, "boot", name=f"vm-{n}", image_id="img-1")
-            await image.call(None, "list")
-            await compute.cast(None, "resize", instance_id=f"vm-{n}", flavor="m1.large")
-        for part in reversed(parts):
+
+    async def stop(self) -> None:
+        for part in reversed(self.parts):
             await part.stop()
+
+    async def request(self) -> None:
+        """One API request's worth of traffic: a boot, an image list and a resize."""
+        n = self.requests
+        self.requests += 1
+        await self.compute.call(None, "boot", name=f"vm-{n}", image_id="img-1")
+        await self.image.call(None, "list")
+        await self.compute.cast(None, "resize", instance_id=f"vm-{n}", flavor="m1.large")
+
+    async def run(self, interval: float) -> None:
+        """Requests every ``interval`` seconds until cancelled; a failed one is logged."""
+        while True:
+            try:
+                await self.request()
+            except KeelError as exc:
+                log_event(log, logging.WARNING, "map_demo.request_failed", error=repr(exc))
+            await asyncio.sleep(interval)
+
+
+async def run(url: str, db: str | Path, rounds: int = 20) -> None:
+    """Run the demo services on ``url`` for ``rounds`` API requests, recording into ``db``."""
+    tap = MapTap(db)
+    _tap.install(tap)
+    transport = await connect(url)
+    try:
+        services = DemoServices(transport)
+        await services.start()
+        for _ in range(rounds):
+            await services.request()
+        await services.stop()
     finally:
         _tap.install(None)
         tap.close()
