@@ -367,11 +367,27 @@ class _Acceptor:
 
 
 async def listen_unix(path: str, handler: Handler) -> asyncio.Server:
+    """Listen on ``path``. The socket file appears only once it accepts connections: it is
+    bound under a temporary name, listening, then renamed into place, so whoever waits for
+    the file (a test, a hypervisor) never meets a bound socket that refuses."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     loop = asyncio.get_running_loop()
+    staging = f"{path}.{os.getpid()}.tmp"
     with map_errors(f"listen on unix:{path}"):
-        return await loop.create_unix_server(_Acceptor(handler, _unix_peer), path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staging)
+            sock.bind(staging)
+            sock.listen(100)
+            os.rename(staging, path)
+        except BaseException:
+            sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staging)
+            raise
+        return await loop.create_unix_server(_Acceptor(handler, _unix_peer), sock=sock)
 
 
 async def listen_tls(
