@@ -24,7 +24,15 @@ from typing import Any
 import msgspec
 
 from keel._log import event as log_event
-from keel.errors import BadRequest, Conflict, Forbidden, NotFound, QuotaExceeded, Unauthorized
+from keel.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    KeelError,
+    NotFound,
+    QuotaExceeded,
+    Unauthorized,
+)
 from keel.hub._auth import Authenticator, Principal
 from keel.hub._events import CloudEvent, encode_event
 from keel.hub._fanout import Fanout
@@ -45,6 +53,7 @@ from keel.wire import new_id
 log = logging.getLogger("keel.hub")
 
 MAX_LIMIT = 1000
+RESYNC_ATTEMPTS = 8
 
 
 class WebhookSpec(msgspec.Struct, forbid_unknown_fields=True):
@@ -143,17 +152,21 @@ class Hub:
         self._reloads: set[asyncio.Task[None]] = set()
         self.ingested = 0
 
-    async def start(self) -> None:
+    async def _all_subscriptions(self) -> list[Subscription]:
+        subs: list[Subscription] = []
         marker: str | None = None
         while True:
             page = await self.store.list_subscriptions(None, limit=MAX_LIMIT, marker=marker)
-            for sub in page:
-                self._routes[sub.id] = _Route(sub)
-                self._by_tenant = None
-                self.webhooks.add(sub)
+            subs += page
             if len(page) < MAX_LIMIT:
-                break
+                return subs
             marker = page[-1].id
+
+    async def start(self) -> None:
+        for sub in await self._all_subscriptions():
+            self._routes[sub.id] = _Route(sub)
+            self.webhooks.add(sub)
+        self._by_tenant = None
         await self.store.watch(self._on_store_change)
         self._tasks = [
             asyncio.create_task(self._batcher(), name="keel-hub-ingest"),
@@ -182,10 +195,37 @@ class Hub:
         if kind == "append":
             self.fanout.nudge(sub_id)
             self.webhooks.wake(sub_id)
-        elif kind == "subscription":
-            task = asyncio.get_running_loop().create_task(self._reload(sub_id))
+        elif kind in ("subscription", "resync"):
+            job = self._reload(sub_id) if kind == "subscription" else self._resync()
+            task = asyncio.get_running_loop().create_task(job)
             self._reloads.add(task)
             task.add_done_callback(self._reloads.discard)
+
+    async def _resync(self) -> None:
+        """Changes of other processes may have gone unreported: reload every route, and wake
+        every stream and webhook to catch up from the store. Retried while the store is
+        still coming back (the notification channel can return before the pool does)."""
+        for attempt in range(RESYNC_ATTEMPTS):
+            try:
+                subs = {sub.id: sub for sub in await self._all_subscriptions()}
+                break
+            except KeelError as exc:
+                log_event(log, logging.WARNING, "hub.resync_failed", error=repr(exc))
+                await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
+        else:
+            log_event(log, logging.ERROR, "hub.resync_gave_up", attempts=RESYNC_ATTEMPTS)
+            return
+        for gone in set(self._routes) - set(subs):
+            self._routes.pop(gone, None)
+            self.webhooks.remove(gone)
+            self.fanout.close_subscription(gone)
+        for sub in subs.values():
+            self._routes[sub.id] = _Route(sub)
+            self.webhooks.add(sub)
+            self.fanout.nudge(sub.id)
+            self.webhooks.wake(sub.id)
+        self._by_tenant = None
+        log_event(log, logging.INFO, "hub.resynced", subscriptions=len(subs))
 
     async def _reload(self, sub_id: str) -> None:
         try:
@@ -194,6 +234,9 @@ class Hub:
             self._routes.pop(sub_id, None)
             self.webhooks.remove(sub_id)
             self.fanout.close_subscription(sub_id)
+        except KeelError as exc:  # store unreachable: the resync after the outage fixes it
+            log_event(log, logging.WARNING, "hub.reload_failed", sub=sub_id, error=repr(exc))
+            return
         else:
             self._routes[sub_id] = _Route(sub)
             self.webhooks.add(sub)

@@ -107,7 +107,9 @@ class Store(Protocol):
 
     async def watch(self, on_change: Callable[[str, str], None]) -> None:
         """Call ``on_change(kind, subscription_id)`` when another process changed the store:
-        kind ``"append"`` (new messages) or ``"subscription"`` (created or deleted). A
+        kind ``"append"`` (new messages) or ``"subscription"`` (created or deleted), or
+        ``("resync", "")`` when changes may have gone unreported (the notification channel
+        was lost and is back): reload every subscription, catch every stream up. A
         single-process store never calls it."""
         ...
 
