@@ -30,7 +30,6 @@ from keel.errors import (
     Forbidden,
     KeelError,
     NotFound,
-    QuotaExceeded,
     Unauthorized,
 )
 from keel.hub._auth import Authenticator, Principal
@@ -328,12 +327,6 @@ class Hub:
         spec = parse_spec(raw)
         if spec.all_projects and not who.is_admin:
             raise Forbidden("only admins may create all_projects subscriptions")
-        if await self.store.count_subscriptions(who.project) >= self.quota_subscriptions:
-            raise QuotaExceeded(
-                f"project {who.project} has {self.quota_subscriptions} subscriptions, its quota;"
-                " delete one first",
-                limit=self.quota_subscriptions,
-            )
         webhook = None
         if spec.webhook is not None:
             await check_target(spec.webhook.url, allow_private=self.allow_private_webhooks)
@@ -349,7 +342,7 @@ class Hub:
             max_deliveries=spec.max_deliveries,
             created_at=self.clock(),
         )
-        await self.store.create_subscription(sub)
+        await self.store.create_subscription(sub, quota=self.quota_subscriptions)
         self._routes[sub.id] = _Route(sub)
         self._by_tenant = None
         self.webhooks.add(sub)

@@ -45,6 +45,7 @@ from keel.hub.stores.base import (
     Message,
     Routed,
     Subscription,
+    quota_exceeded,
 )
 from keel.wire import new_id
 
@@ -286,9 +287,23 @@ class PostgresStore:
 
     # --- subscriptions ------------------------------------------------------------------
 
-    async def create_subscription(self, sub: Subscription) -> None:
+    async def create_subscription(self, sub: Subscription, *, quota: int | None = None) -> None:
         r = sub.retention
-        async with self._conn() as conn:
+        async with self._tx() as conn:
+            if quota is not None:
+                # One lock per (store, project), held to commit: concurrent creates of one
+                # project, in any hub process, count one after another.
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))",
+                    self.schema,
+                    sub.project,
+                )
+                n = await conn.fetchval(
+                    self._q("SELECT count(*) FROM {s}.subscriptions WHERE project = $1"),
+                    sub.project,
+                )
+                if n >= quota:
+                    raise quota_exceeded(sub.project, quota)
             try:
                 await conn.execute(
                     self._q(
