@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,7 +37,14 @@ from keel.hub._auth import Authenticator, Principal
 from keel.hub._events import CloudEvent, encode_event
 from keel.hub._fanout import Fanout
 from keel.hub._filters import Predicate, compile_filter
-from keel.hub._webhooks import DEFAULT_BACKOFF, Dispatcher, check_target, new_secret
+from keel.hub._webhooks import (
+    DEFAULT_BACKOFF,
+    Dispatcher,
+    Resolver,
+    check_target,
+    new_secret,
+    system_resolver,
+)
 from keel.hub.stores.base import (
     Claim,
     Gap,
@@ -128,6 +136,8 @@ class Hub:
         webhook_backoff: Sequence[float] = DEFAULT_BACKOFF,
         webhook_timeout: float = 10.0,
         webhook_idle_check: float = 0.5,
+        webhook_resolver: Resolver = system_resolver,
+        webhook_verify: ssl.SSLContext | bool = True,
     ) -> None:
         self.store = store
         self.auth = auth
@@ -143,7 +153,10 @@ class Hub:
             timeout=webhook_timeout,
             allow_private=allow_private_webhooks,
             idle_check=webhook_idle_check,
+            resolver=webhook_resolver,
+            verify=webhook_verify,
         )
+        self.webhook_resolver = webhook_resolver
         self._routes: dict[str, _Route] = {}
         self._by_tenant: dict[str | None, list[_Route]] | None = None  # rebuilt on change
         self._pending: asyncio.Queue[tuple[CloudEvent, asyncio.Future[None]]] = asyncio.Queue()
@@ -329,7 +342,11 @@ class Hub:
             raise Forbidden("only admins may create all_projects subscriptions")
         webhook = None
         if spec.webhook is not None:
-            await check_target(spec.webhook.url, allow_private=self.allow_private_webhooks)
+            await check_target(
+                spec.webhook.url,
+                allow_private=self.allow_private_webhooks,
+                resolver=self.webhook_resolver,
+            )
             webhook = Webhook(spec.webhook.url, new_secret())
         sub = Subscription(
             id="sub-" + new_id(),
