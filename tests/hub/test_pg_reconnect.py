@@ -101,6 +101,13 @@ async def test_listen_reconnects_and_resyncs_after_terminate_and_restart() -> No
             assert down.json()["error"]["code"] == "unavailable"
             down = await client.post("/v1/subscriptions", json={})
             assert down.status_code == 503
+            down = await client.post(
+                "/v1/events",
+                json={"specversion": "1.0", "id": "lost", "source": "s", "type": "t"},
+                headers={"X-Auth-Token": "tok-admin"},
+            )
+            assert down.status_code == 503  # not acknowledged: the publisher retries
+            assert down.json()["error"]["code"] == "unavailable"
 
             # 3. It comes back: the pool and the LISTEN connection recover, hub A resyncs.
             await asyncio.to_thread(start, "postgres")
