@@ -119,7 +119,10 @@ async def resolve_target(
             addresses = await resolver(host, port)
         except OSError as exc:
             raise UnsafeWebhookTarget(f"webhook host {host!r} does not resolve: {exc}") from None
-    checked = [ipaddress.ip_address(a) for a in addresses]
+    try:
+        checked = [ipaddress.ip_address(a) for a in addresses]
+    except ValueError as exc:
+        raise UnsafeWebhookTarget(f"webhook host {host!r} resolves to {exc}") from None
     if not checked:
         raise UnsafeWebhookTarget(f"webhook host {host!r} resolves to no address")
     for address in checked if not allow_private else ():

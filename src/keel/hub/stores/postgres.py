@@ -218,7 +218,9 @@ class PostgresStore:
                 try:
                     await self._listen()
                     break
-                except _LOST as exc:
+                # Whatever the server answers (too many connections, still starting), keep
+                # trying: this task is the process's only way to hear the other hubs.
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                     log_event(log, logging.WARNING, "hub.listen_reconnect_failed", error=repr(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.reconnect_max_s)
