@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,20 +19,30 @@ class Received:
 
 
 class Receiver:
-    def __init__(self, answer: Callable[[int, dict[str, str], bytes], int]) -> None:
+    def __init__(
+        self,
+        answer: Callable[[int, dict[str, str], bytes], int],
+        *,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         """``answer(n, headers, body)`` gives the status for the n-th request (from 0)."""
         self.answer = answer
+        self.tls = tls
         self.requests: list[Received] = []
         self.arrived = asyncio.Event()
         self._server: asyncio.Server | None = None
 
     @property
-    def url(self) -> str:
+    def port(self) -> int:
         assert self._server is not None
-        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/hook"
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
 
     async def __aenter__(self) -> Receiver:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self.tls)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

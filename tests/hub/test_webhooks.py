@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
+import trustme
 
 from keel.errors import UnsafeWebhookTarget
 from keel.hub import CloudEvent, Hub, Principal, StaticTokens, Store
 from keel.hub._webhooks import check_target, sign, verify
+from tests.helpers import eventually
 from tests.hub.conftest import TOKENS
 from tests.hub.receiver import Receiver
 
@@ -151,3 +155,121 @@ async def test_a_webhook_subscription_cannot_be_claimed(make_hub: type[Hub]) -> 
 
     with pytest.raises(Conflict):
         await hub.claim(ALICE, sub.id, limit=1, ttl=10)
+
+
+class Dns:
+    """A resolver the test controls: each lookup of a name takes the next answer (the last
+    one repeats), as a rebinding DNS server would answer."""
+
+    def __init__(self, answers: dict[str, list[list[str]]]) -> None:
+        self.answers = answers
+        self.lookups: list[str] = []
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        self.lookups.append(host)
+        queue = self.answers.get(host)
+        if not queue:
+            raise OSError(f"{host}: name unknown")
+        return queue.pop(0) if len(queue) > 1 else queue[0]
+
+
+def resolving_hub(store: Store, dns: Dns, **options: Any) -> Hub:
+    return Hub(
+        store,
+        StaticTokens(TOKENS),
+        webhook_resolver=dns,
+        webhook_backoff=BACKOFF,
+        webhook_idle_check=0.02,
+        webhook_timeout=2,
+        **options,
+    )
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        ["93.184.216.34", "10.0.0.1"],  # one bad address among good ones is enough
+        ["::ffff:127.0.0.1"],  # IPv4-mapped loopback
+        ["::ffff:10.1.1.1"],
+        ["224.0.0.1"],  # multicast
+        ["240.0.0.1"],  # reserved
+        ["0.0.0.0"],
+        ["100.64.0.1"],  # shared address space (carrier NAT)
+        ["fc00::1"],
+        [],
+    ],
+)
+async def test_every_resolved_address_is_checked(answer: list[str]) -> None:
+    dns = Dns({"hooks.keel.test": [answer]})
+    with pytest.raises(UnsafeWebhookTarget):
+        await check_target("https://hooks.keel.test/x", allow_private=False, resolver=dns)
+    await check_target("https://hooks.keel.test/x", allow_private=True, resolver=dns)
+
+
+async def test_a_public_answer_passes() -> None:
+    dns = Dns({"hooks.keel.test": [["93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946"]]})
+    await check_target("https://hooks.keel.test/x", allow_private=False, resolver=dns)
+
+
+async def test_connects_only_to_the_address_it_resolved(store: Store) -> None:
+    # The system resolver does not know the name: a delivery that looked it up again, or let
+    # httpx look it up, would fail. The Host header keeps the name.
+    async with Receiver(lambda n, h, b: 200) as rx:
+        dns = Dns({"hooks.keel.test": [["127.0.0.1"]]})
+        hub = resolving_hub(store, dns, allow_private_webhooks=True)
+        await hub.start()
+        try:
+            url = f"http://hooks.keel.test:{rx.port}/hook"
+            await hub.create_subscription(ALICE, {"webhook": {"url": url}})
+            await hub.ingest(ev(1))
+            await rx.wait_for(1)
+            assert rx.requests[0].headers["host"] == f"hooks.keel.test:{rx.port}"
+            assert dns.lookups == ["hooks.keel.test"]  # once per connection, none at creation
+        finally:
+            await hub.stop()
+
+
+async def test_a_name_rebound_to_loopback_gets_no_connection(store: Store) -> None:
+    async with Receiver(lambda n, h, b: 200) as rx:
+        # Public when the subscription is created, loopback when the hub delivers.
+        dns = Dns({"hooks.keel.test": [["93.184.216.34"], ["127.0.0.1"]]})
+        hub = resolving_hub(store, dns)
+        await hub.start()
+        try:
+            url = f"http://hooks.keel.test:{rx.port}/hook"
+            sub = await hub.create_subscription(ALICE, {"webhook": {"url": url}})
+            await hub.ingest(ev(1))
+            await eventually(lambda: hub.webhooks.attempts >= 2)
+            assert rx.requests == []
+            _, msgs = await hub.read(ALICE, sub.id, after=0, limit=None)
+            assert [m.state for m in msgs] == ["ready"]  # kept for the retry schedule
+        finally:
+            await hub.stop()
+
+
+async def test_tls_verifies_the_name_not_the_address(store: Store) -> None:
+    ca = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("hooks.keel.test").configure_cert(server_tls)
+    client_tls = ssl.create_default_context()
+    ca.configure_trust(client_tls)
+    async with Receiver(lambda n, h, b: 200, tls=server_tls) as rx:
+        dns = Dns({"hooks.keel.test": [["127.0.0.1"]], "other.keel.test": [["127.0.0.1"]]})
+        hub = resolving_hub(store, dns, allow_private_webhooks=True, webhook_verify=client_tls)
+        await hub.start()
+        try:
+            good = await hub.create_subscription(
+                ALICE, {"webhook": {"url": f"https://hooks.keel.test:{rx.port}/hook"}}
+            )
+            bad = await hub.create_subscription(
+                ALICE, {"webhook": {"url": f"https://other.keel.test:{rx.port}/hook"}}
+            )
+            await hub.ingest(ev(1))
+            await rx.wait_for(1)
+            await states(hub, good.id, 1)
+            await eventually(lambda: hub.webhooks.attempts >= 3)
+            assert len(rx.requests) == 1  # the certificate does not name other.keel.test
+            _, msgs = await hub.read(ALICE, bad.id, after=0, limit=None)
+            assert [m.state for m in msgs] == ["ready"]
+        finally:
+            await hub.stop()

@@ -4,7 +4,7 @@ See docs/hub-api.md for the contract (delivery per subscription queue, claims, r
 gap events, tenancy, errors).
 """
 
-from keel.hub._auth import Authenticator, Principal, StaticTokens, new_token
+from keel.hub._auth import Authenticator, KeystoneTokens, Principal, StaticTokens, new_token
 from keel.hub._core import Hub, SubscriptionSpec
 from keel.hub._events import CloudEvent, decode_event, encode_event, from_notification
 from keel.hub._filters import compile_filter
@@ -17,6 +17,7 @@ __all__ = [
     "CloudEvent",
     "Hub",
     "HubServer",
+    "KeystoneTokens",
     "Principal",
     "SQLiteStore",
     "StaticTokens",

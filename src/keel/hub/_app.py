@@ -47,6 +47,7 @@ _STATUS: list[tuple[type[errors.KeelError], int, str]] = [
     (errors.PayloadTooLarge, 413, "too_large"),
     (errors.BadRequest, 400, "bad_request"),
     (errors.ConfigError, 400, "bad_request"),
+    (errors.BackendUnavailable, 503, "unavailable"),  # the store is down: retry later
 ]
 
 _HTTP_CODES = {

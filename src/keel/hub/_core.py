@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,12 +25,26 @@ from typing import Any
 import msgspec
 
 from keel._log import event as log_event
-from keel.errors import BadRequest, Conflict, Forbidden, NotFound, QuotaExceeded, Unauthorized
+from keel.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    KeelError,
+    NotFound,
+    Unauthorized,
+)
 from keel.hub._auth import Authenticator, Principal
 from keel.hub._events import CloudEvent, encode_event
 from keel.hub._fanout import Fanout
 from keel.hub._filters import Predicate, compile_filter
-from keel.hub._webhooks import DEFAULT_BACKOFF, Dispatcher, check_target, new_secret
+from keel.hub._webhooks import (
+    DEFAULT_BACKOFF,
+    Dispatcher,
+    Resolver,
+    check_target,
+    new_secret,
+    system_resolver,
+)
 from keel.hub.stores.base import (
     Claim,
     Gap,
@@ -45,6 +60,7 @@ from keel.wire import new_id
 log = logging.getLogger("keel.hub")
 
 MAX_LIMIT = 1000
+RESYNC_ATTEMPTS = 8
 
 
 class WebhookSpec(msgspec.Struct, forbid_unknown_fields=True):
@@ -120,6 +136,8 @@ class Hub:
         webhook_backoff: Sequence[float] = DEFAULT_BACKOFF,
         webhook_timeout: float = 10.0,
         webhook_idle_check: float = 0.5,
+        webhook_resolver: Resolver = system_resolver,
+        webhook_verify: ssl.SSLContext | bool = True,
     ) -> None:
         self.store = store
         self.auth = auth
@@ -135,7 +153,10 @@ class Hub:
             timeout=webhook_timeout,
             allow_private=allow_private_webhooks,
             idle_check=webhook_idle_check,
+            resolver=webhook_resolver,
+            verify=webhook_verify,
         )
+        self.webhook_resolver = webhook_resolver
         self._routes: dict[str, _Route] = {}
         self._by_tenant: dict[str | None, list[_Route]] | None = None  # rebuilt on change
         self._pending: asyncio.Queue[tuple[CloudEvent, asyncio.Future[None]]] = asyncio.Queue()
@@ -143,17 +164,21 @@ class Hub:
         self._reloads: set[asyncio.Task[None]] = set()
         self.ingested = 0
 
-    async def start(self) -> None:
+    async def _all_subscriptions(self) -> list[Subscription]:
+        subs: list[Subscription] = []
         marker: str | None = None
         while True:
             page = await self.store.list_subscriptions(None, limit=MAX_LIMIT, marker=marker)
-            for sub in page:
-                self._routes[sub.id] = _Route(sub)
-                self._by_tenant = None
-                self.webhooks.add(sub)
+            subs += page
             if len(page) < MAX_LIMIT:
-                break
+                return subs
             marker = page[-1].id
+
+    async def start(self) -> None:
+        for sub in await self._all_subscriptions():
+            self._routes[sub.id] = _Route(sub)
+            self.webhooks.add(sub)
+        self._by_tenant = None
         await self.store.watch(self._on_store_change)
         self._tasks = [
             asyncio.create_task(self._batcher(), name="keel-hub-ingest"),
@@ -182,10 +207,37 @@ class Hub:
         if kind == "append":
             self.fanout.nudge(sub_id)
             self.webhooks.wake(sub_id)
-        elif kind == "subscription":
-            task = asyncio.get_running_loop().create_task(self._reload(sub_id))
+        elif kind in ("subscription", "resync"):
+            job = self._reload(sub_id) if kind == "subscription" else self._resync()
+            task = asyncio.get_running_loop().create_task(job)
             self._reloads.add(task)
             task.add_done_callback(self._reloads.discard)
+
+    async def _resync(self) -> None:
+        """Changes of other processes may have gone unreported: reload every route, and wake
+        every stream and webhook to catch up from the store. Retried while the store is
+        still coming back (the notification channel can return before the pool does)."""
+        for attempt in range(RESYNC_ATTEMPTS):
+            try:
+                subs = {sub.id: sub for sub in await self._all_subscriptions()}
+                break
+            except KeelError as exc:
+                log_event(log, logging.WARNING, "hub.resync_failed", error=repr(exc))
+                await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
+        else:
+            log_event(log, logging.ERROR, "hub.resync_gave_up", attempts=RESYNC_ATTEMPTS)
+            return
+        for gone in set(self._routes) - set(subs):
+            self._routes.pop(gone, None)
+            self.webhooks.remove(gone)
+            self.fanout.close_subscription(gone)
+        for sub in subs.values():
+            self._routes[sub.id] = _Route(sub)
+            self.webhooks.add(sub)
+            self.fanout.nudge(sub.id)
+            self.webhooks.wake(sub.id)
+        self._by_tenant = None
+        log_event(log, logging.INFO, "hub.resynced", subscriptions=len(subs))
 
     async def _reload(self, sub_id: str) -> None:
         try:
@@ -194,6 +246,9 @@ class Hub:
             self._routes.pop(sub_id, None)
             self.webhooks.remove(sub_id)
             self.fanout.close_subscription(sub_id)
+        except KeelError as exc:  # store unreachable: the resync after the outage fixes it
+            log_event(log, logging.WARNING, "hub.reload_failed", sub=sub_id, error=repr(exc))
+            return
         else:
             self._routes[sub_id] = _Route(sub)
             self.webhooks.add(sub)
@@ -285,15 +340,13 @@ class Hub:
         spec = parse_spec(raw)
         if spec.all_projects and not who.is_admin:
             raise Forbidden("only admins may create all_projects subscriptions")
-        if await self.store.count_subscriptions(who.project) >= self.quota_subscriptions:
-            raise QuotaExceeded(
-                f"project {who.project} has {self.quota_subscriptions} subscriptions, its quota;"
-                " delete one first",
-                limit=self.quota_subscriptions,
-            )
         webhook = None
         if spec.webhook is not None:
-            await check_target(spec.webhook.url, allow_private=self.allow_private_webhooks)
+            await check_target(
+                spec.webhook.url,
+                allow_private=self.allow_private_webhooks,
+                resolver=self.webhook_resolver,
+            )
             webhook = Webhook(spec.webhook.url, new_secret())
         sub = Subscription(
             id="sub-" + new_id(),
@@ -306,7 +359,7 @@ class Hub:
             max_deliveries=spec.max_deliveries,
             created_at=self.clock(),
         )
-        await self.store.create_subscription(sub)
+        await self.store.create_subscription(sub, quota=self.quota_subscriptions)
         self._routes[sub.id] = _Route(sub)
         self._by_tenant = None
         self.webhooks.add(sub)

@@ -137,6 +137,7 @@ _ERRORS = {
         (401, "Missing or unknown token"),
         (404, "Unknown id, or another project's"),
         (413, "Body too large"),
+        (503, "The store or Keystone cannot be reached now; retry later"),
     ]
 }
 
@@ -193,7 +194,11 @@ def openapi_document() -> dict[str, Any]:
             ),
             "post": _op(
                 "Create a subscription",
-                {"201": _json(_ref("Subscription"), "Created"), "403": _json(_ref("Error"))},
+                {
+                    "201": _json(_ref("Subscription"), "Created"),
+                    "403": _json(_ref("Error")),
+                    "409": _json(_ref("Error"), "The project's subscription quota is used up"),
+                },
                 requestBody=_body(_ref("SubscriptionSpec")),
             ),
         },

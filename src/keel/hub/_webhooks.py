@@ -12,11 +12,14 @@ attempts the message goes to the dead letters and the next one is tried. A recei
 answered 2xx after the claim expired may get the message again (at least once; the
 ``webhook-id`` lets it deduplicate).
 
-Targets in loopback, link-local, private and other non-global ranges are refused at
-creation and re-checked before every attempt (the name may resolve elsewhere later), unless
-the operator allows them. The re-check and the connection resolve separately, so a name that
-changes its answer between the two is not caught: operators who need that closed put an
-egress proxy in front.
+Targets: a webhook's host is resolved once per connection, every address it resolves to is
+checked (loopback, link-local, private, multicast, reserved, unspecified, and IPv4-mapped
+IPv6 forms of those are refused unless the operator allows private targets), and the
+connection goes to the checked address only: the transport's network backend does all
+three, so no second lookup can rebind the name between check and connect. The URL keeps the
+host name, so the Host header, TLS SNI and certificate verification use the name. Redirects
+are not followed (a 3xx is a failed attempt). Proxies from the environment are ignored (a
+proxy would connect elsewhere). The same check runs at creation for a clear 400.
 """
 
 from __future__ import annotations
@@ -30,10 +33,12 @@ import ipaddress
 import logging
 import secrets
 import socket
+import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from urllib.parse import urlsplit
 
+import httpcore
 import httpx
 
 from keel._log import event as log_event
@@ -83,22 +88,113 @@ def check_url(url: str) -> tuple[str, int]:
     return parts.hostname, port
 
 
-async def check_target(url: str, *, allow_private: bool) -> None:
-    host, port = check_url(url)
-    if allow_private:
-        return
+# host, port -> the addresses it resolves to (tests inject their own to play DNS rebinding).
+Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
+
+
+async def system_resolver(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
+def refusal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why ``address`` is no public webhook target, or None if it is one."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    for kind in ("unspecified", "loopback", "link_local", "multicast", "private", "reserved"):
+        if getattr(address, f"is_{kind}"):
+            return kind.replace("_", "-")
+    return None if address.is_global else "not global"
+
+
+async def resolve_target(
+    host: str, port: int, *, allow_private: bool, resolver: Resolver = system_resolver
+) -> str:
+    """The one address to connect to for ``host``: every address it resolves to passes the
+    policy, else `UnsafeWebhookTarget`."""
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as exc:
-        raise UnsafeWebhookTarget(f"webhook host {host!r} does not resolve: {exc}") from None
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
-        if not address.is_global:
+        addresses: Iterable[str] = [str(ipaddress.ip_address(host))]
+    except ValueError:
+        try:
+            addresses = await resolver(host, port)
+        except OSError as exc:
+            raise UnsafeWebhookTarget(f"webhook host {host!r} does not resolve: {exc}") from None
+    try:
+        checked = [ipaddress.ip_address(a) for a in addresses]
+    except ValueError as exc:
+        raise UnsafeWebhookTarget(f"webhook host {host!r} resolves to {exc}") from None
+    if not checked:
+        raise UnsafeWebhookTarget(f"webhook host {host!r} resolves to no address")
+    for address in checked if not allow_private else ():
+        why = refusal(address)
+        if why is not None:
             raise UnsafeWebhookTarget(
-                f"webhook host {host!r} resolves to {address}, which is not a public address "
-                "(loopback, link-local and private ranges are refused unless the operator "
-                "allows them)"
+                f"webhook host {host!r} resolves to {address} ({why}), which is not a public "
+                "address (loopback, link-local, private and other non-public ranges are "
+                "refused unless the operator allows them)"
             )
+    return str(checked[0])
+
+
+async def check_target(
+    url: str, *, allow_private: bool, resolver: Resolver = system_resolver
+) -> None:
+    host, port = check_url(url)
+    if not allow_private:
+        await resolve_target(host, port, allow_private=False, resolver=resolver)
+
+
+class _PinnedBackend(httpcore.AsyncNetworkBackend):
+    """Resolves, checks and connects in one step, to the address it checked."""
+
+    def __init__(self, resolver: Resolver, allow_private: bool) -> None:
+        self.resolver = resolver
+        self.allow_private = allow_private
+        self._inner = httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        address = await resolve_target(
+            host, port, allow_private=self.allow_private, resolver=self.resolver
+        )
+        return await self._inner.connect_tcp(address, port, timeout, local_address, socket_options)
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise UnsafeWebhookTarget("webhooks do not go to unix sockets")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+def pinned_client(
+    *,
+    timeout: float,
+    allow_private: bool,
+    resolver: Resolver = system_resolver,
+    verify: ssl.SSLContext | bool = True,
+) -> httpx.AsyncClient:
+    """An httpx client whose every connection goes through `resolve_target`."""
+    transport = httpx.AsyncHTTPTransport(verify=verify, trust_env=False)
+    # httpx takes no network backend; its pool is swapped for one built the same way with
+    # ours (tests/hub/test_webhooks.py proves a rebinding name never gets a connection).
+    transport._pool = httpcore.AsyncConnectionPool(
+        ssl_context=httpx.create_ssl_context(verify=verify, trust_env=False),
+        network_backend=_PinnedBackend(resolver, allow_private),
+    )
+    return httpx.AsyncClient(
+        transport=transport, timeout=timeout, follow_redirects=False, trust_env=False
+    )
 
 
 class Dispatcher:
@@ -112,8 +208,12 @@ class Dispatcher:
         timeout: float = 10.0,
         allow_private: bool = False,
         idle_check: float = 0.5,
+        resolver: Resolver = system_resolver,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         self.store = store
+        self.resolver = resolver
+        self.verify = verify
         self.backoff = tuple(backoff)
         self.timeout = timeout
         self.allow_private = allow_private
@@ -127,7 +227,12 @@ class Dispatcher:
         if sub.webhook is None or sub.id in self._tasks:
             return
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self.timeout, follow_redirects=False)
+            self._client = pinned_client(
+                timeout=self.timeout,
+                allow_private=self.allow_private,
+                resolver=self.resolver,
+                verify=self.verify,
+            )
         self._wakes[sub.id] = asyncio.Event()
         self._tasks[sub.id] = asyncio.create_task(self._run(sub), name=f"webhook-{sub.id}")
 
@@ -209,7 +314,6 @@ class Dispatcher:
             "webhook-signature": sign(sub.webhook.secret, msg_id, ts, body),
         }
         try:
-            await check_target(sub.webhook.url, allow_private=self.allow_private)
             response = await self._client.post(sub.webhook.url, content=body, headers=headers)
         except (httpx.HTTPError, UnsafeWebhookTarget) as exc:
             log_event(log, logging.INFO, "webhook.failed", sub=sub.id, seq=message.seq, error=exc)

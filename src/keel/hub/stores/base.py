@@ -23,6 +23,8 @@ from typing import Any, ClassVar, Protocol
 
 import msgspec
 
+from keel.errors import QuotaExceeded
+
 READY = "ready"
 ACKED = "acked"
 DEAD = "dead"
@@ -96,6 +98,13 @@ class Appended(msgspec.Struct, frozen=True):
     body: bytes
 
 
+def quota_exceeded(project: str, quota: int) -> QuotaExceeded:
+    return QuotaExceeded(
+        f"project {project} has {quota} subscriptions, its quota; delete one first",
+        limit=quota,
+    )
+
+
 class Store(Protocol):
     # Whether several hub processes may open the same store at once (declared, and tested by
     # tests/hub/test_scale_out.py for every store that declares it).
@@ -107,7 +116,9 @@ class Store(Protocol):
 
     async def watch(self, on_change: Callable[[str, str], None]) -> None:
         """Call ``on_change(kind, subscription_id)`` when another process changed the store:
-        kind ``"append"`` (new messages) or ``"subscription"`` (created or deleted). A
+        kind ``"append"`` (new messages) or ``"subscription"`` (created or deleted), or
+        ``("resync", "")`` when changes may have gone unreported (the notification channel
+        was lost and is back): reload every subscription, catch every stream up. A
         single-process store never calls it."""
         ...
 
@@ -116,7 +127,11 @@ class Store(Protocol):
         ...
 
     # subscriptions
-    async def create_subscription(self, sub: Subscription) -> None: ...
+    async def create_subscription(self, sub: Subscription, *, quota: int | None = None) -> None:
+        """Insert ``sub``; with ``quota``, atomically refuse (`QuotaExceeded`, see
+        `quota_exceeded`) if its project already holds ``quota`` subscriptions, however many
+        creates run at once in however many processes."""
+        ...
 
     async def get_subscription(self, sub_id: str) -> Subscription: ...
 

@@ -10,13 +10,21 @@ claimers in different processes get disjoint messages. Connection failures surfa
 
 Other processes learn of changes through LISTEN/NOTIFY, sent inside the writing transaction
 (so delivered only on commit): `watch` reports appends (streams and webhooks of that
-subscription catch up from the store) and subscription changes (routes are reloaded). A
-lost notification connection is not retried yet: the process then serves what it commits
-itself and reads the rest when its streams next catch up.
+subscription catch up from the store) and subscription changes (routes are reloaded). The
+notification connection is watched (its termination, and a probe every ``listen_check_s``
+for a silently dead peer); once lost it is reopened with backoff (``reconnect_min_s``
+doubling up to ``reconnect_max_s``) and LISTENs again, then watchers get ``"resync"``:
+notifications sent while it was down are gone, so the hub reloads every subscription and
+every stream catches up from the store. The pool needs no such care: asyncpg replaces a
+closed connection on the next acquire, and a request during an outage is
+`BackendUnavailable`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -25,6 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import asyncpg
 import msgspec
 
+from keel._log import event as log_event
 from keel.errors import BackendUnavailable, ClaimExpired, ConfigError, Conflict, NotFound
 from keel.hub.stores.base import (
     ACKED,
@@ -36,6 +45,7 @@ from keel.hub.stores.base import (
     Message,
     Routed,
     Subscription,
+    quota_exceeded,
 )
 from keel.wire import new_id
 
@@ -62,6 +72,18 @@ CREATE INDEX IF NOT EXISTS ingested_at ON {s}.ingested (at);
 
 if TYPE_CHECKING:
     Conn = asyncpg.pool.PoolConnectionProxy[asyncpg.Record]
+
+log = logging.getLogger("keel.hub.postgres")
+
+# What a lost or refused connection raises (TimeoutError and ConnectionError are OSErrors);
+# an InterfaceError is one only when its connection is closed (see `_conn`).
+_LOST: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, "starting up"
+)
+
+_PROBE_FAILED: tuple[type[BaseException], ...] = (*_LOST, asyncpg.InterfaceError)
 
 _MSG = "seq, event, state, deliveries, enqueued_at"
 _SUB = "body, last_seq, first_seq, dropped"
@@ -93,6 +115,10 @@ class PostgresStore:
         schema: str = "keel_hub",
         dedup_s: float = 86400.0,
         pool_size: int = 10,
+        connect_timeout: float = 10.0,
+        listen_check_s: float = 5.0,
+        reconnect_min_s: float = 0.1,
+        reconnect_max_s: float = 5.0,
     ) -> None:
         if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
             raise ConfigError("schema must be a lowercase SQL identifier")
@@ -100,8 +126,15 @@ class PostgresStore:
         self.schema = schema
         self.dedup_s = dedup_s
         self.pool_size = pool_size
+        self.connect_timeout = connect_timeout
+        self.listen_check_s = listen_check_s
+        self.reconnect_min_s = reconnect_min_s
+        self.reconnect_max_s = reconnect_max_s
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._listener: asyncpg.Connection[asyncpg.Record] | None = None
+        self._listener_lost = asyncio.Event()
+        self._listen_task: asyncio.Task[None] | None = None
+        self.listen_reconnects = 0
         self._watchers: list[Callable[[str, str], None]] = []
         self.origin = new_id()  # tells this process's own notifications from others'
         self.channel = f"keel_hub_{schema}"
@@ -111,7 +144,9 @@ class PostgresStore:
 
     async def open(self) -> None:
         try:
-            self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=self.pool_size)
+            self._pool = await asyncpg.create_pool(
+                self.url, min_size=1, max_size=self.pool_size, timeout=self.connect_timeout
+            )
         except (OSError, asyncpg.PostgresError) as exc:
             raise BackendUnavailable(
                 f"cannot reach PostgreSQL at the hub store URL: {exc}"
@@ -126,22 +161,72 @@ class PostgresStore:
 
     async def watch(self, on_change: Callable[[str, str], None]) -> None:
         self._watchers.append(on_change)
-        if self._listener is not None:
+        if self._listen_task is not None:
             return
-
-        def handle(conn: object, pid: int, channel: str, payload: object) -> None:
-            origin, kind, ids = str(payload).split(" ", 2)
-            if origin == self.origin:
-                return
-            for watcher in list(self._watchers):
-                for sub_id in ids.split(","):
-                    watcher(kind, sub_id)
-
         try:
-            self._listener = await asyncpg.connect(self.url)
-            await self._listener.add_listener(self.channel, handle)
-        except (OSError, asyncpg.PostgresError) as exc:
+            await self._listen()  # the first connection fails loudly; later ones are retried
+        except _LOST as exc:
             raise BackendUnavailable(f"cannot listen for hub changes: {exc}") from None
+        self._listen_task = asyncio.create_task(self._keep_listening(), name="keel-hub-listen")
+
+    def _handle(self, conn: object, pid: int, channel: str, payload: object) -> None:
+        origin, kind, ids = str(payload).split(" ", 2)
+        if origin == self.origin:
+            return
+        for sub_id in ids.split(","):
+            self._emit(kind, sub_id)
+
+    def _emit(self, kind: str, sub_id: str) -> None:
+        for watcher in list(self._watchers):
+            watcher(kind, sub_id)
+
+    async def _listen(self) -> None:
+        conn = await asyncpg.connect(self.url, timeout=self.connect_timeout)
+        lost = asyncio.Event()
+        try:
+            conn.add_termination_listener(lambda _: lost.set())
+            await conn.add_listener(self.channel, self._handle)
+        except BaseException:
+            conn.terminate()
+            raise
+        self._listener, self._listener_lost = conn, lost
+
+    async def _until_lost(self) -> None:
+        """Return once the LISTEN connection is gone: terminated, or not answering a probe
+        (a peer that vanished without closing the socket never fires the termination)."""
+        conn, lost = self._listener, self._listener_lost
+        assert conn is not None
+        while not lost.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lost.wait(), self.listen_check_s)
+                return
+            try:
+                await asyncio.wait_for(conn.fetchval("SELECT 1"), self.listen_check_s)
+            except _PROBE_FAILED as exc:
+                log_event(log, logging.WARNING, "hub.listen_probe_failed", error=repr(exc))
+                conn.terminate()
+                return
+
+    async def _keep_listening(self) -> None:
+        while True:
+            await self._until_lost()
+            log_event(log, logging.WARNING, "hub.listen_lost", channel=self.channel)
+            if self._listener is not None:
+                self._listener.terminate()
+            delay = self.reconnect_min_s
+            while True:
+                try:
+                    await self._listen()
+                    break
+                # Whatever the server answers (too many connections, still starting), keep
+                # trying: this task is the process's only way to hear the other hubs.
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    log_event(log, logging.WARNING, "hub.listen_reconnect_failed", error=repr(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.reconnect_max_s)
+            self.listen_reconnects += 1
+            log_event(log, logging.INFO, "hub.listen_restored", channel=self.channel)
+            self._emit("resync", "")
 
     async def unwatch(self, on_change: Callable[[str, str], None]) -> None:
         if on_change in self._watchers:
@@ -154,9 +239,19 @@ class PostgresStore:
             payload = f"{self.origin} {kind} {','.join(ids[i : i + 100])}"
             await conn.execute("SELECT pg_notify($1, $2)", self.channel, payload)
 
+    @property
+    def listener_pid(self) -> int | None:
+        """The server process of the LISTEN connection (operators and tests terminate it)."""
+        return None if self._listener is None else self._listener.get_server_pid()
+
     async def close(self) -> None:
+        if self._listen_task is not None:
+            self._listen_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listen_task
+            self._listen_task = None
         if self._listener is not None:
-            await self._listener.close()
+            self._listener.terminate()  # close() would wait on a server that may be gone
             self._listener = None
         if self._pool is not None:
             await self._pool.close()
@@ -168,9 +263,16 @@ class PostgresStore:
             raise ConfigError("the store is not open; call open() first")
         try:
             async with self._pool.acquire() as conn:
-                yield conn
-        except (OSError, asyncpg.exceptions.ConnectionDoesNotExistError) as exc:
-            raise BackendUnavailable(f"PostgreSQL connection lost: {exc}") from None
+                try:
+                    yield conn
+                except asyncpg.InterfaceError as exc:
+                    if not conn.is_closed():
+                        raise
+                    raise BackendUnavailable(f"PostgreSQL connection lost: {exc}") from None
+        except BackendUnavailable:
+            raise
+        except _LOST as exc:
+            raise BackendUnavailable(f"PostgreSQL is unreachable: {exc}") from None
 
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[Conn]:
@@ -187,9 +289,23 @@ class PostgresStore:
 
     # --- subscriptions ------------------------------------------------------------------
 
-    async def create_subscription(self, sub: Subscription) -> None:
+    async def create_subscription(self, sub: Subscription, *, quota: int | None = None) -> None:
         r = sub.retention
-        async with self._conn() as conn:
+        async with self._tx() as conn:
+            if quota is not None:
+                # One lock per (store, project), held to commit: concurrent creates of one
+                # project, in any hub process, count one after another.
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))",
+                    self.schema,
+                    sub.project,
+                )
+                n = await conn.fetchval(
+                    self._q("SELECT count(*) FROM {s}.subscriptions WHERE project = $1"),
+                    sub.project,
+                )
+                if n >= quota:
+                    raise quota_exceeded(sub.project, quota)
             try:
                 await conn.execute(
                     self._q(

@@ -30,6 +30,7 @@ from keel.hub.stores.base import (
     Message,
     Routed,
     Subscription,
+    quota_exceeded,
 )
 from keel.wire import new_id
 
@@ -120,11 +121,18 @@ class SQLiteStore:
 
     # --- subscriptions ------------------------------------------------------------------
 
-    async def create_subscription(self, sub: Subscription) -> None:
+    async def create_subscription(self, sub: Subscription, *, quota: int | None = None) -> None:
         body = msgspec.json.encode(sub).decode()
         r = sub.retention
 
         def run(db: sqlite3.Connection) -> None:
+            # BEGIN IMMEDIATE holds the write lock: no create slips between count and insert.
+            if quota is not None:
+                (n,) = db.execute(
+                    "SELECT count(*) FROM subscriptions WHERE project = ?", (sub.project,)
+                ).fetchone()
+                if n >= quota:
+                    raise quota_exceeded(sub.project, quota)
             try:
                 db.execute(
                     "INSERT INTO subscriptions (id, project, body, max_messages, max_age_s) "
