@@ -8,15 +8,26 @@ dict, and ``messagingv2``, the 2.0 envelope), on oslo's default non-durable exch
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from keel.hub import Hub, Principal, from_notification, oslo_listener, oslo_url
+from keel.hub import (
+    Hub,
+    Principal,
+    SQLiteStore,
+    StaticTokens,
+    from_notification,
+    oslo_listener,
+    oslo_url,
+)
 from keel.messaging import RequestContext, Transport, connect
+from keel.messaging.oslo import decode_message
 from tests.helpers import eventually
 from tests.oslo import EXCHANGE, notification_transport, oslo_context, oslo_messaging
 from tests.servers import server_url
@@ -262,3 +273,51 @@ async def test_oslo_notifications_land_in_their_tenants_subscriptions(
     assert alice_types == ["compute.instance.create.end", "instance.create.end"]
     bob_types = [e["type"] for e in await _events(hub, BOB, bob.id)]
     assert bob_types == ["volume.delete.end"]
+
+
+async def test_a_commit_that_keeps_failing_is_dead_lettered_with_the_reason(
+    tmp_path: Path, rabbit: str, oslo_transport: Any, keel_transport: Transport
+) -> None:
+    import aio_pika  # noqa: PLC0415
+
+    store = SQLiteStore(tmp_path / "hub.db")
+    await store.open()
+    hub = Hub(store, StaticTokens({}))
+    await hub.start()
+    sub = await hub.create_subscription(ALICE, {})
+    pool = f"keel-hub-{uuid.uuid4().hex[:8]}"
+    lis = oslo_listener(hub, keel_transport, pool=pool, commit_patience=0.5)
+    lock = sqlite3.connect(tmp_path / "hub.db", isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")  # every commit of the hub fails: "database is locked"
+    connection = await aio_pika.connect(rabbit)
+    try:
+        await lis.start()
+        notifier = oslo_messaging.Notifier(
+            oslo_transport,
+            publisher_id="compute.host1",
+            driver="messagingv2",
+            topics=["notifications"],
+        )
+        ctxt = oslo_context.RequestContext(project_id="p-one")
+        await asyncio.to_thread(
+            notifier.info, ctxt, "compute.instance.delete.end", {"instance_id": "i-3"}
+        )
+        channel = await connection.channel()
+        dlq = await channel.get_queue(f"{pool}.dlq")
+        dead: aio_pika.abc.AbstractIncomingMessage | None = None
+        async with asyncio.timeout(30):
+            while dead is None:
+                dead = await dlq.get(fail=False)
+                await asyncio.sleep(0.05)
+        await dead.ack()
+        reason = str((dead.headers or {}).get("x-keel-reason"))
+        assert "database is locked" in reason, reason
+        assert decode_message(dead.body).event_type == "compute.instance.delete.end"
+        assert (await hub.read(ALICE, sub.id, after=0, limit=None))[1] == []
+    finally:
+        await connection.close()
+        lock.execute("ROLLBACK")
+        lock.close()
+        await lis.stop()
+        await hub.stop()
+        await store.close()
