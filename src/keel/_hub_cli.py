@@ -71,7 +71,7 @@ def serve(
 ) -> None:
     """Serve the hub's API on a store, ingesting from Keel and OpenStack buses (Ctrl-C stops)."""
     from keel._log import configure  # noqa: PLC0415 - keep `keel --help` fast
-    from keel.errors import ConfigError  # noqa: PLC0415
+    from keel.errors import ConfigError, KeelError  # noqa: PLC0415
 
     try:
         from keel.hub import _serve  # noqa: PLC0415 - needs keel[hub]
@@ -93,8 +93,10 @@ def serve(
     )
     configure()
     try:
-        _serve.check(options)
         _serve.run_until_signalled(lambda stop: _serve.serve(options, stop))
     except ConfigError as exc:
         typer.echo(f"keel hub serve: {exc}", err=True)
         raise typer.Exit(2) from None
+    except KeelError as exc:  # a backend that cannot be reached at start, ...
+        typer.echo(f"keel hub serve: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from None

@@ -127,7 +127,7 @@ async def serve(options: ServeOptions, stop: asyncio.Event) -> None:
             logging.INFO,
             "hub.serving",
             url=server.url,
-            store=urls.parse(options.store).redacted() if "://" in options.store else None,
+            store=urls.parse(options.store).redacted(),
             transport=urls.parse(options.transport).redacted() if options.transport else None,
             topics=",".join(options.topics) if options.transport else None,
             oslo=urls.parse(options.oslo).redacted() if options.oslo else None,
