@@ -10,11 +10,13 @@ hub is killed with SIGKILL there, the lock released, the hub started again.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import signal
 import sqlite3
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,16 @@ pytestmark = [
     pytest.mark.timeout(120),
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # oslo's stack about itself
 ]
+
+
+@pytest.fixture(autouse=True)
+def _keel_logging() -> Iterator[None]:
+    # The command configures the "keel" logger onto CliRunner's stderr, closed after the
+    # run; later tests in this process must not log into it.
+    root = logging.getLogger("keel")
+    saved = (root.handlers[:], root.level, root.propagate)
+    yield
+    root.handlers[:], root.level, root.propagate = saved
 
 
 @pytest.mark.parametrize(
@@ -119,9 +131,12 @@ async def test_killed_before_the_commit_the_notification_is_redelivered(tmp_path
     tokens = tmp_path / "tokens.json"
     StaticTokens(TOKENS).write(tokens)
     db = tmp_path / "hub.db"
-    pool = f"keel-hub-{uuid.uuid4().hex[:8]}"
+    run = uuid.uuid4().hex[:8]
+    # oslo's notifier declares "<topic>.info" and queue names are global on the broker: a
+    # topic of this test's own keeps other tests' queues of the real names out of its way.
+    topic = f"notifications-{run}"
     args = ["--store", f"sqlite:///{db}", "--tokens", str(tokens), "--oslo", rabbit]
-    args += ["--pool", pool, "--port", "0"]
+    args += ["--oslo-topic", topic, "--pool", f"keel-hub-{run}", "--port", "0"]
     hub = Serve(args)
     await hub.start()
     async with httpx.AsyncClient(
@@ -136,7 +151,7 @@ async def test_killed_before_the_commit_the_notification_is_redelivered(tmp_path
     try:
         with notification_transport(rabbit) as oslo:
             notifier = oslo_messaging.Notifier(
-                oslo, publisher_id="compute.host1", driver="messagingv2", topics=["notifications"]
+                oslo, publisher_id="compute.host1", driver="messagingv2", topics=[topic]
             )
             ctxt = oslo_context.RequestContext(user_id="alice", project_id="p-one")
             payload: dict[str, Any] = {"instance_id": "i-7", "tenant_id": "p-one"}

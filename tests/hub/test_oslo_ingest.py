@@ -171,6 +171,14 @@ def oslo_transport(rabbit: str) -> Iterator[Any]:
 
 
 @pytest.fixture
+def topics() -> tuple[str, str]:
+    """This test's own "notifications" and "versioned_notifications" topics: oslo's notifier
+    declares ``<topic>.<priority>`` queues and queue names are global on the broker."""
+    run = uuid.uuid4().hex[:8]
+    return f"notifications-{run}", f"versioned_notifications-{run}"
+
+
+@pytest.fixture
 async def keel_transport(rabbit: str) -> AsyncIterator[Transport]:
     transport = await connect(oslo_url(rabbit, EXCHANGE))
     yield transport
@@ -186,23 +194,27 @@ async def _events(hub: Hub, who: Principal, sub_id: str) -> list[dict[str, Any]]
 
 @pytest.mark.parametrize("driver", ["messaging", "messagingv2"])
 async def test_oslo_notifications_land_in_their_tenants_subscriptions(
-    hub: Hub, oslo_transport: Any, keel_transport: Transport, driver: str
+    hub: Hub,
+    oslo_transport: Any,
+    keel_transport: Transport,
+    topics: tuple[str, str],
+    driver: str,
 ) -> None:
     alice = await hub.create_subscription(ALICE, {})
     bob = await hub.create_subscription(BOB, {"types": ["volume.*"]})
     admin = await hub.create_subscription(ADMIN, {"all_projects": True})
     pool = f"keel-hub-{uuid.uuid4().hex[:8]}"  # this test's own queue on the shared exchange
-    lis = oslo_listener(hub, keel_transport, pool=pool)
+    lis = oslo_listener(hub, keel_transport, topics=topics, pool=pool)
     await lis.start()
     try:
         legacy = oslo_messaging.Notifier(
-            oslo_transport, publisher_id="compute.host1", driver=driver, topics=["notifications"]
+            oslo_transport, publisher_id="compute.host1", driver=driver, topics=[topics[0]]
         )
         versioned = oslo_messaging.Notifier(
             oslo_transport,
             publisher_id="nova-compute:compute",
             driver=driver,
-            topics=["versioned_notifications"],
+            topics=[topics[1]],
         )
         as_alice = oslo_context.RequestContext(user_id="alice", project_id="p-one")
         as_admin = oslo_context.RequestContext(user_id="root", project_id="p-admin")
@@ -276,7 +288,11 @@ async def test_oslo_notifications_land_in_their_tenants_subscriptions(
 
 
 async def test_a_commit_that_keeps_failing_is_dead_lettered_with_the_reason(
-    tmp_path: Path, rabbit: str, oslo_transport: Any, keel_transport: Transport
+    tmp_path: Path,
+    rabbit: str,
+    oslo_transport: Any,
+    keel_transport: Transport,
+    topics: tuple[str, str],
 ) -> None:
     import aio_pika  # noqa: PLC0415
 
@@ -286,7 +302,7 @@ async def test_a_commit_that_keeps_failing_is_dead_lettered_with_the_reason(
     await hub.start()
     sub = await hub.create_subscription(ALICE, {})
     pool = f"keel-hub-{uuid.uuid4().hex[:8]}"
-    lis = oslo_listener(hub, keel_transport, pool=pool, commit_patience=0.5)
+    lis = oslo_listener(hub, keel_transport, topics=topics, pool=pool, commit_patience=0.5)
     lock = sqlite3.connect(tmp_path / "hub.db", isolation_level=None)
     lock.execute("BEGIN IMMEDIATE")  # every commit of the hub fails: "database is locked"
     connection = await aio_pika.connect(rabbit)
@@ -296,7 +312,7 @@ async def test_a_commit_that_keeps_failing_is_dead_lettered_with_the_reason(
             oslo_transport,
             publisher_id="compute.host1",
             driver="messagingv2",
-            topics=["notifications"],
+            topics=[topics[0]],
         )
         ctxt = oslo_context.RequestContext(project_id="p-one")
         await asyncio.to_thread(
