@@ -25,7 +25,8 @@ import pytest
 from typer.testing import CliRunner
 
 from keel.cli import app
-from keel.hub import StaticTokens
+from keel.errors import ConfigError
+from keel.hub import SQLiteStore, StaticTokens
 from tests.hub.conftest import TOKENS
 from tests.oslo import notification_transport, oslo_context, oslo_messaging
 from tests.servers import server_url
@@ -182,3 +183,17 @@ async def test_killed_before_the_commit_the_notification_is_redelivered(tmp_path
         ]
     finally:
         assert await again.interrupt() == 0
+
+
+def test_store_urls() -> None:
+    from keel.hub._serve import store_from_url  # noqa: PLC0415
+    from keel.hub.stores.postgres import PostgresStore  # noqa: PLC0415
+
+    pg = store_from_url("postgresql://keel:secret@127.0.0.1:5432/keel")
+    assert isinstance(pg, PostgresStore)
+    assert pg.url == "postgresql://keel:secret@127.0.0.1:5432/keel"
+    lite = store_from_url("sqlite:///tmp/keel-hub-test.db")
+    assert isinstance(lite, SQLiteStore)
+    assert lite.path == "/tmp/keel-hub-test.db"
+    with pytest.raises(ConfigError, match="name the database file"):
+        store_from_url("sqlite://")
