@@ -23,3 +23,80 @@ def up(
         typer.echo(f"keel up needs the hub extra: pip install 'keel[hub]' ({exc})", err=True)
         raise typer.Exit(2) from None
     _up.main(host=host, port=port, data_dir=data, interval=interval)
+
+
+hub_app = typer.Typer(
+    help="The event hub: notifications to users through subscriptions.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+@hub_app.command("serve")
+def serve(
+    *,
+    store: Annotated[
+        str,
+        typer.Option(help="sqlite:///path/hub.db (one process) or postgresql://... (several)."),
+    ],
+    tokens: Annotated[
+        Path,
+        typer.Option(help='Token file: {"TOKEN": {"user", "project", "roles"}}.'),
+    ],
+    transport: Annotated[
+        str | None,
+        typer.Option(help="Keel transport to ingest notifications from (memory://, rabbit://...)."),
+    ] = None,
+    topic: Annotated[
+        list[str] | None, typer.Option(help="Topic on --transport (repeat; default notifications).")
+    ] = None,
+    oslo: Annotated[
+        str | None,
+        typer.Option(help="RabbitMQ URL of the OpenStack services' oslo.messaging notifications."),
+    ] = None,
+    oslo_topic: Annotated[
+        list[str] | None,
+        typer.Option(help="oslo topic (repeat; default notifications, versioned_notifications)."),
+    ] = None,
+    oslo_exchange: Annotated[
+        list[str] | None,
+        typer.Option(help="oslo control_exchange (repeat: nova, cinder, ...; default openstack)."),
+    ] = None,
+    oslo_durable: Annotated[
+        bool, typer.Option(help="The services run with amqp_durable_queues = True.")
+    ] = False,
+    pool: Annotated[str, typer.Option(help="Queue (pool) name the hub consumes.")] = "keel-hub",
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port (0 picks a free one).")] = 8780,
+) -> None:
+    """Serve the hub's API on a store, ingesting from Keel and OpenStack buses (Ctrl-C stops)."""
+    from keel._log import configure  # noqa: PLC0415 - keep `keel --help` fast
+    from keel.errors import ConfigError, KeelError  # noqa: PLC0415
+
+    try:
+        from keel.hub import _serve  # noqa: PLC0415 - needs keel[hub]
+    except ImportError as exc:
+        typer.echo(f"keel hub needs the hub extra: pip install 'keel[hub]' ({exc})", err=True)
+        raise typer.Exit(2) from None
+    options = _serve.ServeOptions(
+        store=store,
+        tokens=tokens,
+        host=host,
+        port=port,
+        transport=transport,
+        topics=topic or ("notifications",),
+        oslo=oslo,
+        oslo_topics=oslo_topic or _serve.OSLO_TOPICS,
+        oslo_exchanges=oslo_exchange or ("openstack",),
+        oslo_durable=oslo_durable,
+        pool=pool,
+    )
+    configure()
+    try:
+        _serve.run_until_signalled(lambda stop: _serve.serve(options, stop))
+    except ConfigError as exc:
+        typer.echo(f"keel hub serve: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except KeelError as exc:  # a backend that cannot be reached at start, ...
+        typer.echo(f"keel hub serve: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 import keel
-from keel._hub_cli import up
+from keel._hub_cli import hub_app, up
 from keel._map_cli import app as map_app
 from keel._map_cli import island
 from keel._spec_cli import app as spec_app
@@ -24,6 +24,7 @@ app.add_typer(spec_app, name="spec")
 app.add_typer(map_app, name="map")
 app.command("island")(island)
 app.command("up")(up)
+app.add_typer(hub_app, name="hub")
 
 
 @app.callback()

@@ -45,6 +45,11 @@ _BUILTIN: dict[str, dict[str, BackendRef]] = {
         ),
         "redis": BackendRef("keel.coordination.backends.redis:RedisBackend", "redis"),
     },
+    "store": {
+        "sqlite": BackendRef("keel.hub.stores.sqlite:SQLiteStore"),
+        "postgresql": BackendRef("keel.hub.stores.postgres:PostgresStore", "postgres"),
+        "postgres": BackendRef("keel.hub.stores.postgres:PostgresStore", "postgres"),
+    },
 }
 
 _ENTRY_POINT_GROUPS = {

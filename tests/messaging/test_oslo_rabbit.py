@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
-import warnings
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -19,21 +18,14 @@ import pytest
 from keel.messaging import RequestContext, Target, Transport, connect
 from keel.messaging.oslo import OsloNotificationListener, OsloNotifier
 from tests.helpers import eventually
+from tests.oslo import EXCHANGE, notification_transport, oslo_context, oslo_messaging
 from tests.servers import server_url
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # eventlet's deprecation notice on import
-    import oslo_messaging
-    from oslo_config import cfg
-    from oslo_context import context as oslo_context
 
 pytestmark = [
     pytest.mark.timeout(120),
     # oslo's stack (kombu, eventlet, oslo.service) warns about its own deprecations
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
 ]
-
-EXCHANGE = "openstack"  # oslo.messaging's default control_exchange
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +35,8 @@ def rabbit() -> str:
 
 @pytest.fixture(scope="module")
 def oslo_transport(rabbit: str) -> Iterator[Any]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cfg.CONF([], project="keel-tests")
-        transport = oslo_messaging.get_notification_transport(cfg.CONF, url=rabbit)
-    yield transport
-    transport.cleanup()
+    with notification_transport(rabbit) as transport:
+        yield transport
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from keel.hub._core import Hub, SubscriptionSpec
 from keel.hub._events import CloudEvent, decode_event, encode_event, from_notification
 from keel.hub._filters import compile_filter
 from keel.hub._ingest import listener
+from keel.hub._oslo_ingest import oslo_listener, oslo_url
 from keel.hub._server import HubServer
 from keel.hub.stores import SQLiteStore, Store
 
@@ -29,4 +30,6 @@ __all__ = [
     "from_notification",
     "listener",
     "new_token",
+    "oslo_listener",
+    "oslo_url",
 ]

@@ -4,11 +4,19 @@ The event id is the notification's message id, so a notification the bus redeliv
 the same event and the store recognises it. The tenant is the context's project, else the
 payload's ``project_id``/``tenant_id`` (or a versioned payload's ``nova_object.data``); an
 event without one carries no ``tenant`` and reaches only admins' cross-project subscriptions.
+OpenStack's notifications (``owner_first``) take the payload's owner first: their context is
+the caller's, and an admin acting on a tenant's server must not take the event away from
+that tenant.
+
+The subject is looked up in the payload, then in the dict named after the resource (Neutron's
+``{"port": {...}}``), then in a versioned payload's ``nova_object.data``; the keys tried are
+``<resource>_id`` for the first two words of the event type (``volume_id`` for
+``volume.create.end``), then ``instance_id``, ``resource_id``, ``uuid``, ``id``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,6 +26,7 @@ from keel.errors import BadRequest
 from keel.wire import RequestContext, new_id
 
 _SUBJECT_KEYS = ("instance_id", "resource_id", "uuid", "id")
+_RESOURCE_WORDS = 2  # ``compute.instance.create.end``: the resource is one of the first two
 _TENANT_KEYS = ("project_id", "tenant_id")
 _REQUIRED = ("id", "source", "type")
 _STRING_ATTRIBUTES = ("id", "source", "type", "subject", "time", "priority", "tenant")
@@ -80,7 +89,7 @@ def _nova_data(payload: Any) -> Mapping[str, Any]:
     return {}
 
 
-def _first_string(sources: list[Mapping[str, Any]], keys: tuple[str, ...]) -> str | None:
+def _first_string(sources: list[Mapping[str, Any]], keys: Sequence[str]) -> str | None:
     for source in sources:
         for key in keys:
             value = source.get(key)
@@ -89,27 +98,49 @@ def _first_string(sources: list[Mapping[str, Any]], keys: tuple[str, ...]) -> st
     return None
 
 
+def rfc3339(timestamp: Any) -> str:
+    """A notification's timestamp as RFC 3339; oslo's naive ``2026-11-25 17:43:04.1`` is UTC."""
+    if not timestamp:
+        return datetime.now(UTC).isoformat()
+    text = str(timestamp)
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return text  # kept as sent rather than invented: the data still says when
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.isoformat()
+
+
 def from_notification(
     ctx: RequestContext | None,
     publisher_id: str,
     event_type: str,
     payload: Any,
     metadata: Mapping[str, Any],
+    *,
+    owner_first: bool = False,
 ) -> CloudEvent:
     """The CloudEvent for a notification as a NotificationListener endpoint receives it."""
+    words = event_type.split(".")[:_RESOURCE_WORDS]
     sources: list[Mapping[str, Any]] = []
     if isinstance(payload, Mapping):
         sources.append(payload)
+        sources.extend(nested for word in words if isinstance(nested := payload.get(word), Mapping))
     nova = _nova_data(payload)
     if nova:
         sources.append(nova)
-    tenant = (ctx.project if ctx is not None else None) or _first_string(sources, _TENANT_KEYS)
+    caller = ctx.project if ctx is not None else None
+    owner = _first_string(sources, _TENANT_KEYS)
+    tenant = (owner or caller) if owner_first else (caller or owner)
+    subject_keys = [f"{word}_id" for word in words if word]
+    subject_keys += [k for k in _SUBJECT_KEYS if k not in subject_keys]
     return CloudEvent(
         id=str(metadata.get("message_id") or new_id()),
         source=publisher_id or "unknown",
         type=event_type,
-        subject=_first_string(sources, _SUBJECT_KEYS),
-        time=str(metadata.get("timestamp") or datetime.now(UTC).isoformat()),
+        subject=_first_string(sources, subject_keys),
+        time=rfc3339(metadata.get("timestamp")),
         data=payload,
         priority=str(metadata["priority"]) if metadata.get("priority") else None,
         tenant=tenant,

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -25,6 +23,7 @@ from keel.hub._core import Hub
 from keel.hub._demo_compute import DemoCompute
 from keel.hub._ingest import listener
 from keel.hub._map_feed import MapFeed
+from keel.hub._serve import run_until_signalled
 from keel.hub._server import HubServer
 from keel.hub.stores.sqlite import SQLiteStore
 from keel.map import disable as map_disable
@@ -99,18 +98,6 @@ async def run_up(
 
 
 def main(*, host: str, port: int, data_dir: Path | None, interval: float) -> None:
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-
-        def on_signal() -> None:
-            if stop.is_set():
-                # Second signal: stop at once, without the orderly shutdown.
-                os._exit(130)
-            stop.set()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal)
-        await run_up(host=host, port=port, data_dir=data_dir, interval=interval, stop=stop)
-
-    asyncio.run(run())
+    run_until_signalled(
+        lambda stop: run_up(host=host, port=port, data_dir=data_dir, interval=interval, stop=stop)
+    )

@@ -1,0 +1,160 @@
+"""`keel hub serve`: the hub for operators, on a real store, fed by Keel and OpenStack buses.
+
+Everything is checked before anything is started: a bad store URL, token file, transport URL
+or oslo option is a `ConfigError` naming the option and the fix. Then the store opens, the
+hub starts, the listeners start (one Keel listener on ``transport``; one oslo listener per
+exchange on the ``oslo`` broker), the HTTP server binds, and one ``event=hub.serving`` line
+says where. SIGINT or SIGTERM stops in the reverse order: listeners first (what they
+committed is acked, the rest stays on the bus), then HTTP, hub, store, transports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from keel import urls
+from keel._log import event
+from keel.errors import ConfigError
+from keel.hub._auth import StaticTokens
+from keel.hub._core import Hub
+from keel.hub._ingest import listener
+from keel.hub._oslo_ingest import OSLO_TOPICS, oslo_listener, oslo_url
+from keel.hub._server import HubServer
+from keel.hub.stores.base import Store
+from keel.messaging import NotificationListener, Target, connect
+
+log = logging.getLogger("keel.hub")
+
+__all__ = ["OSLO_TOPICS", "ServeOptions", "check", "run_until_signalled", "serve"]
+
+
+@dataclass
+class ServeOptions:
+    store: str
+    tokens: Path
+    host: str = "127.0.0.1"
+    port: int = 8780
+    transport: str | None = None
+    topics: Sequence[str] = ("notifications",)
+    oslo: str | None = None
+    oslo_topics: Sequence[str] = OSLO_TOPICS
+    oslo_exchanges: Sequence[str] = ("openstack",)
+    oslo_durable: bool = False
+    pool: str = "keel-hub"
+
+
+def store_from_url(url: str) -> Store:
+    """``sqlite:///path/hub.db`` (``sqlite://hub.db`` is relative) or ``postgresql://...``."""
+    cls, parsed = urls.resolve("store", url)
+    target = url
+    if parsed.scheme == "sqlite":
+        target = url.split("://", 1)[1].split("?", 1)[0]
+        if not target or target.endswith("/"):
+            raise ConfigError(
+                f"--store {url}: name the database file, e.g. sqlite:///var/lib/keel/hub.db"
+            )
+        if not Path(target).parent.is_dir():
+            raise ConfigError(f"--store {url}: directory {Path(target).parent} does not exist")
+    store: Store = cls(target)
+    return store
+
+
+def check(options: ServeOptions) -> tuple[Store, StaticTokens, list[str]]:
+    """Validate every option (nothing is connected yet); `ConfigError` names the bad one."""
+    auth = StaticTokens.from_file(options.tokens)
+    for topic in [*options.topics, *options.oslo_topics]:
+        Target(topic)  # validates the name
+    Target(options.pool)
+    if options.transport is not None:
+        urls.resolve("transport", options.transport)
+    oslo_urls: list[str] = []
+    if options.oslo is not None:
+        if not options.oslo_exchanges:
+            raise ConfigError("--oslo needs at least one --oslo-exchange")
+        if not options.oslo_topics:
+            raise ConfigError("--oslo needs at least one --oslo-topic")
+        oslo_urls = [
+            oslo_url(options.oslo, exchange, durable=options.oslo_durable)
+            for exchange in options.oslo_exchanges
+        ]
+    if not 0 <= options.port <= 65535:
+        raise ConfigError(f"--port {options.port} is not a TCP port (0..65535)")
+    return store_from_url(options.store), auth, oslo_urls
+
+
+async def serve(options: ServeOptions, stop: asyncio.Event) -> None:
+    store, auth, oslo_urls = check(options)
+    async with contextlib.AsyncExitStack() as stack:
+        await store.open()
+        stack.push_async_callback(store.close)
+        hub = Hub(store, auth)
+        await hub.start()
+        stack.push_async_callback(hub.stop)
+        server = HubServer(hub, options.host, options.port)
+        await server.start()
+        stack.push_async_callback(server.stop)
+        listeners: list[NotificationListener] = []
+        if options.transport is not None:
+            transport = await connect(options.transport)
+            stack.push_async_callback(transport.close)
+            listeners.append(listener(hub, transport, topics=options.topics, pool=options.pool))
+        for exchange, url in zip(options.oslo_exchanges, oslo_urls, strict=False):
+            transport = await connect(url)
+            stack.push_async_callback(transport.close)
+            # One queue per exchange: a queue name is global on the broker, the exchange not.
+            pool = options.pool if len(oslo_urls) == 1 else f"{options.pool}-{exchange}"
+            listeners.append(
+                oslo_listener(
+                    hub,
+                    transport,
+                    topics=options.oslo_topics,
+                    pool=pool,
+                    durable=options.oslo_durable,
+                )
+            )
+        for lis in listeners:
+            await lis.start()
+            stack.push_async_callback(lis.stop, 10)
+        event(
+            log,
+            logging.INFO,
+            "hub.serving",
+            url=server.url,
+            store=urls.parse(options.store).redacted(),
+            transport=urls.parse(options.transport).redacted() if options.transport else None,
+            topics=",".join(options.topics) if options.transport else None,
+            oslo=urls.parse(options.oslo).redacted() if options.oslo else None,
+            oslo_exchanges=",".join(options.oslo_exchanges) if options.oslo else None,
+            oslo_topics=",".join(options.oslo_topics) if options.oslo else None,
+            pool=options.pool,
+        )
+        await stop.wait()
+        event(log, logging.INFO, "hub.stopping")
+    event(log, logging.INFO, "hub.stopped", ingested=hub.ingested)
+
+
+def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run ``main(stop)``; the first SIGINT/SIGTERM sets ``stop``, a second exits at once."""
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if stop.is_set():
+                # Second signal: stop at once, without the orderly shutdown.
+                os._exit(130)
+            stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        await main(stop)
+
+    asyncio.run(run())
