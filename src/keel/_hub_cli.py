@@ -40,9 +40,24 @@ def serve(
         typer.Option(help="sqlite:///path/hub.db (one process) or postgresql://... (several)."),
     ],
     tokens: Annotated[
-        Path,
+        Path | None,
         typer.Option(help='Token file: {"TOKEN": {"user", "project", "roles"}}.'),
-    ],
+    ] = None,
+    keystone: Annotated[
+        str | None,
+        typer.Option(
+            help="Validate tokens with Keystone v3 at this URL instead of --tokens; the "
+            "service user's password comes from KEEL_KEYSTONE_PASSWORD."
+        ),
+    ] = None,
+    keystone_user: Annotated[str, typer.Option(help="Keystone service user.")] = "keel-hub",
+    keystone_project: Annotated[
+        str, typer.Option(help="Project of the Keystone service user.")
+    ] = "service",
+    map_db: Annotated[
+        Path | None,
+        typer.Option(help="The services' KEEL_MAP_DB file: serve its live map at /map."),
+    ] = None,
     transport: Annotated[
         str | None,
         typer.Option(help="Keel transport to ingest notifications from (memory://, rabbit://...)."),
@@ -81,6 +96,10 @@ def serve(
     options = _serve.ServeOptions(
         store=store,
         tokens=tokens,
+        keystone=keystone,
+        keystone_user=keystone_user,
+        keystone_project=keystone_project,
+        map_db=map_db,
         host=host,
         port=port,
         transport=transport,

@@ -69,6 +69,31 @@ def test_bad_options_are_refused_with_the_reason(
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("args", "password", "says"),
+    [
+        ([], "", "give exactly one of --tokens FILE and --keystone URL"),
+        (["--tokens", "t.json", "--keystone", "http://k/v3"], "", "exactly one of"),
+        (["--keystone", "http://127.0.0.1:5000/v3"], "", "KEEL_KEYSTONE_PASSWORD"),
+        (["--keystone", "ftp://k/v3"], "pw", "expected Keystone's v3 URL"),
+    ],
+)
+def test_auth_options_are_refused_with_the_reason(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    password: str,
+    says: str,
+) -> None:
+    monkeypatch.setenv("KEEL_KEYSTONE_PASSWORD", password)
+    monkeypatch.chdir(tmp_path)
+    StaticTokens(TOKENS).write(tmp_path / "t.json")
+    base = ["hub", "serve", "--store", f"sqlite:///{tmp_path}/hub.db"]
+    result = CliRunner().invoke(app, [*base, *args])
+    assert result.exit_code == 2, result.output
+    assert says in result.output
+
+
 def test_a_bad_token_file_is_refused(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens.json"
     tokens.write_text('{"t": {"user": "u"}}')

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,6 +17,8 @@ import pytest
 
 from keel.errors import BackendUnavailable, Unauthorized
 from keel.hub import Hub, HubServer, KeystoneTokens, SQLiteStore
+from keel.map import demo
+from tests.hub.test_hub_serve import Serve
 from tests.servers import server_url
 
 ADMIN = {"username": "admin", "password": "keel-admin", "project": "admin"}
@@ -206,3 +209,37 @@ async def test_the_hub_api_behind_keystone(
     finally:
         await hub.stop()
         await store.close()
+
+
+async def test_keel_hub_serve_with_keystone_and_a_map(
+    keystone: str, tenant: Tenant, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator's command line: tokens validated by Keystone, the services' map served."""
+    map_db = tmp_path / "map.db"
+    await demo.run(f"memory://serve-map-{uuid.uuid4().hex[:6]}", map_db, rounds=2)
+    monkeypatch.setenv("KEEL_KEYSTONE_PASSWORD", ADMIN["password"])
+    serve = Serve(
+        [
+            "--store", f"sqlite:///{tmp_path}/hub.db",
+            "--keystone", keystone,
+            "--keystone-user", ADMIN["username"],
+            "--keystone-project", ADMIN["project"],
+            "--map-db", str(map_db),
+            "--port", "0",
+        ]
+    )  # fmt: skip
+    await serve.start()
+    try:
+        async with httpx.AsyncClient(base_url=serve.url, timeout=30) as c:
+            who = {"X-Auth-Token": await tenant.token()}
+            r = await c.post("/v1/subscriptions", headers=who, json={"types": ["compute.*"]})
+            assert r.status_code == 201, r.text
+            assert r.json()["project"] == tenant.project_id
+            refused = await c.get("/v1/subscriptions", headers={"X-Auth-Token": "nope"})
+            assert refused.status_code == 401
+            graph = (await c.get("/v1/map", headers=who)).json()["map"]
+            assert {"api", "compute", "image", "network", "billing"} <= set(graph["services"])
+        assert await serve.interrupt() == 0
+    finally:
+        if serve.proc is not None and serve.proc.returncode is None:
+            await serve.kill()

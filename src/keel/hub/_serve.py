@@ -1,11 +1,12 @@
 """`keel hub serve`: the hub for operators, on a real store, fed by Keel and OpenStack buses.
 
-Everything is checked before anything is started: a bad store URL, token file, transport URL
-or oslo option is a `ConfigError` naming the option and the fix. Then the store opens, the
-hub starts, the listeners start (one Keel listener on ``transport``; one oslo listener per
-exchange on the ``oslo`` broker), the HTTP server binds, and one ``event=hub.serving`` line
-says where. SIGINT or SIGTERM stops in the reverse order: listeners first (what they
-committed is acked, the rest stays on the bus), then HTTP, hub, store, transports.
+Everything is checked before anything is started: a bad store URL, token file or Keystone
+option, transport URL or oslo option is a `ConfigError` naming the option and the fix. Then
+the store opens, the hub starts, the listeners start (one Keel listener on ``transport``; one
+oslo listener per exchange on the ``oslo`` broker), the HTTP server binds, and one
+``event=hub.serving`` line says where. SIGINT or SIGTERM stops in the reverse order:
+listeners first (what they committed is acked, the rest stays on the bus), then HTTP, hub,
+store, transports.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from pathlib import Path
 from keel import urls
 from keel._log import event
 from keel.errors import ConfigError
-from keel.hub._auth import StaticTokens
+from keel.hub._auth import Authenticator, KeystoneTokens, StaticTokens
 from keel.hub._core import Hub
 from keel.hub._ingest import listener
+from keel.hub._map_feed import MapFeed
 from keel.hub._oslo_ingest import OSLO_TOPICS, oslo_listener, oslo_url
 from keel.hub._server import HubServer
 from keel.hub.stores.base import Store
@@ -38,7 +40,11 @@ __all__ = ["OSLO_TOPICS", "ServeOptions", "check", "run_until_signalled", "serve
 @dataclass
 class ServeOptions:
     store: str
-    tokens: Path
+    tokens: Path | None = None
+    keystone: str | None = None
+    keystone_user: str = "keel-hub"
+    keystone_project: str = "service"
+    map_db: Path | None = None
     host: str = "127.0.0.1"
     port: int = 8780
     transport: str | None = None
@@ -66,9 +72,39 @@ def store_from_url(url: str) -> Store:
     return store
 
 
-def check(options: ServeOptions) -> tuple[Store, StaticTokens, list[str]]:
+def authenticator(options: ServeOptions) -> Authenticator:
+    """The static token file or Keystone, exactly one of them. Keystone's service password
+    comes from ``KEEL_KEYSTONE_PASSWORD``, never from the command line (where `ps` shows it)."""
+    if (options.tokens is None) == (options.keystone is None):
+        raise ConfigError("give exactly one of --tokens FILE and --keystone URL")
+    if options.tokens is not None:
+        return StaticTokens.from_file(options.tokens)
+    assert options.keystone is not None
+    parsed = urls.parse(options.keystone)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ConfigError(
+            f"--keystone {options.keystone}: expected Keystone's v3 URL, "
+            "e.g. https://keystone.example:5000/v3"
+        )
+    password = os.environ.get("KEEL_KEYSTONE_PASSWORD", "")
+    if not password:
+        raise ConfigError(
+            "--keystone needs the service user's password in KEEL_KEYSTONE_PASSWORD "
+            f"(user {options.keystone_user}, project {options.keystone_project})"
+        )
+    return KeystoneTokens(
+        options.keystone,
+        username=options.keystone_user,
+        password=password,
+        project=options.keystone_project,
+    )
+
+
+def check(options: ServeOptions) -> tuple[Store, Authenticator, list[str]]:
     """Validate every option (nothing is connected yet); `ConfigError` names the bad one."""
-    auth = StaticTokens.from_file(options.tokens)
+    auth = authenticator(options)
+    if options.map_db is not None and not options.map_db.parent.is_dir():
+        raise ConfigError(f"--map-db {options.map_db}: directory does not exist")
     for topic in [*options.topics, *options.oslo_topics]:
         Target(topic)  # validates the name
     Target(options.pool)
@@ -97,7 +133,11 @@ async def serve(options: ServeOptions, stop: asyncio.Event) -> None:
         hub = Hub(store, auth)
         await hub.start()
         stack.push_async_callback(hub.stop)
-        server = HubServer(hub, options.host, options.port)
+        feed = None
+        if options.map_db is not None:
+            feed = MapFeed(options.map_db)
+            await feed.start()
+        server = HubServer(hub, options.host, options.port, map_feed=feed)
         await server.start()
         stack.push_async_callback(server.stop)
         listeners: list[NotificationListener] = []
@@ -128,6 +168,8 @@ async def serve(options: ServeOptions, stop: asyncio.Event) -> None:
             "hub.serving",
             url=server.url,
             store=urls.parse(options.store).redacted(),
+            auth="keystone" if options.keystone else "tokens",
+            map_db=options.map_db,
             transport=urls.parse(options.transport).redacted() if options.transport else None,
             topics=",".join(options.topics) if options.transport else None,
             oslo=urls.parse(options.oslo).redacted() if options.oslo else None,
