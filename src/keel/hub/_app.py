@@ -18,8 +18,9 @@ import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from keel import errors
@@ -28,7 +29,7 @@ from keel.hub._auth import Principal
 from keel.hub._core import Hub
 from keel.hub._events import decode_event
 from keel.hub._openapi import openapi_document
-from keel.hub._sse import StreamCursor
+from keel.hub._sse import RAW_SEND, EventStreamResponse, StreamCursor
 from keel.hub._ws import websocket_stream
 from keel.hub.stores.base import Claim, Gap, Message, Subscription
 
@@ -327,9 +328,9 @@ class Api:
             self.hub.fanout.leave(client)
             raise
         stream = StreamCursor(self.hub, sub_id, client, sub.last_seq if after is None else after)
-        return StreamingResponse(
-            stream.frames(catch_up=after is not None),
-            media_type="text/event-stream",
+        return EventStreamResponse(
+            stream,
+            catch_up=after is not None,
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
@@ -342,6 +343,12 @@ class Api:
     async def page(self, request: Request) -> Response:
         html = resources.files("keel.hub").joinpath("static/index.html").read_bytes()
         return Response(html, media_type="text/html; charset=utf-8")
+
+
+class _App(Starlette):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[RAW_SEND] = send
+        await super().__call__(scope, receive, send)
 
 
 def create_app(hub: Hub, *, heartbeat: float = 15.0) -> Starlette:
@@ -371,7 +378,7 @@ def create_app(hub: Hub, *, heartbeat: float = 15.0) -> Starlette:
         await websocket_stream(websocket, hub)
 
     routes.append(WebSocketRoute(s + "/ws", ws))
-    return Starlette(
+    return _App(
         routes=routes,
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
