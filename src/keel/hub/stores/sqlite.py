@@ -11,6 +11,7 @@ Two hub processes must not share one file (use the scale-out store for that). Se
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from typing import Any, ClassVar, TypeVar
 
 import msgspec
 
+from keel._log import event as log_event
 from keel.errors import ClaimExpired, ConfigError, Conflict, NotFound
 from keel.hub.stores.base import (
     ACKED,
@@ -34,6 +36,13 @@ from keel.hub.stores.base import (
 from keel.wire import new_id
 
 T = TypeVar("T")
+
+_json = msgspec.json.Encoder().encode
+log = logging.getLogger("keel.hub.sqlite")
+
+CACHE_KIB = 64 * 1024
+# About 40 MiB of WAL: reached only if the checkpoint thread falls behind.
+BACKSTOP_CHECKPOINT_PAGES = 10_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS subscriptions (
@@ -74,6 +83,10 @@ class SQLiteStore:
         self.dedup_s = dedup_s
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="keel-hub-sqlite")
         self._db: sqlite3.Connection | None = None
+        # Checkpoints run on their own connection and thread (see `_checkpoint`).
+        self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="keel-hub-checkpoint")
+        self._checkpoint_db: sqlite3.Connection | None = None
+        self._checkpoint_due = False
 
     async def _run(self, func: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
@@ -86,8 +99,44 @@ class SQLiteStore:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={self.synchronous}")
         db.execute("PRAGMA busy_timeout=5000")
+        # Each commit touches a page or two of every queue it appends to (and of their
+        # indexes); with the default 2 MiB cache those pages were read back from the file
+        # inside the write transaction, which held up the one store thread.
+        db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+        # The writer's own checkpoint is only a backstop: `_checkpoint` runs them beside it.
+        db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_CHECKPOINT_PAGES}")
         db.executescript(_SCHEMA)
         self._db = db
+
+    def _request_checkpoint(self) -> None:
+        """After a commit (on the store thread): copy the WAL into the file, off this thread.
+
+        SQLite's automatic checkpoint runs inside the COMMIT that crosses its threshold, so
+        every few ingest batches one commit also wrote back and fsynced the database file;
+        that commit's callers (and the streams waiting for it) paid for all of them. A
+        PASSIVE checkpoint on another connection runs concurrently with the writer and does
+        not change what a commit promises (the WAL is fsynced before COMMIT returns)."""
+        if not self._checkpoint_due:
+            self._checkpoint_due = True
+            self._checkpointer.submit(self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        self._checkpoint_due = False
+        try:
+            if self._checkpoint_db is None:
+                db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+                db.execute(f"PRAGMA synchronous={self.synchronous}")
+                db.execute("PRAGMA busy_timeout=5000")
+                self._checkpoint_db = db
+            self._checkpoint_db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:
+            # The backstop checkpoint of the writer still bounds the WAL.
+            log_event(log, logging.WARNING, "hub.sqlite_checkpoint_failed", error=repr(exc))
+
+    def _close_checkpointer(self) -> None:
+        if self._checkpoint_db is not None:
+            self._checkpoint_db.close()
+            self._checkpoint_db = None
 
     async def watch(self, on_change: Callable[[str, str], None]) -> None:
         """One process per file: nobody else changes it."""
@@ -99,7 +148,11 @@ class SQLiteStore:
         if self._db is not None:
             await self._run(self._db.close)
             self._db = None
+            await asyncio.get_running_loop().run_in_executor(
+                self._checkpointer, self._close_checkpointer
+            )
         self._executor.shutdown(wait=True)
+        self._checkpointer.shutdown(wait=True)
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -190,18 +243,28 @@ class SQLiteStore:
     # --- queues -------------------------------------------------------------------------
 
     async def append(self, batch: Sequence[Routed], *, now: float) -> list[Appended]:
-        return await self._run(self._tx, lambda db: self._append(db, batch, now))
+        return await self._run(self._append_tx, batch, now)
+
+    def _append_tx(self, batch: Sequence[Routed], now: float) -> list[Appended]:
+        out = self._tx(lambda db: self._append(db, batch, now))
+        self._request_checkpoint()
+        return out
 
     def _append(
         self, db: sqlite3.Connection, batch: Sequence[Routed], now: float
     ) -> list[Appended]:
-        ids = list({item.event_id for item in batch})
-        seen: set[str] = set()
-        for i in range(0, len(ids), 500):  # SQLite's bound-parameter limit
-            part = ids[i : i + 500]
-            marks = ",".join("?" * len(part))
-            query = f"SELECT event_id FROM ingested WHERE event_id IN ({marks})"
-            seen.update(r[0] for r in db.execute(query, part))
+        # A handful of statements per batch, whatever its size: the rows travel as one JSON
+        # parameter each and json_each() expands them inside SQLite. Row by row, every step
+        # gave up and took back the GIL, and while the event loop was busy fanning out each
+        # take-back waited up to a switch interval (5 ms), which made commits (and so the
+        # fan-out's latency) slowest exactly when the hub was busiest.
+        seen = {
+            r[0]
+            for r in db.execute(
+                "SELECT event_id FROM ingested WHERE event_id IN (SELECT value FROM json_each(?))",
+                (_json([item.event_id for item in batch]),),
+            )
+        }
         fresh: list[Routed] = []
         for item in batch:
             if item.event_id not in seen:
@@ -209,32 +272,52 @@ class SQLiteStore:
                 fresh.append(item)
         if not fresh:
             return []
-        db.executemany(
-            "INSERT INTO ingested (event_id, at) VALUES (?, ?)", [(i.event_id, now) for i in fresh]
+        db.execute(
+            "INSERT INTO ingested (event_id, at) SELECT value, ? FROM json_each(?)",
+            (now, _json([item.event_id for item in fresh])),
         )
-        seqs: dict[str, int] = {}
-        for sub_id in {s for item in fresh for s in item.subscriptions}:
-            row = db.execute(
-                "SELECT last_seq FROM subscriptions WHERE id = ?", (sub_id,)
-            ).fetchone()
-            if row is not None:  # else deleted between routing and commit
-                seqs[sub_id] = row[0]
+        touched = {s for item in fresh for s in item.subscriptions}
+        (state,) = db.execute(
+            "SELECT json_group_object(id, json_array(last_seq, first_seq, max_messages)) "
+            "FROM subscriptions WHERE id IN (SELECT value FROM json_each(?))",
+            (_json(sorted(touched)),),
+        ).fetchone()
+        # Subscriptions deleted between routing and commit are absent and get nothing.
+        subs: dict[str, list[int | None]] = msgspec.json.decode(state)
+        seqs = {sub_id: int(v[0] or 0) for sub_id, v in subs.items()}
         out: list[Appended] = []
-        rows: list[tuple[str, int, bytes, str, float]] = []
+        rows: list[tuple[str, list[tuple[str, int]]]] = []
         for item in fresh:
+            targets: list[tuple[str, int]] = []
             for sub_id in item.subscriptions:
                 if sub_id in seqs:
-                    seqs[sub_id] += 1
-                    rows.append((sub_id, seqs[sub_id], item.body, READY, now))
-                    out.append(Appended(sub_id, seqs[sub_id], item.body))
-        db.executemany(
-            "INSERT INTO messages (sub_id, seq, event, state, enqueued_at) VALUES (?, ?, ?, ?, ?)",
-            rows,
+                    seq = seqs[sub_id] = seqs[sub_id] + 1
+                    targets.append((sub_id, seq))
+                    out.append(Appended(sub_id, seq, item.body))
+            if targets:
+                rows.append((item.body.decode(), targets))
+        if not out:
+            return []
+        # The body goes as JSON text and comes back byte for byte: CAST of the unescaped
+        # text to BLOB is its UTF-8 encoding, which is what encode_event produced.
+        db.execute(
+            "INSERT INTO messages (sub_id, seq, event, state, enqueued_at) "
+            "SELECT json_extract(t.value, '$[0]'), json_extract(t.value, '$[1]'), "
+            "CAST(json_extract(e.value, '$[0]') AS BLOB), ?, ? "
+            "FROM json_each(?) AS e, json_each(e.value, '$[1]') AS t",
+            (READY, now, _json(rows)),
         )
-        touched = {a.subscription for a in out}
-        for sub_id in touched:
-            db.execute("UPDATE subscriptions SET last_seq = ? WHERE id = ?", (seqs[sub_id], sub_id))
-            self._trim_length(db, sub_id, seqs[sub_id])
+        last = {a.subscription: seqs[a.subscription] for a in out}
+        db.execute(
+            "UPDATE subscriptions SET last_seq = "
+            "(SELECT value FROM json_each(?1) WHERE key = subscriptions.id) "
+            "WHERE id IN (SELECT key FROM json_each(?1))",
+            (_json(last),),
+        )
+        for sub_id, seq in last.items():
+            _, first, limit = subs[sub_id]
+            if limit is not None and first is not None and seq - first + 1 > limit:
+                self._drop_before(db, sub_id, seq - limit + 1)
         return out
 
     @staticmethod
@@ -249,14 +332,6 @@ class SQLiteStore:
             (first, dropped, sub_id),
         )
         return int(dropped)
-
-    def _trim_length(self, db: sqlite3.Connection, sub_id: str, last: int) -> None:
-        row = db.execute(
-            "SELECT max_messages, first_seq FROM subscriptions WHERE id = ?", (sub_id,)
-        ).fetchone()
-        limit, first = row
-        if limit is not None and last - first + 1 > limit:
-            self._drop_before(db, sub_id, last - limit + 1)
 
     async def enforce_retention(self, *, now: float) -> int:
         def run(db: sqlite3.Connection) -> int:
