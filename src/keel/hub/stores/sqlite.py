@@ -2,8 +2,12 @@
 
 Durability: every write is one transaction committed with ``synchronous=FULL`` (configurable)
 before the coroutine returns, so what `append` returned survives a SIGKILL and, with FULL,
-a power cut. All statements run on one dedicated thread with one connection, which
-serializes them; concurrency comes from batching (`append` takes a whole ingest batch).
+a power cut. One connection serializes everything (a lock around each operation);
+concurrency comes from batching (`append` takes a whole ingest batch). Statements run on the
+event loop's thread and only COMMIT, which waits for the disk, runs on the store's own
+thread: statements are CPU work of microseconds, and running them on a thread made each one
+give up the GIL and wait to take it back behind the busy loop (a switch interval, 5 ms),
+which is what made commits slow when the hub was busiest.
 Two hub processes must not share one file (use the scale-out store for that). See
 `keel.hub.stores.base` for what each primitive promises.
 """
@@ -11,6 +15,7 @@ Two hub processes must not share one file (use the scale-out store for that). Se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -83,16 +88,48 @@ class SQLiteStore:
         self.dedup_s = dedup_s
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="keel-hub-sqlite")
         self._db: sqlite3.Connection | None = None
+        self._lock = asyncio.Lock()
         # Checkpoints run on their own connection and thread (see `_checkpoint`).
         self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="keel-hub-checkpoint")
         self._checkpoint_db: sqlite3.Connection | None = None
         self._checkpoint_due = False
 
     async def _run(self, func: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
+        """A read, on the loop's thread, once no COMMIT is in flight on the connection."""
+        async with self._lock:
+            return func(*args)
+
+    async def _write(self, func: Callable[[sqlite3.Connection], T]) -> T:
+        """``func`` in one transaction, committed (durably) before this returns."""
+        async with self._lock:
+            db = self.db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = func(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            commit = asyncio.get_running_loop().run_in_executor(self._executor, self._commit)
+            try:
+                await asyncio.shield(commit)
+            except asyncio.CancelledError:
+                # The thread goes on with the COMMIT: keep the connection until it is done.
+                with contextlib.suppress(Exception):
+                    await commit
+                raise
+            return result
+
+    def _commit(self) -> None:
+        db = self.db
+        try:
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
 
     async def open(self) -> None:
-        await self._run(self._open)
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._open)
 
     def _open(self) -> None:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -109,7 +146,7 @@ class SQLiteStore:
         self._db = db
 
     def _request_checkpoint(self) -> None:
-        """After a commit (on the store thread): copy the WAL into the file, off this thread.
+        """After a commit: copy the WAL into the file, off this thread.
 
         SQLite's automatic checkpoint runs inside the COMMIT that crosses its threshold, so
         every few ingest batches one commit also wrote back and fsynced the database file;
@@ -146,7 +183,8 @@ class SQLiteStore:
 
     async def close(self) -> None:
         if self._db is not None:
-            await self._run(self._db.close)
+            async with self._lock:
+                self._db.close()
             self._db = None
             await asyncio.get_running_loop().run_in_executor(
                 self._checkpointer, self._close_checkpointer
@@ -159,17 +197,6 @@ class SQLiteStore:
         if self._db is None:
             raise ConfigError("the store is not open; call open() first")
         return self._db
-
-    def _tx(self, func: Callable[[sqlite3.Connection], T]) -> T:
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            result = func(db)
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-        return result
 
     # --- subscriptions ------------------------------------------------------------------
 
@@ -187,7 +214,7 @@ class SQLiteStore:
             except sqlite3.IntegrityError:
                 raise Conflict(f"subscription {sub.id} exists") from None
 
-        await self._run(self._tx, run)
+        await self._write(run)
 
     @staticmethod
     def _sub(row: tuple[Any, ...]) -> Subscription:
@@ -238,15 +265,12 @@ class SQLiteStore:
             db.execute("DELETE FROM messages WHERE sub_id = ?", (sub_id,))
             db.execute("DELETE FROM claims WHERE sub_id = ?", (sub_id,))
 
-        await self._run(self._tx, run)
+        await self._write(run)
 
     # --- queues -------------------------------------------------------------------------
 
     async def append(self, batch: Sequence[Routed], *, now: float) -> list[Appended]:
-        return await self._run(self._append_tx, batch, now)
-
-    def _append_tx(self, batch: Sequence[Routed], now: float) -> list[Appended]:
-        out = self._tx(lambda db: self._append(db, batch, now))
+        out = await self._write(lambda db: self._append(db, batch, now))
         self._request_checkpoint()
         return out
 
@@ -350,7 +374,7 @@ class SQLiteStore:
             db.execute("DELETE FROM claims WHERE expires_at < ?", (now - 3600,))
             return total
 
-        return await self._run(self._tx, run)
+        return await self._write(run)
 
     def _require(self, db: sqlite3.Connection, sub_id: str) -> tuple[int, int]:
         row = db.execute(
@@ -443,7 +467,7 @@ class SQLiteStore:
                 messages=[self._msg(m) for m in msgs],
             )
 
-        return await self._run(self._tx, run)
+        return await self._write(run)
 
     def _live_claim(self, db: sqlite3.Connection, sub_id: str, claim_id: str, now: float) -> None:
         self._require(db, sub_id)
@@ -473,7 +497,7 @@ class SQLiteStore:
                 args.extend(seqs)
             return int(db.execute(query, args).rowcount)
 
-        return await self._run(self._tx, run)
+        return await self._write(run)
 
     async def release(self, sub_id: str, claim_id: str, *, now: float) -> int:
         def run(db: sqlite3.Connection) -> int:
@@ -486,7 +510,7 @@ class SQLiteStore:
             db.execute("DELETE FROM claims WHERE id = ?", (claim_id,))
             return int(n)
 
-        return await self._run(self._tx, run)
+        return await self._write(run)
 
     async def extend(self, sub_id: str, claim_id: str, *, ttl: float, now: float) -> float:
         def run(db: sqlite3.Connection) -> float:
@@ -500,7 +524,7 @@ class SQLiteStore:
             )
             return expires
 
-        return await self._run(self._tx, run)
+        return await self._write(run)
 
     async def ack_upto(self, sub_id: str, seq: int) -> int:
         def run(db: sqlite3.Connection) -> int:
@@ -513,7 +537,7 @@ class SQLiteStore:
                 ).rowcount
             )
 
-        return await self._run(self._tx, run)
+        return await self._write(run)
 
     async def acked_upto(self, sub_id: str) -> int:
         def run() -> int:
@@ -550,4 +574,4 @@ class SQLiteStore:
                 args.extend(seqs)
             return int(db.execute(query, args).rowcount)
 
-        return await self._run(self._tx, run)
+        return await self._write(run)
