@@ -77,6 +77,8 @@ _MSG_COLUMNS = "seq, event, state, deliveries, enqueued_at"
 
 class SQLiteStore:
     multi_process: ClassVar[bool] = False
+    # One connection commits one batch at a time (the hub forms the next batch only then).
+    append_concurrency: ClassVar[int] = 1
 
     def __init__(
         self, path: str | Path, *, synchronous: str = "FULL", dedup_s: float = 86400.0
