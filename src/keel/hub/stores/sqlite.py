@@ -43,6 +43,8 @@ from keel.wire import new_id
 T = TypeVar("T")
 
 _json = msgspec.json.Encoder().encode
+# A write waiting for the next group commit: what to run in it and who waits for the result.
+_Queued = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
 log = logging.getLogger("keel.hub.sqlite")
 
 CACHE_KIB = 64 * 1024
@@ -91,6 +93,7 @@ class SQLiteStore:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="keel-hub-sqlite")
         self._db: sqlite3.Connection | None = None
         self._lock = asyncio.Lock()
+        self._queued: list[_Queued] = []
         # Checkpoints run on their own connection and thread (see `_checkpoint`).
         self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="keel-hub-checkpoint")
         self._checkpoint_db: sqlite3.Connection | None = None
@@ -102,24 +105,78 @@ class SQLiteStore:
             return func(*args)
 
     async def _write(self, func: Callable[[sqlite3.Connection], T]) -> T:
-        """``func`` in one transaction, committed (durably) before this returns."""
-        async with self._lock:
-            db = self.db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                result = func(db)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            commit = asyncio.get_running_loop().run_in_executor(self._executor, self._commit)
-            try:
-                await asyncio.shield(commit)
-            except asyncio.CancelledError:
-                # The thread goes on with the COMMIT: keep the connection until it is done.
-                with contextlib.suppress(Exception):
-                    await commit
-                raise
-            return result
+        """``func`` in a transaction, committed (durably) before this returns.
+
+        Group commit: writes that queue up while a COMMIT is in flight share the next
+        transaction, each in its own savepoint (one that raises is rolled back alone and
+        gets its exception), so concurrent claimers and ackers share one fsync instead of
+        taking turns for one each."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queued.append((func, fut))
+        try:
+            async with self._lock:
+                if not fut.done():
+                    batch, self._queued = self._queued, []
+                    await self._commit_batch(batch)
+        except asyncio.CancelledError:
+            fut.cancel()  # not yet run: a later batch skips it
+            raise
+        result: T = fut.result()
+        return result
+
+    async def _commit_batch(self, batch: list[_Queued]) -> None:
+        batch = [(func, fut) for func, fut in batch if not fut.done()]
+        if not batch:
+            return
+        outcomes = self._run_batch(batch)
+        commit = asyncio.get_running_loop().run_in_executor(self._executor, self._commit)
+        cancelled = False
+        try:
+            await asyncio.shield(commit)
+        except asyncio.CancelledError:
+            # The thread goes on with the COMMIT: keep the connection until it is done.
+            cancelled = True
+            with contextlib.suppress(Exception):
+                await commit
+        except Exception:
+            pass  # reported to every writer of the batch below
+        failed = commit.exception() if commit.done() and not commit.cancelled() else None
+        for fut, error, value in outcomes:
+            problem = failed or error
+            if fut.done():
+                continue
+            if problem is not None:
+                fut.set_exception(problem)
+            else:
+                fut.set_result(value)
+        if cancelled:
+            raise asyncio.CancelledError
+
+    def _run_batch(
+        self, batch: list[_Queued]
+    ) -> list[tuple[asyncio.Future[Any], BaseException | None, Any]]:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        outcomes: list[tuple[asyncio.Future[Any], BaseException | None, Any]] = []
+        try:
+            for func, fut in batch:
+                db.execute("SAVEPOINT w")
+                try:
+                    value = func(db)
+                except Exception as exc:
+                    db.execute("ROLLBACK TO w")
+                    db.execute("RELEASE w")
+                    outcomes.append((fut, exc, None))
+                else:
+                    db.execute("RELEASE w")
+                    outcomes.append((fut, None, value))
+        except BaseException as exc:
+            db.execute("ROLLBACK")
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(ConnectionError(f"the store's transaction failed: {exc!r}"))
+            raise
+        return outcomes
 
     def _commit(self) -> None:
         db = self.db
