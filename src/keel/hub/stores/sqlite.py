@@ -3,11 +3,13 @@
 Durability: every write is one transaction committed with ``synchronous=FULL`` (configurable)
 before the coroutine returns, so what `append` returned survives a SIGKILL and, with FULL,
 a power cut. One connection serializes everything (a lock around each operation);
-concurrency comes from batching (`append` takes a whole ingest batch). Statements run on the
-event loop's thread and only COMMIT, which waits for the disk, runs on the store's own
-thread: statements are CPU work of microseconds, and running them on a thread made each one
-give up the GIL and wait to take it back behind the busy loop (a switch interval, 5 ms),
-which is what made commits slow when the hub was busiest.
+concurrency comes from batching: `append` takes a whole ingest batch, and writes that queue
+up during a COMMIT share the next transaction (group commit, a savepoint each). Statements
+run on the event loop's thread and only COMMIT, which waits for the disk, runs on the
+store's own thread: statements are CPU work of microseconds, and running them on a thread
+made each one give up the GIL and wait to take it back behind the busy loop (a switch
+interval, 5 ms), which is what made commits slow when the hub was busiest. Writes of
+unbounded size (retention, deleting a queue) still run whole on the store thread.
 Two hub processes must not share one file (use the scale-out store for that). See
 `keel.hub.stores.base` for what each primitive promises.
 """
@@ -178,6 +180,30 @@ class SQLiteStore:
             raise
         return outcomes
 
+    async def _write_on_thread(self, func: Callable[[sqlite3.Connection], T]) -> T:
+        """A whole transaction on the store thread, for the writes whose size has no bound
+        (retention sweeps, deleting a subscription's queue): on the loop they would stall
+        every stream for as long as they take."""
+        async with self._lock:
+            task = asyncio.get_running_loop().run_in_executor(self._executor, self._tx, func)
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await task  # the thread still holds the connection
+                raise
+
+    def _tx(self, func: Callable[[sqlite3.Connection], T]) -> T:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = func(db)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._commit()
+        return result
+
     def _commit(self) -> None:
         db = self.db
         try:
@@ -324,7 +350,7 @@ class SQLiteStore:
             db.execute("DELETE FROM messages WHERE sub_id = ?", (sub_id,))
             db.execute("DELETE FROM claims WHERE sub_id = ?", (sub_id,))
 
-        await self._write(run)
+        await self._write_on_thread(run)
 
     # --- queues -------------------------------------------------------------------------
 
@@ -433,7 +459,7 @@ class SQLiteStore:
             db.execute("DELETE FROM claims WHERE expires_at < ?", (now - 3600,))
             return total
 
-        return await self._write(run)
+        return await self._write_on_thread(run)
 
     def _require(self, db: sqlite3.Connection, sub_id: str) -> tuple[int, int]:
         row = db.execute(
