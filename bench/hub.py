@@ -290,4 +290,5 @@ def main(argv: list[str]) -> None:
         for key in keys:
             values[prefix + key] = row[key]
         values[prefix + "raw_append_rows_per_s"] = row["raw_append_rows_per_s"]
+        values[prefix + "raw_read_rows_per_s"] = row["raw_read_rows_per_s"]
     print(result_line("hub", values))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 import pytest
 
 from keel.errors import ClaimExpired, NotFound
-from keel.hub.stores.base import Retention, Routed, Store, Subscription
+from keel.hub.stores.base import Claim, Retention, Routed, Store, Subscription
 
 NOW = 1_000_000.0
 
@@ -158,3 +160,36 @@ async def test_ack_upto_and_the_acked_prefix(store: Store) -> None:
     assert await store.acked_upto("a") == 3
     assert await store.ack_upto("a", 10) == 1
     assert await store.acked_upto("a") == 4
+
+
+async def test_concurrent_writes_fail_and_succeed_independently(store: Store) -> None:
+    # Writes that run at once (the SQLite store commits them together) keep their own
+    # outcome: one that fails changes nothing and does not undo the others.
+    await make_sub(store, "a")
+    await store.append([Routed(f"e{n}", ev(n), ("a",)) for n in range(1, 5)], now=NOW)
+    old = await store.claim("a", limit=1, ttl=10, now=NOW, max_deliveries=5)
+    assert old is not None
+    results = await asyncio.gather(
+        store.ack("a", old.id, None, now=NOW + 20),  # expired by then
+        store.claim("a", limit=2, ttl=30, now=NOW + 20, max_deliveries=5),
+        store.append([Routed("e5", ev(5), ("a", "gone"))], now=NOW + 20),
+        store.get_subscription("gone"),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], ClaimExpired)
+    claim = results[1]
+    assert isinstance(claim, Claim)
+    assert [m.seq for m in claim.messages] == [1, 2]
+    appended = results[2]
+    assert isinstance(appended, list)
+    assert [(a.subscription, a.seq) for a in appended] == [("a", 5)]
+    assert isinstance(results[3], NotFound)
+    assert await store.ack("a", claim.id, None, now=NOW + 21) == 2
+    _, msgs = await store.read("a", after=0, limit=10)
+    assert [(m.seq, m.state) for m in msgs] == [
+        (1, "acked"),
+        (2, "acked"),
+        (3, "ready"),
+        (4, "ready"),
+        (5, "ready"),
+    ]

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from keel import errors
@@ -29,7 +30,7 @@ from keel.hub._core import Hub
 from keel.hub._events import decode_event
 from keel.hub._map_feed import MapFeed
 from keel.hub._openapi import openapi_document
-from keel.hub._sse import StreamCursor
+from keel.hub._sse import RAW_SEND, EventStreamResponse, StreamCursor
 from keel.hub._ws import websocket_stream
 from keel.hub.stores.base import Claim, Gap, Message, Subscription
 
@@ -332,9 +333,9 @@ class Api:
             self.hub.fanout.leave(client)
             raise
         stream = StreamCursor(self.hub, sub_id, client, sub.last_seq if after is None else after)
-        return StreamingResponse(
-            stream.frames(catch_up=after is not None),
-            media_type="text/event-stream",
+        return EventStreamResponse(
+            stream,
+            catch_up=after is not None,
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
@@ -378,6 +379,12 @@ def _static_page(name: str) -> Response:
     return Response(html, media_type="text/html; charset=utf-8")
 
 
+class _App(Starlette):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[RAW_SEND] = send
+        await super().__call__(scope, receive, send)
+
+
 def create_app(hub: Hub, *, heartbeat: float = 15.0, map_feed: MapFeed | None = None) -> Starlette:
     hub.fanout.heartbeat = heartbeat
     api = Api(hub, heartbeat=heartbeat, map_feed=map_feed)
@@ -408,7 +415,7 @@ def create_app(hub: Hub, *, heartbeat: float = 15.0, map_feed: MapFeed | None = 
         await websocket_stream(websocket, hub)
 
     routes.append(WebSocketRoute(s + "/ws", ws))
-    return Starlette(
+    return _App(
         routes=routes,
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )

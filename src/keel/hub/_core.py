@@ -3,8 +3,8 @@
 Ingest: `ingest` returns only after the event is committed to every matching subscription's
 queue (or raises, and then nothing of it is committed). Concurrent ingests are committed
 together in one store transaction (group commit); each caller still waits for its own.
-Routing uses the subscriptions known when the batch is committed: a subscription created
-after that sees only later events.
+Routing uses the subscriptions known when the event is ingested, just before it joins a
+batch: a subscription created after that sees only later events.
 
 Tenancy: a principal sees only its own project's subscriptions; anything else is `NotFound`,
 worded exactly as a subscription that does not exist. A subscription receives only events of
@@ -159,7 +159,11 @@ class Hub:
         self.webhook_resolver = webhook_resolver
         self._routes: dict[str, _Route] = {}
         self._by_tenant: dict[str | None, list[_Route]] | None = None  # rebuilt on change
-        self._pending: asyncio.Queue[tuple[CloudEvent, asyncio.Future[None]]] = asyncio.Queue()
+        self._pending: asyncio.Queue[tuple[Routed, asyncio.Future[None]]] = asyncio.Queue()
+        # Batches committing at once. A store with one connection (SQLite) says 1: a second
+        # batch would only wait for the first, and the events that arrive meanwhile would
+        # wait for both instead of joining the next commit.
+        self.commits_in_flight: int = getattr(store, "append_concurrency", 2)
         self._tasks: list[asyncio.Task[None]] = []
         self._reloads: set[asyncio.Task[None]] = set()
         self.ingested = 0
@@ -264,7 +268,9 @@ class Hub:
     async def ingest(self, event: CloudEvent) -> None:
         """Return once ``event`` is committed to every matching queue."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        await self._pending.put((event, fut))
+        # Routed and encoded here, by the caller, so that the batcher has only the store to
+        # wait for and this work overlaps the commit in flight.
+        self._pending.put_nowait((Routed(event.id, encode_event(event), self.route(event)), fut))
         await fut
 
     def route(self, event: CloudEvent) -> tuple[str, ...]:
@@ -281,18 +287,17 @@ class Hub:
         return tuple(out)
 
     async def _batcher(self) -> None:
-        # Two batches in flight: the next one is routed and encoded while the store commits
-        # the previous (the store's own ordering keeps sequence numbers in batch order).
-        slots = asyncio.Semaphore(2)
+        # A slot first, then the batch: events that arrive while every slot is busy all
+        # join the next commit rather than wait behind a batch formed too early.
+        slots = asyncio.Semaphore(self.commits_in_flight)
         commits: set[asyncio.Task[None]] = set()
         try:
             while True:
+                await slots.acquire()
                 batch = [await self._pending.get()]
                 while len(batch) < self.batch_max and not self._pending.empty():
                     batch.append(self._pending.get_nowait())
-                routed = [Routed(e.id, encode_event(e), self.route(e)) for e, _ in batch]
-                await slots.acquire()
-                task = asyncio.create_task(self._commit(batch, routed))
+                task = asyncio.create_task(self._commit(batch))
                 commits.add(task)
                 task.add_done_callback(commits.discard)
                 task.add_done_callback(lambda _: slots.release())
@@ -302,11 +307,9 @@ class Hub:
             if commits:
                 await asyncio.wait(commits)
 
-    async def _commit(
-        self, batch: list[tuple[CloudEvent, asyncio.Future[None]]], routed: list[Routed]
-    ) -> None:
+    async def _commit(self, batch: list[tuple[Routed, asyncio.Future[None]]]) -> None:
         try:
-            appended = await self.store.append(routed, now=self.clock())
+            appended = await self.store.append([r for r, _ in batch], now=self.clock())
         except asyncio.CancelledError:
             for _, fut in batch:
                 if not fut.done():

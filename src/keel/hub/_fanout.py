@@ -4,12 +4,17 @@ Each message is encoded once per subscription and the same bytes go to every cli
 Every client has a bounded queue; a client whose queue is full is marked ``lagging`` and gets
 nothing more from here until it has caught up from the store, so a slow client costs a flag,
 never memory. Nothing here is durable: the store is the truth, this is only the wake-up.
+
+A client's queue is a deque and one waiter future rather than an `asyncio.Queue`: with a
+thousand clients the fan-out is the hub's hottest loop, and the queue's bookkeeping (its
+getters list, unfinished-task count and ``finished`` event) was a large share of each
+delivery while only one reader ever waits.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Sequence
 
 from keel.hub.stores.base import Appended
@@ -28,15 +33,52 @@ Item = tuple[int, bytes, bytes]
 
 
 class StreamClient:
+    __slots__ = ("_waiter", "closed", "items", "lagging", "maxsize", "subscription")
+
     def __init__(self, subscription: str, maxsize: int) -> None:
         self.subscription = subscription
-        self.queue: asyncio.Queue[Item] = asyncio.Queue(maxsize)
+        self.maxsize = maxsize
+        self.items: deque[Item] = deque()
         self.lagging = False
-        self.closed = asyncio.Event()
+        self.closed = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def offer(self, item: Item) -> bool:
+        """Queue ``item`` unless the queue is full (then nothing is queued)."""
+        if len(self.items) >= self.maxsize:
+            return False
+        self.items.append(item)
+        self._wake()
+        return True
+
+    def lag(self) -> None:
+        """Drop what is queued: the client will catch up from the store."""
+        self.lagging = True
+        self.items.clear()
+        self._wake()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self) -> None:
+        """Return when something is queued, the client lags or it was closed."""
+        if self.items or self.lagging or self.closed:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
+        try:
+            await waiter
+        finally:
+            self._waiter = None
 
 
 HEARTBEAT_ITEM: Item = (-2, b"", b"")
-WAKE_ITEM: Item = (-1, b"", b"")
 
 
 class Fanout:
@@ -63,8 +105,8 @@ class Fanout:
             await asyncio.sleep(self.heartbeat)
             for clients in list(self._clients.values()):
                 for client in clients:
-                    if client.queue.empty():
-                        client.queue.put_nowait(HEARTBEAT_ITEM)
+                    if not client.items:
+                        client.offer(HEARTBEAT_ITEM)
 
     def leave(self, client: StreamClient) -> None:
         clients = self._clients.get(client.subscription)
@@ -74,33 +116,27 @@ class Fanout:
                 del self._clients[client.subscription]
 
     def publish(self, appended: Sequence[Appended]) -> None:
+        clients_of = self._clients
         for item in appended:
-            clients = self._clients.get(item.subscription)
+            clients = clients_of.get(item.subscription)
             if not clients:
                 continue
             frame = (item.seq, sse_frame(item.seq, item.body), ws_frame(item.seq, item.body))
             for client in clients:
                 if client.lagging:
                     continue
-                try:
-                    client.queue.put_nowait(frame)
-                except asyncio.QueueFull:
-                    client.lagging = True
+                if not client.offer(frame):
+                    client.lag()
                     self.lagged += 1
 
     def nudge(self, subscription: str) -> None:
         """Another process appended: every client of it catches up from the store."""
         for client in self._clients.get(subscription, ()):
-            client.lagging = True
-            if not client.queue.full():
-                client.queue.put_nowait(WAKE_ITEM)
+            client.lag()
 
     def close_subscription(self, subscription: str) -> None:
         for client in self._clients.pop(subscription, set()):
-            client.closed.set()
-            # A sentinel wakes a client waiting on an empty queue; a full one is not waiting.
-            if not client.queue.full():
-                client.queue.put_nowait(WAKE_ITEM)
+            client.close()
 
     def close_all(self) -> None:
         for subscription in list(self._clients):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import gc
 import socket
 from collections.abc import Iterator
 
@@ -18,6 +20,16 @@ import uvicorn
 from keel.hub._app import create_app
 from keel.hub._core import Hub
 from keel.hub._map_feed import MapFeed
+
+
+@functools.cache  # once per process
+def _freeze_startup_objects() -> None:
+    """Move what exists once the server runs (modules, the app, the hub) out of the
+    collector's reach, once per process. A full collection walked all of it while a
+    thousand streams waited: 50-130 ms pauses measured, at the tail of the fan-out latency. It
+    changes nothing but what the cycle collector scans."""
+    gc.collect()
+    gc.freeze()
 
 
 class _Server(uvicorn.Server):
@@ -75,6 +87,7 @@ class HubServer:
                 await self._task
                 raise RuntimeError("the hub's HTTP server stopped while starting")
             await asyncio.sleep(0.01)
+        _freeze_startup_objects()
 
     async def stop(self) -> None:
         self.hub.fanout.close_all()

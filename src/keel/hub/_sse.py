@@ -11,17 +11,30 @@ clients and nothing is skipped. Streaming itself does not ack or claim anything.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Literal
 
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from keel._log import event as log_event
 from keel.hub._core import Hub
-from keel.hub._fanout import HEARTBEAT_ITEM, Item, StreamClient, sse_frame, ws_frame
+from keel.hub._fanout import StreamClient, sse_frame, ws_frame
 from keel.hub.stores.base import Gap
 
 PAGE = 500
 Format = Literal["sse", "ws"]
 HEARTBEAT = {"sse": b": hb\n\n", "ws": b'{"type":"heartbeat"}'}
+Write = Callable[[bytes], Awaitable[None]]
+# Where the app puts the server's own ``send`` (see `keel.hub._app`), so a stream's frames
+# skip the middlewares' per-message wrappers: they only watch for a response start, which
+# a stream has already sent, and were a third of the cost of each delivery.
+RAW_SEND = "keel.raw_send"
+
+log = logging.getLogger("keel.hub.http")
 
 
 def gap_frame(gap: Gap, fmt: Format = "sse") -> bytes:
@@ -40,64 +53,111 @@ class StreamCursor:
         self.client = client
         self.cursor = cursor
 
-    async def _catch_up(self, fmt: Format) -> AsyncIterator[bytes]:
+    async def _catch_up(self, fmt: Format, write: Write) -> None:
         client = self.client
         encode = sse_frame if fmt == "sse" else ws_frame
-        while not client.queue.empty():
-            client.queue.get_nowait()
+        client.items.clear()
         client.lagging = False
-        while True:
+        # Bounded by the queue's length when the catch-up began plus what arrives meanwhile;
+        # each round reads a full page or ends.
+        while not client.closed:
             gap, messages = await self.hub.store.read(self.sub_id, after=self.cursor, limit=PAGE)
+            frames: list[bytes] = []
             if gap is not None:
-                yield gap_frame(gap, fmt)
+                frames.append(gap_frame(gap, fmt))
                 self.cursor = gap.last
             for message in messages:
-                yield encode(message.seq, bytes(message.event))
+                frames.append(encode(message.seq, bytes(message.event)))
                 self.cursor = message.seq
+            if fmt == "sse":
+                if frames:
+                    await write(b"".join(frames))
+            else:
+                for frame in frames:
+                    await write(frame)
             if len(messages) < PAGE:
                 return
 
-    def _coalesce(self, item: Item, fmt: Format) -> tuple[list[bytes], bool]:
-        """Frames to send now (whatever is already queued, in order) and whether a hole
-        means catching up from the store. Under load one send per frame is what limits
-        fan-out, and SSE frames concatenate safely; WebSocket sends one message per event."""
+    def _take(self, fmt: Format) -> tuple[list[bytes], bool]:
+        """Frames to send now (everything queued, in order) and whether a hole means
+        catching up from the store. Under load one send per frame is what limits fan-out,
+        and SSE frames concatenate safely; WebSocket sends one message per event."""
         chunk: list[bytes] = []
-        client = self.client
-        while True:
-            seq, sse, ws = item
+        items = self.client.items
+        while items:
+            seq, sse, ws = items.popleft()
             if seq > self.cursor + 1:
                 return chunk, True  # the store has it: committed before the wake-up
             if seq == self.cursor + 1:
                 self.cursor = seq
                 chunk.append(sse if fmt == "sse" else ws)
-            # else: a wake-up or heartbeat item (< 0), or already sent during a catch-up
-            if fmt == "ws" and chunk:
-                return chunk, False
-            try:
-                item = client.queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return chunk, False
+            elif seq < 0 and not chunk:
+                chunk.append(HEARTBEAT[fmt])  # only when idle: any frame also keeps it alive
+            # else: already sent during a catch-up
+        return chunk, False
 
-    async def frames(self, *, catch_up: bool, fmt: Format = "sse") -> AsyncIterator[bytes]:
+    async def pump(self, write: Write, *, catch_up: bool, fmt: Format = "sse") -> None:
+        """Write the stream with ``write`` until the client is closed (or ``write`` fails)."""
         client = self.client
         try:
             if fmt == "sse":
-                yield b"retry: 2000\n\n"
+                await write(b"retry: 2000\n\n")
             need = catch_up
-            while not client.closed.is_set():
+            while not client.closed:
                 if need or client.lagging:
-                    async for frame in self._catch_up(fmt):
-                        yield frame
+                    await self._catch_up(fmt, write)
                     need = False
-                item = await client.queue.get()
-                if item is HEARTBEAT_ITEM:
-                    yield HEARTBEAT[fmt]
                     continue
-                chunk, need = self._coalesce(item, fmt)
+                if not client.items:
+                    await client.wait()
+                    continue
+                chunk, need = self._take(fmt)
                 if fmt == "ws":
                     for frame in chunk:
-                        yield frame
+                        await write(frame)
                 elif chunk:
-                    yield b"".join(chunk)
+                    await write(b"".join(chunk) if len(chunk) > 1 else chunk[0])
         finally:
             self.hub.fanout.leave(client)
+
+
+class EventStreamResponse(Response):
+    """``text/event-stream`` written by a `StreamCursor` until the client goes away."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, cursor: StreamCursor, *, catch_up: bool, headers: Mapping[str, str]) -> None:
+        self.cursor = cursor
+        self.catch_up = catch_up
+        self.status_code = 200
+        self.background = None
+        self.init_headers(headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        send = scope.get(RAW_SEND, send)
+        client = self.cursor.client
+
+        async def write(chunk: bytes) -> None:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+        async def watch() -> None:
+            # Ends at the disconnect: a GET's request messages stop after its (empty) body.
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            client.close()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            await self.cursor.pump(write, catch_up=self.catch_up)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            pass  # the client went away mid-write
+        except Exception as exc:
+            # The response has started: a 500 is no longer possible, so end the stream.
+            log_event(log, logging.ERROR, "hub.stream_failed", error=repr(exc))
+        finally:
+            client.close()
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, OSError):
+                await watcher

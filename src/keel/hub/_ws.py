@@ -61,9 +61,11 @@ async def websocket_stream(ws: WebSocket, hub: Hub) -> None:
         return
     cursor = StreamCursor(hub, sub_id, client, after)
 
+    async def write(frame: bytes) -> None:
+        await ws.send_text(frame.decode())
+
     async def send() -> None:
-        async for frame in cursor.frames(catch_up=True, fmt="ws"):
-            await ws.send_text(frame.decode())
+        await cursor.pump(write, catch_up=True, fmt="ws")
 
     async def receive() -> None:
         while True:
