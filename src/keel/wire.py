@@ -37,12 +37,13 @@ _bits = random.getrandbits
 
 def new_id() -> str:
     """A random 128-bit id as 32 hex characters (message ids, request ids)."""
-    return f"{_bits(128):032x}"
+    # bytes.hex is twice as fast as formatting the int, and a call makes three of these.
+    return _bits(128).to_bytes(16, "big").hex()
 
 
 def new_traceparent(trace_id: str | None = None) -> str:
     """A W3C traceparent: version 00, a trace id (new unless given), a new span id, sampled."""
-    return f"00-{trace_id or f'{_bits(128):032x}'}-{_bits(64):016x}-01"
+    return f"00-{trace_id or new_id()}-{_bits(64).to_bytes(8, 'big').hex()}-01"
 
 
 class RequestContext(msgspec.Struct, array_like=True, omit_defaults=True):

@@ -15,7 +15,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from keel import urls
@@ -54,6 +54,10 @@ class _Options:
     timeout: float
     cast_ttl: float | None
     idempotency_key: str | None
+    queue: str = field(init=False)  # derived once here, not per message
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "queue", rpc_queue(self.target.topic, self.target.server))
 
 
 _UNSET: Any = object()
@@ -153,7 +157,7 @@ class RPCClient:
         lk = self._link
         # Both are set up once per transport; skipping the awaits keeps the hot path short.
         reply_to = lk.reply_to or await lk.reply_queue()
-        queue = rpc_queue(target.topic, target.server)
+        queue = options.queue
         if queue not in lk.declared:
             await lk.declare(queue, durable=True)
         loop = asyncio.get_running_loop()
@@ -166,7 +170,7 @@ class RPCClient:
                 target.namespace, target.version, reply_to, target.server, attempt,
             )  # fmt: skip
             body = self._encode(request, method)
-            future = lk.expect(request_id)
+            future = lk.expect(request_id, loop)
             timer = loop.call_at(loop.time() + (deadline - time.time()), _expire, future)
             try:
                 await self.transport.send(queue, body, durable=False)
@@ -227,7 +231,7 @@ class RPCClient:
         target = self._options.target
         key = self._options.idempotency_key or new_id()
         body, child = await self._one_way(ctx, CAST, key, method, kwargs, server=target.server)
-        queue = rpc_queue(target.topic, target.server)
+        queue = self._options.queue
         await self._link.declare(queue, durable=True)
         await self.transport.send(queue, body, durable=True)
         self.counts["keel_rpc_client_requests", "cast", method, "sent"] += 1

@@ -66,8 +66,10 @@ class Link:
                 self.reply_to = name
         return self.reply_to
 
-    def expect(self, request_id: str) -> asyncio.Future[Reply]:
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+    def expect(
+        self, request_id: str, loop: asyncio.AbstractEventLoop | None = None
+    ) -> asyncio.Future[Reply]:
+        future: asyncio.Future[Reply] = (loop or asyncio.get_running_loop()).create_future()
         self._pending[request_id] = future
         return future
 

@@ -55,6 +55,7 @@ from keel.wire import (
     Failure,
     Reply,
     Request,
+    RequestContext,
     decode_request,
     encode,
     new_id,
@@ -121,7 +122,9 @@ class RPCServer:
         self._idle = asyncio.Event()
         self._drained = asyncio.Event()
         self._hurry = asyncio.Event()
-        self._traces: Counter[str] = Counter()
+        # Contexts of the requests running now, by id(request): drain lets their
+        # continuations in. Trace ids are compared only then, not computed per request.
+        self._running_ctx: dict[int, RequestContext] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._fanout_queue = f"{fanout_subject(target.topic)}.{self.name}.{new_id()[:8]}"
         self._warned: set[tuple[str, str]] = set()
@@ -325,7 +328,7 @@ class RPCServer:
         started = False
         try:
             async with self._slots:
-                if self._draining and not (own and request.ctx.trace_id in self._traces):
+                if self._draining and not (own and self._continues(request.ctx)):
                     await self._decline(request, delivery, own=own)
                     return
                 started = True
@@ -338,10 +341,15 @@ class RPCServer:
             event(log, logging.ERROR, "server.internal_error", server=self.name, error=repr(exc))
             log.exception("internal error handling a message")
 
+    def _continues(self, ctx: RequestContext) -> bool:
+        """Whether a request carries the trace of one this server is running."""
+        trace = ctx.trace_id
+        return any(running.trace_id == trace for running in self._running_ctx.values())
+
     async def _run(self, request: Request, delivery: Delivery) -> None:
-        trace = request.ctx.trace_id
+        key = id(request)
         self.running += 1
-        self._traces[trace] += 1
+        self._running_ctx[key] = request.ctx
         try:
             kind = request.kind
             if kind == CALL:
@@ -355,9 +363,7 @@ class RPCServer:
                 await delivery.dead_letter(f"unknown message kind {kind}")
         finally:
             self.running -= 1
-            self._traces[trace] -= 1
-            if not self._traces[trace]:
-                del self._traces[trace]
+            del self._running_ctx[key]
             if not self.running:
                 self._idle.set()
 

@@ -245,18 +245,25 @@ class _Puller:
         if self._backlog and self.active:
             self._hand_over(self._backlog.popleft())
             return
-        # A failed pull is not this delivery's failure: the reconnect replay pulls again.
-        with contextlib.suppress(KeelError):
-            await self.refill()
+        # Checked first: every settlement (every call's ack) passes here, and most have
+        # nothing to pull, so they skip the coroutine and the suppress block.
+        if self._wants_pull():
+            # A failed pull is not this delivery's failure: the reconnect replay pulls again.
+            with contextlib.suppress(KeelError):
+                await self.refill()
 
-    async def refill(self) -> None:
+    def _wants_pull(self) -> bool:
         if not self.active or not self.transport.nc.is_connected:
-            return
+            return False
         free = self.prefetch - len(self.unsettled) - self.requested
         # Ask in batches of at least half the window while a request is outstanding: one
         # pull request per message would double the traffic of a busy queue.
-        if free <= 0 or (self.requested and free < max(1, self.prefetch // 2)):
+        return free > 0 and not (self.requested and free < max(1, self.prefetch // 2))
+
+    async def refill(self) -> None:
+        if not self._wants_pull():
             return
+        free = self.prefetch - len(self.unsettled) - self.requested
         declared = self.transport.streams.get(self.queue)
         if declared is None:
             return
