@@ -39,9 +39,7 @@ Connection loss: each command reconnects and retries with backoff for about 10 s
 `TransportError`; a send whose reply was lost in the cut may be retried and so stored twice
 (casts carry an idempotency key for that). Consume loops retry forever with backoff and
 re-create their group after a restart without persistence. Every redis-py exception is mapped
-to keel.errors in `_mapped`. Connections: a pool for everything else; one more for sends,
-replies and acks, batched (`_Pipe`, which falls back to the pool's retries when it fails); one
-per stream consumer for its blocking reads.
+to keel.errors in `_mapped`.
 
 Options (URL query or keyword): ``max_message_bytes`` (default 1 MiB), ``visibility_timeout``
 (s), ``exclusive_ttl`` (s), ``reconnect_retries`` (per command, default 25). The scripts name
@@ -159,7 +157,6 @@ class _Consumer:
         self.exclusive = queue in transport._exclusive
         self.key = _list(queue) if self.exclusive else _stream(queue)
         self._pubsub: PubSub | None = None
-        self._conn: AbstractConnection | None = None  # this consumer's stream reads
         self._drain = True
         self._acks: list[bytes] = []
         self._acks_done: asyncio.Future[None] | None = None
@@ -191,7 +188,6 @@ class _Consumer:
             await asyncio.wait([task], timeout=0.05)
         if self in self.transport._consumers:
             self.transport._consumers.remove(self)
-        await self._drop_connection()
         if self._pubsub is not None:
             close: Callable[[], Awaitable[None]] = self._pubsub.aclose
             with contextlib.suppress(rexc.RedisError, OSError):
@@ -286,23 +282,18 @@ class _Consumer:
 
     async def _read_stream(self, room: int) -> list[_Delivery]:
         t = self.transport
-        reply = await self._read_own(
+        reply = await t.cmd(
             "XREADGROUP", "GROUP", GROUP, self.name, "COUNT", room,
             "BLOCK", t.block_ms, "STREAMS", self.key, ">",
         )  # fmt: skip
         if not reply:
             return []
-        # RESP3 (redis-py 8's default) answers a map of stream to entries; RESP2 a list.
-        entries = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
+        entries = reply[0][1]
         got = []
         for entry_id, fields in entries:
-            body, count = b"", 1
-            for i in range(0, len(fields) - 1, 2):
-                if fields[i] == b"b":
-                    body = fields[i + 1]
-                elif fields[i] == b"n":
-                    count = int(fields[i + 1])
-            got.append(_Delivery(self, entry_id, body, count))
+            count = fields.get(b"n")
+            delivery = _Delivery(self, entry_id, fields[b"b"], int(count) if count else 1)
+            got.append(delivery)
         if self.auto_ack:
             for delivery in got:
                 delivery._settled = True
@@ -311,34 +302,6 @@ class _Consumer:
             for delivery in got:
                 self.unsettled[delivery.entry_id] = delivery
         return got
-
-    async def _read_own(self, *command: Any) -> Any:
-        """A blocking read on this consumer's own connection.
-
-        It holds the connection for up to ``block_ms`` anyway, and going around the pool
-        skips redis-py's per-command checkout, retry wrapper and write-timeout task. A
-        connection error reaches `_run`, which reconnects with backoff.
-        """
-        conn = self._conn
-        try:
-            async with asyncio.timeout(self.transport.block_ms / 1000 + PIPE_TIMEOUT):
-                if conn is None or not conn.is_connected:
-                    conn = self._conn = self.transport.raw_connection()
-                    connect: Callable[[], Awaitable[None]] = conn.connect  # untyped in redis-py
-                    await connect()
-                await conn.send_packed_command(conn.pack_command(*command), check_health=False)
-                return await conn.read_response()
-        except rexc.ResponseError:
-            raise  # a refusal (NOGROUP): the connection is still in step
-        except BaseException:
-            await self._drop_connection()
-            raise
-
-    async def _drop_connection(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.disconnect(nowait=True)
 
     async def subscribe(self) -> None:
         """Subscribe and wait until Redis confirms: from then on sends PUBLISH to us."""
@@ -515,6 +478,14 @@ class _Pipe:
             self._task = loop.create_task(self._send())
         return future
 
+    def _connection(self) -> AbstractConnection:
+        pool = self._t.redis.connection_pool
+        # One deadline covers a whole batch instead of a socket timeout per read, and the
+        # callers fall back to the pool's retries instead of retrying here.
+        options = {**pool.connection_kwargs, "socket_timeout": None, "retry": Retry(NoBackoff(), 0)}
+        connection: AbstractConnection = pool.connection_class(**options)
+        return connection
+
     async def _send(self) -> None:
         batch, self._queued = self._queued, []
         replies: list[Any] = []
@@ -523,7 +494,7 @@ class _Pipe:
             async with asyncio.timeout(PIPE_TIMEOUT):
                 conn = self._conn
                 if conn is None or not conn.is_connected:
-                    conn = self._conn = self._t.raw_connection()
+                    conn = self._conn = self._connection()
                     connect: Callable[[], Awaitable[None]] = conn.connect  # untyped in redis-py
                     await connect()
                 await conn.send_packed_command(
@@ -622,17 +593,6 @@ class RedisTransport:
         self._consumer_ids = itertools.count(1)
         self._keepalive: asyncio.Task[None] | None = None
         self._closed = False
-
-    def raw_connection(self) -> AbstractConnection:
-        """A connection outside the pool for the hot paths (the pipe, stream reads).
-
-        No socket timeout (the caller bounds each exchange with one deadline) and no retry:
-        errors go to the caller, which retries on the pool or reconnects with backoff.
-        """
-        pool = self.redis.connection_pool
-        options = {**pool.connection_kwargs, "socket_timeout": None, "retry": Retry(NoBackoff(), 0)}
-        connection: AbstractConnection = pool.connection_class(**options)
-        return connection
 
     async def connect(self) -> None:
         self._closed = False
