@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,14 +28,18 @@ from keel.hub import (
 )
 from keel.messaging import RequestContext, Transport, connect
 from keel.messaging.oslo import decode_message
+from tests import oslo as oslo_fixtures
 from tests.helpers import eventually
-from tests.oslo import EXCHANGE, notification_transport, oslo_context, oslo_messaging
-from tests.servers import server_url
+from tests.oslo import EXCHANGE, oslo_context, oslo_messaging
 
 pytestmark = [
     pytest.mark.timeout(120),
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # oslo's stack about itself
 ]
+
+# The shared fixtures: scripts/servers' RabbitMQ and oslo's notification transport on it.
+rabbit = oslo_fixtures.rabbit
+oslo_transport = oslo_fixtures.oslo_transport
 
 ALICE = Principal("alice", "p-one", ("member",))
 BOB = Principal("bob", "p-two", ("member",))
@@ -91,7 +95,6 @@ def test_versioned_nova_instance_event() -> None:
         "instance.create.end",
         NOVA_INSTANCE_CREATE_END,
         _md(),
-        owner_first=True,
     )
     assert (e.source, e.type, e.subject, e.tenant, e.priority) == (
         "nova-compute:compute",
@@ -132,7 +135,7 @@ def test_versioned_nova_instance_event() -> None:
 )
 def test_legacy_payloads(event_type: str, payload: Any, subject: str, tenant: str) -> None:
     ctx = RequestContext(project="p-ctx")
-    e = from_notification(ctx, "svc.host", event_type, payload, _md(), owner_first=True)
+    e = from_notification(ctx, "svc.host", event_type, payload, _md())
     assert (e.subject, e.tenant) == (subject, tenant)
 
 
@@ -143,7 +146,6 @@ def test_no_project_anywhere_means_no_tenant() -> None:
         "service.update",
         NOVA_SERVICE_UPDATE,
         _md(),
-        owner_first=True,
     )
     assert e.tenant is None
 
@@ -157,17 +159,6 @@ def test_oslo_url_names_the_exchange_and_refuses_other_brokers() -> None:
 
 
 # --- through oslo.messaging and RabbitMQ ------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def rabbit() -> str:
-    return server_url("rabbitmq")
-
-
-@pytest.fixture(scope="module")
-def oslo_transport(rabbit: str) -> Iterator[Any]:
-    with notification_transport(rabbit) as transport:
-        yield transport
 
 
 @pytest.fixture

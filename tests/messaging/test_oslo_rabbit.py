@@ -10,16 +10,16 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from keel.messaging import RequestContext, Target, Transport, connect
 from keel.messaging.oslo import OsloNotificationListener, OsloNotifier
+from tests import oslo as oslo_fixtures
 from tests.helpers import eventually
-from tests.oslo import EXCHANGE, notification_transport, oslo_context, oslo_messaging
-from tests.servers import server_url
+from tests.oslo import EXCHANGE, oslo_context, oslo_messaging
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -27,16 +27,9 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
 ]
 
-
-@pytest.fixture(scope="module")
-def rabbit() -> str:
-    return server_url("rabbitmq")
-
-
-@pytest.fixture(scope="module")
-def oslo_transport(rabbit: str) -> Iterator[Any]:
-    with notification_transport(rabbit) as transport:
-        yield transport
+# The shared fixtures: scripts/servers' RabbitMQ and oslo's notification transport on it.
+rabbit = oslo_fixtures.rabbit
+oslo_transport = oslo_fixtures.oslo_transport
 
 
 @pytest.fixture

@@ -160,10 +160,7 @@ class Hub:
         self._routes: dict[str, _Route] = {}
         self._by_tenant: dict[str | None, list[_Route]] | None = None  # rebuilt on change
         self._pending: asyncio.Queue[tuple[Routed, asyncio.Future[None]]] = asyncio.Queue()
-        # Batches committing at once. A store with one connection (SQLite) says 1: a second
-        # batch would only wait for the first, and the events that arrive meanwhile would
-        # wait for both instead of joining the next commit.
-        self.commits_in_flight: int = getattr(store, "append_concurrency", 2)
+        self.commits_in_flight = store.append_concurrency
         self._tasks: list[asyncio.Task[None]] = []
         self._reloads: set[asyncio.Task[None]] = set()
         self.ingested = 0

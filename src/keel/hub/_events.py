@@ -1,12 +1,11 @@
 """CloudEvents 1.0 (JSON format) from Keel notifications; pure functions, no I/O.
 
 The event id is the notification's message id, so a notification the bus redelivers becomes
-the same event and the store recognises it. The tenant is the context's project, else the
-payload's ``project_id``/``tenant_id`` (or a versioned payload's ``nova_object.data``); an
-event without one carries no ``tenant`` and reaches only admins' cross-project subscriptions.
-OpenStack's notifications (``owner_first``) take the payload's owner first: their context is
-the caller's, and an admin acting on a tenant's server must not take the event away from
-that tenant.
+the same event and the store recognises it. The tenant is the payload's owner
+(``project_id``/``tenant_id``, or a versioned payload's ``nova_object.data``), else the
+context's project, on every bus: a context is the caller's, and an admin acting on a tenant's
+server must not take the event away from that tenant. An event without one carries no
+``tenant`` and reaches only admins' cross-project subscriptions.
 
 The subject is looked up in the payload, then in the dict named after the resource (Neutron's
 ``{"port": {...}}``), then in a versioned payload's ``nova_object.data``; the keys tried are
@@ -118,10 +117,12 @@ def from_notification(
     event_type: str,
     payload: Any,
     metadata: Mapping[str, Any],
-    *,
-    owner_first: bool = False,
 ) -> CloudEvent:
-    """The CloudEvent for a notification as a NotificationListener endpoint receives it."""
+    """The CloudEvent for a notification as a NotificationListener endpoint receives it.
+
+    The tenant is the resource's owner named in the payload, else the context's project:
+    a context is the caller's, and an admin acting on a tenant's resource must not move the
+    event into the admin's project (the same rule on every bus)."""
     words = event_type.split(".")[:_RESOURCE_WORDS]
     sources: list[Mapping[str, Any]] = []
     if isinstance(payload, Mapping):
@@ -130,9 +131,8 @@ def from_notification(
     nova = _nova_data(payload)
     if nova:
         sources.append(nova)
-    caller = ctx.project if ctx is not None else None
     owner = _first_string(sources, _TENANT_KEYS)
-    tenant = (owner or caller) if owner_first else (caller or owner)
+    tenant = owner or (ctx.project if ctx is not None else None)
     subject_keys = [f"{word}_id" for word in words if word]
     subject_keys += [k for k in _SUBJECT_KEYS if k not in subject_keys]
     return CloudEvent(

@@ -62,9 +62,8 @@ async def commit(hub: Hub, event: CloudEvent, *, patience: float = COMMIT_PATIEN
 class Endpoint:
     """One method per priority: map the notification, commit it, then let the listener ack."""
 
-    def __init__(self, hub: Hub, *, owner_first: bool, patience: float) -> None:
+    def __init__(self, hub: Hub, *, patience: float) -> None:
         self.hub = hub
-        self.owner_first = owner_first
         self.patience = patience
 
     async def _any(
@@ -75,9 +74,7 @@ class Endpoint:
         payload: Any,
         metadata: dict[str, Any],
     ) -> None:
-        event = from_notification(
-            ctx, publisher_id, event_type, payload, metadata, owner_first=self.owner_first
-        )
+        event = from_notification(ctx, publisher_id, event_type, payload, metadata)
         await commit(self.hub, event, patience=self.patience)
 
     audit = debug = info = warn = error = critical = sample = _any
@@ -96,7 +93,7 @@ def listener(
     return NotificationListener(
         transport,
         [Target(t) for t in topics],
-        [Endpoint(hub, owner_first=False, patience=commit_patience)],
+        [Endpoint(hub, patience=commit_patience)],
         pool=pool,
         max_concurrency=max_concurrency,
         service="keel-hub",

@@ -2,7 +2,7 @@
 
 `oslo_listener` is a `keel.messaging.oslo.OsloNotificationListener` (oslo's queue names and
 wire format) with the hub's ingest endpoint: the notification becomes a CloudEvent
-(`keel.hub._events.from_notification` with the payload's owner as tenant first) and is
+(`keel.hub._events.from_notification`, the same mapping as on a Keel transport) and is
 acknowledged to RabbitMQ only after `keel.hub._ingest.commit` put it in every matching queue.
 A body that is not an oslo notification is dead-lettered to ``<queue>.dlq`` with the reason
 by the listener; a commit that keeps failing past the patience is dead-lettered the same way.
@@ -61,7 +61,7 @@ def oslo_listener(
     return OsloNotificationListener(
         transport,
         [Target(t) for t in topics],
-        [Endpoint(hub, owner_first=True, patience=commit_patience)],
+        [Endpoint(hub, patience=commit_patience)],
         pool=pool,
         durable=durable,
         max_concurrency=max_concurrency,

@@ -109,6 +109,9 @@ class Store(Protocol):
     # Whether several hub processes may open the same store at once (declared, and tested by
     # tests/hub/test_scale_out.py for every store that declares it).
     multi_process: ClassVar[bool]
+    # Batches the hub commits at once: 1 for a store with one connection, where a second
+    # batch would only wait behind the first; more where commits proceed in parallel.
+    append_concurrency: ClassVar[int]
 
     async def open(self) -> None: ...
 

@@ -107,6 +107,8 @@ def _msg(row: asyncpg.Record) -> Message:
 
 class PostgresStore:
     multi_process: ClassVar[bool] = True
+    # One batch forms while the previous commits (the pool has connections for both).
+    append_concurrency: ClassVar[int] = 2
 
     def __init__(
         self,

@@ -132,6 +132,8 @@ class SQLiteStore:
         if not batch:
             return
         outcomes = self._run_batch(batch)
+        if outcomes is None:
+            return  # the transaction failed: every writer of the batch holds the error
         commit = asyncio.get_running_loop().run_in_executor(self._executor, self._commit)
         cancelled = False
         try:
@@ -157,11 +159,13 @@ class SQLiteStore:
 
     def _run_batch(
         self, batch: list[_Queued]
-    ) -> list[tuple[asyncio.Future[Any], BaseException | None, Any]]:
+    ) -> list[tuple[asyncio.Future[Any], BaseException | None, Any]] | None:
+        """Each write in its savepoint; None when the transaction itself failed (BEGIN
+        refused, say, while another connection holds the write lock)."""
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
         outcomes: list[tuple[asyncio.Future[Any], BaseException | None, Any]] = []
         try:
+            db.execute("BEGIN IMMEDIATE")
             for func, fut in batch:
                 db.execute("SAVEPOINT w")
                 try:
@@ -174,11 +178,14 @@ class SQLiteStore:
                     db.execute("RELEASE w")
                     outcomes.append((fut, None, value))
         except BaseException as exc:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             for _, fut in batch:
                 if not fut.done():
-                    fut.set_exception(ConnectionError(f"the store's transaction failed: {exc!r}"))
-            raise
+                    fut.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return None
         return outcomes
 
     async def _write_on_thread(self, func: Callable[[sqlite3.Connection], T]) -> T:
