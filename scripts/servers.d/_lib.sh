@@ -37,10 +37,16 @@ apt_install() {
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
     done
     [ ${#missing[@]} -eq 0 ] && return 0
-    if [ -z "$apt_updated" ]; then apt-get update -qq; apt_updated=1; fi
-    # policy-rc.d 101: packages must not start their own system-wide daemons; we start ours.
-    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # One apt at a time: several test runs (or servers starting at once) may install together,
+    # and apt-get fails at once on a held dpkg lock.
+    (
+        flock -w 1800 9 || { echo "servers: apt lock held for 30 min" >&2; exit 1; }
+        if [ -z "$apt_updated" ]; then apt-get update -qq; fi
+        # policy-rc.d 101: packages must not start their own system-wide daemons; we start ours.
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    ) 9>/tmp/keel-apt.lock
+    apt_updated=1
 }
 
 server_pid() {
