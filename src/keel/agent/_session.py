@@ -281,6 +281,7 @@ class Connection:
         else:
             req.final = msg
             del self._pending[msg.id]
+            req.credit_wake.set()  # an upload waiting for credit learns the command ended
         req.wake.set()
 
     def _fail_all(self, exc: AgentError, *, fatal: bool) -> None:
