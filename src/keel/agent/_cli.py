@@ -71,6 +71,7 @@ async def _dial(agent: Agent, dial: str) -> None:
     if addr.scheme not in ("vsock", "virtio", "unix"):
         raise ConfigError(f"--connect takes virtio://, vsock:// or unix://, not {addr.scheme}://")
     pause = 0.1
+    quick = 0.1  # back-off for channels that end at once (virtio-serial with no host)
     while True:
         try:
             if addr.scheme == "vsock":
@@ -86,9 +87,14 @@ async def _dial(agent: Agent, dial: str) -> None:
             continue
         pause = 0.1
         started = time.monotonic()
-        await agent.serve(channel)
-        if time.monotonic() - started < 0.1:
-            await asyncio.sleep(0.1)  # a channel that ends at once must not spin
+        await agent.serve(channel, dialed=True)
+        if time.monotonic() - started < 0.5:
+            # A virtio-serial port reads as ended while no host is connected to it: poll
+            # for the host without spinning, but answer within half a second of it coming.
+            await asyncio.sleep(quick)
+            quick = min(quick * 2, 0.5)
+        else:
+            quick = 0.1
 
 
 async def _serve(
