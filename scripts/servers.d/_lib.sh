@@ -3,7 +3,8 @@
 #   srv_launch    start the server in the background; write its pid to $SRV_PID
 #   srv_ready     exit 0 when it answers
 #   srv_url       print the URL tests use
-# and may set SRV_START_TIMEOUT (seconds, default 60).
+# and may set SRV_START_TIMEOUT (seconds, default 60) and define srv_failed (exit 0 when the
+# server can no longer become ready, e.g. its process ended: stop waiting and show the log).
 
 KEEL_SERVERS_DIR="${KEEL_SERVERS_DIR:-/tmp/keel-servers}"
 apt_updated=""
@@ -20,7 +21,7 @@ server_names() {
 load_server() {
     local name="$1"
     [ -f "$here/servers.d/$name.sh" ] || { echo "servers: no server $name (have: $(server_names))" >&2; exit 2; }
-    unset -f srv_install srv_launch srv_ready srv_url srv_stop 2>/dev/null || true
+    unset -f srv_install srv_launch srv_ready srv_url srv_stop srv_failed 2>/dev/null || true
     SRV_NAME="$name"
     SRV_DIR="$KEEL_SERVERS_DIR/$name"
     SRV_LOG="$SRV_DIR/server.log"
@@ -54,15 +55,21 @@ server_pid() {
 }
 
 server_start() {
-    local name="$1" waited=0
+    local name="$1" started
     srv_install
     if srv_ready 2>/dev/null; then return 0; fi
     mkdir -p "$SRV_DIR"
     : > "$SRV_LOG"
     srv_launch
+    started=$SECONDS  # wall clock: a readiness probe may itself take a while
     while ! srv_ready 2>/dev/null; do
-        sleep 0.5; waited=$((waited + 1))
-        if [ $waited -ge $((SRV_START_TIMEOUT * 2)) ]; then
+        if declare -f srv_failed >/dev/null && srv_failed; then
+            echo "servers: $name stopped before it was ready; its log ($SRV_LOG):" >&2
+            tail -n 40 "$SRV_LOG" >&2 || true
+            return 1
+        fi
+        sleep 0.5
+        if [ $((SECONDS - started)) -ge "$SRV_START_TIMEOUT" ]; then
             echo "servers: $name did not become ready in ${SRV_START_TIMEOUT}s; its log ($SRV_LOG):" >&2
             tail -n 40 "$SRV_LOG" >&2 || true
             return 1
