@@ -1,14 +1,17 @@
-#!/bin/sh
+#!/bin/busybox sh
 # PID 1 of the test VM (scripts/servers.d/vm.sh), run again on every boot, on the host's root
 # shared read-only over 9p: mounts what a guest needs (/etc and /home as guest-only overlays,
 # /tmp and /run in memory), then runs qemu-ga and Keel's agent on the virtio-serial ports
 # libvirt and nova name, each started again whenever it exits. It never returns. Keel's agent
 # runs from the Python image scripts/vm/image.sh built (a virtio-blk disk, serial "keelpy").
+# busybox-static's shell runs mount, modprobe, cat... as built-ins: every dynamic program
+# started from the 9p root costs seconds under TCG (its loader and libraries read remotely).
 PORTS=/dev/virtio-ports
 RUN=/run/keel-vm
 PY="$RUN/py/bin/python"
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
-mount -t proc proc /proc
+# busybox runs its applets through /proc/self/exe: /proc first, by busybox's own path.
+/bin/busybox mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mkdir -p /dev/pts /dev/shm
@@ -26,7 +29,9 @@ for dir in etc home root var; do
         -o "lowerdir=/$dir,upperdir=$RUN/overlay/$dir/upper,workdir=$RUN/overlay/$dir/work" "/$dir"
 done
 mkdir -p "$RUN/py" "$PORTS"
-for _ in $(seq 200); do
+tries=0
+while [ $tries -lt 200 ]; do
+    tries=$((tries + 1))
     mountpoint -q "$RUN/py" || for disk in /sys/block/vd*; do
         [ "$(cat "$disk/serial" 2>/dev/null)" = keelpy ] && mount -t ext4 -o ro "/dev/${disk##*/}" "$RUN/py"
     done

@@ -2,14 +2,19 @@
 
 Failure semantics: the agent survives every bad frame. Garbage or an oversize length gets an
 ``Error`` frame with id 0 and the agent then drops bytes until the controller's sync token; an
-undecodable frame, an unknown, denied or badly-typed command, or a repeated request id gets
-an ``Error`` frame naming it. A frame not whole ``frame_timeout`` seconds after its first
-byte is dropped the same way, so a controller that reconnects always gets back to a clean
-stream. A sync token
-cancels every command of the session before the answer is written, so no reply from before
-the sync follows it. Each command, allowed or not, writes one audit line (who, what, when,
-result) as JSON to the audit log. A command's deadline and the controller's cancel stop it
-(``exec`` kills its process); the end of a channel cancels its commands.
+undecodable or too deeply nested frame, an unknown, denied or badly-typed command, or a
+repeated request id gets an ``Error`` frame naming it. A frame not whole ``frame_timeout``
+seconds after its first byte is dropped the same way, so a controller that reconnects always
+gets back to a clean stream. A sync token cancels every command of the session before the
+answer is written, so no reply from before the sync follows it. Each command, allowed or
+not, writes one audit line (who, what, when, result) as JSON to the audit log. A command's
+deadline and the controller's cancel stop it (``exec`` kills its process); the end of a
+channel cancels its commands and drops those it had read but not started.
+
+One controller cannot harm another: partial frames of all sessions share one budget
+(``max_buffered``; over it, a session assembling a large frame stops reading), a session runs
+at most ``max_inflight`` commands (more are refused ``busy``), inline commands yield to other
+sessions every few milliseconds, and the agent serves at most ``max_sessions`` at once.
 """
 
 from __future__ import annotations
