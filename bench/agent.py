@@ -110,10 +110,10 @@ async def _measure(
 
 async def _run_vm(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, float], str]:
     keel_url, qga_url = _servers.url("vm").split()
-    boot = Path(_servers.url_dir("vm")) / "boot.txt"
-    where = boot.read_text().strip() if boot.exists() else "vm"
+    accel = Path(_servers.url_dir("vm")) / "accel"
+    how = accel.read_text().split()[0] if accel.exists() else "?"
     k, q = await _measure(keel_url, qga_url, Path("/tmp"), args)
-    return k, q, f"in one guest over virtio-serial ({where})"
+    return k, q, f"in one guest over virtio-serial ({how})"
 
 
 async def _run(args: argparse.Namespace) -> None:

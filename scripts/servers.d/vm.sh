@@ -54,6 +54,9 @@ srv_launch() {
     echo "vm: booting $kernel with $accel" >> "$SRV_LOG"
     date +%s.%N > "$SRV_DIR/launched"
     export KEEL_VM_INIT="$here/vm/guest.sh"
+    # x86-64-v2 without AVX: under TCG, glibc's and OpenSSL's AVX2 paths (memcpy, sha256)
+    # ran at half the speed of their SSE ones here.
+    export KEEL_VM_CPU="${KEEL_VM_CPU:-qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt}"
     launch "$VM_PY" -m virtme.commands.run --kimg "$kernel" --mods auto --disable-microvm \
         "${kvm[@]}" --memory "${KEEL_VM_MEMORY:-1G}" --cpus "${KEEL_VM_CPUS:-2}" --name keel-vm \
         --show-boot-console \

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from agent_helpers import AgentProcess
+from hostile_peer import ATTACKS
 
 from keel.agent import AgentClient
 from keel.errors import (
@@ -30,15 +31,6 @@ from keel.errors import (
 PEER = Path(__file__).with_name("hostile_peer.py")
 MiB = 1024 * 1024
 SERVED_WITHIN = 0.2
-ATTACKS = [
-    "random_bytes",
-    "huge_length",
-    "endless_frame",
-    "half_frame_stall",
-    "deep_nesting",
-    "flood_disconnect",
-    "parallel_stalls",
-]
 
 
 def rss(pid: int | str) -> int:

@@ -297,9 +297,8 @@ class Session:
 
     async def run(self) -> None:
         try:
-            if self.dialed:
-                await self._announce()
-            await self._loop()
+            if not self.dialed or await self._announce():
+                await self._loop()
         except AgentError as exc:
             self._dead = self._dead or exc
         finally:
@@ -310,11 +309,17 @@ class Session:
             reason = str(self._dead)
             self.agent._log({"event": "channel_closed", "who": self.who, "reason": reason})
 
-    async def _announce(self) -> None:
+    async def _announce(self) -> bool:
         """On a channel that outlives us, a controller may be mid-conversation with the agent
-        we replace: tell it to resync, and ignore what it sent before its sync token."""
+        we replace: tell it to resync, and ignore what it sent before its sync token. False
+        if nobody is there (a virtio-serial port with no host): that is no error to log."""
         self.decoder.hunt()
-        await self.write(p.Error(0, "reset", "the agent (re)started on this channel; resync"))
+        try:
+            await self.write(p.Error(0, "reset", "the agent (re)started on this channel; resync"))
+        except AgentError:
+            self._dead = None
+            return False
+        return True
 
     async def _loop(self) -> None:
         limit = self.agent.config.frame_timeout

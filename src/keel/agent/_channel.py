@@ -218,6 +218,7 @@ class _DeviceChannel:
     def __init__(self, path: str, fd: int) -> None:
         os.set_blocking(fd, False)
         self._fd = fd
+        self._rbuf = bytearray(_DEVICE_READ)
         self.peer = f"virtio:{path}"
         self._loop = asyncio.get_running_loop()
 
@@ -236,28 +237,24 @@ class _DeviceChannel:
             finally:
                 self._loop.remove_reader(self._fd)
 
-    def _drain(self, max_bytes: int) -> bytes | bytearray | None:
+    def _drain(self, max_bytes: int) -> bytes | None:
         """What the device has now, up to ``max_bytes``; None if nothing yet. A virtio-serial
         port returns one of its 4 KiB buffers per read(), so a bulk transfer would otherwise
-        cost a trip through the event loop per 4 KiB."""
-        buf = bytearray(min(max_bytes, _DEVICE_READ))
-        view = memoryview(buf)
-        got = 0
-        while got < len(buf):
-            try:
-                n = os.readv(self._fd, [view[got:]])
-            except BlockingIOError:
-                break
-            if not n:
-                if got:
-                    break  # the end comes with the next read
-                return b""
-            got += n
-        view.release()
-        if not got:
-            return None
-        del buf[got:]
-        return buf
+        cost a trip through the event loop per 4 KiB. Gathered in one reused buffer."""
+        with memoryview(self._rbuf) as view:
+            limit = min(max_bytes, len(view))
+            got = 0
+            while got < limit:
+                try:
+                    n = os.readv(self._fd, [view[got:limit]])
+                except BlockingIOError:
+                    break
+                if not n:
+                    if got:
+                        break  # the end comes with the next read
+                    return b""
+                got += n
+            return bytes(view[:got]) if got else None
 
     async def write(self, data: Bytes) -> None:
         view = memoryview(data)
