@@ -29,6 +29,7 @@ from keel.errors import (
     BadRequest,
     Conflict,
     Forbidden,
+    InvalidFilter,
     KeelError,
     NotFound,
     Unauthorized,
@@ -119,7 +120,12 @@ class _Route:
         self.id = sub.id
         self.project = sub.project
         self.all_projects = sub.all_projects
-        self.predicate: Predicate = compile_filter(sub.spec)
+        try:
+            self.predicate: Predicate = compile_filter(sub.spec)
+        except InvalidFilter as exc:
+            # Stored before the current limits: it gets nothing rather than stop the hub.
+            log_event(log, logging.WARNING, "hub.filter_refused", sub=sub.id, error=exc.message)
+            self.predicate = lambda a: False
 
 
 class Hub:
