@@ -38,6 +38,7 @@ from keel.hub._auth import Authenticator, Principal
 from keel.hub._events import CloudEvent, encode_event
 from keel.hub._fanout import Fanout
 from keel.hub._filters import Predicate, compile_filter
+from keel.hub._input import MAX_DEPTH, check_depth
 from keel.hub._webhooks import (
     DEFAULT_BACKOFF,
     Dispatcher,
@@ -270,10 +271,11 @@ class Hub:
 
     async def ingest(self, event: CloudEvent) -> None:
         """Return once ``event`` is committed to every matching queue."""
+        body = encode_body(event)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # Routed and encoded here, by the caller, so that the batcher has only the store to
         # wait for and this work overlaps the commit in flight.
-        self._pending.put_nowait((Routed(event.id, encode_event(event), self.route(event)), fut))
+        self._pending.put_nowait((Routed(event.id, body, self.route(event)), fut))
         await fut
 
     def route(self, event: CloudEvent) -> tuple[str, ...]:
@@ -451,6 +453,19 @@ class Hub:
         if not who.is_admin:
             raise Forbidden("only admins may post events")
         await self.ingest(event)
+
+
+def encode_body(event: CloudEvent) -> bytes:
+    """The event's JSON, refused (`BadRequest`) past `MAX_DEPTH` levels: an oslo payload is
+    as deep as its sender made it, and every client would have to decode it."""
+    try:
+        body = encode_event(event)
+    except RecursionError:
+        raise BadRequest(
+            f"the event's data nests deeper than {MAX_DEPTH} levels", field="data", limit=MAX_DEPTH
+        ) from None
+    check_depth(body, "data")
+    return body
 
 
 def _check_ttl(ttl: float) -> None:

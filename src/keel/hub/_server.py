@@ -20,6 +20,7 @@ import uvicorn
 from keel.hub._app import create_app
 from keel.hub._core import Hub
 from keel.hub._map_feed import MapFeed
+from keel.hub._ws import MAX_CLIENT_MESSAGE
 
 
 @functools.cache  # once per process
@@ -79,6 +80,10 @@ class HubServer:
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=int(max(1, self.grace)),
+            # The protocol's own limit, enforced by the WebSocket parser on the frame header:
+            # a larger frame is refused (1009) before any of it is buffered.
+            ws="websockets-sansio",
+            ws_max_size=MAX_CLIENT_MESSAGE,
         )
         self._server = _Server(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
