@@ -86,7 +86,19 @@ class SubscriptionSpec(msgspec.Struct, forbid_unknown_fields=True):
 _FILTER_FIELDS = ("types", "source", "subject", "priority", "filters")
 
 
+def _integral(value: Any) -> Any:
+    """``3.0`` as ``3``: JSON Schema (and so the OpenAPI document) counts it an integer."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def parse_spec(raw: Any) -> SubscriptionSpec:
+    if isinstance(raw, dict):
+        raw = dict(raw)
+        if "max_deliveries" in raw:
+            raw["max_deliveries"] = _integral(raw["max_deliveries"])
+        retention = raw.get("retention")
+        if isinstance(retention, dict) and "max_messages" in retention:
+            raw["retention"] = {**retention, "max_messages": _integral(retention["max_messages"])}
     try:
         spec = msgspec.convert(raw, SubscriptionSpec)
     except msgspec.ValidationError as exc:
