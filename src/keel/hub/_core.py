@@ -20,7 +20,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -67,6 +67,7 @@ RESYNC_ATTEMPTS = 8
 
 class WebhookSpec(msgspec.Struct, forbid_unknown_fields=True):
     url: str
+    mode: Literal["structured", "binary"] = "structured"
 
 
 class SubscriptionSpec(msgspec.Struct, forbid_unknown_fields=True):
@@ -367,7 +368,7 @@ class Hub:
                 allow_private=self.allow_private_webhooks,
                 resolver=self.webhook_resolver,
             )
-            webhook = Webhook(spec.webhook.url, new_secret())
+            webhook = Webhook(spec.webhook.url, new_secret(), spec.webhook.mode)
         sub = Subscription(
             id="sub-" + new_id(),
             webhook=webhook,

@@ -64,7 +64,10 @@ _SPEC = {
             "type": "object",
             "required": ["url"],
             "additionalProperties": False,
-            "properties": {"url": {"type": "string", "format": "uri"}},
+            "properties": {
+                "url": {"type": "string", "format": "uri"},
+                "mode": {"type": "string", "enum": ["structured", "binary"]},
+            },
         },
     },
 }
