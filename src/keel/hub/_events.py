@@ -1,16 +1,17 @@
 """CloudEvents 1.0 (JSON format) from Keel notifications; pure functions, no I/O.
 
 The event id is the notification's message id, so a notification the bus redelivers becomes
-the same event and the store recognises it. The tenant is the payload's owner
-(``project_id``/``tenant_id``, or a versioned payload's ``nova_object.data``), else the
-context's project, on every bus: a context is the caller's, and an admin acting on a tenant's
-server must not take the event away from that tenant. An event without one carries no
-``tenant`` and reaches only admins' cross-project subscriptions.
+the same event and the store recognises it. The tenant is the payload's owner, found by the
+rules per payload shape in `keel.hub._owners`, else the context's project, on every bus: a
+context is the caller's, and an admin acting on a tenant's server must not take the event
+away from that tenant. An event without one carries no ``tenant`` and reaches only admins'
+cross-project subscriptions.
 
-The subject is looked up in the payload, then in the dict named after the resource (Neutron's
-``{"port": {...}}``), then in a versioned payload's ``nova_object.data``; the keys tried are
-``<resource>_id`` for the first two words of the event type (``volume_id`` for
-``volume.create.end``), then ``instance_id``, ``resource_id``, ``uuid``, ``id``.
+The subject is the rule's subject path if it has one, else looked up in the payload, then in
+the dict named after the resource (Neutron's ``{"port": {...}}``), then in a versioned
+payload's ``nova_object.data``; the keys tried are ``<resource>_id`` for the first two words
+of the event type (``volume_id`` for ``volume.create.end``), then ``instance_id``,
+``resource_id``, ``uuid``, ``id``.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ from msgspec import UNSET, UnsetType
 
 from keel.errors import BadRequest
 from keel.hub._input import decode_json
+from keel.hub._owners import first, rule_for
 from keel.wire import RequestContext, new_id
 
 _SUBJECT_KEYS = ("instance_id", "resource_id", "uuid", "id")
 _RESOURCE_WORDS = 2  # ``compute.instance.create.end``: the resource is one of the first two
-_TENANT_KEYS = ("project_id", "tenant_id")
 _REQUIRED = ("id", "source", "type")
 _OPTIONAL = ("subject", "datacontenttype", "dataschema", "priority", "tenant")
 _STRING_ATTRIBUTES = ("id", "source", "type", "subject", "time", "priority", "tenant")
@@ -243,9 +244,10 @@ def from_notification(
 ) -> CloudEvent:
     """The CloudEvent for a notification as a NotificationListener endpoint receives it.
 
-    The tenant is the resource's owner named in the payload, else the context's project:
-    a context is the caller's, and an admin acting on a tenant's resource must not move the
-    event into the admin's project (the same rule on every bus)."""
+    The tenant is the resource's owner named in the payload (the rules per payload shape in
+    `keel.hub._owners`), else the context's project: a context is the caller's, and an admin
+    acting on a tenant's resource must not move the event into the admin's project (the same
+    rule on every bus)."""
     words = event_type.split(".")[:_RESOURCE_WORDS]
     sources: list[Mapping[str, Any]] = []
     if isinstance(payload, Mapping):
@@ -254,15 +256,16 @@ def from_notification(
     nova = _nova_data(payload)
     if nova:
         sources.append(nova)
-    owner = _first_string(sources, _TENANT_KEYS)
-    tenant = owner or (ctx.project if ctx is not None else None)
+    rule = rule_for(event_type)
+    tenant = first(payload, rule.owner, words) or (ctx.project if ctx is not None else None)
     subject_keys = [f"{word}_id" for word in words if word]
     subject_keys += [k for k in _SUBJECT_KEYS if k not in subject_keys]
+    subject = first(payload, rule.subject, words) or _first_string(sources, subject_keys)
     return CloudEvent(
         id=str(metadata.get("message_id") or new_id()),
         source=publisher_id or "unknown",
         type=event_type,
-        subject=_first_string(sources, subject_keys),
+        subject=subject[:MAX_ATTRIBUTE] if subject else None,
         time=rfc3339(metadata.get("timestamp")),
         data=payload,
         priority=str(metadata["priority"]) if metadata.get("priority") else None,
