@@ -290,3 +290,11 @@ async def test_integers_are_what_json_schema_calls_integers(alice: httpx.AsyncCl
     assert (r.json()["max_deliveries"], r.json()["retention"]["max_messages"]) == (3, 1000)
     for bad in ({"max_deliveries": 2.5}, {"max_deliveries": True}, {"max_deliveries": "3"}):
         assert (await alice.post("/v1/subscriptions", json=bad)).status_code == 400, bad
+
+
+async def test_pages_declare_their_icon_so_browsers_ask_for_no_favicon(
+    clients: Clients,
+) -> None:
+    anon = clients(None)
+    for path in ("/", "/map"):
+        assert '<link rel="icon" href="data:,">' in (await anon.get(path)).text

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import gc
 import socket
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
+from keel.errors import ConfigError
 from keel.hub._app import create_app
 from keel.hub._core import Hub
 from keel.hub._map_feed import MapFeed
@@ -72,7 +74,16 @@ class HubServer:
     async def start(self) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self._port))
+        try:
+            sock.bind((self.host, self._port))
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(
+                    f"port {self._port} on {self.host} is taken: another process listens "
+                    "there; stop it or pick another with --port"
+                ) from None
+            raise ConfigError(f"cannot listen on {self.host}:{self._port}: {exc}") from None
         self._sock = sock
         config = uvicorn.Config(
             create_app(self.hub, heartbeat=self.heartbeat, map_feed=self.map_feed),
