@@ -37,7 +37,7 @@ from keel.errors import (
 from keel.hub._auth import Authenticator, Principal
 from keel.hub._events import CloudEvent, encode_event
 from keel.hub._fanout import Fanout
-from keel.hub._filters import Predicate, compile_filter
+from keel.hub._filters import Predicate, compile_filter, index_key
 from keel.hub._input import MAX_DEPTH, check_depth
 from keel.hub._webhooks import (
     DEFAULT_BACKOFF,
@@ -128,18 +128,47 @@ def check_limit(limit: int | None, default: int = 100) -> int:
 
 
 class _Route:
-    __slots__ = ("all_projects", "id", "predicate", "project")
+    __slots__ = ("all_projects", "id", "key", "predicate", "project")
 
     def __init__(self, sub: Subscription) -> None:
         self.id = sub.id
         self.project = sub.project
         self.all_projects = sub.all_projects
+        self.key: tuple[str, str] | None = None
         try:
             self.predicate: Predicate = compile_filter(sub.spec)
+            self.key = index_key(sub.spec)
         except InvalidFilter as exc:
             # Stored before the current limits: it gets nothing rather than stop the hub.
             log_event(log, logging.WARNING, "hub.filter_refused", sub=sub.id, error=exc.message)
             self.predicate = lambda a: False
+
+
+class _TenantRoutes:
+    """One tenant's routes: keyed by the attribute value their filter requires, or not."""
+
+    __slots__ = ("keyed", "names", "rest")
+
+    def __init__(self) -> None:
+        self.keyed: dict[tuple[str, str], list[_Route]] = {}
+        self.names: set[str] = set()
+        self.rest: list[_Route] = []
+
+    def add(self, route: _Route) -> None:
+        if route.key is None:
+            self.rest.append(route)
+        else:
+            self.keyed.setdefault(route.key, []).append(route)
+            self.names.add(route.key[0])
+
+    def match(self, attrs: dict[str, str], out: list[str]) -> None:
+        out += [r.id for r in self.rest if r.predicate(attrs)]
+        for name in self.names:
+            value = attrs.get(name)
+            if value is not None:
+                for r in self.keyed.get((name, value), ()):
+                    if r.predicate(attrs):
+                        out.append(r.id)
 
 
 class Hub:
@@ -178,7 +207,7 @@ class Hub:
         )
         self.webhook_resolver = webhook_resolver
         self._routes: dict[str, _Route] = {}
-        self._by_tenant: dict[str | None, list[_Route]] | None = None  # rebuilt on change
+        self._by_tenant: dict[str | None, _TenantRoutes] | None = None  # rebuilt on change
         self._pending: asyncio.Queue[tuple[Routed, asyncio.Future[None]]] = asyncio.Queue()
         self.commits_in_flight = store.append_concurrency
         self._tasks: list[asyncio.Task[None]] = []
@@ -292,16 +321,25 @@ class Hub:
         await fut
 
     def route(self, event: CloudEvent) -> tuple[str, ...]:
-        """The subscriptions that get ``event``: its tenant's and the cross-project ones."""
+        """The subscriptions that get ``event``: its tenant's and the cross-project ones.
+
+        Only the subscriptions that can want it are matched: those whose filter requires an
+        attribute value the event has (`index_key`), and those without such a key."""
         if self._by_tenant is None:
-            index: dict[str | None, list[_Route]] = {}
+            index: dict[str | None, _TenantRoutes] = {}
             for r in self._routes.values():
-                index.setdefault(None if r.all_projects else r.project, []).append(r)
+                tenant = None if r.all_projects else r.project
+                index.setdefault(tenant, _TenantRoutes()).add(r)
             self._by_tenant = index
         attrs = event.attributes()
-        out = [r.id for r in self._by_tenant.get(None, ()) if r.predicate(attrs)]
+        out: list[str] = []
+        everyone = self._by_tenant.get(None)
+        if everyone is not None:
+            everyone.match(attrs, out)
         if event.tenant is not None:
-            out += [r.id for r in self._by_tenant.get(event.tenant, ()) if r.predicate(attrs)]
+            own = self._by_tenant.get(event.tenant)
+            if own is not None:
+                own.match(attrs, out)
         return tuple(out)
 
     async def _batcher(self) -> None:

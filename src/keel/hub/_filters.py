@@ -234,3 +234,19 @@ def _budget_chars(spec: Mapping[str, Any]) -> None:
                 f"the filter's strings add up to more than {MAX_SPEC_CHARS} characters",
                 field="filters",
             )
+
+
+def index_key(spec: Mapping[str, Any]) -> tuple[str, str] | None:
+    """An (attribute, value) every matching event must carry, if the spec requires one: its
+    ``source`` or ``subject``, or a top-level ``exact`` filter (top-level filters all hold).
+    The hub routes by it, so an event is matched only against the subscriptions that can
+    want it (call only on a spec `compile_filter` accepted)."""
+    for name in ("subject", "source"):
+        value = spec.get(name)
+        if isinstance(value, str):
+            return name, value
+    for node in spec.get("filters") or ():
+        if isinstance(node, dict) and isinstance(exact := node.get("exact"), dict) and exact:
+            name, value = next(iter(exact.items()))
+            return str(name), str(value)
+    return None
