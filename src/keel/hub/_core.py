@@ -19,6 +19,7 @@ import contextlib
 import logging
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -144,6 +145,57 @@ class _Route:
             self.predicate = lambda a: False
 
 
+_Pending = tuple[Routed, "asyncio.Future[None]"]
+
+
+class _FairQueue:
+    """Events waiting for a commit, one queue per tenant, taken round-robin.
+
+    A tenant whose events flood ingest fills only its own queue: every batch takes the
+    next event of each tenant in turn, so another tenant's event joins the very next commit
+    however long the flood's backlog is. A batch is bounded in events and in queue rows
+    (an event matching many subscriptions is many rows), so no commit grows long enough to
+    hold everyone's events up."""
+
+    def __init__(self) -> None:
+        self._queues: dict[str | None, deque[_Pending]] = {}
+        self._ready = asyncio.Event()
+
+    def put(self, tenant: str | None, item: _Pending) -> None:
+        queue = self._queues.get(tenant)
+        if queue is None:
+            queue = self._queues[tenant] = deque()
+        queue.append(item)
+        self._ready.set()
+
+    async def take(self, max_events: int, max_rows: int) -> list[_Pending]:
+        while not self._queues:
+            self._ready.clear()
+            await self._ready.wait()
+        batch: list[_Pending] = []
+        rows = 0
+        while self._queues and len(batch) < max_events and rows < max_rows:
+            for tenant in list(self._queues):
+                queue = self._queues[tenant]
+                item = queue.popleft()
+                batch.append(item)
+                rows += len(item[0].subscriptions)
+                if not queue:
+                    del self._queues[tenant]
+                if len(batch) >= max_events or rows >= max_rows:
+                    break
+        # The tenants served last go to the back: the next batch starts with the others.
+        if self._queues:
+            order = list(self._queues.items())
+            self._queues = dict(order[1:] + order[:1])
+        return batch
+
+    def drain(self) -> list[_Pending]:
+        items = [item for queue in self._queues.values() for item in queue]
+        self._queues.clear()
+        return items
+
+
 class _TenantRoutes:
     """One tenant's routes: keyed by the attribute value their filter requires, or not."""
 
@@ -179,6 +231,7 @@ class Hub:
         *,
         quota_subscriptions: int = 100,
         batch_max: int = 512,
+        batch_rows: int = 2048,
         retention_interval: float = 30.0,
         clock: Callable[[], float] = time.time,
         allow_private_webhooks: bool = False,
@@ -192,6 +245,7 @@ class Hub:
         self.auth = auth
         self.quota_subscriptions = quota_subscriptions
         self.batch_max = batch_max
+        self.batch_rows = batch_rows
         self.retention_interval = retention_interval
         self.clock = clock
         self.fanout = Fanout()
@@ -208,7 +262,7 @@ class Hub:
         self.webhook_resolver = webhook_resolver
         self._routes: dict[str, _Route] = {}
         self._by_tenant: dict[str | None, _TenantRoutes] | None = None  # rebuilt on change
-        self._pending: asyncio.Queue[tuple[Routed, asyncio.Future[None]]] = asyncio.Queue()
+        self._pending = _FairQueue()
         self.commits_in_flight = store.append_concurrency
         self._tasks: list[asyncio.Task[None]] = []
         self._reloads: set[asyncio.Task[None]] = set()
@@ -247,8 +301,7 @@ class Hub:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-        while not self._pending.empty():
-            _, fut = self._pending.get_nowait()
+        for _, fut in self._pending.drain():
             if not fut.done():
                 fut.set_exception(ConnectionError("hub stopped before the event was committed"))
 
@@ -317,7 +370,7 @@ class Hub:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # Routed and encoded here, by the caller, so that the batcher has only the store to
         # wait for and this work overlaps the commit in flight.
-        self._pending.put_nowait((Routed(event.id, body, self.route(event)), fut))
+        self._pending.put(event.tenant, (Routed(event.id, body, self.route(event)), fut))
         await fut
 
     def route(self, event: CloudEvent) -> tuple[str, ...]:
@@ -350,9 +403,7 @@ class Hub:
         try:
             while True:
                 await slots.acquire()
-                batch = [await self._pending.get()]
-                while len(batch) < self.batch_max and not self._pending.empty():
-                    batch.append(self._pending.get_nowait())
+                batch = await self._pending.take(self.batch_max, self.batch_rows)
                 task = asyncio.create_task(self._commit(batch))
                 commits.add(task)
                 task.add_done_callback(commits.discard)
