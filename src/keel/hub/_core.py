@@ -154,8 +154,8 @@ class _FairQueue:
     A tenant whose events flood ingest fills only its own queue: every batch takes the
     next event of each tenant in turn, so another tenant's event joins the very next commit
     however long the flood's backlog is. A batch is bounded in events and in queue rows
-    (an event matching many subscriptions is many rows), so no commit grows long enough to
-    hold everyone's events up."""
+    (an event matching many subscriptions is many rows) and bytes, so no commit grows long
+    enough to hold everyone's events up."""
 
     def __init__(self) -> None:
         self._queues: dict[str | None, deque[_Pending]] = {}
@@ -168,21 +168,24 @@ class _FairQueue:
         queue.append(item)
         self._ready.set()
 
-    async def take(self, max_events: int, max_rows: int) -> list[_Pending]:
+    async def take(self, max_events: int, max_rows: int, max_bytes: int) -> list[_Pending]:
         while not self._queues:
             self._ready.clear()
             await self._ready.wait()
         batch: list[_Pending] = []
-        rows = 0
-        while self._queues and len(batch) < max_events and rows < max_rows:
+        rows = size = 0
+        full = False
+        while self._queues and not full:
             for tenant in list(self._queues):
                 queue = self._queues[tenant]
                 item = queue.popleft()
                 batch.append(item)
                 rows += len(item[0].subscriptions)
+                size += len(item[0].body)
                 if not queue:
                     del self._queues[tenant]
-                if len(batch) >= max_events or rows >= max_rows:
+                full = len(batch) >= max_events or rows >= max_rows or size >= max_bytes
+                if full:
                     break
         # The tenants served last go to the back: the next batch starts with the others.
         if self._queues:
@@ -232,6 +235,7 @@ class Hub:
         quota_subscriptions: int = 100,
         batch_max: int = 512,
         batch_rows: int = 2048,
+        batch_bytes: int = 128 * 1024,
         retention_interval: float = 30.0,
         clock: Callable[[], float] = time.time,
         allow_private_webhooks: bool = False,
@@ -246,6 +250,7 @@ class Hub:
         self.quota_subscriptions = quota_subscriptions
         self.batch_max = batch_max
         self.batch_rows = batch_rows
+        self.batch_bytes = batch_bytes
         self.retention_interval = retention_interval
         self.clock = clock
         self.fanout = Fanout()
@@ -403,7 +408,9 @@ class Hub:
         try:
             while True:
                 await slots.acquire()
-                batch = await self._pending.take(self.batch_max, self.batch_rows)
+                batch = await self._pending.take(
+                    self.batch_max, self.batch_rows, self.batch_bytes
+                )
                 task = asyncio.create_task(self._commit(batch))
                 commits.add(task)
                 task.add_done_callback(commits.discard)
@@ -535,10 +542,14 @@ class Hub:
         _check_ttl(ttl)
         return await self.store.extend(sub_id, claim_id, ttl=ttl, now=self.clock())
 
-    async def ack_upto(self, who: Principal, sub_id: str, seq: int) -> int:
-        await self.subscription(who, sub_id)
+    async def ack_upto(self, who: Principal, sub_id: str, seq: int, *, above: int = -1) -> int:
+        """Ack up to ``seq``; nothing is written when, clamped to the queue's end, it is not
+        past ``above`` (what this caller already acked): a flood of acks costs no writes."""
+        sub = await self.subscription(who, sub_id)
         if seq < 0:
             raise BadRequest("seq must be >= 0", field="seq")
+        if min(seq, sub.last_seq) <= above:
+            return 0
         return await self.store.ack_upto(sub_id, seq)
 
     async def dead_letters(

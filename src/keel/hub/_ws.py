@@ -105,10 +105,8 @@ class _Session:
             )
         try:
             seq = self._seq(text)
-            count = 0
-            if seq > self.acked:
-                count = await self.hub.ack_upto(who, self.sub_id, seq)
-                self.acked = seq
+            count = await self.hub.ack_upto(who, self.sub_id, seq, above=self.acked)
+            self.acked = max(self.acked, seq)
         except errors.KeelError as exc:
             status, code = keel_error(exc)
             return self.error(status, code, exc.message, **error_fields(exc))
