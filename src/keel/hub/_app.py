@@ -130,9 +130,9 @@ def _seqs(body: Any) -> list[int] | None:
     unknown = set(body) - {"seqs"}
     if unknown:
         raise errors.BadRequest(f"unknown field {sorted(unknown)[0]!r}")
-    seqs = body.get("seqs")
-    if seqs is None:
+    if "seqs" not in body:
         return None
+    seqs = body["seqs"]
     if not isinstance(seqs, list) or len(seqs) > 1000:
         raise errors.BadRequest("seqs must be a list of up to 1000 positive integers", field="seqs")
     return [integer(s, "seqs", minimum=1, maximum=MAX_SEQ) for s in seqs]

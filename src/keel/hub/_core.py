@@ -408,9 +408,7 @@ class Hub:
         try:
             while True:
                 await slots.acquire()
-                batch = await self._pending.take(
-                    self.batch_max, self.batch_rows, self.batch_bytes
-                )
+                batch = await self._pending.take(self.batch_max, self.batch_rows, self.batch_bytes)
                 task = asyncio.create_task(self._commit(batch))
                 commits.add(task)
                 task.add_done_callback(commits.discard)
