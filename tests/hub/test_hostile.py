@@ -142,10 +142,12 @@ class Tenants:
         self.rss_start = rss_mib()
 
     async def second_tenant_served(self) -> None:
-        """Bob's read answers within the bound (best of three: one scheduling hiccup of a
-        loaded machine is not the hub stalling)."""
+        """Bob's read answers within the bound (best of five, 50 ms apart: one scheduling
+        hiccup of a loaded machine is not the hub stalling; a stall holds all five)."""
         best = float("inf")
-        for _ in range(3):
+        for attempt in range(5):
+            if attempt:
+                await asyncio.sleep(0.05)
             started = time.perf_counter()
             r = await self.bob.get(f"/v1/subscriptions/{self.bob_sub}/events?limit=1")
             assert r.status_code == 200, r.text

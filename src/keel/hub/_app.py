@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
@@ -65,6 +65,9 @@ def _guard(func: Handler) -> Handler:
     async def run(request: Request) -> Response:
         try:
             return await func(request)
+        except ClientDisconnect:
+            # The client went away mid-body: nobody reads an answer, and it is no error.
+            return Response(status_code=400)
         except errors.KeelError as exc:
             status, code = keel_error(exc)
             if code == "internal":
