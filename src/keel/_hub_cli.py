@@ -22,7 +22,13 @@ def up(
     except ImportError as exc:
         typer.echo(f"keel up needs the hub extra: pip install 'keel[hub]' ({exc})", err=True)
         raise typer.Exit(2) from None
-    _up.main(host=host, port=port, data_dir=data, interval=interval)
+    from keel.errors import ConfigError  # noqa: PLC0415
+
+    try:
+        _up.main(host=host, port=port, data_dir=data, interval=interval)
+    except ConfigError as exc:  # the port is taken, say
+        typer.echo(f"keel up: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 hub_app = typer.Typer(
