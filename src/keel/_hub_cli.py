@@ -29,6 +29,7 @@ hub_app = typer.Typer(
     help="The event hub: notifications to users through subscriptions.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,
 )
 
 
