@@ -75,8 +75,10 @@ def make(directory: Path) -> Path:
     ):
         chain = b"".join(blob.bytes() for blob in leaf.cert_chain_pems)
         _write(directory / f"{name}.pem", chain)
-        # Readable by the servers' own users (rabbitmq, postgres copies its own): test keys.
-        _write(directory / f"{name}.key", _pkcs8(leaf.private_key_pem.bytes()), 0o644)
+        # The server's key is read by the servers' own users (rabbitmq); libpq refuses a
+        # client key others can read.
+        mode = 0o644 if name == "server" else 0o600
+        _write(directory / f"{name}.key", _pkcs8(leaf.private_key_pem.bytes()), mode)
     return directory
 
 
