@@ -613,6 +613,19 @@ class NatsTransport:
                     await self.js.delete_consumer(declared.stream, declared.consumer)
                 else:
                     await self.js.delete_stream(declared.stream)
+        if not self.closed and not name.endswith(".dlq"):
+            await self._delete_dlq_if_empty(name + ".dlq")
+
+    async def _delete_dlq_if_empty(self, dlq: str) -> None:
+        """A deleted queue's dead-letter stream goes too, unless it holds dead letters."""
+        self.streams.pop(dlq, None)
+        stream = "KQ_" + _token(dlq)
+        with _mapped("delete queue"), contextlib.suppress(nats.js.errors.NotFoundError):
+            info = await self.js.stream_info(stream)
+            if info.state.messages:
+                log.warning("kept dead-letter queue %s: it holds %d messages", dlq, info.state.messages)
+                return
+            await self.js.delete_stream(stream)
 
     # --- sending -------------------------------------------------------------------------
 

@@ -97,6 +97,13 @@ def _mapped(what: str, url: URL) -> Iterator[None]:
 _DISCONNECTED = (rexc.ConnectionError, rexc.TimeoutError, OSError)
 
 
+_DELETE_IF_EMPTY = """
+local n = redis.call('XLEN', KEYS[1])
+if n == 0 then redis.call('DEL', KEYS[1]) end
+return n
+"""
+
+
 def _stream(queue: str) -> str:
     return f"{PREFIX}q:{queue}"
 
@@ -685,6 +692,12 @@ class RedisTransport:
                 args=[PREFIX, name],
                 client=self.redis,
             )
+            if not name.endswith(".dlq"):
+                # Its dead-letter stream goes too, unless it holds dead letters (atomic: one
+                # arriving meanwhile keeps it).
+                kept = await self.cmd("EVAL", _DELETE_IF_EMPTY, 1, _stream(name + ".dlq"))
+                if kept and int(kept) > 0:
+                    log.warning("kept dead-letter queue %s.dlq: it holds %s messages", name, kept)
 
     # --- messages --------------------------------------------------------------------------
 
