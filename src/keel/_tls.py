@@ -31,6 +31,7 @@ import logging
 import os
 import socket
 import ssl
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,6 +126,7 @@ class TLSConfig:
                     f"certificate and its key ({exc.__class__.__name__}: the key must match "
                     "the certificate, both PEM)"
                 ) from None
+            self._check_not_expired()
         elif self.key is not None:
             raise ConfigError("TLS option key= needs cert= (the certificate it belongs to)")
         ctx.check_hostname = self.check_hostname
@@ -132,6 +134,27 @@ class TLSConfig:
             ctx.verify_mode = ssl.CERT_NONE
         self._context.append(ctx)
         return ctx
+
+
+    def _check_not_expired(self) -> None:
+        """Our own client certificate, checked here: servers refuse an expired one with
+        alerts that do not all say why (Go's say "bad certificate")."""
+        decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+        if decode is None or self.cert is None:
+            return
+        try:
+            not_after = ssl.cert_time_to_seconds(decode(self.cert)["notAfter"])
+        except (ssl.SSLError, OSError, KeyError, ValueError):
+            return  # load_cert_chain accepted it; the server will judge
+        if not_after < time.time():
+            raise TLSError(
+                f"TLS option cert={self.cert}: our client certificate expired on "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(not_after))}; "
+                "the server will refuse it: renew it",
+                reason="client-cert-expired",
+                backend="client",
+                server="-",
+            )
 
 
 def _flag(value: Any) -> bool:

@@ -35,16 +35,32 @@ _BUILTIN: dict[str, dict[str, BackendRef]] = {
             "keel.messaging.transports.rabbitmq:RabbitTransport", extra="rabbitmq"
         ),
         "amqp": BackendRef("keel.messaging.transports.rabbitmq:RabbitTransport", extra="rabbitmq"),
+        "amqps": BackendRef("keel.messaging.transports.rabbitmq:RabbitTransport", extra="rabbitmq"),
         "nats": BackendRef("keel.messaging.transports.nats:NatsTransport", extra="nats"),
+        "nats+tls": BackendRef("keel.messaging.transports.nats:NatsTransport", extra="nats"),
         "redis": BackendRef("keel.messaging.transports.redis:RedisTransport", extra="redis"),
+        "rediss": BackendRef("keel.messaging.transports.redis:RedisTransport", extra="redis"),
+        "redis+sentinel": BackendRef(
+            "keel.messaging.transports.redis:RedisTransport", extra="redis"
+        ),
+        "rediss+sentinel": BackendRef(
+            "keel.messaging.transports.redis:RedisTransport", extra="redis"
+        ),
     },
     "coordination": {
         "sqlite": BackendRef("keel.coordination.backends.sqlite:SqliteBackend"),
         "etcd": BackendRef("keel.coordination.backends.etcd:EtcdBackend", "etcd"),
+        "etcds": BackendRef("keel.coordination.backends.etcd:EtcdBackend", "etcd"),
         "zookeeper": BackendRef(
             "keel.coordination.backends.zookeeper:ZookeeperBackend", "zookeeper"
         ),
+        "zookeeper+tls": BackendRef(
+            "keel.coordination.backends.zookeeper:ZookeeperBackend", "zookeeper"
+        ),
         "redis": BackendRef("keel.coordination.backends.redis:RedisBackend", "redis"),
+        "rediss": BackendRef("keel.coordination.backends.redis:RedisBackend", "redis"),
+        "redis+sentinel": BackendRef("keel.coordination.backends.redis:RedisBackend", "redis"),
+        "rediss+sentinel": BackendRef("keel.coordination.backends.redis:RedisBackend", "redis"),
     },
     "store": {
         "sqlite": BackendRef("keel.hub.stores.sqlite:SQLiteStore"),

@@ -337,7 +337,7 @@ class RabbitTransport:
         self._tls: TLSConfig | None = tls_config(
             url,
             {"tls": tls, "ca": ca, "cert": cert, "key": key, "verify": verify},
-            secure_scheme=url.scheme in ("amqps", "rabbits"),
+            secure_scheme=url.scheme == "amqps",
         )
         self._hosts = list(url.hosts) or [Host("127.0.0.1")]
         self._next_host = 0  # reconnects start after the node last used
@@ -645,7 +645,8 @@ class RabbitTransport:
             if ok.message_count:
                 log.warning("kept dead-letter queue %s: it holds %d messages", dlq, ok.message_count)
                 return
-            await channel.queue_delete(dlq, if_empty=True)
+            # Quorum queues refuse if-empty (with a connection error): checked just above.
+            await channel.queue_delete(dlq, if_empty=self.queue_type != "quorum")
         finally:
             if not channel.is_closed:
                 with contextlib.suppress(*_CLIENT_ERRORS):
