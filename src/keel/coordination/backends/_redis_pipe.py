@@ -10,6 +10,11 @@ Failure semantics: a dropped connection fails every awaited call with `BackendUn
 calls sent without waiting are dropped (a release that never arrived ends by lease expiry).
 The next call reconnects. A call that times out leaves its slot in the queue, so later replies
 still match their requests.
+
+Where it connects: ``locate`` (if given) names the server on each (re)connect, so under
+Sentinel a reconnect after a failover reaches the new primary; ``ssl`` speaks TLS. With
+``wait_replicas`` a `call_replicated` write counts only once ``WAIT`` says that many replicas
+hold it (or the primary has no replica left at all, after a failover).
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ssl as _ssl
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import hiredis
@@ -51,8 +59,17 @@ class Pipe:
         db: int,
         timeout: float,
         on_connect: tuple[tuple[Any, ...], ...] = (),
+        locate: Callable[[], Awaitable[tuple[str, int]]] | None = None,
+        ssl: _ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        wait_replicas: int = 0,
     ) -> None:
         self._on_connect = on_connect
+        self._locate = locate
+        self._ssl = ssl
+        self._server_hostname = server_hostname
+        self._wait_replicas = wait_replicas
+        self._alone_until = 0.0
         self._where = (host, port)
         self._auth = (username, password)
         self._db = db
@@ -68,7 +85,13 @@ class Pipe:
                 return self._writer
             try:
                 async with asyncio.timeout(self._timeout):
-                    reader, writer = await asyncio.open_connection(*self._where)
+                    if self._locate is not None:
+                        self._where = await self._locate()
+                    reader, writer = await asyncio.open_connection(
+                        *self._where,
+                        ssl=self._ssl,
+                        server_hostname=self._server_hostname if self._ssl else None,
+                    )
             except (OSError, TimeoutError) as exc:
                 raise BackendUnavailable(
                     f"redis at {self._where[0]}:{self._where[1]} is unreachable ({exc}); "
@@ -133,6 +156,35 @@ class Pipe:
         if isinstance(reply, hiredis.ReplyError):
             raise CoordinationError(f"redis: {reply}", reply=str(reply))
         return reply
+
+    async def call_replicated(self, *args: Any) -> Any:
+        """`call`, then ``WAIT wait_replicas`` on the same connection: the reply counts only
+        once that many replicas hold the write (see the module docstring)."""
+        if self._wait_replicas == 0 or time.monotonic() < self._alone_until:
+            return await self.call(*args)
+        writer = self._writer or await self._connect()
+        reply = self._write(writer, args, True)
+        waited = self.call("WAIT", self._wait_replicas, 2000)
+        try:
+            async with asyncio.timeout(self._timeout):
+                result = await reply
+        except TimeoutError as exc:
+            raise BackendUnavailable(
+                f"redis at {self._where[0]}:{self._where[1]} did not answer in {self._timeout}s"
+            ) from exc
+        replicas = int(await waited)
+        if isinstance(result, hiredis.ReplyError):
+            raise CoordinationError(f"redis: {result}", reply=str(result))
+        if replicas < self._wait_replicas:
+            info = await self.call("INFO", "replication")
+            text = info.decode() if isinstance(info, bytes) else str(info)
+            if "connected_slaves:0" not in text:
+                raise BackendUnavailable(
+                    f"redis at {self._where[0]}:{self._where[1]}: a write reached {replicas} "
+                    f"of {self._wait_replicas} replicas in time; it may or may not be kept"
+                )
+            self._alone_until = time.monotonic() + 2.0  # alone: WAIT would only time out
+        return result
 
     async def send(self, *args: Any) -> None:
         """Send a command without waiting for its reply."""
