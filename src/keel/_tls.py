@@ -63,6 +63,7 @@ _TEXTS = (
     ("certificate has expired", "expired"),
     ("TLSV1_ALERT_UNKNOWN_CA", "client-cert-rejected"),
     ("BAD_CERTIFICATE", "client-cert-rejected"),
+    ("ALERT_CERTIFICATE_UNKNOWN", "client-cert-rejected"),  # Java's word for it
     ("CERTIFICATE_REQUIRED", "client-cert-required"),
     ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "client-cert-required"),
     ("Hostname mismatch", "hostname"),

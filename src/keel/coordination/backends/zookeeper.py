@@ -16,6 +16,8 @@ Known gap: release checks locally that the session is still the one that created
 then deletes it (one round trip); if the session expires while that delete is in flight, the
 client's *new* session could delete a successor's node. The successor's fence is still higher
 than ours, so fenced resources stay safe; only that successor's exclusion is weakened.
+
+Ensembles, TLS and digest logins: see `_zk_connect`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from kazoo.exceptions import (
     BadVersionError,
     ConnectionClosedError,
     ConnectionLoss,
+    NoAuthError,
     NodeExistsError,
     NoNodeError,
     OperationTimeoutError,
@@ -38,6 +41,8 @@ from kazoo.exceptions import (
 )
 from kazoo.handlers.threading import AsyncResult, KazooTimeoutError, SequentialThreadingHandler
 
+from keel._tls import credentials_rejected
+from keel.coordination.backends._zk_connect import client_options, tls_refusal
 from keel.coordination.backends.base import Backend, Characteristic, Grant, Record, map_errors
 
 _UNAVAILABLE = (
@@ -96,9 +101,12 @@ class ZookeeperBackend:
     async def open(
         cls, url: Any, *, member_id: str, ttl: float, options: Mapping[str, str]
     ) -> Backend:
-        hosts = f"{url.host or '127.0.0.1'}:{url.port or 2181}"
+        kwargs, tls = client_options(url, options)
+        refused = await tls_refusal(url, tls)
+        if refused is not None:
+            raise refused
         client = KazooClient(
-            hosts=hosts,
+            **kwargs,
             timeout=ttl,
             handler=_Handler(),
             connection_retry={"max_tries": -1, "delay": 0.1, "max_delay": 1.0},
@@ -107,10 +115,26 @@ class ZookeeperBackend:
         try:
             with backend._mapped():
                 await asyncio.to_thread(client.start, float(options.get("connect_timeout", 10)))
+            if url.username is not None:
+                await backend._check_login(url)
         except BaseException:
             await asyncio.to_thread(client.stop)
             raise
         return backend
+
+    async def _check_login(self, url: Any) -> None:
+        """Digest logins are checked against ACLs only: read /keel (created with ours)."""
+        with self._mapped():
+            try:
+                await asyncio.to_thread(self._client.ensure_path, "/keel")
+                await asyncio.to_thread(self._client.get_children, "/keel")
+            except NoAuthError:
+                raise credentials_rejected(
+                    backend="ZooKeeper",
+                    server=self._url,
+                    user=url.username,
+                    detail="/keel belongs to another user, or the password is wrong",
+                ) from None
 
     def _mapped(self) -> contextlib.AbstractContextManager[None]:
         return map_errors(
