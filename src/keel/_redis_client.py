@@ -127,7 +127,7 @@ def client(where: Target, **kwargs: Any) -> aioredis.Redis:
         "socket_connect_timeout": kwargs.get("socket_connect_timeout", 2),
         **where.ssl_kwargs(),
     }
-    manager = Sentinel(where.sentinels, sentinel_kwargs=sentinel_kwargs)
+    manager = Sentinel(where.sentinels, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
     redis: aioredis.Redis = manager.master_for(where.service, redis_class=aioredis.Redis, **common)
     return redis
 
@@ -144,7 +144,7 @@ async def primary(where: Target) -> tuple[str, int]:
         "socket_connect_timeout": 2,
         **where.ssl_kwargs(),
     }
-    manager = Sentinel(where.sentinels, sentinel_kwargs=sentinel_kwargs)
+    manager = Sentinel(where.sentinels, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
     try:
         host, port = await manager.discover_master(where.service)
     finally:
@@ -174,7 +174,7 @@ async def check_login(redis: aioredis.Redis, where: Target) -> None:
     options = {**pool.connection_kwargs, "retry": None}
     connection = pool.connection_class(**options)
     try:
-        await connection.connect()
+        await connection.connect()  # type: ignore[no-untyped-call]
         await connection.send_command("PING")
         await connection.read_response()
     except (rexc.RedisError, OSError) as exc:

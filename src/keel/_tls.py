@@ -136,7 +136,6 @@ class TLSConfig:
         self._context.append(ctx)
         return ctx
 
-
     def _check_not_expired(self) -> None:
         """Our own client certificate, checked here: servers refuse an expired one with
         alerts that do not all say why (Go's say "bad certificate")."""
@@ -209,9 +208,7 @@ def _chain(exc: BaseException) -> list[BaseException]:
         seen.append(current)
         if isinstance(current, BaseExceptionGroup):
             todo.extend(current.exceptions)
-        for linked in (current.__cause__, current.__context__):
-            if linked is not None:
-                todo.append(linked)
+        todo.extend(x for x in (current.__cause__, current.__context__) if x is not None)
     return seen
 
 
@@ -234,8 +231,9 @@ def tls_reason(exc: BaseException | str) -> str | None:
 
 
 def tls_error(reason: str, *, backend: str, server: str) -> TLSError:
+    advice = _ADVICE.get(reason, _ADVICE["handshake"])
     return TLSError(
-        f"{backend} at {server}: TLS failed ({reason}): {_ADVICE.get(reason, _ADVICE['handshake'])}",
+        f"{backend} at {server}: TLS failed ({reason}): {advice}",
         reason=reason,
         backend=backend,
         server=server,

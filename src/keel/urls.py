@@ -144,9 +144,8 @@ def redact(raw: str) -> str:
         pairs = []
         for pair in query.split("&"):
             name, eq, _value = pair.partition("=")
-            if eq and any(word in name.lower() for word in _SECRET_OPTIONS):
-                pair = f"{name}=***"
-            pairs.append(pair)
+            secret = eq and any(word in name.lower() for word in _SECRET_OPTIONS)
+            pairs.append(f"{name}=***" if secret else pair)
         query = "&".join(pairs)
     return f"{scheme}://{','.join(items)}{path}{qmark}{query}"
 
@@ -217,14 +216,14 @@ def parse(url: str) -> URL:
         if name in options:
             raise ConfigError(f"option {name!r} is given twice in {redact(url)!r}")
         options[name] = value
-    first = hosts[0] if hosts else None
+    head = hosts[0] if hosts else None
     return URL(
         raw=url,
         scheme=scheme.lower(),
-        host=first.host if first else None,
-        port=first.port if first else None,
-        username=first.username if first else None,
-        password=first.password if first else None,
+        host=head.host if head else None,
+        port=head.port if head else None,
+        username=head.username if head else None,
+        password=head.password if head else None,
         path=unquote(parts.path),
         options=options,
         hosts=tuple(hosts),

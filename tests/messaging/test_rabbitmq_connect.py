@@ -28,9 +28,7 @@ async def test_send_that_fails_after_reconnecting_names_the_queue() -> None:
     live = urls.parse(server_url("rabbitmq"))
     assert live.port is not None
     proxy = CutProxy("127.0.0.1", live.port)
-    transport = await connect(
-        f"rabbit://guest:guest@127.0.0.1:{proxy.port}/", reconnect_wait=0.5
-    )
+    transport = await connect(f"rabbit://guest:guest@127.0.0.1:{proxy.port}/", reconnect_wait=0.5)
     queue = f"q-{uuid.uuid4().hex[:8]}"
     try:
         await transport.declare_queue(queue, durable=True)

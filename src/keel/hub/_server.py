@@ -48,8 +48,12 @@ class HubServer:
         heartbeat: float = 15.0,
         grace: float = 2.0,
         map_feed: MapFeed | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
         self.hub = hub
+        self.tls_cert = tls_cert  # HTTPS with this certificate chain and key (PEM)
+        self.tls_key = tls_key
         self.map_feed = map_feed
         self.host = host
         self._port = port
@@ -66,7 +70,8 @@ class HubServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.tls_cert else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     async def start(self) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -79,6 +84,8 @@ class HubServer:
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=int(max(1, self.grace)),
+            ssl_certfile=self.tls_cert,
+            ssl_keyfile=self.tls_key,
         )
         self._server = _Server(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]))

@@ -37,11 +37,11 @@ from keel.errors import ConfigError, KeelError
 from keel.urls import URL
 
 
-class _Token(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
+class _Token(  # grpc ships no type information (pyproject's mypy overrides)
+    grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[misc]
+    grpc.aio.StreamUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.aio.StreamStreamClientInterceptor,  # type: ignore[misc]
 ):
     """Adds etcd's auth token to every call."""
 

@@ -17,6 +17,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +27,26 @@ from kazoo.security import make_digest_acl
 from keel._tls import TLSConfig, diagnose, tls_config, tls_error
 from keel.errors import KeelError
 from keel.urls import URL
+
+_SECRETS = re.compile(r"(auth='[^:']*:)[^']*'|(passwd=)b'(?:[^'\\]|\\.)*'")
+
+
+class _Redact(logging.Filter):
+    """kazoo logs its requests at DEBUG, the digest login's password and the session's
+    password among them: mask both before any handler sees the record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "auth=" in text or "passwd=" in text:
+            record.msg = _SECRETS.sub(
+                lambda m: f"{m.group(1)}***'" if m.group(1) else "passwd=***", text
+            )
+            record.args = ()
+        return True
+
+
+_REDACT = _Redact()
+logging.getLogger("kazoo.client").addFilter(_REDACT)
 
 
 def client_options(url: URL, options: Mapping[str, Any]) -> tuple[dict[str, Any], TLSConfig | None]:

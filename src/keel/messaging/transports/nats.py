@@ -490,8 +490,9 @@ class NatsTransport:
                 error_cb=self._on_error,
             )
         )
+        waiting: list[asyncio.Future[object]] = [connecting, self._refused]  # type: ignore[list-item]
         done, _ = await asyncio.wait(
-            [connecting, self._refused],
+            waiting,
             timeout=self.connect_timeout,
             return_when=asyncio.FIRST_COMPLETED,
         )
@@ -689,7 +690,9 @@ class NatsTransport:
         with _mapped("delete queue"), contextlib.suppress(nats.js.errors.NotFoundError):
             info = await self.js.stream_info(stream)
             if info.state.messages:
-                log.warning("kept dead-letter queue %s: it holds %d messages", dlq, info.state.messages)
+                log.warning(
+                    "kept dead-letter queue %s: it holds %d messages", dlq, info.state.messages
+                )
                 return
             await self.js.delete_stream(stream)
 

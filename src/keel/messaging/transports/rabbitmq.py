@@ -4,10 +4,10 @@
 A thin adapter over AMQP 0-9-1 (aiormq, the protocol layer under aio-pika; ``keel[rabbitmq]``):
 
 * A queue is an AMQP queue. ``durable`` queues are durable queues, classic or quorum
-  (``queue_type``, below), and get a durable ``<queue>.dlq`` of the same type beside them; ``exclusive`` queues are exclusive, auto-delete
-  queues of this connection. Subjects are routing keys on one durable topic exchange
-  (``keel`` by default, ``?exchange=`` to change it); ``send`` publishes on the default
-  exchange with the queue name as routing key.
+  (``queue_type``, below), and get a durable ``<queue>.dlq`` of the same type beside them;
+  ``exclusive`` queues are exclusive, auto-delete queues of this connection. Subjects are
+  routing keys on one durable topic exchange (``keel`` by default, ``?exchange=`` to change
+  it); ``send`` publishes on the default exchange with the queue name as routing key.
 * Each consumer has its own channel with ``basic.qos(prefetch)``; ``auto_ack`` consumers
   consume with ``no_ack``. ``ack`` is ``basic.ack``, ``requeue`` is ``basic.nack(requeue)``
   (RabbitMQ puts the message back at its original place), ``dead_letter`` publishes the body
@@ -643,7 +643,9 @@ class RabbitTransport:
             except amqp_errors.ChannelNotFoundEntity:
                 return
             if ok.message_count:
-                log.warning("kept dead-letter queue %s: it holds %d messages", dlq, ok.message_count)
+                log.warning(
+                    "kept dead-letter queue %s: it holds %d messages", dlq, ok.message_count
+                )
                 return
             # Quorum queues refuse if-empty (with a connection error): checked just above.
             await channel.queue_delete(dlq, if_empty=self.queue_type != "quorum")
