@@ -75,3 +75,14 @@ def stop_started() -> list[str]:
     ledger.unlink()
     _started.clear()
     return names
+
+
+def release(name: str) -> None:
+    """Stop a server now if this process started it (a cluster, once its module is done)."""
+    ledger = _ledger()
+    names = ledger.read_text().split() if ledger.exists() else []
+    if name not in names:
+        return
+    _run("stop", name)
+    ledger.write_text("".join(n + "\n" for n in names if n != name))
+    _started.pop(name, None)
