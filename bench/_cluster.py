@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import subprocess
 import time
 import uuid
@@ -56,6 +57,14 @@ def cluster_url(name: str) -> str:
     return servers("url", name)
 
 
+async def _poll(check: Callable[[], bool], deadline: float) -> None:
+    """Wait (10 ms steps) until ``check()`` or the monotonic ``deadline``."""
+    for _ in range(int(max(0.0, deadline - time.monotonic()) / 0.01) + 1):
+        if check() or time.monotonic() >= deadline:
+            return
+        await asyncio.sleep(0.01)
+
+
 @dataclass
 class Outage:
     """When the node went down and came back, and what the clients saw in between."""
@@ -86,24 +95,28 @@ async def lose_a_node(
     flight at the kill does not count), restart it, wait again."""
     outage = Outage()
     await asyncio.sleep(before)
-    if leader is not None:
-        outage.node = await leader()
-    else:
-        outage.node = int(await asyncio.to_thread(servers, "leader", cluster))
+    for attempt in range(60):  # an election may be under way (a node just rejoined)
+        try:
+            if leader is not None:
+                outage.node = await leader()
+            else:
+                outage.node = int(await asyncio.to_thread(servers, "leader", cluster))
+            break
+        except (RuntimeError, ValueError, errors.KeelError):
+            if attempt == 59:
+                raise
+            await asyncio.sleep(0.5)
     outage.killed = time.monotonic()
     await asyncio.to_thread(servers, "kill", cluster, str(outage.node))
     if failover:  # PostgreSQL: promote the replica, as Patroni would
         await asyncio.to_thread(servers, "failover", cluster)
-    deadline = outage.killed + MAX_PAUSE
-    while successes() <= outage.killed and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
+    await _poll(lambda: successes() > outage.killed, outage.killed + MAX_PAUSE)
     if successes() > outage.killed:
         outage.recovered = time.monotonic()
     await asyncio.sleep(between)
     await asyncio.to_thread(servers, "revive", cluster, str(outage.node))
     outage.revived = time.monotonic()
-    while successes() <= outage.revived and time.monotonic() < outage.revived + MAX_PAUSE:
-        await asyncio.sleep(0.01)
+    await _poll(lambda: successes() > outage.revived, outage.revived + MAX_PAUSE)
     outage.back = time.monotonic() if successes() > outage.revived else 0.0
     await asyncio.sleep(after)
     return outage
@@ -232,9 +245,7 @@ async def rpc_node_loss(
         for task in workers:
             task.cancel()
         # What was confirmed must arrive: give redeliveries time (bounded).
-        end = time.monotonic() + 60
-        while (run.lost_casts or run.lost_notes) and time.monotonic() < end:
-            await asyncio.sleep(0.1)
+        await _poll(lambda: not (run.lost_casts or run.lost_notes), time.monotonic() + 60)
         await listener.stop()
         await server.stop()
         await client_t.close()
@@ -253,6 +264,7 @@ class LockRun:
     stale_writes: int = 0
     retryable: int = 0
     unexpected: list[BaseException] = field(default_factory=list)
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)
 
     @property
     def fences_backwards(self) -> int:
@@ -299,6 +311,7 @@ async def lock_node_loss(
                     except errors.StaleFence:
                         run.stale_writes += 1
             except errors.KeelError as exc:
+                run.errors[type(exc).__name__] += 1
                 if exc.retryable or isinstance(exc, errors.LockLost):
                     run.retryable += 1
                     await asyncio.sleep(0.05)
@@ -328,10 +341,8 @@ async def lock_node_loss(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for coord in coords:
-            try:
+            with contextlib.suppress(errors.KeelError):
                 await coord.close()
-            except errors.KeelError:
-                pass
     return run
 
 

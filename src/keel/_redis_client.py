@@ -129,7 +129,19 @@ def client(where: Target, **kwargs: Any) -> aioredis.Redis:
     }
     manager = Sentinel(where.sentinels, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
     redis: aioredis.Redis = manager.master_for(where.service, redis_class=aioredis.Redis, **common)
+    _managers[id(redis)] = manager
     return redis
+
+
+_managers: dict[int, Sentinel] = {}  # client -> the Sentinel manager whose sentinels it asks
+
+
+async def close(redis: aioredis.Redis) -> None:
+    """Close a client of `client`, and its connections to the sentinels."""
+    await redis.aclose()
+    manager = _managers.pop(id(redis), None)
+    for sentinel in manager.sentinels if manager is not None else ():
+        await sentinel.aclose()
 
 
 async def primary(where: Target) -> tuple[str, int]:

@@ -48,4 +48,5 @@ async def test_a_node_lost_under_load(cluster: str, clusters: list[str]) -> None
     assert run.duplicate_casts == 0  # casts carry an idempotency key: run once
     assert outage.pause < RECOVERY_BOUND_S
     assert outage.back > outage.revived  # still serving once the node is back
-    assert run.calls_ok > 0 and len(run.casts_confirmed) > 0
+    assert run.calls_ok > 0
+    assert run.casts_confirmed

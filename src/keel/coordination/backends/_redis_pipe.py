@@ -86,7 +86,12 @@ class Pipe:
             try:
                 async with asyncio.timeout(self._timeout):
                     if self._locate is not None:
-                        self._where = await self._locate()
+                        try:
+                            self._where = await self._locate()
+                        except Exception as exc:  # the sentinels know no primary (yet)
+                            raise BackendUnavailable(
+                                f"redis: no primary to connect to ({exc}); retry later"
+                            ) from exc
                     reader, writer = await asyncio.open_connection(
                         *self._where,
                         ssl=self._ssl,
@@ -164,17 +169,21 @@ class Pipe:
             return await self.call(*args)
         writer = self._writer or await self._connect()
         reply = self._write(writer, args, True)
-        waited = self.call("WAIT", self._wait_replicas, 2000)
+        waited = self._write(writer, ("WAIT", self._wait_replicas, 2000), True)
         try:
             async with asyncio.timeout(self._timeout):
                 result = await reply
+                counted = await waited
         except TimeoutError as exc:
             raise BackendUnavailable(
                 f"redis at {self._where[0]}:{self._where[1]} did not answer in {self._timeout}s"
             ) from exc
-        replicas = int(await waited)
         if isinstance(result, hiredis.ReplyError):
             raise CoordinationError(f"redis: {result}", reply=str(result))
+        if isinstance(counted, hiredis.ReplyError):  # e.g. a replica now: reconnect
+            await self.close()
+            raise BackendUnavailable(f"redis: WAIT refused ({counted}); retry later")
+        replicas = int(counted)
         if replicas < self._wait_replicas:
             info = await self.call("INFO", "replication")
             text = info.decode() if isinstance(info, bytes) else str(info)

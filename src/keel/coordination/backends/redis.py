@@ -132,8 +132,12 @@ class RedisBackend:
             wait_replicas=where.wait_replicas,
         )
         backend = cls(client, pipe, url.redacted())
-        with map_errors(_UNAVAILABLE, backend="redis", url=backend._url):
-            await _redis_client.check_login(client, where)
+        try:
+            with map_errors(_UNAVAILABLE, backend="redis", url=backend._url):
+                await _redis_client.check_login(client, where)
+        except BaseException:
+            await _redis_client.close(client)
+            raise
         return backend
 
     def lease_ttl(self, ttl: float) -> float:
@@ -194,4 +198,4 @@ class RedisBackend:
             await self._pipe.call("PING")  # after every pipelined release
         await self._pipe.close()
         with map_errors(_UNAVAILABLE, backend="redis", url=self._url):
-            await self._client.aclose()
+            await _redis_client.close(self._client)

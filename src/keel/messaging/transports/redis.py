@@ -657,7 +657,7 @@ class RedisTransport:
                 await self.delete_queue(name)
         self._exclusive.clear()
         await self._pipe.close()
-        await self.redis.aclose()
+        await _redis_client.close(self.redis)
 
     def _check_open(self) -> None:
         if self._closed:
