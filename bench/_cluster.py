@@ -81,7 +81,7 @@ class Outage:
 
 
 async def lose_a_node(
-    cluster: str,
+    cluster: str | None,
     successes: Callable[[], float],
     *,
     before: float,
@@ -92,9 +92,13 @@ async def lose_a_node(
 ) -> Outage:
     """Under load already running: kill the leading node, wait for the first success after
     (``successes()`` is when the last successful operation *started*, so one already in
-    flight at the kill does not count), restart it, wait again."""
+    flight at the kill does not count), restart it, wait again. With no cluster (a single
+    server, for the figures beside it) the load just runs ``before`` seconds."""
     outage = Outage()
     await asyncio.sleep(before)
+    if cluster is None:
+        outage.killed = time.monotonic()
+        return outage
     for attempt in range(60):  # an election may be under way (a node just rejoined)
         try:
             if leader is not None:
@@ -152,6 +156,11 @@ class RpcRun:
     notes_confirmed: set[int] = field(default_factory=set)
     sink: _Sink = field(default_factory=_Sink)
     ok_times: list[float] = field(default_factory=list)
+    started: float = 0.0
+
+    def steady_rate(self) -> float:
+        """Calls per second before the kill (after a half-second warm-up)."""
+        return self.rate(self.started + 0.5, self.outage.killed)
 
     @property
     def lost_casts(self) -> set[int]:
@@ -177,7 +186,7 @@ class RpcRun:
 
 async def rpc_node_loss(
     url: str,
-    cluster: str,
+    cluster: str | None,
     *,
     before: float = 3.0,
     between: float = 2.0,
@@ -195,6 +204,7 @@ async def rpc_node_loss(
     listener = NotificationListener(server_t, [Target(topic + "-n")], [run.sink])
     await server.start()
     await listener.start()
+    run.started = time.monotonic()
     client = RPCClient(client_t, Target(topic), timeout=call_timeout)
     notifier = Notifier(client_t, "loadgen", topics=[topic + "-n"])
     stop = asyncio.Event()
@@ -265,6 +275,11 @@ class LockRun:
     retryable: int = 0
     unexpected: list[BaseException] = field(default_factory=list)
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    started: float = 0.0
+
+    def steady_rate(self) -> float:
+        """Grants per second before the kill (after a half-second warm-up)."""
+        return self.rate(self.started + 0.5, self.outage.killed)
 
     @property
     def fences_backwards(self) -> int:
@@ -283,7 +298,7 @@ class LockRun:
 
 async def lock_node_loss(
     url: str,
-    cluster: str,
+    cluster: str | None,
     *,
     before: float = 3.0,
     between: float = 2.0,
@@ -324,6 +339,7 @@ async def lock_node_loss(
             except Exception as exc:
                 run.unexpected.append(exc)
 
+    run.started = time.monotonic()
     tasks = [asyncio.ensure_future(worker(c)) for c in coords]
     try:
         run.outage = await lose_a_node(

@@ -17,8 +17,8 @@ import uuid
 
 import asyncpg
 import pytest
-
 from bench._cluster import lose_a_node
+
 from keel import errors, urls
 from keel.hub.stores.base import Routed, Subscription
 from keel.hub.stores.postgres import PostgresStore

@@ -170,6 +170,8 @@ class Pipe:
         writer = self._writer or await self._connect()
         reply = self._write(writer, args, True)
         waited = self._write(writer, ("WAIT", self._wait_replicas, 2000), True)
+        # Retrieved even when the reply above fails first (the hang-up fails both).
+        waited.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
             async with asyncio.timeout(self._timeout):
                 result = await reply
