@@ -12,10 +12,7 @@ RMQT_USER=keel
 RMQT_PASSWORD="${KEEL_RABBITMQ_TLS_PASSWORD:-keel-tls-pw}"
 srv_launch() {
     tls_files
-    mkdir -p "$SRV_DIR/home" "$SRV_DIR/mnesia" "$SRV_DIR/log"
-    [ -f "$SRV_DIR/enabled_plugins" ] || echo '[].' > "$SRV_DIR/enabled_plugins"
-    : > "$SRV_DIR/rabbitmq-env.conf"
-    [ -f "$SRV_DIR/advanced.config" ] || echo '[].' > "$SRV_DIR/advanced.config"
+    rabbit_prepare
     cat > "$SRV_DIR/rabbitmq.conf" <<CONF
 listeners.tcp = none
 listeners.ssl.default = 127.0.0.1:$RMQT_PORT
@@ -31,10 +28,7 @@ log.console = true
 log.console.level = warning
 log.file = false
 CONF
-    chown -R rabbitmq:rabbitmq "$SRV_DIR"
-    rabbit_env
-    launch setpriv --reuid=rabbitmq --regid=rabbitmq --init-groups env "${RABBIT_ENV[@]}" \
-        /usr/lib/rabbitmq/bin/rabbitmq-server
+    rabbit_start
 }
 srv_ready() { tls_probe "$RMQT_PORT" 414d515000000901; }  # "AMQP\0\0\x09\x01"
 srv_setup() {

@@ -4,26 +4,11 @@
 # sessions may be as short as 1 s.
 # shellcheck source=_cluster.sh
 source "$here/servers.d/_cluster.sh"
+# shellcheck source=_zookeeper.sh
+source "$here/servers.d/_zookeeper.sh"
 ZKC_PORT="${KEEL_ZOOKEEPER_CLUSTER_PORT:-30060}"
 zkc_port() { echo $((ZKC_PORT + $1 - 1)); }
 srv_install() { apt_install zookeeper default-jre-headless; }
-zk_classpath() {
-    local cp="$1:/usr/share/java/zookeeper.jar" jar
-    for jar in zookeeper-jute slf4j-api slf4j-log4j12 log4j-1.2 netty-handler netty-common \
-        netty-buffer netty-transport netty-codec netty-resolver netty-transport-native-epoll \
-        netty-transport-native-unix-common metrics-core snappy-java commons-cli jline; do
-        [ -f "/usr/share/java/$jar.jar" ] && cp="$cp:/usr/share/java/$jar.jar"
-    done
-    echo "$cp"
-}
-zk_log4j() {
-    cat > "$1/log4j.properties" <<CFG
-log4j.rootLogger=WARN, CONSOLE
-log4j.appender.CONSOLE=org.apache.log4j.ConsoleAppender
-log4j.appender.CONSOLE.layout=org.apache.log4j.PatternLayout
-log4j.appender.CONSOLE.layout.ConversionPattern=%d{ISO8601} %-5p %c{1}: %m%n
-CFG
-}
 node_launch() {
     local n="$1" d m
     d="$(node_dir "$n")"

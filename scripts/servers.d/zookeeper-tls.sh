@@ -4,10 +4,11 @@
 # certificates from tests/tls_certs.py in $KEEL_TLS_DIR, read as PEM (ZooKeeper 3.6+).
 # shellcheck source=_tls.sh
 source "$here/servers.d/_tls.sh"
+# shellcheck source=_zookeeper.sh
+source "$here/servers.d/_zookeeper.sh"
 ZKT_PORT="${KEEL_ZOOKEEPER_TLS_PORT:-30069}"
 srv_install() { apt_install zookeeper default-jre-headless; }
 srv_launch() {
-    local cp jar
     tls_files
     mkdir -p "$SRV_DIR/data"
     # ZooKeeper's PEM key store is one file: the private key and the certificate chain.
@@ -30,20 +31,9 @@ admin.enableServer=false
 4lw.commands.whitelist=ruok,srvr
 maxClientCnxns=0
 CFG
-    cat > "$SRV_DIR/log4j.properties" <<CFG
-log4j.rootLogger=WARN, CONSOLE
-log4j.appender.CONSOLE=org.apache.log4j.ConsoleAppender
-log4j.appender.CONSOLE.layout=org.apache.log4j.PatternLayout
-log4j.appender.CONSOLE.layout.ConversionPattern=%d{ISO8601} %-5p %c{1}: %m%n
-CFG
-    cp="$SRV_DIR:/usr/share/java/zookeeper.jar"
-    for jar in zookeeper-jute slf4j-api slf4j-log4j12 log4j-1.2 netty-handler netty-common \
-        netty-buffer netty-transport netty-codec netty-resolver netty-transport-native-epoll \
-        netty-transport-native-unix-common metrics-core snappy-java commons-cli jline; do
-        [ -f "/usr/share/java/$jar.jar" ] && cp="$cp:/usr/share/java/$jar.jar"
-    done
+    zk_log4j "$SRV_DIR"
     launch java -Xmx192m -Dzookeeper.log.dir="$SRV_DIR" -Dlog4j.configuration="file:$SRV_DIR/log4j.properties" \
-        -cp "$cp" org.apache.zookeeper.server.ZooKeeperServerMain "$SRV_DIR/zoo.cfg"
+        -cp "$(zk_classpath "$SRV_DIR")" org.apache.zookeeper.server.ZooKeeperServerMain "$SRV_DIR/zoo.cfg"
 }
 srv_ready() { tls_probe "$ZKT_PORT" 72756f6b; }  # "ruok"
 srv_url() {

@@ -198,15 +198,24 @@ async def check_login(redis: aioredis.Redis, where: Target) -> None:
         await connection.disconnect()
 
 
+def online_replicas(info: Mapping[str, Any]) -> int:
+    """Replicas in sync, from ``INFO replication`` (parsed by redis-py): one still loading
+    its first copy (after a failover, the old primary) cannot acknowledge a WAIT yet."""
+    return sum(
+        1
+        for name, value in info.items()
+        if name.startswith("slave") and isinstance(value, dict) and value.get("state") == "online"
+    )
+
+
 async def replicated(conn_reply: int, where: Target, redis: aioredis.Redis) -> bool:
     """Whether a write that ``WAIT`` saw reach ``conn_reply`` replicas counts as held: it
-    does if enough replicas have it, or if the primary has no replica connected at all (it
-    runs alone after a failover, until the old primary rejoins: as PostgreSQL's synchronous
+    does if enough replicas have it, or if the primary has no replica in sync at all (it runs
+    alone after a failover until the old primary has caught up: as PostgreSQL's synchronous
     mode under Patroni, availability first while a single server is left)."""
     if conn_reply >= where.wait_replicas:
         return True
-    info = await redis.info("replication")
-    alone = int(info.get("connected_slaves", 0)) == 0
+    alone = online_replicas(await redis.info("replication")) == 0
     if alone:
         log.warning("redis: the primary has no replica; writes are held by one server only")
     return alone

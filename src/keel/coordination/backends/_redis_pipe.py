@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import re
 import ssl as _ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -150,36 +151,37 @@ class Pipe:
     async def call(self, *args: Any) -> Any:
         """Send a command and return its reply (a Redis error reply raises)."""
         writer = self._writer or await self._connect()
-        future = self._write(writer, args, True)
-        try:
-            async with asyncio.timeout(self._timeout):
-                reply = await future
-        except TimeoutError as exc:
-            raise BackendUnavailable(
-                f"redis at {self._where[0]}:{self._where[1]} did not answer in {self._timeout}s"
-            ) from exc
+        [reply] = await self._answers(self._write(writer, args, True))
         if isinstance(reply, hiredis.ReplyError):
             raise CoordinationError(f"redis: {reply}", reply=str(reply))
         return reply
 
+    async def _answers(self, *futures: asyncio.Future[Any]) -> list[Any]:
+        """The replies of commands written together, within one timeout."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                return [await future for future in futures]
+        except TimeoutError as exc:
+            raise BackendUnavailable(
+                f"redis at {self._where[0]}:{self._where[1]} did not answer in {self._timeout}s"
+            ) from exc
+
     async def call_replicated(self, *args: Any) -> Any:
         """`call`, then ``WAIT wait_replicas`` on the same connection: the reply counts only
         once that many replicas hold the write (see the module docstring)."""
-        if self._wait_replicas == 0 or time.monotonic() < self._alone_until:
+        if self._wait_replicas == 0:
             return await self.call(*args)
+        if self._alone_until:  # alone a moment ago: WAIT would only time out
+            if time.monotonic() < self._alone_until or not await self._replica_online():
+                self._alone_until = max(self._alone_until, time.monotonic() + 2.0)
+                return await self.call(*args)
+            self._alone_until = 0.0
         writer = self._writer or await self._connect()
         reply = self._write(writer, args, True)
         waited = self._write(writer, ("WAIT", self._wait_replicas, 2000), True)
         # Retrieved even when the reply above fails first (the hang-up fails both).
         waited.add_done_callback(lambda f: f.cancelled() or f.exception())
-        try:
-            async with asyncio.timeout(self._timeout):
-                result = await reply
-                counted = await waited
-        except TimeoutError as exc:
-            raise BackendUnavailable(
-                f"redis at {self._where[0]}:{self._where[1]} did not answer in {self._timeout}s"
-            ) from exc
+        result, counted = await self._answers(reply, waited)
         if isinstance(result, hiredis.ReplyError):
             raise CoordinationError(f"redis: {result}", reply=str(result))
         if isinstance(counted, hiredis.ReplyError):  # e.g. a replica now: reconnect
@@ -187,15 +189,20 @@ class Pipe:
             raise BackendUnavailable(f"redis: WAIT refused ({counted}); retry later")
         replicas = int(counted)
         if replicas < self._wait_replicas:
-            info = await self.call("INFO", "replication")
-            text = info.decode() if isinstance(info, bytes) else str(info)
-            if "connected_slaves:0" not in text:
+            if await self._replica_online():
                 raise BackendUnavailable(
                     f"redis at {self._where[0]}:{self._where[1]}: a write reached {replicas} "
                     f"of {self._wait_replicas} replicas in time; it may or may not be kept"
                 )
             self._alone_until = time.monotonic() + 2.0  # alone: WAIT would only time out
         return result
+
+    async def _replica_online(self) -> bool:
+        """Whether the primary has a replica in sync (one still loading its first copy
+        cannot acknowledge a WAIT yet)."""
+        info = await self.call("INFO", "replication")
+        text = info.decode() if isinstance(info, bytes) else str(info)
+        return re.search(r"^slave\d+:.*state=online", text, re.MULTILINE) is not None
 
     async def send(self, *args: Any) -> None:
         """Send a command without waiting for its reply."""

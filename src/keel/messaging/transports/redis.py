@@ -811,7 +811,7 @@ class RedisTransport:
             return True
         with _mapped("send", self.url):
             info = await self.redis.info("replication")
-        alone = int(info.get("connected_slaves", 0)) == 0
+        alone = _redis_client.online_replicas(info) == 0
         self._alone_until = now + _redis_client.ALONE_RECHECK_S if alone else 0.0
         return alone
 
