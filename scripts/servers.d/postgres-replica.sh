@@ -60,9 +60,11 @@ srv_start_node() {
 }
 srv_leader() { pgr_primary; }
 srv_failover() {
-    local primary replica
-    primary="$(pgr_primary || true)"
-    replica=2; [ "$primary" = 2 ] && replica=1
+    local n replica=""
+    for n in 1 2; do  # the live node still in recovery
+        node_ready "$n" 2>/dev/null && [ "$(pgr_sql "$n" 'select pg_is_in_recovery()')" = t ] && replica=$n
+    done
+    [ -n "$replica" ] || { echo "servers: no live replica of $SRV_NAME to promote" >&2; return 1; }
     pgr_sql "$replica" "alter system set synchronous_standby_names = ''" >/dev/null
     pgr_sql "$replica" 'select pg_reload_conf()' >/dev/null
     pgr_sql "$replica" 'select pg_promote(true, 30)' >/dev/null

@@ -126,6 +126,7 @@ class ZookeeperBackend:
                 await backend._check_login(url)
         except BaseException:
             await asyncio.to_thread(client.stop)
+            client.close()  # its wake-up socket pair
             raise
         return backend
 

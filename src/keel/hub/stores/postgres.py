@@ -286,6 +286,11 @@ class PostgresStore:
                     if not conn.is_closed():
                         raise
                     raise BackendUnavailable(f"PostgreSQL connection lost: {exc}") from None
+                except asyncpg.InternalClientError as exc:
+                    # asyncpg's protocol state after a connection broke mid-operation (seen
+                    # when the primary is killed): the connection is unusable, drop it.
+                    conn.terminate()
+                    raise BackendUnavailable(f"PostgreSQL connection broke: {exc}") from None
         except BackendUnavailable:
             raise
         except _LOST as exc:
