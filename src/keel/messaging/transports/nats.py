@@ -1,5 +1,16 @@
 """The NATS transport, ``nats://host:port``: JetStream for queues, core NATS for the rest.
 
+Clusters: ``nats://h1:4222,h2:4223,h3:4224`` lists several servers of one cluster; the client
+connects to one and fails over to the others (and to those the cluster announces) by itself.
+Streams are created with ``replicas`` copies (URL option or keyword; default 3 when the URL
+lists three or more servers, else as many as it lists): an R3 stream keeps every
+acknowledged message through the loss of any one server, and its Raft group elects a new
+leader within a few seconds (sends in that window retry under their message id, below).
+TLS and credentials (`keel._tls`): ``nats+tls://`` or ``tls=true`` turns
+TLS on with the options ``ca``, ``cert``, ``key``, ``verify``; ``user:password@`` in the URL
+logs in. A refused certificate is `TLSError`, a refused login `CredentialsRejected`, both
+from ``connect``.
+
 Mapping of the Transport contract onto NATS (server 2.9, client nats-py):
 
 * A shared queue (not ``exclusive``) is a durable JetStream pull consumer named after the
@@ -59,7 +70,7 @@ Failure semantics:
   every 2 minutes), so a machine crash, unlike a process crash, can lose recent messages.
 
 Options (URL query): ``max_message_bytes`` (default 1 MiB), ``ack_wait``, ``publish_timeout``,
-``connect_timeout`` (seconds, default 10) and ``subject_max_age`` (seconds).
+``connect_timeout`` (seconds, default 10), ``subject_max_age`` (seconds), ``replicas``.
 """
 
 from __future__ import annotations
@@ -84,6 +95,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType
 
+from keel._tls import TLSConfig, credentials_rejected, tls_config, tls_failure
 from keel.errors import ConfigError, KeelError, MessageTooLarge, TransportError
 from keel.messaging.transports.base import DEFAULT_MAX_MESSAGE_BYTES, Handler, check_size
 from keel.urls import URL
@@ -413,10 +425,22 @@ class NatsTransport:
         ack_wait: float | None = None,
         publish_timeout: float | None = None,
         connect_timeout: float | None = None,
+        replicas: int | None = None,
+        tls: bool | None = None,
+        ca: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        verify: str | None = None,
     ) -> None:
         self.url = url
         options = url.options
+        self._tls: TLSConfig | None = tls_config(
+            url,
+            {"tls": tls, "ca": ca, "cert": cert, "key": key, "verify": verify},
+            secure_scheme=url.scheme == "nats+tls",
+        )
         try:
+            self.replicas = replicas or int(options.get("replicas", min(3, len(url.hosts) or 1)))
             self.max_message_bytes = max_message_bytes or int(
                 options.get("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
             )
@@ -440,31 +464,52 @@ class NatsTransport:
         self._unanswered_old: dict[str, tuple[str, bytes]] = {}
         self._refusals = ""
         self._tokens = itertools.count()
+        self._refused: asyncio.Future[KeelError] | None = None
 
     # --- connection ----------------------------------------------------------------------
 
     async def connect(self) -> None:
-        server = f"nats://{self.url.host or '127.0.0.1'}:{self.url.port or 4222}"
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                with _mapped(f"connect to {server}"):
-                    await self.nc.connect(
-                        servers=[server],
-                        name="keel",
-                        user=self.url.username,
-                        password=self.url.password,
-                        max_reconnect_attempts=-1,
-                        reconnect_time_wait=0.5,  # type: ignore[arg-type]  # a float works
-                        connect_timeout=2,
-                        reconnected_cb=self._on_reconnected,
-                        disconnected_cb=self._on_disconnected,
-                        error_cb=self._on_error,
-                    )
-        except TimeoutError:
+        scheme = "tls" if self._tls is not None else "nats"
+        servers = [f"{scheme}://{where}" for where in self.url.endpoints(4222)]
+        loop = asyncio.get_running_loop()
+        # nats-py retries a first connect forever; a refused certificate or login (seen by
+        # the error callback) ends it at once instead, as a typed error.
+        self._refused = loop.create_future()
+        connecting = loop.create_task(
+            self.nc.connect(
+                servers=servers,
+                name="keel",
+                user=self.url.username,
+                password=self.url.password,
+                tls=self._tls.context() if self._tls is not None else None,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,  # type: ignore[arg-type]  # a float works
+                connect_timeout=2,
+                reconnected_cb=self._on_reconnected,
+                disconnected_cb=self._on_disconnected,
+                error_cb=self._on_error,
+            )
+        )
+        waiting: list[asyncio.Future[object]] = [connecting, self._refused]  # type: ignore[list-item]
+        done, _ = await asyncio.wait(
+            waiting,
+            timeout=self.connect_timeout,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        refused, self._refused = self._refused, None
+        if connecting not in done:
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, *_FOREIGN):
+                await connecting
             await self.nc.close()
+            if refused in done:
+                raise refused.result()
             raise TransportError(
                 f"cannot reach NATS at {self.url.redacted()} within {self.connect_timeout}s"
-            ) from None
+            )
+        refused.cancel()
+        with _mapped(f"connect to {self.url.redacted()}"):
+            connecting.result()
         self.closed = False
         self._refusals = self.nc.new_inbox()
         with _mapped("subscribe"):
@@ -476,8 +521,28 @@ class NatsTransport:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _refusal(self, exc: BaseException) -> KeelError | None:
+        """A refused certificate or login: retrying the same will not mend it."""
+        server = self.url.redacted()
+        failed = tls_failure(exc, backend="NATS", server=server)
+        if failed is not None:
+            return failed
+        if isinstance(exc, nats.errors.AuthorizationError) or (
+            "authorization violation" in str(exc).lower()
+        ):
+            return credentials_rejected(backend="NATS", server=server, user=self.url.username)
+        return None
+
     async def _on_error(self, exc: Exception) -> None:
-        log.debug("nats: %r", exc)
+        refused = self._refusal(exc)
+        if refused is None:
+            log.debug("nats: %s", type(exc).__name__)
+            return
+        if self._refused is not None:  # connecting: connect raises it
+            if not self._refused.done():
+                self._refused.set_result(refused)
+        else:  # after a reconnect: nats-py keeps trying; say why it fails
+            log.warning("nats: %s", refused)
 
     async def _on_disconnected(self) -> None:
         if not self.closed:
@@ -578,6 +643,7 @@ class NatsTransport:
                     retention=RetentionPolicy.LIMITS,
                     max_age=self.subject_max_age,
                     storage=StorageType.FILE if declared.durable else StorageType.MEMORY,
+                    num_replicas=self.replicas,
                 )
             else:
                 await self.js.add_stream(
@@ -585,6 +651,7 @@ class NatsTransport:
                     subjects=[declared.address],
                     retention=RetentionPolicy.WORK_QUEUE,
                     storage=StorageType.FILE if declared.durable else StorageType.MEMORY,
+                    num_replicas=self.replicas,
                 )
             await self.js.add_consumer(
                 declared.stream,
@@ -613,6 +680,21 @@ class NatsTransport:
                     await self.js.delete_consumer(declared.stream, declared.consumer)
                 else:
                     await self.js.delete_stream(declared.stream)
+        if not self.closed and not name.endswith(".dlq"):
+            await self._delete_dlq_if_empty(name + ".dlq")
+
+    async def _delete_dlq_if_empty(self, dlq: str) -> None:
+        """A deleted queue's dead-letter stream goes too, unless it holds dead letters."""
+        self.streams.pop(dlq, None)
+        stream = "KQ_" + _token(dlq)
+        with _mapped("delete queue"), contextlib.suppress(nats.js.errors.NotFoundError):
+            info = await self.js.stream_info(stream)
+            if info.state.messages:
+                log.warning(
+                    "kept dead-letter queue %s: it holds %d messages", dlq, info.state.messages
+                )
+                return
+            await self.js.delete_stream(stream)
 
     # --- sending -------------------------------------------------------------------------
 
