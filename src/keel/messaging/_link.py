@@ -77,8 +77,16 @@ class Link:
         self._pending[request_id] = future
         return future
 
-    def forget(self, request_id: str) -> None:
+    def forget(self, request_id: str, future: asyncio.Future[Reply] | None = None) -> None:
+        """Stop waiting for ``request_id``. With its ``future``: make sure nothing it holds is
+        reported as lost (a send that outlived the call's deadline leaves the deadline's
+        TimeoutError in a future nobody awaited)."""
         self._pending.pop(request_id, None)
+        if future is not None:
+            if not future.done():
+                future.cancel()
+            elif not future.cancelled():
+                future.exception()
 
     def _on_reply(self, delivery: Delivery) -> None:
         queue = self.reply_to or "reply"
