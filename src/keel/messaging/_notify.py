@@ -11,6 +11,8 @@ publish order. A body that is not a notification this listener reads (over
 ``max_message_bytes``, too deep, of the wrong shape) is dead-lettered with the reason without
 calling any handler, and so is one whose handling fails in any unexpected way (a filter rule
 that raises): every delivery is settled and frees its slot (keel.messaging._poison).
+Stopping hands back at once the notifications waiting for a slot; those running get up to
+the timeout, then are cancelled and go back to the queue.
 """
 
 from __future__ import annotations
@@ -234,6 +236,7 @@ class NotificationListener:
         for consumer in self._consumers:
             await consumer.cancel()
         self._consumers.clear()
+        self._slots.wake_all()  # notifications waiting for a slot go back to the queue now
         if self._tasks:
             _, late = await asyncio.wait(set(self._tasks), timeout=timeout)
             for task in late:
@@ -266,8 +269,9 @@ class NotificationListener:
 
     async def _handle(self, delivery: Delivery, queue: str) -> None:
         try:
-            if not await self._slots.acquire():
-                return  # not woken without a slot: a listener never wakes its waiters
+            if not await self._slots.acquire():  # woken by stop() without a slot
+                await delivery.requeue()
+                return
             try:
                 await self._process(delivery, queue)
             finally:
