@@ -1,0 +1,71 @@
+"""Checks for the whole test tree.
+
+No task's exception may go unobserved anywhere in Keel: asyncio reports a task or future
+whose exception nobody retrieved ("Task exception was never retrieved") only through its
+loop's exception handler, which logs it on the ``asyncio`` logger when the object is
+collected. A handler here records those reports, a full collection after each test makes the
+test that leaked one collect it, and the test then fails in its teardown with what asyncio
+said. The end of the session collects once more, for what a late test left behind.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+_NEVER_RETRIEVED = "exception was never retrieved"
+
+
+class _Unretrieved(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.found: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if _NEVER_RETRIEVED in message:
+            detail = ""
+            if record.exc_info and record.exc_info[1] is not None:
+                detail = f": {type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+            self.found.append(message.splitlines()[0] + detail)
+
+    def take(self) -> list[str]:
+        found, self.found = self.found, []
+        return found
+
+
+_handler = _Unretrieved()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    logging.getLogger("asyncio").addHandler(_handler)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    logging.getLogger("asyncio").removeHandler(_handler)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    yield
+    gc.collect()
+    found = _handler.take()
+    if found:
+        pytest.fail(
+            "asyncio reported exceptions nobody retrieved (a task died unobserved):\n  "
+            + "\n  ".join(found),
+            pytrace=False,
+        )
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    gc.collect()
+    found = _handler.take()
+    if found:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        print("\nasyncio reported exceptions nobody retrieved after the last test:")
+        for line in found:
+            print("  " + line)
