@@ -5,14 +5,18 @@ settled once and the consumer goes on. Where the transport still holds it for us
 dead-lettered to ``<queue>.dlq`` with the reason; on an auto-acknowledged queue (replies,
 fanout, presence: at most once, the broker already forgot it) there is nothing left to settle
 and it is dropped. Either way it is counted in ``keel_messages_malformed_total{kind, queue,
-problem}`` and logged in one structured line. If the dead-letter step itself fails (the
-broker is away) that is logged too, and the transport hands the delivery back to its queue
-or lets its redelivery timer do so: at-least-once, nothing lost.
+problem}`` and logged in one structured line, at most `LOG_RATE` lines a second per kind and
+queue (logging costs more than the rest of it: a flood must not turn the server into a
+log writer); the next line logged says how many were not (``unlogged=N``). If the
+dead-letter step itself fails (the broker is away) that is logged too, and the transport
+hands the delivery back to its queue or lets its redelivery timer do so: at-least-once,
+nothing lost.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 
 from keel._log import event
@@ -21,6 +25,29 @@ from keel.messaging import _metrics
 from keel.messaging.transports.base import Delivery
 
 REASON_LIMIT = 300  # characters of a reason: it lands in headers, logs and stream fields
+LOG_RATE = 10.0  # lines a second per (kind, queue), in bursts of as many
+
+
+class _LogBudget:
+    """A token bucket per (kind, queue), and what it did not let through."""
+
+    def __init__(self) -> None:
+        self.tokens = LOG_RATE
+        self.at = time.monotonic()
+        self.unlogged = 0
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(LOG_RATE, self.tokens + (now - self.at) * LOG_RATE)
+        self.at = now
+        if self.tokens < 1:
+            self.unlogged += 1
+            return False
+        self.tokens -= 1
+        return True
+
+
+_budgets: dict[tuple[str, str], _LogBudget] = {}  # keys: kinds x Keel's own queue names
 
 
 class _Counts:
@@ -58,17 +85,22 @@ def note(
     problem = str(getattr(exc, "problem", "internal"))
     COUNTS.counts["keel_messages_malformed", kind, queue, problem] += 1
     why = reason(exc)
-    level = logging.ERROR if problem == "internal" else logging.WARNING
-    event(
-        log,
-        level,
-        f"{kind}.malformed",
-        queue=queue,
-        problem=problem,
-        bytes=size,
-        reason=why,
-        **fields,
-    )
+    budget = _budgets.get((kind, queue))
+    if budget is None:
+        budget = _budgets[kind, queue] = _LogBudget()
+    if budget.take():
+        unlogged, budget.unlogged = budget.unlogged, 0
+        event(
+            log,
+            logging.ERROR if problem == "internal" else logging.WARNING,
+            f"{kind}.malformed",
+            queue=queue,
+            problem=problem,
+            bytes=size,
+            reason=why,
+            unlogged=unlogged or None,
+            **fields,
+        )
     return why
 
 
