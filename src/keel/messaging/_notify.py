@@ -30,7 +30,7 @@ from typing import Any
 
 from keel import urls
 from keel._log import event
-from keel.errors import ConfigError, MalformedMessage
+from keel.errors import ConfigError, MalformedMessage, TransportError
 from keel.messaging import _metrics, _poison, _tap
 from keel.messaging._link import link
 from keel.messaging._slots import Slots
@@ -280,6 +280,8 @@ class NotificationListener:
             if not delivery.settled:
                 await delivery.requeue()
             raise
+        except TransportError as exc:  # settling failed: the broker redelivers what it holds
+            event(log, logging.WARNING, "notification.settle_failed", queue=queue, error=exc)
         except Exception as exc:  # a bug in Keel or in what it calls (a filter rule)
             self.counts["keel_notifications", "?", "malformed"] += 1
             await _poison.settle(

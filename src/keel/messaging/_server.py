@@ -42,6 +42,7 @@ from keel.errors import (
     MessageTooLarge,
     SerializationError,
     ServerDraining,
+    TransportError,
 )
 from keel.messaging import _context, _metrics, _poison, _tap
 from keel.messaging._dedup import DedupStore, MemoryDedup
@@ -359,6 +360,8 @@ class RPCServer:
             if not started and not delivery.settled:
                 await delivery.requeue()
             raise
+        except TransportError as exc:  # settling failed: the broker redelivers what it holds
+            event(log, logging.WARNING, "request.settle_failed", queue=queue, error=exc)
         except Exception as exc:  # a bug in Keel or in what it calls (a dedup store, a tap)
             await self._malformed(delivery, queue, _poison.crashed("request", exc))
 

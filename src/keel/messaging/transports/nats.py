@@ -25,7 +25,9 @@ Mapping of the Transport contract onto NATS (server 2.9, client nats-py):
   unbound queue also subscribe to it in one queue group (named after the queue), so they
   compete for core messages too; these count against the same credit window (core NATS has
   no credit: what arrives beyond it waits in the consumer, unseen by the core, and is sent
-  on again if the consumer is cancelled first).
+  on again if the consumer is cancelled first; past 4096 such messages a flood goes to the
+  queue's stream instead, to be pulled with credit, so no publisher grows a consumer's
+  memory).
 * ``send`` with ``durable=False`` (calls, replies) is a core publish to ``keel.c.<queue>``
   with a private reply subject: a consumer of the queue takes it at once (no store, no ack:
   the contract acknowledges a call when it starts anyway, so at-most-once loses nothing it
@@ -100,6 +102,7 @@ _REASON_HEADER = "Keel-Dead-Letter-Reason"
 _PULL_EXPIRES_NS = 30 * 1_000_000_000  # a long poll; the server answers 408 when it ends
 _MAX_ACK_PENDING = 100_000  # per queue across all its consumers; credit is per puller
 _AUTO_ACK_WINDOW = 256
+_BACKLOG_LIMIT = 4096  # core messages a busy consumer holds beyond its credit
 _SWEEP_INTERVAL = 1.0
 _PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
 
@@ -245,6 +248,12 @@ class _Puller:
                 await self.transport.send(self.queue, msg.data, durable=False)
             return
         if len(self.unsettled) >= self.prefetch:
+            if len(self._backlog) >= _BACKLOG_LIMIT:
+                # A flood (a hostile publisher's, too) waits in the queue's stream, pulled
+                # with credit, instead of in this process's memory.
+                with contextlib.suppress(nats.errors.Error):
+                    await self.transport.nc.publish(_address(self.queue), msg.data)
+                return
             # Core NATS has no credit: keep it here, unseen by the core, until credit frees.
             self._backlog.append(msg)
             return
