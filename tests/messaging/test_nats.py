@@ -109,7 +109,7 @@ async def test_a_core_flood_past_the_backlog_waits_in_the_stream_not_in_memory()
     assert len(backlog) == nats_transport._BACKLOG_LIMIT
     seen = 0
     while seen < total:  # settle each as it comes: everything arrives
-        await eventually(lambda: len(held) > seen, timeout=20)
+        await eventually(lambda n=seen: len(held) > n, timeout=20)
         await held[seen].ack()
         seen += 1
     assert sorted(int(d.body) for d in held) == list(range(total))
