@@ -252,8 +252,15 @@ def encode(message: Request | Reply | Notification, limit: int) -> bytes:
             limit=limit,
         )
     # The reader refuses what nests deeper than MAX_DEPTH: say so here, to the sender.
-    if may_nest(data, NOT_MSGPACK_OPENERS) and _too_deep(_decoders[type(message)].decode(data)):
-        raise _too_deep_to_send()
+    if may_nest(data, NOT_MSGPACK_OPENERS):
+        try:
+            as_read = _decoders[type(message)].decode(data)
+        except msgspec.ValidationError as exc:  # e.g. a context deadline out of range
+            raise SerializationError(
+                f"cannot send this message, readers refuse it: {exc}"
+            ) from None
+        if _too_deep(as_read):
+            raise _too_deep_to_send()
     return data
 
 
@@ -390,51 +397,40 @@ def reply_id(data: bytes) -> str | None:
         return None
 
 
-def _too_deep_to_read(data: bytes, what: str) -> MalformedMessage:
-    return MalformedMessage(
-        f"not a Keel {what}: a value nests more than {MAX_DEPTH} containers deep",
-        problem="depth",
-        size=len(data),
-    )
+_Message = TypeVar("_Message", Request, Reply, Notification)
 
 
-# The three below run on every message: the checks are written out, not layered.
+def _decode_message(
+    decoder: msgspec.msgpack.Decoder[_Message], data: bytes, what: str, limit: int | None
+) -> _Message:
+    """`decode_bounded`, then `MAX_DEPTH` for the free-form values. Runs on every message:
+    the size check and the opener count are cheap, the walk rare."""
+    if limit is not None and len(data) > limit:
+        raise oversize(what, len(data), limit)
+    try:
+        message = decoder.decode(data)
+    except Exception as exc:
+        raise _unreadable(data, what, exc) from None
+    if (
+        len(data) > MAX_DEPTH
+        and len(data.translate(None, NOT_MSGPACK_OPENERS)) > MAX_DEPTH
+        and _too_deep(message)
+    ):
+        raise MalformedMessage(
+            f"not a Keel {what}: a value nests more than {MAX_DEPTH} containers deep",
+            problem="depth",
+            size=len(data),
+        )
+    return message
 
 
 def decode_request(data: bytes, limit: int | None = None) -> Request:
-    if limit is not None and len(data) > limit:
-        raise oversize("request", len(data), limit)
-    try:
-        message = _request_decoder.decode(data)
-    except Exception as exc:
-        raise _unreadable(data, "request", exc) from None
-    if (
-        len(data) > MAX_DEPTH
-        and len(data.translate(None, NOT_MSGPACK_OPENERS)) > MAX_DEPTH
-        and _too_deep(message)
-    ):
-        raise _too_deep_to_read(data, "request")
-    return message
+    return _decode_message(_request_decoder, data, "request", limit)
 
 
 def decode_reply(data: bytes, limit: int | None = None) -> Reply:
-    if limit is not None and len(data) > limit:
-        raise oversize("reply", len(data), limit)
-    try:
-        message = _reply_decoder.decode(data)
-    except Exception as exc:
-        raise _unreadable(data, "reply", exc) from None
-    if (
-        len(data) > MAX_DEPTH
-        and len(data.translate(None, NOT_MSGPACK_OPENERS)) > MAX_DEPTH
-        and _too_deep(message)
-    ):
-        raise _too_deep_to_read(data, "reply")
-    return message
+    return _decode_message(_reply_decoder, data, "reply", limit)
 
 
 def decode_notification(data: bytes, limit: int | None = None) -> Notification:
-    message = decode_bounded(_notification_decoder, data, "notification", limit)
-    if may_nest(data, NOT_MSGPACK_OPENERS) and _too_deep(message):
-        raise _too_deep_to_read(data, "notification")
-    return message
+    return _decode_message(_notification_decoder, data, "notification", limit)
