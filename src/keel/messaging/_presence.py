@@ -28,7 +28,7 @@ from msgspec import Meta
 
 from keel import wire
 from keel._log import event
-from keel.errors import KeelError, MalformedMessage
+from keel.errors import ConfigError, KeelError, MalformedMessage
 from keel.messaging import _poison
 from keel.messaging._target import parse_version
 from keel.messaging.transports.base import Delivery, Transport, observe
@@ -89,6 +89,11 @@ class Announcer:
         *,
         interval: float = DEFAULT_INTERVAL,
     ) -> None:
+        if not 0 < interval <= MAX_INTERVAL:
+            raise ConfigError(
+                f"presence_interval={interval!r}: clients believe announcements every 0 to "
+                f"{MAX_INTERVAL:g} s only"
+            )
         self._transport = transport
         self._topic = topic
         self._server = server
@@ -170,6 +175,7 @@ class VersionWatch:
         self._topic = topic
         self._servers: dict[str, tuple[Presence, float]] = {}
         self._heard = asyncio.Event()
+        self._full = False
         self._started = False
         self._lock = asyncio.Lock()
 
@@ -201,7 +207,9 @@ class VersionWatch:
             if presence.server not in self._servers and len(self._servers) >= MAX_SERVERS:
                 self.servers()  # forget the expired first
                 if len(self._servers) >= MAX_SERVERS:
-                    event(log, logging.WARNING, "presence.too_many", topic=self._topic)
+                    if not self._full:  # said once: a flood of names must not flood the log
+                        self._full = True
+                        event(log, logging.WARNING, "presence.too_many", topic=self._topic)
                     return
             expires = time.monotonic() + 3 * presence.interval
             self._servers[presence.server] = (presence, expires)
