@@ -99,12 +99,22 @@ _envelope_decoder = msgspec.json.Decoder(OsloEnvelope)
 _REQUIRED = ("message_id", "publisher_id", "event_type", "priority", "timestamp")
 
 
-_LONG_DIGITS = re.compile(r"[0-9]{19}")  # 2**63 has 19 digits: shorter runs are in range
+# 2**63 has 19 digits: shorter runs are in range, longer ones a walk checks
+_LONG_DIGITS = re.compile(r"[0-9]{19}")
+_LONG_DIGIT_BYTES = re.compile(rb"[0-9]{19}")
 
 
 def _may_nest(text: str) -> bool:
     limit = wire.MAX_DEPTH
     return len(text) > limit and text.count("[") + text.count("{") > limit
+
+
+def _needs_walk(data: bytes | str) -> bool:
+    """Whether the JSON might nest deeper than MAX_DEPTH or hold an integer past 64 bits."""
+    if isinstance(data, str):
+        return _may_nest(data) or _LONG_DIGITS.search(data) is not None
+    nests = wire.may_nest(data, wire.NOT_JSON_OPENERS)
+    return nests or _LONG_DIGIT_BYTES.search(data) is not None
 
 
 def _json(data: bytes | str, what: str) -> Any:
@@ -119,8 +129,7 @@ def _json(data: bytes | str, what: str) -> Any:
     except (ValueError, OverflowError, MemoryError, TypeError) as exc:
         problem, reason = "syntax", f"not JSON ({type(exc).__name__}: {exc})"
     else:
-        text = data if isinstance(data, str) else data.decode("utf-8", "replace")
-        if _may_nest(text) or _LONG_DIGITS.search(text):
+        if _needs_walk(data):
             found = wire.nesting_problem(value, wire.MAX_DEPTH + 1, ints=True)
             if found == "depth":
                 raise MalformedMessage(
