@@ -9,7 +9,9 @@ import typer
 
 from keel.agent._daemon import HELP, run_agent
 
-app = typer.Typer(help="The Keel guest agent.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="The Keel guest agent.", no_args_is_help=True, add_completion=False, rich_markup_mode=None
+)
 
 
 @app.command()
