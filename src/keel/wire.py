@@ -97,6 +97,9 @@ class Request(msgspec.Struct, array_like=True, omit_defaults=True):
     reply_to: str | None = None
     server: str | None = None  # the named server a request was addressed to, if any
     attempt: int = 1
+    # A call's monitor window (seconds): the server sends a heartbeat at least this often
+    # while the method runs, and the caller gives up after a window without one.
+    monitor: float | None = None
 
 
 class Failure(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -117,6 +120,7 @@ class Reply(msgspec.Struct, array_like=True, omit_defaults=True):
     result: Any = None
     failure: Failure | None = None
     server: str | None = None
+    heartbeat: bool = False  # not the answer: the method still runs (see Request.monitor)
 
 
 class Notification(msgspec.Struct, array_like=True, omit_defaults=True):

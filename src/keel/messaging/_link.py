@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from keel import urls
@@ -41,6 +41,8 @@ class Link:
         self.transport = transport
         self.declared: set[str] = set()
         self._pending: dict[str, asyncio.Future[Reply]] = {}
+        # Calls with a monitor window: request id -> what to do when a heartbeat comes.
+        self._beats: dict[str, Callable[[], None]] = {}
         self.reply_to: str | None = None
         self._reply_lock = asyncio.Lock()
         self.late_replies = 0
@@ -73,14 +75,24 @@ class Link:
         self._pending[request_id] = future
         return future
 
+    def on_heartbeat(self, request_id: str, beat: Callable[[], None]) -> None:
+        self._beats[request_id] = beat
+
     def forget(self, request_id: str) -> None:
         self._pending.pop(request_id, None)
+        if self._beats:
+            self._beats.pop(request_id, None)
 
     def _on_reply(self, delivery: Delivery) -> None:
         try:
             reply = decode_reply(delivery.body)
         except MalformedMessage as exc:
             event(log, logging.WARNING, "reply.malformed", error=exc)
+            return
+        if reply.heartbeat:
+            beat = self._beats.get(reply.id)
+            if beat is not None:
+                beat()
             return
         future = self._pending.pop(reply.id, None)
         if future is None or future.done():

@@ -226,10 +226,14 @@ class NotificationListener:
                     )
                 )
 
-    async def stop(self, timeout: float = 25.0) -> None:
+    async def stop_consuming(self) -> None:
+        """Take no new deliveries; those already taken stay this listener's to settle."""
         for consumer in self._consumers:
             await consumer.cancel()
         self._consumers.clear()
+
+    async def stop(self, timeout: float = 25.0) -> None:
+        await self.stop_consuming()
         if self._tasks:
             _, late = await asyncio.wait(set(self._tasks), timeout=timeout)
             for task in late:

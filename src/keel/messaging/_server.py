@@ -68,6 +68,11 @@ DECLINE_PAUSE = 0.2  # seconds a draining server holds a cast for its successor 
 SWEEP_INTERVAL = 0.1  # how late past its deadline a call's handler may be cancelled
 
 
+class _DeadlinePassed(Exception):
+    """A call's handler cancelled at the call's deadline (not a TimeoutError: a method may
+    raise that itself, and its caller must get it)."""
+
+
 class ServerState(enum.Enum):
     NEW = "new"
     STARTING = "starting"
@@ -85,6 +90,8 @@ class RPCServer:
 
     ``max_concurrency`` bounds the requests running at once; ``thread_pool_size`` bounds the
     threads running sync methods. ``dedup`` decides how long cast idempotency keys are kept.
+    A call sent with a monitor window (``RPCClient.prepare(monitor_timeout=...)``) gets a
+    heartbeat every half window while its method runs.
     """
 
     def __init__(
@@ -99,6 +106,7 @@ class RPCServer:
         dedup: DedupStore | None = None,
         stop_timeout: float = 25.0,
         presence_interval: float = DEFAULT_INTERVAL,
+        dispatcher: Dispatcher | None = None,
     ) -> None:
         if not target.topic:
             raise ValueError("an RPC server needs a target with a topic")
@@ -111,7 +119,9 @@ class RPCServer:
         self.service = service or urls.from_env("service", target.topic)
         self.max_concurrency = max_concurrency
         self.stop_timeout = stop_timeout
-        self._dispatcher = Dispatcher(endpoints)
+        # A face for another framework (the oslo.messaging driver) brings its own dispatcher:
+        # its framework finds the method, Keel's server does everything around it.
+        self._dispatcher = dispatcher or Dispatcher(endpoints)
         self._dedup: DedupStore = dedup or MemoryDedup()
         self._thread_pool_size = thread_pool_size
         self._executor: ThreadPoolExecutor | None = None
@@ -418,6 +428,7 @@ class RPCServer:
             self._count("call", request.method, "rejected")
             await self._reply(request, failure=to_failure(exc, with_traceback=False))
             return
+        beats = self._heartbeats(request) if request.monitor else None
         try:
             result = await self._invoke(method, request)
         except asyncio.CancelledError:
@@ -431,8 +442,8 @@ class RPCServer:
                 )
                 await self._reply(request, failure=to_failure(draining, with_traceback=False))
             raise
-        except TimeoutError:
-            # Only the deadline guard raises this here: the caller has already given up.
+        except _DeadlinePassed:
+            # The caller has already given up: no reply.
             self._count("call", request.method, "deadline_exceeded")
             event(
                 log,
@@ -458,6 +469,29 @@ class RPCServer:
         else:
             self._count("call", request.method, "ok")
             await self._reply(request, result=result)
+        finally:
+            if beats is not None:
+                beats.cancel()
+
+    def _heartbeats(self, request: Request) -> asyncio.Task[None]:
+        # Held by the call that started it, which cancels it however the call ends.
+        return asyncio.get_running_loop().create_task(self._beat(request))
+
+    async def _beat(self, request: Request) -> None:
+        """Tell a monitoring caller the method still runs, twice per window."""
+        if request.reply_to is None or request.monitor is None:
+            return
+        interval = max(request.monitor / 2, 0.01)
+        body = encode(
+            Reply(ENVELOPE_VERSION, request.id, None, None, self.name, True),
+            self.transport.max_message_bytes,
+        )
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.transport.send(request.reply_to, body, durable=False)
+            except KeelError as exc:  # the caller times out on its own if it hears none
+                event(log, logging.INFO, "heartbeat.unsent", server=self.name, error=exc)
 
     def _count(self, kind: str, method: str, outcome: str) -> None:
         self.counts["keel_rpc_server_requests", kind, method, outcome] += 1
@@ -561,7 +595,7 @@ class RPCServer:
                     if task in self._expired_tasks:
                         self._expired_tasks.discard(task)
                         task.uncancel()
-                        raise TimeoutError from None
+                        raise _DeadlinePassed from None
                     raise
                 finally:
                     self._deadlines.pop(task, None)

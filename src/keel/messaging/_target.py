@@ -7,22 +7,28 @@ from dataclasses import dataclass, field, replace
 
 from keel.errors import ConfigError
 
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
-_VERSION = re.compile(r"^(\d+)\.(\d+)$")
+# '@' and ':' because OpenStack names servers "host@backend" and the oslo.messaging driver
+# joins exchange and topic with ':'; '+' for the driver's escapes of anything else. None of
+# them is special in an AMQP queue name or routing key, a NATS subject or a Redis key
+# (unlike '*', '#', '>', '%' and whitespace, which stay refused).
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@:+-]{0,199}")
+# ASCII digits only (\d takes any Unicode digit) and bounded: a version is compared, never
+# trusted to be small.
+_VERSION = re.compile(r"([0-9]{1,9})\.([0-9]{1,9})")
 
 
 def parse_version(version: str) -> tuple[int, int]:
-    match = _VERSION.match(version)
+    match = _VERSION.fullmatch(version)
     if not match:
         raise ConfigError(f"interface version {version!r} is not of the form MAJOR.MINOR, e.g. 1.0")
     return int(match.group(1)), int(match.group(2))
 
 
 def _check_name(kind: str, value: str) -> None:
-    if not _NAME.match(value):
+    if not _NAME.fullmatch(value):  # fullmatch: '$' would let a trailing newline in
         raise ConfigError(
-            f"{kind} {value!r} is not a valid name: use letters, digits, '_', '.', '-' "
-            "(at most 200, not starting with '.' or '-')"
+            f"{kind} {value!r} is not a valid name: use letters, digits, '_', '.', '-', "
+            "'@', ':', '+' (at most 200, starting with a letter, digit or '_')"
         )
 
 

@@ -45,6 +45,7 @@ from keel.messaging.transports.base import Transport
 from keel.wire import ENVELOPE_VERSION, Notification, RequestContext, new_id
 
 __all__ = [
+    "OSLO_CONTEXT_KEY",
     "OsloMessage",
     "OsloNotificationListener",
     "OsloNotifier",
@@ -167,18 +168,30 @@ def encode_message(message: OsloMessage) -> bytes:
     return _json_encoder.encode(envelope)
 
 
-def context_from_oslo(context: Mapping[str, Any]) -> RequestContext:
-    """oslo.context's dict (as a notification carries it) to a Keel `RequestContext`."""
+OSLO_CONTEXT_KEY = "oslo_context"  # RequestContext.extra key of a verbatim oslo context
+
+
+def context_from_oslo(context: Mapping[str, Any], *, verbatim: bool = False) -> RequestContext:
+    """oslo.context's dict (as a notification carries it) to a Keel `RequestContext`.
+
+    With ``verbatim`` (the oslo.messaging driver's RPC), ``extra`` holds the whole dict,
+    credentials included, under `OSLO_CONTEXT_KEY`, so an oslo endpoint gets back exactly
+    what its caller sent (nova forwards ``auth_token`` over RPC) and a Keel endpoint's nested
+    call passes it on; the mapped fields are filled either way.
+    """
     user = context.get("user_id") or context.get("user")
     project = context.get("project_id") or context.get("tenant") or context.get("project")
     roles = context.get("roles") or ()
     request_id = context.get("request_id")
     traceparent = context.get("traceparent")
-    extra = {
-        key: value
-        for key, value in context.items()
-        if key not in _MAPPED_KEYS and key not in _SECRET_KEYS and key != "traceparent"
-    }
+    if verbatim:
+        extra: dict[str, Any] = {OSLO_CONTEXT_KEY: dict(context)}
+    else:
+        extra = {
+            key: value
+            for key, value in context.items()
+            if key not in _MAPPED_KEYS and key not in _SECRET_KEYS and key != "traceparent"
+        }
     fields: dict[str, Any] = {
         "user": str(user) if user is not None else None,
         "project": str(project) if project is not None else None,
@@ -193,7 +206,11 @@ def context_from_oslo(context: Mapping[str, Any]) -> RequestContext:
 
 
 def context_to_oslo(ctx: RequestContext) -> dict[str, Any]:
-    """A Keel `RequestContext` as the dict oslo.context's ``to_dict`` would give."""
+    """A Keel `RequestContext` as the dict oslo.context's ``to_dict`` would give (the
+    verbatim oslo dict when the context came from oslo, see `context_from_oslo`)."""
+    kept = ctx.extra.get(OSLO_CONTEXT_KEY)
+    if isinstance(kept, dict):
+        return dict(kept)
     out: dict[str, Any] = {
         key: value for key, value in ctx.extra.items() if key not in _SECRET_KEYS
     }
@@ -215,7 +232,7 @@ def oslo_timestamp(now: datetime | None = None) -> str:
     return str((now or datetime.now(UTC)).replace(tzinfo=None))
 
 
-def to_keel(message: OsloMessage) -> Notification:
+def to_keel(message: OsloMessage, *, verbatim: bool = False) -> Notification:
     return Notification(
         ENVELOPE_VERSION,
         message.message_id,
@@ -224,7 +241,7 @@ def to_keel(message: OsloMessage) -> Notification:
         message.priority.lower(),
         message.payload,
         message.timestamp,
-        context_from_oslo(message.context),
+        context_from_oslo(message.context, verbatim=verbatim),
     )
 
 
@@ -243,10 +260,14 @@ class OsloNotificationListener(NotificationListener):
         *,
         pool: str | None = None,
         durable: bool = False,
+        pool_queue_per_subject: bool = False,
         **options: Any,
     ) -> None:
         super().__init__(transport, targets, endpoints, pool=pool, **options)
         self.durable = durable
+        # oslo names one queue per pool, bound to every subject; a transport that binds a
+        # durable queue to one subject only (NATS) gets one pool queue per subject instead.
+        self._per_subject = pool_queue_per_subject
 
     def _decode(self, body: bytes) -> Notification:
         return to_keel(decode_message(body))
@@ -255,7 +276,12 @@ class OsloNotificationListener(NotificationListener):
         lk = link(self.transport)
         subjects = [f"{topic}.{priority}" for topic in self.topics for priority in self._handlers]
         # oslo: without a pool one queue per routing key, with a pool one queue for them all.
-        queues = {self.pool: subjects} if self.pool else {s: [s] for s in subjects}
+        if not self.pool:
+            queues = {s: [s] for s in subjects}
+        elif self._per_subject:
+            queues = {f"{s}.pool.{self.pool}": [s] for s in subjects}
+        else:
+            queues = {self.pool: subjects}
         for queue, bindings in queues.items():
             await lk.declare(queue, durable=self.durable, bindings=bindings)
             self._consumers.append(
@@ -319,9 +345,13 @@ class OsloNotifier(Notifier):
                 size=len(body),
                 limit=limit,
             )
-        publish = getattr(self.transport, "publish_json", self.transport.publish)
         for topic in self.topics:
-            subject = f"{topic}.{priority}"
-            await self._link.declare(subject, durable=self.durable, bindings=[subject])
-            await publish(subject, body, durable=True)
+            await self.publish(f"{topic}.{priority}", body)
         self.counts["keel_notifications", priority, "published"] += 1
+
+    async def publish(self, subject: str, body: bytes) -> None:
+        """Publish an encoded oslo notification to ``<topic>.<priority>``, declaring its
+        default queue first as oslo does; returns once the broker holds it."""
+        await self._link.declare(subject, durable=self.durable, bindings=[subject])
+        publish = getattr(self.transport, "publish_json", self.transport.publish)
+        await publish(subject, body, durable=True)

@@ -297,6 +297,11 @@ class _Puller:
         delivery = _Delivery(self, msg)
         self.unsettled.add(delivery)
         self.handler(delivery)
+        if not self.requested and self._wants_pull():
+            # The last outstanding request is filled while credit is free (settlements
+            # did not reach the batch threshold meanwhile): ask now, not at the next ack.
+            with contextlib.suppress(KeelError):
+                await self.refill()
 
     def _on_status(self, headers: dict[str, str]) -> None:
         status = headers.get("Status", "")
