@@ -16,6 +16,8 @@ What oslo's parameters mean here:
   server that already ran it skips the repeat. A call is sent again as a new request: if
   the broker took the first one before the connection broke, it may run twice, as with
   oslo's rabbit driver.
+* ``?legacy=send|listen`` in the URL: oslo's rabbit RPC beside Keel's while a cloud moves
+  off ``rabbit://`` (`_legacy`, docs/openstack.md).
 * ``transport_options.at_least_once`` (RabbitMQ's "mandatory"): a call or cast raises
   ``MessageUndeliverable`` at once when no server of its target has announced itself
   (Keel's presence, heard within a second), instead of waiting in the queue.
@@ -43,6 +45,7 @@ from keel.messaging._link import connect
 from keel.messaging._target import Target
 from keel.messaging.oslo import OsloNotifier, context_from_oslo
 from keel.messaging.oslo_driver import _errors, _names
+from keel.messaging.oslo_driver._legacy import Legacy
 from keel.messaging.oslo_driver._notify import NotificationPoller
 from keel.messaging.oslo_driver._rpc import RpcListener, primitive
 from keel.messaging.transports.base import Transport
@@ -82,6 +85,11 @@ class KeelDriver(base.BaseDriver):  # type: ignore[misc]  # oslo is untyped
         self._notifiers: dict[str, OsloNotifier] = {}
         self._clients: dict[tuple[str, str, str | None], RPCClient] = {}
         self._lock: asyncio.Lock | None = None
+        self.legacy = (
+            Legacy(self.options.legacy, conf, url, default_exchange, self._allowed_remote_exmods)
+            if self.options.legacy
+            else None
+        )
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -143,6 +151,17 @@ class KeelDriver(base.BaseDriver):  # type: ignore[misc]  # oslo is untyped
         retry: int | None = None,
         transport_options: Any = None,
     ) -> Any:
+        if self.legacy is not None and self.legacy.sends:  # moving off rabbit://: phase 1
+            return self.legacy.driver.send(
+                target,
+                ctxt,
+                message,
+                wait_for_reply,
+                timeout,
+                call_monitor_timeout,
+                retry,
+                transport_options,
+            )
         return self.run(
             self._send(
                 target,
@@ -270,6 +289,8 @@ class KeelDriver(base.BaseDriver):  # type: ignore[misc]  # oslo is untyped
         return base.PollStyleListenerAdapter(poller, batch_size, batch_timeout)
 
     def cleanup(self) -> None:
+        if self.legacy is not None:
+            self.legacy.cleanup()
         self.run(self._close())
 
     async def _close(self) -> None:

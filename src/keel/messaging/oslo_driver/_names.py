@@ -62,7 +62,7 @@ def parse_version(version: Any) -> str:
 
 
 # Options of the driver itself, read from the transport URL's query and not passed on.
-_DRIVER_OPTIONS = ("drain_timeout",)
+DRIVER_OPTIONS = ("drain_timeout", "legacy")
 
 
 @dataclass(frozen=True)
@@ -71,12 +71,14 @@ class DriverOptions:
 
     ``drain_timeout`` (seconds, default 60): how long an RPC server's ``stop()`` lets the
     requests it already runs finish before cancelling them (their callers then get
-    ``ServerDraining``; oslo's own drivers wait without a bound).
+    ``ServerDraining``; oslo's own drivers wait without a bound). ``legacy`` (``send`` or
+    ``listen``, RabbitMQ only): speak oslo's rabbit RPC too, while a cloud moves (`_legacy`).
     """
 
     scheme: str  # Keel's: rabbit, nats, redis, memory, ...
     url: str  # the Keel transport URL
     drain_timeout: float = 60.0
+    legacy: str | None = None
 
     @classmethod
     def from_oslo(cls, transport: str, text: str, query: dict[str, str]) -> DriverOptions:
@@ -89,7 +91,7 @@ class DriverOptions:
             )
         rest = text.split("://", 1)[1]
         path, _, _ = rest.partition("?")
-        keel_query = {k: v for k, v in query.items() if k not in _DRIVER_OPTIONS}
+        keel_query = {k: v for k, v in query.items() if k not in DRIVER_OPTIONS}
         url = f"{scheme}://{path}" + (f"?{urlencode(keel_query)}" if keel_query else "")
         try:
             drain = float(query.get("drain_timeout", 60.0))
@@ -97,7 +99,7 @@ class DriverOptions:
             raise ConfigError(f"drain_timeout={query['drain_timeout']!r} is not seconds") from None
         if not 0 < drain < float("inf"):
             raise ConfigError(f"drain_timeout={drain!r}: give a positive number of seconds")
-        return cls(scheme.lower(), url, drain)
+        return cls(scheme.lower(), url, drain, query.get("legacy") or None)
 
     def with_exchange(self, exchange: str, *, durable: bool) -> str:
         """The RabbitMQ URL whose topic exchange is oslo's ``exchange`` (notifications)."""

@@ -132,6 +132,10 @@ class RpcListener(base.Listener):  # type: ignore[misc]  # oslo is untyped
         )
         self._server: RPCServer | None = None
         self._hand: Callable[[list[Any]], None] | None = None
+        # While a cloud moves off rabbit://, oslo's own rabbit listener for the same target.
+        self._legacy = (
+            driver.legacy.listen(target, batch_size, batch_timeout) if driver.legacy else None
+        )
 
     async def hand_over(
         self,
@@ -156,6 +160,8 @@ class RpcListener(base.Listener):  # type: ignore[misc]  # oslo is untyped
         super().start(on_incoming_callback)
         self._hand = on_incoming_callback
         self._server = self._driver.run(self._start())
+        if self._legacy is not None:
+            self._legacy.start(on_incoming_callback)
 
     async def _start(self) -> RPCServer:
         transport = await self._driver.rpc_transport()
@@ -174,6 +180,8 @@ class RpcListener(base.Listener):  # type: ignore[misc]  # oslo is untyped
         return server
 
     def stop(self) -> None:
+        if self._legacy is not None:
+            self._legacy.stop()
         server = self._server
         if server is not None:
             self._driver.run(server.drain())
@@ -182,4 +190,6 @@ class RpcListener(base.Listener):  # type: ignore[misc]  # oslo is untyped
         super().stop()
 
     def cleanup(self) -> None:
-        """Nothing left: ``stop()`` drained the server; the connection is the driver's."""
+        """``stop()`` drained the server; the connection is the driver's."""
+        if self._legacy is not None:
+            self._legacy.cleanup()

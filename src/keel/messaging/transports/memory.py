@@ -160,7 +160,7 @@ _connection_ids = itertools.count(1)
 
 
 def _broker_for(url: URL) -> _Broker:
-    key = (url.host or "") + url.path
+    key = (url.host or "") + url.path.rstrip("/")  # memory://x and memory://x/ are one broker
     with _brokers_lock:
         broker = _brokers.get(key)
         if broker is None:
