@@ -163,10 +163,12 @@ class RPCClient:
         if self._cap is not None:
             await self._check_cap(target)
         now = time.time()
-        parent = ctx or _context.current_context()
+        handling = _context.current.get()  # the request this task serves, if any
+        parent = ctx or (handling[1] if handling is not None else None)
         deadline = _sooner(now + options.timeout, parent)
         child = self._child(parent, deadline, method)
-        self._check_reentrant(target, method)
+        if handling is not None:
+            self._check_reentrant(target, method)
         lk = self._link
         # Both are set up once per transport; skipping the awaits keeps the hot path short.
         reply_to = lk.reply_to or await lk.reply_queue()
@@ -175,6 +177,7 @@ class RPCClient:
             await lk.declare(queue, durable=True)
         loop = asyncio.get_running_loop()
         monitor = options.monitor
+        limit = self.transport.max_message_bytes
         attempt = 0
         while True:
             attempt += 1
@@ -183,9 +186,12 @@ class RPCClient:
                 ENVELOPE_VERSION, CALL, request_id, method, child, kwargs,
                 target.namespace, target.version, reply_to, target.server, attempt, monitor,
             )  # fmt: skip
-            body = self._encode(request, method)
-            future = lk.expect(request_id, loop)
-            timer = _arm(lk, request_id, future, deadline, monitor)
+            body = encode(request, limit)
+            if len(body) > limit // 4:
+                self._warn_huge(method, len(body))
+            ends = loop.time() + (deadline - time.time())
+            future = lk.expect(request_id, loop, None if monitor else ends)
+            watchdog = None if monitor is None else _watch(lk, request_id, future, ends, monitor)
             try:
                 await self.transport.send(queue, body, durable=False)
                 reply = await future
@@ -198,10 +204,11 @@ class RPCClient:
                     child,
                     deadline - now,
                     window=monitor,
-                    silent=getattr(timer, "silent", False),
+                    silent=watchdog is not None and watchdog.silent,
                 ) from None
             finally:
-                timer.cancel()
+                if watchdog is not None:
+                    watchdog.cancel()
                 lk.forget(request_id)
             failure = reply.failure
             if failure is None:
@@ -209,14 +216,31 @@ class RPCClient:
                 if _tap.state.tap is not None:
                     self._report(method, "call", "ok", started, child.traceparent)
                 return reply.result
-            pause = min(RETRY_PAUSE * attempt, RETRY_PAUSE_MAX, deadline - time.time())
-            if _retryable_drain(failure) and pause > 0:
-                self.counts["keel_rpc_client_requests", "call", method, "retried"] += 1
-                await asyncio.sleep(pause)
-                continue
-            self.counts["keel_rpc_client_requests", "call", method, "error"] += 1
-            self._report(method, "call", "error", started, child.traceparent)
-            raise from_failure(failure, self._allowed, f"{target.topic}.{method}")
+            await asyncio.sleep(
+                self._retry_pause(
+                    failure, attempt, deadline=deadline, method=method, started=started, child=child
+                )
+            )
+
+    def _retry_pause(
+        self,
+        failure: Failure,
+        attempt: int,
+        *,
+        deadline: float,
+        method: str,
+        started: float,
+        child: RequestContext,
+    ) -> float:
+        """How long to wait before sending a call a draining server handed back; raises the
+        remote error for any other failure."""
+        pause = min(RETRY_PAUSE * attempt, RETRY_PAUSE_MAX, deadline - time.time())
+        if _retryable_drain(failure) and pause > 0:
+            self.counts["keel_rpc_client_requests", "call", method, "retried"] += 1
+            return pause
+        self.counts["keel_rpc_client_requests", "call", method, "error"] += 1
+        self._report(method, "call", "error", started, child.traceparent)
+        raise from_failure(failure, self._allowed, f"{self.target.topic}.{method}")
 
     async def can_send_version(self, version: str) -> bool:
         """Whether a message needing ``version`` may be sent under the version cap now."""
@@ -338,13 +362,16 @@ class RPCClient:
         limit = self.transport.max_message_bytes
         body = encode(request, limit)
         if len(body) > limit // 4:
-            self._warn_once(
-                "huge-payload",
-                method,
-                f"{self.target.topic}.{method} sent {len(body)} bytes (limit {limit}); "
-                "send a reference to the data instead",
-            )
+            self._warn_huge(method, len(body))
         return body
+
+    def _warn_huge(self, method: str, size: int) -> None:
+        self._warn_once(
+            "huge-payload",
+            method,
+            f"{self.target.topic}.{method} sent {size} bytes (limit "
+            f"{self.transport.max_message_bytes}); send a reference to the data instead",
+        )
 
     def _check_reentrant(self, target: Target, method: str) -> None:
         found = _context.current.get()
@@ -416,15 +443,11 @@ def _timeout(
     )
 
 
-def _arm(
-    lk: Link, request_id: str, future: asyncio.Future[Any], deadline: float, monitor: float | None
-) -> asyncio.TimerHandle | _Watchdog:
-    """The timer that ends a call: at its deadline, or after a monitor window of silence."""
-    loop = future.get_loop()
-    ends = loop.time() + (deadline - time.time())
-    if monitor is None:
-        return loop.call_at(ends, _expire, future)
-    watchdog = _Watchdog(loop, future, ends, monitor)
+def _watch(
+    lk: Link, request_id: str, future: asyncio.Future[Any], ends: float, monitor: float
+) -> _Watchdog:
+    """The timer of a call under a monitor window (plain calls use the link's deadlines)."""
+    watchdog = _Watchdog(future.get_loop(), future, ends, monitor)
     lk.on_heartbeat(request_id, watchdog.beat)
     return watchdog
 

@@ -9,6 +9,8 @@ message is never sent to a queue that does not exist yet.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import weakref
 from collections.abc import Callable, Sequence
@@ -46,6 +48,13 @@ class Link:
         self.reply_to: str | None = None
         self._reply_lock = asyncio.Lock()
         self.late_replies = 0
+        # Deadlines of the calls waiting here, earliest first, under one timer instead of a
+        # timer per call (a timer handle cost more than the rest of a call's bookkeeping).
+        # A finished call's entry stays until it surfaces or the heap is compacted.
+        self._deadlines: list[tuple[float, int, asyncio.Future[Reply]]] = []
+        self._order = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
 
     async def declare(
         self, name: str, *, durable: bool, bindings: Sequence[str] = (), exclusive: bool = False
@@ -69,11 +78,42 @@ class Link:
         return self.reply_to
 
     def expect(
-        self, request_id: str, loop: asyncio.AbstractEventLoop | None = None
+        self,
+        request_id: str,
+        loop: asyncio.AbstractEventLoop | None = None,
+        ends: float | None = None,
     ) -> asyncio.Future[Reply]:
-        future: asyncio.Future[Reply] = (loop or asyncio.get_running_loop()).create_future()
+        """A future for the reply to ``request_id``; with ``ends`` (loop time) it fails with
+        `TimeoutError` then if no reply came."""
+        loop = loop or asyncio.get_running_loop()
+        future: asyncio.Future[Reply] = loop.create_future()
         self._pending[request_id] = future
+        if ends is not None:
+            heap = self._deadlines
+            heapq.heappush(heap, (ends, next(self._order), future))
+            if self._timer is None or ends < self._timer_at:
+                self._arm(loop, ends)
+            elif len(heap) > 2 * len(self._pending) + 64:
+                self._deadlines = [entry for entry in heap if not entry[2].done()]
+                heapq.heapify(self._deadlines)
         return future
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = loop.call_at(at, self._expire_due, loop)
+
+    def _expire_due(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        heap = self._deadlines
+        now = max(loop.time(), self._timer_at)  # a timer may fire a clock tick early
+        while heap and (heap[0][0] <= now or heap[0][2].done()):
+            future = heapq.heappop(heap)[2]
+            if not future.done():
+                future.set_exception(TimeoutError())
+        if heap:
+            self._arm(loop, heap[0][0])
 
     def on_heartbeat(self, request_id: str, beat: Callable[[], None]) -> None:
         self._beats[request_id] = beat
