@@ -35,6 +35,15 @@ RATIOS: dict[str, tuple[str, str, str]] = {
     "ratio_redis_vs_redispy": ("keel-redis", "redispy-redis", "conc_calls_per_s"),
     "ratio_notify_rabbit_vs_oslo": ("keel-rabbit", "oslo-rabbit", "notifications_per_s"),
     "ratio_memory_vs_bare": ("keel-memory", "bare-asyncio", "conc_calls_per_s"),
+    # Unchanged oslo.messaging API code: on Keel's driver beside oslo's own rabbit driver.
+    "ratio_oslo_keel_rabbit_vs_oslo": ("oslo-keel-rabbit", "oslo-rabbit", "conc_calls_per_s"),
+    "ratio_oslo_keel_nats_vs_oslo": ("oslo-keel-nats", "oslo-rabbit", "conc_calls_per_s"),
+    "ratio_oslo_keel_redis_vs_oslo": ("oslo-keel-redis", "oslo-rabbit", "conc_calls_per_s"),
+    "ratio_oslo_keel_notify_rabbit_vs_oslo": (
+        "oslo-keel-rabbit",
+        "oslo-rabbit",
+        "notifications_per_s",
+    ),
 }
 
 COLUMNS = [
@@ -117,7 +126,7 @@ def main(argv: list[str]) -> None:
     loop = "uvloop" if args.uvloop else "asyncio"
     table(f"RPC, {args.calls} calls, {args.concurrency}-way concurrent, {loop}", COLUMNS, rows)
     result: dict[str, float | int | str] = {}
-    keel_rows = [n for n in figures if n.startswith("keel-")]
+    keel_rows = [n for n in figures if n.startswith("keel-")]  # native Keel contenders
     if len(keel_rows) == 1 or "keel-memory" in figures:
         main_row = figures["keel-memory"] if "keel-memory" in figures else figures[keel_rows[0]]
         for key in ("seq_calls_per_s", "conc_calls_per_s", "call_p50_ms", "call_p99_ms"):
