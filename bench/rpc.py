@@ -4,9 +4,11 @@
                         [--uvloop]
 
 Per contender: sequential call latency (p50, p99) and calls/s, C-way concurrent calls/s,
-casts/s and notifications/s (Keel). Ratios are Keel over its anchor on the same server in
-this run. Contenders for a transport live in bench/rpc_<transport>.py as
-``CONTENDERS = {name: measure}`` where ``measure(params) -> dict`` is an async function.
+casts/s and notifications/s; for Keel, notifications/s both with a window of 64 in flight
+(``notifications_per_s``) and waiting for the broker on each (``notifications_seq_per_s``).
+Ratios are Keel over its anchor on the same server in this run. Contenders for a transport
+live in bench/rpc_<transport>.py as ``CONTENDERS = {name: measure}`` where
+``measure(params) -> dict`` is an async function.
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ RATIOS: dict[str, tuple[str, str, str]] = {
     "ratio_nats_vs_oslo": ("keel-nats", "oslo-rabbit", "conc_calls_per_s"),
     "ratio_redis_vs_redispy": ("keel-redis", "redispy-redis", "conc_calls_per_s"),
     "ratio_notify_rabbit_vs_oslo": ("keel-rabbit", "oslo-rabbit", "notifications_per_s"),
+    # Keel waiting for the broker on each notify() (window=0), against the same oslo figure.
+    "ratio_notify_seq_rabbit_vs_oslo": (
+        "keel-rabbit",
+        "oslo-rabbit",
+        "notifications_seq_per_s",
+    ),
     "ratio_memory_vs_bare": ("keel-memory", "bare-asyncio", "conc_calls_per_s"),
     # Unchanged oslo.messaging API code: on Keel's driver beside oslo's own rabbit driver.
     "ratio_oslo_keel_rabbit_vs_oslo": ("oslo-keel-rabbit", "oslo-rabbit", "conc_calls_per_s"),
@@ -54,6 +62,7 @@ COLUMNS = [
     "conc_calls_per_s",
     "casts_per_s",
     "notifications_per_s",
+    "notifications_seq_per_s",
 ]
 
 

@@ -1,8 +1,10 @@
-"""The call monitor, remote exceptions rebuilt as raised, and credit, on every transport.
+"""The call monitor, remote exceptions rebuilt as raised, credit, and the notifier's window,
+on every transport.
 
 Points of docs/messaging-contract.md the oslo.messaging driver leans on (its
 ``call_monitor_timeout``, ``allowed_remote_exmods`` and batch listeners) and which native
-Keel services get the same way.
+Keel services get the same way. (Apart from test_messaging.py while that module is being
+reworked; one contract, to be merged into it.)
 """
 
 from __future__ import annotations
@@ -14,7 +16,15 @@ from typing import Any
 import pytest
 
 from keel import errors
-from keel.messaging import RequestContext, RPCClient, RPCServer, Target, Transport
+from keel.messaging import (
+    NotificationListener,
+    Notifier,
+    RequestContext,
+    RPCClient,
+    RPCServer,
+    Target,
+    Transport,
+)
 from tests.conformance.conftest import TransportFactory
 from tests.helpers import eventually
 
@@ -127,3 +137,30 @@ async def test_free_credit_is_used_while_deliveries_are_held(
     for i in range(3 * window):
         await transport.send(queue, b"%d" % i, durable=True)
     await eventually(lambda: len(taken) == 3 * window, timeout=10)
+
+
+async def test_a_notification_window_keeps_order_and_reports_failures(
+    make_transport: TransportFactory, topic: str
+) -> None:
+    seen: list[Any] = []
+
+    class Sink:
+        async def info(self, ctx: Any, publisher: str, event: str, payload: Any, md: Any) -> None:
+            seen.append(payload)
+
+    listener = NotificationListener(
+        await make_transport(), [Target(topic)], [Sink()], max_concurrency=1
+    )
+    await listener.start()
+    sending = await make_transport()
+    notifier = Notifier(sending, "pub", topics=[topic], window=8)
+    for i in range(40):
+        await notifier.info(None, "tick", i)
+    await notifier.flush()
+    await eventually(lambda: seen == list(range(40)), timeout=10)
+    await sending.close()
+    await notifier.info(None, "tick", 99)  # on its way: the failure comes at flush()
+    with pytest.raises(errors.TransportError):
+        await notifier.flush()
+    await notifier.flush()  # reported once
+    await listener.stop()

@@ -306,8 +306,9 @@ class OsloNotifier(Notifier):
         topics: Sequence[str] = ("notifications",),
         service: str | None = None,
         durable: bool = False,
+        window: int = 0,
     ) -> None:
-        super().__init__(transport, publisher_id, topics=topics, service=service)
+        super().__init__(transport, publisher_id, topics=topics, service=service, window=window)
         self.durable = durable
 
     def prepare(self, *, publisher_id: str) -> OsloNotifier:
@@ -317,6 +318,7 @@ class OsloNotifier(Notifier):
             topics=self.topics,
             service=self.service,
             durable=self.durable,
+            window=self.window,
         )
 
     async def notify(
@@ -351,7 +353,8 @@ class OsloNotifier(Notifier):
 
     async def publish(self, subject: str, body: bytes) -> None:
         """Publish an encoded oslo notification to ``<topic>.<priority>``, declaring its
-        default queue first as oslo does; returns once the broker holds it."""
+        default queue first as oslo does; returns once the broker holds it (or, with a
+        ``window``, once it is on its way: see `Notifier`)."""
         await self._link.declare(subject, durable=self.durable, bindings=[subject])
         publish = getattr(self.transport, "publish_json", self.transport.publish)
-        await publish(subject, body, durable=True)
+        await self._send(lambda: publish(subject, body, durable=True))
