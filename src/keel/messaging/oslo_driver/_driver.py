@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from oslo_messaging import exceptions as oslo_exceptions
@@ -49,7 +50,7 @@ from keel.messaging.oslo_driver._legacy import Legacy
 from keel.messaging.oslo_driver._notify import NotificationPoller
 from keel.messaging.oslo_driver._rpc import RpcListener, primitive
 from keel.messaging.transports.base import Transport
-from keel.wire import new_id
+from keel.wire import RequestContext, new_id
 
 T = TypeVar("T")
 
@@ -57,6 +58,17 @@ DEFAULT_TIMEOUT = 60.0  # oslo's rpc_response_timeout default, for a caller that
 RETRY_PAUSE = 0.2
 RETRY_PAUSE_MAX = 2.0
 PRESENCE_WAIT = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Outgoing:
+    """An oslo request as Keel sends it."""
+
+    context: RequestContext
+    method: str
+    args: dict[str, Any]
+    namespace: str | None
+    version: str
 
 
 class KeelDriver(base.BaseDriver):  # type: ignore[misc]  # oslo is untyped
@@ -162,10 +174,19 @@ class KeelDriver(base.BaseDriver):  # type: ignore[misc]  # oslo is untyped
                 retry,
                 transport_options,
             )
+        # Converted here, in the caller's thread: the event loop only sends.
+        plain = ctxt if isinstance(ctxt, dict) else ctxt.to_dict()  # as oslo's pack_context
+        outgoing = _Outgoing(
+            context_from_oslo(plain, verbatim=True),
+            message["method"],
+            primitive(message.get("args") or {}),
+            message.get("namespace"),
+            _names.parse_version(message.get("version")),
+        )
         return self.run(
             self._send(
                 target,
-                ctxt,
+                outgoing,
                 message,
                 wait_for_reply=bool(wait_for_reply),
                 timeout=timeout,
@@ -178,7 +199,7 @@ class KeelDriver(base.BaseDriver):  # type: ignore[misc]  # oslo is untyped
     async def _send(
         self,
         target: Any,
-        ctxt: Any,
+        outgoing: _Outgoing,
         message: dict[str, Any],
         *,
         wait_for_reply: bool,
@@ -187,11 +208,7 @@ class KeelDriver(base.BaseDriver):  # type: ignore[misc]  # oslo is untyped
         retry: int | None,
         mandatory: bool,
     ) -> Any:
-        plain = ctxt if isinstance(ctxt, dict) else ctxt.to_dict()  # as oslo's pack_context
-        context = context_from_oslo(plain, verbatim=True)
-        method = message["method"]
-        args = primitive(message.get("args") or {})
-        version = _names.parse_version(message.get("version"))
+        context, method, args = outgoing.context, outgoing.method, outgoing.args
         budget = timeout if timeout is not None else DEFAULT_TIMEOUT
         ends = time.monotonic() + budget
         key = new_id()  # a cast's idempotency key, the same for every attempt
@@ -201,7 +218,7 @@ class KeelDriver(base.BaseDriver):  # type: ignore[misc]  # oslo is untyped
             if mandatory:
                 await self._check_routable(client, target, message)
             prepared = client.prepare(
-                namespace=message.get("namespace"), version=version, monitor_timeout=monitor
+                namespace=outgoing.namespace, version=outgoing.version, monitor_timeout=monitor
             )
             if target.fanout:
                 return await prepared.fanout(context, method, **args)
@@ -253,16 +270,15 @@ class KeelDriver(base.BaseDriver):  # type: ignore[misc]  # oslo is untyped
     def send_notification(
         self, target: Any, ctxt: Any, message: dict[str, Any], version: float, retry: Any = None
     ) -> None:
-        self.run(self._send_notification(target, ctxt, message, version, retry))
-
-    async def _send_notification(
-        self, target: Any, ctxt: Any, message: dict[str, Any], version: float, retry: Any
-    ) -> None:
-        # Exactly what oslo's rabbit driver writes, so oslo's own listeners read it too.
+        # Exactly what oslo's rabbit driver writes, so oslo's own listeners read it too;
+        # encoded here, in the caller's thread.
         msg = dict(message)
         oslo_amqp._add_unique_id(msg)
         oslo_amqp.pack_context(msg, ctxt)
         body = jsonutils.dump_as_bytes(oslo_common.serialize_msg(msg) if version == 2.0 else msg)
+        self.run(self._send_notification(target, body, retry))
+
+    async def _send_notification(self, target: Any, body: bytes, retry: Any) -> None:
         exchange = target.exchange or self.exchange
         notifier = self._notifiers.get(exchange)
         if notifier is None:
