@@ -25,6 +25,9 @@ from keel.messaging import (
     Target,
     Transport,
 )
+from keel.messaging._server import MIN_HEARTBEAT_INTERVAL
+from keel.messaging._target import rpc_queue
+from keel.wire import CALL, ENVELOPE_VERSION, Reply, Request, decode_reply, encode
 from tests.conformance.conftest import TransportFactory
 from tests.helpers import eventually
 
@@ -164,3 +167,29 @@ async def test_a_notification_window_keeps_order_and_reports_failures(
         await notifier.flush()
     await notifier.flush()  # reported once
     await listener.stop()
+
+
+@pytest.mark.parametrize("window", [float("nan"), -1.0, 0.0, float("inf"), 1e-9])
+async def test_a_hostile_monitor_window_neither_breaks_nor_floods_the_server(
+    make_transport: TransportFactory, topic: str, window: float
+) -> None:
+    server = RPCServer(await make_transport(), Target(topic), [Slow()])
+    await server.start()
+    transport = await make_transport()
+    replies: list[Reply] = []
+    reply_queue = f"keel.reply.{topic}"
+    await transport.declare_queue(reply_queue, durable=False, exclusive=True)
+    await transport.consume(
+        reply_queue, lambda d: replies.append(decode_reply(d.body)), prefetch=0, auto_ack=True
+    )
+    ctx = RequestContext(deadline=time.time() + 10)
+    request = Request(
+        ENVELOPE_VERSION, CALL, "r-1", "sleep", ctx, {"seconds": 0.6}, None, "1.0",
+        reply_queue, None, 1, window,
+    )  # fmt: skip
+    await transport.send(rpc_queue(topic), encode(request, 1 << 20), durable=False)
+    await eventually(lambda: any(not r.heartbeat for r in replies), timeout=10)
+    beats = [r for r in replies if r.heartbeat]
+    assert len(beats) <= 0.6 / MIN_HEARTBEAT_INTERVAL + 2
+    assert [r.result for r in replies if not r.heartbeat] == [0.6]
+    await server.stop()

@@ -423,19 +423,20 @@ def _timeout(
 ) -> CallTimeout:
     where = f"server {target.server!r}" if target.server else "any server"
     if silent and window is not None:
-        return CallTimeout(
+        waited = window
+        text = (
             f"no reply to {target.topic}.{method} from {where} and no heartbeat for "
             f"{window:.3g}s (the call monitor window; request {ctx.request_id}): the server "
-            "is gone, stuck, or never took the request",
-            topic=target.topic,
-            server=target.server,
-            method=method,
-            timeout=window,
+            "is gone, stuck, or never took the request"
+        )
+    else:
+        text = (
+            f"no reply to {target.topic}.{method} from {where} within {waited:.3g}s (request "
+            f"{ctx.request_id}); check that a server of topic {target.topic!r} is running and "
+            "not overloaded"
         )
     return CallTimeout(
-        f"no reply to {target.topic}.{method} from {where} within {waited:.3g}s (request "
-        f"{ctx.request_id}); check that a server of topic {target.topic!r} is running and "
-        "not overloaded",
+        text,
         topic=target.topic,
         server=target.server,
         method=method,

@@ -66,6 +66,7 @@ log = logging.getLogger("keel.messaging.server")
 KIND_NAMES = {CALL: "call", CAST: "cast", FANOUT: "fanout"}
 DECLINE_PAUSE = 0.2  # seconds a draining server holds a cast for its successor before returning it
 SWEEP_INTERVAL = 0.1  # how late past its deadline a call's handler may be cancelled
+MIN_HEARTBEAT_INTERVAL = 0.05  # however small a caller's monitor window, no faster than this
 
 
 class _DeadlinePassed(Exception):
@@ -479,9 +480,10 @@ class RPCServer:
 
     async def _beat(self, request: Request) -> None:
         """Tell a monitoring caller the method still runs, twice per window."""
-        if request.reply_to is None or request.monitor is None:
-            return
-        interval = max(request.monitor / 2, 0.01)
+        window = request.monitor
+        if request.reply_to is None or window is None or not 0 < window < float("inf"):
+            return  # a window from the wire is honoured only when it makes sense
+        interval = max(window / 2, MIN_HEARTBEAT_INTERVAL)
         body = encode(
             Reply(ENVELOPE_VERSION, request.id, None, None, self.name, True),
             self.transport.max_message_bytes,
