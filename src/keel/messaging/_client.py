@@ -209,7 +209,7 @@ class RPCClient:
             finally:
                 if watchdog is not None:
                     watchdog.cancel()
-                lk.forget(request_id)
+                lk.forget(request_id, future)
             failure = reply.failure
             if failure is None:
                 self.counts["keel_rpc_client_requests", "call", method, "ok"] += 1

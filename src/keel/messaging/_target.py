@@ -12,8 +12,8 @@ from keel.errors import ConfigError
 # them is special in an AMQP queue name or routing key, a NATS subject or a Redis key
 # (unlike '*', '#', '>', '%' and whitespace, which stay refused).
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@:+-]{0,199}")
-# ASCII digits only (\d takes any Unicode digit) and bounded: a version is compared, never
-# trusted to be small.
+# ASCII digits only (``\d`` takes any Unicode digit) and few of them (int() of thousands of
+# digits is slow, and past 4300 a ValueError): a version is data from the wire too.
 _VERSION = re.compile(r"([0-9]{1,9})\.([0-9]{1,9})")
 
 
