@@ -2,10 +2,12 @@
 
 Every RPC client on one transport shares one exclusive reply queue (not one per call); a
 reply is matched to its waiting call by request id. A reply for a call that already gave up
-is counted and logged, never an error. A body on the reply queue that is not a reply this
-side reads is counted and logged (keel.messaging._poison), and if its first bytes name a
-waiting call, that call fails at once with `MalformedMessage` instead of waiting for its
-deadline; the reply consumer goes on. Queues are declared once before their first use so a
+is counted and logged (at most `_poison.LOG_RATE` lines a second), never an error. A body on
+the reply queue that is not a reply this side reads is counted and logged
+(keel.messaging._poison), and if its first bytes name a waiting call, that call fails at once
+with `MalformedMessage` instead of waiting for its deadline; the reply consumer goes on. A
+large body (over `_heavy.HEAVY_BYTES`) whose first bytes name no waiting call is not decoded
+at all. Queues are declared once before their first use so a
 message is never sent to a queue that does not exist yet.
 """
 
@@ -22,7 +24,7 @@ from typing import Any
 from keel import urls
 from keel._log import event
 from keel.errors import ConfigError, MalformedMessage
-from keel.messaging import _poison, _tap
+from keel.messaging import _heavy, _poison, _tap
 from keel.messaging._failures import to_failure
 from keel.messaging.transports.base import Delivery, Transport
 from keel.wire import ENVELOPE_VERSION, Reply, decode_reply, new_id, reply_id
@@ -59,6 +61,7 @@ class Link:
         self._order = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        self._late_log = _poison.LogBudget()
 
     async def declare(
         self, name: str, *, durable: bool, bindings: Sequence[str] = (), exclusive: bool = False
@@ -137,13 +140,30 @@ class Link:
 
     def _on_reply(self, delivery: Delivery) -> None:
         queue = self.reply_to or "reply"
+        body = delivery.body
+        if len(body) > _heavy.HEAVY_BYTES:
+            # A large body is read only if its head names a waiting call: a flood of large
+            # junk (or of late replies) on the reply queue costs this side nothing to drop.
+            request_id = reply_id(body)
+            if request_id is None:
+                exc = MalformedMessage(
+                    f"not a Keel reply: {len(body)} bytes without a request id at the head; "
+                    "not read",
+                    problem="shape",
+                    size=len(body),
+                )
+                _poison.note(log, "reply", queue, exc, len(body))
+                return
+            if request_id not in self._pending:
+                self._late(request_id, None)
+                return
         try:
-            reply = decode_reply(delivery.body, self.transport.max_message_bytes)
+            reply = decode_reply(body, self.transport.max_message_bytes)
         except MalformedMessage as exc:
-            self._unreadable(delivery.body, queue, exc)
+            self._unreadable(body, queue, exc)
             return
         except Exception as exc:  # the decoder is total; this is a bug, handled the same
-            self._unreadable(delivery.body, queue, _poison.crashed("reply", exc))
+            self._unreadable(body, queue, _poison.crashed("reply", exc))
             return
         if reply.heartbeat:
             beat = self._beats.get(reply.id)
@@ -152,10 +172,22 @@ class Link:
             return
         future = self._pending.pop(reply.id, None)
         if future is None or future.done():
-            self.late_replies += 1
-            event(log, logging.INFO, "reply.late", request_id=reply.id, server=reply.server)
+            self._late(reply.id, reply.server)
         else:
             future.set_result(reply)
+
+    def _late(self, request_id: str, server: str | None) -> None:
+        self.late_replies += 1
+        if self._late_log.take():  # a flood of made-up replies must not flood the log
+            unlogged, self._late_log.unlogged = self._late_log.unlogged, 0
+            event(
+                log,
+                logging.INFO,
+                "reply.late",
+                request_id=request_id[:64],
+                server=server[:64] if server else None,
+                unlogged=unlogged or None,
+            )
 
     def _unreadable(self, body: bytes, queue: str, exc: MalformedMessage) -> None:
         request_id = reply_id(body)

@@ -31,7 +31,7 @@ from typing import Any
 from keel import urls
 from keel._log import event
 from keel.errors import ConfigError, MalformedMessage, TransportError
-from keel.messaging import _metrics, _poison, _tap
+from keel.messaging import _heavy, _metrics, _poison, _tap
 from keel.messaging._link import link
 from keel.messaging._slots import Slots
 from keel.messaging._target import Target, notify_queue, notify_subject
@@ -358,8 +358,16 @@ class NotificationListener:
             )
 
     async def _process(self, delivery: Delivery, queue: str) -> None:
+        body = delivery.body
+        heavy = len(body) > _heavy.HEAVY_BYTES
+        if heavy:
+            await _heavy.acquire()
         try:
-            note = self._decode(delivery.body)
+            try:
+                note = self._decode(body)
+            finally:
+                if heavy:
+                    _heavy.release()
         except MalformedMessage as exc:
             self.counts["keel_notifications", "?", "malformed"] += 1
             await _poison.settle(log, "notification", queue, delivery, exc)

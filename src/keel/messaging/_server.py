@@ -8,7 +8,9 @@ Delivery (docs/messaging-contract.md states it for users):
 * cast: acknowledged after the method returns (at-least-once); a key already seen by the
   dedup store is skipped; a method that raises or cannot be found dead-letters the message
   with the reason, never drops it.
-* fanout: at-most-once to the servers live when it was sent.
+* fanout: at-most-once to the servers live when it was sent. A server holds at most
+  ``max_concurrency`` fanouts waiting or running; more arriving meanwhile (a flood: the
+  fanout queue has no credit window) are dropped and counted (outcome ``dropped``).
 * A request past its deadline is never started (it is counted and logged).
 * A body that is not a request this server reads (garbage, over ``max_message_bytes``, too
   deep, out of range, a newer envelope) is dead-lettered with the reason without running
@@ -44,7 +46,7 @@ from keel.errors import (
     ServerDraining,
     TransportError,
 )
-from keel.messaging import _context, _metrics, _poison, _tap
+from keel.messaging import _context, _heavy, _metrics, _poison, _tap
 from keel.messaging._dedup import DedupStore, MemoryDedup
 from keel.messaging._endpoints import Dispatcher, Method
 from keel.messaging._failures import to_failure
@@ -150,6 +152,8 @@ class RPCServer:
         # continuations in. Trace ids are compared only then, not computed per request.
         self._running_ctx: dict[int, RequestContext] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._fanouts = 0  # fanout deliveries taken and not finished
+        self._dropped = _poison.LogBudget()
         self._fanout_queue = f"{fanout_subject(target.topic)}.{self.name}.{new_id()[:8]}"
         self._warned: set[tuple[str, str]] = set()
         self._deadlines: dict[asyncio.Task[Any], float] = {}
@@ -351,20 +355,46 @@ class RPCServer:
         self._spawn(self._handle(delivery, rpc_queue(self.target.topic)))
 
     def _on_fanout(self, delivery: Delivery) -> None:
+        # Auto-acknowledged, so no credit window holds a flood back: at most max_concurrency
+        # fanouts wait or run here; the rest are dropped (at most once) and counted.
+        if self._fanouts >= self.max_concurrency:
+            self._count("fanout", "?", "dropped")
+            if self._dropped.take():
+                event(
+                    log,
+                    logging.WARNING,
+                    "fanout.dropped",
+                    server=self.name,
+                    backlog=self._fanouts,
+                    unlogged=self._dropped.unlogged or None,
+                )
+                self._dropped.unlogged = 0
+            return
+        self._fanouts += 1
         # Its queue's name is per process; its subject is what an operator knows.
-        self._spawn(self._handle(delivery, fanout_subject(self.target.topic)))
+        self._spawn(self._handle(delivery, fanout_subject(self.target.topic))).add_done_callback(
+            self._fanout_done
+        )
+
+    def _fanout_done(self, task: asyncio.Task[None]) -> None:
+        self._fanouts -= 1
 
     def _on_own(self, delivery: Delivery) -> None:
         self._spawn(self._handle(delivery, rpc_queue(self.target.topic, self.name), own=True))
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)  # the sweeper drops it once done, and logs what it ended with
+        return task
 
     async def _handle(self, delivery: Delivery, queue: str, *, own: bool = False) -> None:
         """Decode, wait for a slot (or hand back on drain), run; settle whatever happens."""
+        body = delivery.body
         try:
-            request = decode_request(delivery.body, self.transport.max_message_bytes)
+            if len(body) > _heavy.HEAVY_BYTES:
+                request = await self._decode_heavy(delivery)
+            else:
+                request = decode_request(body, self.transport.max_message_bytes)
         except MalformedMessage as exc:
             await self._malformed(delivery, queue, exc)
             return
@@ -392,6 +422,18 @@ class RPCServer:
             event(log, logging.WARNING, "request.settle_failed", queue=queue, error=exc)
         except Exception as exc:  # a bug in Keel or in what it calls (a dedup store, a tap)
             await self._malformed(delivery, queue, _poison.crashed("request", exc))
+
+    async def _decode_heavy(self, delivery: Delivery) -> Request:
+        try:
+            await _heavy.acquire()
+        except asyncio.CancelledError:  # stopped while it waited for its turn: not started
+            if not delivery.settled:
+                await delivery.requeue()
+            raise
+        try:
+            return decode_request(delivery.body, self.transport.max_message_bytes)
+        finally:
+            _heavy.release()
 
     async def _malformed(self, delivery: Delivery, queue: str, exc: MalformedMessage) -> None:
         self._count("?", "?", "malformed")

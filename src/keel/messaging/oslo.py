@@ -120,28 +120,31 @@ def _needs_walk(data: bytes | str) -> bool:
 
 def _json(data: bytes | str, what: str) -> Any:
     """JSON to Python values within Keel's bounds, or `MalformedMessage` saying which."""
-    try:
-        value = _json_decoder.decode(data)
-    except RecursionError:
-        problem, reason = "depth", "nested deeper than this reader's recursion limit"
-    except msgspec.DecodeError as exc:  # out-of-range numbers are ValidationErrors
-        problem = "range" if "out of range" in str(exc) else "syntax"
-        reason = f"not JSON ({exc})"
-    except (ValueError, OverflowError, MemoryError, TypeError) as exc:
-        problem, reason = "syntax", f"not JSON ({type(exc).__name__}: {exc})"
-    else:
-        if _needs_walk(data):
-            found = wire.nesting_problem(value, wire.MAX_DEPTH + 1, ints=True)
-            if found == "depth":
-                raise MalformedMessage(
-                    f"{what}: a value nests more than {wire.MAX_DEPTH} containers deep",
-                    problem="depth",
-                )
-            if found == "range":
-                raise MalformedMessage(
-                    f"{what}: an integer is outside the 64 bits Keel carries", problem="range"
-                )
-        return value
+    many = (
+        wire.openers(data, wire.NOT_JSON_OPENERS)
+        if isinstance(data, bytes)
+        else data.count("[") + data.count("{")
+    ) > wire.COLLECTOR_PAUSE_OPENERS
+    with wire.collector_paused(many):
+        try:
+            value = _json_decoder.decode(data)
+        except RecursionError:
+            problem, reason = "depth", "nested deeper than this reader's recursion limit"
+        except msgspec.DecodeError as exc:  # out-of-range numbers are ValidationErrors
+            problem = "range" if "out of range" in str(exc) else "syntax"
+            reason = f"not JSON ({exc})"
+        except (ValueError, OverflowError, MemoryError, TypeError) as exc:
+            problem, reason = "syntax", f"not JSON ({type(exc).__name__}: {exc})"
+        else:
+            found = (
+                wire.bounds_problem([(value, wire.MAX_DEPTH + 1)], ints=True)
+                if _needs_walk(data)
+                else None
+            )
+            if found is None:
+                return value
+            del value  # freed here, with the collector still paused
+            raise wire.bounds_error(what, found, len(data))
     raise MalformedMessage(f"{what}: {reason}"[:400], problem=problem)
 
 
