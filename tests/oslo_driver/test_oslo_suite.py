@@ -33,6 +33,10 @@ SKIPPED_BY_THE_SUITE = {
     "CallTestCase.test_mandatory_call",
     "CallTestCase.test_monitor_long_call",
 }
+# Tests of the suite that race the clock (test_simple_batch: 100 notifications inside one
+# 2-second batch window): on a loaded machine one may miss its window, so one that failed
+# alone is run again by itself, up to twice, and must then pass.
+CLOCK_RACES = {"NotifyTestCase.test_simple_batch"}
 TRANSPORTS = {
     "memory": lambda: "keel+memory://",
     "rabbit": lambda: "keel+" + server_url("rabbitmq"),
@@ -49,7 +53,7 @@ def _suite() -> str:
     return str(Path(spec.origin).parent / "tests" / "functional" / "test_functional.py")
 
 
-def _launch(url: str, report: Path) -> subprocess.Popen[str]:
+def _launch(url: str, report: Path, only: str | None = None) -> subprocess.Popen[str]:
     env = {
         **os.environ,
         "RPC_TRANSPORT_URL": url,
@@ -61,6 +65,8 @@ def _launch(url: str, report: Path) -> subprocess.Popen[str]:
         sys.executable, "-m", "pytest", _suite(), "-c", os.devnull, "-p", "no:cacheprovider",
         "-q", "--timeout", "120", "-W", "ignore::DeprecationWarning", f"--junitxml={report}",
     ]  # fmt: skip
+    if only is not None:
+        command += ["-k", only.rpartition(".")[2]]
     return subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -91,5 +97,14 @@ def test_oslo_functional_suite(transport: str, tmp_path: Path) -> None:
     process = _launch(TRANSPORTS[transport](), report)
     output, _ = process.communicate(timeout=600)
     outcomes = _outcomes(report) if report.exists() else {}
+    for name in sorted(CLOCK_RACES):
+        for _ in range(2):
+            if outcomes.get(name) in (None, "passed"):
+                break
+            again = tmp_path / "again.xml"
+            process = _launch(TRANSPORTS[transport](), again, only=name)
+            retry, _ = process.communicate(timeout=300)
+            outcomes[name] = _outcomes(again).get(name, "error") if again.exists() else "error"
+            output += retry
     _check(outcomes, output)
     assert len(outcomes) == 21, sorted(outcomes)
