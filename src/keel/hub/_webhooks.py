@@ -90,6 +90,8 @@ def check_url(url: str) -> tuple[str, int]:
 
 # host, port -> the addresses it resolves to (tests inject their own to play DNS rebinding).
 Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
+# A face's request body (and extra headers) for a message; see `Webhook.render`.
+Renderer = Callable[[Subscription, Message], tuple[bytes, dict[str, str]]]
 
 
 async def system_resolver(host: str, port: int) -> list[str]:
@@ -222,6 +224,8 @@ class Dispatcher:
         self._wakes: dict[str, asyncio.Event] = {}
         self._client: httpx.AsyncClient | None = None
         self.attempts = 0
+        # Bodies other than the stored event, by `Webhook.render` name (faces register them).
+        self.renderers: dict[str, Renderer] = {}
 
     def add(self, sub: Subscription) -> None:
         if sub.webhook is None or sub.id in self._tasks:
@@ -304,10 +308,17 @@ class Dispatcher:
         assert sub.webhook is not None
         assert self._client is not None
         self.attempts += 1
-        body = bytes(message.event)
+        body, extra = bytes(message.event), dict[str, str]()
+        if sub.webhook.render is not None:
+            render = self.renderers.get(sub.webhook.render)
+            if render is None:  # that face is not served here: never send another shape
+                log_event(log, logging.WARNING, "webhook.no_renderer", sub=sub.id)
+                return False
+            body, extra = render(sub, message)
         msg_id = f"msg_{sub.id}_{message.seq}"
         ts = int(time.time())
         headers = {
+            **extra,
             "content-type": "application/json",
             "webhook-id": msg_id,
             "webhook-timestamp": str(ts),
