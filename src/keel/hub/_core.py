@@ -52,6 +52,7 @@ from keel.hub._webhooks import (
     system_resolver,
 )
 from keel.hub.stores.base import (
+    Appended,
     Claim,
     Gap,
     Message,
@@ -169,7 +170,10 @@ class Hub:
         self._routes: dict[str, _Route] = {}
         self._by_tenant: dict[str | None, list[_Route]] | None = None  # rebuilt on change
         self._tees: dict[str, list[_Route]] = {}  # parent id -> children, rebuilt with it
-        self._pending: asyncio.Queue[tuple[Routed, asyncio.Future[None]]] = asyncio.Queue()
+        # Each waiter learns the messages its event became (see `commit`).
+        self._pending: asyncio.Queue[tuple[Routed, asyncio.Future[list[Appended]]]] = (
+            asyncio.Queue()
+        )
         self.commits_in_flight = store.append_concurrency
         self._tasks: list[asyncio.Task[None]] = []
         self._reloads: set[asyncio.Task[None]] = set()
@@ -275,26 +279,27 @@ class Hub:
 
     async def ingest(self, event: CloudEvent) -> None:
         """Return once ``event`` is committed to every matching queue."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[list[Appended]] = asyncio.get_running_loop().create_future()
         # Routed and encoded here, by the caller, so that the batcher has only the store to
         # wait for and this work overlaps the commit in flight.
         self._pending.put_nowait((Routed(event.id, encode_event(event), self.route(event)), fut))
         await fut
 
-    async def commit(self, items: Sequence[Routed]) -> None:
-        """Return once every item is committed to the queues it names and to their tees (in
-        the same group commit as ingest; each item is atomic, the list is not)."""
+    async def commit(self, items: Sequence[Routed]) -> list[list[Appended]]:
+        """Return, once every item is committed to the queues it names and to their tees (in
+        the same group commit as ingest; each item is atomic, the list is not), the messages
+        each item became (none for an event id seen before)."""
         loop = asyncio.get_running_loop()
-        futs: list[asyncio.Future[None]] = []
+        futs: list[asyncio.Future[list[Appended]]] = []
         for item in items:
-            fut: asyncio.Future[None] = loop.create_future()
+            fut: asyncio.Future[list[Appended]] = loop.create_future()
             tees = self._with_tees(item.subscriptions)
             routed = item
             if len(tees) != len(item.subscriptions):
                 routed = Routed(item.event_id, item.body, tees, ttl=item.ttl, delay=item.delay)
             self._pending.put_nowait((routed, fut))
             futs.append(fut)
-        await asyncio.gather(*futs)
+        return list(await asyncio.gather(*futs))
 
     def _index(self) -> dict[str | None, list[_Route]]:
         if self._by_tenant is None:
@@ -353,7 +358,7 @@ class Hub:
             if commits:
                 await asyncio.wait(commits)
 
-    async def _commit(self, batch: list[tuple[Routed, asyncio.Future[None]]]) -> None:
+    async def _commit(self, batch: list[tuple[Routed, asyncio.Future[list[Appended]]]]) -> None:
         try:
             appended = await self.store.append([r for r, _ in batch], now=self.clock())
         except asyncio.CancelledError:
@@ -368,9 +373,12 @@ class Hub:
                     fut.set_exception(exc)
             return
         self.ingested += len(batch)
-        for _, fut in batch:
+        made: dict[str, list[Appended]] = {}
+        for a in appended:
+            made.setdefault(a.event_id, []).append(a)
+        for routed, fut in batch:
             if not fut.done():
-                fut.set_result(None)
+                fut.set_result(made.pop(routed.event_id, []))
         self.fanout.publish(appended)
         for sub_id in {a.subscription for a in appended}:
             self.webhooks.wake(sub_id)

@@ -138,11 +138,13 @@ class Routed(msgspec.Struct, frozen=True):
 
 
 class Appended(msgspec.Struct, frozen=True):
-    """A message `append` created (for waking streams): queue, seq, event body."""
+    """A message `append` created (for waking streams): queue, seq, event body, and the id of
+    the event it holds (so a caller learns the seqs its own events got)."""
 
     subscription: str
     seq: int
     body: bytes
+    event_id: str = ""
 
 
 def quota_exceeded(project: str, quota: int) -> QuotaExceeded:

@@ -455,7 +455,7 @@ class PostgresStore:
                     cols[2].append(item.body)
                     cols[3].append(visible)
                     cols[4].append(expires)
-                    out.append(Appended(sub_id, next_seq[sub_id], item.body))
+                    out.append(Appended(sub_id, next_seq[sub_id], item.body, item.event_id))
             await conn.execute(
                 self._q(
                     "INSERT INTO {s}.messages (sub_id, seq, event, state, enqueued_at, "

@@ -446,7 +446,7 @@ class SQLiteStore:
                 if sub_id in seqs:
                     seq = seqs[sub_id] = seqs[sub_id] + 1
                     rows.append((sub_id, seq, item.body, READY, now, visible, expires))
-                    out.append(Appended(sub_id, seq, item.body))
+                    out.append(Appended(sub_id, seq, item.body, item.event_id))
         if not out:
             return []
         db.executemany(
