@@ -346,5 +346,10 @@ class Messages:
         return EventStreamResponse(
             cursor,
             catch_up=resume is not None,
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            # A signed URL is a capability, not a cookie: any page may hold one.
+            headers={
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+                "Access-Control-Allow-Origin": "*",
+            },
         )
