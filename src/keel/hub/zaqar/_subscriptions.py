@@ -37,7 +37,8 @@ from keel.hub.zaqar._queues import json, no_content
 from keel.hub.zaqar._request import Caller, body, caller, int_param, json_object, queue_name
 
 RENDER = "zaqar"
-MAX_TTL = 2**31
+# Zaqar takes any TTL whose expiry a datetime can hold (Heat asks for 220367260800 s).
+MAX_TTL = 250_000_000_000
 _KEYS = {"subscriber", "ttl", "options"}
 _HEADER = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}")
 _FORBIDDEN_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "content-type"}
