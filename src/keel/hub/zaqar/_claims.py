@@ -12,27 +12,19 @@ from starlette.responses import Response
 
 from keel.errors import ClaimExpired, Conflict, NotFound
 from keel.hub.zaqar import _model
-from keel.hub.zaqar._errors import CONFLICT, ZaqarError, bad_request, not_found
-from keel.hub.zaqar._face import Face
+from keel.hub.zaqar._errors import CONFLICT, ZaqarError, not_found
+from keel.hub.zaqar._face import Resource
 from keel.hub.zaqar._queues import json, no_content
 from keel.hub.zaqar._request import (
-    Caller,
     body,
-    caller,
     checked_int,
-    int_param,
     json_object,
+    limit_param,
     queue_name,
 )
 
 
-class Claims:
-    def __init__(self, face: Face) -> None:
-        self.face = face
-
-    async def who(self, request: Request) -> Caller:
-        return await caller(request, self.face.hub, self.face.config)
-
+class Claims(Resource):
     def _times(self, doc: dict[str, object]) -> tuple[int, int]:
         c = self.face.config
         ttl = checked_int(doc, "ttl", c.default_claim_ttl, 60, c.max_claim_ttl)
@@ -43,13 +35,7 @@ class Claims:
         who = await self.who(request)
         name = queue_name(request)
         config = self.face.config
-        limit = int_param(request, "limit", 10)
-        assert limit is not None
-        if not 0 < limit <= config.max_messages_per_claim_or_pop:
-            raise bad_request(
-                "Limit must be at least 1 and may not be greater than "
-                f"{config.max_messages_per_claim_or_pop}."
-            )
+        limit = limit_param(request, config.max_messages_per_claim_or_pop)
         ttl, grace = self._times(json_object(await body(request, config.max_queue_metadata)))
         sub = await self.face.queue(who, name)
         if sub is None:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from starlette.requests import Request
+
 from keel.errors import BadRequest, Conflict
 from keel.hub._core import Hub, filter_fields, parse_spec
 from keel.hub.stores.base import Subscription
 from keel.hub.zaqar import _model
 from keel.hub.zaqar._config import ZaqarConfig
 from keel.hub.zaqar._errors import BAD_BODY, bad_request
-from keel.hub.zaqar._request import Caller
+from keel.hub.zaqar._request import Caller, caller
 
 _FILTER_KEYS = {"types", "source", "subject", "priority", "filters"}
 _PAGE = 200
@@ -73,6 +75,16 @@ class Face:
             if len(mine) < len(page) or len(page) < _PAGE:
                 return out
             marker = page[-1].id
+
+
+class Resource:
+    """A group of routes over the face."""
+
+    def __init__(self, face: Face) -> None:
+        self.face = face
+
+    async def who(self, request: Request) -> Caller:
+        return await caller(request, self.face.hub, self.face.config)
 
 
 def spec_for(metadata: dict[str, Any]) -> dict[str, Any]:

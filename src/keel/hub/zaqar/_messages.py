@@ -23,7 +23,7 @@ from keel.hub._sse import EventStreamResponse, StreamCursor
 from keel.hub.stores.base import Message, Routed, Subscription
 from keel.hub.zaqar import _model
 from keel.hub.zaqar._errors import BAD_BODY, ZaqarError, bad_request, not_found
-from keel.hub.zaqar._face import Face
+from keel.hub.zaqar._face import Resource
 from keel.hub.zaqar._queues import json, no_content
 from keel.hub.zaqar._request import (
     Caller,
@@ -32,6 +32,7 @@ from keel.hub.zaqar._request import (
     caller,
     decode,
     int_param,
+    limit_param,
     list_param,
     queue_name,
 )
@@ -50,13 +51,7 @@ class _Post(msgspec.Struct):
     messages: list[_In] | None = None
 
 
-class Messages:
-    def __init__(self, face: Face) -> None:
-        self.face = face
-
-    async def who(self, request: Request) -> Caller:
-        return await caller(request, self.face.hub, self.face.config)
-
+class Messages(Resource):
     # --- collection -------------------------------------------------------------------------
 
     async def collection(self, request: Request) -> Response:
@@ -96,13 +91,7 @@ class Messages:
         self, request: Request, who: Caller, sub: Subscription | None, base: str, now: float
     ) -> dict[str, Any]:
         config = self.face.config
-        limit = int_param(request, "limit", 10)
-        assert limit is not None
-        if not 0 < limit <= config.max_messages_per_page:
-            raise bad_request(
-                "Limit must be at least 1 and may not be greater than "
-                f"{config.max_messages_per_page}."
-            )
+        limit = limit_param(request, config.max_messages_per_page)
         echo = bool_param(request, "echo")
         claimed = bool_param(request, "include_claimed")
         delayed = bool_param(request, "include_delayed")

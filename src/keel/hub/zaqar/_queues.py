@@ -16,15 +16,14 @@ from keel.errors import Conflict, NotFound
 from keel.hub.stores.base import Subscription
 from keel.hub.zaqar import _model, _signed
 from keel.hub.zaqar._errors import BAD_BODY, CONFLICT, ZaqarError, bad_request, not_found
-from keel.hub.zaqar._face import Face, check_metadata, spec_for
+from keel.hub.zaqar._face import Resource, check_metadata, spec_for
 from keel.hub.zaqar._request import (
     Caller,
     body,
     bool_param,
-    caller,
     decode,
-    int_param,
     json_object,
+    limit_param,
     queue_name,
     strings,
 )
@@ -44,13 +43,7 @@ def no_content(headers: dict[str, str] | None = None) -> Response:
     return Response(status_code=204, headers=headers)
 
 
-class Queues:
-    def __init__(self, face: Face) -> None:
-        self.face = face
-
-    async def who(self, request: Request) -> Caller:
-        return await caller(request, self.face.hub, self.face.config)
-
+class Queues(Resource):
     async def item(self, request: Request) -> Response:
         who = await self.who(request)
         name = queue_name(request)
@@ -134,12 +127,7 @@ class Queues:
     async def collection(self, request: Request) -> Response:
         who = await self.who(request)
         config = self.face.config
-        limit = int_param(request, "limit", 10)
-        assert limit is not None
-        if not 0 < limit <= config.max_queues_per_page:
-            raise bad_request(
-                f"Limit must be at least 1 and no greater than {config.max_queues_per_page}."
-            )
+        limit = limit_param(request, config.max_queues_per_page)
         detailed = bool_param(request, "detailed")
         with_count = bool_param(request, "with_count")
         contains = request.query_params.get("name")

@@ -124,6 +124,15 @@ def int_param(request: Request, name: str, default: int | None = None) -> int | 
     return int(raw)
 
 
+def limit_param(request: Request, maximum: int, default: int = 10) -> int:
+    """A page or claim size, 1..``maximum`` (Zaqar's wording when it is not)."""
+    limit = int_param(request, "limit", default)
+    assert limit is not None
+    if not 0 < limit <= maximum:
+        raise bad_request(f"Limit must be at least 1 and may not be greater than {maximum}.")
+    return limit
+
+
 def bool_param(request: Request, name: str, default: bool = False) -> bool:
     raw = request.query_params.get(name)
     if raw is None or raw == "":

@@ -32,9 +32,9 @@ from keel.hub._webhooks import check_target, new_secret
 from keel.hub.stores.base import Message, Routed, Subscription, Webhook
 from keel.hub.zaqar import _model, _signed
 from keel.hub.zaqar._errors import BAD_BODY, CONFLICT, ZaqarError, bad_request, not_found
-from keel.hub.zaqar._face import Face
+from keel.hub.zaqar._face import Face, Resource
 from keel.hub.zaqar._queues import json, no_content
-from keel.hub.zaqar._request import Caller, body, caller, int_param, json_object, queue_name
+from keel.hub.zaqar._request import Caller, body, json_object, limit_param, queue_name
 
 RENDER = "zaqar"
 # Zaqar takes any TTL whose expiry a datetime can hold (Heat asks for 220367260800 s).
@@ -45,13 +45,10 @@ _FORBIDDEN_HEADERS = {"host", "content-length", "transfer-encoding", "connection
 _encode = msgspec.json.Encoder().encode
 
 
-class Subscriptions:
+class Subscriptions(Resource):
     def __init__(self, face: Face) -> None:
-        self.face = face
+        super().__init__(face)
         face.hub.webhooks.renderers[RENDER] = render
-
-    async def who(self, request: Request) -> Caller:
-        return await caller(request, self.face.hub, self.face.config)
 
     def _check(self, doc: dict[str, Any], *, creating: bool) -> None:
         if not doc:
@@ -94,13 +91,7 @@ class Subscriptions:
         if request.method == "POST":
             return await self._create(request, who, name)
         config = self.face.config
-        limit = int_param(request, "limit", 10)
-        assert limit is not None
-        if not 0 < limit <= config.max_subscriptions_per_page:
-            raise bad_request(
-                "Limit must be at least 1 and may not be greater than "
-                f"{config.max_subscriptions_per_page}."
-            )
+        limit = limit_param(request, config.max_subscriptions_per_page)
         marker = request.query_params.get("marker") or ""
         now = self.face.now()
         tees = [
