@@ -122,7 +122,11 @@ async def workload(
 
 
 def client(base: str, headers: dict[str, str], concurrency: int) -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    # Idle connections closed before the server's keep-alive timeout (uvicorn: 5 s) closes
+    # them under a request about to reuse one.
+    limits = httpx.Limits(
+        max_connections=concurrency, max_keepalive_connections=concurrency, keepalive_expiry=2
+    )
     return httpx.AsyncClient(base_url=base, headers=headers, limits=limits, timeout=60)
 
 
