@@ -30,6 +30,7 @@ from keel.hub._map_feed import MapFeed
 from keel.hub._oslo_ingest import OSLO_TOPICS, oslo_listener, oslo_url
 from keel.hub._server import HubServer
 from keel.hub.stores.base import Store
+from keel.hub.zaqar import ZaqarConfig
 from keel.messaging import NotificationListener, Target, connect
 
 log = logging.getLogger("keel.hub")
@@ -54,6 +55,8 @@ class ServeOptions:
     oslo_exchanges: Sequence[str] = ("openstack",)
     oslo_durable: bool = False
     pool: str = "keel-hub"
+    zaqar_key: Path | None = None  # the Zaqar API's signed-URL secret (shared by every hub)
+    zaqar_confirm: bool = False  # Zaqar subscribers must confirm before deliveries
 
 
 def store_from_url(url: str) -> Store:
@@ -120,9 +123,22 @@ def check(options: ServeOptions) -> tuple[Store, Authenticator, list[str]]:
             oslo_url(options.oslo, exchange, durable=options.oslo_durable)
             for exchange in options.oslo_exchanges
         ]
+    zaqar_config(options)
     if not 0 <= options.port <= 65535:
         raise ConfigError(f"--port {options.port} is not a TCP port (0..65535)")
     return store_from_url(options.store), auth, oslo_urls
+
+
+def zaqar_config(options: ServeOptions) -> ZaqarConfig:
+    if options.zaqar_key is None:
+        return ZaqarConfig(require_confirmation=options.zaqar_confirm)
+    try:
+        key = options.zaqar_key.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"--zaqar-key {options.zaqar_key}: {exc}") from None
+    if len(key) < 16:
+        raise ConfigError(f"--zaqar-key {options.zaqar_key}: the key needs 16 bytes or more")
+    return ZaqarConfig(secret_key=key, require_confirmation=options.zaqar_confirm)
 
 
 async def serve(options: ServeOptions, stop: asyncio.Event) -> None:
@@ -137,7 +153,9 @@ async def serve(options: ServeOptions, stop: asyncio.Event) -> None:
         if options.map_db is not None:
             feed = MapFeed(options.map_db)
             await feed.start()
-        server = HubServer(hub, options.host, options.port, map_feed=feed)
+        server = HubServer(
+            hub, options.host, options.port, map_feed=feed, zaqar=zaqar_config(options)
+        )
         await server.start()
         stack.push_async_callback(server.stop)
         listeners: list[NotificationListener] = []

@@ -4,7 +4,9 @@ Content: CloudEvents' HTTP binding. By default structured mode: the event in the
 as the body, ``Content-Type: application/cloudevents+json``. With the subscription's
 ``webhook.mode`` ``"binary"``: every attribute but the data as a ``ce-<name>`` header
 (percent-encoded as the binding says), ``Content-Type`` from ``datacontenttype``, and the
-data itself as the body (``data_base64`` decoded).
+data itself as the body (``data_base64`` decoded). A face's subscription (``webhook.render``,
+the Zaqar API's) gets the face's own body instead, as ``application/json``: it is not an
+event, so no content mode and no ``ce-*`` header applies to it.
 
 Signing: ``webhook-id`` (stable across retries of one message), ``webhook-timestamp`` (Unix
 seconds of the attempt) and ``webhook-signature: v1,<base64 HMAC-SHA256 of
@@ -130,6 +132,8 @@ def check_url(url: str) -> tuple[str, int]:
 
 # host, port -> the addresses it resolves to (tests inject their own to play DNS rebinding).
 Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
+# A face's request body (and extra headers) for a message; see `Webhook.render`.
+Renderer = Callable[[Subscription, Message], tuple[bytes, dict[str, str]]]
 
 
 async def system_resolver(host: str, port: int) -> list[str]:
@@ -262,6 +266,8 @@ class Dispatcher:
         self._wakes: dict[str, asyncio.Event] = {}
         self._client: httpx.AsyncClient | None = None
         self.attempts = 0
+        # Bodies other than the stored event, by `Webhook.render` name (faces register them).
+        self.renderers: dict[str, Renderer] = {}
 
     def add(self, sub: Subscription) -> None:
         if sub.webhook is None or sub.id in self._tasks:
@@ -344,7 +350,15 @@ class Dispatcher:
         assert sub.webhook is not None
         assert self._client is not None
         self.attempts += 1
-        if sub.webhook.mode == "binary":
+        if sub.webhook.render is not None:
+            # A face's own body (Zaqar's), not a CloudEvent: no content mode applies to it.
+            render = self.renderers.get(sub.webhook.render)
+            if render is None:  # that face is not served here: never send another shape
+                log_event(log, logging.WARNING, "webhook.no_renderer", sub=sub.id)
+                return False
+            body, extra = render(sub, message)
+            headers = {**extra, "content-type": "application/json"}
+        elif sub.webhook.mode == "binary":
             headers, body = binary_mode(bytes(message.event))
         else:
             headers, body = {"content-type": STRUCTURED}, bytes(message.event)
