@@ -35,6 +35,7 @@ hub_app = typer.Typer(
     help="The event hub: notifications to users through subscriptions.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,
 )
 
 
@@ -99,6 +100,13 @@ def serve(
     zaqar_confirm: Annotated[
         bool, typer.Option(help="Zaqar subscribers must confirm before they get messages.")
     ] = False,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(help="Serve HTTPS with this certificate chain (PEM); needs --tls-key."),
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option(help="The private key (PEM) of --tls-cert.")
+    ] = None,
 ) -> None:
     """Serve the hub's API on a store, ingesting from Keel and OpenStack buses (Ctrl-C stops)."""
     from keel._log import configure  # noqa: PLC0415 - keep `keel --help` fast
@@ -127,6 +135,8 @@ def serve(
         pool=pool,
         zaqar_key=zaqar_key,
         zaqar_confirm=zaqar_confirm,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
     configure()
     try:

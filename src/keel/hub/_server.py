@@ -53,9 +53,13 @@ class HubServer:
         grace: float = 2.0,
         map_feed: MapFeed | None = None,
         zaqar: ZaqarConfig | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
         self.hub = hub
         self.zaqar = zaqar
+        self.tls_cert = tls_cert  # HTTPS with this certificate chain and key (PEM)
+        self.tls_key = tls_key
         self.map_feed = map_feed
         self.host = host
         self._port = port
@@ -72,7 +76,8 @@ class HubServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.tls_cert else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     async def start(self) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -100,6 +105,8 @@ class HubServer:
             # a larger frame is refused (1009) before any of it is buffered.
             ws="websockets-sansio",
             ws_max_size=MAX_CLIENT_MESSAGE,
+            ssl_certfile=self.tls_cert,
+            ssl_keyfile=self.tls_key,
         )
         self._server = _Server(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]))

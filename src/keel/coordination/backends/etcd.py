@@ -12,6 +12,10 @@ cut off from etcd loses its locks at the conservative expiry bound (core); etcd 
 them when the lease runs out on the leader — after a leader change etcd *extends* leases by an
 election timeout, which only delays liveness. Revisions survive compaction; fences need no
 history, only the current revision counter.
+
+Clusters, TLS and logins (`_etcd_channel`): ``etcd://h1:2379,h2:2379,h3:2379`` lists the
+members and the client moves to a live one by itself; ``etcds://`` (or ``tls=true``) with
+``ca``, ``cert``, ``key`` speaks TLS; ``user:password@`` logs in with etcd's auth.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ from aetcd import rpc
 from grpc import StatusCode
 from grpc.aio import AioRpcError
 
+from keel.coordination.backends._etcd_channel import Client
 from keel.coordination.backends.base import Backend, Characteristic, Grant, Record, map_errors
-from keel.errors import BackendUnavailable
+from keel.errors import BackendUnavailable, KeelError
 
 _MIN_TTL = 2
 _UNAVAILABLE_CODES = {
@@ -90,17 +95,26 @@ class EtcdBackend:
         cls, url: Any, *, member_id: str, ttl: float, options: Mapping[str, str]
     ) -> Backend:
         timeout = float(options.get("connect_timeout", 5))
-        client = aetcd.Client(
-            url.host or "127.0.0.1", url.port or 2379, timeout=None, options=_GRPC_OPTIONS
-        )
+        client = Client(url, options, _GRPC_OPTIONS)
         backend = cls(client, url.redacted(), timeout)
-        with backend._mapped():
-            await client.connect()
-            # wait_for_ready: a first connection attempt that fails transiently (a loaded
-            # machine) is retried by gRPC until the timeout instead of failing at once.
-            await client.kvstub.Range(
-                rpc.RangeRequest(key=b"/keel/"), timeout=timeout, wait_for_ready=True
-            )
+        try:
+            # gRPC reports a refused handshake only as "unavailable", after the whole
+            # timeout: a probe with Python's ssl says at once why (one extra handshake).
+            refused = await client.refusal()
+            if refused is not None:
+                raise refused
+            with backend._mapped():
+                await client.connect()
+                await client.login(timeout)
+                # wait_for_ready: a first connection attempt that fails transiently (a loaded
+                # machine) is retried by gRPC until the timeout instead of failing at once.
+                await client.kvstub.Range(
+                    rpc.RangeRequest(key=b"/keel/"), timeout=timeout, wait_for_ready=True
+                )
+        except KeelError as exc:
+            with contextlib.suppress(Exception):
+                await client.close()
+            raise exc from None
         return backend
 
     @contextlib.contextmanager

@@ -8,6 +8,12 @@ fenced resource as long as the counter never goes backwards: run one instance wi
 ``appendfsync always`` (as scripts/servers does), so a restart keeps every fence it handed out.
 Without that, a restart can hand out a fence again and only the lease protects the resource.
 Leases are timed by the server's clock (``PX``), so client clocks do not matter.
+
+Sentinel, TLS and logins are the Redis transport's (`keel._redis_client`):
+``redis+sentinel://s1,s2,s3/service/db`` follows the primary, ``rediss://`` speaks TLS,
+``user:password@`` logs in. Under Sentinel, ``wait_replicas`` (default 1) makes acquire and
+renew wait until a replica holds the write, so a failover keeps every lock granted and every
+fence handed out: fences never go backwards across it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from redis.exceptions import BusyLoadingError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from keel import _redis_client
 from keel.coordination.backends._redis_pipe import Pipe
 from keel.coordination.backends.base import Backend, Characteristic, Grant, Record, map_errors
 from keel.errors import CoordinationError
@@ -84,36 +91,53 @@ class RedisBackend:
     async def _eval(self, script: str, keys: list[str], args: list[Any]) -> Any:
         # EVALSHA; the script is loaded once on NOSCRIPT (first use, or after a restart).
         try:
-            return await self._pipe.call("EVALSHA", self._shas[script], len(keys), *keys, *args)
+            return await self._pipe.call_replicated(
+                "EVALSHA", self._shas[script], len(keys), *keys, *args
+            )
         except CoordinationError as exc:
             if not str(exc).startswith("redis: NOSCRIPT"):
                 raise
         await self._pipe.call("SCRIPT", "LOAD", script)
-        return await self._pipe.call("EVALSHA", self._shas[script], len(keys), *keys, *args)
+        return await self._pipe.call_replicated(
+            "EVALSHA", self._shas[script], len(keys), *keys, *args
+        )
 
     @classmethod
     async def open(
         cls, url: Any, *, member_id: str, ttl: float, options: Mapping[str, str]
     ) -> Backend:
-        client = aioredis.Redis.from_url(
-            url.raw.split("?", 1)[0],
+        where = _redis_client.target(url, options)
+        client = _redis_client.client(
+            where,
             socket_connect_timeout=float(options.get("connect_timeout", 5)),
             socket_timeout=float(options.get("socket_timeout", 5)),
             retry=Retry(NoBackoff(), 0),
         )
         timeout = float(options.get("socket_timeout", 5))
+
+        async def locate() -> tuple[str, int]:
+            return await _redis_client.primary(where)
+
         pipe = Pipe(
             url.host or "127.0.0.1",
             url.port or 6379,
             username=url.username,
             password=url.password,
-            db=int(url.path.strip("/") or 0),
+            db=where.db,
             timeout=timeout,
             on_connect=tuple(("SCRIPT", "LOAD", s) for s in (_ACQUIRE, _RENEW, _RELEASE)),
+            locate=locate if where.service is not None else None,
+            ssl=where.ssl_context(),
+            server_hostname=url.host,
+            wait_replicas=where.wait_replicas,
         )
         backend = cls(client, pipe, url.redacted())
-        with map_errors(_UNAVAILABLE, backend="redis", url=backend._url):
-            await client.ping()
+        try:
+            with map_errors(_UNAVAILABLE, backend="redis", url=backend._url):
+                await _redis_client.check_login(client, where)
+        except BaseException:
+            await _redis_client.close(client)
+            raise
         return backend
 
     def lease_ttl(self, ttl: float) -> float:
@@ -174,4 +198,4 @@ class RedisBackend:
             await self._pipe.call("PING")  # after every pipelined release
         await self._pipe.close()
         with map_errors(_UNAVAILABLE, backend="redis", url=self._url):
-            await self._client.aclose()
+            await _redis_client.close(self._client)

@@ -18,6 +18,12 @@ notifications sent while it was down are gone, so the hub reloads every subscrip
 every stream catches up from the store. The pool needs no such care: asyncpg replaces a
 closed connection on the next acquire, and a request during an outage is
 `BackendUnavailable`.
+
+Connecting (several hosts with ``target_session_attrs=read-write`` for a primary and its
+replicas, TLS, typed refusals): see `_pg_connect`. When the primary is replaced, requests in
+flight fail `BackendUnavailable`, the pool's next connection goes to the new primary, and
+the LISTEN connection reconnects and resyncs as above; with synchronous replication
+(``synchronous_standby_names``) every acknowledged append is on the new primary.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import msgspec
 
 from keel._log import event as log_event
 from keel.errors import BackendUnavailable, ClaimExpired, ConfigError, Conflict, NotFound
+from keel.hub.stores._pg_connect import dsn_and_ssl, refusal
 from keel.hub.stores.base import (
     ACKED,
     DEAD,
@@ -89,6 +96,15 @@ _LOST: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, "starting up"
 )
+
+
+def _gone(conn: Conn) -> bool:
+    try:
+        return conn.is_closed()
+    except asyncpg.InterfaceError:
+        # The pool took the connection back under us: it was lost (terminated) mid-operation.
+        return True
+
 
 _PROBE_FAILED: tuple[type[BaseException], ...] = (*_LOST, asyncpg.InterfaceError)
 
@@ -177,6 +193,7 @@ class PostgresStore:
         if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
             raise ConfigError("schema must be a lowercase SQL identifier")
         self.url = url
+        self._dsn, self._ssl = dsn_and_ssl(url)
         self.schema = schema
         self.dedup_s = dedup_s
         self.pool_size = pool_size
@@ -199,9 +216,16 @@ class PostgresStore:
     async def open(self) -> None:
         try:
             self._pool = await asyncpg.create_pool(
-                self.url, min_size=1, max_size=self.pool_size, timeout=self.connect_timeout
+                self._dsn,
+                min_size=1,
+                max_size=self.pool_size,
+                timeout=self.connect_timeout,
+                ssl=self._ssl,
             )
         except (OSError, asyncpg.PostgresError) as exc:
+            refused = refusal(exc, self.url)
+            if refused is not None:
+                raise refused from None
             raise BackendUnavailable(
                 f"cannot reach PostgreSQL at the hub store URL: {exc}"
             ) from None
@@ -236,7 +260,7 @@ class PostgresStore:
             watcher(kind, sub_id)
 
     async def _listen(self) -> None:
-        conn = await asyncpg.connect(self.url, timeout=self.connect_timeout)
+        conn = await asyncpg.connect(self._dsn, timeout=self.connect_timeout, ssl=self._ssl)
         lost = asyncio.Event()
         try:
             conn.add_termination_listener(lambda _: lost.set())
@@ -321,9 +345,14 @@ class PostgresStore:
                 try:
                     yield conn
                 except asyncpg.InterfaceError as exc:
-                    if not conn.is_closed():
+                    if not _gone(conn):
                         raise
                     raise BackendUnavailable(f"PostgreSQL connection lost: {exc}") from None
+                except asyncpg.InternalClientError as exc:
+                    # asyncpg's protocol state after a connection broke mid-operation (seen
+                    # when the primary is killed): the connection is unusable, drop it.
+                    conn.terminate()
+                    raise BackendUnavailable(f"PostgreSQL connection broke: {exc}") from None
         except BackendUnavailable:
             raise
         except _LOST as exc:
