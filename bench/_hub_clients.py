@@ -1,8 +1,9 @@
 """SSE clients for `python -m bench hub`, run in their own process so they do not share the
 hub's CPU: `python -m bench._hub_clients PORT FIRST CLIENTS TOKEN SUB_ID...` opens CLIENTS
-connections, the i-th (from FIRST) to subscription i modulo their number, prints READY once every stream answered, and
-records for each event the delay from its publish time (``data.t``) to the arrival of the
-bytes that carry it, and the sequence numbers each client saw.
+connections, the i-th (from FIRST) to subscription i modulo their number, prints READY once
+every stream answered, and records for each event the delay from its publish time
+(``data.t``) to the arrival of the bytes that carry it, and the sequence numbers each client
+saw.
 
 Then it reads one line on stdin: a JSON object of subscription id -> the last sequence number
 the hub committed to it. It waits (up to ``WAIT_S``) until every client has seen its
@@ -105,7 +106,7 @@ async def main(port: int, first: int, clients: int, token: str, subs: list[str])
     def missing() -> int:
         return sum(max(0, last[p.sub] - p.last) for p in protocols)
 
-    while missing() and time.monotonic() - started < WAIT_S:
+    while missing() and time.monotonic() - started < WAIT_S:  # noqa: ASYNC110 - polls counters
         await asyncio.sleep(0.05)
     waited = time.monotonic() - started
     for t in transports:

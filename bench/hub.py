@@ -215,7 +215,7 @@ async def hostile_tenant(hub: Hub, until: float) -> int:
 
 async def sse_latency(
     store: Store, clients: int, rate: float, seconds: float, *, hostile: bool = False
-) -> list[float]:
+) -> SseStats:
     hub = Hub(store, StaticTokens({TOKEN: USER}), quota_subscriptions=1000)
     await hub.start()
     subs = await make_subs(hub)

@@ -141,7 +141,8 @@ async def test_an_old_database_migrates_with_nothing_lost(old_schema: str) -> No
                     old_schema,
                 )
             }
-            assert "event" not in columns and "event_id" in columns
+            assert "event" not in columns
+            assert "event_id" in columns
             events = await conn.fetchval(f"SELECT count(*) FROM {old_schema}.events")
             assert events == len(rows)  # each old row's body once, nothing made twice
         finally:
@@ -158,7 +159,8 @@ async def test_an_old_database_migrates_with_nothing_lost(old_schema: str) -> No
                 assert bytes(m.event) == r[2]
                 assert (m.state, m.deliveries, m.enqueued_at) == (r[3], r[4], r[7])
             if first > 1:
-                assert gap is not None and (gap.first, gap.last) == (1, first - 1)
+                assert gap is not None
+                assert (gap.first, gap.last) == (1, first - 1)
         assert (await store.get_subscription("sub-c")).webhook is not None
 
         # The live claim still holds its messages and can be acked; dead letters are there.
@@ -167,7 +169,8 @@ async def test_an_old_database_migrates_with_nothing_lost(old_schema: str) -> No
         assert [m.seq for m in dead] == [r[1] for r in rows if r[0] == "sub-a" and r[3] == "dead"]
         assert await store.redrive("sub-a", [7]) == 1
         claim = await store.claim("sub-a", limit=100, ttl=30, now=NOW, max_deliveries=5)
-        assert claim is not None and 7 in [m.seq for m in claim.messages]
+        assert claim is not None
+        assert 7 in [m.seq for m in claim.messages]
 
         # New messages continue each queue; the dedup table still knows what it saw.
         fresh = [

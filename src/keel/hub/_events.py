@@ -57,7 +57,7 @@ _RFC3339 = re.compile(TIME_PATTERN)
 # RFC 2045's media type (type/subtype, then parameters): it becomes a Content-Type header.
 _TOKEN = "[A-Za-z0-9!#$%&'*+.^_`|~-]+"
 MEDIA_TYPE = (
-    f"^{_TOKEN}/{_TOKEN}(?: *; *{_TOKEN}=(?:{_TOKEN}|\"[\\x20\\x21\\x23-\\x5b\\x5d-\\x7e]*\"))*$"
+    f'^{_TOKEN}/{_TOKEN}(?: *; *{_TOKEN}=(?:{_TOKEN}|"[\\x20\\x21\\x23-\\x5b\\x5d-\\x7e]*"))*$'
 )
 _MEDIA_TYPE = re.compile(MEDIA_TYPE)
 BASE64 = "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"

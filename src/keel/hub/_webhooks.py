@@ -232,6 +232,23 @@ async def check_target(
         await resolve_target(host, port, allow_private=False, resolver=resolver)
 
 
+def check_form(url: str, *, allow_private: bool) -> None:
+    """`check_url`, and a non-public IP address literal refused at once (unless allowed):
+    that answer needs no lookup and cannot change. Names are not looked up (see above)."""
+    host, _ = check_url(url)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return  # a name: checked when connecting
+    why = None if allow_private else refusal(address)
+    if why is not None:
+        raise UnsafeWebhookTarget(
+            f"webhook address {address} is {why}, not a public address (non-public ranges "
+            "are refused unless the operator allows them)",
+            field="webhook",
+        )
+
+
 class _PinnedBackend(httpcore.AsyncNetworkBackend):
     """Resolves, checks and connects in one step, to the address it checked."""
 
