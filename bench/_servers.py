@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -21,3 +22,9 @@ def url(transport: str) -> str:
         raise RuntimeError(f"{name} did not start:\n{started.stderr}")
     out = subprocess.run([str(SCRIPT), "url", name], capture_output=True, text=True, check=True)
     return out.stdout.strip()
+
+
+def url_dir(name: str) -> str:
+    """The directory where scripts/servers keeps the named server's files."""
+    base = os.environ.get("KEEL_SERVERS_DIR", "/tmp/keel-servers")
+    return str(Path(base) / name)

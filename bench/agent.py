@@ -1,4 +1,6 @@
-"""Keel's agent beside qemu-guest-agent, both on unix sockets, in one run.
+"""Keel's agent beside qemu-guest-agent, in one run: both on unix sockets on this machine, or
+with ``--vm`` both in one real guest (scripts/servers.d/vm.sh) over virtio-serial, driven
+through QEMU's chardev sockets as a cloud's controller drives them.
 
 Measures ping p50/p99, an exec of /bin/true (start to exit status, as each agent's client
 sees it) and a 32 MiB file written and read back. Prints a table and, last, a RESULT line
@@ -22,6 +24,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from bench import _servers
 from keel.agent import AgentClient
 
 MiB = 1024 * 1024
@@ -65,10 +68,10 @@ async def _round(
         assert result.exit_code == 0
     target = str(work / f"{client.kind}.bin")
     t = time.perf_counter()
-    await client.put_file(target, data, timeout=120)
+    await client.put_file(target, data)
     out.put.append(time.perf_counter() - t)
     t = time.perf_counter()
-    got = await client.get_file(target, timeout=120)
+    got = await client.get_file(target)
     out.get.append(time.perf_counter() - t)
     assert got == data, "file came back different"
 
@@ -84,7 +87,45 @@ def _summary(s: _Samples, size: int) -> dict[str, float]:
     }
 
 
+async def _measure(
+    keel_url: str, qga_url: str, work: Path, args: argparse.Namespace
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Keel's and qemu-ga's figures, measured in alternating rounds."""
+    size = args.size_mib * MiB
+    data = os.urandom(size)
+    qs, ks = _Samples(), _Samples()
+    async with (
+        await AgentClient.connect(qga_url, timeout=args.timeout) as qga,
+        await AgentClient.connect(keel_url, timeout=args.timeout) as kc,
+    ):
+        for client in (qga, kc):  # warm up
+            for _ in range(args.warmup):
+                await client.ping()
+        pings, execs = args.pings // args.rounds, args.execs // args.rounds
+        for _ in range(args.rounds):
+            await _round(qga, work, qs, pings=pings, execs=execs, data=data)
+            await _round(kc, work, ks, pings=pings, execs=execs, data=data)
+    return _summary(ks, size), _summary(qs, size)
+
+
+async def _run_vm(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, float], str]:
+    keel_url, qga_url = _servers.url("vm").split()
+    accel = Path(_servers.url_dir("vm")) / "accel"
+    how = accel.read_text().split()[0] if accel.exists() else "?"
+    k, q = await _measure(keel_url, qga_url, Path("/tmp"), args)
+    return k, q, f"in one guest over virtio-serial ({how})"
+
+
 async def _run(args: argparse.Namespace) -> None:
+    if args.vm:
+        k, q, where = await _run_vm(args)
+    else:
+        k, q = await _run_local(args)
+        where = "on unix sockets"
+    _report(k, q, where, args)
+
+
+async def _run_local(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, float]]:
     qga_bin = shutil.which("qemu-ga", path=os.environ.get("PATH", "") + ":/usr/sbin")
     if qga_bin is None:
         raise SystemExit("qemu-ga is not installed: scripts/servers install qemu-ga")
@@ -100,26 +141,15 @@ async def _run(args: argparse.Namespace) -> None:
         try:
             _wait_socket(keel_sock, keel_proc)
             _wait_socket(qga_sock, qga_proc)
-            size = args.size_mib * MiB
-            data = os.urandom(size)
-            qs, ks = _Samples(), _Samples()
-            async with (
-                await AgentClient.connect(f"qga+unix://{qga_sock}", timeout=120) as qga,
-                await AgentClient.connect(f"unix://{keel_sock}", timeout=120) as kc,
-            ):
-                for client in (qga, kc):  # warm up
-                    for _ in range(200):
-                        await client.ping()
-                pings, execs = args.pings // args.rounds, args.execs // args.rounds
-                for _ in range(args.rounds):
-                    await _round(qga, work, qs, pings=pings, execs=execs, data=data)
-                    await _round(kc, work, ks, pings=pings, execs=execs, data=data)
-            q, k = _summary(qs, size), _summary(ks, size)
+            return await _measure(f"unix://{keel_sock}", f"qga+unix://{qga_sock}", work, args)
         finally:
             for proc in (keel_proc, qga_proc):
                 with_signal(proc)
+
+
+def _report(k: dict[str, float], q: dict[str, float], where: str, args: argparse.Namespace) -> None:
     table = Table(
-        title=f"agent: Keel vs qemu-ga on unix sockets ({args.size_mib} MiB file, "
+        title=f"agent: Keel vs qemu-ga {where} ({args.size_mib} MiB file, "
         f"{args.rounds} alternating rounds)"
     )
     table.add_column("measure")
@@ -145,7 +175,8 @@ async def _run(args: argparse.Namespace) -> None:
     }
     fields = " ".join(f"{key}={value:.3f}" for key, value in ratios.items())
     raw = " ".join(f"keel_{key}={value:.1f} qga_{key}={q[key]:.1f}" for key, value in k.items())
-    print(f"RESULT name=agent {fields} {raw}")
+    name = "agent_vm" if args.vm else "agent"
+    print(f"RESULT name={name} {fields} {raw}")
 
 
 def with_signal(proc: subprocess.Popen[bytes]) -> None:
@@ -160,8 +191,16 @@ def with_signal(proc: subprocess.Popen[bytes]) -> None:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench agent")
-    parser.add_argument("--pings", type=int, default=2000)
-    parser.add_argument("--execs", type=int, default=100)
+    parser.add_argument("--vm", action="store_true", help="both agents in a real guest")
+    parser.add_argument("--pings", type=int, help="default 2000 (200 with --vm)")
+    parser.add_argument("--execs", type=int, help="default 100 (10 with --vm)")
     parser.add_argument("--size-mib", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=5)
-    asyncio.run(_run(parser.parse_args(argv)))
+    parser.add_argument("--rounds", type=int, help="default 5 (2 with --vm)")
+    args = parser.parse_args(argv)
+    # A guest under TCG is slow: fewer samples, longer deadlines.
+    for name, local, vm in (("pings", 2000, 200), ("execs", 100, 10), ("rounds", 5, 2)):
+        if getattr(args, name) is None:
+            setattr(args, name, vm if args.vm else local)
+    args.warmup = 20 if args.vm else 200
+    args.timeout = 900 if args.vm else 120
+    asyncio.run(_run(args))

@@ -4,8 +4,9 @@
 #   srv_ready     exit 0 when it answers
 #   srv_url       print the URL tests use
 # and may set SRV_START_TIMEOUT (seconds, default 60), define srv_setup (runs once the server
-# answers: users, policies) and, for a cluster, srv_kill_node N, srv_start_node N and
-# srv_leader (see _cluster.sh).
+# answers: users, policies), srv_failed (exit 0 when the server can no longer become ready,
+# e.g. its process ended: stop waiting and show the log) and, for a cluster, srv_kill_node N,
+# srv_start_node N and srv_leader (see _cluster.sh).
 
 KEEL_SERVERS_DIR="${KEEL_SERVERS_DIR:-/tmp/keel-servers}"
 apt_updated=""
@@ -22,8 +23,8 @@ server_names() {
 load_server() {
     local name="$1"
     [ -f "$here/servers.d/$name.sh" ] || { echo "servers: no server $name (have: $(server_names))" >&2; exit 2; }
-    unset -f srv_install srv_launch srv_ready srv_url srv_stop srv_setup srv_kill_node \
-        srv_start_node srv_leader 2>/dev/null || true
+    unset -f srv_install srv_launch srv_ready srv_url srv_stop srv_setup srv_failed \
+        srv_kill_node srv_start_node srv_leader 2>/dev/null || true
     SRV_NAME="$name"
     SRV_DIR="$KEEL_SERVERS_DIR/$name"
     SRV_LOG="$SRV_DIR/server.log"
@@ -57,7 +58,7 @@ server_pid() {
 }
 
 server_start() {
-    local name="$1" waited=0
+    local name="$1" started
     srv_install
     if srv_ready 2>/dev/null; then
         if declare -f srv_setup >/dev/null; then srv_setup; fi
@@ -66,9 +67,15 @@ server_start() {
     mkdir -p "$SRV_DIR"
     : > "$SRV_LOG"
     srv_launch
+    started=$SECONDS  # wall clock: a readiness probe may itself take a while
     while ! srv_ready 2>/dev/null; do
-        sleep 0.5; waited=$((waited + 1))
-        if [ $waited -ge $((SRV_START_TIMEOUT * 2)) ]; then
+        if declare -f srv_failed >/dev/null && srv_failed; then
+            echo "servers: $name stopped before it was ready; its log ($SRV_LOG):" >&2
+            tail -n 40 "$SRV_LOG" >&2 || true
+            return 1
+        fi
+        sleep 0.5
+        if [ $((SECONDS - started)) -ge "$SRV_START_TIMEOUT" ]; then
             echo "servers: $name did not become ready in ${SRV_START_TIMEOUT}s; its log ($SRV_LOG):" >&2
             tail -n 40 "$SRV_LOG" >&2 || true
             for f in "$SRV_DIR"/n[0-9]/server.log; do  # a cluster's nodes log apart

@@ -240,6 +240,13 @@ class AgentIdentityMismatch(AgentError, PermissionError):
     (fields ``expected`` and ``presented``). Never talk to that peer."""
 
 
+class AgentBusy(AgentError):
+    """The agent already runs as many commands for this connection as it allows (field
+    ``limit``); the command did not run. Retry when some have finished."""
+
+    retryable = True
+
+
 class CommandDenied(AgentError, PermissionError):
     """The agent's allow/deny list refuses the command (field ``command``)."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,14 @@ def shadow_hash(user: str) -> str:
         if fields[0] == user:
             return fields[1]
     raise LookupError(user)
+
+
+@dataclass(frozen=True)
+class Vm:
+    """The test VM (scripts/servers.d/vm.sh): Keel's agent and qemu-ga in one guest, reached
+    through QEMU's chardev sockets. ``boot`` says how long the boot took and how it ran."""
+
+    keel_url: str
+    qga_url: str
+    boot: str
+    dir: Path

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from agent_helpers import AgentProcess
+from agent_helpers import AgentProcess, Vm
 
 from servers import server_url
 
@@ -48,3 +49,16 @@ def throwaway_user() -> Iterator[str]:
     subprocess.run(["useradd", "-m", name], check=True, capture_output=True)
     yield name
     subprocess.run(["userdel", "-r", name], capture_output=True, check=False)
+
+
+@pytest.fixture(scope="session")
+def vm() -> Vm:
+    """Boots the guest once per test session (or reuses one already up). A machine that
+    cannot boot it fails here with the VM's log; it is never a skip."""
+    started = time.monotonic()
+    keel_url, qga_url = server_url("vm").split()
+    where = Path(os.environ.get("KEEL_SERVERS_DIR", "/tmp/keel-servers")) / "vm"
+    boot = (where / "boot.txt").read_text().strip() if (where / "boot.txt").exists() else ""
+    waited = time.monotonic() - started
+    print(f"\nvm: ready after {waited:.1f}s in this session; {boot}")  # shown with -s / -rA
+    return Vm(keel_url, qga_url, boot, where)

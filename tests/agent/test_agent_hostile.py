@@ -227,6 +227,31 @@ async def test_no_handshake_and_endless_garbage(tmp_path: Path) -> None:
             await conn.close()
 
 
+async def test_a_failed_reader_closes_the_connection_and_the_client_reconnects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, any exception but an AgentError killed the reader task silently: every later
+    call timed out and the connection never said it was closed, so nothing reconnected."""
+
+    async def fine(r: asyncio.StreamReader, w: asyncio.StreamWriter, call: p.Call) -> None:
+        w.write(p.encode(p.Result(call.id, {})))
+
+    async with hostile(tmp_path, fine) as url, await AgentClient.connect(url, timeout=3) as c:
+        await c.ping()
+        conn = c._keel().conn
+
+        def broken(event: p.Event) -> None:
+            raise RuntimeError("a bug in the reader")
+
+        monkeypatch.setattr(conn, "_on_event", broken)
+        with pytest.raises(ProtocolError, match="closed"):
+            await c.ping()
+        assert conn.closed
+        monkeypatch.undo()
+        await c.ping()  # on a new channel
+        assert c._keel().conn is not conn
+
+
 # --- the real agent against hostile bytes -----------------------------------------------------
 
 

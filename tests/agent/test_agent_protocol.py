@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 
+import msgspec
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from keel.agent import _protocol as p
+from keel.agent._qga import parse
+from keel.agent._qga import too_deep as too_deep_json
 from keel.errors import FrameTooLarge, ProtocolError
 
 ids = st.integers(min_value=0, max_value=2**63 - 1)
@@ -111,3 +114,62 @@ def test_encode_checked_refuses_large_frames() -> None:
 def test_decode_raises_only_protocol_error(payload: bytes) -> None:
     with contextlib.suppress(ProtocolError):
         p.decode(payload)
+
+
+def depth(value: object) -> int:
+    if isinstance(value, list):
+        return 1 + max((depth(v) for v in value), default=0)
+    if isinstance(value, dict):
+        return 1 + max((depth(v) for v in value.values()), default=0)
+    return 0
+
+
+nested = st.recursive(
+    st.none() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=300) | st.binary(max_size=300)
+    | st.floats(allow_nan=False) | st.booleans(),
+    lambda inner: st.lists(inner, max_size=20) | st.dictionaries(st.text(max_size=3), inner),
+    max_leaves=30,
+)  # fmt: skip
+
+
+@settings(max_examples=100)
+@given(nested, st.integers(0, 12))
+def test_depth_scan_agrees_with_the_value(value: object, limit: int) -> None:
+    data = msgspec.msgpack.encode(value)
+    assert p.too_deep(data, limit) == (depth(value) > limit)
+    assert not p.too_deep(data[: len(data) // 2], 10**6)  # truncated: left to the decoder
+
+
+def test_deep_nesting_is_a_protocol_error_not_a_recursion_error() -> None:
+    for opener in (b"\x91", b"\x81\xa1k", b"\xdc\x00\x01", b"\xdf\x00\x00\x00\x01\xa1k"):
+        payload = b"\x93\xa6result\x01" + opener * 200_000 + b"\xc0"
+        with pytest.raises(ProtocolError, match="nested"):
+            p.decode(payload)
+    ok = msgspec.msgpack.encode(["result", 1, [[[[[[]]]]]]])
+    assert p.decode(ok) == p.Result(1, [[[[[[]]]]]])
+
+
+def test_a_header_alone_allocates_nothing() -> None:
+    decoder = p.FrameDecoder()
+    assert decoder.feed(p.HEADER.pack(p.MAGIC, p.DEFAULT_MAX_FRAME)) == []
+    assert decoder.buffered <= p.HEADER.size
+    body = msgspec.msgpack.encode(["data", 1, b"x" * (p.DEFAULT_MAX_FRAME - 20)])
+    frame = p.HEADER.pack(p.MAGIC, len(body)) + body
+    decoder = p.FrameDecoder()
+    decoder.feed(frame[:100_000])
+    assert 90_000 < decoder.buffered <= 100_000  # what arrived, not what was announced
+    events = decoder.feed(frame[100_000:])
+    assert len(events) == 1
+    assert decoder.buffered == 0
+
+
+def test_qga_json_depth() -> None:
+    assert too_deep_json(b"[" * 100_000, 64)
+    assert not too_deep_json(b'["' + b"[" * 1000 + b'"]', 64)  # inside a string
+    assert not too_deep_json(b'["\\"' + b"[" * 1000 + b'"]', 64)  # after an escaped quote
+    assert too_deep_json(b'{"a": [{"b": [1]}]}', 3)
+    assert not too_deep_json(b'{"a": [{"b": [1]}]}', 4)
+    with pytest.raises(ProtocolError, match="nested"):
+        parse(b"[" * 100_000 + b"]" * 100_000, "guest-ping")
+    with pytest.raises(ProtocolError, match="not JSON"):
+        parse(b"1" * 5000, "guest-ping")  # over Python's integer digit limit

@@ -11,8 +11,14 @@ import pytest
 from agent_helpers import shadow_hash
 
 from keel.agent import AgentClient
-from keel.errors import AgentTimeout, AgentUnavailable, CommandFailed, UnknownCommand
-from servers import restart
+from keel.errors import (
+    AgentTimeout,
+    AgentUnavailable,
+    CommandDenied,
+    CommandFailed,
+    UnknownCommand,
+)
+from servers import restart, server_url
 
 
 async def test_ping_and_info(qga_url: str) -> None:
@@ -100,3 +106,19 @@ async def test_reconnects_after_qga_restarts(qga_url: str) -> None:
             await client.ping()  # this channel died with the old qemu-ga
         await client.ping()  # a new channel, resynced
         assert (await client.info())["agent_version"].startswith("qemu-ga")
+
+
+async def test_commands_disabled_with_block_rpcs_are_denied() -> None:
+    """qemu-ga 7.2 answers a command disabled with --block-rpcs as CommandNotFound "has been
+    disabled"; callers get CommandDenied, as for CommandDisabled."""
+    url = server_url("qemu-ga-blocked")
+    async with await AgentClient.connect(url, timeout=10) as client:
+        with pytest.raises(CommandDenied, match="disabled"):
+            await client.exec(["/bin/true"])
+        with pytest.raises(CommandDenied):
+            await client.get_file("/etc/hostname")
+        with pytest.raises(CommandDenied):
+            await client.set_password("nobody", "x")
+        with pytest.raises(UnknownCommand):
+            await client.call("qga", "guest-no-such-command")
+        await client.ping()  # what is not blocked still works

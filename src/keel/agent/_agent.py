@@ -2,14 +2,19 @@
 
 Failure semantics: the agent survives every bad frame. Garbage or an oversize length gets an
 ``Error`` frame with id 0 and the agent then drops bytes until the controller's sync token; an
-undecodable frame, an unknown, denied or badly-typed command, or a repeated request id gets
-an ``Error`` frame naming it. A frame not whole ``frame_timeout`` seconds after its first
-byte is dropped the same way, so a controller that reconnects always gets back to a clean
-stream. A sync token
-cancels every command of the session before the answer is written, so no reply from before
-the sync follows it. Each command, allowed or not, writes one audit line (who, what, when,
-result) as JSON to the audit log. A command's deadline and the controller's cancel stop it
-(``exec`` kills its process); the end of a channel cancels its commands.
+undecodable or too deeply nested frame, an unknown, denied or badly-typed command, or a
+repeated request id gets an ``Error`` frame naming it. A frame not whole ``frame_timeout``
+seconds after its first byte is dropped the same way, so a controller that reconnects always
+gets back to a clean stream. A sync token cancels every command of the session before the
+answer is written, so no reply from before the sync follows it. Each command, allowed or
+not, writes one audit line (who, what, when, result) as JSON to the audit log. A command's
+deadline and the controller's cancel stop it (``exec`` kills its process); the end of a
+channel cancels its commands and drops those it had read but not started.
+
+One controller cannot harm another: partial frames of all sessions share one budget
+(``max_buffered``; over it, a session assembling a large frame stops reading), a session runs
+at most ``max_inflight`` commands (more are refused ``busy``), inline commands yield to other
+sessions every few milliseconds, and the agent serves at most ``max_sessions`` at once.
 """
 
 from __future__ import annotations
@@ -30,9 +35,11 @@ from typing import Any, TextIO, cast
 
 import keel
 from keel.agent import _protocol as p
+from keel.agent._budget import AGENT_LIMIT, Budget, Holding
 from keel.agent._channel import Bytes, Channel
 from keel.agent._plugin import Command, Plugin, commands_of, load_plugins
 from keel.errors import (
+    AgentBusy,
     AgentError,
     AgentTimeout,
     BadArguments,
@@ -62,6 +69,9 @@ class AgentConfig:
     max_frame: int = p.DEFAULT_MAX_FRAME
     window: int = p.DEFAULT_WINDOW
     frame_timeout: float = 3.0
+    max_buffered: int = AGENT_LIMIT  # bytes of partial frames across all connections
+    max_inflight: int = 64  # commands running at once for one connection
+    max_sessions: int = 64  # controllers served at once (listening channels)
     plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
@@ -77,6 +87,10 @@ class AgentConfig:
         cfg = cls(**raw)
         if not p.MIN_MAX_FRAME <= cfg.max_frame <= 64 * 1024 * 1024:
             raise ConfigError(f"agent config {path}: max_frame must be 64 KiB..64 MiB")
+        if cfg.max_buffered < cfg.max_frame:
+            raise ConfigError(f"agent config {path}: max_buffered must be at least max_frame")
+        if cfg.max_inflight < 1 or cfg.max_sessions < 1:
+            raise ConfigError(f"agent config {path}: max_inflight and max_sessions must be >= 1")
         return cfg
 
     def permits(self, name: str) -> bool:
@@ -112,6 +126,8 @@ class Agent:
             setattr(plugin, "agent", self)  # noqa: B010 - info and health read the agent
             for name, cmd in commands_of(plugin).items():
                 self.commands[(plugin.name, name)] = cmd
+        self.budget = Budget(config.max_buffered)
+        self.sessions = 0
         self._audit: TextIO = (
             open(config.audit_log, "a", buffering=1)  # noqa: SIM115 - lives as long as the agent
             if config.audit_log
@@ -159,9 +175,20 @@ class Agent:
             self.config.window,
         )
 
-    async def serve(self, channel: Channel) -> None:
-        """Serve one channel until it ends."""
-        await Session(self, channel).run()
+    async def serve(self, channel: Channel, *, dialed: bool = False) -> None:
+        """Serve one channel until it ends. ``dialed``: a long-lived channel this agent
+        opened (virtio-serial, vsock), where a controller may already be waiting."""
+        if self.sessions >= self.config.max_sessions:
+            self._log({"event": "refused", "who": channel.peer, "reason": "max_sessions"})
+            busy = p.Error(0, "busy", f"the agent serves {self.config.max_sessions} at most")
+            with contextlib.suppress(AgentError):
+                await channel.write(p.encode(busy))
+            return
+        self.sessions += 1
+        try:
+            await Session(self, channel, dialed=dialed).run()
+        finally:
+            self.sessions -= 1
 
 
 class _Running:
@@ -228,6 +255,7 @@ def _error_code(exc: BaseException) -> str:
         (BadArguments, "invalid"),
         (AgentTimeout, "timeout"),
         (IntegrityError, "integrity"),
+        (AgentBusy, "busy"),
     ]
     for cls, code in table:
         if isinstance(exc, cls):
@@ -235,72 +263,116 @@ def _error_code(exc: BaseException) -> str:
     return "failed"
 
 
+_SLICE = 0.002  # seconds of inline work before the session lets other connections run
+
+
 class Session:
     """One channel's conversation with one controller at a time."""
 
-    def __init__(self, agent: Agent, channel: Channel) -> None:
+    def __init__(self, agent: Agent, channel: Channel, *, dialed: bool = False) -> None:
         self.agent = agent
         self.channel = channel
+        self.dialed = dialed
         self.who = channel.peer
         self.decoder = p.FrameDecoder(agent.config.max_frame)
         self.running: dict[int, _Running] = {}
         self.version = 0
         self.max_frame = agent.config.max_frame  # lowered to the controller's, if smaller
         self._lock = asyncio.Lock()
+        self._holding = Holding(agent.budget)
+        self._dead: AgentError | None = None  # the channel broke: stop all work for it
 
     async def write(self, msg: p.Message) -> None:
         await self.write_raw(p.encode(msg))
 
     async def write_raw(self, data: Bytes) -> None:
-        async with self._lock:
-            await self.channel.write(data)
+        if self._dead is not None:
+            raise self._dead
+        try:
+            async with self._lock:
+                await self.channel.write(data)
+        except AgentError as exc:
+            self._dead = self._dead or exc
+            raise
 
     async def run(self) -> None:
         try:
-            await self._loop()
+            if not self.dialed or await self._announce():
+                await self._loop()
         except AgentError as exc:
-            self.agent._log({"event": "channel_closed", "who": self.who, "reason": str(exc)})
+            self._dead = self._dead or exc
         finally:
+            self._holding.release()
             await self._cancel_all()
             await self.channel.close()
+        if self._dead is not None:
+            reason = str(self._dead)
+            self.agent._log({"event": "channel_closed", "who": self.who, "reason": reason})
+
+    async def _announce(self) -> bool:
+        """On a channel that outlives us, a controller may be mid-conversation with the agent
+        we replace: tell it to resync, and ignore what it sent before its sync token. False
+        if nobody is there (a virtio-serial port with no host): that is no error to log."""
+        self.decoder.hunt()
+        try:
+            await self.write(p.Error(0, "reset", "the agent (re)started on this channel; resync"))
+        except AgentError:
+            self._dead = None
+            return False
+        return True
 
     async def _loop(self) -> None:
         limit = self.agent.config.frame_timeout
-        loop = asyncio.get_running_loop()
         # A frame must be whole within ``limit`` of its first byte. Measured from the start,
         # not from the last byte: a controller re-sending sync tokens into a bogus length
         # would otherwise keep a junk frame open forever.
         frame_deadline: float | None = None
-        while True:
+        slice_end = time.monotonic() + _SLICE
+        while self._dead is None:
+            # Over the agent's budget for partial frames, a session assembling a large one
+            # stops reading (back-pressure) until others finish theirs or its deadline passes.
+            if self._holding.must_wait():
+                await self._holding.room(frame_deadline)
             try:
                 if frame_deadline is None:
                     data = await self.channel.read(p.CHUNK)
                 else:
-                    async with asyncio.timeout_at(frame_deadline):
+                    async with asyncio.timeout(max(frame_deadline - time.monotonic(), 0)):
                         data = await self.channel.read(p.CHUNK)
             except TimeoutError:
                 frame_deadline = None
                 self.decoder.hunt()
+                self._holding.set(0)
                 await self._error(0, ProtocolError("a frame stalled half-sent; dropped it"))
                 continue
             if not data:
                 return
             events = self.decoder.feed(data)
+            self._holding.set(self.decoder.buffered)
             if not self.decoder.mid_frame:
                 frame_deadline = None
             elif frame_deadline is None or events:
-                frame_deadline = loop.time() + limit
-            for event in events:
-                try:
-                    await self._on_event(event)
-                except AgentError:
-                    raise  # the channel itself failed
-                except Exception as exc:
-                    # A bug of ours must not end the session: report it, keep serving.
-                    self.agent._log(
-                        {"event": "internal_error", "who": self.who, "error": repr(exc)}
-                    )
-                    await self._error(0, CommandFailed("internal agent error; see its log"))
+                frame_deadline = time.monotonic() + limit
+            slice_end = await self._dispatch(events, slice_end)
+
+    async def _dispatch(self, events: list[p.Event], slice_end: float) -> float:
+        for event in events:
+            if self._dead is not None:
+                break  # the controller is gone: what it queued is not run
+            try:
+                await self._on_event(event)
+            except AgentError:
+                raise  # the channel itself failed
+            except Exception as exc:
+                # A bug of ours must not end the session: report it, keep serving.
+                self.agent._log({"event": "internal_error", "who": self.who, "error": repr(exc)})
+                await self._error(0, CommandFailed("internal agent error; see its log"))
+            if time.monotonic() >= slice_end:
+                # Inline commands never wait: without this a flood from one controller would
+                # keep every other one waiting until all of it was answered.
+                await asyncio.sleep(0)
+                slice_end = time.monotonic() + _SLICE
+        return slice_end
 
     async def _error(self, rid: int, exc: BaseException) -> None:
         await self.write(self._error_frame(rid, exc))
@@ -373,6 +445,9 @@ class Session:
                 raise ProtocolError(f"request id {call.id} is already in flight or invalid")
             if not 0 < call.window <= 1024:
                 raise ProtocolError(f"window {call.window} is out of range 1..1024")
+            if len(self.running) >= self.agent.config.max_inflight:
+                limit = self.agent.config.max_inflight
+                raise AgentBusy(f"{limit} commands already run for this controller", limit=limit)
             if not self.agent.config.permits(name):
                 raise CommandDenied(f"{name} is not allowed on this agent", command=name)
             cmd = self.agent.commands.get((call.plugin, call.command))

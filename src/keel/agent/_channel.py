@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import select
 import socket
 import ssl
 import stat
@@ -36,8 +37,10 @@ from keel.errors import (
     KeelError,
 )
 
-READ_SIZE = 1024 * 1024
+_PAUSE_AT = 256 * 1024  # unread bytes at which a stream channel stops reading its socket
+
 _RECV_BUF = 256 * 1024
+_DEVICE_READ = 64 * 1024  # gathered from a device per read (sixteen virtio-serial buffers)
 Bytes = bytes | bytearray | memoryview
 VMADDR_CID_HOST = 2
 _UNSUPPORTED = {errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.ENODEV, errno.EPROTONOSUPPORT}
@@ -84,8 +87,8 @@ class StreamChannel(asyncio.BufferedProtocol):
     The transport receives into one reused buffer (a fresh ``bytes`` per recv would cost an
     mmap, mremap and munmap for every small message); a full buffer is handed over whole and
     replaced, so a bulk transfer is not copied again on its way to the frame decoder.
-    Reading pauses while more than ``READ_SIZE`` bytes wait unread; writing waits while the
-    transport is paused.
+    Reading pauses while more than ``_PAUSE_AT`` bytes wait unread (what one connection may
+    hold before the session reads it); writing waits while the transport is paused.
     """
 
     def __init__(self, peer: str = "?", on_open: Callable[[StreamChannel], None] | None = None):
@@ -123,7 +126,7 @@ class StreamChannel(asyncio.BufferedProtocol):
             data = self._rbuf[:nbytes]
         self._chunks.append(data)
         self._queued += len(data)
-        if self._queued > READ_SIZE and not self._reading_paused and self.transport is not None:
+        if self._queued >= _PAUSE_AT and not self._reading_paused and self.transport is not None:
             self._reading_paused = True
             self.transport.pause_reading()
         self._wake_reader()
@@ -175,7 +178,7 @@ class StreamChannel(asyncio.BufferedProtocol):
             self._chunks.appendleft(chunk[max_bytes:])
             chunk = chunk[:max_bytes]
         self._queued -= len(chunk)
-        if self._reading_paused and self._queued <= READ_SIZE // 2 and self.transport is not None:
+        if self._reading_paused and self._queued <= _PAUSE_AT // 2 and self.transport is not None:
             self._reading_paused = False
             self.transport.resume_reading()
         return chunk
@@ -200,27 +203,33 @@ class StreamChannel(asyncio.BufferedProtocol):
             self.transport.close()
         with contextlib.suppress(TimeoutError):
             # shield: our caller's cancellation must not cancel the shared close waiter
-            await asyncio.wait_for(asyncio.shield(self._closed), 1.0)
+            async with asyncio.timeout(1.0):
+                await asyncio.shield(self._closed)
         if not self._closed.done() and self.transport is not None:
             self.transport.abort()
 
 
 class _DeviceChannel:
-    """A character device (the guest end of virtio-serial), read and written without threads."""
+    """A character device (the guest end of virtio-serial), read and written without threads.
+
+    With no host connected, a virtio-serial port reads as end of stream and polls as hung
+    up, and writes would wait forever: a write that meets a hang-up is `AgentUnavailable`."""
 
     def __init__(self, path: str, fd: int) -> None:
         os.set_blocking(fd, False)
         self._fd = fd
+        self._rbuf = bytearray(_DEVICE_READ)
         self.peer = f"virtio:{path}"
         self._loop = asyncio.get_running_loop()
 
-    async def read(self, max_bytes: int) -> bytes:
+    async def read(self, max_bytes: int) -> bytes | bytearray:
         while True:
             with map_errors(f"read from {self.peer}"):
-                try:
-                    return os.read(self._fd, max_bytes)
-                except BlockingIOError:
-                    pass
+                if self._fd < 0:
+                    return b""
+                data = self._drain(max_bytes)
+                if data is not None:
+                    return data
             ready = self._loop.create_future()
             self._loop.add_reader(self._fd, ready.set_result, None)
             try:
@@ -228,15 +237,38 @@ class _DeviceChannel:
             finally:
                 self._loop.remove_reader(self._fd)
 
+    def _drain(self, max_bytes: int) -> bytes | None:
+        """What the device has now, up to ``max_bytes``; None if nothing yet. A virtio-serial
+        port returns one of its 4 KiB buffers per read(), so a bulk transfer would otherwise
+        cost a trip through the event loop per 4 KiB. Gathered in one reused buffer."""
+        with memoryview(self._rbuf) as view:
+            limit = min(max_bytes, len(view))
+            got = 0
+            while got < limit:
+                try:
+                    n = os.readv(self._fd, [view[got:limit]])
+                except BlockingIOError:
+                    break
+                if not n:
+                    if got:
+                        break  # the end comes with the next read
+                    return b""
+                got += n
+            return bytes(view[:got]) if got else None
+
     async def write(self, data: Bytes) -> None:
         view = memoryview(data)
         while view:
             with map_errors(f"write to {self.peer}"):
+                if self._fd < 0:
+                    raise AgentUnavailable(f"write to {self.peer}: the channel is closed")
                 try:
                     view = view[os.write(self._fd, view) :]
                     continue
                 except BlockingIOError:
                     pass
+                if self._hung_up():
+                    raise AgentUnavailable(f"write to {self.peer}: no host on the other end")
             ready = self._loop.create_future()
             self._loop.add_writer(self._fd, ready.set_result, None)
             try:
@@ -244,9 +276,16 @@ class _DeviceChannel:
             finally:
                 self._loop.remove_writer(self._fd)
 
+    def _hung_up(self) -> bool:
+        poller = select.poll()
+        poller.register(self._fd, select.POLLOUT)
+        return any(ev & select.POLLHUP for _, ev in poller.poll(0))
+
     async def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
+        fd, self._fd = self._fd, -1  # once: the number may belong to another file later
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _unix_peer(transport: asyncio.BaseTransport) -> str:

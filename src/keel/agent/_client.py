@@ -17,7 +17,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 
@@ -33,13 +33,12 @@ from keel.agent._channel import (
     parse_address,
 )
 from keel.agent._qga import QgaBackend
-from keel.agent._session import Connection
-from keel.agent._types import Backend, ExecResult, FileInfo, OutputCallback
+from keel.agent._session import DEFAULT_FRAME_TIMEOUT, Connection
+from keel.agent._types import Backend, ExecResult, FileInfo, OutputCallback, expect
 from keel.errors import (
     AgentError,
     ConfigError,
     IntegrityError,
-    ProtocolError,
     StreamLimitExceeded,
 )
 
@@ -86,17 +85,6 @@ class _FileReply(msgspec.Struct):
     sha256: str
 
 
-T = TypeVar("T")
-
-
-def _expect(value: Any, kind: type[T], command: str) -> T:
-    """The agent's result as ``kind``; anything else is the agent breaking the protocol."""
-    try:
-        return msgspec.convert(value, kind)
-    except msgspec.ValidationError as exc:
-        raise ProtocolError(f"{command}: the agent's result is malformed: {exc}") from None
-
-
 class KeelBackend:
     """Keel's own agent over a `Connection`."""
 
@@ -109,7 +97,7 @@ class KeelBackend:
         await self.conn.call("core", "ping", {}, timeout)
 
     async def info(self, timeout: float) -> dict[str, Any]:
-        return _expect(await self.conn.call("core", "info", {}, timeout), dict[str, Any], "info")
+        return expect(await self.conn.call("core", "info", {}, timeout), dict[str, Any], "info")
 
     async def exec(
         self,
@@ -147,7 +135,7 @@ class KeelBackend:
                 on_output(chunk.stream, chunk.data)
             else:
                 (err if chunk.stream else out).append(chunk.data)
-        res = _expect(await stream.result(), _ExecReply, "exec.run")
+        res = expect(await stream.result(), _ExecReply, "exec.run")
         return ExecResult(
             exit_code=res.exit_code,
             signal=res.signal,
@@ -182,7 +170,7 @@ class KeelBackend:
             for start in range(0, len(data), chunk):
                 await stream.send(view[start : start + chunk])
         await stream.send(b"", end=True)
-        res = _expect(await stream.result(), _FileReply, "files.put")
+        res = expect(await stream.result(), _FileReply, "files.put")
         return FileInfo(res.path, res.size, res.sha256)
 
     async def get_file(self, path: str, *, max_size: int, timeout: float) -> bytes:
@@ -197,7 +185,7 @@ class KeelBackend:
                 raise StreamLimitExceeded(f"{path} is over {max_size} bytes", limit=max_size)
             digest.update(chunk.data)
             parts.append(chunk.data)
-        res = _expect(await stream.result(), _FileReply, "files.get")
+        res = expect(await stream.result(), _FileReply, "files.get")
         if res.sha256 != digest.hexdigest() or res.size != size:
             raise IntegrityError(
                 f"{path}: received {size} bytes that do not match the agent's sha256",
@@ -254,7 +242,10 @@ class AgentClient:
         timeout: float = 30.0,
         client_name: str = "keel",
         max_frame: int = p.DEFAULT_MAX_FRAME,
+        frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
     ) -> AgentClient:
+        """``frame_timeout``: a frame from the agent must be whole this long after its first
+        byte, or the channel is closed (the next call opens a new one)."""
         addr = parse_address(url)
         opener: Opener
         if addr.scheme == "tls":
@@ -286,7 +277,10 @@ class AgentClient:
         def make(channel: Channel) -> Backend:
             if addr.scheme == "qga+unix":
                 return QgaBackend(channel)
-            return KeelBackend(Connection(channel, client_name=client_name, max_frame=max_frame))
+            conn = Connection(
+                channel, client_name=client_name, max_frame=max_frame, frame_timeout=frame_timeout
+            )
+            return KeelBackend(conn)
 
         client = cls(make(await opener()), opener, timeout=timeout)
         client._make = make

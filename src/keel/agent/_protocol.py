@@ -9,7 +9,10 @@ sides continue from a clean frame boundary (as qemu-guest-agent's guest-sync-del
 Failure semantics: `FrameDecoder.feed` never raises on any input. Bad magic or an oversize
 length yields one `Garbage` event and puts the decoder in *hunting* mode, where it drops bytes
 (keeping at most a token's length) until the next sync token. Its buffer never holds more than
-one maximum frame plus a header. Decoding a payload raises `ProtocolError` only.
+one maximum frame plus a header, and grows only as bytes arrive: an announced length costs
+nothing until the peer sends that much. Decoding a payload raises `ProtocolError` only; a
+payload nested deeper than `MAX_DEPTH` is refused before the decoder sees it (msgspec would
+recurse into it and raise `RecursionError`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ TOKEN = struct.Struct(">6scQ")  # prefix, kind, nonce
 DEFAULT_MAX_FRAME = 4 * 1024 * 1024
 MIN_MAX_FRAME = 64 * 1024
 _BIG = 64 * 1024  # frames at least this long are assembled in a buffer of their own
+MAX_DEPTH = 64  # containers within containers in one payload, the message itself included
 DEFAULT_WINDOW = 8  # chunks in flight per stream before the receiver grants more credit
 CHUNK = 1024 * 1024
 
@@ -145,10 +149,80 @@ def encode_checked(message: Message, limit: int) -> bytearray:
 
 def decode(payload: bytes | bytearray | memoryview) -> Message:
     """Decode one frame's payload; raise `ProtocolError` naming what was wrong."""
+    # Each level of nesting costs at least one byte, so a short payload needs no scan.
+    if len(payload) > MAX_DEPTH and too_deep(payload, MAX_DEPTH):
+        raise ProtocolError(f"agent frame nested deeper than {MAX_DEPTH} levels")
     try:
         return _decoder.decode(payload)
     except (msgspec.DecodeError, ValueError) as exc:  # ValueError: e.g. bad UTF-8 in a tag
         raise ProtocolError(f"undecodable agent frame: {exc}") from None
+
+
+def _type_table() -> list[tuple[int, int, int]]:
+    """Per msgpack type byte: (items, fixed, width). ``items`` > 0: a container of that many
+    items (-1: a container whose item count is in the next ``width`` bytes, -2: the same for a
+    map, two items per entry); otherwise a scalar of ``fixed`` bytes after the type byte plus
+    a length field of ``width`` bytes and that many content bytes. (0, -1, 0): invalid."""
+    table = [(0, 0, 0)] * 256  # fixints
+    for b in range(0x80, 0x90):
+        table[b] = ((b & 0x0F) * 2, 0, 0)  # fixmap
+    for b in range(0x90, 0xA0):
+        table[b] = (b & 0x0F, 0, 0)  # fixarray
+    for b in range(0xA0, 0xC0):
+        table[b] = (0, b & 0x1F, 0)  # fixstr
+    sizes = {
+        0xC1: (0, -1, 0),  # never used
+        0xC4: (0, 0, 1), 0xC5: (0, 0, 2), 0xC6: (0, 0, 4),  # bin 8/16/32
+        0xC7: (0, 1, 1), 0xC8: (0, 1, 2), 0xC9: (0, 1, 4),  # ext 8/16/32 (a type byte too)
+        0xCA: (0, 4, 0), 0xCB: (0, 8, 0),  # float 32/64
+        0xCC: (0, 1, 0), 0xCD: (0, 2, 0), 0xCE: (0, 4, 0), 0xCF: (0, 8, 0),  # uint 8..64
+        0xD0: (0, 1, 0), 0xD1: (0, 2, 0), 0xD2: (0, 4, 0), 0xD3: (0, 8, 0),  # int 8..64
+        0xD4: (0, 2, 0), 0xD5: (0, 3, 0), 0xD6: (0, 5, 0), 0xD7: (0, 9, 0), 0xD8: (0, 17, 0),
+        0xD9: (0, 0, 1), 0xDA: (0, 0, 2), 0xDB: (0, 0, 4),  # str 8/16/32
+        0xDC: (-1, 0, 2), 0xDD: (-1, 0, 4), 0xDE: (-2, 0, 2), 0xDF: (-2, 0, 4),  # array, map
+    }  # fmt: skip
+    for b, entry in sizes.items():
+        table[b] = entry
+    return table
+
+
+_TYPES = _type_table()
+
+
+def too_deep(buf: bytes | bytearray | memoryview, limit: int) -> bool:
+    """True if the msgpack items in ``buf`` nest more than ``limit`` containers deep. Linear
+    in the number of items; string and binary contents are skipped, not read. Truncated or
+    invalid input returns False and is left for the decoder to refuse."""
+    data = bytes(buf) if isinstance(buf, memoryview) else buf
+    end = len(data)
+    pos = 0
+    left: list[int] = []  # items still to come in each open container
+    while pos < end:
+        kind = data[pos]
+        items, fixed, width = _TYPES[kind]
+        pos += 1
+        if fixed < 0:
+            return False
+        if width:
+            n = int.from_bytes(data[pos : pos + width], "big")
+            pos += width
+            if items < 0:
+                items = n * -items
+            else:
+                pos += n
+        pos += fixed
+        if 0x80 <= kind <= 0x9F or 0xDC <= kind <= 0xDF:  # a container, even an empty one
+            if len(left) >= limit:
+                return True
+            if items:
+                left.append(items)
+                continue
+        while left:  # one item complete: close every container it completes
+            left[-1] -= 1
+            if left[-1]:
+                break
+            left.pop()
+    return False
 
 
 def sync_token(nonce: int) -> bytes:
@@ -200,10 +274,11 @@ class FrameDecoder:
         self.hunting = False
         self._buf = bytearray()
         self._pos = 0
-        # A large frame's body fills its own buffer of exactly its length: no growing,
-        # compacting or copying it out again.
-        self._body: bytearray | None = None
+        # A large frame's body is kept as the pieces it arrived in (a header alone holds
+        # nothing) and joined once, when whole: no growing, compacting or copying meanwhile.
+        self._parts: list[bytes | bytearray | memoryview] | None = None
         self._have = 0
+        self._need = 0
 
     @property
     def buffered(self) -> int:
@@ -220,22 +295,26 @@ class FrameDecoder:
         self.hunting = True
         self._buf.clear()
         self._pos = 0
-        self._body = None
+        self._parts = None
         self._have = 0
+        self._need = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
         events: list[Event] = []
         view = memoryview(data)
-        body = self._body
-        if body is not None:
-            take = min(len(body) - self._have, len(view))
-            body[self._have : self._have + take] = view[:take]
+        parts = self._parts
+        if parts is not None:
+            take = min(self._need - self._have, len(view))
+            # A piece that is all of ``data`` is kept as it is (a channel hands over its
+            # receive buffer and never touches it again); a part of one is copied.
+            parts.append(data if take == len(view) == len(data) else bytes(view[:take]))
             self._have += take
-            if self._have < len(body):
+            if self._have < self._need:
                 return events
-            events.append(Frame(body))
-            self._body = None
+            events.append(Frame(b"".join(parts)))
+            self._parts = None
             self._have = 0
+            self._need = 0
             view = view[take:]
         self._buf += view
         while True:
@@ -245,7 +324,10 @@ class FrameDecoder:
             if not isinstance(event, _Again):
                 events.append(event)
         if self._pos:
-            del self._buf[: self._pos]
+            if self._pos == len(self._buf):
+                self._buf.clear()  # and give its memory back: a connection may sit idle
+            else:
+                del self._buf[: self._pos]
             self._pos = 0
         return events
 
@@ -300,10 +382,10 @@ class FrameDecoder:
         if end > len(self._buf):
             if length >= _BIG:
                 start = self._pos + HEADER.size
-                self._have = len(self._buf) - start
-                self._body = bytearray(length)
                 with memoryview(self._buf) as held:
-                    self._body[: self._have] = held[start:]
+                    self._parts = [bytes(held[start:])]
+                self._have = len(self._buf) - start
+                self._need = length
                 self._pos = len(self._buf)
             return None
         with memoryview(self._buf) as view:

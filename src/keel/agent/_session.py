@@ -1,16 +1,24 @@
 """The controller's side of one agent channel: resync, handshake, requests, streams.
 
 The guest is untrusted, so this side bounds everything it holds: a frame over ``max_frame``
-is refused before it is buffered; each stream may have at most ``window`` unconsumed chunks
-(a peer sending past its credit is a `StreamLimitExceeded`); every request has a deadline;
-a write that the peer does not drain before the deadline closes the channel.
+is refused before it is buffered, and a frame's buffer grows only as its bytes arrive, within
+one budget for every connection of the process (`keel.agent._budget`: over it, a connection
+assembling a large frame stops reading until others finish theirs); each stream may have at
+most ``window`` unconsumed chunks (a peer sending past its credit is a
+`StreamLimitExceeded`); every request has a deadline; a write that the peer does not drain
+before the deadline closes the channel; a frame not whole ``frame_timeout`` seconds after its
+first byte closes the channel.
 
-Failure semantics: a broken protocol (garbage, an undecodable frame, a frame for an id this
-side did not issue or already finished, credit overrun) fails every pending request with a
-`ProtocolError` and marks the connection dirty; the next request first resyncs on the same
-channel (sync token, then handshake), so nothing has to restart. A request that times out
-is cancelled on the agent (best effort) and raises `AgentTimeout`; frames that still arrive
-for it are dropped. End of stream fails pending requests with `AgentUnavailable`.
+Failure semantics: a broken protocol (garbage, an undecodable or too deeply nested frame, a
+frame for an id this side did not issue or already finished, credit overrun) fails every
+pending request with a `ProtocolError` and marks the connection dirty; the next request first
+resyncs on the same channel (sync token, then handshake), so nothing has to restart. An agent
+that (re)starts on a long-lived channel says so (``error`` code ``reset``): pending requests
+fail with `AgentUnavailable` and the next one resyncs. A request that times out is cancelled
+on the agent (best effort) and raises `AgentTimeout`; frames that still arrive for it are
+dropped; if it timed out with the agent stalled mid-frame, the channel is closed. End of
+stream, a stalled frame, or any failure of the reader itself fails pending requests and
+closes the connection (`closed`), so `AgentClient` opens a new channel for the next call.
 """
 
 from __future__ import annotations
@@ -24,8 +32,10 @@ from collections.abc import AsyncIterator
 from typing import Any, cast
 
 from keel.agent import _protocol as p
+from keel.agent._budget import CLIENT_BUDGET, Budget, Holding
 from keel.agent._channel import Bytes, Channel
 from keel.errors import (
+    AgentBusy,
     AgentError,
     AgentTimeout,
     AgentUnavailable,
@@ -49,8 +59,11 @@ _ERRORS: dict[str, type[AgentError]] = {
     "failed": CommandFailed,
     "integrity": IntegrityError,
     "cancelled": AgentError,
+    "busy": AgentBusy,
+    "reset": AgentUnavailable,
 }
 _TOMBSTONES = 4096
+DEFAULT_FRAME_TIMEOUT = 10.0
 
 
 def error_from(frame: p.Error, command: str) -> AgentError:
@@ -89,14 +102,18 @@ class Connection:
         max_frame: int = p.DEFAULT_MAX_FRAME,
         window: int = p.DEFAULT_WINDOW,
         sync_timeout: float = 6.0,
+        frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
+        budget: Budget = CLIENT_BUDGET,
     ) -> None:
         self.channel = channel
         self.client_name = client_name
         self.max_frame = max_frame
         self.window = window
         self.sync_timeout = sync_timeout
+        self.frame_timeout = frame_timeout
         self.welcome: p.Welcome | None = None
         self._decoder = p.FrameDecoder(max_frame)
+        self._holding = Holding(budget)
         self._pending: dict[int, _Request] = {}
         self._tombstones: dict[int, None] = {}
         self._next_id = int.from_bytes(os.urandom(3), "big") + 1
@@ -210,18 +227,59 @@ class Connection:
     # --- reading --------------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
+        try:
+            await self._read_frames()
+        except AgentError as exc:
+            self._fail_all(exc, fatal=True)
+        except Exception as exc:
+            # Whatever broke the reader (a bug of ours, a decoder failure nobody foresaw),
+            # this stream cannot be trusted any more: close it so the next call opens a new
+            # channel, rather than leave every later call to time out on a dead reader.
+            self._fail_all(
+                ProtocolError(f"the agent connection failed and was closed: {exc!r}"), fatal=True
+            )
+        finally:
+            self._holding.release()
+        await self.channel.close()
+
+    async def _read_frames(self) -> None:
+        started: float | None = None  # when the frame now arriving began
         while True:
+            deadline = None if started is None else started + self.frame_timeout
+            if self._holding.must_wait() and not await self._holding.room(deadline):
+                raise self._stalled()
+            if self._decoder.mid_frame and deadline is not None:
+                try:
+                    async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
+                        data = await self._read_some()
+                except TimeoutError:
+                    raise self._stalled() from None
+            else:
+                data = await self._read_some()
+            events = self._decoder.feed(data)
+            self._holding.set(self._decoder.buffered)
+            if not self._decoder.mid_frame:
+                started = None
+            elif started is None or events:
+                started = time.monotonic()
             try:
-                for event in self._decoder.feed(await self._read_some()):
+                for event in events:
                     self._on_event(event)
-            except AgentUnavailable as exc:
-                self._fail_all(exc, fatal=True)
-                return
+            except AgentUnavailable:
+                raise
             except AgentError as exc:
                 # Keep reading so a later resync finds its answer on this same stream.
                 self._fail_all(exc, fatal=False)
                 self._synced.clear()
                 self._decoder.hunt()
+                self._holding.set(0)
+
+    def _stalled(self) -> AgentTimeout:
+        return AgentTimeout(
+            f"the agent stalled mid-frame for {self.frame_timeout}s; channel closed",
+            command="read",
+            timeout=self.frame_timeout,
+        )
 
     async def _read_some(self) -> bytes | bytearray:
         data = await self.channel.read(p.CHUNK)
@@ -281,6 +339,7 @@ class Connection:
         else:
             req.final = msg
             del self._pending[msg.id]
+            req.credit_wake.set()  # an upload waiting for credit learns the command ended
         req.wake.set()
 
     def _fail_all(self, exc: AgentError, *, fatal: bool) -> None:
@@ -374,12 +433,20 @@ class Stream:
                 await event.wait()
         except TimeoutError:
             self._conn._abandon(self._req)
-            stalled = " (the agent stalled mid-frame)" if self._conn._decoder.mid_frame else ""
-            raise AgentTimeout(
-                f"{self._req.command}: no answer within {self._timeout}s{stalled}",
+            conn = self._conn
+            stalled = conn._decoder.mid_frame
+            err = AgentTimeout(
+                f"{self._req.command}: no answer within {self._timeout}s"
+                + (" (the agent stalled mid-frame; channel closed)" if stalled else ""),
                 command=self._req.command,
                 timeout=self._timeout,
-            ) from None
+            )
+            if stalled:
+                # The stream is wedged inside a frame that may never end: the next call
+                # opens a new channel instead of queueing behind it.
+                conn._fail_all(err, fatal=True)
+                await conn.channel.close()
+            raise err from None
         except asyncio.CancelledError:
             self._conn._abandon(self._req)
             raise

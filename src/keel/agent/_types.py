@@ -1,13 +1,19 @@
-"""Results the client returns for both agents (Keel's and qemu-guest-agent), and the
-interface each agent backend implements. Pure data, no I/O, no failure modes."""
+"""Results the client returns for both agents (Keel's and qemu-guest-agent), the interface
+each agent backend implements, and `expect`, which checks an agent's answer. Pure data and
+functions, no I/O; `expect` raises `ProtocolError` only."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
+import msgspec
+
+from keel.errors import ProtocolError
+
+T = TypeVar("T")
 OutputCallback = Callable[[int, bytes], None]
 """Called with (stream, data) as exec output arrives: stream 0 is stdout, 1 is stderr."""
 
@@ -75,3 +81,11 @@ class Backend(Protocol):
     async def resync(self) -> None: ...
 
     async def close(self) -> None: ...
+
+
+def expect(value: Any, kind: type[T], command: str) -> T:
+    """The agent's result as ``kind``; anything else is the agent breaking the protocol."""
+    try:
+        return msgspec.convert(value, kind)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"{command}: the agent's result is malformed: {exc}") from None
