@@ -63,6 +63,7 @@ class SqliteBackend:
     """Leased records in one SQLite file (see the module docstring for its limits)."""
 
     characteristics = frozenset({Characteristic.DURABLE_FENCES, Characteristic.PER_LOCK_TTL})
+    URL_OPTIONS: frozenset[str] = frozenset()
 
     def __init__(self, path: str) -> None:
         self._path = path

@@ -42,7 +42,7 @@ from kazoo.exceptions import (
 )
 from kazoo.handlers.threading import AsyncResult, KazooTimeoutError, SequentialThreadingHandler
 
-from keel._tls import credentials_rejected
+from keel._tls import TLS_OPTIONS, credentials_rejected
 from keel.coordination.backends._zk_connect import client_options, tls_refusal
 from keel.coordination.backends.base import Backend, Characteristic, Grant, Record, map_errors
 from keel.errors import KeelError
@@ -89,6 +89,7 @@ class ZookeeperBackend:
             Characteristic.CHANGE_WATCHES,
         }
     )
+    URL_OPTIONS = frozenset({"connect_timeout", *TLS_OPTIONS})
 
     def __init__(self, client: KazooClient, url: str, ttl: float) -> None:
         self._client = client

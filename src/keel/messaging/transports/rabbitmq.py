@@ -81,7 +81,7 @@ import aiormq.exceptions as amqp_errors
 from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp import commands as spec
 
-from keel._tls import TLSConfig, credentials_rejected, tls_config, tls_failure
+from keel._tls import TLS_OPTIONS, TLSConfig, credentials_rejected, tls_config, tls_failure
 from keel.errors import ConfigError, KeelError, TransportError
 from keel.messaging.transports.base import DEFAULT_MAX_MESSAGE_BYTES, Handler, check_size
 from keel.urls import URL, Host
@@ -304,6 +304,20 @@ class RabbitTransport:
     ``queue_type`` (``auto``, ``classic``, ``quorum``), ``delivery_limit`` (quorum queues),
     and the TLS options ``tls``, ``ca``, ``cert``, ``key``, ``verify``.
     """
+
+    URL_OPTIONS = frozenset(
+        {
+            "max_message_bytes",
+            "heartbeat",
+            "exchange",
+            "exchange_durable",
+            "reconnect_wait",
+            "publish_timeout",
+            "queue_type",
+            "delivery_limit",
+            *TLS_OPTIONS,
+        }
+    )
 
     def __init__(
         self,
