@@ -113,7 +113,12 @@ class AntiPatternError(MessagingError):
 
 
 class MalformedMessage(MessagingError, ValueError):
-    """Bytes on a Keel queue are not a Keel envelope of a version this side reads."""
+    """Bytes on a Keel queue are not a Keel envelope of a version this side reads.
+
+    Field ``problem`` says which check failed (``oversize``, ``depth``, ``range``,
+    ``syntax``, ``version``, ``shape``; ``internal`` when Keel read the message but failing
+    code of its own could not handle it); ``size`` is the body's length in bytes.
+    """
 
 
 # --- coordination --------------------------------------------------------------------------

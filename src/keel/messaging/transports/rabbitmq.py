@@ -83,7 +83,12 @@ from pamqp import commands as spec
 
 from keel._tls import TLS_OPTIONS, TLSConfig, credentials_rejected, tls_config, tls_failure
 from keel.errors import ConfigError, KeelError, TransportError
-from keel.messaging.transports.base import DEFAULT_MAX_MESSAGE_BYTES, Handler, check_size
+from keel.messaging.transports.base import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Handler,
+    check_size,
+    observe,
+)
 from keel.urls import URL, Host
 
 log = logging.getLogger("keel.messaging.rabbitmq")
@@ -123,15 +128,30 @@ class _QueueSpec:
 
 
 class _Delivery:
-    __slots__ = ("_consumer", "_generation", "_settled", "_tag", "body", "delivery_count")
+    __slots__ = (
+        "_consumer",
+        "_generation",
+        "_settled",
+        "_tag",
+        "body",
+        "dead_letter_reason",
+        "delivery_count",
+    )
 
-    def __init__(self, consumer: _Consumer, tag: int, body: bytes, count: int) -> None:
+    def __init__(
+        self, consumer: _Consumer, tag: int, body: bytes, count: int, reason: str | None = None
+    ) -> None:
         self._consumer = consumer
         self._generation = consumer.generation
         self._tag = tag
         self._settled = False
         self.body = body
         self.delivery_count = count
+        self.dead_letter_reason = reason
+
+    @property
+    def settled(self) -> bool:
+        return self._settled
 
     def _channel(self) -> AbstractChannel | None:
         """The channel to settle on, or None if the delivery is already settled or stale."""
@@ -261,15 +281,20 @@ class _Consumer:
                 await message.channel.basic_nack(tag, requeue=True)
             return
         count = 1
+        headers = message.header.properties.headers
         if delivery.redelivered:
-            headers = message.header.properties.headers
             found = headers.get("x-delivery-count") if headers else None
             if isinstance(found, int):
                 count = found + 1
             else:
                 count = self.transport.requeue_count(message.body) + 1
+        reason = headers.get(REASON_HEADER) if headers else None
+        if isinstance(reason, bytes):
+            reason = reason.decode(errors="replace")
         self.unsettled += 1
-        self.handler(_Delivery(self, tag, message.body, count))
+        self.handler(
+            _Delivery(self, tag, message.body, count, reason if isinstance(reason, str) else None)
+        )
 
     async def cancel(self) -> None:
         if not self.active:
@@ -396,7 +421,7 @@ class RabbitTransport:
             raise
         except _CLIENT_ERRORS as exc:
             raise _translate(exc, "connect", self.url) from exc
-        self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+        self._supervisor = observe(asyncio.get_running_loop().create_task(self._supervise()), log)
 
     def _amqp_url(self, host: Host) -> str:
         user = quote(host.username or "guest", safe="")
@@ -546,6 +571,7 @@ class RabbitTransport:
     def keep(self, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        observe(task, log)
 
     def forget_consumer(self, consumer: _Consumer) -> None:
         if consumer in self._consumers:

@@ -78,7 +78,12 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from keel import _redis_client
 from keel.errors import KeelError, TransportError
 from keel.messaging.transports._redis_scripts import SCRIPTS
-from keel.messaging.transports.base import DEFAULT_MAX_MESSAGE_BYTES, Handler, check_size
+from keel.messaging.transports.base import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Handler,
+    check_size,
+    observe,
+)
 from keel.urls import URL
 
 log = logging.getLogger("keel.messaging.redis")
@@ -135,14 +140,33 @@ def _channel(queue: str) -> str:
 
 
 class _Delivery:
-    __slots__ = ("_consumer", "_settled", "body", "delivery_count", "entry_id")
+    __slots__ = (
+        "_consumer",
+        "_settled",
+        "body",
+        "dead_letter_reason",
+        "delivery_count",
+        "entry_id",
+    )
 
-    def __init__(self, consumer: _Consumer, entry_id: bytes, body: bytes, count: int) -> None:
+    def __init__(
+        self,
+        consumer: _Consumer,
+        entry_id: bytes,
+        body: bytes,
+        count: int,
+        reason: str | None = None,
+    ) -> None:
         self._consumer = consumer
         self.entry_id = entry_id
         self.body = body
         self.delivery_count = count
+        self.dead_letter_reason = reason
         self._settled = False
+
+    @property
+    def settled(self) -> bool:
+        return self._settled
 
     def _settle(self) -> bool:
         if self._settled:
@@ -189,7 +213,7 @@ class _Consumer:
         self._list_ids = itertools.count()
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task = observe(asyncio.get_running_loop().create_task(self._run()), log)
 
     def stopped(self) -> bool:
         return self._stopped
@@ -223,6 +247,28 @@ class _Consumer:
             )
         except rexc.RedisError as exc:  # the visibility timeout hands them back instead
             log.info("redis: could not return unread entries of %s: %s", self.queue, exc)
+        if self.unsettled and not t._closed:
+            # Handed over and still running (a draining server): keep them alive until they
+            # are settled, or another consumer's reclaim would run them a second time.
+            t._lingering.add(self)
+            self._task = observe(asyncio.get_running_loop().create_task(self._linger()), log)
+
+    async def _linger(self) -> None:
+        t = self.transport
+        try:
+            while self.unsettled and not t._closed:
+                self._credit.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._credit.wait(), t.visibility_timeout / 3)
+                if not self.unsettled:
+                    break
+                try:
+                    await self._hold()
+                except (rexc.RedisError, OSError) as exc:
+                    log.info("redis: could not keep entries of %s alive: %s", self.queue, exc)
+        finally:
+            t._lingering.discard(self)
+            self._task = None
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -281,20 +327,23 @@ class _Consumer:
             return await self._read_list(room)
         return await self._read_stream(room)
 
+    async def _hold(self) -> None:
+        """Keep our own unsettled entries from looking idle to other consumers' reclaim."""
+        await self.transport.cmd(
+            "XCLAIM",
+            self.key,
+            GROUP,
+            self.name,
+            0,
+            *self.unsettled,
+            "JUSTID",
+            parse_justid=True,
+        )
+
     async def _upkeep(self) -> None:
         t = self.transport
         if self.unsettled:
-            # Keep our own unsettled entries from looking idle to other consumers' reclaim.
-            await t.cmd(
-                "XCLAIM",
-                self.key,
-                GROUP,
-                self.name,
-                0,
-                *self.unsettled,
-                "JUSTID",
-                parse_justid=True,
-            )
+            await self._hold()
         await t._scripts["reclaim"](
             keys=[self.key],
             args=[GROUP, self.name, int(t.visibility_timeout * 1000), 100],
@@ -313,7 +362,14 @@ class _Consumer:
         got = []
         for entry_id, fields in entries:
             count = fields.get(b"n")
-            delivery = _Delivery(self, entry_id, fields[b"b"], int(count) if count else 1)
+            reason = fields.get(b"reason")  # a dead-letter queue's entries carry one
+            delivery = _Delivery(
+                self,
+                entry_id,
+                fields[b"b"],
+                int(count) if count else 1,
+                reason.decode(errors="replace") if reason is not None else None,
+            )
             got.append(delivery)
         if self.auto_ack:
             for delivery in got:
@@ -656,6 +712,7 @@ class RedisTransport:
         self._pipe = _Pipe(self)
         self._durable = _Pipe(self, wait_replicas=self._where.wait_replicas)
         self._consumers: list[_Consumer] = []
+        self._lingering: set[_Consumer] = set()  # cancelled, keeping deliveries alive
         self._exclusive: dict[str, Sequence[str]] = {}  # exclusive queue -> its subjects
         self._consumer_ids = itertools.count(1)
         self._keepalive: asyncio.Task[None] | None = None
@@ -672,7 +729,7 @@ class RedisTransport:
         if self._closed:
             return
         self._closed = True
-        for consumer in list(self._consumers):
+        for consumer in [*self._consumers, *self._lingering]:
             unsettled = list(consumer.unsettled.values())
             await consumer.cancel()
             for delivery in unsettled:
@@ -717,7 +774,9 @@ class RedisTransport:
                 await self.cmd("SET", _owner(name), self.token, "PX", self._ttl_ms)
                 self._exclusive[name] = tuple(bindings)
                 if self._keepalive is None:
-                    self._keepalive = asyncio.get_running_loop().create_task(self._refresh())
+                    self._keepalive = observe(
+                        asyncio.get_running_loop().create_task(self._refresh()), log
+                    )
             else:
                 await self._create_group(name)
             if bindings:
