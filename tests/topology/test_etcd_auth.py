@@ -77,16 +77,18 @@ async def test_a_coordinator_idle_past_its_token_lifetime_logs_in_again() -> Non
 
 
 async def test_a_change_to_etcds_users_does_not_strand_a_coordinator() -> None:
+    """A simple token takes the auth store's revision when etcd reads it, so with simple
+    tokens "revision of auth store is old" comes only from a change racing a call (JWT
+    tokens carry their revision and meet it on every call after a change): this proves that
+    the coordinator carries on across a change, not that the race was met."""
     url = server_url("etcd-tls")
     coord = await kc.connect(url, member_id="auth-revision", ttl=3)
     try:
-        before = _logins(coord)
         stranger = f"tmp-{uuid.uuid4().hex[:8]}"
         await asyncio.to_thread(_etcdctl, url, "user", "add", f"{stranger}:pw-{stranger}")
         await asyncio.to_thread(_etcdctl, url, "user", "delete", stranger)
         async with coord.lock(f"auth-{uuid.uuid4().hex[:8]}", timeout=10) as held:
             assert held.fence > 0
-        assert _logins(coord) > before
     finally:
         await coord.close()
 

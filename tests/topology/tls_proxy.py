@@ -19,7 +19,9 @@ import socket
 import ssl
 import threading
 from pathlib import Path
+from typing import TypeVar
 
+_Sock = TypeVar("_Sock", bound=socket.socket)
 _TLS_RECORD = b"\x16\x03"  # a TLS handshake record: the client's hello
 
 
@@ -65,7 +67,7 @@ class TLSProxy:
                 return
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
-    def _track(self, sock: socket.socket) -> socket.socket:
+    def _track(self, sock: _Sock) -> _Sock:
         with self._lock:
             self._open.add(sock)
         return sock
@@ -106,22 +108,41 @@ class TLSProxy:
         return False
 
     def _tls(self, client: socket.socket, upstream: socket.socket) -> None:
-        front = self._server_ctx.wrap_socket(client, server_side=True)
-        self._track(front)
-        self.handshakes += 1
-        back_ctx = ssl.create_default_context(cafile=str(self._certs / "ca.pem"))
-        back_ctx.load_cert_chain(self._certs / "client.pem", self._certs / "client.key")
-        chosen = front.selected_alpn_protocol()
-        if chosen:
-            back_ctx.set_alpn_protocols([chosen])
-        back = self._track(back_ctx.wrap_socket(upstream, server_hostname="127.0.0.1"))
-        pair = {front: back, back: front}
+        # wrap_socket takes over the descriptor: the TLS sockets are the ones to close, at
+        # once when a side hangs up (a client closing waits for the TCP close, not a timeout).
+        front = self._track(self._server_ctx.wrap_socket(client, server_side=True))
+        with contextlib.closing(front):
+            self.handshakes += 1
+            back_ctx = ssl.create_default_context(cafile=str(self._certs / "ca.pem"))
+            back_ctx.load_cert_chain(self._certs / "client.pem", self._certs / "client.key")
+            chosen = front.selected_alpn_protocol()
+            if chosen:
+                back_ctx.set_alpn_protocols([chosen])
+            back = self._track(back_ctx.wrap_socket(upstream, server_hostname="127.0.0.1"))
+            with contextlib.closing(back):
+                self._relay({front: back, back: front})
+
+    def _relay(self, pair: dict[ssl.SSLSocket, ssl.SSLSocket]) -> None:
         while not self._closed.is_set():
             waiting = [s for s in pair if s.pending()]
             if not waiting:
                 waiting, _, _ = select.select(list(pair), [], [], 0.5)
             for sock in waiting:
-                data = sock.recv(65536)
-                if not data:
+                data = _read(sock)
+                if data == b"":
                     return
-                pair[sock].sendall(data)
+                if data is not None:
+                    pair[sock].sendall(data)
+
+
+def _read(sock: ssl.SSLSocket) -> bytes | None:
+    """What a readable TLS socket holds, b"" at its end, or None when the record was no data
+    (a TLS 1.3 session ticket that OpenSSL servers send after the handshake): a blocking
+    read would wait there for data while the other direction starves."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(65536)
+    except (ssl.SSLWantReadError, BlockingIOError):
+        return None
+    finally:
+        sock.setblocking(True)

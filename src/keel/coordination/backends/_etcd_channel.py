@@ -82,7 +82,9 @@ class _Token(  # grpc ships no type information (pyproject's mypy overrides)
 
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         method = details.method.decode() if isinstance(details.method, bytes) else details.method
-        if self.relogin is None or method == _AUTHENTICATE:
+        if method == _AUTHENTICATE:  # etcd refuses a login that carries a dead token
+            return await continuation(details, request)
+        if self.relogin is None:
             return await continuation(self._details(details), request)
         token = self.token
         call = await continuation(self._details(details), request)

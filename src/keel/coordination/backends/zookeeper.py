@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import socket
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -70,6 +71,14 @@ class _InlineResult(AsyncResult):  # type: ignore[misc]
 class _Handler(SequentialThreadingHandler):  # type: ignore[misc]
     def async_result(self) -> AsyncResult:
         return _InlineResult(self)
+
+    def create_connection(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("use_ssl"):
+            # kazoo wraps the socket in TLS before it connects, and drops it unclosed when the
+            # connect fails (a server of the URL down): find that out on a plain socket.
+            address = kwargs["address"] if "address" in kwargs else args[0]
+            socket.create_connection(address, kwargs.get("timeout")).close()
+        return super().create_connection(*args, **kwargs)
 
 
 def _path(key: str) -> str:
