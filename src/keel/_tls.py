@@ -26,6 +26,7 @@ before any work is accepted, and neither message ever holds a password or a key.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -289,6 +290,24 @@ def credentials_rejected(
         server=server,
         user=user,
     )
+
+
+async def hidden_refusal(
+    exc: BaseException, host: str, port: int, config: TLSConfig | None, *, backend: str, server: str
+) -> TLSError | None:
+    """The `TLSError` behind a TLS connect that failed with a bare reset, or None. Under TLS
+    1.3 a server refuses a client certificate after the handshake: a client that writes at
+    once (an AMQP header) may get the server's reset instead of its alert, so one `diagnose`
+    probe, which reads first, tells which."""
+    if config is None:
+        return None
+    chain = _chain(exc)  # aiormq says "Server connection reset: ConnectionResetError(...)"
+    if not any(
+        isinstance(e, ConnectionResetError) or "ConnectionResetError" in str(e) for e in chain
+    ):
+        return None
+    reason = await asyncio.to_thread(diagnose, host, port, config)
+    return None if reason is None else tls_error(reason, backend=backend, server=server)
 
 
 def diagnose(
