@@ -35,6 +35,9 @@ log = logging.getLogger("keel.messaging")
 async def connect(url: str | None = None, **options: Any) -> Transport:
     """Open a transport from a URL (default ``$KEEL_TRANSPORT_URL`` or ``memory://``)."""
     cls, parsed = urls.resolve("transport", url or urls.from_env("transport_url", "memory://"))
+    known = getattr(cls, "URL_OPTIONS", None)  # third-party transports may not say
+    if known is not None:
+        urls.check_options(parsed, known)
     try:
         transport: Transport = cls(parsed, **options)
     except TypeError as exc:

@@ -207,6 +207,8 @@ def _broker_for(url: URL) -> _Broker:
 class MemoryTransport:
     """In-process broker connection. See the module docstring for what it keeps."""
 
+    URL_OPTIONS = frozenset({"max_message_bytes"})
+
     def __init__(self, url: URL, *, max_message_bytes: int | None = None) -> None:
         self.url = url
         self.max_message_bytes = max_message_bytes or int(

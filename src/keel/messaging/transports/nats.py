@@ -99,7 +99,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType
 
-from keel._tls import TLSConfig, credentials_rejected, tls_config, tls_failure
+from keel._tls import TLS_OPTIONS, TLSConfig, credentials_rejected, tls_config, tls_failure
 from keel.errors import ConfigError, KeelError, MessageTooLarge, TransportError
 from keel.messaging.transports.base import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -492,6 +492,18 @@ class _CoreConsumer:
 
 class NatsTransport:
     """A NATS connection. See the module docstring for the mapping and what it keeps."""
+
+    URL_OPTIONS = frozenset(
+        {
+            "max_message_bytes",
+            "ack_wait",
+            "publish_timeout",
+            "connect_timeout",
+            "subject_max_age",
+            "replicas",
+            *TLS_OPTIONS,
+        }
+    )
 
     def __init__(
         self,
