@@ -3,8 +3,9 @@
 A member joins by taking its own key (with metadata) and keeps it by renewal; a member whose
 process dies leaves when its lease runs out (ttl plus the backend's bound). If this member's
 lease is lost (partition, pause), ``membership.lost`` is set and it is no longer listed; join
-again to come back. ``watch()`` reports joins and leaves as it sees them by diffing listings, so
-a member that joins and leaves between two looks can go unreported.
+again to come back (``join()`` hands out only a live membership). ``watch()`` waits for the
+backend's change notifications and reports joins and leaves by diffing listings, so a member
+that joins and leaves between two looks can go unreported.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Literal
 from urllib.parse import unquote
 
 from keel.coordination._keys import key_for
-from keel.coordination._lock import HeldLock, acquire_key
+from keel.coordination._lock import HeldLock, acquire_key, live
 
 if TYPE_CHECKING:
     from keel.coordination._coordinator import Coordinator
@@ -49,7 +50,8 @@ class Group:
     ) -> HeldLock:
         """Join with metadata. Waits (up to ``timeout``) while an earlier incarnation of this
         member id still holds its lease."""
-        if self.membership is not None and not self.membership.lost.is_set():
+        if live(self.membership):
+            assert self.membership is not None
             return self.membership
         self.membership = await acquire_key(
             self.coord, self.coord.member_id, self._key, ttl=ttl, timeout=timeout, data=metadata
@@ -67,18 +69,21 @@ class Group:
         members = (Member(unquote(r.key.rpartition("/")[2]), r.data, r.fence) for r in records)
         return {m.member_id: m for m in members}
 
-    async def watch(self, *, poll: float = 0.1) -> AsyncIterator[MembershipChange]:
-        """Yield a join for every current member, then every join and leave as seen."""
+    async def watch(self, *, poll: float | None = None) -> AsyncIterator[MembershipChange]:
+        """Yield a join for every current member, then every join and leave as seen. Changes
+        are waited for; ``poll`` only bounds the time between two listings when nothing is
+        signalled (default: the coordinator's ttl)."""
         known: dict[str, Member] = {}
-        while True:
-            current = await self.members()
-            for member_id, member in current.items():
-                if known.get(member_id) != member:
-                    if member_id in known:
-                        yield MembershipChange("leave", known[member_id])
-                    yield MembershipChange("join", member)
-            for member_id, member in known.items():
-                if member_id not in current:
-                    yield MembershipChange("leave", member)
-            known = current
-            await self.coord.backend.wait(self._prefix, poll)
+        async with self.coord.backend.changes(self._prefix) as changes:
+            while True:
+                current = await self.members()
+                for member_id, member in current.items():
+                    if known.get(member_id) != member:
+                        if member_id in known:
+                            yield MembershipChange("leave", known[member_id])
+                        yield MembershipChange("join", member)
+                for member_id, member in known.items():
+                    if member_id not in current:
+                        yield MembershipChange("leave", member)
+                known = current
+                await changes.wait(self.coord.ttl if poll is None else poll)

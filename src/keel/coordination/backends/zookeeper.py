@@ -1,29 +1,36 @@
-"""ZooKeeper coordination backend (``kazoo``): ephemeral nodes in one session.
+"""ZooKeeper coordination backend (``kazoo``), shaped like Curator's ``InterProcessMutex``.
 
-A record is an ephemeral node ``/keel/<key>`` created by this client's session; ``acquire`` is
-one ``create`` (it fails if the node exists) and the fence is the node's creation zxid, which
-ZooKeeper orders totally and persists (the epoch is in its high bits, so it grows across
-restarts and leader changes). Release is one ``delete`` of our node.
+A key ``K`` is a container node ``/keel/K`` (the server removes it once empty); everyone who
+wants it creates an ephemeral sequential child named for its attempt, ``_c_<token>-<seq>``.
+The holder is the lowest sequence, and the fence is that node's creation zxid, which ZooKeeper
+orders totally and persists (the epoch is in its high bits, so it grows across restarts and
+leader changes). A waiter watches only its predecessor, and when that goes it is next: no
+herd, and the lock goes to waiters in the order they came.
 
 Leases are the *session*: the server removes every ephemeral node of a session it has not heard
-from for the session timeout (the ``ttl`` given to `connect`). So a lock's ttl is the session's,
-not its own (characteristic PER_LOCK_TTL is absent: asking for a shorter ttl is `Unsupported`).
-Session expiry is pushed to the client (SESSION_EVENTS): every lock held through it is marked
-lost at once. kazoo runs the session on its own threads; results cross into the event loop
-with ``call_soon_threadsafe``. A paused process keeps no session alive (its threads stop too).
+from for the *negotiated* session timeout (the server may grant less than the ``ttl`` asked of
+`connect`; the negotiated value is what bounds a lock, ``held.ttl`` says which). So a lock's
+ttl is the session's, not its own (PER_LOCK_TTL is absent: asking for a shorter ttl is
+`Unsupported`). Session expiry is pushed to the client (SESSION_EVENTS): every lock held
+through it is marked lost at once. kazoo runs the session on its own threads; results cross
+into the event loop with ``call_soon_threadsafe``. A paused process keeps no session alive (its
+threads stop too).
 
-Known gap: release checks locally that the session is still the one that created the node and
-then deletes it (one round trip); if the session expires while that delete is in flight, the
-client's *new* session could delete a successor's node. The successor's fence is still higher
-than ours, so fenced resources stay safe; only that successor's exclusion is weakened.
+Failure semantics: a create whose reply was lost is found again by its name (the attempt's
+token) and taken as ours. A release is a ``delete`` of our own node, sent at once; if the
+connection drops before the server confirms it, the core sends it again — the session may well
+survive the reconnect, and with it the node — until the server says the node is gone (or the
+session is). Node names are unique per attempt, so a retried delete can never remove someone
+else's node.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import Callable, Mapping
+import posixpath
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from kazoo.client import KazooClient, KazooState
@@ -37,17 +44,36 @@ from kazoo.exceptions import (
     SessionExpiredError,
 )
 from kazoo.handlers.threading import AsyncResult, KazooTimeoutError, SequentialThreadingHandler
+from kazoo.protocol.serialization import Connect, Create2
+from kazoo.security import OPEN_ACL_UNSAFE
 
-from keel.coordination.backends.base import Backend, Characteristic, Grant, Record, map_errors
+from keel.coordination._clock import now
+from keel.coordination.backends.base import (
+    Backend,
+    Changes,
+    Characteristic,
+    Grant,
+    Record,
+    Waiter,
+    map_errors,
+)
+from keel.errors import BackendUnavailable
 
 _UNAVAILABLE = (
     ConnectionLoss,
-    BadVersionError,
     ConnectionClosedError,
     SessionExpiredError,
     OperationTimeoutError,
     KazooTimeoutError,
 )
+_CONTAINER = 4  # CreateMode.CONTAINER
+
+
+class _CreateContainer(Create2):  # type: ignore[misc]
+    """ZooKeeper's createContainer (opcode 19): Create2's wire format, a container node that
+    the server deletes once its last child is gone. kazoo has no call for it."""
+
+    type = 19
 
 
 class _InlineResult(AsyncResult):  # type: ignore[misc]
@@ -65,12 +91,27 @@ class _Handler(SequentialThreadingHandler):  # type: ignore[misc]
         return _InlineResult(self)
 
 
-def _path(key: str) -> str:
+def _dir(key: str) -> str:
     return "/keel/" + key.rstrip("/")
 
 
+def _seq(name: str) -> int:
+    return int(name[-10:])
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """One waiter's node: its name once known, its fence, the node just ahead of it, and the
+    send time of the last request that proved the session alive."""
+
+    node: str | None = None
+    fence: int = 0
+    ahead: tuple[str, ...] = ()
+    alive_since: float = 0.0
+
+
 class ZookeeperBackend:
-    """Leased records as ephemeral ZooKeeper nodes (see the module docstring)."""
+    """Leased records as ephemeral sequential ZooKeeper nodes (see the module docstring)."""
 
     characteristics = frozenset(
         {
@@ -80,6 +121,7 @@ class ZookeeperBackend:
             Characteristic.SERVER_TIMED_LEASES,
             Characteristic.SESSION_EVENTS,
             Characteristic.CHANGE_WATCHES,
+            Characteristic.FAIR_QUEUE,
         }
     )
 
@@ -87,10 +129,27 @@ class ZookeeperBackend:
         self._client = client
         self._url = url
         self._ttl = ttl
+        self._negotiated: float | None = None
         self._loop = asyncio.get_running_loop()
         self._on_lost: list[Callable[[], None]] = []
-        self._sessions: dict[tuple[str, int], int] = {}  # (key, fence) -> session id
+        self._held: dict[tuple[str, int], str] = {}  # (key, fence) -> our node's path
+        self._dirs: set[str] = set()  # container nodes known to exist
         client.add_listener(self._state_changed)
+        self._learn_negotiated_timeout()
+
+    def _learn_negotiated_timeout(self) -> None:
+        # kazoo uses the session timeout the server negotiated but keeps only the one it
+        # asked for; read the server's answer off the handshake.
+        connection = self._client._connection
+        invoke = connection._invoke
+
+        def handshake(timeout: float, request: Any, xid: int | None = None) -> Any:
+            result = invoke(timeout, request, xid)
+            if isinstance(request, Connect) and isinstance(result, tuple):
+                self._negotiated = result[0].time_out / 1000
+            return result
+
+        connection._invoke = handshake
 
     @classmethod
     async def open(
@@ -127,111 +186,293 @@ class ZookeeperBackend:
             for callback in self._on_lost:
                 self._loop.call_soon_threadsafe(callback)
 
-    async def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def _future(self, result: AsyncResult) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = self._loop.create_future()
 
-        def settle(result: Any) -> None:
-            if future.cancelled():
+        def settle(done: AsyncResult) -> None:
+            if future.done():
                 return
             try:
-                future.set_result(result.get_nowait())
+                future.set_result(done.get_nowait())
             except Exception as exc:
                 future.set_exception(exc)
 
+        result.rawlink(lambda done: self._loop.call_soon_threadsafe(settle, done))
+        return future
+
+    async def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         with self._mapped():
-            method(*args, **kwargs).rawlink(
-                lambda result: self._loop.call_soon_threadsafe(settle, result)
-            )
-            return await future
+            return await self._future(method(*args, **kwargs))
 
     def _session_id(self) -> int:
         client_id = self._client.client_id
         return int(client_id[0]) if client_id else 0
 
     def lease_ttl(self, ttl: float) -> float:
-        negotiated = getattr(self._client, "_session_timeout", None)
-        return max(self._ttl, (negotiated or 0) / 1000)
+        return self._negotiated or self._ttl
 
-    async def acquire(self, key: str, owner: str, ttl: float, data: bytes) -> Grant | None:
-        sent = time.monotonic()
+    async def _ensure_dir(self, path: str) -> None:
+        """Create the key's container node (and its persistent parents) if missing."""
+        parent = posixpath.dirname(path)
+        if parent not in self._dirs:
+            await self._call(self._client.ensure_path_async, parent)
+            self._dirs.add(parent)
+        result = self._client.handler.async_result()
+        self._client._call(_CreateContainer(path, b"", OPEN_ACL_UNSAFE, _CONTAINER), result)
+        with contextlib.suppress(NodeExistsError):
+            await self._call(lambda: result)
+
+    # --- the queue -------------------------------------------------------------------------
+
+    async def enqueue(self, waiter: Waiter, *, queue: bool) -> Grant | None:
+        attempt: _Attempt = waiter.state or _Attempt()
+        waiter.state = attempt
+        path = _dir(waiter.key)
+        prefix = f"_c_{waiter.token}-"
+        children: list[str] | None = None
+        if attempt.node is None and waiter.sent:
+            # A create may have been applied with its reply lost: look for our node by name.
+            attempt.alive_since = now()
+            children = await self._children_of(path)
+            mine = [c for c in children if c.startswith(prefix)]
+            if mine:
+                stat = await self._call(self._client.exists_async, f"{path}/{mine[0]}")
+                if stat is not None and stat.ephemeralOwner == self._session_id():
+                    attempt.node, attempt.fence = mine[0], int(stat.czxid)
+        if attempt.node is None:
+            for _ in range(3):
+                attempt.alive_since = now()
+                waiter.sent = True
+                # Pipelined: the session's requests run in order, so the listing includes
+                # the node just created, and both answers come back in one round trip.
+                created = self._future(
+                    self._client.create_async(
+                        f"{path}/{prefix}",
+                        waiter.owner.encode() + b"\n" + waiter.data,
+                        ephemeral=True,
+                        sequence=True,
+                        include_data=True,
+                    )
+                )
+                listed = self._future(self._client.get_children_async(path))
+                try:
+                    with self._mapped():
+                        new_path, stat = await created
+                        children = await listed
+                    break
+                except NoNodeError:
+                    with contextlib.suppress(NoNodeError):
+                        await listed
+                    await self._ensure_dir(path)
+            else:
+                raise BackendUnavailable(
+                    f"zookeeper at {self._url}: {path} keeps vanishing as it is created"
+                )
+            attempt.node, attempt.fence = posixpath.basename(new_path), int(stat.czxid)
+        if children is None:  # our node is known (an earlier call): where does it stand now?
+            attempt.alive_since = now()
+            children = await self._children_of(path)
+        return await self._position(waiter, attempt, children, queue=queue)
+
+    async def _children_of(self, path: str) -> list[str]:
         try:
-            _, stat = await self._call(
-                self._client.create_async,
-                _path(key),
-                owner.encode() + b"\n" + data,
-                ephemeral=True,
-                makepath=True,
-                include_data=True,
-            )
-        except NodeExistsError:
-            return None
-        fence = int(stat.czxid)
-        self._sessions[(key, fence)] = int(stat.ephemeralOwner)
-        return Grant(fence, sent + self.lease_ttl(ttl))
+            children: list[str] = await self._call(self._client.get_children_async, path)
+        except NoNodeError:
+            return []
+        return children
+
+    async def _position(
+        self, waiter: Waiter, attempt: _Attempt, children: list[str], *, queue: bool
+    ) -> Grant | None:
+        assert attempt.node is not None
+        mine = _seq(attempt.node)
+        if attempt.node not in children:
+            # Our node is gone (the session ended): come again at the back of the queue.
+            attempt.node = None
+            waiter.sent = False
+            return await self.enqueue(waiter, queue=queue)
+        attempt.ahead = tuple(sorted((c for c in children if _seq(c) < mine), key=_seq))
+        if not attempt.ahead:
+            return self._granted(waiter, attempt)
+        if not queue:
+            await self._call(self._client.delete_async, f"{_dir(waiter.key)}/{attempt.node}")
+            waiter.state, waiter.sent = None, False
+        return None
+
+    def _granted(self, waiter: Waiter, attempt: _Attempt) -> Grant:
+        self._held[(waiter.key, attempt.fence)] = f"{_dir(waiter.key)}/{attempt.node}"
+        return Grant(attempt.fence, attempt.alive_since + self.lease_ttl(waiter.ttl))
+
+    async def wait_turn(self, waiter: Waiter, timeout: float) -> Grant | None:
+        attempt: _Attempt = waiter.state
+        path = _dir(waiter.key)
+        deadline = now() + timeout
+        ttl = self._negotiated or self._ttl
+        gone = asyncio.Event()
+
+        def watcher(_event: Any) -> None:  # one function: kazoo keeps one watch per path
+            self._loop.call_soon_threadsafe(gone.set)
+
+        while True:
+            gone.clear()
+            predecessor = attempt.ahead[-1]
+            sent = now()
+            stat = await self._call(self._client.exists_async, f"{path}/{predecessor}", watcher)
+            attempt.alive_since = sent
+            if stat is not None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, min(deadline - now(), ttl / 3))):
+                        await gone.wait()
+                if not gone.is_set():
+                    if now() >= deadline:
+                        return None
+                    continue  # look again in time: our session must still be ours
+                if len(attempt.ahead) == 1 and now() - attempt.alive_since < ttl / 3:
+                    return self._granted(waiter, attempt)  # the only one ahead of us left
+            attempt.alive_since = now()
+            grant = await self._position(waiter, attempt, await self._children_of(path), queue=True)
+            if grant is not None:
+                return grant
+            if waiter.state is not attempt or attempt.node is None:
+                return None  # queued again from scratch; the core carries on
+            if now() >= deadline:
+                return None
+
+    async def dequeue(self, waiter: Waiter) -> None:
+        attempt: _Attempt | None = waiter.state
+        path = _dir(waiter.key)
+        if attempt is not None and attempt.node is not None:
+            names = [attempt.node]
+        else:
+            names = [
+                c for c in await self._children_of(path) if c.startswith(f"_c_{waiter.token}-")
+            ]
+        for name in names:
+            with contextlib.suppress(NoNodeError):
+                await self._call(self._client.delete_async, f"{path}/{name}")
+
+    # --- holding -------------------------------------------------------------------------------
 
     async def renew(self, key: str, owner: str, fence: int, ttl: float) -> float | None:
-        sent = time.monotonic()
-        stat = await self._call(self._client.exists_async, _path(key))
+        node = self._held.get((key, fence))
+        if node is None:
+            return None
+        sent = now()
+        stat = await self._call(self._client.exists_async, node)
         if stat is None or stat.czxid != fence or stat.ephemeralOwner != self._session_id():
+            self._held.pop((key, fence), None)
             return None
         return sent + self.lease_ttl(ttl)
 
-    async def release(self, key: str, owner: str, fence: int) -> None:
-        session = self._sessions.pop((key, fence), None)
-        if session is None or session != self._session_id():
-            return  # our session ended, and the server deleted the node with it
-        # Same session as at acquire, so the node is still the one we created (only we or
-        # the session's expiry delete it); its data version is 0 since we never set it.
-        # Pipelined: ZooKeeper runs one session's requests in order, so anything this client
-        # does next sees the delete; others see it one round trip later, and if the
-        # connection drops first the session's expiry deletes the node instead.
-        self._client.delete_async(_path(key), 0)
+    async def release(self, key: str, owner: str, fence: int) -> Awaitable[None]:
+        node = self._held.get((key, fence))
+        if node is None:
+            return _done(self._loop)
+        # Sent at once: the session's next request is ordered after it. Confirmed by the
+        # server (gone now, or already gone) before the core lets go of it.
+        with self._mapped():
+            sent = self._future(self._client.delete_async(node))
+        return self._confirmed(sent, key, fence)
+
+    async def _confirmed(self, sent: asyncio.Future[Any], key: str, fence: int) -> None:
+        with contextlib.suppress(NoNodeError), self._mapped():
+            await sent
+        self._held.pop((key, fence), None)
+
+    # --- reading -------------------------------------------------------------------------------
 
     def _record(self, key: str, data: bytes, stat: Any) -> Record:
         owner, _, rest = data.partition(b"\n")
         return Record(key, owner.decode(), int(stat.czxid), rest)
 
     async def get(self, key: str) -> Record | None:
-        try:
-            data, stat = await self._call(self._client.get_async, _path(key))
-        except NoNodeError:
-            return None
-        return self._record(key, data, stat)
+        path = _dir(key)
+        for _ in range(5):  # the holder may go between the listing and the read
+            children = await self._children_of(path)
+            if not children:
+                return None
+            first = min(children, key=_seq)
+            try:
+                data, stat = await self._call(self._client.get_async, f"{path}/{first}")
+            except NoNodeError:
+                continue
+            return self._record(key, data, stat)
+        return None
 
     async def children(self, prefix: str) -> list[Record]:
-        try:
-            names = await self._call(self._client.get_children_async, _path(prefix))
-        except NoNodeError:
-            return []
+        names = await self._children_of(_dir(prefix))
         records = await asyncio.gather(*(self.get(prefix + n) for n in sorted(names)))
         return [r for r in records if r is not None]
 
-    async def wait(self, key: str, timeout: float) -> None:
-        changed = asyncio.Event()
-
-        def watcher(_event: Any) -> None:
-            self._loop.call_soon_threadsafe(changed.set)
-
-        try:
-            if key.endswith("/"):
-                await self._call(self._client.get_children_async, _path(key), watcher)
-            elif await self._call(self._client.exists_async, _path(key), watcher) is None:
-                return
-        except NoNodeError:
-            await asyncio.sleep(min(timeout, 0.05))
-            return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await changed.wait()
+    @contextlib.asynccontextmanager
+    async def changes(self, key: str) -> AsyncIterator[Changes]:
+        changes = _Changes(self, _dir(key), nested=key.endswith("/"))
+        changes._seen = await changes.signature()
+        yield changes
 
     def on_session_lost(self, callback: Callable[[], None]) -> None:
         self._on_lost.append(callback)
 
     async def close(self) -> None:
         def stop() -> None:
-            with contextlib.suppress(Exception):
-                self._client.exists("/")  # after every pipelined delete (session FIFO)
             self._client.stop()
             self._client.close()
 
         await asyncio.to_thread(stop)
+
+
+def _done(loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+    future: asyncio.Future[None] = loop.create_future()
+    future.set_result(None)
+    return future
+
+
+class _Changes:
+    """Children created or deleted under the key's node (for a prefix: under its nodes'
+    nodes too), told apart by the nodes' pzxid. Watches are one-shot and set by each look; a
+    look that finds the signature moved since the previous look returns at once, so nothing
+    between two looks is missed."""
+
+    def __init__(self, backend: ZookeeperBackend, path: str, *, nested: bool) -> None:
+        self._backend = backend
+        self._path = path
+        self._nested = nested
+        self._seen: tuple[int, ...] | None = None
+        self._changed = asyncio.Event()
+        loop = backend._loop
+        self._watcher = lambda _event: loop.call_soon_threadsafe(self._changed.set)
+
+    async def _look(self, path: str) -> tuple[list[str], int]:
+        client = self._backend._client
+        try:
+            children, stat = await self._backend._call(
+                client.get_children_async, path, self._watcher, include_data=True
+            )
+        except NoNodeError:
+            # Not there yet: watch for its creation instead.
+            await self._backend._call(client.exists_async, path, self._watcher)
+            return [], 0
+        return children, int(stat.pzxid)
+
+    async def signature(self) -> tuple[int, ...]:
+        children, pzxid = await self._look(self._path)
+        marks = [pzxid]
+        if self._nested:
+            looks = await asyncio.gather(*(self._look(f"{self._path}/{c}") for c in children))
+            marks.extend(mark for _, mark in looks)
+        return tuple(marks)
+
+    async def wait(self, timeout: float) -> None:
+        self._changed.clear()
+        try:
+            signature = await self.signature()
+        except Exception:
+            await asyncio.sleep(min(timeout, 0.1))  # unreachable: the caller re-reads
+            return
+        if self._seen is not None and signature != self._seen:
+            self._seen = signature
+            return
+        self._seen = signature
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, timeout)):
+                await self._changed.wait()
