@@ -21,6 +21,9 @@ from keel.coordination import Coordinator
 
 BACKENDS = ["sqlite", "etcd", "zookeeper", "redis"]
 TTL = 2.0  # short leases keep expiry tests quick; etcd's floor is 2 s
+# The contract's bound (docs/coordination-contract.md, "Liveness"): a lock whose holder died or
+# whose server restarted is free again within its ttl plus this, on every backend.
+FREE_BOUND = 3.0
 WORKER = Path(__file__).resolve().parent / "coord_worker.py"
 
 

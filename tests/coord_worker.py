@@ -9,14 +9,15 @@ coord_worker.py extend URL NAME TTL        hold a lock, extend it to 3*TTL, prin
 coord_worker.py writer URL NAME TTL HIST REG CLIENT
     hold a lock and write under it every 10 ms (presenting ``held.fence`` each time) until the
     lock is lost; print "HOLDING fence" first and "LOST" or "REFUSED" at the end.
-coord_worker.py loop URL NAME TTL HIST REG CLIENT SECONDS SEED
+coord_worker.py loop URL NAME TTL HIST REG CLIENT SECONDS SEED [STOP]
     acquire, increment a fenced counter a few times (read-modify-write), release, repeat, until
-    SECONDS pass; records everything.
+    SECONDS pass or the file STOP exists; records everything.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import sys
 import time
@@ -115,6 +116,7 @@ async def loop(
     client: str,
     seconds: float,
     seed: int,
+    stop: str | None = None,
 ) -> None:
     rng = random.Random(seed)
     recorder = kc.Recorder(hist, client)
@@ -122,7 +124,7 @@ async def loop(
     end = time.monotonic() + seconds
     coord: kc.Coordinator | None = None
     print("STARTED", flush=True)
-    while time.monotonic() < end:
+    while time.monotonic() < end and not (stop and os.path.exists(stop)):
         try:
             if coord is None:
                 coord = await kc.connect(url, member_id=client, ttl=ttl)
@@ -166,6 +168,7 @@ def main(argv: list[str]) -> None:
         asyncio.run(victim(url, name, ttl, hist=hist, reg=reg, client=client))
     elif mode == "loop":
         hist, reg, client, seconds, seed = argv[4:9]
+        stop = argv[9] if len(argv) > 9 else None
         asyncio.run(
             loop(
                 url,
@@ -176,6 +179,7 @@ def main(argv: list[str]) -> None:
                 client=client,
                 seconds=float(seconds),
                 seed=int(seed),
+                stop=stop,
             )
         )
 

@@ -79,14 +79,22 @@ class Pipe:
             pending: collections.deque[asyncio.Future[Any]] = collections.deque()
             self._writer, self._pending = writer, pending
             self._reader_task = asyncio.create_task(self._read(reader, writer, pending))
-            username, password = self._auth
-            if password is not None:
-                auth = ("AUTH", username, password) if username else ("AUTH", password)
-                await self.call(*auth)
-            if self._db:
-                await self.call("SELECT", self._db)
-            for command in self._on_connect:
-                await self.call(*command)
+            try:
+                username, password = self._auth
+                if password is not None:
+                    auth = ("AUTH", username, password) if username else ("AUTH", password)
+                    await self.call(*auth)
+                if self._db:
+                    await self.call("SELECT", self._db)
+                for command in self._on_connect:
+                    await self.call(*command)
+            except BaseException:
+                # A connection without its scripts (a server still loading, say) is no use:
+                # drop it, and the next call connects afresh.
+                if self._writer is writer:
+                    self._writer = None
+                writer.close()
+                raise
             return writer
 
     async def _read(

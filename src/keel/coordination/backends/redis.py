@@ -197,7 +197,14 @@ class RedisBackend:
 
     async def _confirmed(self, reply: asyncio.Future[Any]) -> None:
         with self._mapped():
-            await reply
+            try:
+                await reply
+            except hiredis.ReplyError as exc:
+                if not str(exc).startswith("NOSCRIPT"):
+                    raise
+                # A server that forgot the scripts: load them, and the core sends it again.
+                await self._pipe.call("SCRIPT", "LOAD", lua.RELEASE)
+                raise BackendUnavailable(f"redis at {self._url} had lost its scripts") from exc
 
     async def get(self, key: str) -> Record | None:
         with self._mapped():

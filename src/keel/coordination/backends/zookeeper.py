@@ -255,14 +255,14 @@ class ZookeeperBackend:
                     )
                 )
                 listed = self._future(self._client.get_children_async(path))
+                # If the create fails, the listing fails alike: nobody needs its error.
+                listed.add_done_callback(lambda f: f.cancelled() or f.exception())
                 try:
                     with self._mapped():
                         new_path, stat = await created
                         children = await listed
                     break
                 except NoNodeError:
-                    with contextlib.suppress(NoNodeError):
-                        await listed
                     await self._ensure_dir(path)
             else:
                 raise BackendUnavailable(
