@@ -1,4 +1,6 @@
-"""`python -m bench hub`: ingest, claim+ack and SSE fan-out latency, SQLite and PostgreSQL.
+"""`python -m bench hub`: ingest, claim+ack and SSE fan-out latency, SQLite and PostgreSQL,
+and the measured tenant's SSE p99 alone and beside a hostile tenant (``noisy_p99_ratio``,
+goal <= 1.5).
 
 For each store, in one run: the raw engine's own append and read rates (plain batched
 INSERT/SELECT, no hub), the hub's ingest rate with 100 subscriptions (each event matching
@@ -171,7 +173,48 @@ async def claim_ack_rate(store: Store, messages: int) -> float:
     return rate
 
 
-async def sse_latency(store: Store, clients: int, rate: float, seconds: float) -> list[float]:
+NOISY = Principal("noisy", "p-noisy", ("member",))
+
+
+async def hostile_tenant(hub: Hub, until: float) -> int:
+    """Another tenant at its worst beside the measured one, until ``until``: its quota of
+    subscriptions with adversarial patterns, an ingest flood matching them, subscription
+    churn. Returns how many of its events were committed."""
+    for spec in (
+        {"types": ["*" * 250]},
+        {"types": ["a*" * 100 + "b"]},
+        {"filters": [{"not": {"any": [{"prefix": {"type": "z" * 150}}] * 20}}]},
+        {},
+    ):
+        await hub.create_subscription(NOISY, spec)
+    flooded = 0
+
+    async def flood() -> None:
+        nonlocal flooded
+        while time.perf_counter() < until:
+            await hub.ingest(
+                CloudEvent(
+                    id=uuid.uuid4().hex,
+                    source="noisy",
+                    type="a" * 400,
+                    tenant="p-noisy",
+                    data={"pad": "x" * 500},
+                )
+            )
+            flooded += 1
+
+    async def churn() -> None:
+        while time.perf_counter() < until:
+            sub = await hub.create_subscription(NOISY, {"types": ["*" * 250 + "y"]})
+            await hub.delete_subscription(NOISY, sub.id)
+
+    await asyncio.gather(*(flood() for _ in range(64)), churn())
+    return flooded
+
+
+async def sse_latency(
+    store: Store, clients: int, rate: float, seconds: float, *, hostile: bool = False
+) -> list[float]:
     hub = Hub(store, StaticTokens({TOKEN: USER}), quota_subscriptions=1000)
     await hub.start()
     subs = await make_subs(hub)
@@ -203,6 +246,7 @@ async def sse_latency(store: Store, clients: int, rate: float, seconds: float) -
     ctx = RequestContext(project="p-bench")
     n = 0
     start = time.perf_counter()
+    noise = asyncio.create_task(hostile_tenant(hub, start + seconds)) if hostile else None
     while time.perf_counter() - start < seconds:
         due = start + n / rate
         delay = due - time.perf_counter()
@@ -212,7 +256,9 @@ async def sse_latency(store: Store, clients: int, rate: float, seconds: float) -
             ctx, "bench.event", {"instance_id": f"k{n % SUBJECTS}", "t": time.time()}
         )
         n += 1
-    await asyncio.sleep(1.0)  # let the last events arrive
+    if noise is not None:
+        print(f"  hostile tenant: {await noise} events flooded", file=sys.stderr)
+    await asyncio.sleep(3.0)  # let the last events arrive (a loaded machine is slow)
     delays: list[float] = []
     for p in procs:
         assert p.stdin is not None
@@ -251,6 +297,19 @@ async def run_store(kind: str, args: argparse.Namespace, tmp: Path) -> dict[str,
     row["sse_deliveries"] = len(delays)
     row["sse_p50_ms"] = percentile(delays, 50)
     row["sse_p99_ms"] = percentile(delays, 99)
+    if args.hostile:
+        # The measured tenant again, with a hostile one beside it (fewer clients: the
+        # ratio is what counts, and the flood needs the CPU the clients would take).
+        quiet = max(100, args.clients // 10)
+        store = await open_store(kind, tmp)
+        alone = await sse_latency(store, quiet, args.rate, args.seconds)
+        await drop(store)
+        store = await open_store(kind, tmp)
+        beside = await sse_latency(store, quiet, args.rate, args.seconds, hostile=True)
+        await drop(store)
+        row["quiet_p99_ms"] = percentile(alone, 99)
+        row["noisy_p99_ms"] = percentile(beside, 99)
+        row["noisy_p99_ratio"] = row["noisy_p99_ms"] / row["quiet_p99_ms"]
     return row
 
 
@@ -263,6 +322,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--seconds", type=float, default=5, help="SSE publishing time")
     parser.add_argument("--raw", type=int, default=50000, help="rows for the raw engine rates")
     parser.add_argument("--stores", default="sqlite,postgres")
+    parser.add_argument(
+        "--no-hostile", dest="hostile", action="store_false", help="skip the hostile-tenant run"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-hub-") as tmp:
         rows = [asyncio.run(run_store(kind, args, Path(tmp))) for kind in args.stores.split(",")]
@@ -283,7 +345,11 @@ def main(argv: list[str]) -> None:
         columns,
         rows,
     )
+    if args.hostile:
+        columns += ["quiet_p99_ms", "noisy_p99_ms", "noisy_p99_ratio"]
     keys = ["ingest_events_per_s", "claim_ack_per_s", "sse_clients", "sse_p50_ms", "sse_p99_ms"]
+    if args.hostile:
+        keys += ["quiet_p99_ms", "noisy_p99_ms", "noisy_p99_ratio"]
     values: dict[str, float | int | str] = {}
     for row in rows:
         prefix = "" if row["store"] == "sqlite" else "scale_"

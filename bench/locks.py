@@ -176,6 +176,10 @@ def _result_fields(
 
 
 def main(argv: list[str]) -> int:
+    if "--cluster" in argv:  # one server beside a cluster, the leader lost: locks_cluster.py
+        from bench import locks_cluster  # noqa: PLC0415
+
+        return locks_cluster.main([a for a in argv if a != "--cluster"])
     parser = argparse.ArgumentParser(prog="python -m bench locks")
     parser.add_argument("--seconds", type=float, default=5.0, help="uncontended, per library")
     parser.add_argument("--handoff-seconds", type=float, default=3.0)

@@ -75,6 +75,11 @@ def _run_one(name: str, transport: str, params: Params) -> dict[str, float]:
 
 
 def main(argv: list[str]) -> None:
+    if "--cluster" in argv:  # one server beside a cluster, and a node lost: bench/rpc_cluster.py
+        from bench import rpc_cluster  # noqa: PLC0415
+
+        rpc_cluster.main([a for a in argv if a != "--cluster"])
+        return
     parser = argparse.ArgumentParser(prog="python -m bench rpc")
     parser.add_argument(
         "--transport", default="memory", help="comma-separated: memory,rabbit,nats,redis"

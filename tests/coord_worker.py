@@ -106,6 +106,11 @@ async def victim(url: str, name: str, ttl: float, *, hist: str, reg: str, client
     await coord.close()
 
 
+def _stopped(stop: str | None) -> bool:
+    """Whether the test asked the loop to end (a file it creates)."""
+    return stop is not None and os.path.exists(stop)
+
+
 async def loop(
     url: str,
     name: str,
@@ -124,7 +129,7 @@ async def loop(
     end = time.monotonic() + seconds
     coord: kc.Coordinator | None = None
     print("STARTED", flush=True)
-    while time.monotonic() < end and not (stop and os.path.exists(stop)):
+    while time.monotonic() < end and not _stopped(stop):
         try:
             if coord is None:
                 coord = await kc.connect(url, member_id=client, ttl=ttl)

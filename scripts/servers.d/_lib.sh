@@ -3,7 +3,9 @@
 #   srv_launch    start the server in the background; write its pid to $SRV_PID
 #   srv_ready     exit 0 when it answers
 #   srv_url       print the URL tests use
-# and may set SRV_START_TIMEOUT (seconds, default 60).
+# and may set SRV_START_TIMEOUT (seconds, default 60), define srv_setup (runs once the server
+# answers: users, policies) and, for a cluster, srv_kill_node N, srv_start_node N and
+# srv_leader (see _cluster.sh).
 
 KEEL_SERVERS_DIR="${KEEL_SERVERS_DIR:-/tmp/keel-servers}"
 apt_updated=""
@@ -12,7 +14,7 @@ server_names() {
     local f names=()
     for f in "$here"/servers.d/*.sh; do
         f="$(basename "$f" .sh)"
-        [ "$f" = _lib ] || names+=("$f")
+        [ "${f#_}" = "$f" ] && names+=("$f")  # _lib, _cluster: helpers, not servers
     done
     echo "${names[*]}"
 }
@@ -20,7 +22,8 @@ server_names() {
 load_server() {
     local name="$1"
     [ -f "$here/servers.d/$name.sh" ] || { echo "servers: no server $name (have: $(server_names))" >&2; exit 2; }
-    unset -f srv_install srv_launch srv_ready srv_url srv_stop 2>/dev/null || true
+    unset -f srv_install srv_launch srv_ready srv_url srv_stop srv_setup srv_kill_node \
+        srv_start_node srv_leader 2>/dev/null || true
     SRV_NAME="$name"
     SRV_DIR="$KEEL_SERVERS_DIR/$name"
     SRV_LOG="$SRV_DIR/server.log"
@@ -56,7 +59,10 @@ server_pid() {
 server_start() {
     local name="$1" waited=0
     srv_install
-    if srv_ready 2>/dev/null; then return 0; fi
+    if srv_ready 2>/dev/null; then
+        if declare -f srv_setup >/dev/null; then srv_setup; fi
+        return 0
+    fi
     mkdir -p "$SRV_DIR"
     : > "$SRV_LOG"
     srv_launch
@@ -65,9 +71,13 @@ server_start() {
         if [ $waited -ge $((SRV_START_TIMEOUT * 2)) ]; then
             echo "servers: $name did not become ready in ${SRV_START_TIMEOUT}s; its log ($SRV_LOG):" >&2
             tail -n 40 "$SRV_LOG" >&2 || true
+            for f in "$SRV_DIR"/n[0-9]/server.log; do  # a cluster's nodes log apart
+                [ -f "$f" ] && { echo "--- $f" >&2; tail -n 20 "$f" >&2; }
+            done
             return 1
         fi
     done
+    if declare -f srv_setup >/dev/null; then srv_setup; fi
 }
 
 server_stop() {
@@ -78,6 +88,8 @@ server_stop() {
     kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
     for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
     kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+    # A start right after a stop must not find the old process still holding its port or lock.
+    for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
     rm -f "$SRV_PID"
 }
 

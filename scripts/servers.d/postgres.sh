@@ -16,5 +16,15 @@ srv_launch() {
         -k "$SRV_DIR" -c max_connections=200 -c shared_buffers=128MB >>"$SRV_LOG" 2>&1 < /dev/null &
     echo $! > "$SRV_PID"
 }
+srv_stop() {
+    # Fast shutdown (SIGINT to the postmaster): SIGTERM is "smart" and waits for every client,
+    # so the generic stop's SIGKILL would come first and leave postmaster.pid behind, and the
+    # next start would refuse the data directory while the old postmaster's children exit.
+    local pm
+    pm="$(head -n 1 "$SRV_DIR/data/postmaster.pid" 2>/dev/null || true)"
+    [ -n "$pm" ] || return 0
+    kill -INT "$pm" 2>/dev/null || return 0
+    for _ in $(seq 1 120); do kill -0 "$pm" 2>/dev/null || return 0; sleep 0.25; done
+}
 srv_ready() { "$(pg_bin)/pg_isready" -q -h 127.0.0.1 -p "$POSTGRES_PORT" -U postgres -d postgres; }
 srv_url() { echo "postgresql://postgres@127.0.0.1:$POSTGRES_PORT/postgres"; }

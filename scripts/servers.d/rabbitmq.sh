@@ -34,11 +34,24 @@ rabbit_env() {
     )
 }
 
-srv_launch() {
+# The node's directories and the files it wants beside its config (rabbitmq-tls.sh too).
+rabbit_prepare() {
     mkdir -p "$SRV_DIR/home" "$SRV_DIR/mnesia" "$SRV_DIR/log"
     [ -f "$SRV_DIR/enabled_plugins" ] || echo '[].' > "$SRV_DIR/enabled_plugins"
     : > "$SRV_DIR/rabbitmq-env.conf"
     [ -f "$SRV_DIR/advanced.config" ] || echo '[].' > "$SRV_DIR/advanced.config"
+}
+
+# Start the node as the rabbitmq user, every path under $SRV_DIR.
+rabbit_start() {
+    chown -R rabbitmq:rabbitmq "$SRV_DIR"
+    rabbit_env
+    launch setpriv --reuid=rabbitmq --regid=rabbitmq --init-groups env "${RABBIT_ENV[@]}" \
+        /usr/lib/rabbitmq/bin/rabbitmq-server
+}
+
+srv_launch() {
+    rabbit_prepare
     # consumer_timeout: the broker closes a channel whose delivery stays unacknowledged this
     # long (the delivery goes back to the queue). Keel acks calls when they start and bounds
     # them by their deadline; the default 30 minutes is kept on purpose and stated here.
@@ -51,10 +64,7 @@ log.console = true
 log.console.level = warning
 log.file = false
 CONF
-    chown -R rabbitmq:rabbitmq "$SRV_DIR"
-    rabbit_env
-    launch setpriv --reuid=rabbitmq --regid=rabbitmq --init-groups env "${RABBIT_ENV[@]}" \
-        /usr/lib/rabbitmq/bin/rabbitmq-server
+    rabbit_start
 }
 
 srv_ready() {

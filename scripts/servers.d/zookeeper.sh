@@ -2,6 +2,8 @@
 # config and data under $SRV_DIR. Client port KEEL_ZOOKEEPER_PORT (default 21810). tickTime is
 # 500 ms so sessions may be as short as 1 s (tests expire leases quickly); admin server off.
 ZK_PORT="${KEEL_ZOOKEEPER_PORT:-21810}"
+# shellcheck source=_zookeeper.sh
+source "$here/servers.d/_zookeeper.sh"
 srv_install() { apt_install zookeeper default-jre-headless; }
 srv_launch() {
     mkdir -p "$SRV_DIR/data"
@@ -16,21 +18,9 @@ admin.enableServer=false
 4lw.commands.whitelist=ruok,srvr,stat
 maxClientCnxns=0
 CFG
-    cat > "$SRV_DIR/log4j.properties" <<CFG
-log4j.rootLogger=WARN, CONSOLE
-log4j.appender.CONSOLE=org.apache.log4j.ConsoleAppender
-log4j.appender.CONSOLE.layout=org.apache.log4j.PatternLayout
-log4j.appender.CONSOLE.layout.ConversionPattern=%d{ISO8601} %-5p %c{1}: %m%n
-CFG
-    local cp="$SRV_DIR:/usr/share/java/zookeeper.jar"
-    local jar
-    for jar in zookeeper-jute slf4j-api slf4j-log4j12 log4j-1.2 netty-handler netty-common \
-        netty-buffer netty-transport netty-codec netty-resolver netty-transport-native-epoll \
-        netty-transport-native-unix-common metrics-core snappy-java commons-cli jline; do
-        [ -f "/usr/share/java/$jar.jar" ] && cp="$cp:/usr/share/java/$jar.jar"
-    done
+    zk_log4j "$SRV_DIR"
     launch java -Xmx256m -Dzookeeper.log.dir="$SRV_DIR" -Dlog4j.configuration="file:$SRV_DIR/log4j.properties" \
-        -cp "$cp" org.apache.zookeeper.server.ZooKeeperServerMain "$SRV_DIR/zoo.cfg"
+        -cp "$(zk_classpath "$SRV_DIR")" org.apache.zookeeper.server.ZooKeeperServerMain "$SRV_DIR/zoo.cfg"
 }
 srv_ready() {
     { exec 3<>"/dev/tcp/127.0.0.1/$ZK_PORT"; } 2>/dev/null || return 1

@@ -22,13 +22,20 @@ def up(
     except ImportError as exc:
         typer.echo(f"keel up needs the hub extra: pip install 'keel[hub]' ({exc})", err=True)
         raise typer.Exit(2) from None
-    _up.main(host=host, port=port, data_dir=data, interval=interval)
+    from keel.errors import ConfigError  # noqa: PLC0415
+
+    try:
+        _up.main(host=host, port=port, data_dir=data, interval=interval)
+    except ConfigError as exc:  # the port is taken, say
+        typer.echo(f"keel up: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 hub_app = typer.Typer(
     help="The event hub: notifications to users through subscriptions.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,
 )
 
 
@@ -83,6 +90,13 @@ def serve(
     pool: Annotated[str, typer.Option(help="Queue (pool) name the hub consumes.")] = "keel-hub",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port (0 picks a free one).")] = 8780,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(help="Serve HTTPS with this certificate chain (PEM); needs --tls-key."),
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option(help="The private key (PEM) of --tls-cert.")
+    ] = None,
 ) -> None:
     """Serve the hub's API on a store, ingesting from Keel and OpenStack buses (Ctrl-C stops)."""
     from keel._log import configure  # noqa: PLC0415 - keep `keel --help` fast
@@ -109,6 +123,8 @@ def serve(
         oslo_exchanges=oslo_exchange or ("openstack",),
         oslo_durable=oslo_durable,
         pool=pool,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
     configure()
     try:

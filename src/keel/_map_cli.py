@@ -13,7 +13,10 @@ from rich.table import Table
 from keel import urls
 from keel.errors import ConfigError
 
-app = typer.Typer(help="Render the service map recorded from live traffic, and what it smells of.")
+app = typer.Typer(
+    help="Render the service map recorded from live traffic, and what it smells of.",
+    rich_markup_mode=None,
+)
 DB = Annotated[
     Path | None, typer.Option("--db", help="map database (default $KEEL_MAP_DB or .keel/map.db)")
 ]

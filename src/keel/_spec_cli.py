@@ -13,7 +13,10 @@ from rich.table import Table
 from keel.errors import ConfigError
 from keel.messaging.spec import diff_specs, export_spec, load
 
-app = typer.Typer(help="Export an RPC interface spec, or list the breaking changes between two.")
+app = typer.Typer(
+    help="Export an RPC interface spec, or list the breaking changes between two.",
+    rich_markup_mode=None,
+)
 STYLE = {"breaking": "bold red", "needs-minor": "yellow", "wrong": "bold red", "allowed": "green"}
 
 

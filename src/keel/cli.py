@@ -15,6 +15,7 @@ app = typer.Typer(
     help="Keel: messaging, drain, coordination, events and guest agents for control planes.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,  # click's help wraps words at the terminal width; rich's cut them
 )
 
 app.add_typer(agent_app, name="agent")

@@ -42,6 +42,19 @@ class MissingExtra(ConfigError, ImportError):
     """A backend's client library is not installed; the message names the extra to install."""
 
 
+class TLSError(ConfigError):
+    """A TLS handshake with a backend failed in a way retrying will not mend. Fields:
+    ``reason`` (``unknown-ca``: the server's certificate is not signed by our ``ca``;
+    ``expired``: the server's certificate has expired; ``hostname``: it names another host;
+    ``client-cert-expired``, ``client-cert-rejected``, ``client-cert-required``: the server
+    refused our ``cert``; ``not-tls``: the port does not speak TLS), ``backend``, ``server``."""
+
+
+class CredentialsRejected(ConfigError):
+    """The backend refused the user name or password (or token, nkey, ACL user). Fields
+    ``backend``, ``server``, ``user``. The message never holds the secret."""
+
+
 # --- messaging -----------------------------------------------------------------------------
 
 
@@ -100,7 +113,12 @@ class AntiPatternError(MessagingError):
 
 
 class MalformedMessage(MessagingError, ValueError):
-    """Bytes on a Keel queue are not a Keel envelope of a version this side reads."""
+    """Bytes on a Keel queue are not a Keel envelope of a version this side reads.
+
+    Field ``problem`` says which check failed (``oversize``, ``depth``, ``range``,
+    ``syntax``, ``version``, ``shape``; ``internal`` when Keel read the message but failing
+    code of its own could not handle it); ``size`` is the body's length in bytes.
+    """
 
 
 # --- coordination --------------------------------------------------------------------------

@@ -8,16 +8,27 @@ newer or a foreign message from a damaged one and dead-letter it with a clear re
 What crosses the wire (arguments, results, payloads): None, bool, int, float, str, bytes,
 list/tuple (arrive as list), dict with str keys, datetime (timezone-aware arrives aware),
 and msgspec Structs, dataclasses, enums, UUIDs and sets (arrive as their plain encoding:
-dict, value, str, list). Anything else raises `SerializationError` at the sender.
+dict, value, str, list), nested at most `MAX_DEPTH` containers deep. Anything else raises
+`SerializationError` at the sender.
+
+Reading is total and bounded: a decoder either returns its Struct or raises
+`MalformedMessage` (field ``problem`` says which bound or check failed), never a
+`RecursionError`, `OverflowError`, `MemoryError` or a msgspec error. A body over the reader's
+size limit is refused before a byte of it is parsed; nesting is bounded during parsing
+(msgspec's recursion guard) and then to `MAX_DEPTH`, checked only when the body holds enough
+container markers to nest that deep, so small messages pay one ``bytes.translate``; integer
+fields carry the ranges Keel writes (msgspec ``Meta`` constraints, checked in C).
 """
 
 from __future__ import annotations
 
 import random
 import time
-from typing import Any
+from itertools import chain
+from typing import Annotated, Any, TypeVar
 
 import msgspec
+from msgspec import Meta
 
 from keel.errors import MalformedMessage, MessageTooLarge, SerializationError
 
@@ -28,6 +39,19 @@ CALL = 1
 CAST = 2
 FANOUT = 3
 NOTIFY = 4
+
+MAX_DEPTH = 64  # containers a value (argument, result, payload, context extra) may nest
+
+# What the reader accepts in the envelope's own fields: what Keel writes, nothing a hostile
+# writer could use to overflow, pin a deadline or flood a metric.
+_EnvelopeVersion = Annotated[int, Meta(ge=1, le=ENVELOPE_VERSION)]
+_Count = Annotated[int, Meta(ge=0, le=2**31)]
+_Attempt = Annotated[int, Meta(ge=1, le=2**31)]
+_Kind = Annotated[int, Meta(ge=CALL, le=FANOUT)]
+_Deadline = Annotated[float, Meta(ge=0.0, le=1e11)]  # Unix seconds; NaN and inf fail too
+# Its form (MAJOR.MINOR, ASCII digits) is checked where it is used (messaging's
+# parse_version, a typed error to the sender); a regex here would cost every message.
+_InterfaceVersion = Annotated[str, Meta(max_length=19)]
 
 
 # Ids must be unique, not secret: the module-level Mersenne Twister is seeded from the OS and
@@ -58,9 +82,9 @@ class RequestContext(msgspec.Struct, array_like=True, omit_defaults=True):
     project: str | None = None
     roles: tuple[str, ...] = ()
     traceparent: str = msgspec.field(default_factory=new_traceparent)
-    deadline: float | None = None
+    deadline: _Deadline | None = None
     service: str | None = None
-    depth: int = 0
+    depth: _Count = 0
     extra: dict[str, Any] = {}
 
     @property
@@ -86,17 +110,17 @@ class RequestContext(msgspec.Struct, array_like=True, omit_defaults=True):
 class Request(msgspec.Struct, array_like=True, omit_defaults=True):
     """An RPC request (call, cast or fanout) as it sits on a server's queue."""
 
-    v: int
-    kind: int
+    v: _EnvelopeVersion
+    kind: _Kind
     id: str  # unique per message; for casts also the idempotency key
     method: str
     ctx: RequestContext
     args: dict[str, Any] = {}
     namespace: str | None = None
-    version: str = "1.0"
+    version: _InterfaceVersion = "1.0"
     reply_to: str | None = None
     server: str | None = None  # the named server a request was addressed to, if any
-    attempt: int = 1
+    attempt: _Attempt = 1
 
 
 class Failure(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -112,7 +136,7 @@ class Failure(msgspec.Struct, array_like=True, omit_defaults=True):
 class Reply(msgspec.Struct, array_like=True, omit_defaults=True):
     """The answer to a call: a result or a failure, with the id of the request."""
 
-    v: int
+    v: _EnvelopeVersion
     id: str
     result: Any = None
     failure: Failure | None = None
@@ -122,7 +146,7 @@ class Reply(msgspec.Struct, array_like=True, omit_defaults=True):
 class Notification(msgspec.Struct, array_like=True, omit_defaults=True):
     """A notification as Keel carries it (oslo's JSON format lives in messaging.oslo)."""
 
-    v: int
+    v: _EnvelopeVersion
     message_id: str
     publisher_id: str
     event_type: str
@@ -145,7 +169,68 @@ _encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
 _request_decoder = msgspec.msgpack.Decoder(Request)
 _reply_decoder = msgspec.msgpack.Decoder(Reply)
 _notification_decoder = msgspec.msgpack.Decoder(Notification)
-_any_decoder = msgspec.msgpack.Decoder()
+_decoders: dict[type[Any], msgspec.msgpack.Decoder[Any]] = {
+    Request: _request_decoder,
+    Reply: _reply_decoder,
+    Notification: _notification_decoder,
+}
+
+_MSGPACK_OPENERS = bytes(range(0x80, 0xA0)) + b"\xdc\xdd\xde\xdf"  # fixmap/fixarray, 16, 32
+NOT_MSGPACK_OPENERS = bytes(b for b in range(256) if b not in _MSGPACK_OPENERS)
+NOT_JSON_OPENERS = bytes(b for b in range(256) if b not in b"[{")
+INT_MIN, INT_MAX = -(2**63), 2**64 - 1  # what msgpack carries
+_NESTED = (list, dict, tuple)
+
+
+def may_nest(data: bytes, not_openers: bytes, limit: int = MAX_DEPTH) -> bool:
+    """Whether ``data`` holds enough container openers to nest deeper than ``limit``.
+
+    False proves it cannot (every level needs one opener byte); True only means a walk of the
+    decoded value must tell (strings and wide containers hold openers too).
+    """
+    return len(data) > limit and len(data.translate(None, not_openers)) > limit
+
+
+def nesting_problem(value: Any, limit: int = MAX_DEPTH, *, ints: bool = False) -> str | None:
+    """``"depth"`` if ``value`` nests more than ``limit`` containers deep (map keys count),
+    ``"range"`` if ``ints`` and an integer is outside what msgpack carries, else None.
+
+    Iterative, so as deep as the value is, it never recurses.
+    """
+    if ints and type(value) is int:
+        return None if INT_MIN <= value <= INT_MAX else "range"
+    if type(value) not in _NESTED:
+        return None
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    push = stack.append
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return "depth"
+        # Iterating a dict gives its keys: map keys decode as tuples and nest too.
+        for part in chain(node, node.values()) if type(node) is dict else node:
+            kind = type(part)
+            if kind in _NESTED:
+                push((part, depth + 1))
+            elif ints and kind is int and not INT_MIN <= part <= INT_MAX:
+                return "range"
+    return None
+
+
+def _values(message: Request | Reply | Notification) -> list[tuple[Any, int]]:
+    """The free-form values of a message with their limits (a dict of values: one more)."""
+    if isinstance(message, Request):
+        return [(message.args, MAX_DEPTH + 1), (message.ctx.extra, MAX_DEPTH + 1)]
+    if isinstance(message, Reply):
+        found: list[tuple[Any, int]] = [(message.result, MAX_DEPTH)]
+        if message.failure is not None:
+            found.append((message.failure.fields, MAX_DEPTH + 1))
+        return found
+    return [(message.payload, MAX_DEPTH), (message.ctx.extra, MAX_DEPTH + 1)]
+
+
+def _too_deep(message: Request | Reply | Notification) -> bool:
+    return any(nesting_problem(value, limit) for value, limit in _values(message))
 
 
 def encode(message: Request | Reply | Notification, limit: int) -> bytes:
@@ -154,6 +239,8 @@ def encode(message: Request | Reply | Notification, limit: int) -> bytes:
         data = _encoder.encode(message)
     except SerializationError:
         raise
+    except RecursionError:
+        raise _too_deep_to_send() from None
     except (TypeError, ValueError, OverflowError) as exc:
         # e.g. a dict with non-str keys or an int beyond 64 bits
         raise SerializationError(f"cannot encode message: {exc}") from None
@@ -164,43 +251,186 @@ def encode(message: Request | Reply | Notification, limit: int) -> bytes:
             size=len(data),
             limit=limit,
         )
+    # The reader refuses what nests deeper than MAX_DEPTH: say so here, to the sender.
+    if may_nest(data, NOT_MSGPACK_OPENERS):
+        try:
+            as_read = _decoders[type(message)].decode(data)
+        except msgspec.ValidationError as exc:  # e.g. a context deadline out of range
+            raise SerializationError(
+                f"cannot send this message, readers refuse it: {exc}"
+            ) from None
+        if _too_deep(as_read):
+            raise _too_deep_to_send()
     return data
 
 
-def _check_version(data: bytes, what: str) -> None:
-    # Called only after a decode failed, to say why in words an operator can act on.
+def _too_deep_to_send() -> SerializationError:
+    return SerializationError(
+        f"cannot send a value nested more than {MAX_DEPTH} containers deep (readers refuse "
+        "deeper ones); flatten it or send a reference",
+        limit=MAX_DEPTH,
+    )
+
+
+# --- reading -------------------------------------------------------------------------------
+
+M = TypeVar("M")
+
+
+def _clip(text: str, size: int = 300) -> str:
+    """One line of bounded length: reasons end up in logs, headers and metrics' neighbours."""
+    text = " ".join(text.split())
+    return text if len(text) <= size else text[: size - 3] + "..."
+
+
+def oversize(what: str, size: int, limit: int) -> MalformedMessage:
+    return MalformedMessage(
+        f"{what} is {size} bytes, over this side's {limit}-byte limit (max_message_bytes); "
+        "not read",
+        problem="oversize",
+        size=size,
+        limit=limit,
+    )
+
+
+def decode_bounded(
+    decoder: msgspec.msgpack.Decoder[M], data: bytes, what: str, limit: int | None = None
+) -> M:
+    """``decoder.decode(data)`` made total: the Struct, or `MalformedMessage` with the reason.
+
+    ``limit`` (the reader's ``max_message_bytes``) refuses a longer body without reading it.
+    """
+    if limit is not None and len(data) > limit:
+        raise oversize(what, len(data), limit)
     try:
-        head = _any_decoder.decode(data)
-    except (msgspec.DecodeError, ValueError):  # invalid UTF-8 is a ValueError
-        raise MalformedMessage(f"not a Keel {what}: bytes are not msgpack") from None
-    if isinstance(head, list) and head and isinstance(head[0], int) and head[0] > ENVELOPE_VERSION:
-        raise MalformedMessage(
-            f"{what} has envelope version {head[0]}; this Keel reads up to "
-            f"{ENVELOPE_VERSION}: upgrade this side",
-            envelope_version=head[0],
+        return decoder.decode(data)
+    except Exception as exc:  # RecursionError, msgspec's errors, invalid UTF-8, anything
+        raise _unreadable(data, what, exc) from None
+
+
+def _unreadable(data: bytes, what: str, exc: Exception) -> MalformedMessage:
+    if isinstance(exc, RecursionError):
+        problem, reason = "depth", "nested deeper than this reader's recursion limit"
+    elif isinstance(exc, msgspec.ValidationError):
+        problem, reason = _invalid(data, str(exc))
+    elif isinstance(exc, msgspec.DecodeError | ValueError):  # ValueError: invalid UTF-8
+        problem, reason = "syntax", f"bytes are not msgpack ({exc})"
+    else:  # OverflowError, MemoryError, ... : whatever msgspec may raise one day
+        problem, reason = "range", f"{type(exc).__name__}: {exc}"
+    return MalformedMessage(_clip(f"not a Keel {what}: {reason}"), problem=problem, size=len(data))
+
+
+def _invalid(data: bytes, detail: str) -> tuple[str, str]:
+    """Why a msgpack value is not the Struct: a version this side does not read, or its shape."""
+    version = _head_int(data)
+    if version is not None and version > ENVELOPE_VERSION:
+        return "version", (
+            f"envelope version {version}; this Keel reads up to {ENVELOPE_VERSION}: upgrade "
+            "this side"
         )
-    raise MalformedMessage(f"not a Keel {what}: unexpected structure")
+    if version is not None and version < 1:
+        return "version", f"envelope version {version}, which no Keel writes"
+    problem = "range" if any(op in detail for op in (">=", "<=", "` <", "` >")) else "shape"
+    return problem, f"unexpected structure ({detail})"
 
 
-def decode_request(data: bytes) -> Request:
+def _head_int(data: bytes) -> int | None:
+    """The first element of a msgpack array if it is an integer (the envelope version)."""
+    at = _array_body(data)
+    if at is None or at >= len(data):
+        return None
+    value, _ = _read_int(data, at)
+    return value
+
+
+def _array_body(data: bytes) -> int | None:
+    """Offset of an array's first element, or None if ``data`` does not start an array."""
+    if not data:
+        return None
+    head = data[0]
+    if 0x90 <= head <= 0x9F:
+        return 1
+    return {0xDC: 3, 0xDD: 5}.get(head)
+
+
+_INT_SIZES = {0xCC: (1, False), 0xCD: (2, False), 0xCE: (4, False), 0xCF: (8, False),
+              0xD0: (1, True), 0xD1: (2, True), 0xD2: (4, True), 0xD3: (8, True)}  # fmt: skip
+
+
+def _read_int(data: bytes, at: int) -> tuple[int | None, int]:
+    head = data[at]
+    if head <= 0x7F:
+        return head, at + 1
+    if head >= 0xE0:
+        return head - 0x100, at + 1
+    found = _INT_SIZES.get(head)
+    if found is None or at + 1 + found[0] > len(data):
+        return None, at
+    size, signed = found
+    return int.from_bytes(data[at + 1 : at + 1 + size], "big", signed=signed), at + 1 + size
+
+
+def reply_id(data: bytes) -> str | None:
+    """The request id of a reply's body, read from its first bytes alone (None if absent).
+
+    A reply too large or too broken to decode still names the call it answers, so that call
+    can fail now instead of at its deadline. Reads at most the header of three elements.
+    """
+    at = _array_body(data)
+    if at is None or at >= len(data):
+        return None
+    version, at = _read_int(data, at)
+    if version is None or at >= len(data):
+        return None
+    head = data[at]
+    if 0xA0 <= head <= 0xBF:
+        size, at = head & 0x1F, at + 1
+    elif head == 0xD9 and at + 1 < len(data):
+        size, at = data[at + 1], at + 2
+    else:
+        return None
+    if size > 128 or at + size > len(data):
+        return None
     try:
-        return _request_decoder.decode(data)
-    except (msgspec.DecodeError, ValueError):  # invalid UTF-8 is a ValueError
-        _check_version(data, "request")
-        raise  # unreachable: _check_version always raises
+        return data[at : at + size].decode()
+    except UnicodeDecodeError:
+        return None
 
 
-def decode_reply(data: bytes) -> Reply:
+_Message = TypeVar("_Message", Request, Reply, Notification)
+
+
+def _decode_message(
+    decoder: msgspec.msgpack.Decoder[_Message], data: bytes, what: str, limit: int | None
+) -> _Message:
+    """`decode_bounded`, then `MAX_DEPTH` for the free-form values. Runs on every message:
+    the size check and the opener count are cheap, the walk rare."""
+    if limit is not None and len(data) > limit:
+        raise oversize(what, len(data), limit)
     try:
-        return _reply_decoder.decode(data)
-    except (msgspec.DecodeError, ValueError):  # invalid UTF-8 is a ValueError
-        _check_version(data, "reply")
-        raise
+        message = decoder.decode(data)
+    except Exception as exc:
+        raise _unreadable(data, what, exc) from None
+    if (
+        len(data) > MAX_DEPTH
+        and len(data.translate(None, NOT_MSGPACK_OPENERS)) > MAX_DEPTH
+        and _too_deep(message)
+    ):
+        raise MalformedMessage(
+            f"not a Keel {what}: a value nests more than {MAX_DEPTH} containers deep",
+            problem="depth",
+            size=len(data),
+        )
+    return message
 
 
-def decode_notification(data: bytes) -> Notification:
-    try:
-        return _notification_decoder.decode(data)
-    except (msgspec.DecodeError, ValueError):  # invalid UTF-8 is a ValueError
-        _check_version(data, "notification")
-        raise
+def decode_request(data: bytes, limit: int | None = None) -> Request:
+    return _decode_message(_request_decoder, data, "request", limit)
+
+
+def decode_reply(data: bytes, limit: int | None = None) -> Reply:
+    return _decode_message(_reply_decoder, data, "reply", limit)
+
+
+def decode_notification(data: bytes, limit: int | None = None) -> Notification:
+    return _decode_message(_notification_decoder, data, "notification", limit)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -30,6 +31,15 @@ BROKERS: dict[str, tuple[str, Callable[[], str]]] = {
     "redis": ("redis", lambda: server_url("redis")),
 }
 
+# Options that make a transport whose broker redelivers unsettled messages on a timer (JetStream's
+# ack_wait, Redis' visibility timeout) do so after REDELIVERY_WINDOW seconds, so a test can
+# outlast that timer cheaply. Transports that redeliver only when a consumer goes need none.
+REDELIVERY_WINDOW = 1.0
+QUICK_REDELIVERY: dict[str, dict[str, float]] = {
+    "nats": {"ack_wait": REDELIVERY_WINDOW},
+    "redis": {"visibility_timeout": REDELIVERY_WINDOW},
+}
+
 _topic_ids = itertools.count()
 
 
@@ -38,16 +48,23 @@ def transport_url(request: pytest.FixtureRequest) -> str:
     return TRANSPORTS[request.param]()
 
 
-TransportFactory = Callable[[], Awaitable[Transport]]
+@pytest.fixture
+def quick_redelivery(request: pytest.FixtureRequest, transport_url: str) -> dict[str, float]:
+    """Keyword options for `make_transport`: see QUICK_REDELIVERY."""
+    return QUICK_REDELIVERY.get(request.node.callspec.params["transport_url"], {})
+
+
+TransportFactory = Callable[..., Awaitable[Transport]]
 
 
 @pytest.fixture
 async def make_transport(transport_url: str) -> AsyncIterator[TransportFactory]:
-    """Open extra connections to the same broker (as separate processes would)."""
+    """Open extra connections to the same broker (as separate processes would), with the
+    transport's keyword options if given (``max_message_bytes=...``)."""
     opened: list[Transport] = []
 
-    async def make() -> Transport:
-        transport = await connect(transport_url)
+    async def make(**options: Any) -> Transport:
+        transport = await connect(transport_url, **options)
         opened.append(transport)
         return transport
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from typing import Any
 
 import pytest
@@ -20,7 +21,7 @@ from keel.messaging import (
 )
 from keel.messaging._target import rpc_queue
 from keel.wire import decode_request
-from tests.conformance.conftest import TransportFactory
+from tests.conformance.conftest import REDELIVERY_WINDOW, TransportFactory
 from tests.helpers import eventually
 
 
@@ -118,6 +119,63 @@ async def test_new_direct_work_waits_for_the_successor(
     await eventually(lambda: new_worker.done == ["for-successor"])
     assert client.counts["keel_rpc_client_requests", "call", "whoami", "retried"] >= 1
     await successor.stop()
+
+
+async def test_a_busy_drain_hands_back_waiting_requests_at_once(
+    make_transport: TransportFactory, topic: str
+) -> None:
+    """A draining server with every slot taken gives back the requests waiting for a slot
+    the moment the drain begins, not when its running handlers end."""
+    busy, worker = await start(await make_transport(), topic, "a", max_concurrency=4)
+    client = RPCClient(await make_transport(), Target(topic), timeout=30)
+    calls = [asyncio.ensure_future(client.call(None, "slow")) for _ in range(8)]
+    await eventually(lambda: busy.running == 4)
+    await asyncio.sleep(0.5)  # the other four reach the busy server and wait for a slot
+    idle, idle_worker = await start(await make_transport(), topic, "b")
+    idle_worker.gate.set()
+    draining = asyncio.ensure_future(busy.drain(timeout=30))
+    began = time.monotonic()
+    await eventually(lambda: sum(call.done() for call in calls) == 4, timeout=5)
+    handed_back = time.monotonic() - began
+    assert sorted(call.result() for call in calls if call.done()) == ["b"] * 4
+    assert busy.running == 4  # the running ones are still running
+    worker.gate.set()
+    assert sorted(await asyncio.gather(*calls)) == ["a"] * 4 + ["b"] * 4
+    await draining
+    assert handed_back < 3, f"waiting calls handed back {handed_back:.1f}s after the drain"
+    await idle.stop()
+
+
+class Long:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.runs: list[str] = []
+        self.done: list[str] = []
+
+    async def long(self, ctx: RequestContext, key: str, seconds: float) -> None:
+        self.runs.append(key)
+        await asyncio.sleep(seconds)
+        self.done.append(key)
+
+
+async def test_a_cast_longer_than_the_redelivery_timer_runs_once_through_a_drain(
+    make_transport: TransportFactory, topic: str, quick_redelivery: dict[str, float]
+) -> None:
+    """A delivery's keep-alive lasts until it is settled, even after its consumer was
+    cancelled by the drain: no other server runs the cast a second time."""
+    first, second = Long("a"), Long("b")
+    draining = RPCServer(await make_transport(**quick_redelivery), Target(topic), [first])
+    await draining.start()
+    client = RPCClient(await make_transport(), Target(topic))
+    await client.cast(None, "long", key="k", seconds=2.5 * REDELIVERY_WINDOW)
+    await eventually(lambda: first.runs == ["k"])
+    other = RPCServer(await make_transport(**quick_redelivery), Target(topic), [second])
+    await other.start()
+    await draining.drain(timeout=30)
+    assert first.done == ["k"]
+    await asyncio.sleep(1.5 * REDELIVERY_WINDOW)  # a redelivery would have come by now
+    assert second.runs == []
+    await other.stop()
 
 
 class V10:

@@ -215,3 +215,86 @@ async def test_openapi_lists_every_route(server: HubServer, alice: httpx.AsyncCl
     app = create_app(server.hub)
     routes = {r.path for r in app.routes if r.path.startswith("/v1/")}  # type: ignore[attr-defined]
     assert routes - {"/v1/openapi.json"} == set(doc["paths"])
+
+
+DEEP_FILTER = (
+    b'{"filters": [' + b'{"not": ' * 3000 + b'{"exact": {"type": "x"}}' + b"}" * 3000 + b"]}"
+)
+DEEP_EVENT = (
+    b'{"specversion": "1.0", "id": "deep", "source": "s", "type": "t", "tenant": "p-one", '
+    b'"data": ' + b"[" * 20000 + b"]" * 20000 + b"}"
+)
+
+
+@pytest.mark.parametrize(
+    ("request_line", "body", "headers", "field"),
+    [
+        ("GET /stream", None, {"Last-Event-ID": b"\xb2"}, "Last-Event-ID"),
+        ("GET /stream", None, {"Last-Event-ID": "9" * 5000}, "Last-Event-ID"),
+        ("GET /stream", None, {"Last-Event-ID": "99999999999999999999"}, "Last-Event-ID"),
+        ("GET /stream?after=\u0663", None, {}, "after"),
+        ("GET /events?after=99999999999999999999", None, {}, "after"),
+        ("GET /events?after=-1", None, {}, "after"),
+        ("GET /events?limit=1&limit=2", None, {}, "limit"),
+        ("GET /dead-letters?marker=1e3", None, {}, "marker"),
+        ("POST /claims", b'{"limit": 1e300}', {}, "limit"),
+        ("POST /claims/clm-x/ack", b'{"seqs": [4611686018427387905]}', {}, "seqs"),
+    ],
+)
+async def test_numbers_from_clients_are_parsed_strictly(
+    alice: httpx.AsyncClient,
+    request_line: str,
+    body: bytes | None,
+    headers: dict[str, Any],
+    field: str,
+) -> None:
+    method, path = request_line.split()
+    sub = (await alice.post("/v1/subscriptions", json={})).json()["id"]
+    r = await alice.request(
+        method, f"/v1/subscriptions/{sub}{path}", content=body, headers=headers, timeout=5
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["field"] == field
+
+
+@pytest.mark.parametrize(
+    ("path", "body"), [("/v1/subscriptions", DEEP_FILTER), ("/v1/events", DEEP_EVENT)]
+)
+async def test_deep_nesting_is_a_400_naming_the_limit(
+    admin: httpx.AsyncClient, path: str, body: bytes
+) -> None:
+    assert len(body) < 64 * 1024
+    r = await admin.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["limit"] == 64
+    assert "deeper than 64 levels" in r.json()["error"]["message"]
+
+
+async def test_a_subscription_needs_a_body(alice: httpx.AsyncClient) -> None:
+    r = await alice.post("/v1/subscriptions", content=b"")
+    assert r.status_code == 400
+    assert (await alice.get("/v1/subscriptions")).json()["subscriptions"] == []
+
+
+async def test_405_says_which_methods_are_allowed(alice: httpx.AsyncClient) -> None:
+    r = await alice.put("/v1/subscriptions", json={})
+    assert r.status_code == 405
+    assert set(r.headers["allow"].replace(" ", "").split(",")) == {"GET", "HEAD", "POST"}
+
+
+async def test_integers_are_what_json_schema_calls_integers(alice: httpx.AsyncClient) -> None:
+    r = await alice.post(
+        "/v1/subscriptions", json={"max_deliveries": 3.0, "retention": {"max_messages": 1e3}}
+    )
+    assert r.status_code == 201, r.text
+    assert (r.json()["max_deliveries"], r.json()["retention"]["max_messages"]) == (3, 1000)
+    for bad in ({"max_deliveries": 2.5}, {"max_deliveries": True}, {"max_deliveries": "3"}):
+        assert (await alice.post("/v1/subscriptions", json=bad)).status_code == 400, bad
+
+
+async def test_pages_declare_their_icon_so_browsers_ask_for_no_favicon(
+    clients: Clients,
+) -> None:
+    anon = clients(None)
+    for path in ("/", "/map"):
+        assert '<link rel="icon" href="data:,">' in (await anon.get(path)).text

@@ -193,3 +193,23 @@ async def test_concurrent_writes_fail_and_succeed_independently(store: Store) ->
         (4, "ready"),
         (5, "ready"),
     ]
+
+
+async def test_bodies_shared_by_queues_outlive_retention_and_deletes_of_others(
+    store: Store,
+) -> None:
+    # One body per event however many queues it went to; cleaning up the bodies no queue
+    # holds any more must never take one a queue still holds.
+    await make_sub(store, "a", retention=Retention(max_age_s=10, max_messages=None))
+    await make_sub(store, "b")
+    await make_sub(store, "c", retention=Retention(max_age_s=None, max_messages=2))
+    await store.append([Routed(f"e{n}", ev(n), ("a", "b", "c")) for n in range(1, 5)], now=NOW)
+    await store.append([Routed("e5", ev(5), ("a", "c")), Routed("e6", ev(6), ("b",))], now=NOW + 20)
+    await store.delete_subscription("b")
+    assert await store.enforce_retention(now=NOW + 25) == 4  # a's first four
+    for sub_id, want in (("a", [5]), ("c", [4, 5])):
+        _, messages = await store.read(sub_id, after=0, limit=10)
+        assert [msgspec.json.decode(bytes(m.event))["n"] for m in messages] == want
+    await store.append([Routed("e7", ev(7), ("a",))], now=NOW + 26)
+    _, messages = await store.read("a", after=0, limit=10)
+    assert [msgspec.json.decode(bytes(m.event))["n"] for m in messages] == [5, 7]

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import socket
 import sys
+from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.hub.sse import frames
 
@@ -49,6 +52,10 @@ async def test_keel_up_serves_two_tenants_and_stops_on_sigint(tmp_path: object) 
         tokens = dict(re.findall(r"tenant (\S+) \(\w+\): token (\S+)", text))
         assert url is not None, text
         assert set(tokens) == {"demo-alpha", "demo-beta"}
+        # The map's printed URL works as it is: it carries a token, as the dashboard's does.
+        map_url = re.search(r"live service map: (\S+)", text)
+        assert map_url is not None
+        assert map_url.group(1).endswith("/map#token=" + tokens["demo-alpha"])
         async with httpx.AsyncClient(base_url=url.group(1), timeout=10) as anon:
             page = await anon.get("/")
             assert page.status_code == 200
@@ -72,3 +79,33 @@ async def test_keel_up_serves_two_tenants_and_stops_on_sigint(tmp_path: object) 
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+@pytest.mark.parametrize("command", [["up"], ["hub", "serve", "--store", "sqlite:///{tmp}/h.db"]])
+async def test_a_port_in_use_is_one_line_and_exit_2(tmp_path: Path, command: list[str]) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    (tmp_path / "tokens.json").write_text("{}")
+    args = [c.format(tmp=tmp_path) for c in command]
+    if command[0] == "hub":
+        args += ["--tokens", str(tmp_path / "tokens.json")]
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "keel",
+            *args,
+            "--port",
+            str(port),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        async with asyncio.timeout(60):
+            out = (await proc.communicate())[0].decode()
+    finally:
+        taken.close()
+    assert proc.returncode == 2, out
+    assert "Traceback" not in out
+    assert f"port {port} on 127.0.0.1 is taken" in out

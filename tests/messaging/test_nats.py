@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from keel import errors
 from keel.messaging import connect
+from keel.messaging.transports import nats as nats_transport
 from keel.messaging.transports.base import Delivery
 from keel.messaging.transports.nats import _token
 from tests.helpers import eventually
@@ -86,4 +87,31 @@ async def test_limits_are_typed_errors() -> None:
         await transport.send("anything", b"x" * (transport.max_message_bytes + 1), durable=True)
     with pytest.raises(errors.ConfigError, match="one subject"):
         await transport.declare_queue("two-bindings", durable=True, bindings=["a.b", "c.d"])
+    await transport.close()
+
+
+async def test_a_core_flood_past_the_backlog_waits_in_the_stream_not_in_memory() -> None:
+    """Core NATS has no credit: what a busy consumer holds beyond it is bounded, the rest
+    goes to the queue's stream and still arrives, with credit, once the consumer settles."""
+    transport = await connect(server_url("nats"))
+    sender = await connect(server_url("nats"))
+    queue = f"nats-{uuid.uuid4().hex[:8]}"
+    await transport.declare_queue(queue, durable=True)
+    held: list[Delivery] = []
+    consumer = await transport.consume(queue, held.append, prefetch=1)
+    total = nats_transport._BACKLOG_LIMIT + 500
+    for i in range(total):
+        await sender.send(queue, b"%d" % i, durable=False)
+    await eventually(lambda: len(held) == 1, timeout=10)
+    backlog = consumer._backlog  # type: ignore[union-attr]
+    await eventually(lambda: len(backlog) == nats_transport._BACKLOG_LIMIT, timeout=20)
+    await asyncio.sleep(0.5)
+    assert len(backlog) == nats_transport._BACKLOG_LIMIT
+    seen = 0
+    while seen < total:  # settle each as it comes: everything arrives
+        await eventually(lambda n=seen: len(held) > n, timeout=20)
+        await held[seen].ack()
+        seen += 1
+    assert sorted(int(d.body) for d in held) == list(range(total))
+    await sender.close()
     await transport.close()

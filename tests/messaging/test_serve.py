@@ -3,6 +3,7 @@ the health probe tells an orchestrator when to stop sending work."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -11,7 +12,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
+
+import pytest
+
+from keel import errors
+from keel.messaging import RequestContext, RPCClient, RPCServer, ServerState, Target, connect, serve
+from tests.helpers import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -98,3 +106,31 @@ def test_health_endpoint_paths() -> None:
             assert "healthz" in json.loads(error.read())["error"]
     finally:
         _reap(proc)
+
+
+class _Slow:
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+
+    async def slow(self, ctx: RequestContext) -> str:
+        self.started.set()
+        await asyncio.sleep(30)
+        return "ok"
+
+
+async def test_a_zero_drain_timeout_means_zero() -> None:
+    """serve(drain_timeout=0): the first signal cancels what runs, it does not wait 25 s."""
+    transport = await connect(f"memory://serve-zero-{uuid.uuid4().hex[:8]}")
+    endpoint = _Slow()
+    server = RPCServer(transport, Target("svc"), [endpoint])
+    running = asyncio.ensure_future(serve([server], drain_timeout=0))
+    await eventually(lambda: server.state is ServerState.SERVING)
+    call = asyncio.ensure_future(RPCClient(transport, Target("svc"), timeout=60).call(None, "slow"))
+    await endpoint.started.wait()
+    began = time.monotonic()
+    os.kill(os.getpid(), signal.SIGTERM)  # serve() installed its handler before starting parts
+    with pytest.raises(errors.ServerDraining):
+        await asyncio.wait_for(call, 10)
+    await asyncio.wait_for(running, 10)
+    assert time.monotonic() - began < 3
+    await transport.close()

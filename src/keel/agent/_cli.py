@@ -31,7 +31,9 @@ from keel.agent._channel import (
 )
 from keel.errors import AgentError, ConfigError, KeelError
 
-app = typer.Typer(help="The Keel guest agent.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="The Keel guest agent.", no_args_is_help=True, add_completion=False, rich_markup_mode=None
+)
 
 
 def server_tls(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:

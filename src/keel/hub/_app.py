@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
@@ -27,29 +27,18 @@ from keel import errors
 from keel._log import event as log_event
 from keel.hub._auth import Principal
 from keel.hub._core import Hub
-from keel.hub._events import decode_event
+from keel.hub._events import event_from_json
+from keel.hub._input import MAX_SEQ, decode_json, integer, no_repeats, parse_uint
 from keel.hub._map_feed import MapFeed
 from keel.hub._openapi import openapi_document
 from keel.hub._sse import RAW_SEND, EventStreamResponse, StreamCursor
+from keel.hub._status import error_fields, keel_error
 from keel.hub._ws import websocket_stream
 from keel.hub.stores.base import Claim, Gap, Message, Subscription
 
 log = logging.getLogger("keel.hub.http")
 
 MAX_BODY = 64 * 1024
-
-_STATUS: list[tuple[type[errors.KeelError], int, str]] = [
-    (errors.Unauthorized, 401, "unauthorized"),
-    (errors.Forbidden, 403, "forbidden"),
-    (errors.NotFound, 404, "not_found"),
-    (errors.ClaimExpired, 409, "claim_expired"),
-    (errors.QuotaExceeded, 409, "quota_exceeded"),
-    (errors.Conflict, 409, "conflict"),
-    (errors.PayloadTooLarge, 413, "too_large"),
-    (errors.BadRequest, 400, "bad_request"),
-    (errors.ConfigError, 400, "bad_request"),
-    (errors.BackendUnavailable, 503, "unavailable"),  # the store is down: retry later
-]
 
 _HTTP_CODES = {
     404: "not_found",
@@ -59,8 +48,8 @@ _HTTP_CODES = {
 }
 
 
-def error_response(status: int, code: str, message: str) -> Response:
-    body = {"error": {"code": code, "message": message, "status": status}}
+def error_response(status: int, code: str, message: str, **fields: Any) -> Response:
+    body = {"error": {"code": code, "message": message, "status": status, **fields}}
     return Response(msgspec.json.encode(body), status, media_type="application/json")
 
 
@@ -76,12 +65,14 @@ def _guard(func: Handler) -> Handler:
     async def run(request: Request) -> Response:
         try:
             return await func(request)
+        except ClientDisconnect:
+            # The client went away mid-body: nobody reads an answer, and it is no error.
+            return Response(status_code=400)
         except errors.KeelError as exc:
-            for cls, status, code in _STATUS:
-                if isinstance(exc, cls):
-                    return error_response(status, code, exc.message)
-            log_event(log, logging.ERROR, "hub.http_error", error=repr(exc))
-            return error_response(503 if exc.retryable else 500, "internal", exc.message)
+            status, code = keel_error(exc)
+            if code == "internal":
+                log_event(log, logging.ERROR, "hub.http_error", error=repr(exc))
+            return error_response(status, code, exc.message, **error_fields(exc))
 
     return run
 
@@ -89,7 +80,9 @@ def _guard(func: Handler) -> Handler:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = _HTTP_CODES.get(exc.status_code, "bad_request")
-    return error_response(exc.status_code, code, str(exc.detail))
+    response = error_response(exc.status_code, code, str(exc.detail))
+    response.headers.update(exc.headers or {})  # 405's Allow
+    return response
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
@@ -97,12 +90,16 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return error_response(500, "internal", "internal error; the hub logged it")
 
 
-async def read_json(request: Request, max_body: int = MAX_BODY) -> Any:
+async def read_json(request: Request, max_body: int = MAX_BODY, *, required: bool = False) -> Any:
+    """The body as JSON (``{}`` when empty, unless ``required``), refused past ``max_body``
+    bytes before it is parsed and past `MAX_DEPTH` levels before it is decoded."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_body:
-        raise errors.PayloadTooLarge(
-            f"body of {declared} bytes exceeds {max_body}", size=int(declared), limit=max_body
-        )
+    if declared is not None:
+        size = parse_uint(declared, "Content-Length")
+        if size > max_body:
+            raise errors.PayloadTooLarge(
+                f"body of {size} bytes exceeds {max_body}", size=size, limit=max_body
+            )
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
@@ -112,29 +109,22 @@ async def read_json(request: Request, max_body: int = MAX_BODY) -> Any:
         chunks.append(chunk)
     body = b"".join(chunks)
     if not body.strip():
+        if required:
+            raise errors.BadRequest("this request needs a JSON body", field="body")
         return {}
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
-    if ctype not in ("application/json", "application/cloudevents+json"):
-        raise HTTPException(415, f"send application/json, not {ctype}")
-    try:
-        return msgspec.json.decode(body)
-    except msgspec.DecodeError as exc:
-        raise errors.BadRequest(f"body is not valid JSON: {exc}") from None
+    if ctype.lower() not in ("application/json", "application/cloudevents+json"):
+        raise HTTPException(415, f"send application/json, not {ctype[:60]}")
+    return decode_json(body)
 
 
-def _query_int(request: Request, name: str, default: int | None) -> int | None:
+def _query_int(
+    request: Request, name: str, default: int | None, maximum: int = MAX_SEQ
+) -> int | None:
     raw = request.query_params.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise errors.BadRequest(
-            f"{name} must be an integer, not {raw[:40]!r}", field=name
-        ) from None
-    if value < 0 or value > 2**62:
-        raise errors.BadRequest(f"{name} is out of range", field=name)
-    return value
+    return parse_uint(raw, name, maximum=maximum)
 
 
 def _seqs(body: Any) -> list[int] | None:
@@ -143,16 +133,12 @@ def _seqs(body: Any) -> list[int] | None:
     unknown = set(body) - {"seqs"}
     if unknown:
         raise errors.BadRequest(f"unknown field {sorted(unknown)[0]!r}")
-    seqs = body.get("seqs")
-    if seqs is None:
+    if "seqs" not in body:
         return None
-    if (
-        not isinstance(seqs, list)
-        or len(seqs) > 1000
-        or not all(type(s) is int and 0 < s < 2**62 for s in seqs)
-    ):
+    seqs = body["seqs"]
+    if not isinstance(seqs, list) or len(seqs) > 1000:
         raise errors.BadRequest("seqs must be a list of up to 1000 positive integers", field="seqs")
-    return seqs
+    return [integer(s, "seqs", minimum=1, maximum=MAX_SEQ) for s in seqs]
 
 
 def _number(body: Any, name: str, default: float, allowed: set[str]) -> float:
@@ -217,6 +203,7 @@ class Api:
         self.map_feed = map_feed
 
     async def who(self, request: Request, *, query_token: bool = False) -> Principal:
+        no_repeats(request.query_params.multi_items())
         token = request.headers.get("x-auth-token")
         if not token and query_token:
             token = request.query_params.get("access_token")
@@ -225,7 +212,7 @@ class Api:
     async def subscriptions(self, request: Request) -> Response:
         who = await self.who(request)
         if request.method == "POST":
-            sub = await self.hub.create_subscription(who, await read_json(request))
+            sub = await self.hub.create_subscription(who, await read_json(request, required=True))
             return json_response(subscription_view(sub), 201)
         page, nxt = await self.hub.list_subscriptions(
             who,
@@ -260,10 +247,8 @@ class Api:
         who = await self.who(request)
         body = await read_json(request)
         ttl = _number(body, "ttl", 30, {"ttl", "limit"})
-        limit = _number(body, "limit", 10, {"ttl", "limit"})
-        if limit != int(limit):
-            raise errors.BadRequest("limit must be an integer", field="limit")
-        claim = await self.hub.claim(who, request.path_params["sub_id"], limit=int(limit), ttl=ttl)
+        limit = integer(body.get("limit", 10), "limit", minimum=1, maximum=100)
+        claim = await self.hub.claim(who, request.path_params["sub_id"], limit=limit, ttl=ttl)
         if claim is None:
             return Response(status_code=204)
         return json_response(claim_view(claim), 201)
@@ -309,8 +294,7 @@ class Api:
         who = await self.who(request)
         if not who.is_admin:
             raise errors.Forbidden("only admins may post events")
-        body = await read_json(request)
-        event = decode_event(msgspec.json.encode(body))
+        event = event_from_json(await read_json(request, required=True))
         await self.hub.ingest_as(who, event)
         return json_response({"id": event.id}, 202)
 
@@ -320,9 +304,7 @@ class Api:
         resume = request.headers.get("last-event-id")
         after: int | None
         if resume:
-            if not resume.isdigit():
-                raise errors.BadRequest("Last-Event-ID must be a sequence number", field="id")
-            after = int(resume)
+            after = parse_uint(resume, "Last-Event-ID")
         else:
             after = _query_int(request, "after", None)
         # Join the fan-out before reading the position: nothing committed in between is lost.

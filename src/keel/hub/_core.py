@@ -19,8 +19,9 @@ import contextlib
 import logging
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -29,6 +30,7 @@ from keel.errors import (
     BadRequest,
     Conflict,
     Forbidden,
+    InvalidFilter,
     KeelError,
     NotFound,
     Unauthorized,
@@ -36,7 +38,8 @@ from keel.errors import (
 from keel.hub._auth import Authenticator, Principal
 from keel.hub._events import CloudEvent, encode_event
 from keel.hub._fanout import Fanout
-from keel.hub._filters import Predicate, compile_filter
+from keel.hub._filters import Predicate, compile_filter, index_key
+from keel.hub._input import MAX_DEPTH, check_depth
 from keel.hub._webhooks import (
     DEFAULT_BACKOFF,
     Dispatcher,
@@ -65,6 +68,7 @@ RESYNC_ATTEMPTS = 8
 
 class WebhookSpec(msgspec.Struct, forbid_unknown_fields=True):
     url: str
+    mode: Literal["structured", "binary"] = "structured"
 
 
 class SubscriptionSpec(msgspec.Struct, forbid_unknown_fields=True):
@@ -84,7 +88,19 @@ class SubscriptionSpec(msgspec.Struct, forbid_unknown_fields=True):
 _FILTER_FIELDS = ("types", "source", "subject", "priority", "filters")
 
 
+def _integral(value: Any) -> Any:
+    """``3.0`` as ``3``: JSON Schema (and so the OpenAPI document) counts it an integer."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def parse_spec(raw: Any) -> SubscriptionSpec:
+    if isinstance(raw, dict):
+        raw = dict(raw)
+        if "max_deliveries" in raw:
+            raw["max_deliveries"] = _integral(raw["max_deliveries"])
+        retention = raw.get("retention")
+        if isinstance(retention, dict) and "max_messages" in retention:
+            raw["retention"] = {**retention, "max_messages": _integral(retention["max_messages"])}
     try:
         spec = msgspec.convert(raw, SubscriptionSpec)
     except msgspec.ValidationError as exc:
@@ -113,13 +129,101 @@ def check_limit(limit: int | None, default: int = 100) -> int:
 
 
 class _Route:
-    __slots__ = ("all_projects", "id", "predicate", "project")
+    __slots__ = ("all_projects", "id", "key", "predicate", "project")
 
     def __init__(self, sub: Subscription) -> None:
         self.id = sub.id
         self.project = sub.project
         self.all_projects = sub.all_projects
-        self.predicate: Predicate = compile_filter(sub.spec)
+        self.key: tuple[str, str] | None = None
+        try:
+            self.predicate: Predicate = compile_filter(sub.spec)
+            self.key = index_key(sub.spec)
+        except InvalidFilter as exc:
+            # Stored before the current limits: it gets nothing rather than stop the hub.
+            log_event(log, logging.WARNING, "hub.filter_refused", sub=sub.id, error=exc.message)
+            self.predicate = lambda a: False
+
+
+_Pending = tuple[Routed, "asyncio.Future[None]"]
+
+
+class _FairQueue:
+    """Events waiting for a commit, one queue per tenant, taken round-robin.
+
+    A tenant whose events flood ingest fills only its own queue: every batch takes the
+    next event of each tenant in turn, so another tenant's event joins the very next commit
+    however long the flood's backlog is. A batch is bounded in events and in queue rows
+    (an event matching many subscriptions is many rows) and bytes, so no commit grows long
+    enough to hold everyone's events up."""
+
+    def __init__(self) -> None:
+        self._queues: dict[str | None, deque[_Pending]] = {}
+        self._ready = asyncio.Event()
+
+    def put(self, tenant: str | None, item: _Pending) -> None:
+        queue = self._queues.get(tenant)
+        if queue is None:
+            queue = self._queues[tenant] = deque()
+        queue.append(item)
+        self._ready.set()
+
+    async def take(self, max_events: int, max_rows: int, max_bytes: int) -> list[_Pending]:
+        while not self._queues:
+            self._ready.clear()
+            await self._ready.wait()
+        batch: list[_Pending] = []
+        rows = size = 0
+        full = False
+        while self._queues and not full:
+            for tenant in list(self._queues):
+                queue = self._queues[tenant]
+                item = queue.popleft()
+                batch.append(item)
+                rows += len(item[0].subscriptions)
+                size += len(item[0].body)
+                if not queue:
+                    del self._queues[tenant]
+                full = len(batch) >= max_events or rows >= max_rows or size >= max_bytes
+                if full:
+                    break
+        # The tenants served last go to the back: the next batch starts with the others.
+        if self._queues:
+            order = list(self._queues.items())
+            self._queues = dict(order[1:] + order[:1])
+        return batch
+
+    def drain(self) -> list[_Pending]:
+        items = [item for queue in self._queues.values() for item in queue]
+        self._queues.clear()
+        return items
+
+
+class _TenantRoutes:
+    """One tenant's routes: keyed by the attribute value their filter requires, or not."""
+
+    __slots__ = ("keyed", "names", "rest")
+
+    def __init__(self) -> None:
+        self.keyed: dict[tuple[str, str], list[_Route]] = {}
+        self.names: set[str] = set()
+        self.rest: list[_Route] = []
+
+    def add(self, route: _Route) -> None:
+        if route.key is None:
+            self.rest.append(route)
+        else:
+            self.keyed.setdefault(route.key, []).append(route)
+            self.names.add(route.key[0])
+
+    def match(self, attrs: dict[str, str], out: list[str]) -> None:
+        out += [r.id for r in self.rest if r.predicate(attrs)]
+        for name in self.names:
+            value = attrs.get(name)
+            if value is not None:
+                for r in self.keyed.get((name, value), ()):
+                    if r.predicate(attrs):
+                        out.append(r.id)
 
 
 class Hub:
@@ -130,6 +234,8 @@ class Hub:
         *,
         quota_subscriptions: int = 100,
         batch_max: int = 512,
+        batch_rows: int = 2048,
+        batch_bytes: int = 128 * 1024,
         retention_interval: float = 30.0,
         clock: Callable[[], float] = time.time,
         allow_private_webhooks: bool = False,
@@ -143,6 +249,8 @@ class Hub:
         self.auth = auth
         self.quota_subscriptions = quota_subscriptions
         self.batch_max = batch_max
+        self.batch_rows = batch_rows
+        self.batch_bytes = batch_bytes
         self.retention_interval = retention_interval
         self.clock = clock
         self.fanout = Fanout()
@@ -158,8 +266,8 @@ class Hub:
         )
         self.webhook_resolver = webhook_resolver
         self._routes: dict[str, _Route] = {}
-        self._by_tenant: dict[str | None, list[_Route]] | None = None  # rebuilt on change
-        self._pending: asyncio.Queue[tuple[Routed, asyncio.Future[None]]] = asyncio.Queue()
+        self._by_tenant: dict[str | None, _TenantRoutes] | None = None  # rebuilt on change
+        self._pending = _FairQueue()
         self.commits_in_flight = store.append_concurrency
         self._tasks: list[asyncio.Task[None]] = []
         self._reloads: set[asyncio.Task[None]] = set()
@@ -198,8 +306,7 @@ class Hub:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-        while not self._pending.empty():
-            _, fut = self._pending.get_nowait()
+        for _, fut in self._pending.drain():
             if not fut.done():
                 fut.set_exception(ConnectionError("hub stopped before the event was committed"))
 
@@ -264,23 +371,33 @@ class Hub:
 
     async def ingest(self, event: CloudEvent) -> None:
         """Return once ``event`` is committed to every matching queue."""
+        body = encode_body(event)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # Routed and encoded here, by the caller, so that the batcher has only the store to
         # wait for and this work overlaps the commit in flight.
-        self._pending.put_nowait((Routed(event.id, encode_event(event), self.route(event)), fut))
+        self._pending.put(event.tenant, (Routed(event.id, body, self.route(event)), fut))
         await fut
 
     def route(self, event: CloudEvent) -> tuple[str, ...]:
-        """The subscriptions that get ``event``: its tenant's and the cross-project ones."""
+        """The subscriptions that get ``event``: its tenant's and the cross-project ones.
+
+        Only the subscriptions that can want it are matched: those whose filter requires an
+        attribute value the event has (`index_key`), and those without such a key."""
         if self._by_tenant is None:
-            index: dict[str | None, list[_Route]] = {}
+            index: dict[str | None, _TenantRoutes] = {}
             for r in self._routes.values():
-                index.setdefault(None if r.all_projects else r.project, []).append(r)
+                tenant = None if r.all_projects else r.project
+                index.setdefault(tenant, _TenantRoutes()).add(r)
             self._by_tenant = index
         attrs = event.attributes()
-        out = [r.id for r in self._by_tenant.get(None, ()) if r.predicate(attrs)]
+        out: list[str] = []
+        everyone = self._by_tenant.get(None)
+        if everyone is not None:
+            everyone.match(attrs, out)
         if event.tenant is not None:
-            out += [r.id for r in self._by_tenant.get(event.tenant, ()) if r.predicate(attrs)]
+            own = self._by_tenant.get(event.tenant)
+            if own is not None:
+                own.match(attrs, out)
         return tuple(out)
 
     async def _batcher(self) -> None:
@@ -291,9 +408,7 @@ class Hub:
         try:
             while True:
                 await slots.acquire()
-                batch = [await self._pending.get()]
-                while len(batch) < self.batch_max and not self._pending.empty():
-                    batch.append(self._pending.get_nowait())
+                batch = await self._pending.take(self.batch_max, self.batch_rows, self.batch_bytes)
                 task = asyncio.create_task(self._commit(batch))
                 commits.add(task)
                 task.add_done_callback(commits.discard)
@@ -347,7 +462,7 @@ class Hub:
                 allow_private=self.allow_private_webhooks,
                 resolver=self.webhook_resolver,
             )
-            webhook = Webhook(spec.webhook.url, new_secret())
+            webhook = Webhook(spec.webhook.url, new_secret(), spec.webhook.mode)
         sub = Subscription(
             id="sub-" + new_id(),
             webhook=webhook,
@@ -425,10 +540,14 @@ class Hub:
         _check_ttl(ttl)
         return await self.store.extend(sub_id, claim_id, ttl=ttl, now=self.clock())
 
-    async def ack_upto(self, who: Principal, sub_id: str, seq: int) -> int:
-        await self.subscription(who, sub_id)
+    async def ack_upto(self, who: Principal, sub_id: str, seq: int, *, above: int = -1) -> int:
+        """Ack up to ``seq``; nothing is written when, clamped to the queue's end, it is not
+        past ``above`` (what this caller already acked): a flood of acks costs no writes."""
+        sub = await self.subscription(who, sub_id)
         if seq < 0:
             raise BadRequest("seq must be >= 0", field="seq")
+        if min(seq, sub.last_seq) <= above:
+            return 0
         return await self.store.ack_upto(sub_id, seq)
 
     async def dead_letters(
@@ -445,6 +564,19 @@ class Hub:
         if not who.is_admin:
             raise Forbidden("only admins may post events")
         await self.ingest(event)
+
+
+def encode_body(event: CloudEvent) -> bytes:
+    """The event's JSON, refused (`BadRequest`) past `MAX_DEPTH` levels: an oslo payload is
+    as deep as its sender made it, and every client would have to decode it."""
+    try:
+        body = encode_event(event)
+    except RecursionError:
+        raise BadRequest(
+            f"the event's data nests deeper than {MAX_DEPTH} levels", field="data", limit=MAX_DEPTH
+        ) from None
+    check_depth(body, "data")
+    return body
 
 
 def _check_ttl(ttl: float) -> None:

@@ -1,49 +1,90 @@
 """CloudEvents 1.0 (JSON format) from Keel notifications; pure functions, no I/O.
 
 The event id is the notification's message id, so a notification the bus redelivers becomes
-the same event and the store recognises it. The tenant is the payload's owner
-(``project_id``/``tenant_id``, or a versioned payload's ``nova_object.data``), else the
-context's project, on every bus: a context is the caller's, and an admin acting on a tenant's
-server must not take the event away from that tenant. An event without one carries no
-``tenant`` and reaches only admins' cross-project subscriptions.
+the same event and the store recognises it. The tenant is the payload's owner, found by the
+rules per payload shape in `keel.hub._owners`, else the context's project, on every bus: a
+context is the caller's, and an admin acting on a tenant's server must not take the event
+away from that tenant. An event without one carries no ``tenant`` and reaches only admins'
+cross-project subscriptions.
 
-The subject is looked up in the payload, then in the dict named after the resource (Neutron's
-``{"port": {...}}``), then in a versioned payload's ``nova_object.data``; the keys tried are
-``<resource>_id`` for the first two words of the event type (``volume_id`` for
-``volume.create.end``), then ``instance_id``, ``resource_id``, ``uuid``, ``id``.
+The subject is the rule's subject path if it has one, else looked up in the payload, then in
+the dict named after the resource (Neutron's ``{"port": {...}}``), then in a versioned
+payload's ``nova_object.data``; the keys tried are ``<resource>_id`` for the first two words
+of the event type (``volume_id`` for ``volume.create.end``), then ``instance_id``,
+``resource_id``, ``uuid``, ``id``.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 from keel.errors import BadRequest
+from keel.hub._input import decode_json
+from keel.hub._owners import first, rule_for
 from keel.wire import RequestContext, new_id
 
 _SUBJECT_KEYS = ("instance_id", "resource_id", "uuid", "id")
 _RESOURCE_WORDS = 2  # ``compute.instance.create.end``: the resource is one of the first two
-_TENANT_KEYS = ("project_id", "tenant_id")
 _REQUIRED = ("id", "source", "type")
+_OPTIONAL = ("subject", "datacontenttype", "dataschema", "priority", "tenant")
 _STRING_ATTRIBUTES = ("id", "source", "type", "subject", "time", "priority", "tenant")
+_KNOWN = frozenset(
+    ("specversion", "data", "data_base64", "time", *_REQUIRED, *_OPTIONAL, "extensions")
+)
+_EXTENSION_NAME = re.compile(r"[a-z0-9]{1,20}")
+# RFC 3339 (ASCII digits; the seconds fraction optional; Z or an offset), checked before
+# datetime parses it, since fromisoformat also takes ISO 8601 forms RFC 3339 does not.
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+MAX_ATTRIBUTE = 512
+MAX_EXTENSIONS = 32
+JSON = "application/json"
+SPECVERSION = "1.0"
+# The queue position a WebSocket stream adds to each event (``cloudevents.json``); reserved.
+SEQ_ATTRIBUTE = "hubseq"
+
+Extension = str | int | bool
+
+
+def _specversion() -> str:
+    return SPECVERSION  # a factory, so omit_defaults never drops the required attribute
 
 
 class CloudEvent(msgspec.Struct, omit_defaults=True):
-    """One event as the hub stores and sends it (CloudEvents 1.0, JSON format)."""
+    """One event as the hub stores and sends it (CloudEvents 1.0, JSON format).
+
+    ``specversion`` is always written; ``datacontenttype`` is ``application/json`` whenever
+    there is ``data`` and none was given. Extension attributes other than the hub's own
+    ``priority`` and ``tenant`` live in ``extensions`` and are written as top-level
+    attributes, as the JSON format wants."""
 
     id: str
     source: str
     type: str
-    specversion: str = "1.0"
+    specversion: str = msgspec.field(default_factory=_specversion)
     subject: str | None = None
     time: str | None = None
-    datacontenttype: str | None = "application/json"
+    datacontenttype: str | None = None
+    dataschema: str | None = None
     data: Any = None
+    data_base64: str | None = None
     priority: str | None = None
     tenant: str | None = None
+    extensions: dict[str, Extension] | UnsetType = UNSET
+
+    def __post_init__(self) -> None:
+        if self.datacontenttype is None and self.data is not None:
+            self.datacontenttype = JSON
 
     def attributes(self) -> dict[str, str]:
         """The string attributes filters look at (absent ones are missing, not empty)."""
@@ -52,32 +93,115 @@ class CloudEvent(msgspec.Struct, omit_defaults=True):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
+        if self.extensions:
+            for name, ext in self.extensions.items():
+                out.setdefault(name, ext if isinstance(ext, str) else str(ext).lower())
         return out
 
 
 _encoder = msgspec.json.Encoder()
-_decoder = msgspec.json.Decoder(CloudEvent)
 
 
 def encode_event(event: CloudEvent) -> bytes:
-    return _encoder.encode(event)
+    if not event.extensions:
+        return _encoder.encode(event)
+    flat = msgspec.to_builtins(event)
+    extensions = flat.pop("extensions")
+    return _encoder.encode({**flat, **extensions})
 
 
 def decode_event(body: bytes) -> CloudEvent:
-    """A CloudEvent from JSON; anything else is `BadRequest` naming what is wrong."""
-    try:
-        event = _decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        raise BadRequest(f"not a CloudEvent: {exc}", field="event") from None
-    except msgspec.DecodeError as exc:
-        raise BadRequest(f"body is not JSON: {exc}", field="event") from None
-    if event.specversion != "1.0":
-        raise BadRequest("specversion must be '1.0'", field="specversion")
-    for name in _REQUIRED:
-        value = getattr(event, name)
-        if not value or len(value) > 512:
-            raise BadRequest(f"{name} must be 1 to 512 characters", field=name)
-    return event
+    """A CloudEvent from its JSON format; anything else is `BadRequest` naming what is wrong."""
+    return event_from_json(decode_json(body, "event"))
+
+
+def _bad(name: str, why: str) -> BadRequest:
+    return BadRequest(f"CloudEvent attribute {name} {why}", field=name)
+
+
+def _text(obj: Mapping[str, Any], name: str) -> str | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_ATTRIBUTE:
+        raise _bad(name, f"must be a string of 1 to {MAX_ATTRIBUTE} characters")
+    return value
+
+
+def _timestamp(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and _RFC3339.fullmatch(value):
+        try:
+            datetime.fromisoformat(value.upper())
+        except ValueError:
+            pass
+        else:
+            return value
+    raise _bad("time", "must be an RFC 3339 timestamp such as 2026-01-02T03:04:05Z")
+
+
+def _extension(name: str, value: Any) -> Extension:
+    if not _EXTENSION_NAME.fullmatch(name) or name in ("data", SEQ_ATTRIBUTE):
+        raise _bad(
+            name[:40],
+            "is not an attribute the hub accepts: extension names are 1-20 lowercase "
+            f"letters or digits, and data and {SEQ_ATTRIBUTE} are reserved",
+        )
+    if isinstance(value, bool):
+        return value
+    if type(value) is int and -(2**31) <= value < 2**31:
+        return value
+    if isinstance(value, str) and len(value) <= MAX_ATTRIBUTE:
+        return value
+    raise _bad(name, "must be a boolean, a 32-bit integer or a string of up to 512 characters")
+
+
+def event_from_json(obj: Any) -> CloudEvent:
+    """Check a decoded JSON value against CloudEvents 1.0 (JSON format) and build the event.
+
+    Null attributes are absent (as the JSON format says); ``data`` and ``data_base64`` are
+    exclusive; extension attributes keep their JSON types (boolean, integer, string)."""
+    if not isinstance(obj, dict):
+        raise BadRequest("a CloudEvent is a JSON object", field="event")
+    present = {k: v for k, v in obj.items() if v is not None}
+    if present.get("specversion") != SPECVERSION:
+        raise _bad("specversion", "must be '1.0'")
+    required = {name: _text(present, name) for name in _REQUIRED}
+    for name, value in required.items():
+        if value is None:
+            raise _bad(name, "is required")
+    optional = {name: _text(present, name) for name in _OPTIONAL}
+    if "data" in present and "data_base64" in present:
+        raise _bad("data_base64", "and data are exclusive: send one")
+    b64 = present.get("data_base64")
+    if b64 is not None:
+        try:
+            base64.b64decode(b64, validate=True) if isinstance(b64, str) else None
+        except binascii.Error:
+            b64 = None
+        if not isinstance(b64, str):
+            raise _bad("data_base64", "must be a base64 string")
+    extra = {k: v for k, v in present.items() if k not in _KNOWN}
+    if "extensions" in present:
+        raise _bad("extensions", "is reserved (extension attributes are top-level)")
+    if len(extra) > MAX_EXTENSIONS:
+        raise BadRequest(f"a CloudEvent may carry up to {MAX_EXTENSIONS} extension attributes")
+    extensions = {name: _extension(name, value) for name, value in extra.items()}
+    return CloudEvent(
+        id=str(required["id"]),
+        source=str(required["source"]),
+        type=str(required["type"]),
+        time=_timestamp(present.get("time")),
+        data=present.get("data"),
+        data_base64=b64,
+        subject=optional["subject"],
+        datacontenttype=optional["datacontenttype"],
+        dataschema=optional["dataschema"],
+        priority=optional["priority"],
+        tenant=optional["tenant"],
+        extensions=extensions or UNSET,
+    )
 
 
 def _nova_data(payload: Any) -> Mapping[str, Any]:
@@ -97,7 +221,7 @@ def _first_string(sources: list[Mapping[str, Any]], keys: Sequence[str]) -> str 
     return None
 
 
-def rfc3339(timestamp: Any) -> str:
+def rfc3339(timestamp: Any) -> str | None:
     """A notification's timestamp as RFC 3339; oslo's naive ``2026-11-25 17:43:04.1`` is UTC."""
     if not timestamp:
         return datetime.now(UTC).isoformat()
@@ -105,7 +229,7 @@ def rfc3339(timestamp: Any) -> str:
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:
-        return text  # kept as sent rather than invented: the data still says when
+        return None  # not invented either: absent (the payload may still say when)
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     return parsed.isoformat()
@@ -120,9 +244,10 @@ def from_notification(
 ) -> CloudEvent:
     """The CloudEvent for a notification as a NotificationListener endpoint receives it.
 
-    The tenant is the resource's owner named in the payload, else the context's project:
-    a context is the caller's, and an admin acting on a tenant's resource must not move the
-    event into the admin's project (the same rule on every bus)."""
+    The tenant is the resource's owner named in the payload (the rules per payload shape in
+    `keel.hub._owners`), else the context's project: a context is the caller's, and an admin
+    acting on a tenant's resource must not move the event into the admin's project (the same
+    rule on every bus)."""
     words = event_type.split(".")[:_RESOURCE_WORDS]
     sources: list[Mapping[str, Any]] = []
     if isinstance(payload, Mapping):
@@ -131,15 +256,16 @@ def from_notification(
     nova = _nova_data(payload)
     if nova:
         sources.append(nova)
-    owner = _first_string(sources, _TENANT_KEYS)
-    tenant = owner or (ctx.project if ctx is not None else None)
+    rule = rule_for(event_type)
+    tenant = first(payload, rule.owner, words) or (ctx.project if ctx is not None else None)
     subject_keys = [f"{word}_id" for word in words if word]
     subject_keys += [k for k in _SUBJECT_KEYS if k not in subject_keys]
+    subject = first(payload, rule.subject, words) or _first_string(sources, subject_keys)
     return CloudEvent(
         id=str(metadata.get("message_id") or new_id()),
         source=publisher_id or "unknown",
         type=event_type,
-        subject=_first_string(sources, subject_keys),
+        subject=subject[:MAX_ATTRIBUTE] if subject else None,
         time=rfc3339(metadata.get("timestamp")),
         data=payload,
         priority=str(metadata["priority"]) if metadata.get("priority") else None,

@@ -28,8 +28,16 @@ def ws_frame(seq: int, body: bytes) -> bytes:
     return b'{"type":"event","seq":%d,"event":%s}' % (seq, body)
 
 
-# What a client's queue holds: (seq, SSE frame, WebSocket frame), both built once per message.
-Item = tuple[int, bytes, bytes]
+def ce_frame(seq: int, body: bytes) -> bytes:
+    """The event itself (the CloudEvents WebSocket binding) with its queue position as the
+    ``hubseq`` extension attribute, spliced in (``body`` is an encoded JSON object). A string
+    of digits: a CloudEvents Integer is 32-bit, a queue position is not."""
+    return b'{"hubseq":"%d",%s' % (seq, body[1:])
+
+
+# What a client's queue holds: (seq, SSE frame, WebSocket frame, CloudEvents WebSocket
+# frame), each built once per message.
+Item = tuple[int, bytes, bytes, bytes]
 
 
 class StreamClient:
@@ -78,7 +86,7 @@ class StreamClient:
             self._waiter = None
 
 
-HEARTBEAT_ITEM: Item = (-2, b"", b"")
+HEARTBEAT_ITEM: Item = (-2, b"", b"", b"")
 
 
 class Fanout:
@@ -121,7 +129,8 @@ class Fanout:
             clients = clients_of.get(item.subscription)
             if not clients:
                 continue
-            frame = (item.seq, sse_frame(item.seq, item.body), ws_frame(item.seq, item.body))
+            seq, body = item.seq, item.body
+            frame = (seq, sse_frame(seq, body), ws_frame(seq, body), ce_frame(seq, body))
             for client in clients:
                 if client.lagging:
                     continue

@@ -6,6 +6,13 @@ A spec is the body of a subscription (``types``, ``source``, ``subject``, ``prio
 The ``filters`` entries are the CloudEvents Subscriptions API dialects (exact, prefix, suffix,
 all, any, not); ``sql`` is refused. A condition on an attribute the event lacks is false.
 No I/O here.
+
+Cost: any tenant writes these, and every event of its project is matched against them on the
+hub's one event loop, so matching is linear in the event's attributes whatever the spec. Type
+patterns are globs matched without regular expressions (`Glob`: a prefix, a suffix and the
+literal pieces between stars found left to right, each at most once), and a spec is bounded:
+at most `MAX_PATTERNS` type patterns of `MAX_PATTERN` characters, `MAX_NODES` filter nodes
+`MAX_DEPTH` deep, and `MAX_SPEC_CHARS` characters of strings in all.
 """
 
 from __future__ import annotations
@@ -23,20 +30,64 @@ SPEC_FIELDS = ("types", "source", "subject", "priority", "filters")
 _ATTRIBUTE = re.compile(r"^[a-z0-9]{1,20}$")
 MAX_DEPTH = 8
 MAX_NODES = 100
+MAX_PATTERNS = 100
+MAX_PATTERN = 256
+MAX_STRING = 1024
+MAX_SPEC_CHARS = 4096
 
 
-def wildcard(pattern: str) -> re.Pattern[str]:
-    """``*`` matches any run of characters (dots included); everything else is literal."""
-    return re.compile(".*".join(re.escape(part) for part in pattern.split("*")), re.DOTALL)
+class Glob:
+    """``*`` matches any run of characters (dots included); everything else is literal.
+
+    Matching is one left-to-right scan: a run of stars is one star, and the pieces between
+    stars are found with ``str.find`` from where the previous one ended. Taking the leftmost
+    occurrence of each piece never loses a match (whatever a later piece needs lies to the
+    right of it), so there is no backtracking and no regular expression built from input."""
+
+    __slots__ = ("exact", "middle", "minimum", "prefix", "suffix")
+
+    def __init__(self, pattern: str) -> None:
+        parts = pattern.split("*")
+        self.exact = pattern if len(parts) == 1 else None
+        self.prefix = parts[0]
+        self.suffix = parts[-1] if len(parts) > 1 else ""
+        self.middle = tuple(p for p in parts[1:-1] if p)
+        self.minimum = len(self.prefix) + len(self.suffix) + sum(map(len, self.middle))
+
+    def match(self, text: str) -> bool:
+        if self.exact is not None:
+            return text == self.exact
+        if len(text) < self.minimum or not text.startswith(self.prefix):
+            return False
+        end = len(text) - len(self.suffix)
+        if not text.endswith(self.suffix):
+            return False
+        pos = len(self.prefix)
+        for piece in self.middle:
+            found = text.find(piece, pos, end)
+            if found < 0:
+                return False
+            pos = found + len(piece)
+        return True
 
 
 def compile_filter(spec: Mapping[str, Any]) -> Predicate:
     """The predicate for a subscription spec (all conditions must hold)."""
+    _budget_chars(spec)
     parts: list[Predicate] = []
     types = spec.get("types")
     if types is not None:
-        patterns = [wildcard(t) for t in _strings(types, "types")]
-        parts.append(lambda a: "type" in a and any(p.fullmatch(a["type"]) for p in patterns))
+        globs = [Glob(_pattern(t, f"types[{i}]")) for i, t in enumerate(_strings(types, "types"))]
+        exact = frozenset(g.exact for g in globs if g.exact is not None)
+        wild = tuple(g for g in globs if g.exact is None)
+        if not wild:
+            parts.append(lambda a: a.get("type") in exact)
+        else:
+            parts.append(
+                lambda a: (
+                    "type" in a and (a["type"] in exact or any(g.match(a["type"]) for g in wild))
+                )
+            )
     for name in ("source", "subject"):
         value = spec.get(name)
         if value is not None:
@@ -142,12 +193,60 @@ def _attribute(name: Any, where: str) -> str:
 def _string(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise InvalidFilter(f"{where} must be a string, not {type(value).__name__}", field=where)
-    if len(value) > 1024:
-        raise InvalidFilter(f"{where} is longer than 1024 characters", field=where)
+    if len(value) > MAX_STRING:
+        raise InvalidFilter(f"{where} is longer than {MAX_STRING} characters", field=where)
+    return value
+
+
+def _pattern(value: str, where: str) -> str:
+    if len(value) > MAX_PATTERN:
+        raise InvalidFilter(f"{where} is longer than {MAX_PATTERN} characters", field=where)
     return value
 
 
 def _strings(value: Any, where: str) -> list[str]:
-    if not isinstance(value, list) or not value or len(value) > 100:
-        raise InvalidFilter(f"{where} must be a list of 1 to 100 strings", field=where)
+    if not isinstance(value, list) or not value or len(value) > MAX_PATTERNS:
+        raise InvalidFilter(f"{where} must be a list of 1 to {MAX_PATTERNS} strings", field=where)
     return [_string(v, f"{where}[{i}]") for i, v in enumerate(value)]
+
+
+def _budget_chars(spec: Mapping[str, Any]) -> None:
+    """Refuse a spec whose strings add up past `MAX_SPEC_CHARS` (counted without recursion:
+    the structure is checked for depth and shape afterwards)."""
+    total = 0
+    stack: list[Any] = [spec]
+    seen = 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > 4 * MAX_NODES + 2 * MAX_PATTERNS + 16:
+            raise InvalidFilter(f"filter has more than {MAX_NODES} nodes", field="filters")
+        if isinstance(node, str):
+            total += len(node)
+        elif isinstance(node, Mapping):
+            for key, value in node.items():
+                total += len(key) if isinstance(key, str) else 0
+                stack.append(value)
+        elif isinstance(node, list):
+            stack.extend(node)
+        if total > MAX_SPEC_CHARS:
+            raise InvalidFilter(
+                f"the filter's strings add up to more than {MAX_SPEC_CHARS} characters",
+                field="filters",
+            )
+
+
+def index_key(spec: Mapping[str, Any]) -> tuple[str, str] | None:
+    """An (attribute, value) every matching event must carry, if the spec requires one: its
+    ``source`` or ``subject``, or a top-level ``exact`` filter (top-level filters all hold).
+    The hub routes by it, so an event is matched only against the subscriptions that can
+    want it (call only on a spec `compile_filter` accepted)."""
+    for name in ("subject", "source"):
+        value = spec.get(name)
+        if isinstance(value, str):
+            return name, value
+    for node in spec.get("filters") or ():
+        if isinstance(node, dict) and isinstance(exact := node.get("exact"), dict) and exact:
+            name, value = next(iter(exact.items()))
+            return str(name), str(value)
+    return None

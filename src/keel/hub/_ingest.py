@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from keel._log import event as log_event
+from keel.errors import BadRequest
 from keel.hub._core import Hub
 from keel.hub._events import CloudEvent, from_notification
 from keel.messaging import NotificationListener, RequestContext, Target, Transport
@@ -40,6 +41,8 @@ async def commit(hub: Hub, event: CloudEvent, *, patience: float = COMMIT_PATIEN
     while True:
         try:
             await hub.ingest(event)
+        except BadRequest:
+            raise  # the event itself is refused (too deep): no retry makes it acceptable
         except Exception as exc:
             if loop.time() + delay > deadline:
                 raise

@@ -25,15 +25,24 @@ _ERROR = {
     },
 }
 
+_MAX_SEQ = 2**62
+_STRING = {"type": "string", "maxLength": 1024}
+_PAIRS = {
+    "type": "object",
+    "minProperties": 1,
+    "propertyNames": {"pattern": "^[a-z0-9]{1,20}$"},
+    "additionalProperties": _STRING,
+}
+
 _FILTER: dict[str, Any] = {
     "type": "object",
     "description": "A CloudEvents Subscriptions API filter: exactly one dialect key.",
     "minProperties": 1,
     "maxProperties": 1,
     "properties": {
-        "exact": {"type": "object", "additionalProperties": {"type": "string"}},
-        "prefix": {"type": "object", "additionalProperties": {"type": "string"}},
-        "suffix": {"type": "object", "additionalProperties": {"type": "string"}},
+        "exact": _PAIRS,
+        "prefix": _PAIRS,
+        "suffix": _PAIRS,
         "all": {"type": "array", "items": {"$ref": "#/components/schemas/Filter"}},
         "any": {"type": "array", "items": {"$ref": "#/components/schemas/Filter"}},
         "not": {"$ref": "#/components/schemas/Filter"},
@@ -45,10 +54,20 @@ _SPEC = {
     "type": "object",
     "additionalProperties": False,
     "properties": {
-        "types": {"type": "array", "items": {"type": "string"}, "minItems": 1},
-        "source": {"type": "string"},
-        "subject": {"type": "string"},
-        "priority": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+        "types": {
+            "type": "array",
+            "items": {"type": "string", "maxLength": 256},
+            "minItems": 1,
+            "maxItems": 100,
+        },
+        "source": _STRING,
+        "subject": _STRING,
+        "priority": {
+            "oneOf": [
+                _STRING,
+                {"type": "array", "items": _STRING, "minItems": 1, "maxItems": 100},
+            ]
+        },
         "filters": {"type": "array", "items": {"$ref": "#/components/schemas/Filter"}},
         "all_projects": {"type": "boolean"},
         "retention": {
@@ -61,10 +80,13 @@ _SPEC = {
         },
         "max_deliveries": {"type": "integer", "minimum": 1, "maximum": 100},
         "webhook": {
-            "type": "object",
+            "type": ["object", "null"],
             "required": ["url"],
             "additionalProperties": False,
-            "properties": {"url": {"type": "string", "format": "uri"}},
+            "properties": {
+                "url": {"type": "string", "format": "uri"},
+                "mode": {"type": "string", "enum": ["structured", "binary"]},
+            },
         },
     },
 }
@@ -113,7 +135,11 @@ _SEQS = {
     "type": "object",
     "additionalProperties": False,
     "properties": {
-        "seqs": {"type": "array", "items": {"type": "integer", "minimum": 1}, "maxItems": 1000}
+        "seqs": {
+            "type": "array",
+            "items": {"type": "integer", "minimum": 1, "maximum": _MAX_SEQ},
+            "maxItems": 1000,
+        }
     },
 }
 
@@ -141,6 +167,7 @@ _ERRORS = {
     ]
 }
 
+_POSITION = {"type": "integer", "minimum": 0, "maximum": _MAX_SEQ}
 _SUB_ID = {"name": "sub_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _CLAIM_ID = {"name": "claim_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _LIMIT = {
@@ -224,7 +251,7 @@ def openapi_document() -> dict[str, Any]:
                     )
                 },
                 parameters=[
-                    {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                    {"name": "after", "in": "query", "schema": _POSITION},
                     _LIMIT,
                 ],
             ),
@@ -235,8 +262,12 @@ def openapi_document() -> dict[str, Any]:
                 "Server-Sent Events from the queue (Last-Event-ID resumes)",
                 {"200": {"description": "text/event-stream"}},
                 parameters=[
-                    {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0}},
-                    {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}},
+                    {"name": "after", "in": "query", "schema": _POSITION},
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "schema": {"type": "string", "pattern": "^[0-9]{1,19}$"},
+                    },
                     {"name": "access_token", "in": "query", "schema": {"type": "string"}},
                 ],
             ),
@@ -247,7 +278,7 @@ def openapi_document() -> dict[str, Any]:
                 "WebSocket stream with acks over the socket (upgrade)",
                 {"101": {"description": "Switching protocols"}},
                 parameters=[
-                    {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                    {"name": "after", "in": "query", "schema": _POSITION},
                     {"name": "access_token", "in": "query", "schema": {"type": "string"}},
                 ],
             ),
@@ -304,7 +335,7 @@ def openapi_document() -> dict[str, Any]:
                 {"200": _json({"type": "object"})},
                 parameters=[
                     _LIMIT,
-                    {"name": "marker", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                    {"name": "marker", "in": "query", "schema": _POSITION},
                 ],
             ),
         },

@@ -41,6 +41,10 @@ def oslo_url(url: str, exchange: str, *, durable: bool = False) -> str:
     query = dict(parse_qsl(parts.query))
     query["exchange"] = exchange
     query.setdefault("exchange_durable", "true" if durable else "false")
+    # The services declare classic queues unless they run rabbit_quorum_queue (then say
+    # queue_type=quorum in the URL): a multi-host URL must not turn ours quorum by itself.
+    if "," in parts.netloc:
+        query.setdefault("queue_type", "classic")
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 

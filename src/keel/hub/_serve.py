@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,8 @@ class ServeOptions:
     oslo_exchanges: Sequence[str] = ("openstack",)
     oslo_durable: bool = False
     pool: str = "keel-hub"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
 
 def store_from_url(url: str) -> Store:
@@ -122,7 +125,24 @@ def check(options: ServeOptions) -> tuple[Store, Authenticator, list[str]]:
         ]
     if not 0 <= options.port <= 65535:
         raise ConfigError(f"--port {options.port} is not a TCP port (0..65535)")
+    check_tls(options)
     return store_from_url(options.store), auth, oslo_urls
+
+
+def check_tls(options: ServeOptions) -> None:
+    """--tls-cert and --tls-key together, and loadable as a server certificate and its key."""
+    if (options.tls_cert is None) != (options.tls_key is None):
+        raise ConfigError("give both --tls-cert FILE and --tls-key FILE, or neither")
+    if options.tls_cert is None or options.tls_key is None:
+        return
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(options.tls_cert, options.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"--tls-cert {options.tls_cert} --tls-key {options.tls_key}: cannot load them "
+            f"as a PEM certificate chain and its key ({type(exc).__name__}: {exc.strerror or exc})"
+        ) from None
 
 
 async def serve(options: ServeOptions, stop: asyncio.Event) -> None:
@@ -137,7 +157,14 @@ async def serve(options: ServeOptions, stop: asyncio.Event) -> None:
         if options.map_db is not None:
             feed = MapFeed(options.map_db)
             await feed.start()
-        server = HubServer(hub, options.host, options.port, map_feed=feed)
+        server = HubServer(
+            hub,
+            options.host,
+            options.port,
+            map_feed=feed,
+            tls_cert=str(options.tls_cert) if options.tls_cert else None,
+            tls_key=str(options.tls_key) if options.tls_key else None,
+        )
         await server.start()
         stack.push_async_callback(server.stop)
         listeners: list[NotificationListener] = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import gc
 import socket
@@ -17,9 +18,11 @@ from collections.abc import Iterator
 
 import uvicorn
 
+from keel.errors import ConfigError
 from keel.hub._app import create_app
 from keel.hub._core import Hub
 from keel.hub._map_feed import MapFeed
+from keel.hub._ws import MAX_CLIENT_MESSAGE
 
 
 @functools.cache  # once per process
@@ -48,8 +51,12 @@ class HubServer:
         heartbeat: float = 15.0,
         grace: float = 2.0,
         map_feed: MapFeed | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
         self.hub = hub
+        self.tls_cert = tls_cert  # HTTPS with this certificate chain and key (PEM)
+        self.tls_key = tls_key
         self.map_feed = map_feed
         self.host = host
         self._port = port
@@ -66,12 +73,22 @@ class HubServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.tls_cert else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     async def start(self) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self._port))
+        try:
+            sock.bind((self.host, self._port))
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(
+                    f"port {self._port} on {self.host} is taken: another process listens "
+                    "there; stop it or pick another with --port"
+                ) from None
+            raise ConfigError(f"cannot listen on {self.host}:{self._port}: {exc}") from None
         self._sock = sock
         config = uvicorn.Config(
             create_app(self.hub, heartbeat=self.heartbeat, map_feed=self.map_feed),
@@ -79,6 +96,12 @@ class HubServer:
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=int(max(1, self.grace)),
+            # The protocol's own limit, enforced by the WebSocket parser on the frame header:
+            # a larger frame is refused (1009) before any of it is buffered.
+            ws="websockets-sansio",
+            ws_max_size=MAX_CLIENT_MESSAGE,
+            ssl_certfile=self.tls_cert,
+            ssl_keyfile=self.tls_key,
         )
         self._server = _Server(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]))

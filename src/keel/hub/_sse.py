@@ -22,12 +22,18 @@ from starlette.types import Receive, Scope, Send
 
 from keel._log import event as log_event
 from keel.hub._core import Hub
-from keel.hub._fanout import StreamClient, sse_frame, ws_frame
+from keel.hub._events import SEQ_ATTRIBUTE, CloudEvent, encode_event
+from keel.hub._fanout import StreamClient, ce_frame, sse_frame, ws_frame
 from keel.hub.stores.base import Gap
 
 PAGE = 500
-Format = Literal["sse", "ws"]
-HEARTBEAT = {"sse": b": hb\n\n", "ws": b'{"type":"heartbeat"}'}
+# sse: text/event-stream; ws: the hub's JSON messages; ce: the CloudEvents WebSocket binding
+# (subprotocol ``cloudevents.json``), where WebSocket pings are the heartbeat.
+Format = Literal["sse", "ws", "ce"]
+HEARTBEAT = {"sse": b": hb\n\n", "ws": b'{"type":"heartbeat"}', "ce": b""}
+_ENCODE = {"sse": sse_frame, "ws": ws_frame, "ce": ce_frame}
+_SLOT = {"sse": 1, "ws": 2, "ce": 3}  # where a queued Item holds the format's frame
+GAP_TYPE = "org.keel.hub.gap"
 Write = Callable[[bytes], Awaitable[None]]
 # Where the app puts the server's own ``send`` (see `keel.hub._app`), so a stream's frames
 # skip the middlewares' per-message wrappers: they only watch for a response start, which
@@ -37,10 +43,19 @@ RAW_SEND = "keel.raw_send"
 log = logging.getLogger("keel.hub.http")
 
 
-def gap_frame(gap: Gap, fmt: Format = "sse") -> bytes:
+def gap_frame(gap: Gap, fmt: Format = "sse", sub_id: str = "") -> bytes:
     data = {"from": gap.first, "to": gap.last, "count": gap.count}
     if fmt == "ws":
         return json.dumps({"type": "gap", **data}).encode()
+    if fmt == "ce":
+        event = CloudEvent(
+            id=f"gap-{sub_id}-{gap.last}",
+            source=f"/v1/subscriptions/{sub_id}",
+            type=GAP_TYPE,
+            data=data,
+            extensions={SEQ_ATTRIBUTE: str(gap.last)},
+        )
+        return encode_event(event)
     return f"id: {gap.last}\nevent: gap\ndata: {json.dumps(data)}\n\n".encode()
 
 
@@ -55,7 +70,7 @@ class StreamCursor:
 
     async def _catch_up(self, fmt: Format, write: Write) -> None:
         client = self.client
-        encode = sse_frame if fmt == "sse" else ws_frame
+        encode = _ENCODE[fmt]
         client.items.clear()
         client.lagging = False
         # Bounded by the queue's length when the catch-up began plus what arrives meanwhile;
@@ -64,7 +79,7 @@ class StreamCursor:
             gap, messages = await self.hub.store.read(self.sub_id, after=self.cursor, limit=PAGE)
             frames: list[bytes] = []
             if gap is not None:
-                frames.append(gap_frame(gap, fmt))
+                frames.append(gap_frame(gap, fmt, self.sub_id))
                 self.cursor = gap.last
             for message in messages:
                 frames.append(encode(message.seq, bytes(message.event)))
@@ -84,14 +99,18 @@ class StreamCursor:
         and SSE frames concatenate safely; WebSocket sends one message per event."""
         chunk: list[bytes] = []
         items = self.client.items
+        slot = _SLOT[fmt]
         while items:
-            seq, sse, ws = items.popleft()
+            item = items.popleft()
+            seq = item[0]
             if seq > self.cursor + 1:
                 return chunk, True  # the store has it: committed before the wake-up
             if seq == self.cursor + 1:
                 self.cursor = seq
-                chunk.append(sse if fmt == "sse" else ws)
-            elif seq < 0 and not chunk:
+                frame = item[slot]
+                assert isinstance(frame, bytes)
+                chunk.append(frame)
+            elif seq < 0 and not chunk and HEARTBEAT[fmt]:
                 chunk.append(HEARTBEAT[fmt])  # only when idle: any frame also keeps it alive
             # else: already sent during a catch-up
         return chunk, False
@@ -112,7 +131,7 @@ class StreamCursor:
                     await client.wait()
                     continue
                 chunk, need = self._take(fmt)
-                if fmt == "ws":
+                if fmt != "sse":
                     for frame in chunk:
                         await write(frame)
                 elif chunk:

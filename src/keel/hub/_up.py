@@ -73,7 +73,8 @@ async def run_up(
         demo = DemoCompute(transport, TENANTS, interval=interval)
         tasks = [asyncio.create_task(demo.run()), asyncio.create_task(services.run(interval))]
         print(f"Keel hub and dashboard: {server.url}/", file=out)
-        print(f"  live service map: {server.url}/map", file=out)
+        first = next(iter(tokens))
+        print(f"  live service map: {server.url}/map#token={first}", file=out)
         for token, principal in tokens.items():
             print(
                 f"  tenant {principal.project} ({principal.user}): token {token}\n"

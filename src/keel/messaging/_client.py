@@ -181,7 +181,7 @@ class RPCClient:
                 raise _timeout(target, method, child, deadline - now) from None
             finally:
                 timer.cancel()
-                lk.forget(request_id)
+                lk.forget(request_id, future)
             failure = reply.failure
             if failure is None:
                 self.counts["keel_rpc_client_requests", "call", method, "ok"] += 1

@@ -19,6 +19,7 @@ from keel.messaging._target import Target, parse_version
 F = TypeVar("F", bound=Callable[..., Any])
 
 _META = "__keel_remote__"
+_CACHE_LIMIT = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +117,9 @@ class Dispatcher:
         key = (namespace, name, version)
         method = self._cache.get(key)
         if method is None:
-            method = self._cache[key] = self._lookup(namespace, name, version)
+            method = self._lookup(namespace, name, version)
+            if len(self._cache) < _CACHE_LIMIT:  # spellings of a version are the sender's
+                self._cache[key] = method
         return method
 
     def _lookup(self, namespace: str | None, name: str, version: str) -> Method:

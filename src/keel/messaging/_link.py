@@ -2,7 +2,10 @@
 
 Every RPC client on one transport shares one exclusive reply queue (not one per call); a
 reply is matched to its waiting call by request id. A reply for a call that already gave up
-is counted and logged, never an error. Queues are declared once before their first use so a
+is counted and logged, never an error. A body on the reply queue that is not a reply this
+side reads is counted and logged (keel.messaging._poison), and if its first bytes name a
+waiting call, that call fails at once with `MalformedMessage` instead of waiting for its
+deadline; the reply consumer goes on. Queues are declared once before their first use so a
 message is never sent to a queue that does not exist yet.
 """
 
@@ -17,9 +20,10 @@ from typing import Any
 from keel import urls
 from keel._log import event
 from keel.errors import ConfigError, MalformedMessage
-from keel.messaging import _tap
+from keel.messaging import _poison, _tap
+from keel.messaging._failures import to_failure
 from keel.messaging.transports.base import Delivery, Transport
-from keel.wire import Reply, decode_reply, new_id
+from keel.wire import ENVELOPE_VERSION, Reply, decode_reply, new_id, reply_id
 
 log = logging.getLogger("keel.messaging")
 
@@ -73,14 +77,26 @@ class Link:
         self._pending[request_id] = future
         return future
 
-    def forget(self, request_id: str) -> None:
+    def forget(self, request_id: str, future: asyncio.Future[Reply] | None = None) -> None:
+        """Stop waiting for ``request_id``. With its ``future``: make sure nothing it holds is
+        reported as lost (a send that outlived the call's deadline leaves the deadline's
+        TimeoutError in a future nobody awaited)."""
         self._pending.pop(request_id, None)
+        if future is not None:
+            if not future.done():
+                future.cancel()
+            elif not future.cancelled():
+                future.exception()
 
     def _on_reply(self, delivery: Delivery) -> None:
+        queue = self.reply_to or "reply"
         try:
-            reply = decode_reply(delivery.body)
+            reply = decode_reply(delivery.body, self.transport.max_message_bytes)
         except MalformedMessage as exc:
-            event(log, logging.WARNING, "reply.malformed", error=exc)
+            self._unreadable(delivery.body, queue, exc)
+            return
+        except Exception as exc:  # the decoder is total; this is a bug, handled the same
+            self._unreadable(delivery.body, queue, _poison.crashed("reply", exc))
             return
         future = self._pending.pop(reply.id, None)
         if future is None or future.done():
@@ -88,6 +104,19 @@ class Link:
             event(log, logging.INFO, "reply.late", request_id=reply.id, server=reply.server)
         else:
             future.set_result(reply)
+
+    def _unreadable(self, body: bytes, queue: str, exc: MalformedMessage) -> None:
+        request_id = reply_id(body)
+        future = self._pending.pop(request_id, None) if request_id is not None else None
+        why = _poison.note(log, "reply", queue, exc, len(body), request_id=request_id)
+        if future is not None and not future.done():
+            # The waiting call raises this as if the server had: MalformedMessage, now.
+            unreadable = MalformedMessage(
+                f"the reply to request {request_id} could not be read: {why}",
+                problem=getattr(exc, "problem", "internal"),
+            )
+            failure = to_failure(unreadable, with_traceback=False)
+            future.set_result(Reply(ENVELOPE_VERSION, request_id or "", None, failure))
 
 
 _links: weakref.WeakKeyDictionary[Transport, Link] = weakref.WeakKeyDictionary()

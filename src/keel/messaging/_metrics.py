@@ -42,6 +42,11 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
         "Notifications published or handled, by priority and outcome",
         ("priority", "outcome"),
     ),
+    "keel_messages_malformed": (
+        "Deliveries Keel could not read or handle (dead-lettered, or dropped from an "
+        "auto-acknowledged queue), by kind, queue and problem",
+        ("kind", "queue", "problem"),
+    ),
 }
 
 

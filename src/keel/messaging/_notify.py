@@ -7,7 +7,12 @@ gets its own copy; listeners in one pool compete. A listener acknowledges after 
 return; a handler may return `NotificationResult.REQUEUE` to have it delivered again (up to
 ``max_redeliveries``, then it is dead-lettered); a handler that raises dead-letters it with
 the reason. With ``max_concurrency=1`` a listener handles one queue's notifications in
-publish order.
+publish order. A body that is not a notification this listener reads (over
+``max_message_bytes``, too deep, of the wrong shape) is dead-lettered with the reason without
+calling any handler, and so is one whose handling fails in any unexpected way (a filter rule
+that raises): every delivery is settled and frees its slot (keel.messaging._poison).
+Stopping hands back at once the notifications waiting for a slot; those running get up to
+the timeout, then are cancelled and go back to the queue.
 """
 
 from __future__ import annotations
@@ -25,12 +30,13 @@ from typing import Any
 
 from keel import urls
 from keel._log import event
-from keel.errors import ConfigError, MalformedMessage
-from keel.messaging import _metrics, _tap
+from keel.errors import ConfigError, MalformedMessage, TransportError
+from keel.messaging import _metrics, _poison, _tap
 from keel.messaging._link import link
+from keel.messaging._slots import Slots
 from keel.messaging._target import Target, notify_queue, notify_subject
 from keel.messaging._threads import run_sync
-from keel.messaging.transports.base import Consumer, Delivery, Transport
+from keel.messaging.transports.base import Consumer, Delivery, Handler, Transport, observe
 from keel.wire import (
     ENVELOPE_VERSION,
     Notification,
@@ -199,7 +205,7 @@ class NotificationListener:
         self._executor = ThreadPoolExecutor(thread_pool_size, thread_name_prefix="keel-notify")
         self._consumers: list[Consumer] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(max_concurrency)
+        self._slots = Slots(max_concurrency)
         self.counts: Counter[tuple[str, ...]] = Counter()
         self.metric_labels = {"pool": pool or ""}
         _metrics.track(self)
@@ -222,7 +228,7 @@ class NotificationListener:
                 await lk.declare(queue, durable=True, bindings=[notify_subject(topic, priority)])
                 self._consumers.append(
                     await self.transport.consume(
-                        queue, self._on_delivery, prefetch=self.max_concurrency
+                        queue, self._handler(queue), prefetch=self.max_concurrency
                     )
                 )
 
@@ -230,6 +236,7 @@ class NotificationListener:
         for consumer in self._consumers:
             await consumer.cancel()
         self._consumers.clear()
+        self._slots.wake_all()  # notifications waiting for a slot go back to the queue now
         if self._tasks:
             _, late = await asyncio.wait(set(self._tasks), timeout=timeout)
             for task in late:
@@ -247,29 +254,48 @@ class NotificationListener:
 
     def _decode(self, body: bytes) -> Notification:
         """Bytes on a queue to a notification (keel.messaging.oslo reads oslo's format)."""
-        return decode_notification(body)
+        return decode_notification(body, self.transport.max_message_bytes)
 
-    def _on_delivery(self, delivery: Delivery) -> None:
-        task = asyncio.get_running_loop().create_task(self._handle(delivery))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _handler(self, queue: str) -> Handler:
+        """The transport's callback for one queue (the queue names it in metrics and logs)."""
 
-    async def _handle(self, delivery: Delivery) -> None:
+        def on_delivery(delivery: Delivery) -> None:
+            task = asyncio.get_running_loop().create_task(self._handle(delivery, queue))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            observe(task, log)  # _handle catches everything; this is for what it cannot
+
+        return on_delivery
+
+    async def _handle(self, delivery: Delivery, queue: str) -> None:
         try:
-            async with self._slots:
-                await self._process(delivery)
+            if not await self._slots.acquire():  # woken by stop() without a slot
+                await delivery.requeue()
+                return
+            try:
+                await self._process(delivery, queue)
+            finally:
+                self._slots.release()
         except asyncio.CancelledError:
-            await delivery.requeue()
+            if not delivery.settled:
+                await delivery.requeue()
             raise
+        except TransportError as exc:  # settling failed: the broker redelivers what it holds
+            event(log, logging.WARNING, "notification.settle_failed", queue=queue, error=exc)
+        except Exception as exc:  # a bug in Keel or in what it calls (a filter rule)
+            self.counts["keel_notifications", "?", "malformed"] += 1
+            await _poison.settle(
+                log, "notification", queue, delivery, _poison.crashed("notification", exc)
+            )
 
-    async def _process(self, delivery: Delivery) -> None:
+    async def _process(self, delivery: Delivery, queue: str) -> None:
         try:
             note = self._decode(delivery.body)
         except MalformedMessage as exc:
             self.counts["keel_notifications", "?", "malformed"] += 1
-            event(log, logging.WARNING, "notification.malformed", error=exc)
-            await delivery.dead_letter(str(exc))
+            await _poison.settle(log, "notification", queue, delivery, exc)
             return
+        label = note.priority if note.priority in PRIORITIES else "?"  # bounded, as sent
         metadata = {
             "message_id": note.message_id,
             "timestamp": note.timestamp,
@@ -286,7 +312,7 @@ class NotificationListener:
                 else:
                     result = await run_sync(self._executor, func, *args)
             except Exception as exc:
-                self.counts["keel_notifications", note.priority, "dead_lettered"] += 1
+                self.counts["keel_notifications", label, "dead_lettered"] += 1
                 event(
                     log,
                     logging.ERROR,
@@ -295,16 +321,16 @@ class NotificationListener:
                     message_id=note.message_id,
                     error=repr(exc),
                 )
-                await delivery.dead_letter(f"{type(exc).__name__}: {exc}")
+                await delivery.dead_letter(f"{type(exc).__name__}: {_poison.reason(exc)}")
                 return
             requeue = requeue or result is NotificationResult.REQUEUE
         if requeue:
             if delivery.delivery_count > self.max_redeliveries:
-                self.counts["keel_notifications", note.priority, "dead_lettered"] += 1
+                self.counts["keel_notifications", label, "dead_lettered"] += 1
                 await delivery.dead_letter(f"requeued {delivery.delivery_count} times")
             else:
-                self.counts["keel_notifications", note.priority, "requeued"] += 1
+                self.counts["keel_notifications", label, "requeued"] += 1
                 await delivery.requeue()
             return
-        self.counts["keel_notifications", note.priority, "handled"] += 1
+        self.counts["keel_notifications", label, "handled"] += 1
         await delivery.ack()

@@ -6,7 +6,11 @@ Servers announce themselves on ``keel.presence.<topic>`` when they start, every
 serving servers offer, so during a rolling upgrade new clients keep talking the old dialect
 until the last old server is gone. Announcements are at-most-once: a server not heard from
 for three intervals is forgotten, and a lost "stopped" announcement only delays the cap's
-move by that long.
+move by that long. Anyone who can publish can announce, so a client believes only what a
+Keel server could have said: an interval between 0 and an hour, ``MAJOR.MINOR`` versions in
+ASCII digits, a short state, at most `MAX_SERVERS` servers per topic; anything else is
+counted and dropped (keel.messaging._poison), so no announcement pins or lifts a cap for
+longer than three real intervals. Probes are answered at most one at a time per server.
 """
 
 from __future__ import annotations
@@ -17,33 +21,48 @@ import logging
 import time
 import weakref
 from collections.abc import Callable
+from typing import Annotated
 
 import msgspec
+from msgspec import Meta
 
+from keel import wire
 from keel._log import event
-from keel.errors import KeelError
+from keel.errors import ConfigError, KeelError, MalformedMessage
+from keel.messaging import _poison
 from keel.messaging._target import parse_version
-from keel.messaging.transports.base import Delivery, Transport
+from keel.messaging.transports.base import Delivery, Transport, observe
 from keel.wire import ENVELOPE_VERSION, new_id
 
 log = logging.getLogger("keel.messaging.presence")
 
 DEFAULT_INTERVAL = 2.0
 PROBE_GATHER = 0.1  # seconds to keep collecting probe answers after the first one
+MAX_SERVERS = 1024  # servers one watch remembers per topic
+MAX_INTERVAL = 3600.0
+
+_Name = Annotated[str, Meta(max_length=256)]
+_State = Annotated[str, Meta(max_length=32, pattern=r"^[a-z_]+\Z")]
+_Version = Annotated[str, Meta(pattern=r"^[0-9]{1,9}\.[0-9]{1,9}\Z")]
 
 
 class Presence(msgspec.Struct, array_like=True):
-    v: int
-    topic: str
-    server: str
-    state: str
-    versions: dict[str, str]  # namespace ("" for none) -> "X.Y"
-    interval: float
-    at: float
+    v: Annotated[int, Meta(ge=1, le=ENVELOPE_VERSION)]
+    topic: _Name
+    server: _Name
+    state: _State
+    versions: Annotated[dict[_Name, _Version], Meta(max_length=256)]  # namespace -> "X.Y"
+    interval: Annotated[float, Meta(gt=0.0, le=MAX_INTERVAL)]
+    at: Annotated[float, Meta(ge=0.0, le=1e11)]
 
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Presence)
+
+
+def decode_presence(body: bytes, limit: int | None = None) -> Presence:
+    """An announcement, or `MalformedMessage` with the reason (total, bounded)."""
+    return wire.decode_bounded(_decoder, body, "presence announcement", limit)
 
 
 def subject(topic: str) -> str:
@@ -70,6 +89,11 @@ class Announcer:
         *,
         interval: float = DEFAULT_INTERVAL,
     ) -> None:
+        if not 0 < interval <= MAX_INTERVAL:
+            raise ConfigError(
+                f"presence_interval={interval!r}: clients believe announcements every 0 to "
+                f"{MAX_INTERVAL:g} s only"
+            )
         self._transport = transport
         self._topic = topic
         self._server = server
@@ -78,6 +102,7 @@ class Announcer:
         self.interval = interval
         self._task: asyncio.Task[None] | None = None
         self._probe_queue: str | None = None
+        self._answering = False
 
     async def announce(self, state: str | None = None) -> None:
         body = _encoder.encode(
@@ -104,17 +129,31 @@ class Announcer:
         )
         await self._transport.consume(self._probe_queue, self._on_probe, prefetch=0, auto_ack=True)
         await self.announce()
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._task = observe(asyncio.get_running_loop().create_task(self._loop()), log)
 
     def _on_probe(self, delivery: Delivery) -> None:
-        task = asyncio.get_running_loop().create_task(self.announce())
+        # The body is not read. A flood of probes gets one answer at a time, not one each.
+        if self._answering:
+            return
+        self._answering = True
+        task = asyncio.get_running_loop().create_task(self._answer())
         _pending.add(task)
         task.add_done_callback(_pending.discard)
+        observe(task, log)
+
+    async def _answer(self) -> None:
+        try:
+            await self.announce()
+        finally:
+            self._answering = False
 
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            await self.announce()
+            try:
+                await self.announce()
+            except Exception as exc:  # advisory: the next interval tries again
+                event(log, logging.WARNING, "presence.unsent", server=self._server, error=exc)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -136,6 +175,7 @@ class VersionWatch:
         self._topic = topic
         self._servers: dict[str, tuple[Presence, float]] = {}
         self._heard = asyncio.Event()
+        self._full = False
         self._started = False
         self._lock = asyncio.Lock()
 
@@ -152,14 +192,25 @@ class VersionWatch:
             await self._transport.publish(probe_subject(self._topic), b"?", durable=False)
 
     def _on_presence(self, delivery: Delivery) -> None:
+        body = delivery.body
         try:
-            presence = _decoder.decode(delivery.body)
-        except msgspec.DecodeError:
-            event(log, logging.WARNING, "presence.malformed", topic=self._topic)
+            presence = decode_presence(body, self._transport.max_message_bytes)
+        except MalformedMessage as exc:
+            _poison.note(log, "presence", self._topic, exc, len(body))
+            return
+        except Exception as exc:  # the decoder is total; this is a bug, handled the same
+            _poison.note(log, "presence", self._topic, _poison.crashed("presence", exc), len(body))
             return
         if presence.state == "stopped":
             self._servers.pop(presence.server, None)
         else:
+            if presence.server not in self._servers and len(self._servers) >= MAX_SERVERS:
+                self.servers()  # forget the expired first
+                if len(self._servers) >= MAX_SERVERS:
+                    if not self._full:  # said once: a flood of names must not flood the log
+                        self._full = True
+                        event(log, logging.WARNING, "presence.too_many", topic=self._topic)
+                    return
             expires = time.monotonic() + 3 * presence.interval
             self._servers[presence.server] = (presence, expires)
         self._heard.set()

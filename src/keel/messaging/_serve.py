@@ -114,7 +114,9 @@ async def serve(
     ``drain_timeout`` defaults to ``$KEEL_DRAIN_TIMEOUT`` or 25 s; ``health_port`` to
     ``$KEEL_HEALTH_PORT`` (none: no HTTP endpoint).
     """
-    timeout = drain_timeout or float(urls.from_env("drain_timeout", str(DEFAULT_DRAIN_TIMEOUT)))
+    timeout = drain_timeout  # 0 means 0: cancel what runs at the first signal
+    if timeout is None:
+        timeout = float(urls.from_env("drain_timeout", str(DEFAULT_DRAIN_TIMEOUT)))
     port_text = urls.from_env("health_port", "")
     port = health_port if health_port is not None else (int(port_text) if port_text else None)
     runner = Runner(parts, drain_timeout=timeout, health_port=port)

@@ -10,9 +10,14 @@ Delivery (docs/messaging-contract.md states it for users):
   with the reason, never drops it.
 * fanout: at-most-once to the servers live when it was sent.
 * A request past its deadline is never started (it is counted and logged).
+* A body that is not a request this server reads (garbage, over ``max_message_bytes``, too
+  deep, out of range, a newer envelope) is dead-lettered with the reason without running
+  anything; so is a delivery whose handling fails inside Keel (keel.messaging._poison). Every
+  delivery is settled and frees its slot, whatever it held.
 * Stopping stops taking new messages, hands unstarted ones back to the broker for other
-  servers, lets running ones finish up to the timeout, then cancels them: their callers get
-  `ServerDraining` (retryable), their casts go back to the queue.
+  servers at once (those waiting for a slot too), lets running ones finish up to the
+  timeout, then cancels them: their callers get `ServerDraining` (retryable), their casts go
+  back to the queue.
 """
 
 from __future__ import annotations
@@ -37,16 +42,18 @@ from keel.errors import (
     MessageTooLarge,
     SerializationError,
     ServerDraining,
+    TransportError,
 )
-from keel.messaging import _context, _metrics, _tap
+from keel.messaging import _context, _metrics, _poison, _tap
 from keel.messaging._dedup import DedupStore, MemoryDedup
 from keel.messaging._endpoints import Dispatcher, Method
 from keel.messaging._failures import to_failure
 from keel.messaging._link import link
 from keel.messaging._presence import DEFAULT_INTERVAL, Announcer
+from keel.messaging._slots import Slots
 from keel.messaging._target import Target, fanout_subject, rpc_queue
 from keel.messaging._threads import run_sync
-from keel.messaging.transports.base import Consumer, Delivery, Transport
+from keel.messaging.transports.base import Consumer, Delivery, Transport, observe
 from keel.wire import (
     CALL,
     CAST,
@@ -115,7 +122,7 @@ class RPCServer:
         self._dedup: DedupStore = dedup or MemoryDedup()
         self._thread_pool_size = thread_pool_size
         self._executor: ThreadPoolExecutor | None = None
-        self._slots = asyncio.Semaphore(max_concurrency)
+        self._slots = Slots(max_concurrency)
         self._new_work: list[Consumer] = []
         self._own: Consumer | None = None
         self._draining = False
@@ -135,6 +142,8 @@ class RPCServer:
         self.running = 0
         self.counts: Counter[tuple[str, ...]] = Counter()
         self.metric_labels = {"topic": target.topic, "server": self.name}
+        # Metric labels name methods this server has; anything else a sender makes up is "?".
+        self._methods = frozenset(self._dispatcher.method_names())
         self._presence = Announcer(
             transport,
             target.topic,
@@ -169,11 +178,11 @@ class RPCServer:
         # queue also carries continuations of work it already runs, so drain keeps it open.
         self._new_work = [
             await consume(topic_queue, self._on_shared, prefetch=prefetch),
-            await consume(self._fanout_queue, self._on_shared, prefetch=0, auto_ack=True),
+            await consume(self._fanout_queue, self._on_fanout, prefetch=0, auto_ack=True),
         ]
         self._own = await consume(server_queue, self._on_own, prefetch=prefetch)
         loop = asyncio.get_running_loop()
-        self._sweeper = loop.create_task(self._sweep_deadlines())
+        self._sweeper = observe(loop.create_task(self._sweep_deadlines()), log)
         self._set_state(ServerState.SERVING)
         await self._presence.start()
         tap = _tap.state.tap
@@ -215,10 +224,13 @@ class RPCServer:
             return
         self._set_state(ServerState.DRAINING)
         self._draining = True
-        await self._presence.announce()
         for consumer in self._new_work:
             await consumer.cancel()
         self._new_work.clear()
+        # Requests waiting for a slot have not started: hand them back now, not when a
+        # running handler ends (continuations of running work wait again for theirs).
+        self._slots.wake_all()
+        await self._presence.announce()
         await self.transport.delete_queue(self._fanout_queue)
         loop = asyncio.get_running_loop()
         end = loop.time() + (self.stop_timeout if timeout is None else timeout)
@@ -280,8 +292,14 @@ class RPCServer:
     def gauges(self) -> dict[str, float]:
         return {
             "keel_rpc_server_running": self.running,
+            "keel_rpc_server_waiting": self.waiting,
             "keel_rpc_server_serving": float(self.state is ServerState.SERVING),
         }
+
+    @property
+    def waiting(self) -> int:
+        """Requests delivered to this server and waiting for a concurrency slot."""
+        return self._slots.waiting
 
     @property
     def free_slots(self) -> int:
@@ -296,50 +314,61 @@ class RPCServer:
     # --- per message ---------------------------------------------------------------------
 
     def _on_shared(self, delivery: Delivery) -> None:
-        self._spawn(self._handle(delivery, own=False))
+        self._spawn(self._handle(delivery, rpc_queue(self.target.topic)))
+
+    def _on_fanout(self, delivery: Delivery) -> None:
+        # Its queue's name is per process; its subject is what an operator knows.
+        self._spawn(self._handle(delivery, fanout_subject(self.target.topic)))
 
     def _on_own(self, delivery: Delivery) -> None:
-        self._spawn(self._handle(delivery, own=True))
+        self._spawn(self._handle(delivery, rpc_queue(self.target.topic, self.name), own=True))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._forget_task)
+        observe(task, log)  # _handle catches everything; this is for what it cannot
 
     def _forget_task(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._expired_tasks.discard(task)
 
-    async def _handle(self, delivery: Delivery, *, own: bool) -> None:
+    async def _handle(self, delivery: Delivery, queue: str, *, own: bool = False) -> None:
+        """Decode, wait for a slot (or hand back on drain), run; settle whatever happens."""
         try:
-            request = decode_request(delivery.body)
+            request = decode_request(delivery.body, self.transport.max_message_bytes)
         except MalformedMessage as exc:
-            self._count("?", "?", "malformed")
-            event(
-                log,
-                logging.WARNING,
-                "request.malformed",
-                server=self.name,
-                error=exc,
-                bytes=len(delivery.body),
-            )
-            await delivery.dead_letter(str(exc))
+            await self._malformed(delivery, queue, exc)
+            return
+        except Exception as exc:  # the decoders are total; this is a bug, handled the same
+            await self._malformed(delivery, queue, _poison.crashed("request", exc))
             return
         started = False
         try:
-            async with self._slots:
+            while True:
                 if self._draining and not (own and self._continues(request.ctx)):
                     await self._decline(request, delivery, own=own)
                     return
+                if await self._slots.acquire():
+                    break
+            try:
                 started = True
                 await self._run(request, delivery)
+            finally:
+                self._slots.release()
         except asyncio.CancelledError:
-            if not started:
+            if not started and not delivery.settled:
                 await delivery.requeue()
             raise
-        except Exception as exc:  # a bug here must not kill the consumer: log it loudly
-            event(log, logging.ERROR, "server.internal_error", server=self.name, error=repr(exc))
-            log.exception("internal error handling a message")
+        except TransportError as exc:  # settling failed: the broker redelivers what it holds
+            event(log, logging.WARNING, "request.settle_failed", queue=queue, error=exc)
+        except Exception as exc:  # a bug in Keel or in what it calls (a dedup store, a tap)
+            await self._malformed(delivery, queue, _poison.crashed("request", exc))
+
+    async def _malformed(self, delivery: Delivery, queue: str, exc: MalformedMessage) -> None:
+        self._count("?", "?", "malformed")
+        kind = "fanout" if queue == fanout_subject(self.target.topic) else "request"
+        await _poison.settle(log, kind, queue, delivery, exc)
 
     def _continues(self, ctx: RequestContext) -> bool:
         """Whether a request carries the trace of one this server is running."""
@@ -356,11 +385,8 @@ class RPCServer:
                 await self._do_call(request, delivery)
             elif kind == CAST:
                 await self._do_cast(request, delivery)
-            elif kind == FANOUT:
+            else:  # the decoder admits CALL, CAST and FANOUT only
                 await self._do_fanout(request)
-            else:
-                self._count("?", request.method, "malformed")
-                await delivery.dead_letter(f"unknown message kind {kind}")
         finally:
             self.running -= 1
             del self._running_ctx[key]
@@ -369,7 +395,7 @@ class RPCServer:
 
     async def _decline(self, request: Request, delivery: Delivery, *, own: bool) -> None:
         """New work reached a draining server: give it back without running any of it."""
-        self._count(KIND_NAMES.get(request.kind, "?"), request.method, "handed_back")
+        self._count(KIND_NAMES[request.kind], request.method, "handed_back")
         if not own:
             await delivery.requeue()  # another server of the topic takes it
         elif request.kind == CALL:
@@ -392,9 +418,7 @@ class RPCServer:
         deadline = request.ctx.deadline
         if deadline is None or time.time() < deadline:
             return False
-        self.counts[
-            "keel_rpc_server_requests", KIND_NAMES[request.kind], request.method, "expired"
-        ] += 1
+        self._count(KIND_NAMES[request.kind], request.method, "expired")
         event(
             log,
             logging.INFO,
@@ -460,7 +484,8 @@ class RPCServer:
             await self._reply(request, result=result)
 
     def _count(self, kind: str, method: str, outcome: str) -> None:
-        self.counts["keel_rpc_server_requests", kind, method, outcome] += 1
+        label = method if method in self._methods else "?"  # bounded, whatever senders send
+        self.counts["keel_rpc_server_requests", kind, label, outcome] += 1
 
     async def _do_cast(self, request: Request, delivery: Delivery) -> None:
         if self._expired(request):
@@ -495,7 +520,7 @@ class RPCServer:
                 key=request.id,
                 error=repr(exc),
             )
-            await delivery.dead_letter(f"{type(exc).__name__}: {exc}")
+            await delivery.dead_letter(f"{type(exc).__name__}: {_poison.reason(exc)}")
             return
         self._dedup.remember(request.id)
         self._count("cast", request.method, "ok")

@@ -8,11 +8,13 @@ from dataclasses import dataclass, field, replace
 from keel.errors import ConfigError
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
-_VERSION = re.compile(r"^(\d+)\.(\d+)$")
+# ASCII digits only (``\d`` takes any Unicode digit) and few of them (int() of thousands of
+# digits is slow, and past 4300 a ValueError): a version is data from the wire too.
+_VERSION = re.compile(r"^([0-9]{1,9})\.([0-9]{1,9})$")
 
 
 def parse_version(version: str) -> tuple[int, int]:
-    match = _VERSION.match(version)
+    match = _VERSION.fullmatch(version)
     if not match:
         raise ConfigError(f"interface version {version!r} is not of the form MAJOR.MINOR, e.g. 1.0")
     return int(match.group(1)), int(match.group(2))

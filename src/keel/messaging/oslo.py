@@ -8,6 +8,10 @@ The codec (pure functions and msgspec Structs, no I/O):
   ``message_id``, ``publisher_id``, ``event_type``, ``priority`` (``INFO``...), ``payload``
   (a legacy dict or a versioned ``nova_object.*`` dict: both are handed over as they are),
   ``timestamp`` and the request context flattened into ``_context_<key>`` entries.
+  Reading is total and bounded as Keel's own envelope is (keel.wire): a body over the
+  reader's ``max_message_bytes`` is refused unread, nesting is bounded to `wire.MAX_DEPTH`
+  levels of payload, integers to what msgpack carries (64 bits), and anything else that is
+  not such a notification is `MalformedMessage` with the reason.
 * ``encode_message(message)`` writes the 2.0 envelope the same way.
 * ``context_from_oslo`` / ``context_to_oslo`` map oslo.context's dict (``user_id``/``user``,
   ``project_id``/``tenant``/``project``, ``roles``, ``request_id``, ...) to Keel's `RequestContext`;
@@ -37,6 +41,7 @@ from typing import Any
 
 import msgspec
 
+from keel import wire
 from keel.errors import ConfigError, MalformedMessage, MessageTooLarge, SerializationError
 from keel.messaging._link import link
 from keel.messaging._notify import PRIORITIES, NotificationListener, Notifier
@@ -94,32 +99,85 @@ _envelope_decoder = msgspec.json.Decoder(OsloEnvelope)
 _REQUIRED = ("message_id", "publisher_id", "event_type", "priority", "timestamp")
 
 
-def decode_message(body: bytes) -> OsloMessage:
-    """Read an oslo notification (2.0 envelope or 1.0 dict); `MalformedMessage` otherwise."""
+# 2**63 has 19 digits: shorter runs are in range, longer ones a walk checks
+_LONG_DIGITS = re.compile(r"[0-9]{19}")
+_LONG_DIGIT_BYTES = re.compile(rb"[0-9]{19}")
+
+
+def _may_nest(text: str) -> bool:
+    limit = wire.MAX_DEPTH
+    return len(text) > limit and text.count("[") + text.count("{") > limit
+
+
+def _needs_walk(data: bytes | str) -> bool:
+    """Whether the JSON might nest deeper than MAX_DEPTH or hold an integer past 64 bits."""
+    if isinstance(data, str):
+        return _may_nest(data) or _LONG_DIGITS.search(data) is not None
+    nests = wire.may_nest(data, wire.NOT_JSON_OPENERS)
+    return nests or _LONG_DIGIT_BYTES.search(data) is not None
+
+
+def _json(data: bytes | str, what: str) -> Any:
+    """JSON to Python values within Keel's bounds, or `MalformedMessage` saying which."""
     try:
-        outer = _json_decoder.decode(body)
-    except msgspec.DecodeError as exc:
-        raise MalformedMessage(f"not an oslo notification: not JSON ({exc})") from None
+        value = _json_decoder.decode(data)
+    except RecursionError:
+        problem, reason = "depth", "nested deeper than this reader's recursion limit"
+    except msgspec.DecodeError as exc:  # out-of-range numbers are ValidationErrors
+        problem = "range" if "out of range" in str(exc) else "syntax"
+        reason = f"not JSON ({exc})"
+    except (ValueError, OverflowError, MemoryError, TypeError) as exc:
+        problem, reason = "syntax", f"not JSON ({type(exc).__name__}: {exc})"
+    else:
+        if _needs_walk(data):
+            found = wire.nesting_problem(value, wire.MAX_DEPTH + 1, ints=True)
+            if found == "depth":
+                raise MalformedMessage(
+                    f"{what}: a value nests more than {wire.MAX_DEPTH} containers deep",
+                    problem="depth",
+                )
+            if found == "range":
+                raise MalformedMessage(
+                    f"{what}: an integer is outside the 64 bits Keel carries", problem="range"
+                )
+        return value
+    raise MalformedMessage(f"{what}: {reason}"[:400], problem=problem)
+
+
+def decode_message(body: bytes, limit: int | None = None) -> OsloMessage:
+    """Read an oslo notification (2.0 envelope or 1.0 dict); `MalformedMessage` otherwise.
+
+    ``limit`` (the reader's ``max_message_bytes``) refuses a longer body without reading it.
+    """
+    if limit is not None and len(body) > limit:
+        raise wire.oversize("oslo notification", len(body), limit)
+    outer = _json(body, "not an oslo notification")
     if not isinstance(outer, dict):
-        raise MalformedMessage("not an oslo notification: the JSON is not an object")
+        raise MalformedMessage(
+            "not an oslo notification: the JSON is not an object", problem="shape"
+        )
     inner: Any = outer
     if ENVELOPE_VERSION_KEY in outer:
         try:
             envelope = msgspec.convert(outer, OsloEnvelope)
-            inner = _json_decoder.decode(envelope.message)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise MalformedMessage(f"broken oslo.messaging envelope: {exc}") from None
+        except msgspec.ValidationError as exc:
+            raise MalformedMessage(
+                f"broken oslo.messaging envelope: {exc}", problem="shape"
+            ) from None
+        inner = _json(envelope.message, "broken oslo.messaging envelope")
         if envelope.version.partition(".")[0] != OSLO_ENVELOPE_VERSION.partition(".")[0]:
             raise MalformedMessage(
-                f"oslo.messaging envelope version {envelope.version!r}; Keel reads 2.x"
+                f"oslo.messaging envelope version {envelope.version[:20]!r}; Keel reads 2.x",
+                problem="version",
             )
         if not isinstance(inner, dict):
-            raise MalformedMessage("oslo.message is not a JSON object")
+            raise MalformedMessage("oslo.message is not a JSON object", problem="shape")
     missing = [key for key in _REQUIRED if not isinstance(inner.get(key), str)]
     if missing or "payload" not in inner:
+        keys = ", ".join(key[:40] for key in sorted(map(str, inner))[:12])
         raise MalformedMessage(
-            f"oslo notification without {', '.join(missing) or 'payload'} "
-            f"(keys: {', '.join(sorted(map(str, inner))[:12])})"
+            f"oslo notification without {', '.join(missing) or 'payload'} (keys: {keys})",
+            problem="shape",
         )
     context = {
         key[len(CONTEXT_PREFIX) :]: value
@@ -163,8 +221,18 @@ def encode_message(message: OsloMessage) -> bytes:
     for key, value in message.context.items():
         inner[CONTEXT_PREFIX + key] = value
     inner[UNIQUE_ID_KEY] = message.unique_id or uuid.uuid4().hex
-    envelope = OsloEnvelope(OSLO_ENVELOPE_VERSION, _json_encoder.encode(inner).decode())
-    return _json_encoder.encode(envelope)
+    try:
+        text = _json_encoder.encode(inner).decode()
+    except RecursionError:
+        text = ""
+    # Readers refuse what nests deeper than wire.MAX_DEPTH: say so here, to the sender.
+    if not text or (_may_nest(text) and wire.nesting_problem(inner, wire.MAX_DEPTH + 1)):
+        raise SerializationError(
+            f"cannot send a payload nested more than {wire.MAX_DEPTH} containers deep; "
+            "flatten it or send a reference",
+            limit=wire.MAX_DEPTH,
+        )
+    return _json_encoder.encode(OsloEnvelope(OSLO_ENVELOPE_VERSION, text))
 
 
 def context_from_oslo(context: Mapping[str, Any]) -> RequestContext:
@@ -249,7 +317,7 @@ class OsloNotificationListener(NotificationListener):
         self.durable = durable
 
     def _decode(self, body: bytes) -> Notification:
-        return to_keel(decode_message(body))
+        return to_keel(decode_message(body, self.transport.max_message_bytes))
 
     async def start(self) -> None:
         lk = link(self.transport)
@@ -260,7 +328,7 @@ class OsloNotificationListener(NotificationListener):
             await lk.declare(queue, durable=self.durable, bindings=bindings)
             self._consumers.append(
                 await self.transport.consume(
-                    queue, self._on_delivery, prefetch=self.max_concurrency
+                    queue, self._handler(queue), prefetch=self.max_concurrency
                 )
             )
 

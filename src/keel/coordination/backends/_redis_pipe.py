@@ -12,6 +12,11 @@ the caller may watch to retry). The next call reconnects. A call that times out 
 slot in the queue, so later replies still match their requests. An error reply is raised (or
 set on the future) as the ``hiredis.ReplyError`` it is: the backend maps it, with every other
 foreign error, in `keel.coordination.backends.base.map_errors`.
+
+Where it connects: ``locate`` (if given) names the server on each (re)connect, so under
+Sentinel a reconnect after a failover reaches the new primary; ``ssl`` speaks TLS. With
+``wait_replicas`` a `call_replicated` write counts only once ``WAIT`` says that many replicas
+hold it (or the primary has no replica left at all, after a failover).
 """
 
 from __future__ import annotations
@@ -19,6 +24,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import re
+import ssl as _ssl
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import hiredis
@@ -53,8 +62,17 @@ class Pipe:
         db: int,
         timeout: float,
         on_connect: tuple[tuple[Any, ...], ...] = (),
+        locate: Callable[[], Awaitable[tuple[str, int]]] | None = None,
+        ssl: _ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        wait_replicas: int = 0,
     ) -> None:
         self._on_connect = on_connect
+        self._locate = locate
+        self._ssl = ssl
+        self._server_hostname = server_hostname
+        self._wait_replicas = wait_replicas
+        self._alone_until = 0.0
         self._where = (host, port)
         self._auth = (username, password)
         self._db = db
@@ -64,13 +82,28 @@ class Pipe:
         self._reader_task: asyncio.Task[None] | None = None
         self._connecting: asyncio.Lock = asyncio.Lock()
 
+    @property
+    def wait_replicas(self) -> int:
+        return self._wait_replicas
+
     async def _connect(self) -> asyncio.StreamWriter:
         async with self._connecting:
             if self._writer is not None:
                 return self._writer
             try:
                 async with asyncio.timeout(self._timeout):
-                    reader, writer = await asyncio.open_connection(*self._where)
+                    if self._locate is not None:
+                        try:
+                            self._where = await self._locate()
+                        except Exception as exc:  # the sentinels know no primary (yet)
+                            raise BackendUnavailable(
+                                f"redis: no primary to connect to ({exc}); retry later"
+                            ) from exc
+                    reader, writer = await asyncio.open_connection(
+                        *self._where,
+                        ssl=self._ssl,
+                        server_hostname=self._server_hostname if self._ssl else None,
+                    )
             except (OSError, TimeoutError) as exc:
                 raise BackendUnavailable(
                     f"redis at {self._where[0]}:{self._where[1]} is unreachable ({exc}); "
@@ -132,17 +165,58 @@ class Pipe:
     async def call(self, *args: Any) -> Any:
         """Send a command and return its reply (an error reply raises ``hiredis.ReplyError``)."""
         writer = self._writer or await self._connect()
-        future = self._write(writer, args)
+        [reply] = await self._answers(self._write(writer, args))
+        if isinstance(reply, hiredis.ReplyError):
+            raise reply
+        return reply
+
+    async def _answers(self, *futures: asyncio.Future[Any]) -> list[Any]:
+        """The replies of commands written together, within one timeout."""
         try:
             async with asyncio.timeout(self._timeout):
-                reply = await future
+                return [await future for future in futures]
         except TimeoutError as exc:
             raise BackendUnavailable(
                 f"redis at {self._where[0]}:{self._where[1]} did not answer in {self._timeout}s"
             ) from exc
-        if isinstance(reply, hiredis.ReplyError):
-            raise reply
-        return reply
+
+    async def call_replicated(self, *args: Any) -> Any:
+        """`call`, then ``WAIT wait_replicas`` on the same connection: the reply counts only
+        once that many replicas hold the write (see the module docstring)."""
+        if self._wait_replicas == 0:
+            return await self.call(*args)
+        if self._alone_until:  # alone a moment ago: WAIT would only time out
+            if time.monotonic() < self._alone_until or not await self._replica_online():
+                self._alone_until = max(self._alone_until, time.monotonic() + 2.0)
+                return await self.call(*args)
+            self._alone_until = 0.0
+        writer = self._writer or await self._connect()
+        reply = self._write(writer, args)
+        waited = self._write(writer, ("WAIT", self._wait_replicas, 2000))
+        # Retrieved even when the reply above fails first (the hang-up fails both).
+        waited.add_done_callback(lambda f: f.cancelled() or f.exception())
+        result, counted = await self._answers(reply, waited)
+        if isinstance(result, hiredis.ReplyError):
+            raise result
+        if isinstance(counted, hiredis.ReplyError):  # e.g. a replica now: reconnect
+            await self.close()
+            raise BackendUnavailable(f"redis: WAIT refused ({counted}); retry later")
+        replicas = int(counted)
+        if replicas < self._wait_replicas:
+            if await self._replica_online():
+                raise BackendUnavailable(
+                    f"redis at {self._where[0]}:{self._where[1]}: a write reached {replicas} "
+                    f"of {self._wait_replicas} replicas in time; it may or may not be kept"
+                )
+            self._alone_until = time.monotonic() + 2.0  # alone: WAIT would only time out
+        return result
+
+    async def _replica_online(self) -> bool:
+        """Whether the primary has a replica in sync (one still loading its first copy
+        cannot acknowledge a WAIT yet)."""
+        info = await self.call("INFO", "replication")
+        text = info.decode() if isinstance(info, bytes) else str(info)
+        return re.search(r"^slave\d+:.*state=online", text, re.MULTILINE) is not None
 
     async def send(self, *args: Any) -> asyncio.Future[Any]:
         """Send a command now, without waiting: the future of its reply (an error reply, a

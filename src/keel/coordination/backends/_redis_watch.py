@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl as _ssl
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import hiredis
@@ -28,9 +30,22 @@ _RECONNECT = 0.1
 class Subscriber:
     """Channels subscribed on one connection, with a generation number each."""
 
-    def __init__(self, host: str, port: int, *, username: str | None, password: str | None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        username: str | None,
+        password: str | None,
+        locate: Callable[[], Awaitable[tuple[str, int]]] | None = None,
+        ssl: _ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+    ) -> None:
         self._where = (host, port)
         self._auth = (username, password)
+        self._locate = locate  # under Sentinel: the primary's address on each (re)connect
+        self._ssl = ssl
+        self._server_hostname = server_hostname
         self._refs: dict[str, int] = {}
         self._gen: dict[str, int] = {}
         self._moved: dict[str, asyncio.Event] = {}
@@ -93,7 +108,17 @@ class Subscriber:
             await asyncio.sleep(_RECONNECT)
 
     async def _session(self) -> None:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(*self._where), 5)
+        async with asyncio.timeout(5):
+            if self._locate is not None:
+                try:
+                    self._where = await self._locate()
+                except Exception as exc:  # the sentinels know no primary (yet): try again
+                    raise OSError(f"redis pub/sub: no primary ({exc})") from exc
+            reader, writer = await asyncio.open_connection(
+                *self._where,
+                ssl=self._ssl,
+                server_hostname=self._server_hostname if self._ssl else None,
+            )
         try:
             username, password = self._auth
             if password is not None:

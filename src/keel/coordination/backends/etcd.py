@@ -23,6 +23,11 @@ client cut off from etcd loses its locks at the conservative expiry bound (core)
 them when the lease runs out on the leader — after a leader change etcd *extends* leases by an
 election timeout, which only delays liveness. etcd's "not ready" answers (no leader, leader
 changed, too many requests, a member still starting) are the retryable `BackendUnavailable`.
+Revisions survive compaction; fences need no history, only the current revision counter.
+
+Clusters, TLS and logins (`_etcd_channel`): ``etcd://h1:2379,h2:2379,h3:2379`` lists the
+members and the client moves to a live one by itself; ``etcds://`` (or ``tls=true``) with
+``ca``, ``cert``, ``key`` speaks TLS; ``user:password@`` logs in with etcd's auth.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from grpc import StatusCode
 from grpc.aio import AioRpcError
 
 from keel.coordination._clock import now
+from keel.coordination.backends._etcd_channel import Client
 from keel.coordination.backends.base import (
     Backend,
     Changes,
@@ -50,7 +56,7 @@ from keel.coordination.backends.base import (
     Waiter,
     map_errors,
 )
-from keel.errors import BackendUnavailable
+from keel.errors import BackendUnavailable, KeelError
 
 _MIN_TTL = 2
 _UNAVAILABLE_CODES = {
@@ -128,7 +134,7 @@ class EtcdBackend:
         }
     )
 
-    def __init__(self, client: aetcd.Client, url: str, timeout: float) -> None:
+    def __init__(self, client: Client, url: str, timeout: float) -> None:
         self._client = client
         self._url = url
         self._timeout = timeout
@@ -141,17 +147,26 @@ class EtcdBackend:
         cls, url: Any, *, member_id: str, ttl: float, options: Mapping[str, str]
     ) -> Backend:
         timeout = float(options.get("connect_timeout", 5))
-        client = aetcd.Client(
-            url.host or "127.0.0.1", url.port or 2379, timeout=None, options=_GRPC_OPTIONS
-        )
+        client = Client(url, options, _GRPC_OPTIONS)
         backend = cls(client, url.redacted(), timeout)
-        with backend._mapped():
-            await client.connect()
-            # wait_for_ready: a first connection attempt that fails transiently (a loaded
-            # machine) is retried by gRPC until the timeout instead of failing at once.
-            await client.kvstub.Range(
-                rpc.RangeRequest(key=b"/keel/"), timeout=timeout, wait_for_ready=True
-            )
+        try:
+            # gRPC reports a refused handshake only as "unavailable", after the whole
+            # timeout: a probe with Python's ssl says at once why (one extra handshake).
+            refused = await client.refusal()
+            if refused is not None:
+                raise refused
+            with backend._mapped():
+                await client.connect()
+                await client.login(timeout)
+                # wait_for_ready: a first connection attempt that fails transiently (a loaded
+                # machine) is retried by gRPC until the timeout instead of failing at once.
+                await client.kvstub.Range(
+                    rpc.RangeRequest(key=b"/keel/"), timeout=timeout, wait_for_ready=True
+                )
+        except KeelError as exc:
+            with contextlib.suppress(Exception):
+                await client.close()
+            raise exc from None
         return backend
 
     @contextlib.contextmanager

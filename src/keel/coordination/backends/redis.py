@@ -19,6 +19,14 @@ Leases are timed by the server's clock (``PX``), so client clocks do not matter.
 
 After a restart the server answers ``LOADING`` until its dataset is back: that, and every
 other "not ready" reply, is the retryable `BackendUnavailable` (`_NOT_READY`).
+
+Sentinel, TLS and logins are the Redis transport's (`keel._redis_client`):
+``redis+sentinel://s1,s2,s3/service/db`` follows the primary, ``rediss://`` speaks TLS,
+``user:password@`` logs in. Under Sentinel, ``wait_replicas`` (default 1) makes acquire and
+renew wait until a replica holds the write, so a failover keeps every lock granted and every
+fence handed out: fences never go backwards across it. A waiter woken with a grant renews it
+through ``WAIT`` before it counts (the grant was the releaser's write; the renewal's ``WAIT``
+covers it, since a replica applies writes in order).
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from redis.exceptions import BusyLoadingError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from keel import _redis_client
 from keel.coordination._clock import now
 from keel.coordination.backends import _redis_scripts as lua
 from keel.coordination.backends._redis_pipe import Pipe
@@ -92,47 +101,71 @@ class RedisBackend:
         self._url = url
         self._timeout = timeout
         self._shas = {s: hashlib.sha1(s.encode()).hexdigest() for s in lua.SCRIPTS}
+        self._wait_replicas = pipe.wait_replicas
 
     @classmethod
     async def open(
         cls, url: Any, *, member_id: str, ttl: float, options: Mapping[str, str]
     ) -> Backend:
         timeout = float(options.get("socket_timeout", 5))
-        client = aioredis.Redis.from_url(
-            url.raw.split("?", 1)[0],
+        where = _redis_client.target(url, options)
+        client = _redis_client.client(
+            where,
             socket_connect_timeout=float(options.get("connect_timeout", 5)),
             socket_timeout=timeout,
             retry=Retry(NoBackoff(), 0),
         )
         host, port = url.host or "127.0.0.1", url.port or 6379
+
+        async def locate() -> tuple[str, int]:
+            return await _redis_client.primary(where)
+
         pipe = Pipe(
             host,
             port,
             username=url.username,
             password=url.password,
-            db=int(url.path.strip("/") or 0),
+            db=where.db,
             timeout=timeout,
             on_connect=tuple(("SCRIPT", "LOAD", s) for s in lua.SCRIPTS),
+            locate=locate if where.service is not None else None,
+            ssl=where.ssl_context(),
+            server_hostname=url.host,
+            wait_replicas=where.wait_replicas,
         )
-        subscriber = Subscriber(host, port, username=url.username, password=url.password)
+        subscriber = Subscriber(
+            host,
+            port,
+            username=url.username,
+            password=url.password,
+            locate=locate if where.service is not None else None,
+            ssl=where.ssl_context(),
+            server_hostname=url.host,
+        )
         backend = cls(client, pipe, subscriber, url.redacted(), timeout)
-        with backend._mapped():
-            await client.ping()
+        try:
+            with backend._mapped():
+                await _redis_client.check_login(client, where)
+        except BaseException:
+            await _redis_client.close(client)
+            raise
         return backend
 
     def _mapped(self) -> contextlib.AbstractContextManager[None]:
         return map_errors(_UNAVAILABLE, backend="redis", url=self._url, not_ready=_not_ready)
 
-    async def _eval(self, script: str, args: list[Any]) -> Any:
+    async def _eval(self, script: str, args: list[Any], *, replicated: bool = False) -> Any:
         # EVALSHA; the script is loaded again on NOSCRIPT (a restart the pipe did not see).
+        # ``replicated``: a write that grants or renews a lease waits for ``wait_replicas``.
+        call = self._pipe.call_replicated if replicated else self._pipe.call
         with self._mapped():
             try:
-                return await self._pipe.call("EVALSHA", self._shas[script], *args)
+                return await call("EVALSHA", self._shas[script], *args)
             except hiredis.ReplyError as exc:
                 if not str(exc).startswith("NOSCRIPT"):
                     raise
             await self._pipe.call("SCRIPT", "LOAD", script)
-            return await self._pipe.call("EVALSHA", self._shas[script], *args)
+            return await call("EVALSHA", self._shas[script], *args)
 
     def lease_ttl(self, ttl: float) -> float:
         return max(ttl, 0.001)
@@ -146,7 +179,7 @@ class RedisBackend:
         sent = now()
         waiter.sent = True
         if not queue:
-            fence = await self._eval(lua.TRY, self._args(waiter))
+            fence = await self._eval(lua.TRY, self._args(waiter), replicated=True)
             return None if fence is None else Grant(int(fence), sent + waiter.ttl)
         grant, left = await self._place(waiter, sent)
         waiter.state = left
@@ -155,7 +188,7 @@ class RedisBackend:
     async def _place(self, waiter: Waiter, sent: float) -> tuple[Grant | None, float]:
         """Join the queue or keep our place: the grant if it is ours, and the seconds left on
         the current holder's lease."""
-        fence, left_ms = await self._eval(lua.ENQUEUE, self._args(waiter))
+        fence, left_ms = await self._eval(lua.ENQUEUE, self._args(waiter), replicated=True)
         grant = None if fence is None else Grant(int(fence), sent + waiter.ttl)
         return grant, max(0, int(left_ms)) / 1000
 
@@ -171,7 +204,13 @@ class RedisBackend:
             with self._mapped():
                 popped = await self._client.blpop([wake], timeout=max(0.01, wait))
             if popped is not None:
-                return Grant(int(popped[1]), sent + waiter.ttl)
+                fence = int(popped[1])
+                if not self._wait_replicas:
+                    return Grant(fence, sent + waiter.ttl)
+                # The grant is the releaser's write: a replicated renewal covers it too.
+                expires = await self.renew(waiter.key, waiter.owner, fence, waiter.ttl)
+                if expires is not None:
+                    return Grant(fence, expires)
             grant, waiter.state = await self._place(waiter, now())
             if grant is not None:
                 return grant
@@ -183,7 +222,7 @@ class RedisBackend:
     async def renew(self, key: str, owner: str, fence: int, ttl: float) -> float | None:
         sent = now()
         args = lua.script_args(key, ttl=ttl, holder=f"{fence}\n{owner}\n")
-        ok = await self._eval(lua.RENEW, args)
+        ok = await self._eval(lua.RENEW, args, replicated=True)
         return sent + ttl if ok else None
 
     async def release(self, key: str, owner: str, fence: int) -> Awaitable[None]:
@@ -250,7 +289,7 @@ class RedisBackend:
         await self._pipe.close()
         await self._subscriber.close()
         with self._mapped():
-            await self._client.aclose()
+            await _redis_client.close(self._client)
 
 
 class _Changes:

@@ -19,9 +19,11 @@ threads stop too).
 Failure semantics: a create whose reply was lost is found again by its name (the attempt's
 token) and taken as ours. A release is a ``delete`` of our own node, sent at once; if the
 connection drops before the server confirms it, the core sends it again — the session may well
-survive the reconnect, and with it the node — until the server says the node is gone (or the
-session is). Node names are unique per attempt, so a retried delete can never remove someone
-else's node.
+survive the reconnect (on another server of an ensemble, say), and with it the node — until
+the server says the node is gone (or the session is). Node names are unique per attempt, so a
+retried delete can never remove someone else's node.
+
+Ensembles, TLS and digest logins: see `_zk_connect`.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from kazoo.exceptions import (
     BadVersionError,
     ConnectionClosedError,
     ConnectionLoss,
+    NoAuthError,
     NodeExistsError,
     NoNodeError,
     OperationTimeoutError,
@@ -47,7 +50,9 @@ from kazoo.handlers.threading import AsyncResult, KazooTimeoutError, SequentialT
 from kazoo.protocol.serialization import Connect, Create2
 from kazoo.security import OPEN_ACL_UNSAFE
 
+from keel._tls import credentials_rejected
 from keel.coordination._clock import now
+from keel.coordination.backends._zk_connect import client_options, tls_refusal
 from keel.coordination.backends.base import (
     Backend,
     Changes,
@@ -155,9 +160,12 @@ class ZookeeperBackend:
     async def open(
         cls, url: Any, *, member_id: str, ttl: float, options: Mapping[str, str]
     ) -> Backend:
-        hosts = f"{url.host or '127.0.0.1'}:{url.port or 2181}"
+        kwargs, tls = client_options(url, options)
+        refused = await tls_refusal(url, tls)
+        if refused is not None:
+            raise refused
         client = KazooClient(
-            hosts=hosts,
+            **kwargs,
             timeout=ttl,
             handler=_Handler(),
             connection_retry={"max_tries": -1, "delay": 0.1, "max_delay": 1.0},
@@ -166,10 +174,27 @@ class ZookeeperBackend:
         try:
             with backend._mapped():
                 await asyncio.to_thread(client.start, float(options.get("connect_timeout", 10)))
+            if url.username is not None:
+                await backend._check_login(url)
         except BaseException:
             await asyncio.to_thread(client.stop)
+            client.close()  # its wake-up socket pair
             raise
         return backend
+
+    async def _check_login(self, url: Any) -> None:
+        """Digest logins are checked against ACLs only: read /keel (created with ours)."""
+        with self._mapped():
+            try:
+                await asyncio.to_thread(self._client.ensure_path, "/keel")
+                await asyncio.to_thread(self._client.get_children, "/keel")
+            except NoAuthError:
+                raise credentials_rejected(
+                    backend="ZooKeeper",
+                    server=self._url,
+                    user=url.username,
+                    detail="/keel belongs to another user, or the password is wrong",
+                ) from None
 
     def _mapped(self) -> contextlib.AbstractContextManager[None]:
         return map_errors(
@@ -218,7 +243,10 @@ class ZookeeperBackend:
             await self._call(self._client.ensure_path_async, parent)
             self._dirs.add(parent)
         result = self._client.handler.async_result()
-        self._client._call(_CreateContainer(path, b"", OPEN_ACL_UNSAFE, _CONTAINER), result)
+        self._client._call(
+            _CreateContainer(path, b"", self._client.default_acl or OPEN_ACL_UNSAFE, _CONTAINER),
+            result,
+        )
         with contextlib.suppress(NodeExistsError):
             await self._call(lambda: result)
 

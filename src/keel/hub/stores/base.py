@@ -38,6 +38,9 @@ class Retention(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class Webhook(msgspec.Struct, frozen=True):
     url: str
     secret: str
+    # The CloudEvents HTTP content mode: "structured" (the event as
+    # application/cloudevents+json) or "binary" (ce-* headers, the data as the body).
+    mode: str = "structured"
 
 
 class Subscription(msgspec.Struct, kw_only=True):

@@ -18,6 +18,12 @@ notifications sent while it was down are gone, so the hub reloads every subscrip
 every stream catches up from the store. The pool needs no such care: asyncpg replaces a
 closed connection on the next acquire, and a request during an outage is
 `BackendUnavailable`.
+
+Connecting (several hosts with ``target_session_attrs=read-write`` for a primary and its
+replicas, TLS, typed refusals): see `_pg_connect`. When the primary is replaced, requests in
+flight fail `BackendUnavailable`, the pool's next connection goes to the new primary, and
+the LISTEN connection reconnects and resyncs as above; with synchronous replication
+(``synchronous_standby_names``) every acknowledged append is on the new primary.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import msgspec
 
 from keel._log import event as log_event
 from keel.errors import BackendUnavailable, ClaimExpired, ConfigError, Conflict, NotFound
+from keel.hub.stores._pg_connect import dsn_and_ssl, refusal
 from keel.hub.stores.base import (
     ACKED,
     DEAD,
@@ -56,8 +63,9 @@ CREATE TABLE IF NOT EXISTS {s}.subscriptions (
     dropped BIGINT NOT NULL DEFAULT 0, max_messages BIGINT, max_age_s DOUBLE PRECISION
 );
 CREATE INDEX IF NOT EXISTS subscriptions_project ON {s}.subscriptions (project, id);
+CREATE TABLE IF NOT EXISTS {s}.events (id BIGSERIAL PRIMARY KEY, body BYTEA NOT NULL);
 CREATE TABLE IF NOT EXISTS {s}.messages (
-    sub_id TEXT NOT NULL, seq BIGINT NOT NULL, event BYTEA NOT NULL, state TEXT NOT NULL,
+    sub_id TEXT NOT NULL, seq BIGINT NOT NULL, event_id BIGINT NOT NULL, state TEXT NOT NULL,
     deliveries INT NOT NULL DEFAULT 0, visible_at DOUBLE PRECISION NOT NULL DEFAULT 0,
     claim_id TEXT, enqueued_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (sub_id, seq)
 );
@@ -85,7 +93,39 @@ _LOST: tuple[type[BaseException], ...] = (
 
 _PROBE_FAILED: tuple[type[BaseException], ...] = (*_LOST, asyncpg.InterfaceError)
 
-_MSG = "seq, event, state, deliveries, enqueued_at"
+# A message's row names its event; the body is stored once however many queues it went to.
+_MSG = "m.seq, e.body AS event, m.state, m.deliveries, m.enqueued_at"
+_MSG_FROM = f"SELECT {_MSG} FROM {{s}}.messages m JOIN {{s}}.events e ON e.id = m.event_id"
+# Each queue's messages name increasing event ids (events are inserted under the queues'
+# locks), so an event below the smallest first id of all queues is no one's any more. One
+# statement: messages and events are seen in one snapshot.
+_DELETE_UNREFERENCED = """
+DELETE FROM {s}.events WHERE id < coalesce(
+    (SELECT min((SELECT m.event_id FROM {s}.messages m WHERE m.sub_id = s.id
+                 ORDER BY m.seq LIMIT 1)) FROM {s}.subscriptions s),
+    (SELECT max(id) + 1 FROM {s}.events))
+"""
+# From the layout with a body in every message row (a column ``event``): each row's body
+# becomes one event, in queue order. Run under the schema's advisory lock at open.
+_MIGRATE = """
+DO $$ BEGIN
+IF EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = '{s}'
+           AND table_name = 'messages' AND column_name = 'event') THEN
+    CREATE TABLE {s}.events (id BIGSERIAL PRIMARY KEY, body BYTEA NOT NULL);
+    ALTER TABLE {s}.messages ADD COLUMN event_id BIGINT;
+    WITH numbered AS (
+        SELECT sub_id, seq, event, row_number() OVER (ORDER BY sub_id, seq) AS n
+        FROM {s}.messages),
+    ins AS (INSERT INTO {s}.events (id, body) SELECT n, event FROM numbered RETURNING id)
+    UPDATE {s}.messages m SET event_id = numbered.n FROM numbered
+        WHERE m.sub_id = numbered.sub_id AND m.seq = numbered.seq;
+    PERFORM setval(pg_get_serial_sequence('{s}.events', 'id'),
+                   coalesce((SELECT max(id) FROM {s}.events), 0) + 1, false);
+    ALTER TABLE {s}.messages ALTER COLUMN event_id SET NOT NULL;
+    ALTER TABLE {s}.messages DROP COLUMN event;
+END IF;
+END $$;
+"""
 _SUB = "body, last_seq, first_seq, dropped"
 
 
@@ -125,6 +165,7 @@ class PostgresStore:
         if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
             raise ConfigError("schema must be a lowercase SQL identifier")
         self.url = url
+        self._dsn, self._ssl = dsn_and_ssl(url)
         self.schema = schema
         self.dedup_s = dedup_s
         self.pool_size = pool_size
@@ -147,9 +188,16 @@ class PostgresStore:
     async def open(self) -> None:
         try:
             self._pool = await asyncpg.create_pool(
-                self.url, min_size=1, max_size=self.pool_size, timeout=self.connect_timeout
+                self._dsn,
+                min_size=1,
+                max_size=self.pool_size,
+                timeout=self.connect_timeout,
+                ssl=self._ssl,
             )
         except (OSError, asyncpg.PostgresError) as exc:
+            refused = refusal(exc, self.url)
+            if refused is not None:
+                raise refused from None
             raise BackendUnavailable(
                 f"cannot reach PostgreSQL at the hub store URL: {exc}"
             ) from None
@@ -157,6 +205,7 @@ class PostgresStore:
             await conn.execute(
                 f"SELECT pg_advisory_lock(hashtext('{self.schema}'));"
                 f"CREATE SCHEMA IF NOT EXISTS {self.schema};"
+                + self._q(_MIGRATE)
                 + self._q(_SCHEMA)
                 + f"SELECT pg_advisory_unlock(hashtext('{self.schema}'));"
             )
@@ -183,7 +232,7 @@ class PostgresStore:
             watcher(kind, sub_id)
 
     async def _listen(self) -> None:
-        conn = await asyncpg.connect(self.url, timeout=self.connect_timeout)
+        conn = await asyncpg.connect(self._dsn, timeout=self.connect_timeout, ssl=self._ssl)
         lost = asyncio.Event()
         try:
             conn.add_termination_listener(lambda _: lost.set())
@@ -271,6 +320,11 @@ class PostgresStore:
                     if not conn.is_closed():
                         raise
                     raise BackendUnavailable(f"PostgreSQL connection lost: {exc}") from None
+                except asyncpg.InternalClientError as exc:
+                    # asyncpg's protocol state after a connection broke mid-operation (seen
+                    # when the primary is killed): the connection is unusable, drop it.
+                    conn.terminate()
+                    raise BackendUnavailable(f"PostgreSQL connection broke: {exc}") from None
         except BackendUnavailable:
             raise
         except _LOST as exc:
@@ -410,22 +464,35 @@ class PostgresStore:
                 [counts[k] for k in sorted(counts)],
             )
             next_seq = {r["id"]: r["last_seq"] - counts[r["id"]] for r in rows}
+            kept = [item for item in fresh if any(s in next_seq for s in item.subscriptions)]
+            # Inserted now, under the queues' locks, so that each queue's messages name
+            # increasing event ids (the clean-up of unreferenced events relies on it).
+            ids = sorted(
+                r[0]
+                for r in await conn.fetch(
+                    self._q(
+                        "INSERT INTO {s}.events (body) SELECT b FROM unnest($1::bytea[]) "
+                        "WITH ORDINALITY AS u(b, n) ORDER BY n RETURNING id"
+                    ),
+                    [item.body for item in kept],
+                )
+            )
             out: list[Appended] = []
             cols: tuple[list[Any], ...] = ([], [], [])
-            for item in fresh:
+            for item, event_id in zip(kept, ids, strict=True):
                 for sub_id in item.subscriptions:
                     if sub_id not in next_seq:
                         continue  # deleted between routing and commit
                     next_seq[sub_id] += 1
                     cols[0].append(sub_id)
                     cols[1].append(next_seq[sub_id])
-                    cols[2].append(item.body)
+                    cols[2].append(event_id)
                     out.append(Appended(sub_id, next_seq[sub_id], item.body))
             await conn.execute(
                 self._q(
-                    "INSERT INTO {s}.messages (sub_id, seq, event, state, enqueued_at) "
+                    "INSERT INTO {s}.messages (sub_id, seq, event_id, state, enqueued_at) "
                     "SELECT u.a, u.b, u.c, $4, $5 FROM unnest($1::text[], $2::bigint[], "
-                    "$3::bytea[]) AS u(a, b, c)"
+                    "$3::bigint[]) AS u(a, b, c)"
                 ),
                 *cols,
                 READY,
@@ -478,6 +545,7 @@ class PostgresStore:
                 self._q("DELETE FROM {s}.ingested WHERE at < $1"), now - self.dedup_s
             )
             await conn.execute(self._q("DELETE FROM {s}.claims WHERE expires_at < $1"), now - 3600)
+            await conn.execute(self._q(_DELETE_UNREFERENCED))
         return total
 
     async def read(
@@ -486,10 +554,7 @@ class PostgresStore:
         async with self._conn() as conn:
             first, last = await self._require(conn, sub_id)
             rows = await conn.fetch(
-                self._q(
-                    f"SELECT {_MSG} FROM {{s}}.messages WHERE sub_id = $1 AND seq > $2 "
-                    "ORDER BY seq LIMIT $3"
-                ),
+                self._q(f"{_MSG_FROM} WHERE m.sub_id = $1 AND m.seq > $2 ORDER BY m.seq LIMIT $3"),
                 sub_id,
                 after,
                 limit,
@@ -556,8 +621,9 @@ class PostgresStore:
             )
             rows = await conn.fetch(
                 self._q(
-                    "UPDATE {s}.messages SET claim_id = $3, visible_at = $4, "
-                    "deliveries = deliveries + 1 WHERE sub_id = $1 AND seq = ANY($2::bigint[]) "
+                    "UPDATE {s}.messages m SET claim_id = $3, visible_at = $4, "
+                    "deliveries = deliveries + 1 FROM {s}.events e "
+                    "WHERE m.sub_id = $1 AND m.seq = ANY($2::bigint[]) AND e.id = m.event_id "
                     f"RETURNING {_MSG}"
                 ),
                 sub_id,
@@ -671,8 +737,8 @@ class PostgresStore:
             await self._require(conn, sub_id)
             rows = await conn.fetch(
                 self._q(
-                    f"SELECT {_MSG} FROM {{s}}.messages WHERE sub_id = $1 AND state = $2 "
-                    "AND seq > $3 ORDER BY seq LIMIT $4"
+                    f"{_MSG_FROM} WHERE m.sub_id = $1 AND m.state = $2 AND m.seq > $3 "
+                    "ORDER BY m.seq LIMIT $4"
                 ),
                 sub_id,
                 DEAD,

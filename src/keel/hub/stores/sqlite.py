@@ -61,8 +61,9 @@ CREATE TABLE IF NOT EXISTS subscriptions (
     dropped INTEGER NOT NULL DEFAULT 0, max_messages INTEGER, max_age_s REAL
 );
 CREATE INDEX IF NOT EXISTS subscriptions_project ON subscriptions (project, id);
+CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS messages (
-    sub_id TEXT NOT NULL, seq INTEGER NOT NULL, event BLOB NOT NULL,
+    sub_id TEXT NOT NULL, seq INTEGER NOT NULL, event_id INTEGER NOT NULL,
     state TEXT NOT NULL, deliveries INTEGER NOT NULL DEFAULT 0,
     visible_at REAL NOT NULL DEFAULT 0, claim_id TEXT, enqueued_at REAL NOT NULL,
     PRIMARY KEY (sub_id, seq)
@@ -76,8 +77,41 @@ CREATE TABLE IF NOT EXISTS ingested (event_id TEXT PRIMARY KEY, at REAL NOT NULL
 CREATE INDEX IF NOT EXISTS ingested_at ON ingested (at);
 """
 
+# Every queue's messages name increasing event ids, so an event below the smallest first id
+# of all queues is no one's any more (one statement: one consistent view).
+_DELETE_UNREFERENCED = """
+DELETE FROM events WHERE id < coalesce(
+    (SELECT min((SELECT m.event_id FROM messages m WHERE m.sub_id = s.id ORDER BY m.seq LIMIT 1))
+     FROM subscriptions s),
+    (SELECT max(id) + 1 FROM events))
+"""
 _SUB_COLUMNS = "body, last_seq, first_seq, dropped"
-_MSG_COLUMNS = "seq, event, state, deliveries, enqueued_at"
+# A message's row names its event; the body is stored once however many queues it went to.
+_MSG_FROM = (
+    "SELECT m.seq, e.body, m.state, m.deliveries, m.enqueued_at "
+    "FROM messages m JOIN events e ON e.id = m.event_id"
+)
+SCHEMA_VERSION = 2  # PRAGMA user_version; 0 is the layout with a body in every message row
+
+# From version 0: every message row kept its own copy of the body. Each becomes one event
+# (ids in queue order, so each queue's messages name increasing event ids, which the
+# clean-up of unreferenced events relies on).
+_MIGRATE_FROM_0 = """
+CREATE TABLE events (id INTEGER PRIMARY KEY, body BLOB NOT NULL);
+CREATE TABLE messages_v2 (
+    sub_id TEXT NOT NULL, seq INTEGER NOT NULL, event_id INTEGER NOT NULL,
+    state TEXT NOT NULL, deliveries INTEGER NOT NULL DEFAULT 0,
+    visible_at REAL NOT NULL DEFAULT 0, claim_id TEXT, enqueued_at REAL NOT NULL,
+    PRIMARY KEY (sub_id, seq)
+) WITHOUT ROWID;
+INSERT INTO events (id, body)
+    SELECT row_number() OVER (ORDER BY sub_id, seq), event FROM messages;
+INSERT INTO messages_v2
+    SELECT sub_id, seq, row_number() OVER (ORDER BY sub_id, seq), state, deliveries,
+           visible_at, claim_id, enqueued_at FROM messages;
+DROP TABLE messages;
+ALTER TABLE messages_v2 RENAME TO messages;
+"""
 
 
 class SQLiteStore:
@@ -235,8 +269,29 @@ class SQLiteStore:
         db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         # The writer's own checkpoint is only a backstop: `_checkpoint` runs them beside it.
         db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_CHECKPOINT_PAGES}")
+        self._migrate(db)
         db.executescript(_SCHEMA)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._db = db
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        """Bring a file of an older layout to `SCHEMA_VERSION`, in one transaction."""
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+        columns = {r[1] for r in db.execute("PRAGMA table_info(messages)")}
+        if version >= SCHEMA_VERSION or "event" not in columns:
+            return  # current, or a new file
+        log_event(log, logging.INFO, "hub.sqlite_migrating", path="store", to=SCHEMA_VERSION)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _MIGRATE_FROM_0.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     def _request_checkpoint(self) -> None:
         """After a commit: copy the WAL into the file, off this thread.
@@ -364,6 +419,7 @@ class SQLiteStore:
                 raise NotFound(f"no subscription {sub_id!r}", subscription=sub_id)
             db.execute("DELETE FROM messages WHERE sub_id = ?", (sub_id,))
             db.execute("DELETE FROM claims WHERE sub_id = ?", (sub_id,))
+            db.execute(_DELETE_UNREFERENCED)
 
         await self._write_on_thread(run)
 
@@ -408,17 +464,26 @@ class SQLiteStore:
         subs: dict[str, list[int | None]] = msgspec.json.decode(state)
         seqs = {sub_id: int(v[0] or 0) for sub_id, v in subs.items()}
         out: list[Appended] = []
-        rows: list[tuple[str, int, bytes, str, float]] = []
+        rows: list[tuple[str, int, int, str, float]] = []
+        bodies: list[tuple[int, bytes]] = []
+        # The one connection holds the write lock: the ids after the largest are ours.
+        (event_id,) = db.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()
         for item in fresh:
-            for sub_id in item.subscriptions:
-                if sub_id in seqs:
-                    seq = seqs[sub_id] = seqs[sub_id] + 1
-                    rows.append((sub_id, seq, item.body, READY, now))
-                    out.append(Appended(sub_id, seq, item.body))
+            targets = [s for s in item.subscriptions if s in seqs]
+            if not targets:
+                continue  # routed only to subscriptions deleted meanwhile: nothing to keep
+            event_id += 1
+            bodies.append((event_id, item.body))
+            for sub_id in targets:
+                seq = seqs[sub_id] = seqs[sub_id] + 1
+                rows.append((sub_id, seq, event_id, READY, now))
+                out.append(Appended(sub_id, seq, item.body))
         if not out:
             return []
+        db.executemany("INSERT INTO events (id, body) VALUES (?, ?)", bodies)
         db.executemany(
-            "INSERT INTO messages (sub_id, seq, event, state, enqueued_at) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO messages (sub_id, seq, event_id, state, enqueued_at) "
+            "VALUES (?, ?, ?, ?, ?)",
             rows,
         )
         last = {a.subscription: seqs[a.subscription] for a in out}
@@ -462,6 +527,7 @@ class SQLiteStore:
                 total += self._drop_before(db, sub_id, keep_from)
             db.execute("DELETE FROM ingested WHERE at < ?", (now - self.dedup_s,))
             db.execute("DELETE FROM claims WHERE expires_at < ?", (now - 3600,))
+            db.execute(_DELETE_UNREFERENCED)
             return total
 
         return await self._write_on_thread(run)
@@ -492,8 +558,7 @@ class SQLiteStore:
             first, last = self._require(db, sub_id)
             gap = Gap(after + 1, min(first - 1, last)) if after + 1 < first else None
             rows = db.execute(
-                f"SELECT {_MSG_COLUMNS} FROM messages WHERE sub_id = ? AND seq > ? "
-                "ORDER BY seq LIMIT ?",
+                f"{_MSG_FROM} WHERE m.sub_id = ? AND m.seq > ? ORDER BY m.seq LIMIT ?",
                 (sub_id, after, limit),
             ).fetchall()
             return gap, [self._msg(r) for r in rows]
@@ -546,8 +611,7 @@ class SQLiteStore:
             )
             marks = ",".join("?" * len(rows))
             msgs = db.execute(
-                f"SELECT {_MSG_COLUMNS} FROM messages WHERE sub_id = ? AND seq IN ({marks}) "
-                "ORDER BY seq",
+                f"{_MSG_FROM} WHERE m.sub_id = ? AND m.seq IN ({marks}) ORDER BY m.seq",
                 (sub_id, *(r[0] for r in rows)),
             ).fetchall()
             return Claim(
@@ -643,8 +707,8 @@ class SQLiteStore:
         def run() -> list[Message]:
             self._require(self.db, sub_id)
             rows = self.db.execute(
-                f"SELECT {_MSG_COLUMNS} FROM messages WHERE sub_id = ? AND state = ? "
-                "AND seq > ? ORDER BY seq LIMIT ?",
+                f"{_MSG_FROM} WHERE m.sub_id = ? AND m.state = ? AND m.seq > ? "
+                "ORDER BY m.seq LIMIT ?",
                 (sub_id, DEAD, after, limit),
             ).fetchall()
             return [self._msg(r) for r in rows]

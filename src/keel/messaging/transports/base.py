@@ -19,12 +19,20 @@ Delivery promises a transport must keep (the conformance suite checks them):
 * Within one queue, messages are offered in publish order (redeliveries may come later).
 * ``auto_ack`` consumers (replies, fanout) get at-most-once delivery with no credit window.
 * ``handler`` is called on the transport's event loop, must not block, and must not raise.
+* A delivery handed over stays alive until it is settled, even after its consumer was
+  cancelled or its queue's other consumers came and went: a broker that redelivers on a
+  timer (JetStream's ``ack_wait``, a Redis visibility timeout) keeps being told it is in
+  progress until then, so a handler longer than the timer is never run twice.
+* A delivery from a dead-letter queue says why it was dead-lettered (``dead_letter_reason``).
+* A task a transport starts never ends with an exception nobody sees (`observe`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from keel.errors import MessageTooLarge
 from keel.urls import URL
@@ -42,6 +50,21 @@ def check_size(body: bytes, limit: int) -> None:
         )
 
 
+def observe(task: asyncio.Task[Any], log: logging.Logger) -> asyncio.Task[Any]:
+    """Log the exception a background task ends with, if any (it is then retrieved, so asyncio
+    never reports it as lost); a cancelled task is not an error."""
+
+    def done(finished: asyncio.Task[Any]) -> None:
+        if finished.cancelled():
+            return
+        exc = finished.exception()
+        if exc is not None:
+            log.error("event=task.failed task=%s error=%r", finished.get_name(), exc, exc_info=exc)
+
+    task.add_done_callback(done)
+    return task
+
+
 class Delivery(Protocol):
     """One message handed to a consumer; settle it exactly once."""
 
@@ -51,6 +74,16 @@ class Delivery(Protocol):
     @property
     def delivery_count(self) -> int:
         """1 on first delivery, more after requeues (best effort where the broker cannot tell)."""
+        ...
+
+    @property
+    def settled(self) -> bool:
+        """Whether this delivery needs no more settling (settled, or auto-acknowledged)."""
+        ...
+
+    @property
+    def dead_letter_reason(self) -> str | None:
+        """The reason given to `dead_letter`, on a delivery from a dead-letter queue."""
         ...
 
     async def ack(self) -> None: ...

@@ -27,6 +27,7 @@ from keel.urls import URL
 class _Message:
     body: bytes
     delivery_count: int = 1
+    reason: str | None = None  # why it was dead-lettered, in a dead-letter queue
 
 
 @dataclass(slots=True, eq=False)
@@ -73,6 +74,14 @@ class _Delivery:
     def delivery_count(self) -> int:
         return self._message.delivery_count
 
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
+    @property
+    def dead_letter_reason(self) -> str | None:
+        return self._message.reason
+
     def _settle(self) -> bool:
         if self._settled:
             return False
@@ -101,7 +110,7 @@ class _Delivery:
             broker = queue.broker
             dlq = broker.ensure_queue(queue.name + ".dlq", owner=None)
             with broker.lock:
-                dlq.ready.append(_Message(self._message.body))
+                dlq.ready.append(_Message(self._message.body, reason=reason))
             broker.dispatch(dlq)
             broker.dispatch(queue)
 

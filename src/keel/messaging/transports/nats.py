@@ -1,5 +1,16 @@
 """The NATS transport, ``nats://host:port``: JetStream for queues, core NATS for the rest.
 
+Clusters: ``nats://h1:4222,h2:4223,h3:4224`` lists several servers of one cluster; the client
+connects to one and fails over to the others (and to those the cluster announces) by itself.
+Streams are created with ``replicas`` copies (URL option or keyword; default 3 when the URL
+lists three or more servers, else as many as it lists): an R3 stream keeps every
+acknowledged message through the loss of any one server, and its Raft group elects a new
+leader within a few seconds (sends in that window retry under their message id, below).
+TLS and credentials (`keel._tls`): ``nats+tls://`` or ``tls=true`` turns
+TLS on with the options ``ca``, ``cert``, ``key``, ``verify``; ``user:password@`` in the URL
+logs in. A refused certificate is `TLSError`, a refused login `CredentialsRejected`, both
+from ``connect``.
+
 Mapping of the Transport contract onto NATS (server 2.9, client nats-py):
 
 * A shared queue (not ``exclusive``) is a durable JetStream pull consumer named after the
@@ -25,7 +36,9 @@ Mapping of the Transport contract onto NATS (server 2.9, client nats-py):
   unbound queue also subscribe to it in one queue group (named after the queue), so they
   compete for core messages too; these count against the same credit window (core NATS has
   no credit: what arrives beyond it waits in the consumer, unseen by the core, and is sent
-  on again if the consumer is cancelled first).
+  on again if the consumer is cancelled first; past 4096 such messages a flood goes to the
+  queue's stream instead, to be pulled with credit, so no publisher grows a consumer's
+  memory).
 * ``send`` with ``durable=False`` (calls, replies) is a core publish to ``keel.c.<queue>``
   with a private reply subject: a consumer of the queue takes it at once (no store, no ack:
   the contract acknowledges a call when it starts anyway, so at-most-once loses nothing it
@@ -59,7 +72,7 @@ Failure semantics:
   every 2 minutes), so a machine crash, unlike a process crash, can lose recent messages.
 
 Options (URL query): ``max_message_bytes`` (default 1 MiB), ``ack_wait``, ``publish_timeout``,
-``connect_timeout`` (seconds, default 10) and ``subject_max_age`` (seconds).
+``connect_timeout`` (seconds, default 10), ``subject_max_age`` (seconds), ``replicas``.
 """
 
 from __future__ import annotations
@@ -84,16 +97,24 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType
 
+from keel._tls import TLSConfig, credentials_rejected, tls_config, tls_failure
 from keel.errors import ConfigError, KeelError, MessageTooLarge, TransportError
-from keel.messaging.transports.base import DEFAULT_MAX_MESSAGE_BYTES, Handler, check_size
+from keel.messaging.transports.base import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Handler,
+    check_size,
+    observe,
+)
 from keel.urls import URL
 
 log = logging.getLogger("keel.messaging.nats")
 
 _ACK, _NAK, _TERM, _WPI = b"+ACK", b"-NAK", b"+TERM", b"+WPI"
+_REASON_HEADER = "Keel-Dead-Letter-Reason"
 _PULL_EXPIRES_NS = 30 * 1_000_000_000  # a long poll; the server answers 408 when it ends
 _MAX_ACK_PENDING = 100_000  # per queue across all its consumers; credit is per puller
 _AUTO_ACK_WINDOW = 256
+_BACKLOG_LIMIT = 4096  # core messages a busy consumer holds beyond its credit
 _SWEEP_INTERVAL = 1.0
 _PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
 
@@ -165,12 +186,22 @@ class _Delivery:
         except (ValueError, IndexError, nats.errors.Error):
             return 1
 
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
+    @property
+    def dead_letter_reason(self) -> str | None:
+        headers = self._msg.headers
+        return headers.get(_REASON_HEADER) if headers else None
+
     async def _settle(self, verdict: bytes) -> None:
         if self._settled:
             return
         self._settled = True
         puller = self._puller
         transport = puller.transport
+        transport.in_flight.discard(self)
         if not transport.closed:
             with _mapped("settle"):
                 await transport.nc.publish(self._msg.reply, verdict)
@@ -229,6 +260,12 @@ class _Puller:
                 await self.transport.send(self.queue, msg.data, durable=False)
             return
         if len(self.unsettled) >= self.prefetch:
+            if len(self._backlog) >= _BACKLOG_LIMIT:
+                # A flood (a hostile publisher's, too) waits in the queue's stream, pulled
+                # with credit, instead of in this process's memory.
+                with contextlib.suppress(nats.errors.Error):
+                    await self.transport.nc.publish(_address(self.queue), msg.data)
+                return
             # Core NATS has no credit: keep it here, unseen by the core, until credit frees.
             self._backlog.append(msg)
             return
@@ -242,6 +279,8 @@ class _Puller:
 
     async def settled(self, delivery: _Delivery | _CoreDelivery) -> None:
         self.unsettled.discard(delivery)
+        if not self.active and not self.unsettled:
+            self.transport.pullers.discard(self)  # cancelled, and nothing left to keep alive
         if self._backlog and self.active:
             self._hand_over(self._backlog.popleft())
             return
@@ -296,6 +335,7 @@ class _Puller:
             return
         delivery = _Delivery(self, msg)
         self.unsettled.add(delivery)
+        self.transport.in_flight.add(delivery)
         self.handler(delivery)
 
     def _on_status(self, headers: dict[str, str]) -> None:
@@ -317,7 +357,9 @@ class _Puller:
         if not self.active:
             return
         self.active = False
-        self.transport.pullers.discard(self)
+        if not self.unsettled:
+            # Else it stays listed until its deliveries are settled: close() hands them back.
+            self.transport.pullers.discard(self)
         # Dropping interest makes the server drop our waiting pull requests; draining (a
         # round trip) hands back, through the callbacks, whatever it routed here before.
         for sub in (self._calls, self._sub):
@@ -341,13 +383,19 @@ class _CoreDelivery:
     __slots__ = ("_msg", "_puller", "_queue", "_settled", "_transport")
 
     def __init__(
-        self, transport: NatsTransport, queue: str, msg: Msg, puller: _Puller | None = None
+        self,
+        transport: NatsTransport,
+        queue: str,
+        msg: Msg,
+        puller: _Puller | None = None,
+        *,
+        settled: bool = False,
     ) -> None:
         self._transport = transport
         self._queue = queue
         self._msg = msg
         self._puller = puller
-        self._settled = False
+        self._settled = settled
 
     @property
     def body(self) -> bytes:
@@ -356,6 +404,14 @@ class _CoreDelivery:
     @property
     def delivery_count(self) -> int:
         return 1
+
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
+    @property
+    def dead_letter_reason(self) -> str | None:
+        return None
 
     async def _settle(self) -> bool:
         if self._settled:
@@ -378,14 +434,18 @@ class _CoreDelivery:
 
 
 class _CoreConsumer:
-    def __init__(self, transport: NatsTransport, queue: str, handler: Handler) -> None:
+    def __init__(
+        self, transport: NatsTransport, queue: str, handler: Handler, auto_ack: bool
+    ) -> None:
         self.transport = transport
         self.queue = queue
         self.handler = handler
+        self.auto_ack = auto_ack
         self.subs: list[Subscription] = []
 
     async def _on_msg(self, msg: Msg) -> None:
-        self.handler(_CoreDelivery(self.transport, self.queue, msg))
+        # auto_ack (replies, fanout): at most once, nothing for the core to settle.
+        self.handler(_CoreDelivery(self.transport, self.queue, msg, settled=self.auto_ack))
 
     async def start(self, subjects: Sequence[str]) -> None:
         for subject in subjects:
@@ -413,10 +473,22 @@ class NatsTransport:
         ack_wait: float | None = None,
         publish_timeout: float | None = None,
         connect_timeout: float | None = None,
+        replicas: int | None = None,
+        tls: bool | None = None,
+        ca: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        verify: str | None = None,
     ) -> None:
         self.url = url
         options = url.options
+        self._tls: TLSConfig | None = tls_config(
+            url,
+            {"tls": tls, "ca": ca, "cert": cert, "key": key, "verify": verify},
+            secure_scheme=url.scheme == "nats+tls",
+        )
         try:
+            self.replicas = replicas or int(options.get("replicas", min(3, len(url.hosts) or 1)))
             self.max_message_bytes = max_message_bytes or int(
                 options.get("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
             )
@@ -431,6 +503,9 @@ class NatsTransport:
         self.streams: dict[str, _Stream] = {}
         self.exclusive: dict[str, list[str]] = {}
         self.pullers: set[_Puller] = set()
+        # JetStream deliveries handed over and not settled, whoever consumed them (a cancelled
+        # puller's too): each is kept alive with +WPI until it is settled.
+        self.in_flight: set[_Delivery] = set()
         self.core_consumers: set[_CoreConsumer] = set()
         self.closed = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -440,31 +515,52 @@ class NatsTransport:
         self._unanswered_old: dict[str, tuple[str, bytes]] = {}
         self._refusals = ""
         self._tokens = itertools.count()
+        self._refused: asyncio.Future[KeelError] | None = None
 
     # --- connection ----------------------------------------------------------------------
 
     async def connect(self) -> None:
-        server = f"nats://{self.url.host or '127.0.0.1'}:{self.url.port or 4222}"
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                with _mapped(f"connect to {server}"):
-                    await self.nc.connect(
-                        servers=[server],
-                        name="keel",
-                        user=self.url.username,
-                        password=self.url.password,
-                        max_reconnect_attempts=-1,
-                        reconnect_time_wait=0.5,  # type: ignore[arg-type]  # a float works
-                        connect_timeout=2,
-                        reconnected_cb=self._on_reconnected,
-                        disconnected_cb=self._on_disconnected,
-                        error_cb=self._on_error,
-                    )
-        except TimeoutError:
+        scheme = "tls" if self._tls is not None else "nats"
+        servers = [f"{scheme}://{where}" for where in self.url.endpoints(4222)]
+        loop = asyncio.get_running_loop()
+        # nats-py retries a first connect forever; a refused certificate or login (seen by
+        # the error callback) ends it at once instead, as a typed error.
+        self._refused = loop.create_future()
+        connecting = loop.create_task(
+            self.nc.connect(
+                servers=servers,
+                name="keel",
+                user=self.url.username,
+                password=self.url.password,
+                tls=self._tls.context() if self._tls is not None else None,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,  # type: ignore[arg-type]  # a float works
+                connect_timeout=2,
+                reconnected_cb=self._on_reconnected,
+                disconnected_cb=self._on_disconnected,
+                error_cb=self._on_error,
+            )
+        )
+        waiting: list[asyncio.Future[object]] = [connecting, self._refused]  # type: ignore[list-item]
+        done, _ = await asyncio.wait(
+            waiting,
+            timeout=self.connect_timeout,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        refused, self._refused = self._refused, None
+        if connecting not in done:
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, *_FOREIGN):
+                await connecting
             await self.nc.close()
+            if refused in done:
+                raise refused.result()
             raise TransportError(
                 f"cannot reach NATS at {self.url.redacted()} within {self.connect_timeout}s"
-            ) from None
+            )
+        refused.cancel()
+        with _mapped(f"connect to {self.url.redacted()}"):
+            connecting.result()
         self.closed = False
         self._refusals = self.nc.new_inbox()
         with _mapped("subscribe"):
@@ -475,9 +571,30 @@ class NatsTransport:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        observe(task, log)
+
+    def _refusal(self, exc: BaseException) -> KeelError | None:
+        """A refused certificate or login: retrying the same will not mend it."""
+        server = self.url.redacted()
+        failed = tls_failure(exc, backend="NATS", server=server)
+        if failed is not None:
+            return failed
+        if isinstance(exc, nats.errors.AuthorizationError) or (
+            "authorization violation" in str(exc).lower()
+        ):
+            return credentials_rejected(backend="NATS", server=server, user=self.url.username)
+        return None
 
     async def _on_error(self, exc: Exception) -> None:
-        log.debug("nats: %r", exc)
+        refused = self._refusal(exc)
+        if refused is None:
+            log.debug("nats: %s", type(exc).__name__)
+            return
+        if self._refused is not None:  # connecting: connect raises it
+            if not self._refused.done():
+                self._refused.set_result(refused)
+        else:  # after a reconnect: nats-py keeps trying; say why it fails
+            log.warning("nats: %s", refused)
 
     async def _on_disconnected(self) -> None:
         if not self.closed:
@@ -506,21 +623,24 @@ class NatsTransport:
 
     async def _keep_alive(self) -> None:
         """Forget core sends nobody refused; tell the server slow deliveries live (+WPI)."""
-        last_wpi = time.monotonic()
+        last_wpi = last_sweep = time.monotonic()
+        # Wake often enough to send +WPI several times per ack_wait, however short it is.
+        tick = min(_SWEEP_INTERVAL, self.ack_wait / 4)
         while not self.closed:
-            await asyncio.sleep(_SWEEP_INTERVAL)
+            await asyncio.sleep(tick)
             now = time.monotonic()
-            # A 503 comes back within a round trip; anything older was taken by someone.
-            self._unanswered, old = {}, self._unanswered
-            self._unanswered_old = old
+            if now - last_sweep >= _SWEEP_INTERVAL:
+                # A 503 comes back within a round trip; anything older was taken by someone.
+                last_sweep = now
+                self._unanswered, old = {}, self._unanswered
+                self._unanswered_old = old
             if now - last_wpi < self.ack_wait / 3 or not self.nc.is_connected:
                 continue
             last_wpi = now
-            for puller in list(self.pullers):
-                for delivery in list(puller.unsettled):
-                    if isinstance(delivery, _Delivery):
-                        with contextlib.suppress(nats.errors.Error):
-                            await self.nc.publish(delivery._msg.reply, _WPI)
+            # Every unsettled delivery, its consumer cancelled (a draining server) or not.
+            for delivery in list(self.in_flight):
+                with contextlib.suppress(nats.errors.Error, OSError):
+                    await self.nc.publish(delivery._msg.reply, _WPI)
 
     async def close(self) -> None:
         if self.closed:
@@ -578,6 +698,7 @@ class NatsTransport:
                     retention=RetentionPolicy.LIMITS,
                     max_age=self.subject_max_age,
                     storage=StorageType.FILE if declared.durable else StorageType.MEMORY,
+                    num_replicas=self.replicas,
                 )
             else:
                 await self.js.add_stream(
@@ -585,6 +706,7 @@ class NatsTransport:
                     subjects=[declared.address],
                     retention=RetentionPolicy.WORK_QUEUE,
                     storage=StorageType.FILE if declared.durable else StorageType.MEMORY,
+                    num_replicas=self.replicas,
                 )
             await self.js.add_consumer(
                 declared.stream,
@@ -613,6 +735,21 @@ class NatsTransport:
                     await self.js.delete_consumer(declared.stream, declared.consumer)
                 else:
                     await self.js.delete_stream(declared.stream)
+        if not self.closed and not name.endswith(".dlq"):
+            await self._delete_dlq_if_empty(name + ".dlq")
+
+    async def _delete_dlq_if_empty(self, dlq: str) -> None:
+        """A deleted queue's dead-letter stream goes too, unless it holds dead letters."""
+        self.streams.pop(dlq, None)
+        stream = "KQ_" + _token(dlq)
+        with _mapped("delete queue"), contextlib.suppress(nats.js.errors.NotFoundError):
+            info = await self.js.stream_info(stream)
+            if info.state.messages:
+                log.warning(
+                    "kept dead-letter queue %s: it holds %d messages", dlq, info.state.messages
+                )
+                return
+            await self.js.delete_stream(stream)
 
     # --- sending -------------------------------------------------------------------------
 
@@ -675,7 +812,7 @@ class NatsTransport:
         if dlq not in self.streams:
             await self.declare_queue(dlq, durable=True)
         # Header values are one line; the reason is for people reading the DLQ.
-        headers = {"Keel-Dead-Letter-Reason": " ".join(reason.split())[:1000] or "-"}
+        headers = {_REASON_HEADER: " ".join(reason.split())[:1000] or "-"}
         await self._stored(_address(dlq), body, headers, must_exist=True)
 
     async def _stored(
@@ -716,7 +853,7 @@ class NatsTransport:
         self._check_open()
         subjects = self.exclusive.get(queue)
         if subjects is not None:
-            core = _CoreConsumer(self, queue, handler)
+            core = _CoreConsumer(self, queue, handler, auto_ack)
             await core.start(subjects)
             self.core_consumers.add(core)
             return core

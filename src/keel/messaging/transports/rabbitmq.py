@@ -1,12 +1,13 @@
-"""RabbitMQ transport, ``rabbit://user:pass@host:port/vhost`` (``amqp://`` also accepted).
+"""RabbitMQ transport, ``rabbit://user:pass@host:port/vhost`` (``amqp://`` also accepted;
+``amqps://`` for TLS).
 
 A thin adapter over AMQP 0-9-1 (aiormq, the protocol layer under aio-pika; ``keel[rabbitmq]``):
 
-* A queue is an AMQP queue. ``durable`` queues are durable classic queues and get a durable
-  ``<queue>.dlq`` declared beside them; ``exclusive`` queues are exclusive, auto-delete
-  queues of this connection. Subjects are routing keys on one durable topic exchange
-  (``keel`` by default, ``?exchange=`` to change it); ``send`` publishes on the default
-  exchange with the queue name as routing key.
+* A queue is an AMQP queue. ``durable`` queues are durable queues, classic or quorum
+  (``queue_type``, below), and get a durable ``<queue>.dlq`` of the same type beside them;
+  ``exclusive`` queues are exclusive, auto-delete queues of this connection. Subjects are
+  routing keys on one durable topic exchange (``keel`` by default, ``?exchange=`` to change
+  it); ``send`` publishes on the default exchange with the queue name as routing key.
 * Each consumer has its own channel with ``basic.qos(prefetch)``; ``auto_ack`` consumers
   consume with ``no_ack``. ``ack`` is ``basic.ack``, ``requeue`` is ``basic.nack(requeue)``
   (RabbitMQ puts the message back at its original place), ``dead_letter`` publishes the body
@@ -26,6 +27,23 @@ What the broker holds when a call returns:
   socket when ``send`` returns, and may be lost if the connection or broker fails then.
 * A message sent to a queue that does not exist, or published to a subject no queue is bound
   to, is dropped by the broker (the core declares every queue before its first send).
+
+Clusters and failover: the URL may list several nodes in oslo.messaging's form,
+``rabbit://u:p@h1:5672,u:p@h2:5673/vhost``. ``connect`` and every reconnect try them in turn,
+starting after the node last used, so a client whose node died moves to a live one by itself.
+``queue_type`` (URL option or keyword): ``quorum`` declares durable queues (and their
+``.dlq``) as quorum queues, replicated by Raft on a majority of the nodes, so a confirmed
+message survives the loss of any one node of three; ``classic`` keeps classic queues (one
+node holds each; lost while that node is down). The default, ``auto``, is quorum when the
+URL lists several nodes and classic for one. Transient and exclusive queues stay classic
+(quorum queues are always durable). ``delivery_limit=N`` adds the broker's own poison bound to
+quorum queues: a message delivered N times without an ack is dead-lettered by the broker to
+``<queue>.dlq`` (at-least-once dead-lettering), whatever the consumers do.
+
+TLS and credentials (`keel._tls`): ``amqps://`` or ``tls=true`` turns TLS on; ``ca``,
+``cert``, ``key``, ``verify`` as on every backend. A refused certificate is `TLSError` and a
+refused user or password `CredentialsRejected`, from ``connect``; after a reconnect the same
+failures are logged (without the password) and retried.
 
 Connection loss: heartbeats (``?heartbeat=``, default 20 s) detect a dead peer. The
 transport reconnects by itself with backoff and replays what it declared (exchange, queues,
@@ -63,25 +81,39 @@ import aiormq.exceptions as amqp_errors
 from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp import commands as spec
 
+from keel._tls import TLSConfig, credentials_rejected, tls_config, tls_failure
 from keel.errors import ConfigError, KeelError, TransportError
-from keel.messaging.transports.base import DEFAULT_MAX_MESSAGE_BYTES, Handler, check_size
-from keel.urls import URL
+from keel.messaging.transports.base import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Handler,
+    check_size,
+    observe,
+)
+from keel.urls import URL, Host
 
 log = logging.getLogger("keel.messaging.rabbitmq")
 
 REASON_HEADER = "x-keel-reason"
 _REQUEUE_MEMORY = 4096  # bodies whose requeue count this process remembers
 _CLIENT_ERRORS = (amqp_errors.AMQPError, amqp_errors.ChannelInvalidStateError, OSError)
+_QUEUE_TYPES = ("auto", "classic", "quorum")
 
 
 def _translate(exc: BaseException, action: str, url: URL) -> KeelError:
     """The one place where client-library errors become Keel errors."""
+    failed = tls_failure(exc, backend="RabbitMQ", server=url.redacted())
+    if failed is not None:
+        return failed
+    if isinstance(exc, amqp_errors.AuthenticationError | amqp_errors.ProbableAuthenticationError):
+        return credentials_rejected(
+            backend="RabbitMQ", server=url.redacted(), user=url.username or "guest"
+        )
     if isinstance(exc, amqp_errors.ChannelPreconditionFailed):
         return ConfigError(
             f"{action} on {url.redacted()} refused by RabbitMQ: {exc}; a queue of that name "
             "exists with other properties: delete it or declare it the same way"
         )
-    if isinstance(exc, amqp_errors.ChannelAccessRefused | amqp_errors.AuthenticationError):
+    if isinstance(exc, amqp_errors.ChannelAccessRefused):
         return ConfigError(f"{action} on {url.redacted()} refused by RabbitMQ: {exc}")
     if isinstance(exc, TimeoutError):
         return TransportError(f"{action} on {url.redacted()} timed out; retry later")
@@ -96,15 +128,30 @@ class _QueueSpec:
 
 
 class _Delivery:
-    __slots__ = ("_consumer", "_generation", "_settled", "_tag", "body", "delivery_count")
+    __slots__ = (
+        "_consumer",
+        "_generation",
+        "_settled",
+        "_tag",
+        "body",
+        "dead_letter_reason",
+        "delivery_count",
+    )
 
-    def __init__(self, consumer: _Consumer, tag: int, body: bytes, count: int) -> None:
+    def __init__(
+        self, consumer: _Consumer, tag: int, body: bytes, count: int, reason: str | None = None
+    ) -> None:
         self._consumer = consumer
         self._generation = consumer.generation
         self._tag = tag
         self._settled = False
         self.body = body
         self.delivery_count = count
+        self.dead_letter_reason = reason
+
+    @property
+    def settled(self) -> bool:
+        return self._settled
 
     def _channel(self) -> AbstractChannel | None:
         """The channel to settle on, or None if the delivery is already settled or stale."""
@@ -234,15 +281,20 @@ class _Consumer:
                 await message.channel.basic_nack(tag, requeue=True)
             return
         count = 1
+        headers = message.header.properties.headers
         if delivery.redelivered:
-            headers = message.header.properties.headers
             found = headers.get("x-delivery-count") if headers else None
             if isinstance(found, int):
                 count = found + 1
             else:
                 count = self.transport.requeue_count(message.body) + 1
+        reason = headers.get(REASON_HEADER) if headers else None
+        if isinstance(reason, bytes):
+            reason = reason.decode(errors="replace")
         self.unsettled += 1
-        self.handler(_Delivery(self, tag, message.body, count))
+        self.handler(
+            _Delivery(self, tag, message.body, count, reason if isinstance(reason, str) else None)
+        )
 
     async def cancel(self) -> None:
         if not self.active:
@@ -273,7 +325,9 @@ class RabbitTransport:
     Options (keywords or URL query): ``max_message_bytes`` (default 1 MiB), ``heartbeat``
     (seconds, default 20), ``exchange`` (default ``keel``), ``exchange_durable`` (URL only,
     default true; false to share a non-durable oslo.messaging exchange), ``reconnect_wait``
-    (seconds a send waits for a reconnect, default 10), ``publish_timeout`` (default 30).
+    (seconds a send waits for a reconnect, default 10), ``publish_timeout`` (default 30),
+    ``queue_type`` (``auto``, ``classic``, ``quorum``), ``delivery_limit`` (quorum queues),
+    and the TLS options ``tls``, ``ca``, ``cert``, ``key``, ``verify``.
     """
 
     def __init__(
@@ -285,6 +339,13 @@ class RabbitTransport:
         exchange: str | None = None,
         reconnect_wait: float | None = None,
         publish_timeout: float | None = None,
+        queue_type: str | None = None,
+        delivery_limit: int | None = None,
+        tls: bool | None = None,
+        ca: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        verify: str | None = None,
     ) -> None:
         options = url.options
         self.url = url
@@ -298,13 +359,29 @@ class RabbitTransport:
         self._heartbeat = heartbeat or int(options.get("heartbeat", 20))
         self._reconnect_wait = reconnect_wait or float(options.get("reconnect_wait", 10))
         self._publish_timeout = publish_timeout or float(options.get("publish_timeout", 30))
-        vhost = url.path[1:] if url.path.startswith("/") else url.path
-        user = quote(url.username or "guest", safe="")
-        password = quote(url.password or "guest", safe="")
-        self._amqp_url = (
-            f"amqp://{user}:{password}@{url.host or '127.0.0.1'}:{url.port or 5672}/"
-            f"{quote(vhost, safe='') if vhost else ''}?heartbeat={self._heartbeat}"
+        self._tls: TLSConfig | None = tls_config(
+            url,
+            {"tls": tls, "ca": ca, "cert": cert, "key": key, "verify": verify},
+            secure_scheme=url.scheme == "amqps",
         )
+        self._hosts = list(url.hosts) or [Host("127.0.0.1")]
+        self._next_host = 0  # reconnects start after the node last used
+        self.queue_type = (queue_type or options.get("queue_type", "auto")).lower()
+        if self.queue_type not in _QUEUE_TYPES:
+            raise ConfigError(
+                f"queue_type={self.queue_type!r} in {url.redacted()}: expected one of "
+                f"{', '.join(_QUEUE_TYPES)}"
+            )
+        if self.queue_type == "auto":
+            self.queue_type = "quorum" if len(self._hosts) > 1 else "classic"
+        limit = delivery_limit or options.get("delivery_limit")
+        self._delivery_limit = int(limit) if limit else None
+        if self._delivery_limit is not None and self.queue_type != "quorum":
+            raise ConfigError(
+                f"delivery_limit in {url.redacted()} needs quorum queues (queue_type=quorum)"
+            )
+        vhost = url.path[1:] if url.path.startswith("/") else url.path
+        self._vhost = quote(vhost, safe="") if vhost else ""
         self._connection: aiormq.Connection | None = None
         self._confirm: AbstractChannel | None = None  # durable publishes
         self._plain: AbstractChannel | None = None  # transient publishes
@@ -330,12 +407,47 @@ class RabbitTransport:
             raise
         except _CLIENT_ERRORS as exc:
             raise _translate(exc, "connect", self.url) from exc
-        self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+        self._supervisor = observe(asyncio.get_running_loop().create_task(self._supervise()), log)
+
+    def _amqp_url(self, host: Host) -> str:
+        user = quote(host.username or "guest", safe="")
+        password = quote(host.password or "guest", safe="")
+        scheme = "amqps" if self._tls is not None else "amqp"
+        default_port = 5671 if self._tls is not None else 5672
+        return (
+            f"{scheme}://{user}:{password}@{host.address(default_port)}/{self._vhost}"
+            f"?heartbeat={self._heartbeat}"
+        )
+
+    async def _connect_any(self) -> aiormq.Connection:
+        """A connection to the first node that accepts one, trying each node once in turn
+        (after the one last used). A refused certificate or login fails at once: every node
+        of a cluster shares them."""
+        failure: BaseException | None = None
+        for _ in range(len(self._hosts)):
+            host = self._hosts[self._next_host % len(self._hosts)]
+            self._next_host += 1
+            context = self._tls.context() if self._tls is not None else None
+            connection = aiormq.Connection(self._amqp_url(host), context=context)
+            try:
+                await asyncio.wait_for(connection.connect(), 10)
+            except (*_CLIENT_ERRORS, TimeoutError) as exc:
+                with contextlib.suppress(*_CLIENT_ERRORS, RuntimeError):
+                    await connection.close()
+                mapped = _translate(exc, "connect", self.url)
+                if not mapped.retryable:
+                    raise mapped from None
+                log.info("rabbitmq: node %s refused a connection: %s", host.address(5672), mapped)
+                failure = exc
+                continue
+            self._next_host -= 1  # stay on this node until it fails
+            return connection
+        assert failure is not None
+        raise failure
 
     async def _open(self) -> None:
         """Connect, open the publishing channels and replay declarations and consumers."""
-        connection = aiormq.Connection(self._amqp_url)
-        await asyncio.wait_for(connection.connect(), 10)
+        connection = await self._connect_any()
         try:
             self._confirm = await connection.channel(publisher_confirms=True)
             self._plain = await connection.channel(publisher_confirms=False)
@@ -366,11 +478,16 @@ class RabbitTransport:
                 return
             self._ready.clear()
             log.warning("connection to %s lost; reconnecting", self.url.redacted())
+            self._next_host += 1  # that node is gone: try the others first
             while not self.closed:
                 try:
                     await self._open()
-                except (*_CLIENT_ERRORS, RuntimeError) as exc:
-                    log.info("reconnect to %s failed: %r", self.url.redacted(), exc)
+                except KeelError as exc:  # a refused certificate or login: say so, keep trying
+                    log.warning("reconnect to %s refused: %s", self.url.redacted(), exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                except (*_CLIENT_ERRORS, RuntimeError, TimeoutError) as exc:
+                    log.info("reconnect to %s failed: %s", self.url.redacted(), type(exc).__name__)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
                 else:
@@ -401,6 +518,8 @@ class RabbitTransport:
             task.cancel()
 
     async def _wait_ready(self, action: str) -> aiormq.Connection:
+        """The connection, once up; ``action`` (what the caller does, naming its queue) is
+        what a `TransportError` says could not be done."""
         if self._closed:
             raise TransportError(f"transport {self.url.redacted()} is closed")
         if self._connection is None or self._connection.is_closed:
@@ -416,12 +535,12 @@ class RabbitTransport:
         assert self._connection is not None
         return self._connection
 
-    async def _channel(self, kind: str) -> AbstractChannel:
+    async def _channel(self, kind: str, action: str) -> AbstractChannel:
         """A publishing or control channel, reopened if the broker closed it (channel error)."""
         channel: AbstractChannel | None = getattr(self, kind)
         if channel is not None and not channel.is_closed:
             return channel
-        connection = await self._wait_ready(kind)
+        connection = await self._wait_ready(action)
         async with self._channel_lock:
             channel = getattr(self, kind)
             if channel is None or channel.is_closed:
@@ -438,6 +557,7 @@ class RabbitTransport:
     def keep(self, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        observe(task, log)
 
     def forget_consumer(self, consumer: _Consumer) -> None:
         if consumer in self._consumers:
@@ -472,12 +592,33 @@ class RabbitTransport:
 
     # --- the Transport protocol ------------------------------------------------------------
 
+    def _arguments(self, name: str, durable: bool, dlq: bool) -> dict[str, Any] | None:
+        """Queue arguments: the queue type, and the broker's poison bound if asked for."""
+        if not durable or self.queue_type != "quorum":
+            return None
+        arguments: dict[str, Any] = {"x-queue-type": "quorum"}
+        if self._delivery_limit is not None and not dlq:
+            arguments.update(
+                {
+                    "x-delivery-limit": self._delivery_limit,
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": name + ".dlq",
+                    "x-dead-letter-strategy": "at-least-once",
+                    "x-overflow": "reject-publish",
+                }
+            )
+        return arguments
+
     async def _declare(self, channel: AbstractChannel, name: str, queue: _QueueSpec) -> None:
         if queue.exclusive:
             await channel.queue_declare(name, durable=False, exclusive=True, auto_delete=True)
         else:
-            await channel.queue_declare(name, durable=queue.durable)
-            await channel.queue_declare(name + ".dlq", durable=True)
+            await channel.queue_declare(
+                name, durable=queue.durable, arguments=self._arguments(name, queue.durable, False)
+            )
+            await channel.queue_declare(
+                name + ".dlq", durable=True, arguments=self._arguments(name, True, True)
+            )
         for subject in queue.bindings:
             await channel.queue_bind(name, self.exchange, routing_key=subject)
 
@@ -491,7 +632,7 @@ class RabbitTransport:
     ) -> None:
         queue = _QueueSpec(durable, exclusive, list(bindings))
         try:
-            channel = await self._channel("_control")
+            channel = await self._channel("_control", f"declaring queue {name!r}")
             await self._declare(channel, name, queue)
         except KeelError:
             raise
@@ -508,12 +649,36 @@ class RabbitTransport:
         for consumer in [c for c in self._consumers if c.queue == name]:
             await consumer.cancel()
         try:
-            channel = await self._channel("_control")
+            channel = await self._channel("_control", f"deleting queue {name!r}")
             await channel.queue_delete(name)
+            await self._delete_dlq_if_empty(name + ".dlq")
         except KeelError:
             raise
         except _CLIENT_ERRORS as exc:
             raise _translate(exc, f"deleting queue {name!r}", self.url) from exc
+
+    async def _delete_dlq_if_empty(self, dlq: str) -> None:
+        """Delete a deleted queue's dead-letter queue unless it holds dead letters (those
+        are kept for someone to read; a warning names the queue). On a channel of its own:
+        a passive declare of a missing queue closes the channel it runs on."""
+        connection = await self._wait_ready(f"deleting queue {dlq!r}")
+        channel = await connection.channel(publisher_confirms=False)
+        try:
+            try:
+                ok = await channel.queue_declare(dlq, passive=True)
+            except amqp_errors.ChannelNotFoundEntity:
+                return
+            if ok.message_count:
+                log.warning(
+                    "kept dead-letter queue %s: it holds %d messages", dlq, ok.message_count
+                )
+                return
+            # Quorum queues refuse if-empty (with a connection error): checked just above.
+            await channel.queue_delete(dlq, if_empty=self.queue_type != "quorum")
+        finally:
+            if not channel.is_closed:
+                with contextlib.suppress(*_CLIENT_ERRORS):
+                    await channel.close()
 
     def _check_size(self, body: bytes) -> None:
         check_size(body, self.max_message_bytes)
@@ -537,7 +702,11 @@ class RabbitTransport:
             content_encoding=content_encoding,
         )
         try:
-            channel = await self._channel("_confirm" if durable else "_plain")
+            where = f"exchange {exchange!r}, " if exchange else ""
+            channel = await self._channel(
+                "_confirm" if durable else "_plain",
+                f"publishing to {where}routing key {routing_key!r}",
+            )
             confirmation = await channel.basic_publish(
                 body,
                 exchange=exchange,

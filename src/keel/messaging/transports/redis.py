@@ -43,7 +43,18 @@ to keel.errors in `_mapped`.
 
 Options (URL query or keyword): ``max_message_bytes`` (default 1 MiB), ``visibility_timeout``
 (s), ``exclusive_ttl`` (s), ``reconnect_retries`` (per command, default 25). The scripts name
-keys they are not given, so a Redis Cluster is not supported; one Redis server is.
+keys they are not given, so a Redis Cluster is not supported; one Redis server is, or a
+primary with replicas under Sentinel.
+
+Sentinel, TLS and logins (`keel._redis_client`, `keel._tls`): ``redis+sentinel://s1,s2,s3/
+service/db`` follows the primary the sentinels name; ``rediss://`` (or ``tls=true``) speaks
+TLS with ``ca``, ``cert``, ``key``, ``verify``; ``user:password@`` logs in (an ACL user).
+A refused login or certificate is `CredentialsRejected` or `TLSError` from ``connect``. With
+``wait_replicas=N`` (default 1 under Sentinel) a durable send returns only once ``WAIT N``
+says N replicas have it, so a failover does not lose it; while the primary has no replica at
+all (after a failover, until the old primary rejoins) it is held by the primary alone. A send
+whose WAIT falls short with replicas connected raises `TransportError` (it may or may not be
+stored: the cast's idempotency key covers a retry).
 """
 
 from __future__ import annotations
@@ -53,20 +64,26 @@ import contextlib
 import itertools
 import logging
 import os
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis import exceptions as rexc
 from redis.asyncio.client import PubSub
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 
-from keel.errors import TransportError
+from keel import _redis_client
+from keel.errors import KeelError, TransportError
 from keel.messaging.transports._redis_scripts import SCRIPTS
-from keel.messaging.transports.base import DEFAULT_MAX_MESSAGE_BYTES, Handler, check_size
+from keel.messaging.transports.base import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Handler,
+    check_size,
+    observe,
+)
 from keel.urls import URL
 
 log = logging.getLogger("keel.messaging.redis")
@@ -83,6 +100,8 @@ def _mapped(what: str, url: URL) -> Iterator[None]:
     """The one place redis-py exceptions become keel.errors."""
     try:
         yield
+    except KeelError:
+        raise
     except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
         raise TransportError(
             f"redis {url.redacted()} unreachable during {what}: {exc}; retry later",
@@ -95,6 +114,13 @@ def _mapped(what: str, url: URL) -> Iterator[None]:
 
 
 _DISCONNECTED = (rexc.ConnectionError, rexc.TimeoutError, OSError)
+
+
+_DELETE_IF_EMPTY = """
+local n = redis.call('XLEN', KEYS[1])
+if n == 0 then redis.call('DEL', KEYS[1]) end
+return n
+"""
 
 
 def _stream(queue: str) -> str:
@@ -114,14 +140,33 @@ def _channel(queue: str) -> str:
 
 
 class _Delivery:
-    __slots__ = ("_consumer", "_settled", "body", "delivery_count", "entry_id")
+    __slots__ = (
+        "_consumer",
+        "_settled",
+        "body",
+        "dead_letter_reason",
+        "delivery_count",
+        "entry_id",
+    )
 
-    def __init__(self, consumer: _Consumer, entry_id: bytes, body: bytes, count: int) -> None:
+    def __init__(
+        self,
+        consumer: _Consumer,
+        entry_id: bytes,
+        body: bytes,
+        count: int,
+        reason: str | None = None,
+    ) -> None:
         self._consumer = consumer
         self.entry_id = entry_id
         self.body = body
         self.delivery_count = count
+        self.dead_letter_reason = reason
         self._settled = False
+
+    @property
+    def settled(self) -> bool:
+        return self._settled
 
     def _settle(self) -> bool:
         if self._settled:
@@ -168,7 +213,7 @@ class _Consumer:
         self._list_ids = itertools.count()
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task = observe(asyncio.get_running_loop().create_task(self._run()), log)
 
     def stopped(self) -> bool:
         return self._stopped
@@ -202,6 +247,28 @@ class _Consumer:
             )
         except rexc.RedisError as exc:  # the visibility timeout hands them back instead
             log.info("redis: could not return unread entries of %s: %s", self.queue, exc)
+        if self.unsettled and not t._closed:
+            # Handed over and still running (a draining server): keep them alive until they
+            # are settled, or another consumer's reclaim would run them a second time.
+            t._lingering.add(self)
+            self._task = observe(asyncio.get_running_loop().create_task(self._linger()), log)
+
+    async def _linger(self) -> None:
+        t = self.transport
+        try:
+            while self.unsettled and not t._closed:
+                self._credit.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._credit.wait(), t.visibility_timeout / 3)
+                if not self.unsettled:
+                    break
+                try:
+                    await self._hold()
+                except (rexc.RedisError, OSError) as exc:
+                    log.info("redis: could not keep entries of %s alive: %s", self.queue, exc)
+        finally:
+            t._lingering.discard(self)
+            self._task = None
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -260,20 +327,23 @@ class _Consumer:
             return await self._read_list(room)
         return await self._read_stream(room)
 
+    async def _hold(self) -> None:
+        """Keep our own unsettled entries from looking idle to other consumers' reclaim."""
+        await self.transport.cmd(
+            "XCLAIM",
+            self.key,
+            GROUP,
+            self.name,
+            0,
+            *self.unsettled,
+            "JUSTID",
+            parse_justid=True,
+        )
+
     async def _upkeep(self) -> None:
         t = self.transport
         if self.unsettled:
-            # Keep our own unsettled entries from looking idle to other consumers' reclaim.
-            await t.cmd(
-                "XCLAIM",
-                self.key,
-                GROUP,
-                self.name,
-                0,
-                *self.unsettled,
-                "JUSTID",
-                parse_justid=True,
-            )
+            await self._hold()
         await t._scripts["reclaim"](
             keys=[self.key],
             args=[GROUP, self.name, int(t.visibility_timeout * 1000), 100],
@@ -292,7 +362,14 @@ class _Consumer:
         got = []
         for entry_id, fields in entries:
             count = fields.get(b"n")
-            delivery = _Delivery(self, entry_id, fields[b"b"], int(count) if count else 1)
+            reason = fields.get(b"reason")  # a dead-letter queue's entries carry one
+            delivery = _Delivery(
+                self,
+                entry_id,
+                fields[b"b"],
+                int(count) if count else 1,
+                reason.decode(errors="replace") if reason is not None else None,
+            )
             got.append(delivery)
         if self.auto_ack:
             for delivery in got:
@@ -558,9 +635,30 @@ class RedisTransport:
         visibility_timeout: float | None = None,
         exclusive_ttl: float | None = None,
         reconnect_retries: int | None = None,
+        wait_replicas: int | None = None,
+        sentinel_username: str | None = None,
+        sentinel_password: str | None = None,
+        tls: bool | None = None,
+        ca: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        verify: str | None = None,
     ) -> None:
         self.url = url
         opts = url.options
+        self._where = _redis_client.target(
+            url,
+            {
+                "wait_replicas": wait_replicas,
+                "sentinel_username": sentinel_username,
+                "sentinel_password": sentinel_password,
+                "tls": tls,
+                "ca": ca,
+                "cert": cert,
+                "key": key,
+                "verify": verify,
+            },
+        )
         self.max_message_bytes = max_message_bytes or int(
             opts.get("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
         )
@@ -572,13 +670,8 @@ class RedisTransport:
         if reconnect_retries is None:
             reconnect_retries = int(opts.get("reconnect_retries", 25))
         self.token = f"{os.getpid()}-{uuid.uuid4().hex[:10]}"
-        db = url.path.strip("/") or "0"
-        self.redis = aioredis.Redis(
-            host=url.host or "127.0.0.1",
-            port=url.port or 6379,
-            db=int(db),
-            username=url.username,
-            password=url.password,
+        self.redis = _redis_client.client(
+            self._where,
             socket_timeout=BLOCK_SECONDS + 8,
             socket_connect_timeout=2,
             # Bounded reconnect-and-retry per command (25: about 10 s), then TransportError.
@@ -589,21 +682,24 @@ class RedisTransport:
         self._scripts = {name: self.redis.register_script(lua) for name, lua in SCRIPTS.items()}
         self._pipe = _Pipe(self)
         self._consumers: list[_Consumer] = []
+        self._lingering: set[_Consumer] = set()  # cancelled, keeping deliveries alive
         self._exclusive: dict[str, Sequence[str]] = {}  # exclusive queue -> its subjects
         self._consumer_ids = itertools.count(1)
         self._keepalive: asyncio.Task[None] | None = None
         self._closed = False
+        self._alone_until = 0.0  # the primary has no replica until then (skip WAIT)
 
     async def connect(self) -> None:
         self._closed = False
         with _mapped("connect", self.url):
+            await _redis_client.check_login(self.redis, self._where)
             await self.cmd("PING")
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        for consumer in list(self._consumers):
+        for consumer in [*self._consumers, *self._lingering]:
             unsettled = list(consumer.unsettled.values())
             await consumer.cancel()
             for delivery in unsettled:
@@ -618,7 +714,7 @@ class RedisTransport:
                 await self.delete_queue(name)
         self._exclusive.clear()
         await self._pipe.close()
-        await self.redis.aclose()
+        await _redis_client.close(self.redis)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -647,7 +743,9 @@ class RedisTransport:
                 await self.cmd("SET", _owner(name), self.token, "PX", self._ttl_ms)
                 self._exclusive[name] = tuple(bindings)
                 if self._keepalive is None:
-                    self._keepalive = asyncio.get_running_loop().create_task(self._refresh())
+                    self._keepalive = observe(
+                        asyncio.get_running_loop().create_task(self._refresh()), log
+                    )
             else:
                 await self._create_group(name)
             if bindings:
@@ -685,6 +783,12 @@ class RedisTransport:
                 args=[PREFIX, name],
                 client=self.redis,
             )
+            if not name.endswith(".dlq"):
+                # Its dead-letter stream goes too, unless it holds dead letters (atomic: one
+                # arriving meanwhile keeps it).
+                kept = await self.cmd("EVAL", _DELETE_IF_EMPTY, 1, _stream(name + ".dlq"))
+                if kept and int(kept) > 0:
+                    log.warning("kept dead-letter queue %s.dlq: it holds %s messages", name, kept)
 
     # --- messages --------------------------------------------------------------------------
 
@@ -699,6 +803,7 @@ class RedisTransport:
                 "send",
                 [_stream(queue), _owner(queue), _list(queue)],
                 [body, self._ttl_ms, _channel(queue)],
+                replicated=durable,
             )
         if not found:
             raise TransportError(
@@ -710,25 +815,79 @@ class RedisTransport:
         self._check_open()
         self._check_size(body)
         with _mapped("publish", self.url):
-            await self._script("publish", [f"{PREFIX}b:{subject}"], [body, self._ttl_ms, PREFIX])
+            await self._script(
+                "publish",
+                [f"{PREFIX}b:{subject}"],
+                [body, self._ttl_ms, PREFIX],
+                replicated=durable,
+            )
 
-    async def _script(self, name: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    async def _script(
+        self, name: str, keys: Sequence[Any], args: Sequence[Any], *, replicated: bool = False
+    ) -> Any:
         script = self._scripts[name]
         argv = (len(keys), *keys, *args)
+        # WAIT on the connection that wrote: it counts the replicas holding its writes.
+        wait = self._where.wait_replicas if replicated else 0
+        if wait and await self._alone():
+            wait = 0
+        extra = [("WAIT", wait, _redis_client.WAIT_TIMEOUT_MS)] if wait else []
         try:
-            [reply] = await self._pipe.call([("EVALSHA", script.sha, *argv)])
+            replies = await self._pipe.call([("EVALSHA", script.sha, *argv), *extra])
         except _DISCONNECTED as exc:
             log.debug("redis: pipe connection failed (%s); retrying on the pool", exc)
         else:
+            reply = replies[0]
             if not isinstance(reply, rexc.ResponseError):
+                if wait:
+                    await self._check_replicated(replies[1])
                 return reply
             if not isinstance(reply, rexc.NoScriptError):
                 raise reply
         try:  # Redis restarted without the script, or the pipe lost its connection
-            return await self.cmd("EVALSHA", script.sha, *argv)
+            return await self._on_pool(script.sha, argv, wait)
         except rexc.NoScriptError:
             await self.cmd("SCRIPT", "LOAD", script.script)
-            return await self.cmd("EVALSHA", script.sha, *argv)
+            return await self._on_pool(script.sha, argv, wait)
+
+    async def _on_pool(self, sha: str, argv: tuple[Any, ...], wait: int) -> Any:
+        if not wait:
+            return await self.cmd("EVALSHA", sha, *argv)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.execute_command("EVALSHA", sha, *argv)
+            pipe.execute_command("WAIT", wait, _redis_client.WAIT_TIMEOUT_MS)
+            reply, replicas = await pipe.execute()
+        await self._check_replicated(replicas)
+        return reply
+
+    async def _alone(self) -> bool:
+        """Whether the primary runs without replicas (WAIT would only time out): known for
+        a few seconds at a time, then asked again."""
+        if self._alone_until == 0.0:
+            return False
+        now = time.monotonic()
+        if now < self._alone_until:
+            return True
+        with _mapped("send", self.url):
+            info = await self.redis.info("replication")
+        alone = _redis_client.online_replicas(info) == 0
+        self._alone_until = now + _redis_client.ALONE_RECHECK_S if alone else 0.0
+        return alone
+
+    async def _check_replicated(self, replicas: Any) -> None:
+        if isinstance(replicas, Exception):
+            raise replicas
+        if int(replicas) >= self._where.wait_replicas:
+            return
+        if await _redis_client.replicated(int(replicas), self._where, self.redis):
+            self._alone_until = time.monotonic() + _redis_client.ALONE_RECHECK_S
+        else:
+            raise TransportError(
+                f"redis {self.url.redacted()}: a durable write reached {replicas} of "
+                f"{self._where.wait_replicas} replicas within "
+                f"{_redis_client.WAIT_TIMEOUT_MS} ms; it may or may not be kept; retry later",
+                operation="send",
+            )
 
     async def consume(
         self, queue: str, handler: Handler, *, prefetch: int, auto_ack: bool = False

@@ -1,0 +1,221 @@
+"""How Keel's Redis transport and Redis coordinator reach Redis: one server, or the primary
+that Sentinel names; plaintext or TLS; with or without an ACL user. Both parts build their
+clients here, so a URL means the same to both.
+
+URL forms:
+
+* ``redis://[user:password@]host:port/db`` and ``rediss://...`` (TLS);
+* ``redis+sentinel://[user:password@]s1:26379,s2:26379,s3:26379/service/db`` and
+  ``rediss+sentinel://...``: the sentinels, then the monitored service's name (the
+  ``sentinel monitor`` name) and the database. The user and password are the data servers';
+  ``sentinel_username`` / ``sentinel_password`` (URL options or keywords) log in to the
+  sentinels when they ask for it. With TLS the sentinels are reached over TLS too.
+
+After a failover the client reconnects to the primary the sentinels name now; a server that
+was demoted answers READONLY, and redis-py's Sentinel connection drops it and asks again.
+
+What a failover may lose: Redis replicates asynchronously, so a write acknowledged by the old
+primary may be missing on the new one. ``wait_replicas=N`` (default 1 for a Sentinel URL, 0
+otherwise) makes the writes that must survive (durable sends; lock acquisitions, which carry
+fences) wait for ``WAIT N`` before they count as done; see `replicated`.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+from redis.asyncio.sentinel import Sentinel
+
+from keel._tls import TLSConfig, credentials_rejected, tls_config, tls_failure
+from keel.errors import ConfigError, KeelError
+from keel.urls import URL
+
+log = logging.getLogger("keel.redis")
+
+WAIT_TIMEOUT_MS = 2000
+ALONE_RECHECK_S = 2.0  # a primary found without replicas is asked again after this
+_SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+_TLS_SCHEMES = ("rediss", "rediss+sentinel")
+OPTIONS = ("sentinel_username", "sentinel_password", "wait_replicas")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a Redis URL points: the server or the sentinels, the database, TLS, login."""
+
+    url: URL
+    db: int
+    service: str | None  # Sentinel's name for the primary; None for one server
+    tls: TLSConfig | None
+    wait_replicas: int
+    sentinel_username: str | None
+    sentinel_password: str | None
+
+    @property
+    def sentinels(self) -> list[tuple[str, int]]:
+        return [(h.host, h.port or 26379) for h in self.url.hosts] or [("127.0.0.1", 26379)]
+
+    def ssl_kwargs(self) -> dict[str, Any]:
+        """redis-py's TLS keywords for this target (empty without TLS)."""
+        if self.tls is None:
+            return {}
+        return {
+            "ssl": True,
+            "ssl_ca_certs": self.tls.ca,
+            "ssl_certfile": self.tls.cert,
+            "ssl_keyfile": self.tls.key,
+            "ssl_cert_reqs": "none" if self.tls.verify == "none" else "required",
+            "ssl_check_hostname": self.tls.check_hostname,
+        }
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        return None if self.tls is None else self.tls.context()
+
+
+def target(url: URL, options: Mapping[str, Any] | None = None) -> Target:
+    """Parse a Redis URL (and keyword options, which win) into a `Target`."""
+    opts = {**url.options, **{k: v for k, v in (options or {}).items() if v is not None}}
+    parts = [p for p in url.path.split("/") if p]
+    service: str | None = None
+    if url.scheme in _SENTINEL_SCHEMES:
+        if not parts:
+            raise ConfigError(
+                f"{url.redacted()}: name the Sentinel service, "
+                "e.g. redis+sentinel://127.0.0.1:26379/mymaster/0"
+            )
+        service, parts = parts[0], parts[1:]
+    if len(parts) > 1 or (parts and not parts[0].isascii()) or (parts and not parts[0].isdigit()):
+        raise ConfigError(f"{url.redacted()}: the database must be a number, e.g. /0")
+    try:
+        wait = int(opts.get("wait_replicas", 1 if service else 0))
+    except ValueError:
+        raise ConfigError(f"{url.redacted()}: wait_replicas must be a number") from None
+    return Target(
+        url=url,
+        db=int(parts[0]) if parts else 0,
+        service=service,
+        tls=tls_config(url, options, secure_scheme=url.scheme in _TLS_SCHEMES),
+        wait_replicas=max(0, wait),
+        sentinel_username=opts.get("sentinel_username"),
+        sentinel_password=opts.get("sentinel_password"),
+    )
+
+
+def client(where: Target, **kwargs: Any) -> aioredis.Redis:
+    """A redis-py client for the target; ``kwargs`` are redis-py connection keywords
+    (timeouts, retry)."""
+    url = where.url
+    common: dict[str, Any] = {
+        "db": where.db,
+        "username": url.username,
+        "password": url.password,
+        **where.ssl_kwargs(),
+        **kwargs,
+    }
+    if where.service is None:
+        return aioredis.Redis(host=url.host or "127.0.0.1", port=url.port or 6379, **common)
+    sentinel_kwargs: dict[str, Any] = {
+        "username": where.sentinel_username,
+        "password": where.sentinel_password,
+        "socket_timeout": kwargs.get("socket_connect_timeout", 2),
+        "socket_connect_timeout": kwargs.get("socket_connect_timeout", 2),
+        **where.ssl_kwargs(),
+    }
+    manager = Sentinel(where.sentinels, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+    redis: aioredis.Redis = manager.master_for(where.service, redis_class=aioredis.Redis, **common)
+    _managers[id(redis)] = manager
+    return redis
+
+
+_managers: dict[int, Sentinel] = {}  # client -> the Sentinel manager whose sentinels it asks
+
+
+async def close(redis: aioredis.Redis) -> None:
+    """Close a client of `client`, and its connections to the sentinels."""
+    await redis.aclose()
+    manager = _managers.pop(id(redis), None)
+    for sentinel in manager.sentinels if manager is not None else ():
+        await sentinel.aclose()
+
+
+async def primary(where: Target) -> tuple[str, int]:
+    """The address of the server to write to now (the sentinels' primary, or the server)."""
+    url = where.url
+    if where.service is None:
+        return url.host or "127.0.0.1", url.port or 6379
+    sentinel_kwargs: dict[str, Any] = {
+        "username": where.sentinel_username,
+        "password": where.sentinel_password,
+        "socket_timeout": 2,
+        "socket_connect_timeout": 2,
+        **where.ssl_kwargs(),
+    }
+    manager = Sentinel(where.sentinels, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+    try:
+        host, port = await manager.discover_master(where.service)
+    finally:
+        for sentinel in manager.sentinels:
+            await sentinel.aclose()
+    return str(host), int(port)
+
+
+def refusal(exc: BaseException, where: Target) -> KeelError | None:
+    """A refused login or certificate (retrying will not mend it), else None."""
+    server = where.url.redacted()
+    failed = tls_failure(exc, backend="Redis", server=server)
+    if failed is not None:
+        return failed
+    for item in (exc, exc.__cause__, exc.__context__):
+        if isinstance(item, rexc.AuthenticationError | rexc.AuthenticationWrongNumberOfArgsError):
+            return credentials_rejected(backend="Redis", server=server, user=where.url.username)
+        if isinstance(item, rexc.ResponseError) and str(item).startswith(("WRONGPASS", "NOAUTH")):
+            return credentials_rejected(backend="Redis", server=server, user=where.url.username)
+    return None
+
+
+async def check_login(redis: aioredis.Redis, where: Target) -> None:
+    """Open one connection (TLS handshake, AUTH, SELECT) without retries: a refused
+    certificate or login is a typed error now, not ten seconds of reconnecting."""
+    pool = redis.connection_pool
+    options = {**pool.connection_kwargs, "retry": None}
+    connection = pool.connection_class(**options)
+    try:
+        await connection.connect()  # type: ignore[no-untyped-call]
+        await connection.send_command("PING")
+        await connection.read_response()
+    except (rexc.RedisError, OSError) as exc:
+        refused = refusal(exc, where)
+        if refused is not None:
+            raise refused from None
+        raise
+    finally:
+        await connection.disconnect()
+
+
+def online_replicas(info: Mapping[str, Any]) -> int:
+    """Replicas in sync, from ``INFO replication`` (parsed by redis-py): one still loading
+    its first copy (after a failover, the old primary) cannot acknowledge a WAIT yet."""
+    return sum(
+        1
+        for name, value in info.items()
+        if name.startswith("slave") and isinstance(value, dict) and value.get("state") == "online"
+    )
+
+
+async def replicated(conn_reply: int, where: Target, redis: aioredis.Redis) -> bool:
+    """Whether a write that ``WAIT`` saw reach ``conn_reply`` replicas counts as held: it
+    does if enough replicas have it, or if the primary has no replica in sync at all (it runs
+    alone after a failover until the old primary has caught up: as PostgreSQL's synchronous
+    mode under Patroni, availability first while a single server is left)."""
+    if conn_reply >= where.wait_replicas:
+        return True
+    alone = online_replicas(await redis.info("replication")) == 0
+    if alone:
+        log.warning("redis: the primary has no replica; writes are held by one server only")
+    return alone

@@ -1,0 +1,224 @@
+"""Property tests of every decoder Keel runs on bytes from a bus, with a hostile writer's
+strategies (tests/poison.py): deep nesting, huge integers, truncated frames, wrong envelope
+versions, oversize bodies, valid msgpack or JSON of the wrong shape.
+
+Whatever the bytes, a decoder returns its Struct within Keel's bounds or raises
+`MalformedMessage`: never a RecursionError, OverflowError, MemoryError or a msgspec error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from keel import errors, wire
+from keel.messaging import oslo
+from keel.messaging._presence import decode_presence
+from tests import poison
+
+LIMIT = 64 * 1024
+
+Decoder = Callable[[bytes], Any]
+KEEL_DECODERS: list[tuple[str, Decoder]] = [
+    ("request", lambda b: wire.decode_request(b, LIMIT)),
+    ("reply", lambda b: wire.decode_reply(b, LIMIT)),
+    ("notification", lambda b: wire.decode_notification(b, LIMIT)),
+    ("presence", lambda b: decode_presence(b, LIMIT)),
+]
+OSLO_DECODER: Decoder = lambda b: oslo.decode_message(b, LIMIT)  # noqa: E731
+ALL_DECODERS = [*KEEL_DECODERS, ("oslo", OSLO_DECODER)]
+
+
+def total(decode: Decoder, data: bytes) -> Any:
+    """Decode, returning the MalformedMessage instead of raising it; anything else fails."""
+    try:
+        return decode(data)
+    except errors.MalformedMessage as exc:
+        assert exc.problem in {"oversize", "depth", "range", "syntax", "version", "shape"}
+        assert str(exc)
+        return exc
+
+
+def within_bounds(message: Any) -> None:
+    """What a decoder returned carries no value deeper than MAX_DEPTH or ints past 64 bits."""
+    if isinstance(message, errors.MalformedMessage):
+        return
+    values = [msgspec.to_builtins(message)]
+    assert wire.nesting_problem(values[0], wire.MAX_DEPTH + 3, ints=True) is None
+
+
+# --- strategies ------------------------------------------------------------------------------
+
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=wire.INT_MIN, max_value=wire.INT_MAX)
+    | st.floats()
+    | st.text(max_size=8)
+    | st.binary(max_size=8)
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=12,
+)
+
+
+@st.composite
+def nested(draw: st.DrawFn) -> bytes:
+    """A value nested anywhere from harmless to far past the recursion limit."""
+    depth = draw(st.sampled_from([1, wire.MAX_DEPTH - 2, wire.MAX_DEPTH + 1, 500, 5000, 200_000]))
+    opener = draw(st.sampled_from([b"\x91", b"\x81\xa1k", b"\xdc\x00\x01"]))
+    return opener * depth + b"\xc0"
+
+
+# Built once, outside the strategies (they use random ids).
+_FIXED_CTX = wire.RequestContext(request_id="r", traceparent=f"00-{'0' * 32}-{'0' * 16}-01")
+_CTX = msgspec.Raw(msgspec.msgpack.encode(poison._ctx_array()))
+_REQUEST_POISON = [body for _, body in poison.request_bodies(LIMIT)]
+_OSLO_POISON = [body for _, body in poison.oslo_bodies(LIMIT)]
+
+
+@st.composite
+def envelopes(draw: st.DrawFn) -> bytes:
+    """Envelope-shaped arrays: the right length, any integers, nested or plain values."""
+    head = draw(st.integers(min_value=wire.INT_MIN, max_value=wire.INT_MAX))
+    field = st.one_of(
+        values,
+        st.integers(min_value=wire.INT_MIN, max_value=wire.INT_MAX),
+        nested().map(msgspec.Raw),
+        st.just(_CTX),
+    )
+    fields = draw(st.lists(field, max_size=11))
+    return msgspec.msgpack.encode([head, *fields])
+
+
+@st.composite
+def damaged(draw: st.DrawFn) -> bytes:
+    """A known poison body or a valid one, truncated, flipped or extended."""
+    bodies = [
+        *_REQUEST_POISON,
+        wire.encode(wire.Reply(1, "r", draw(values)), 1 << 20),
+        wire.encode(
+            wire.Request(1, wire.CALL, "i", "m", _FIXED_CTX, {"a": draw(values)}),
+            1 << 20,
+        ),
+    ]
+    body = draw(st.sampled_from(bodies))
+    how = draw(st.sampled_from(["as-is", "cut", "flip", "append"]))
+    if how == "cut" and body:
+        return body[: draw(st.integers(min_value=0, max_value=len(body) - 1))]
+    if how == "flip" and body:
+        at = draw(st.integers(min_value=0, max_value=min(len(body), 64) - 1))
+        return body[:at] + bytes([body[at] ^ draw(st.integers(1, 255))]) + body[at + 1 :]
+    if how == "append":
+        return body + draw(st.binary(min_size=1, max_size=16))
+    return body
+
+
+hostile = st.one_of(st.binary(max_size=300), nested(), envelopes(), damaged())
+
+json_hostile = st.one_of(
+    st.binary(max_size=200),
+    st.sampled_from(_OSLO_POISON),
+    st.integers().map(lambda n: b'{"payload": %d}' % n),
+    st.integers(min_value=1, max_value=50_000).map(lambda d: b"[" * d + b"]" * d),
+    values.map(
+        lambda v: msgspec.json.encode(
+            {"oslo.version": "2.0", "oslo.message": msgspec.json.encode(
+                {"message_id": "m", "publisher_id": "p", "event_type": "e",
+                 "priority": "INFO", "timestamp": "t", "payload": v},
+                enc_hook=repr).decode()},
+        )
+    ),
+)  # fmt: skip
+
+fast = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# --- properties ------------------------------------------------------------------------------
+
+
+@fast
+@given(data=hostile)
+def test_keel_decoders_are_total_and_bounded(data: bytes) -> None:
+    for _, decode in KEEL_DECODERS:
+        within_bounds(total(decode, data))
+
+
+@fast
+@given(data=json_hostile)
+def test_oslo_decoder_is_total_and_bounded(data: bytes) -> None:
+    within_bounds(total(OSLO_DECODER, data))
+
+
+@pytest.mark.parametrize(("name", "decode"), ALL_DECODERS, ids=[n for n, _ in ALL_DECODERS])
+def test_every_known_poison_is_refused(name: str, decode: Decoder) -> None:
+    bodies = {
+        "request": poison.request_bodies(LIMIT),
+        "reply": poison.keel_bodies(LIMIT),
+        "notification": poison.notification_bodies(LIMIT),
+        "presence": poison.presence_bodies(),
+        "oslo": poison.oslo_bodies(LIMIT),
+    }[name]
+    for kind, body in bodies:
+        found = total(decode, body)
+        assert isinstance(found, errors.MalformedMessage), f"{name} accepted {kind}"
+
+
+def test_an_oversize_body_is_refused_unread() -> None:
+    garbage = b"\xc1" * (LIMIT + 1)  # not msgpack, not JSON: a reader that parsed it would say so
+    for _, decode in ALL_DECODERS:
+        found = total(decode, garbage)
+        assert isinstance(found, errors.MalformedMessage)
+        assert found.problem == "oversize"
+        assert found.size == LIMIT + 1
+
+
+@fast
+@given(depth=st.integers(min_value=0, max_value=3 * wire.MAX_DEPTH))
+def test_what_encodes_decodes_and_what_is_too_deep_fails_at_the_sender(depth: int) -> None:
+    value: Any = None
+    for _ in range(depth):
+        value = [value]
+    reply = wire.Reply(wire.ENVELOPE_VERSION, "id", value)
+    request = wire.Request(1, wire.CAST, "i", "m", _FIXED_CTX, {"v": value})
+    for message, decode in ((reply, wire.decode_reply), (request, wire.decode_request)):
+        if depth > wire.MAX_DEPTH:
+            with pytest.raises(errors.SerializationError, match="deep"):
+                wire.encode(message, 1 << 20)
+        else:
+            assert decode(wire.encode(message, 1 << 20)) == message
+
+
+@fast
+@given(request_id=st.text(max_size=40), result=values)
+def test_the_id_of_any_reply_is_read_from_its_first_bytes(request_id: str, result: Any) -> None:
+    body = wire.encode(wire.Reply(wire.ENVELOPE_VERSION, request_id, result), 1 << 20)
+    assert wire.reply_id(body) == request_id
+    assert wire.reply_id(body[: 2 + len(request_id.encode()) + 2]) in (request_id, None)
+
+
+@fast
+@given(data=hostile)
+def test_reply_id_is_total(data: bytes) -> None:
+    found = wire.reply_id(data)
+    assert found is None or isinstance(found, str)
+
+
+def test_nesting_walk_is_iterative_and_counts_map_keys() -> None:
+    deep: Any = None
+    for _ in range(100_000):  # far past Python's recursion limit
+        deep = [deep]
+    assert wire.nesting_problem(deep) == "depth"
+    key: Any = ()
+    for _ in range(wire.MAX_DEPTH):
+        key = (key,)
+    assert wire.nesting_problem({key: 1}) == "depth"
+    assert wire.nesting_problem({"a": [1, {"b": 2**64}]}, ints=True) == "range"
+    assert wire.nesting_problem({"a": [1, {"b": 2**64 - 1}]}, ints=True) is None

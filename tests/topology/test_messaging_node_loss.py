@@ -1,0 +1,52 @@
+"""A node lost under load, on each messaging cluster of scripts/servers: RabbitMQ (three
+nodes, quorum queues), NATS (three servers, R3 streams) and Redis under Sentinel.
+
+Sustained calls, casts and notifications; SIGKILL of the node that holds the data (the
+quorum queues' leader, the stream's leader, the Redis primary); then its restart. Asserted:
+nothing confirmed is lost; casts run once (deduplicated) and notification duplicates are
+counted; every call completes or fails with a retryable error; clients and servers recover by
+themselves within the bound, and again after the node is back. Figures: bench rpc --cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import pytest
+from bench._cluster import RpcRun, nats_stream_leader, rpc_node_loss
+
+from tests.topology.conftest import cluster_url
+
+pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
+
+# cluster -> how to find the node holding the topic's data (None: `servers leader`)
+CLUSTERS: dict[str, Callable[[str], Callable[[str], Awaitable[int]]] | None] = {
+    "rabbitmq-cluster": None,
+    "nats-cluster": nats_stream_leader,
+    "redis-sentinel": None,
+}
+RECOVERY_BOUND_S = 45.0
+
+
+@pytest.mark.parametrize("cluster", sorted(CLUSTERS))
+async def test_a_node_lost_under_load(cluster: str, clusters: list[str]) -> None:
+    url = cluster_url(clusters, cluster)
+    leader = CLUSTERS[cluster]
+    run: RpcRun = await rpc_node_loss(
+        url, cluster, leader=leader(url) if leader is not None else None
+    )
+    outage = run.outage
+    print(
+        f"\n{cluster}: killed node {outage.node}; pause {outage.pause:.2f}s; "
+        f"calls ok {run.calls_ok} retryable {run.calls_retryable}; casts "
+        f"{len(run.casts_confirmed)} confirmed, {run.duplicate_casts} duplicate runs; "
+        f"notifications {len(run.notes_confirmed)} confirmed, {run.duplicate_notes} duplicates"
+    )
+    assert not run.unexpected, run.unexpected[:5]
+    assert not run.lost_casts, sorted(run.lost_casts)[:20]
+    assert not run.lost_notes, sorted(run.lost_notes)[:20]
+    assert run.duplicate_casts == 0  # casts carry an idempotency key: run once
+    assert outage.pause < RECOVERY_BOUND_S
+    assert outage.back > outage.revived  # still serving once the node is back
+    assert run.calls_ok > 0
+    assert run.casts_confirmed
