@@ -91,6 +91,15 @@ _LOST: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, "starting up"
 )
 
+
+def _gone(conn: Conn) -> bool:
+    try:
+        return conn.is_closed()
+    except asyncpg.InterfaceError:
+        # The pool took the connection back under us: it was lost (terminated) mid-operation.
+        return True
+
+
 _PROBE_FAILED: tuple[type[BaseException], ...] = (*_LOST, asyncpg.InterfaceError)
 
 # A message's row names its event; the body is stored once however many queues it went to.
@@ -317,7 +326,7 @@ class PostgresStore:
                 try:
                     yield conn
                 except asyncpg.InterfaceError as exc:
-                    if not conn.is_closed():
+                    if not _gone(conn):
                         raise
                     raise BackendUnavailable(f"PostgreSQL connection lost: {exc}") from None
                 except asyncpg.InternalClientError as exc:
