@@ -14,6 +14,13 @@ Failure semantics a backend must keep:
   refreshed the lease was *sent*, plus the ttl. The core treats the lock as lost at that bound
   if renewal has not succeeded, so a partitioned holder gives up no later than the server does.
 * ``renew`` and ``release`` act only if the record still has that owner and fence.
+* A fence names one grant: no two grants of a key share one, so ``update`` and ``delete``
+  need no owner (the fence already says whose record it is). ``delete`` is the awaited,
+  confirmed removal (a forced one when the fence is another holder's); ``release`` may be
+  pipelined.
+* *Persistent* records (``create``) have no lease and no owner (``owner == ""``): they live
+  until deleted. They carry a fence like leased ones and are listed by ``get``/``children``.
+  A record with live records under ``key + "/"`` is never deleted.
 * Foreign exceptions are mapped to `keel.errors` by `map_errors` at the boundary: unreachable
   servers become `BackendUnavailable`, nothing else leaks.
 """
@@ -78,6 +85,22 @@ class Backend(Protocol):
 
     async def release(self, key: str, owner: str, fence: int) -> None:
         """Delete the record if it is still ours (idempotent)."""
+        ...
+
+    async def create(self, key: str, data: bytes) -> int | None:
+        """Create a persistent record (no lease, owner ``""``) if no live record exists under
+        the key; its fence, or ``None`` if the key is taken."""
+        ...
+
+    async def update(self, key: str, fence: int, data: bytes) -> bool:
+        """Replace the data of the live record granted with ``fence`` (its lease, owner and
+        fence unchanged); ``False`` if that record is gone."""
+        ...
+
+    async def delete(self, key: str, fence: int) -> bool:
+        """Delete the live record granted with ``fence``, whoever holds it, and wait for the
+        server's answer. ``False`` if that record is gone or has live records under
+        ``key + "/"`` (it is then left in place)."""
         ...
 
     async def get(self, key: str) -> Record | None:

@@ -208,7 +208,10 @@ class EtcdBackend:
         ttl_s = int(self.lease_ttl(ttl))
         sent = time.monotonic()
         try:
-            alive = await self._keepalive(lease_id) > 0
+            # The lease alone is not the record: a key deleted under a live lease (a forced
+            # release, an operator) must end the holding too. Both round trips run at once.
+            kept, record = await asyncio.gather(self._keepalive(lease_id), self.get(key))
+            alive = kept > 0 and record is not None and record.fence == fence
         except _LeaseGone:
             alive = False
         if not alive:
@@ -235,6 +238,50 @@ class EtcdBackend:
         )
         with self._mapped():
             await self._client.kvstub.Txn(txn, timeout=self._timeout)
+
+    async def _txn(self, compare: list[Any], success: list[Any]) -> Any:
+        with self._mapped():
+            return await self._client.kvstub.Txn(
+                rpc.TxnRequest(compare=compare, success=success), timeout=self._timeout
+            )
+
+    @staticmethod
+    def _created(k: bytes, revision: int) -> Any:
+        return rpc.Compare(
+            key=k, result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, create_revision=revision
+        )
+
+    async def create(self, key: str, data: bytes) -> int | None:
+        k = f"/keel/{key}".encode()
+        put = rpc.RequestOp(request_put=rpc.PutRequest(key=k, value=b"\n" + data))
+        reply = await self._txn([self._created(k, 0)], [put])
+        return int(reply.header.revision) if reply.succeeded else None
+
+    async def update(self, key: str, fence: int, data: bytes) -> bool:
+        k = f"/keel/{key}".encode()
+        record = await self.get(key)
+        if record is None or record.fence != fence:
+            return False
+        # The owner is part of the value; the lease stays (ignore_lease).
+        value = record.owner.encode() + b"\n" + data
+        put = rpc.RequestOp(request_put=rpc.PutRequest(key=k, value=value, ignore_lease=True))
+        return bool((await self._txn([self._created(k, fence)], [put])).succeeded)
+
+    async def delete(self, key: str, fence: int) -> bool:
+        self._held.pop((key, fence), None)
+        k = f"/keel/{key}".encode()
+        # Over a range, a comparison holds for every key in it, and an empty range compares
+        # as one absent key (create revision 0): "no children" is one more comparison.
+        children = k + b"/"
+        no_children = rpc.Compare(
+            key=children,
+            range_end=_prefix_end(children),
+            result=rpc.Compare.EQUAL,
+            target=rpc.Compare.CREATE,
+            create_revision=0,
+        )
+        remove = rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=k))
+        return bool((await self._txn([self._created(k, fence), no_children], [remove])).succeeded)
 
     @staticmethod
     def _record(kv: Any) -> Record:

@@ -60,6 +60,32 @@ if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
 end
 return 0
 """
+# A persistent record: no PX, owner "". Listed through the parent's index like leased ones.
+_CREATE = """
+if redis.call('exists', KEYS[1]) == 1 then return false end
+local fence = redis.call('incr', KEYS[2])
+redis.call('set', KEYS[1], fence .. '\\n\\n' .. ARGV[1])
+redis.call('sadd', KEYS[3], KEYS[1])
+return fence
+"""
+_UPDATE = """
+local v = redis.call('get', KEYS[1])
+if not v or string.sub(v, 1, #ARGV[1]) ~= ARGV[1] then return 0 end
+local owner_end = string.find(v, '\\n', #ARGV[1] + 1, true)
+redis.call('set', KEYS[1], string.sub(v, 1, owner_end) .. ARGV[2], 'KEEPTTL')
+return 1
+"""
+# KEYS[2] is the index of the record's children: a record with a live child stays.
+_DELETE = """
+local v = redis.call('get', KEYS[1])
+if not v or string.sub(v, 1, #ARGV[1]) ~= ARGV[1] then return 0 end
+for _, child in ipairs(redis.call('smembers', KEYS[2])) do
+  if redis.call('exists', child) == 1 then return 0 end
+end
+redis.call('del', KEYS[1])
+return 1
+"""
+_SCRIPTS = (_ACQUIRE, _RENEW, _RELEASE, _CREATE, _UPDATE, _DELETE)
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError)
 _POLL = 0.01
 
@@ -86,7 +112,7 @@ class RedisBackend:
         self._client = client  # reads and listings
         self._pipe = pipe  # the lock scripts (see _redis_pipe)
         self._url = url
-        self._shas = {s: hashlib.sha1(s.encode()).hexdigest() for s in (_ACQUIRE, _RENEW, _RELEASE)}
+        self._shas = {s: hashlib.sha1(s.encode()).hexdigest() for s in _SCRIPTS}
 
     async def _eval(self, script: str, keys: list[str], args: list[Any]) -> Any:
         # EVALSHA; the script is loaded once on NOSCRIPT (first use, or after a restart).
@@ -125,7 +151,7 @@ class RedisBackend:
             password=url.password,
             db=where.db,
             timeout=timeout,
-            on_connect=tuple(("SCRIPT", "LOAD", s) for s in (_ACQUIRE, _RENEW, _RELEASE)),
+            on_connect=tuple(("SCRIPT", "LOAD", s) for s in _SCRIPTS),
             locate=locate if where.service is not None else None,
             ssl=where.ssl_context(),
             server_hostname=url.host,
@@ -165,6 +191,20 @@ class RedisBackend:
         await self._pipe.send(
             "EVALSHA", self._shas[_RELEASE], 1, f"keel:{key}", f"{fence}\n{owner}\n"
         )
+
+    async def create(self, key: str, data: bytes) -> int | None:
+        parent = key.rpartition("/")[0]
+        fence = await self._eval(
+            _CREATE, [f"keel:{key}", f"keel-fence:{key}", f"keel-children:{parent}/"], [data]
+        )
+        return None if fence is None else int(fence)
+
+    async def update(self, key: str, fence: int, data: bytes) -> bool:
+        return bool(await self._eval(_UPDATE, [f"keel:{key}"], [f"{fence}\n", data]))
+
+    async def delete(self, key: str, fence: int) -> bool:
+        keys = [f"keel:{key}", f"keel-children:{key}/"]
+        return bool(await self._eval(_DELETE, keys, [f"{fence}\n"]))
 
     async def get(self, key: str) -> Record | None:
         with map_errors(_UNAVAILABLE, backend="redis", url=self._url):

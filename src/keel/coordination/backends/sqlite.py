@@ -15,6 +15,7 @@ retried with an async back-off rather than blocking the loop (``busy_timeout`` i
 from __future__ import annotations
 
 import asyncio
+import math
 import sqlite3
 import time
 from collections.abc import Callable, Mapping
@@ -49,6 +50,19 @@ _RENEW = (
 _RELEASE = (
     "UPDATE keel_leases SET expires = 0, owner = NULL WHERE key = ? AND owner = ? AND fence = ?"
 )
+# A persistent record is a row that never expires (owner ''); taken only if the row is free.
+_CREATE = """
+INSERT INTO keel_leases (key, parent, owner, fence, expires, data) VALUES (?, ?, '', 1, ?, ?)
+ON CONFLICT (key) DO UPDATE SET owner = '', fence = keel_leases.fence + 1,
+    expires = excluded.expires, data = excluded.data
+WHERE keel_leases.expires <= ?
+RETURNING fence
+"""
+_UPDATE = "UPDATE keel_leases SET data = ? WHERE key = ? AND fence = ? AND expires > ?"
+_DELETE = """
+UPDATE keel_leases SET expires = 0, owner = NULL WHERE key = ? AND fence = ? AND expires > ?
+AND NOT EXISTS (SELECT 1 FROM keel_leases WHERE parent = ? AND expires > ?)
+"""
 _GET = "SELECT key, owner, fence, data FROM keel_leases WHERE key = ? AND expires > ?"
 _CHILDREN = "SELECT key, owner, fence, data FROM keel_leases WHERE parent = ? AND expires > ?"
 _POLL = 0.005
@@ -126,6 +140,20 @@ class SqliteBackend:
 
     async def release(self, key: str, owner: str, fence: int) -> None:
         await self._run(_RELEASE, (key, owner, fence))
+
+    async def create(self, key: str, data: bytes) -> int | None:
+        now = time.time()
+        rows = await self._run(_CREATE, (key, _parent(key), math.inf, data, now))
+        return int(rows[0][0]) if rows else None
+
+    async def update(self, key: str, fence: int, data: bytes) -> bool:
+        _, changed = await self._execute(_UPDATE, (data, key, fence, time.time()))
+        return changed == 1
+
+    async def delete(self, key: str, fence: int) -> bool:
+        now = time.time()
+        _, changed = await self._execute(_DELETE, (key, fence, now, key + "/", now))
+        return changed == 1
 
     async def get(self, key: str) -> Record | None:
         rows = await self._run(_GET, (key, time.time()))
