@@ -174,6 +174,20 @@ async def test_break_lock_frees_it_and_the_broken_holder_learns(backend: Backend
     assert not await other.release_confirmed()  # once only
 
 
+async def test_a_broken_holders_release_leaves_the_next_holders_lock(
+    backend: BackendUnderTest,
+) -> None:
+    a, b, c = [await backend.connect(m) for m in "abc"]
+    name = backend.n("lock")
+    broken = await a.acquire(name)
+    assert await b.break_lock(name)
+    successor = await c.acquire(name, timeout=0)
+    await broken.release()  # the plain release, as close() and `async with` use it
+    await asyncio.sleep(0.1)
+    assert await b.try_acquire(name) is None, "the broken holder's release freed another's lock"
+    await successor.release()
+
+
 async def test_broken_holder_is_marked_lost_by_renewal(backend: BackendUnderTest) -> None:
     a, b = await backend.connect("a"), await backend.connect("b")
     name = backend.n("lock")

@@ -3,7 +3,7 @@
 A record is an ephemeral node ``/keel/<key>`` created by this client's session; ``acquire`` is
 one ``create`` (it fails if the node exists) and the fence is the node's creation zxid, which
 ZooKeeper orders totally and persists (the epoch is in its high bits, so it grows across
-restarts and leader changes). Release is one ``delete`` of our node.
+restarts and leader changes). Release deletes our node (checked and awaited, below).
 
 Leases are the *session*: the server removes every ephemeral node of a session it has not heard
 from for the session timeout (the ``ttl`` given to `connect`). So a lock's ttl is the session's,
@@ -12,10 +12,11 @@ Session expiry is pushed to the client (SESSION_EVENTS): every lock held through
 lost at once. kazoo runs the session on its own threads; results cross into the event loop
 with ``call_soon_threadsafe``. A paused process keeps no session alive (its threads stop too).
 
-Known gap: release checks locally that the session is still the one that created the node and
-then deletes it (one round trip); if the session expires while that delete is in flight, the
-client's *new* session could delete a successor's node. The successor's fence is still higher
-than ours, so fenced resources stay safe; only that successor's exclusion is weakened.
+Release (and a forced ``delete``) reads the node and deletes it only if its creation zxid is
+our fence, conditional on the data version read. Known gap: ZooKeeper cannot condition a
+delete on the creation zxid, so a node deleted and re-created within that one round trip
+would be deleted too. The successor's fence is still higher than ours, so fenced resources
+stay safe; only that successor's exclusion is weakened for that race.
 
 Ensembles, TLS and digest logins: see `_zk_connect`.
 """
@@ -250,31 +251,20 @@ class ZookeeperBackend:
         session = self._sessions.pop((key, fence), None)
         if session is None or session != self._session_id():
             return  # our session ended, and the server deleted the node with it
-        # Same session as at acquire, so the node is still the one we created (only we or
-        # the session's expiry delete it); its data version is 0 since we never set it.
-        # Pipelined: ZooKeeper runs one session's requests in order, so anything this client
-        # does next sees the delete; others see it one round trip later. If the connection
-        # drops first and the client gets the same session back on another server (the
-        # session outlives a lost server), nothing would delete the node: `_released`
-        # deletes it again then.
+        # Not a blind delete: another client may have broken this lock (`delete`) and a third
+        # taken it since, so the node is checked to be ours (creation zxid and session) first,
+        # and waited for, so it is gone when this returns. If the connection drops first and
+        # the client gets the same session back on another server (the session outlives a
+        # lost server), nothing would delete the node: `_release_again` deletes it then.
         self._releasing.add((key, fence))
-        self._client.delete_async(_path(key), 0).rawlink(
-            lambda result: self._loop.call_soon_threadsafe(
-                self._released, result, key, fence, session
-            )
-        )
-
-    def _released(self, result: Any, key: str, fence: int, session: int) -> None:
         try:
-            result.get_nowait()
-        except _UNAVAILABLE:  # the delete may not have reached the server
+            await self._delete_checked(key, fence, session)
+        except KeelError:  # the delete may not have reached the server
             task = self._loop.create_task(self._release_again(key, fence, session))
             self._retries.add(task)
             task.add_done_callback(self._retries.discard)
             task.add_done_callback(lambda _: self._releasing.discard((key, fence)))
             return
-        except Exception:  # gone already (NoNode, BadVersion): released
-            pass
         self._releasing.discard((key, fence))
 
     async def _release_again(self, key: str, fence: int, session: int) -> None:
@@ -284,18 +274,29 @@ class ZookeeperBackend:
         # 0: kazoo between connections; only another session means ours is gone.
         while time.monotonic() < deadline and self._session_id() in (session, 0):
             try:
-                stat = await self._call(self._client.exists_async, _path(key))
-                # Only this session deletes its own ephemeral node, so what we find with our
-                # session and our fence is still ours when the delete arrives.
-                if stat is None or stat.czxid != fence or stat.ephemeralOwner != session:
-                    return
-                await self._call(self._client.delete_async, _path(key), 0)
-            except (NoNodeError, BadVersionError):
-                return
+                await self._delete_checked(key, fence, session)
             except KeelError:
                 await asyncio.sleep(0.1)
             else:
                 return
+
+    async def _delete_checked(self, key: str, fence: int, session: int | None) -> bool:
+        """Delete the node at ``key`` if it is the one granted with ``fence`` (and, given a
+        session, created by it), conditional on the data version read. ZooKeeper refuses to
+        delete a node with children (NotEmpty), atomically. Known gap: it cannot make a delete
+        conditional on the creation zxid, so a node deleted and re-created (data version 0
+        again) between the read and the delete would be deleted too; its fence is higher, so
+        fenced resources stay safe, and the window is one round trip."""
+        stat = await self._call(self._client.exists_async, _path(key))
+        if stat is None or stat.czxid != fence:
+            return False
+        if session is not None and stat.ephemeralOwner != session:
+            return False
+        try:
+            await self._call(self._client.delete_async, _path(key), stat.version)
+        except (NoNodeError, BadVersionError, NotEmptyError):
+            return False
+        return True
 
     def _record(self, key: str, data: bytes, stat: Any) -> Record:
         owner, _, rest = data.partition(b"\n")
@@ -354,18 +355,7 @@ class ZookeeperBackend:
 
     async def delete(self, key: str, fence: int) -> bool:
         self._sessions.pop((key, fence), None)
-        found = await self._read(key)
-        if found is None or found[1].czxid != fence:
-            return False
-        # Conditional on the data version read; ZooKeeper refuses to delete a node with
-        # children (NotEmpty), atomically. Known gap as for release: a node deleted and
-        # re-created between the read and the delete could be taken for ours (its fence is
-        # higher, so fenced resources stay safe).
-        try:
-            await self._call(self._client.delete_async, _path(key), found[1].version)
-        except (NoNodeError, BadVersionError, NotEmptyError):
-            return False
-        return True
+        return await self._delete_checked(key, fence, None)
 
     async def children(self, prefix: str) -> list[Record]:
         try:
