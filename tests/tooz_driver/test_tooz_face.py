@@ -57,6 +57,31 @@ def _start(
     return coord
 
 
+def _tooz_process(url: str, member: bytes, statement: str) -> subprocess.Popen[str]:
+    """A tooz service in a process of its own (to be SIGKILLed): a coordinator as ``member``
+    that has run ``statement``."""
+    script = textwrap.dedent(
+        f"""
+        import time, warnings
+        warnings.simplefilter("ignore")
+        from tooz import coordination
+        coord = coordination.get_coordinator({url!r}, {member!r})
+        coord.start()
+        {statement}
+        print("READY", flush=True)
+        time.sleep(600)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("READY"):
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"the tooz process did not get ready: {line!r}")
+    return proc
+
+
 def _name() -> bytes:
     return uuid.uuid4().hex.encode()
 
@@ -143,26 +168,12 @@ def test_a_dead_member_leaves_and_watchers_see_it(
     watcher = _start(url, coordinators)
     group = _name()
     watcher.create_group(group).get()
-    script = textwrap.dedent(
-        f"""
-        import time, warnings
-        warnings.simplefilter("ignore")
-        from tooz import coordination
-        coord = coordination.get_coordinator({url!r}, b"doomed")
-        coord.start()
-        coord.join_group({group!r}, {{"role": "worker"}}).get()
-        print("JOINED", flush=True)
-        time.sleep(600)
-        """
-    )
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    proc = _tooz_process(url, b"doomed", f"coord.join_group({group!r}, {{'role': 'w'}}).get()")
     try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().startswith("JOINED")
         left: list[coordination.MemberLeftGroup] = []
         watcher.watch_leave_group(group, left.append)
         watcher.run_watchers()
-        assert watcher.get_member_capabilities(group, b"doomed").get() == {"role": "worker"}
+        assert watcher.get_member_capabilities(group, b"doomed").get() == {"role": "w"}
     finally:
         proc.kill()
         proc.communicate()
@@ -181,26 +192,14 @@ def test_leadership_moves_when_the_leader_dies_with_its_process(
     group = _name()
     follower = _start(url, coordinators)
     follower.create_group(group).get()
-    script = textwrap.dedent(
-        f"""
-        import time, warnings
-        warnings.simplefilter("ignore")
-        from tooz import coordination
-        coord = coordination.get_coordinator({url!r}, b"leader")
-        coord.start()
-        coord.watch_elected_as_leader({group!r}, lambda event: print("ELECTED", flush=True))
-        coord.run_watchers()
-        time.sleep(600)
-        """
-    )
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    campaign = f"coord.watch_elected_as_leader({group!r}, lambda e: None); coord.run_watchers()"
+    proc = _tooz_process(url, b"leader", campaign + f"; assert coord.leader_term({group!r})")
     elected: list[coordination.LeaderElected] = []
     try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().startswith("ELECTED")
         follower.watch_elected_as_leader(group, elected.append)
         follower.run_watchers()
         assert not elected
+        assert follower.leader_term(group) is None
         assert follower.get_leader(group).get() == b"leader"
     finally:
         proc.kill()
@@ -211,6 +210,8 @@ def test_leadership_moves_when_the_leader_dies_with_its_process(
         follower.run_watchers()
         time.sleep(0.05)
     assert follower.get_leader(group).get() == follower._member_id
+    term = follower.leader_term(group)
+    assert isinstance(term.fence, int)
 
 
 def test_characteristics_match_the_keel_backend(url: str) -> None:
@@ -222,6 +223,12 @@ def test_characteristics_match_the_keel_backend(url: str) -> None:
     assert len(declared & {c.LINEARIZABLE, c.SEQUENTIAL, c.CAUSAL}) >= 1
     with pytest.raises(coordination.ToozDriverChosenPoorly):
         coordination.get_coordinator(url, b"x", characteristics=[*c])  # none has all
+
+
+@pytest.mark.parametrize("timeout", ["abc", "-1", "0", "nan", "inf", "1e999"])
+def test_a_bad_timeout_is_a_tooz_error(tmp_path: Path, timeout: str) -> None:
+    with pytest.raises(tooz.ToozError, match="timeout"):
+        coordination.get_coordinator(f"keel+sqlite://{tmp_path}/x.db?timeout={timeout}", b"x")
 
 
 def test_bad_names_and_urls_are_tooz_errors(tmp_path: Path) -> None:

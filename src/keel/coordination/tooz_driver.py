@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
@@ -241,7 +242,13 @@ class KeelDriver(coordination.CoordinationDriverCachedRunWatchers):
             raise tooz.ToozError(f"{scheme}:// is not a Keel URL; use one of {sorted(SCHEMES)}")
         self.backend_name = SCHEMES[scheme]
         opts = utils.collapse(options)
-        self.ttl = float(opts.get("timeout") or opts.get("lock_timeout") or DEFAULT_TTL)
+        ttl = opts.get("timeout") or opts.get("lock_timeout") or DEFAULT_TTL
+        try:
+            self.ttl = float(ttl)
+        except (TypeError, ValueError):
+            self.ttl = math.nan
+        if not (self.ttl > 0 and math.isfinite(self.ttl)):
+            raise tooz.ToozError(f"timeout must be a positive number of seconds, not {ttl!r}")
         keel_query = urlencode(
             [(k, v) for k, v in parse_qsl(parsed_url.query) if k not in _TOOZ_OPTIONS]
         )
@@ -295,16 +302,18 @@ class KeelDriver(coordination.CoordinationDriverCachedRunWatchers):
         return coordination.CoordinatorResult(future, lambda: _translated(group, member))
 
     def _group(self, group_id: bytes) -> kc.Group:
-        group = self._groups.get(group_id)
-        if group is None:
-            group = self._groups[group_id] = self.coordinator.group(_text(group_id))
-        return group
+        # One Group (and Election) object per id: it holds this member's membership (term),
+        # so threads racing to make the first one must end up with the same.
+        with self._order:
+            if group_id not in self._groups:
+                self._groups[group_id] = self.coordinator.group(_text(group_id))
+            return self._groups[group_id]
 
     def _election(self, group_id: bytes) -> kc.Election:
-        election = self._elections.get(group_id)
-        if election is None:
-            election = self._elections[group_id] = self.coordinator.election(_text(group_id))
-        return election
+        with self._order:
+            if group_id not in self._elections:
+                self._elections[group_id] = self.coordinator.election(_text(group_id))
+            return self._elections[group_id]
 
     def _start(self) -> None:
         try:
@@ -445,6 +454,13 @@ class KeelDriver(coordination.CoordinationDriverCachedRunWatchers):
             return None if current is None else _id(current.member_id)
 
         return self._submit(leader, group_id)
+
+    def leader_term(self, group_id: bytes) -> kc.HeldLock | None:
+        """This member's live term as the group's leader (``.fence`` fences what the leader
+        writes), or None when it does not lead. An extra method: tooz has no fence."""
+        election = self._elections.get(group_id)
+        term = None if election is None else election.term
+        return None if term is None or term.lost.is_set() else term
 
     def stand_down_group_leader(self, group_id: bytes) -> bool:
         election = self._elections.get(group_id)
