@@ -28,6 +28,7 @@ from rich.table import Table
 from tooz import coordination
 
 import keel.coordination as kc
+from bench import _tooz_api
 
 ROOT = Path(__file__).resolve().parent.parent
 TTL = 10
@@ -186,6 +187,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--procs", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5, help="alternations per backend")
     parser.add_argument("--backends", default="sqlite,etcd,zookeeper,redis")
+    parser.add_argument(
+        "--tooz-api",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run tooz's API on Keel (keel+<backend>://) beside tooz's drivers",
+    )
     args = parser.parse_args(argv)
 
     tmp = tempfile.mkdtemp(prefix="keel-bench-locks-")
@@ -240,5 +247,11 @@ def main(argv: list[str]) -> int:
                 f"{count / args.handoff_seconds:,.0f}",
             )
     console.print(table)
-    print("RESULT " + " ".join(_result_fields(backends, rates, medians)))
+    fields = _result_fields(backends, rates, medians)
+    if args.tooz_api:
+        tooz_urls = {b: _tooz_url(b, urls[b], tmp) for b in backends}
+        fields += _tooz_api.compare(
+            console, backends, urls, tooz_urls, args, cycles=_tooz_cycles, handoff=_handoff
+        )
+    print("RESULT " + " ".join(fields))
     return 0

@@ -25,6 +25,7 @@ from keel.coordination._group import Group, Member, MembershipChange
 from keel.coordination._history import Accepted, Event, Recorder, check, load, violations
 from keel.coordination._lock import HeldLock, LockContext
 from keel.coordination._partitioner import Partitioner, Rebalance
+from keel.coordination._rwlock import ReadWriteLock
 from keel.coordination._semaphore import Semaphore
 from keel.coordination._support import support_table
 from keel.coordination.backends.base import Characteristic
@@ -43,6 +44,7 @@ __all__ = [
     "Member",
     "MembershipChange",
     "Partitioner",
+    "ReadWriteLock",
     "Rebalance",
     "Recorder",
     "Semaphore",

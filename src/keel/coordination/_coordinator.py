@@ -22,15 +22,23 @@ import socket
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import cast
+from urllib.parse import unquote
 
 from keel import urls
 from keel.coordination._election import Election
 from keel.coordination._group import Group
 from keel.coordination._keys import key_for
 from keel.coordination._lock import HeldLock, LockContext, acquire_key, try_key
+from keel.coordination._rwlock import ReadWriteLock
 from keel.coordination._semaphore import Semaphore
 from keel.coordination.backends.base import Backend, BackendFactory, Characteristic, Waiter
-from keel.errors import BackendUnavailable, ConfigError, CoordinationError, Unsupported
+from keel.errors import (
+    BackendUnavailable,
+    ConfigError,
+    CoordinationError,
+    KeelError,
+    Unsupported,
+)
 
 DEFAULT_TTL = 10.0
 _FLUSH = 5.0  # how long close() waits for unconfirmed releases and abandoned queue entries
@@ -160,13 +168,47 @@ class Coordinator:
         """One non-blocking attempt: the held lock, or None if someone else holds it."""
         return await try_key(self, name, key_for("lock", name), ttl=ttl)
 
+    async def break_lock(self, name: str) -> bool:
+        """End the current holder's lease of ``name`` by force; False if nobody held it.
+
+        Safe because fences are durable: the broken holder learns at its next renewal (within
+        ttl/3) or ``check()`` after that, and a fenced resource refuses its writes once the
+        next holder has written. Use it to clear a holder known to be dead, not as a lock.
+        """
+        if Characteristic.DURABLE_FENCES not in self.characteristics:
+            raise Unsupported(
+                "breaking a lock is only safe where fences survive everything",
+                feature=Characteristic.DURABLE_FENCES,
+            )
+        key = key_for("lock", name)
+        record = await self.backend.get(key)
+        return record is not None and await self.backend.delete(key, record.fence)
+
+    async def heartbeat(self) -> int:
+        """Renew every lease held through this coordinator now (renewal also runs by itself
+        every ttl/3); the number still held. Leases found gone are marked lost."""
+        held = list(self._held)
+        results = await asyncio.gather(*(h.extend() for h in held), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, KeelError):
+                raise result
+        return sum(1 for h in held if not h.lost.is_set())
+
     # --- the rest is built on locks ---------------------------------------------------------
+
+    def rwlock(self, name: str) -> ReadWriteLock:
+        return ReadWriteLock(self, name)
 
     def election(self, name: str) -> Election:
         return Election(self, name)
 
     def group(self, name: str) -> Group:
         return Group(self, name)
+
+    async def groups(self) -> list[str]:
+        """The names of the created groups (see `Group.create`)."""
+        records = await self.backend.children(key_for("group") + "/")
+        return sorted(unquote(r.key.rpartition("/")[2]) for r in records if r.owner == "")
 
     def semaphore(self, name: str, permits: int) -> Semaphore:
         return Semaphore(self, name, permits)

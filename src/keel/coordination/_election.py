@@ -12,12 +12,14 @@ unreported; it never reports a leader out of order.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from keel.coordination._keys import key_for
 from keel.coordination._lock import HeldLock, acquire_key, live
+from keel.errors import BackendUnavailable
 
 if TYPE_CHECKING:
     from keel.coordination._coordinator import Coordinator
@@ -76,7 +78,9 @@ class Election:
                 await changes.wait(self.coord.ttl if poll is None else poll)
 
     async def resign(self) -> None:
-        """End this member's term (no-op when not leading)."""
+        """End this member's term (no-op when not leading) and wait until the backend confirms,
+        so that another member's next campaign can win at once."""
         term, self.term = self.term, None
         if term is not None:
-            await term.release()
+            with contextlib.suppress(BackendUnavailable):  # the term then ends by expiry
+                await term.release_confirmed()

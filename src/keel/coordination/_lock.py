@@ -154,6 +154,21 @@ class HeldLock:
             self._timer.cancel()
         self._schedule()
 
+    async def release_confirmed(self) -> bool:
+        """Give the lock up and wait for the backend's answer: True if the lease was still
+        ours when it was deleted, False if it had already ended (lost, expired, broken by
+        `Coordinator.break_lock`) or was released before. Raises `BackendUnavailable` when
+        the answer cannot be had (the lease then ends by expiry)."""
+        if self._released:
+            return False
+        was_lost = self.lost.is_set() or self._bound.passed()
+        self._released = True
+        self._stop_renewal()
+        self.coord._held.discard(self)
+        # Deleting is conditional on our fence, so it is safe even when the lease is gone.
+        deleted = await self.coord.backend.delete(self.key, self._fence)
+        return deleted and not was_lost
+
     def _mark_lost(self, reason: str) -> None:
         if self.lost.is_set() or self._released:
             return

@@ -152,7 +152,47 @@ end
 return least
 """
 
-SCRIPTS = (TRY, ENQUEUE, DEQUEUE, RENEW, RELEASE)
+# A persistent record (`Backend.create`): no PX, owner and token "". Taken only when the key
+# is free and nobody waits for it.
+CREATE = (
+    _PRELUDE
+    + """
+if redis.call('exists', KEYS[1]) == 1 then return false end
+if live_head() then return false end
+local fence = redis.call('incr', KEYS[2])
+redis.call('set', KEYS[1], fence .. '\\n\\n\\n' .. ARGV[4])
+redis.call('sadd', KEYS[3], KEYS[1])
+publish(fence)
+return fence
+"""
+)
+
+# New data for the record granted with this fence (ARGV[6] is "fence\\n"), same ttl.
+UPDATE = """
+local v = redis.call('get', KEYS[1])
+if not v or string.sub(v, 1, #ARGV[6]) ~= ARGV[6] then return 0 end
+local owner_end = string.find(v, '\\n', #ARGV[6] + 1, true)
+local token_end = string.find(v, '\\n', owner_end + 1, true)
+redis.call('set', KEYS[1], string.sub(v, 1, token_end) .. ARGV[4], 'KEEPTTL')
+return 1
+"""
+
+# Delete the record granted with this fence, whoever holds it, unless a live record is
+# listed under it (ARGV[7] is its children's index); the next live waiter gets the key.
+DELETE = (
+    _PRELUDE
+    + """
+local v = redis.call('get', KEYS[1])
+if not v or string.sub(v, 1, #ARGV[6]) ~= ARGV[6] then return 0 end
+for _, child in ipairs(redis.call('smembers', ARGV[7])) do
+  if redis.call('exists', child) == 1 then return 0 end
+end
+free(v)
+return 1
+"""
+)
+
+SCRIPTS = (TRY, ENQUEUE, DEQUEUE, RENEW, RELEASE, CREATE, UPDATE, DELETE)
 
 
 def script_args(

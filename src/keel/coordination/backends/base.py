@@ -23,6 +23,13 @@ Failure semantics a backend must keep:
   ``release`` *sends* at once, in call order with this backend's later requests, and returns
   an awaitable that resolves once the server confirmed it (or raises `BackendUnavailable`);
   the core retries an unconfirmed release until it is confirmed.
+* A fence names one grant: no two grants of a key share one, so ``update`` and ``delete``
+  need no owner (the fence already says whose record it is). ``delete`` is the awaited,
+  confirmed removal (a forced one when the fence is another holder's); ``release`` may be
+  pipelined.
+* *Persistent* records (``create``) have no lease and no owner (``owner == ""``): they live
+  until deleted. They carry a fence like leased ones and are listed by ``get``/``children``.
+  A record with live records under ``key + "/"`` is never deleted.
 * Foreign exceptions are mapped to `keel.errors` by `map_errors`, the one place that does it:
   unreachable or not-yet-ready servers become `BackendUnavailable`, nothing else leaks.
 """
@@ -134,6 +141,22 @@ class Backend(Protocol):
 
     async def release(self, key: str, owner: str, fence: int) -> Awaitable[None]:
         """Send the release now; the awaitable resolves when the server confirmed it."""
+        ...
+
+    async def create(self, key: str, data: bytes) -> int | None:
+        """Create a persistent record (no lease, owner ``""``) if no live record exists under
+        the key; its fence, or ``None`` if the key is taken."""
+        ...
+
+    async def update(self, key: str, fence: int, data: bytes) -> bool:
+        """Replace the data of the live record granted with ``fence`` (its lease, owner and
+        fence unchanged); ``False`` if that record is gone."""
+        ...
+
+    async def delete(self, key: str, fence: int) -> bool:
+        """Delete the live record granted with ``fence``, whoever holds it, and wait for the
+        server's answer. ``False`` if that record is gone or has live records under
+        ``key + "/"`` (it is then left in place)."""
         ...
 
     async def get(self, key: str) -> Record | None:

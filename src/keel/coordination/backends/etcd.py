@@ -115,6 +115,10 @@ def _prefix_end(prefix: bytes) -> bytes:
     return prefix[:-1] + bytes([prefix[-1] + 1])
 
 
+# The name of a persistent record's entry in its key's directory (tokens are hex and "-").
+_PERSISTENT = b"="
+
+
 def _dir(key: str) -> bytes:
     return f"/keel/{key.rstrip('/')}/".encode()
 
@@ -402,7 +406,14 @@ class EtcdBackend:
         ttl_s = int(self.lease_ttl(ttl))
         try:
             if ttl_s == attempt.lease.ttl:
-                await self._keepalive(attempt.lease)
+                # The lease alone is not the record: a key deleted under a live lease (a
+                # forced `delete`, an operator) must end the holding too. One round trip.
+                _, mine = await asyncio.gather(
+                    self._keepalive(attempt.lease), self._has(attempt.key, fence)
+                )
+                if not mine:
+                    self._held.pop((key, fence), None)
+                    return None
                 return attempt.lease.expires
             return await self._move(key, fence, attempt, ttl_s)
         except _LeaseGone:
@@ -465,6 +476,89 @@ class EtcdBackend:
     # --- reading -------------------------------------------------------------------------------
 
     @staticmethod
+    def _created(k: bytes, revision: int) -> Any:
+        return rpc.Compare(
+            key=k, result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, create_revision=revision
+        )
+
+    async def _has(self, k: bytes, fence: int) -> bool:
+        """Whether the etcd key ``k`` is still the one created at revision ``fence``."""
+        with self._mapped():
+            reply = await self._client.kvstub.Range(
+                rpc.RangeRequest(key=k, keys_only=True), timeout=self._timeout
+            )
+        return bool(reply.kvs) and int(reply.kvs[0].create_revision) == fence
+
+    async def create(self, key: str, data: bytes) -> int | None:
+        # A persistent record is one more entry of the key's directory, on no lease, under a
+        # name no attempt's token can have.
+        k = _dir(key) + _PERSISTENT
+        put = rpc.RequestOp(request_put=rpc.PutRequest(key=k, value=b"\n" + data))
+        reply = await self._txn(rpc.TxnRequest(compare=[self._created(k, 0)], success=[put]))
+        return int(reply.header.revision) if reply.succeeded else None
+
+    async def update(self, key: str, fence: int, data: bytes) -> bool:
+        for _ in range(3):  # only a concurrent update of the same record makes us retry
+            _, holder, _ = await self._entries(key)
+            if holder is None or int(holder.create_revision) != fence:
+                return False
+            # The owner is part of the value; the lease stays (ignore_lease).
+            owner = bytes(holder.value).partition(b"\n")[0]
+            put = rpc.RequestOp(
+                request_put=rpc.PutRequest(
+                    key=holder.key, value=owner + b"\n" + data, ignore_lease=True
+                )
+            )
+            unchanged = rpc.Compare(
+                key=holder.key,
+                result=rpc.Compare.EQUAL,
+                target=rpc.Compare.MOD,
+                mod_revision=int(holder.mod_revision),
+            )
+            request = rpc.TxnRequest(compare=[self._created(holder.key, fence), unchanged])
+            request.success.append(put)
+            if (await self._txn(request)).succeeded:
+                return True
+        return False
+
+    async def delete(self, key: str, fence: int) -> bool:
+        prefix = _dir(key)
+        for _ in range(3):  # something under the key changed between the read and the delete
+            revision, holder, nested = await self._entries(key)
+            if holder is None or int(holder.create_revision) != fence or nested:
+                return False
+            # Nothing under the key was written since the read (a member joining, say): the
+            # comparison holds for every key of the range.
+            quiet = rpc.Compare(
+                key=prefix,
+                range_end=_prefix_end(prefix),
+                result=rpc.Compare.LESS,
+                target=rpc.Compare.MOD,
+                mod_revision=revision + 1,
+            )
+            remove = rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=holder.key))
+            request = rpc.TxnRequest(compare=[self._created(holder.key, fence), quiet])
+            request.success.append(remove)
+            if (await self._txn(request)).succeeded:
+                attempt = self._held.pop((key, fence), None)
+                if attempt is not None:
+                    self._reuse(attempt.lease)  # our own: no key is on it any more
+                return True
+        return False
+
+    async def _entries(self, key: str) -> tuple[int, Any | None, bool]:
+        """The revision read at, the key's holder (its lowest direct entry) and whether any
+        record lives under the key (an entry of a key below it)."""
+        prefix = _dir(key)
+        with self._mapped():
+            reply = await self._client.kvstub.Range(
+                rpc.RangeRequest(key=prefix, range_end=_prefix_end(prefix)), timeout=self._timeout
+            )
+        direct = [kv for kv in reply.kvs if b"/" not in kv.key[len(prefix) :]]
+        holder = min(direct, key=lambda kv: kv.create_revision) if direct else None
+        return int(reply.header.revision), holder, len(direct) < len(reply.kvs)
+
+    @staticmethod
     def _record(key: str, kv: Any) -> Record:
         owner, _, data = bytes(kv.value).partition(b"\n")
         return Record(key, owner.decode(), int(kv.create_revision), data)
@@ -482,7 +576,13 @@ class EtcdBackend:
                 ),
                 timeout=self._timeout,
             )
-        return self._record(key, reply.kvs[0]) if reply.kvs else None
+        if not reply.kvs:
+            return None
+        if b"/" not in reply.kvs[0].key[len(prefix) :]:
+            return self._record(key, reply.kvs[0])
+        # The oldest entry is a key's below this one (a group's member): read them all.
+        _, holder, _ = await self._entries(key)
+        return None if holder is None else self._record(key, holder)
 
     async def children(self, prefix: str) -> list[Record]:
         p = f"/keel/{prefix}".encode()

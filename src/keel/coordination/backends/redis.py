@@ -245,21 +245,38 @@ class RedisBackend:
                 await self._pipe.call("SCRIPT", "LOAD", lua.RELEASE)
                 raise BackendUnavailable(f"redis at {self._url} had lost its scripts") from exc
 
+    async def create(self, key: str, data: bytes) -> int | None:
+        fence = await self._eval(lua.CREATE, lua.script_args(key, data=data), replicated=True)
+        return None if fence is None else int(fence)
+
+    async def update(self, key: str, fence: int, data: bytes) -> bool:
+        args = lua.script_args(key, data=data, holder=f"{fence}\n")
+        return bool(await self._eval(lua.UPDATE, args, replicated=True))
+
+    async def delete(self, key: str, fence: int) -> bool:
+        args = [*lua.script_args(key, holder=f"{fence}\n"), f"keel-children:{key}/"]
+        return bool(await self._eval(lua.DELETE, args, replicated=True))
+
+    # Reads go through the pipe too: redis-py's per-command machinery cost three times the
+    # round trip (0.5 ms against 0.15 ms on the development machine), and on the pipe a read
+    # is ordered after this client's pipelined releases.
     async def get(self, key: str) -> Record | None:
         with self._mapped():
-            raw = await self._client.get(f"keel:{key}")
+            raw = await self._pipe.call("GET", f"keel:{key}")
         return None if raw is None else _parse(key, raw)
 
     async def children(self, prefix: str) -> list[Record]:
         index = f"keel-children:{prefix}"
         with self._mapped():
-            names = sorted(await self._client.smembers(index))
+            names = sorted(await self._pipe.call("SMEMBERS", index))
             if not names:
                 return []
-            values = await self._client.mget(names)
+            values = await self._pipe.call("MGET", *names)
             gone = [n for n, v in zip(names, values, strict=True) if v is None]
             if gone:
-                await self._client.srem(index, *gone)
+                # Tidying only: nobody waits for the answer, and a failure is harmless.
+                pruned = await self._pipe.send("SREM", index, *gone)
+                pruned.add_done_callback(lambda f: f.cancelled() or f.exception())
         return [
             _parse((n.decode() if isinstance(n, bytes) else n).removeprefix("keel:"), v)
             for n, v in zip(names, values, strict=True)

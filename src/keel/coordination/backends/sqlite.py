@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -108,6 +109,22 @@ _RENEW = (
 _RELEASE = (
     "UPDATE keel_leases SET expires = 0, owner = NULL WHERE key = ? AND owner = ? AND fence = ?"
 )
+# A persistent record is a row that never expires (owner ''); taken only if the row is free
+# and nobody waits for the key. Its fence follows the key's like a take's (epoch floor ?4).
+_CREATE = """
+INSERT INTO keel_leases (key, parent, owner, fence, expires, data)
+SELECT ?1, ?2, '', ?4, ?3, ?5
+WHERE NOT EXISTS (SELECT 1 FROM keel_waiters WHERE key = ?1 AND expires > ?6)
+ON CONFLICT (key) DO UPDATE SET owner = '', fence = max(keel_leases.fence + 1, ?4),
+    expires = excluded.expires, data = excluded.data
+WHERE keel_leases.expires <= ?6
+RETURNING fence
+"""
+_UPDATE = "UPDATE keel_leases SET data = ? WHERE key = ? AND fence = ? AND expires > ?"
+_DELETE = """
+UPDATE keel_leases SET expires = 0, owner = NULL WHERE key = ? AND fence = ? AND expires > ?
+AND NOT EXISTS (SELECT 1 FROM keel_leases WHERE parent = ? AND expires > ?)
+"""
 _GET = "SELECT key, owner, fence, data FROM keel_leases WHERE key = ? AND expires > ?"
 _CHILDREN = "SELECT key, owner, fence, data FROM keel_leases WHERE parent = ? AND expires > ?"
 _NEXT_EXPIRY = (
@@ -371,6 +388,25 @@ class SqliteBackend:
             self._flush_due = True
             self._loop.call_soon(self._flush_soon)
         return self._done
+
+    async def create(self, key: str, data: bytes) -> int | None:
+        params = (key, _parent(key), math.inf, self._base, data, time.time())
+        rows = await self._rows(_CREATE, params)
+        if not rows:
+            return None
+        self.changed += 1
+        return int(rows[0][0])
+
+    async def update(self, key: str, fence: int, data: bytes) -> bool:
+        _, changed = await self._execute(_UPDATE, (data, key, fence, time.time()))
+        self.changed += changed
+        return changed == 1
+
+    async def delete(self, key: str, fence: int) -> bool:
+        wall = time.time()
+        _, changed = await self._execute(_DELETE, (key, fence, wall, key + "/", wall))
+        self.changed += changed
+        return changed == 1
 
     async def get(self, key: str) -> Record | None:
         rows = await self._rows(_GET, (key, time.time()))

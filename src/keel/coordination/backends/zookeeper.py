@@ -43,6 +43,7 @@ from kazoo.exceptions import (
     NoAuthError,
     NodeExistsError,
     NoNodeError,
+    NotEmptyError,
     OperationTimeoutError,
     SessionExpiredError,
 )
@@ -102,6 +103,11 @@ def _dir(key: str) -> str:
 
 def _seq(name: str) -> int:
     return int(name[-10:])
+
+
+def _attempts_of(children: list[str]) -> list[str]:
+    """The attempts' nodes among a key's children (the rest are keys under it)."""
+    return [c for c in children if c.startswith("_c_")]
 
 
 @dataclass(slots=True)
@@ -201,7 +207,7 @@ class ZookeeperBackend:
             _UNAVAILABLE,
             backend="zookeeper",
             url=self._url,
-            passthrough=(NodeExistsError, NoNodeError, BadVersionError),
+            passthrough=(NodeExistsError, NoNodeError, BadVersionError, NotEmptyError),
         )
 
     def _state_changed(self, state: str) -> None:
@@ -247,8 +253,15 @@ class ZookeeperBackend:
             _CreateContainer(path, b"", self._client.default_acl or OPEN_ACL_UNSAFE, _CONTAINER),
             result,
         )
-        with contextlib.suppress(NodeExistsError):
+        try:
             await self._call(lambda: result)
+        except NodeExistsError:
+            pass
+        except NoNodeError:  # the parent was deleted since (a created group's, say)
+            self._dirs.discard(parent)
+            await self._call(self._client.ensure_path_async, parent)
+            self._dirs.add(parent)
+            await self._ensure_dir(path)
 
     # --- the queue -------------------------------------------------------------------------
 
@@ -413,22 +426,103 @@ class ZookeeperBackend:
         owner, _, rest = data.partition(b"\n")
         return Record(key, owner.decode(), int(stat.czxid), rest)
 
-    async def get(self, key: str) -> Record | None:
+    async def _holder(self, key: str) -> tuple[str, bytes, Any] | None:
+        """The node holding ``key`` (path, data, stat): the lowest of its attempts' nodes, or
+        else the key's own node when it carries a persistent record (`create`). Empty data
+        marks a plain directory node: no record ever has empty data."""
         path = _dir(key)
         for _ in range(5):  # the holder may go between the listing and the read
-            children = await self._children_of(path)
-            if not children:
-                return None
-            first = min(children, key=_seq)
+            attempts = _attempts_of(await self._children_of(path))
+            if not attempts:
+                try:
+                    data, stat = await self._call(self._client.get_async, path)
+                except NoNodeError:
+                    return None
+                return (path, data, stat) if data else None
+            first = f"{path}/{min(attempts, key=_seq)}"
             try:
-                data, stat = await self._call(self._client.get_async, f"{path}/{first}")
+                data, stat = await self._call(self._client.get_async, first)
             except NoNodeError:
                 continue
-            return self._record(key, data, stat)
+            return first, data, stat
         return None
 
+    async def get(self, key: str) -> Record | None:
+        found = await self._holder(key)
+        return None if found is None else self._record(key, found[1], found[2])
+
+    async def create(self, key: str, data: bytes) -> int | None:
+        """A persistent record is the key's own node, holding ``\\n`` + data (owner "")."""
+        path, value = _dir(key), b"\n" + data
+        try:
+            stat = (
+                await self._call(
+                    self._client.create_async, path, value, makepath=True, include_data=True
+                )
+            )[1]
+        except NodeExistsError:
+            # A directory node (left by a member's join) becomes the record if it is still
+            # empty and nobody holds the key: set_data is conditional on the version read.
+            try:
+                raw, stat = await self._call(self._client.get_async, path)
+                if raw or _attempts_of(await self._children_of(path)):
+                    return None
+                stat = await self._call(self._client.set_async, path, value, stat.version)
+            except (NoNodeError, BadVersionError):
+                return None
+        return int(stat.czxid)
+
+    async def update(self, key: str, fence: int, data: bytes) -> bool:
+        for _ in range(3):  # only a concurrent update of the same record makes us retry
+            found = await self._holder(key)
+            if found is None or found[2].czxid != fence:
+                return False
+            node, raw, stat = found
+            owner = raw.partition(b"\n")[0]
+            try:
+                await self._call(self._client.set_async, node, owner + b"\n" + data, stat.version)
+            except NoNodeError:
+                return False
+            except BadVersionError:
+                continue
+            return True
+        return False
+
+    async def delete(self, key: str, fence: int) -> bool:
+        """A leased holder's node is deleted by name (names are unique per attempt, so this
+        can never hit a successor's). A persistent record's node goes only when no live
+        record is under it: ZooKeeper refuses to delete a node with children, atomically,
+        so the empty directories members left are removed first and a live member's
+        directory refuses (NotEmpty)."""
+        found = await self._holder(key)
+        if found is None or found[2].czxid != fence:
+            return False
+        node, _, stat = found
+        if node != _dir(key):
+            try:
+                await self._call(self._client.delete_async, node)
+            except NoNodeError:
+                return False
+            self._held.pop((key, fence), None)
+            return True
+        for child in await self._children_of(node):
+            if child.startswith("_c_"):
+                return False
+            try:
+                await self._call(self._client.delete_async, f"{node}/{child}")
+            except NoNodeError:
+                pass
+            except NotEmptyError:
+                return False
+        try:
+            await self._call(self._client.delete_async, node, stat.version)
+        except (NoNodeError, BadVersionError, NotEmptyError):
+            return False
+        self._dirs.discard(node)
+        return True
+
     async def children(self, prefix: str) -> list[Record]:
-        names = await self._children_of(_dir(prefix))
+        names = [n for n in await self._children_of(_dir(prefix)) if not n.startswith("_c_")]
         records = await asyncio.gather(*(self.get(prefix + n) for n in sorted(names)))
         return [r for r in records if r is not None]
 
