@@ -97,16 +97,19 @@ class ReadWriteLock:
         lease = self.coord._lease_ttl(ttl)
         deadline = None if timeout is None else now() + timeout
         backend = self.coord.backend
-        async with backend.changes(self._key) as changes:
-            while True:
-                held = await self._free_slot(lease)
-                if await backend.get(self._key) is None:
-                    return held
-                await held.release()  # let the writer in
-                left = 1.0 if deadline is None else deadline - now()
-                if left <= 0:
-                    raise self._timeout(timeout)
-                await changes.wait(min(left, lease))
+        while True:
+            held = await self._free_slot(lease)
+            if await backend.get(self._key) is None:
+                return held
+            await held.release()  # let the writer in
+            left = 1.0 if deadline is None else deadline - now()
+            if left <= 0:
+                raise self._timeout(timeout)
+            # Subscribed after our own release, which would otherwise count as the change
+            # (SQLite: a loop that never yields), then read again before waiting.
+            async with backend.changes(self._key) as changes:
+                if await backend.get(self._key) is not None:
+                    await changes.wait(min(left, lease))
 
     async def _free_slot(self, lease: float) -> HeldLock:
         """Take the lowest free reader slot of this member id: slots are reused, so records do

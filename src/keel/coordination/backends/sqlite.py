@@ -445,6 +445,9 @@ class _Changes:
     def __init__(self, backend: SqliteBackend, key: str) -> None:
         self._backend = backend
         self._key = key
+        # Releases sent before the subscription are applied first: they must not count as
+        # changes after it (a reader that let a writer in would be woken by its own release).
+        backend._flush()
         self._version = backend._version()
         self._changed = backend.changed
 
