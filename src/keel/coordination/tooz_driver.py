@@ -12,7 +12,9 @@ lease is the core's, and so is every guarantee.
 What a tooz caller gets, and where it differs from tooz's own drivers (docs/openstack.md):
 
 * ``get_lock(name)``: a leased, fenced Keel lock of the same name (``coord.lock(name)`` from
-  native Keel code excludes it too). ``lock.fence`` is the holding's fencing token. Leases are
+  native Keel code excludes it too). ``lock.fence`` is the holding's fencing token (as granted:
+  unlike native ``held.fence`` it does not check the lease, so a holder paused past it learns
+  from ``is_still_owner()`` or from the resource's refusal). Leases are
   renewed in the background: a live holder never loses its lock because it forgot
   ``heartbeat()``; a dead one frees it within ttl. ``acquire(shared=True)`` is a reader of
   the core's reader-writer lock. ``release()`` waits for the backend and says whether the lock
@@ -47,6 +49,7 @@ import keel.coordination as kc
 from keel import urls
 from keel._portal import Portal, portal
 from keel.coordination.backends.base import Characteristic
+from keel.coordination.sync import SyncHeldLock
 from keel.errors import (
     BackendUnavailable,
     GroupExists,
@@ -171,8 +174,11 @@ class KeelLock(locking.Lock):
 
     @property
     def fence(self) -> int | None:
+        # The granted fence, read without the lease check: the check may mark the lock lost,
+        # which must happen on the loop, not in the caller's thread. A lost holding's fence is
+        # refused by the resource once a newer holder wrote; ``is_still_owner()`` asks.
         with self._mutex:
-            return next((h.fence for shared, h in self._holdings if not shared), None)
+            return next((h.granted_fence for shared, h in self._holdings if not shared), None)
 
     def acquire(
         self, blocking: bool | float = True, shared: bool = False, timeout: float | None = None
@@ -455,12 +461,13 @@ class KeelDriver(coordination.CoordinationDriverCachedRunWatchers):
 
         return self._submit(leader, group_id)
 
-    def leader_term(self, group_id: bytes) -> kc.HeldLock | None:
+    def leader_term(self, group_id: bytes) -> SyncHeldLock | None:
         """This member's live term as the group's leader (``.fence`` fences what the leader
-        writes), or None when it does not lead. An extra method: tooz has no fence."""
+        writes, checked on the loop like the blocking facade's), or None when it does not
+        lead. An extra method: tooz has no fence."""
         election = self._elections.get(group_id)
         term = None if election is None else election.term
-        return None if term is None or term.lost.is_set() else term
+        return None if term is None or term.lost.is_set() else SyncHeldLock(term, self._portal)
 
     def stand_down_group_leader(self, group_id: bytes) -> bool:
         election = self._elections.get(group_id)
