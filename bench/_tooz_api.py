@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import statistics
 from collections.abc import Callable
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 Cycles = Callable[[str, float], list[float]]
-Handoff = Callable[[str, str, int, float], tuple[list[float], int]]
+Handoff = Callable[[str, str, int, float], Any]  # bench.locks.Handoff
 
 
 def compare(
@@ -48,8 +49,9 @@ def compare(
         for driver, url in drivers.items():
             lat = samples[driver]
             rates[driver] = len(lat) / sum(lat)
-            _, count = handoff("tooz", url, args.procs, args.handoff_seconds)
-            changes[driver] = count / args.handoff_seconds
+            changes[driver] = handoff("tooz", url, args.procs, args.handoff_seconds).count / (
+                args.handoff_seconds
+            )
             table.add_row(
                 backend,
                 f"{'keel+' if driver == 'keel' else ''}{backend} ({driver})",
