@@ -70,6 +70,24 @@ async def test_a_release_lost_with_its_connection_still_frees_the_lock(
     await got.release()
 
 
+async def test_a_confirmed_release_lost_with_its_connection_still_frees_the_lock(
+    backend: BackendUnderTest,
+) -> None:
+    """``release_confirmed()`` (resign, leave, tooz's release) without an answer: it says so,
+    and the release is still retried until the server confirms it."""
+    a = await backend.connect("a", proxied=True)
+    b = await backend.connect("b")
+    name = backend.n("lock")
+    held = await a.acquire(name)
+    await backend.drop_next_request()  # the delete never reaches the server
+    released = time.monotonic()
+    with contextlib.suppress(BackendUnavailable):
+        await held.release_confirmed()
+    got = await b.acquire(name, timeout=TTL * 5)
+    assert time.monotonic() - released < TTL * 0.75
+    await got.release()
+
+
 async def test_an_acquire_applied_with_its_reply_lost_is_recognised_as_ours(
     backend: BackendUnderTest,
 ) -> None:

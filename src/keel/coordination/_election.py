@@ -82,5 +82,5 @@ class Election:
         so that another member's next campaign can win at once."""
         term, self.term = self.term, None
         if term is not None:
-            with contextlib.suppress(BackendUnavailable):  # the term then ends by expiry
+            with contextlib.suppress(BackendUnavailable):  # retried in the background
                 await term.release_confirmed()

@@ -134,7 +134,7 @@ class Group:
     async def leave(self) -> bool:
         """Leave, and wait until the backend confirms (others no longer list this member once
         this returns). False if the membership had already ended or the answer could not be
-        had (the lease then ends by expiry)."""
+        had (the release is then retried in the background until confirmed)."""
         membership, self.membership = self.membership, None
         if membership is None:
             return False

@@ -158,7 +158,8 @@ class HeldLock:
         """Give the lock up and wait for the backend's answer: True if the lease was still
         ours when it was deleted, False if it had already ended (lost, expired, broken by
         `Coordinator.break_lock`) or was released before. Raises `BackendUnavailable` when
-        the answer cannot be had (the lease then ends by expiry)."""
+        the answer cannot be had; the release is then retried in the background until the
+        server confirms it, as `release` does."""
         if self._released:
             return False
         was_lost = self.lost.is_set() or self._bound.passed()
@@ -166,7 +167,13 @@ class HeldLock:
         self._stop_renewal()
         self.coord._held.discard(self)
         # Deleting is conditional on our fence, so it is safe even when the lease is gone.
-        deleted = await self.coord.backend.delete(self.key, self._fence)
+        try:
+            deleted = await self.coord.backend.delete(self.key, self._fence)
+        except BackendUnavailable:
+            # No answer: the record may outlive us (a ZooKeeper session that survives the
+            # reconnect keeps its node), so the release is retried until it is confirmed.
+            await self.coord._release(self.key, self._fence)
+            raise
         return deleted and not was_lost
 
     def _mark_lost(self, reason: str) -> None:
