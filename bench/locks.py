@@ -2,10 +2,12 @@
 
 Per backend and library: uncontended acquire+release per second with p50/p99 (one client, one
 name, for ``--seconds``), and hand-off latency with ``--procs`` processes contending for one
-name (time from one holder's release to the next holder's acquire). Keel does fencing and
-background renewal in every cycle; tooz does neither. Servers come from scripts/servers.
-Last line: ``RESULT name=locks ratio_etcd_vs_tooz=... ratio_zookeeper_vs_tooz=...
-ratio_redis_vs_tooz=... sqlite_per_s=...``.
+name (time from one holder's release to the next holder's acquire), and *holder changes* per
+second: a hand-off counts only when the next acquisition is another process's (a releaser
+that takes the lock straight back is no hand-off). Keel does fencing and background renewal
+in every cycle; tooz does neither. Servers come from scripts/servers. Last line:
+``RESULT name=locks ratio_<backend>_vs_tooz=... handoff_ratio_<backend>_vs_tooz=...
+sqlite_vs_tooz_file=... ...``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from rich.table import Table
 from tooz import coordination
 
 import keel.coordination as kc
+from bench import _tooz_api
 
 ROOT = Path(__file__).resolve().parent.parent
 TTL = 10
@@ -142,21 +145,30 @@ def _contend(library: str, url: str, name: str, start_at: float, seconds: float)
     return spans
 
 
-def _handoff(library: str, url: str, procs: int, seconds: float) -> tuple[list[float], int]:
+@dataclass
+class Handoff:
+    gaps: list[float]  # release to the next acquire, seconds
+    count: int  # acquisitions
+    changes: int  # acquisitions by another process than the previous holder
+
+
+def _handoff(library: str, url: str, procs: int, seconds: float) -> Handoff:
     name = f"handoff-{uuid.uuid4().hex[:8]}"
     start_at = time.time() + 3.0  # lets every process import and connect first
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(procs) as pool:
         results = pool.starmap(_contend, [(library, url, name, start_at, seconds)] * procs)
-    spans = sorted(s for r in results for s in r)
+    spans = sorted((got, released, proc) for proc, r in enumerate(results) for got, released in r)
     gaps = [b[0] - a[1] for a, b in itertools.pairwise(spans) if b[0] >= a[1]]
-    return gaps, len(spans)
+    changes = sum(1 for a, b in itertools.pairwise(spans) if a[2] != b[2])
+    return Handoff(gaps, len(spans), changes)
 
 
 def _result_fields(
     backends: list[str],
     rates: dict[tuple[str, str], float],
     medians: dict[tuple[str, str], float],
+    changes: dict[tuple[str, str], float],
 ) -> list[str]:
     fields = ["name=locks"]
     for backend in ("etcd", "zookeeper", "redis"):
@@ -169,6 +181,14 @@ def _result_fields(
             # (they dominate the mean on ZooKeeper and Redis with appendfsync) do not move.
             ratio = medians[(backend, "tooz")] / medians[(backend, "keel")]
             fields.append(f"p50_ratio_{backend}_vs_tooz={ratio:.2f}")
+    for backend in backends:
+        # Holder changes per second: how fast a contended lock moves between processes.
+        if changes[(backend, "tooz")]:
+            ratio = changes[(backend, "keel")] / changes[(backend, "tooz")]
+            fields.append(f"handoff_ratio_{backend}_vs_tooz={ratio:.2f}")
+    if ("sqlite", "keel") in rates:
+        ratio = rates[("sqlite", "keel")] / rates[("sqlite", "tooz")]
+        fields.append(f"sqlite_vs_tooz_file={ratio:.2f}")
     for backend in backends:
         fields.append(f"{backend}_per_s={rates[(backend, 'keel')]:.0f}")
         fields.append(f"tooz_{backend}_per_s={rates[(backend, 'tooz')]:.0f}")
@@ -186,6 +206,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--procs", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5, help="alternations per backend")
     parser.add_argument("--backends", default="sqlite,etcd,zookeeper,redis")
+    parser.add_argument(
+        "--tooz-api",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run tooz's API on Keel (keel+<backend>://) beside tooz's drivers",
+    )
     args = parser.parse_args(argv)
 
     tmp = tempfile.mkdtemp(prefix="keel-bench-locks-")
@@ -206,10 +232,12 @@ def main(argv: list[str]) -> int:
         "handoff p50 ms",
         "handoff p99 ms",
         "contended/s",
+        "holder changes/s",
     ):
         table.add_column(col, justify="right" if col not in ("backend", "library") else "left")
     rates: dict[tuple[str, str], float] = {}
     medians: dict[tuple[str, str], float] = {}
+    changes: dict[tuple[str, str], float] = {}
     for backend in backends:
         # Alternate short rounds of each library so that load from elsewhere on the machine
         # drifts onto both alike instead of onto whichever ran second.
@@ -228,7 +256,9 @@ def main(argv: list[str]) -> int:
             rate = len(lat) / sum(lat)
             rates[(backend, library)] = rate
             medians[(backend, library)] = statistics.median(lat)
-            gaps, count = _handoff(library, url, args.procs, args.handoff_seconds)
+            handoff = _handoff(library, url, args.procs, args.handoff_seconds)
+            gaps = handoff.gaps
+            changes[(backend, library)] = handoff.changes / args.handoff_seconds
             table.add_row(
                 backend,
                 library,
@@ -237,8 +267,15 @@ def main(argv: list[str]) -> int:
                 f"{_percentile(lat, 0.99) * 1000:.2f}",
                 f"{statistics.median(gaps) * 1000:.2f}" if gaps else "-",
                 f"{_percentile(gaps, 0.99) * 1000:.2f}" if gaps else "-",
-                f"{count / args.handoff_seconds:,.0f}",
+                f"{handoff.count / args.handoff_seconds:,.0f}",
+                f"{changes[(backend, library)]:,.0f}",
             )
     console.print(table)
-    print("RESULT " + " ".join(_result_fields(backends, rates, medians)))
+    fields = _result_fields(backends, rates, medians, changes)
+    if args.tooz_api:
+        tooz_urls = {b: _tooz_url(b, urls[b], tmp) for b in backends}
+        fields += _tooz_api.compare(
+            console, backends, urls, tooz_urls, args, cycles=_tooz_cycles, handoff=_handoff
+        )
+    print("RESULT " + " ".join(fields))
     return 0

@@ -8,7 +8,7 @@ import contextlib
 import secrets
 import socket
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -21,17 +21,54 @@ from keel.coordination import Coordinator
 
 BACKENDS = ["sqlite", "etcd", "zookeeper", "redis"]
 TTL = 2.0  # short leases keep expiry tests quick; etcd's floor is 2 s
+# The contract's bound (docs/coordination-contract.md, "Liveness"): a lock whose holder died or
+# whose server restarted is free again within its ttl plus this, on every backend.
+FREE_BOUND = 3.0
 WORKER = Path(__file__).resolve().parent / "coord_worker.py"
 
 
-class CutProxy:
-    """Forwards 127.0.0.1:port to a server on a thread of its own; ``cut()`` drops every
-    connection open through it (clients must reconnect), as a partition would."""
+Heartbeat = Callable[[bytes], bool]
 
-    def __init__(self, host: str, port: int) -> None:
+
+def _zookeeper_ping(chunk: bytes) -> bool:
+    # kazoo's ping: length 8, xid -2, opcode 11 (PING); sent on its own whenever idle.
+    return chunk == b"\x00\x00\x00\x08\xff\xff\xff\xfe\x00\x00\x00\x0b"
+
+
+def _http2_control(chunk: bytes) -> bool:
+    # gRPC (etcd) sends SETTINGS, PING and WINDOW_UPDATE frames on its own; a request has a
+    # HEADERS or DATA frame.
+    i = 0
+    while i + 9 <= len(chunk):
+        length = int.from_bytes(chunk[i : i + 3], "big")
+        if chunk[i + 3] in (0, 1):
+            return False
+        i += 9 + length
+    return True
+
+
+HEARTBEATS: dict[str, Heartbeat] = {
+    "zookeeper": _zookeeper_ping,
+    "etcd": _http2_control,
+    "redis": lambda chunk: False,
+}
+
+
+class CutProxy:
+    """Forwards 127.0.0.1:port to a server on a thread of its own. ``cut()`` drops every
+    connection open through it (clients must reconnect), as a partition would;
+    ``drop_next_request()`` swallows the next request and cuts its connection (the server never
+    sees it); ``lose_next_reply()`` forwards the next request, swallows what the server answers
+    and cuts (the write is applied, its reply lost). ``heartbeat`` tells the client library's
+    own keep-alive traffic apart from requests."""
+
+    def __init__(self, host: str, port: int, heartbeat: Heartbeat = lambda chunk: False) -> None:
         self._target = (host, port)
+        self._heartbeat = heartbeat
         self._loop = asyncio.new_event_loop()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._armed: str | None = None
+        self.fired = threading.Event()
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
@@ -62,15 +99,42 @@ class CutProxy:
             writer.close()
             return
         self._writers.update((writer, up_writer))
+        muted = asyncio.Event()  # set: the server's answers are swallowed
 
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        def abort() -> None:
+            writer.transport.abort()
+            up_writer.transport.abort()
+
+        async def upstream() -> None:
             with contextlib.suppress(OSError, asyncio.CancelledError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
+                while data := await reader.read(65536):
+                    mode = self._armed
+                    if mode is not None and not self._heartbeat(data):
+                        self._armed = None
+                        if mode == "drop":
+                            abort()
+                            self.fired.set()
+                            return
+                        muted.set()
+                        up_writer.write(data)
+                        # Long enough for the server to apply it; then the connection dies.
+                        self._loop.call_later(0.3, abort)
+                        self._loop.call_later(0.3, self.fired.set)
+                        continue
+                    up_writer.write(data)
+                    await up_writer.drain()
+            up_writer.close()
 
-        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        async def downstream() -> None:
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                while data := await up_reader.read(65536):
+                    if muted.is_set():
+                        continue
+                    writer.write(data)
+                    await writer.drain()
+            writer.close()
+
+        await asyncio.gather(upstream(), downstream())
         self._writers.difference_update((writer, up_writer))
 
     def cut(self) -> None:
@@ -81,6 +145,19 @@ class CutProxy:
             self._writers.clear()
 
         self._loop.call_soon_threadsafe(_cut)
+
+    def _arm(self, mode: str) -> None:
+        self.fired.clear()
+        self._armed = mode
+
+    def drop_next_request(self) -> None:
+        self._arm("drop")
+
+    def lose_next_reply(self) -> None:
+        self._arm("lose")
+
+    def disarm(self) -> None:
+        self._armed = None
 
     def close(self) -> None:
         self.cut()
@@ -104,8 +181,11 @@ class BackendUnderTest:
         """A name unique to this test (servers are shared by the whole session)."""
         return f"{self.ns}-{name}"
 
-    async def connect(self, member_id: str | None = None, *, ttl: float = TTL) -> Coordinator:
-        coord = await keel.coordination.connect(self.url, member_id=member_id, ttl=ttl)
+    async def connect(
+        self, member_id: str | None = None, *, ttl: float = TTL, proxied: bool = False
+    ) -> Coordinator:
+        url = self.proxied_url() if proxied else self.url
+        coord = await keel.coordination.connect(url, member_id=member_id, ttl=ttl)
         self._coords.append(coord)
         return coord
 
@@ -118,12 +198,36 @@ class BackendUnderTest:
             parts = urlsplit(self.url)
             assert parts.hostname
             assert parts.port
-            self._proxy = CutProxy(parts.hostname, parts.port)
+            self._proxy = CutProxy(parts.hostname, parts.port, HEARTBEATS[self.kind])
         return self.url.replace(f":{urlsplit(self.url).port}", f":{self._proxy.port}", 1)
 
     def cut(self) -> None:
         if self._proxy is not None:
             self._proxy.cut()
+
+    async def drop_next_request(self) -> None:
+        """The next request through the proxy never reaches the server; its connection drops.
+        (No-op on SQLite, which has no connection.)"""
+        if self._proxy is not None:
+            self._proxy.drop_next_request()
+
+    async def lose_next_reply(self) -> None:
+        """The next request through the proxy is applied; its reply is lost with the
+        connection. (No-op on SQLite, which has no connection.)"""
+        if self._proxy is not None:
+            self._proxy.lose_next_reply()
+
+    async def fault_fired(self, within: float = 10) -> None:
+        """Wait until the armed fault has happened (at once on SQLite)."""
+        if self._proxy is not None:
+            fired = await asyncio.to_thread(self._proxy.fired.wait, within)
+            assert fired, "the armed proxy fault never fired"
+
+    @property
+    def server_max_ttl(self) -> float:
+        """The longest lease the server grants, whatever a client asks for (ZooKeeper caps
+        session timeouts: maxSessionTimeout in scripts/servers.d/zookeeper.sh)."""
+        return 60.0 if self.kind == "zookeeper" else float("inf")
 
     def restart(self) -> None:
         """Restart the server (same data); SQLite has none and is unaffected."""

@@ -44,3 +44,26 @@ def test_a_write_with_a_fence_never_granted_is_caught() -> None:
 def test_overlapping_acquires_are_not_ordered() -> None:
     # b's acquire began before a's ended: either order of fences is linearizable.
     assert violations([acq("a", 5, 0, 2), acq("b", 3, 1, 3)], []) == []
+
+
+def test_a_lost_update_is_caught() -> None:
+    # b's increment was computed from the value a had already replaced.
+    events = [acq("a", 1, 0, 1), acq("b", 2, 0.5, 3)]
+    accepted = [
+        Accepted(1, "l", 1, "a", read="0", wrote="1"),
+        Accepted(2, "l", 2, "b", read="0", wrote="1"),
+    ]
+    found = violations(events, accepted)
+    assert len(found) == 1
+    assert "lost update" in found[0]
+
+
+def test_a_chain_of_read_modify_writes_passes() -> None:
+    events = [acq("a", 1, 0, 1), acq("b", 2, 2, 3)]
+    accepted = [
+        Accepted(1, "l", 1, "a", read="0", wrote="1"),
+        Accepted(2, "l", 2, "b", read="1", wrote="2"),
+        Accepted(3, "l", 2, "b", read=None, wrote="x"),  # a blind write, then a read of it
+        Accepted(4, "l", 2, "b", read="x", wrote="y"),
+    ]
+    check(events, accepted)

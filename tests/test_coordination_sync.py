@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from pathlib import Path
 
@@ -35,9 +37,35 @@ def test_sync_holder_learns_of_loss(tmp_path: Path) -> None:
         newer = b.acquire("x", timeout=5)
         register.write("x", newer.fence, "b")
         with pytest.raises(StaleFence):
-            register.write("x", held.fence, "a")
+            register.write("x", held.granted_fence, "a")
         assert held.lost.wait(5)
         with pytest.raises(LockLost):
             held.check()
         held.release()
         newer.release()
+
+
+def test_sync_check_runs_on_the_loop(tmp_path: Path) -> None:
+    url = f"sqlite://{tmp_path}/c.db"
+    with connect(url, member_id="a", ttl=1) as a:
+        held = a.acquire("x")
+        loop = a._runner.loop
+        loop.set_debug(True)  # asyncio then refuses loop state touched from another thread
+        try:
+            waiting, woke = threading.Event(), threading.Event()
+
+            async def wait_for_loss() -> None:
+                waiting.set()  # the await below registers the waiter in this same step
+                await held._held.lost.wait()
+                woke.set()
+
+            asyncio.run_coroutine_threadsafe(wait_for_loss(), loop)
+            assert waiting.wait(5)
+            loop.call_soon_threadsafe(time.sleep, 1.5)  # the loop stalls past the ttl
+            time.sleep(1.2)
+            with pytest.raises(LockLost):
+                held.check()  # noticed from this thread, while the loop is still stalled
+            assert woke.wait(5)
+        finally:
+            loop.set_debug(False)
+        held.release()

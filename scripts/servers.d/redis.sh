@@ -4,7 +4,8 @@ REDIS_PORT="${KEEL_REDIS_PORT:-63790}"
 srv_install() { apt_install redis-server; }
 srv_launch() {
     launch redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$SRV_DIR" \
-        --appendonly yes --appendfsync always --save '' --protected-mode yes --daemonize no
+        --appendonly yes --appendfsync always --save '' --protected-mode yes --daemonize no \
+        --enable-debug-command local
 }
 srv_ready() { redis-cli -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG; }
 srv_url() { echo "redis://127.0.0.1:$REDIS_PORT/0"; }

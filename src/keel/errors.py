@@ -157,6 +157,23 @@ class HistoryViolation(CoordinationError, AssertionError):
     """A recorded coordination history breaks the contract (field ``violations`` lists how)."""
 
 
+class GroupNotFound(CoordinationError, LookupError):
+    """The group was never created or has been deleted (field ``group``). Create it first."""
+
+
+class GroupExists(CoordinationError):
+    """The group is already created (field ``group``)."""
+
+
+class GroupNotEmpty(CoordinationError):
+    """The group still has live members (field ``group``); they must leave before it is deleted."""
+
+
+class NotMember(CoordinationError, LookupError):
+    """This member has not joined the group, or its membership ended (fields ``group``,
+    ``member``). Join again."""
+
+
 # --- hub, agent and HTTP-facing errors ------------------------------------------------------
 
 

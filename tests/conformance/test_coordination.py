@@ -46,7 +46,7 @@ async def test_lock_excludes_and_frees_on_release(backend: BackendUnderTest) -> 
         await b.acquire(name, timeout=0)
     await held.release()
     other = await b.acquire(name, timeout=5)
-    assert other.fence > held.fence
+    assert other.fence > held.granted_fence
     await other.release()
 
 
@@ -61,7 +61,7 @@ async def test_waiter_gets_lock_when_released(backend: BackendUnderTest) -> None
     await held.release()
     got = await waiter
     assert time.monotonic() - released < TTL / 2  # freed by the release, not by expiry
-    assert got.fence > held.fence
+    assert got.fence > held.granted_fence
     await got.release()
 
 
@@ -201,11 +201,11 @@ async def test_election_terms_are_fenced(backend: BackendUnderTest) -> None:
     assert not campaign_b.done()
     await ea.resign()
     term_b = await campaign_b
-    assert term_b.fence > term_a.fence
+    assert term_b.fence > term_a.granted_fence
     await asyncio.wait_for(watcher, 10)
     assert seen[0] is None
     terms = [(x.member_id, x.fence) for x in seen if x is not None]
-    assert terms == [("a", term_a.fence), ("b", term_b.fence)]
+    assert terms == [("a", term_a.granted_fence), ("b", term_b.granted_fence)]
     await eb.resign()
 
 
@@ -263,7 +263,7 @@ async def test_semaphore_permits_and_fences(backend: BackendUnderTest) -> None:
     await p1.release()
     async with sc.acquire(timeout=5) as p3:
         assert p3.name == p1.name
-        assert p3.fence > p1.fence
+        assert p3.fence > p1.granted_fence
     await p2.release()
     with pytest.raises(ConfigError):
         a.semaphore(name, 0)

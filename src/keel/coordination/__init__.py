@@ -14,11 +14,18 @@ within its ttl plus the backend's bound. Two holders may briefly *believe* they 
 
 from keel.coordination._coordinator import Coordinator, connect, default_url
 from keel.coordination._election import Election, Leader
-from keel.coordination._fence import FencedRegister, SqliteFencedRegister, fenced_update
+from keel.coordination._fence import (
+    FencedRegister,
+    SqliteFencedRegister,
+    fence_of,
+    fenced_modify,
+    fenced_update,
+)
 from keel.coordination._group import Group, Member, MembershipChange
 from keel.coordination._history import Accepted, Event, Recorder, check, load, violations
 from keel.coordination._lock import HeldLock, LockContext
 from keel.coordination._partitioner import Partitioner, Rebalance
+from keel.coordination._rwlock import ReadWriteLock
 from keel.coordination._semaphore import Semaphore
 from keel.coordination._support import support_table
 from keel.coordination.backends.base import Characteristic
@@ -37,6 +44,7 @@ __all__ = [
     "Member",
     "MembershipChange",
     "Partitioner",
+    "ReadWriteLock",
     "Rebalance",
     "Recorder",
     "Semaphore",
@@ -44,6 +52,8 @@ __all__ = [
     "check",
     "connect",
     "default_url",
+    "fence_of",
+    "fenced_modify",
     "fenced_update",
     "load",
     "support_table",

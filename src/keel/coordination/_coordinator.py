@@ -2,32 +2,47 @@
 elections, groups, semaphores and partitioners on it.
 
 Failure semantics: `connect` fails with `BackendUnavailable` if the server cannot be reached;
-after that, an unreachable server makes individual operations raise `BackendUnavailable` and
-held locks run out at their expiry bound (see `keel.coordination._lock`). A session dropped by
-the server (ZooKeeper) marks every lock held through it as lost at once. ``close()`` releases
-what is still held, best effort: a lock that cannot be released frees by lease expiry.
+after that, an unreachable server makes a try (``timeout=0``) and reads raise
+`BackendUnavailable`, waiting acquisitions retry until their deadline, and held locks run out
+at their expiry bound (see `keel.coordination._lock`). A session dropped by the server
+(ZooKeeper) marks every lock held through it as lost at once. Releases the server did not
+confirm and queue entries of abandoned attempts are retried in the background until the
+server confirms them; ``close()`` releases what is still held and waits (a few seconds at
+most) for those retries: what is still unconfirmed then frees by lease expiry.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import secrets
 import socket
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import cast
+from urllib.parse import unquote
 
 from keel import urls
 from keel.coordination._election import Election
 from keel.coordination._group import Group
 from keel.coordination._keys import key_for
-from keel.coordination._lock import HeldLock, LockContext, acquire_key
+from keel.coordination._lock import HeldLock, LockContext, acquire_key, try_key
+from keel.coordination._rwlock import ReadWriteLock
 from keel.coordination._semaphore import Semaphore
-from keel.coordination.backends.base import Backend, BackendFactory, Characteristic
-from keel.errors import ConfigError, Unsupported
+from keel.coordination.backends.base import Backend, BackendFactory, Characteristic, Waiter
+from keel.errors import (
+    BackendUnavailable,
+    ConfigError,
+    CoordinationError,
+    KeelError,
+    Unsupported,
+)
 
 DEFAULT_TTL = 10.0
+_FLUSH = 5.0  # how long close() waits for unconfirmed releases and abandoned queue entries
+log = logging.getLogger("keel.coordination")
 
 
 def default_url() -> str:
@@ -48,6 +63,7 @@ class Coordinator:
         # The owner token distinguishes two coordinators that share a member id.
         self.owner = f"{member_id}#{secrets.token_hex(4)}"
         self._held: set[HeldLock] = set()
+        self._pending: set[asyncio.Future[None]] = set()  # background retries, confirmations
         backend.on_session_lost(self._session_lost)
 
     def __repr__(self) -> str:
@@ -70,6 +86,57 @@ class Coordinator:
     def _session_lost(self) -> None:
         for held in list(self._held):
             held._session_lost()
+
+    # --- what must reach the server even when the caller has moved on ----------------------
+
+    async def _release(self, key: str, fence: int) -> None:
+        try:
+            confirmation = asyncio.ensure_future(await self.backend.release(key, self.owner, fence))
+        except BackendUnavailable:
+            self._retry(lambda: self._release_confirmed(key, fence), f"release of {key}")
+            return
+        if confirmation.done():
+            if confirmation.cancelled() or confirmation.exception() is not None:
+                self._retry(lambda: self._release_confirmed(key, fence), f"release of {key}")
+            return
+        self._pending.add(confirmation)
+
+        def confirmed(future: asyncio.Future[None]) -> None:
+            self._pending.discard(future)
+            if not future.cancelled() and future.exception() is not None:
+                self._retry(lambda: self._release_confirmed(key, fence), f"release of {key}")
+
+        confirmation.add_done_callback(confirmed)
+
+    def _release_soon(self, key: str, fence: int) -> None:
+        task = asyncio.get_running_loop().create_task(self._release(key, fence))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _release_confirmed(self, key: str, fence: int) -> None:
+        await (await self.backend.release(key, self.owner, fence))
+
+    def _abandon(self, waiter: Waiter) -> None:
+        """Take a given-up attempt out of the queue (and give the key up if it was granted)."""
+        self._retry(lambda: self.backend.dequeue(waiter), f"leaving the queue of {waiter.key}")
+
+    def _retry(self, operation: Callable[[], Awaitable[None]], what: str) -> None:
+        async def until_done() -> None:
+            delay = 0.05
+            while True:
+                try:
+                    await operation()
+                except BackendUnavailable:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
+                except CoordinationError as exc:
+                    log.warning("keel.coordination: %s failed for good: %s", what, exc)
+                return
+
+        task = asyncio.get_running_loop().create_task(until_done())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     # --- locks -----------------------------------------------------------------------------
 
@@ -99,20 +166,49 @@ class Coordinator:
 
     async def try_acquire(self, name: str, *, ttl: float | None = None) -> HeldLock | None:
         """One non-blocking attempt: the held lock, or None if someone else holds it."""
-        lease = self._lease_ttl(ttl)
+        return await try_key(self, name, key_for("lock", name), ttl=ttl)
+
+    async def break_lock(self, name: str) -> bool:
+        """End the current holder's lease of ``name`` by force; False if nobody held it.
+
+        Safe because fences are durable: the broken holder learns at its next renewal (within
+        ttl/3) or ``check()`` after that, and a fenced resource refuses its writes once the
+        next holder has written. Use it to clear a holder known to be dead, not as a lock.
+        """
+        if Characteristic.DURABLE_FENCES not in self.characteristics:
+            raise Unsupported(
+                "breaking a lock is only safe where fences survive everything",
+                feature=Characteristic.DURABLE_FENCES,
+            )
         key = key_for("lock", name)
-        grant = await self.backend.acquire(key, self.owner, lease, b"")
-        if grant is None:
-            return None
-        return HeldLock(self, name, key, fence=grant.fence, ttl=lease, expires=grant.expires)
+        record = await self.backend.get(key)
+        return record is not None and await self.backend.delete(key, record.fence)
+
+    async def heartbeat(self) -> int:
+        """Renew every lease held through this coordinator now (renewal also runs by itself
+        every ttl/3); the number still held. Leases found gone are marked lost."""
+        held = list(self._held)
+        results = await asyncio.gather(*(h.extend() for h in held), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, KeelError):
+                raise result
+        return sum(1 for h in held if not h.lost.is_set())
 
     # --- the rest is built on locks ---------------------------------------------------------
+
+    def rwlock(self, name: str) -> ReadWriteLock:
+        return ReadWriteLock(self, name)
 
     def election(self, name: str) -> Election:
         return Election(self, name)
 
     def group(self, name: str) -> Group:
         return Group(self, name)
+
+    async def groups(self) -> list[str]:
+        """The names of the created groups (see `Group.create`)."""
+        records = await self.backend.children(key_for("group") + "/")
+        return sorted(unquote(r.key.rpartition("/")[2]) for r in records if r.owner == "")
 
     def semaphore(self, name: str, permits: int) -> Semaphore:
         return Semaphore(self, name, permits)
@@ -122,6 +218,11 @@ class Coordinator:
         held = list(self._held)
         if held:
             await asyncio.gather(*(h.release() for h in held), return_exceptions=True)
+        if self._pending:
+            _, late = await asyncio.wait(list(self._pending), timeout=_FLUSH)
+            for future in late:
+                future.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         await self.backend.close()
 
     async def __aenter__(self) -> Coordinator:

@@ -1,20 +1,25 @@
 """Leader election on a leased, fenced key.
 
 The leader is whoever holds the election's key; each term's fence is that key's fence, so a
-deposed leader's writes are refused by any resource fenced with it. A leader that dies loses
-the term by lease expiry (ttl plus the backend's bound). ``observe()`` reports changes as it
-sees them: on backends without change watches it polls, so a term shorter than the poll
-interval can go unreported; it never reports a leader out of order.
+deposed leader's writes are refused by any resource fenced with it. Candidates wait in the
+key's queue, so terms go to them in the order they campaigned. A leader that dies loses the
+term by lease expiry (ttl plus the backend's bound). ``campaign()`` hands out only a live term:
+one released, lost or run out (a stalled process) is never returned again. ``observe()`` waits
+for the backend's change notifications (SQLite: a cheap poll of the file's change counter) and
+reports each change as it sees it: a term shorter than one notification round trip can go
+unreported; it never reports a leader out of order.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from keel.coordination._keys import key_for
-from keel.coordination._lock import HeldLock, acquire_key
+from keel.coordination._lock import HeldLock, acquire_key, live
+from keel.errors import BackendUnavailable
 
 if TYPE_CHECKING:
     from keel.coordination._coordinator import Coordinator
@@ -39,7 +44,8 @@ class Election:
 
     async def campaign(self, *, ttl: float | None = None, timeout: float | None = None) -> HeldLock:
         """Wait (up to ``timeout``) to become leader; the term's lease, with its fence."""
-        if self.term is not None and not self.term.lost.is_set():
+        if live(self.term):
+            assert self.term is not None
             return self.term
         self.term = await acquire_key(
             self.coord,
@@ -58,18 +64,23 @@ class Election:
             return None
         return Leader(record.data.decode(), record.fence)
 
-    async def observe(self, *, poll: float = 0.1) -> AsyncIterator[Leader | None]:
-        """Yield the leader now and then at every change (None when nobody leads)."""
+    async def observe(self, *, poll: float | None = None) -> AsyncIterator[Leader | None]:
+        """Yield the leader now and then at every change (None when nobody leads). Changes
+        are waited for, not polled; ``poll`` only bounds the time between two re-reads when
+        nothing is signalled (default: the coordinator's ttl)."""
         last: Leader | bool | None = False  # False: nothing yielded yet
-        while True:
-            current = await self.leader()
-            if current != last:
-                last = current
-                yield current
-            await self.coord.backend.wait(self._key, poll)
+        async with self.coord.backend.changes(self._key) as changes:
+            while True:
+                current = await self.leader()
+                if current != last:
+                    last = current
+                    yield current
+                await changes.wait(self.coord.ttl if poll is None else poll)
 
     async def resign(self) -> None:
-        """End this member's term (no-op when not leading)."""
+        """End this member's term (no-op when not leading) and wait until the backend confirms,
+        so that another member's next campaign can win at once."""
         term, self.term = self.term, None
         if term is not None:
-            await term.release()
+            with contextlib.suppress(BackendUnavailable):  # retried in the background
+                await term.release_confirmed()

@@ -8,7 +8,10 @@ the writes it accepted, in order. `check` then proves, or refutes with a list of
    second began, the first fence is lower; no fence is handed out twice;
 2. the resource accepted writes in non-decreasing fence order per key (so never a write from
    an older holder after a newer holder's write);
-3. every accepted write carries a fence its writer was actually granted.
+3. every accepted write carries a fence its writer was actually granted;
+4. no update was lost: every accepted read-modify-write read the value the previous accepted
+   write on its key had written (``Accepted.read``), so no write was computed from a value
+   someone else had already replaced.
 """
 
 from __future__ import annotations
@@ -36,12 +39,15 @@ class Event(msgspec.Struct, frozen=True):
 
 
 class Accepted(msgspec.Struct, frozen=True):
-    """A write the fenced resource accepted, in the resource's own order."""
+    """A write the fenced resource accepted, in the resource's own order; for a
+    read-modify-write, ``read`` is the value its writer read and ``wrote`` the value written."""
 
     seq: int
     key: str
     fence: int
     client: str
+    read: str | None = None
+    wrote: str | None = None
 
 
 class Recorder:
@@ -73,12 +79,16 @@ def load(paths: Iterable[str | Path]) -> list[Event]:
 
 def violations(events: Sequence[Event], accepted: Sequence[Accepted]) -> list[str]:
     """Every way the history breaks the contract (empty when it is safe)."""
-    found: list[str] = []
     acquires: dict[str, list[Event]] = defaultdict(list)
     for e in events:
         if e.kind == "acquire":
             acquires[e.name].append(e)
     granted = {(e.client, e.name, e.fence) for e in events if e.kind == "acquire"}
+    return _fence_order(acquires) + _accepted_order(accepted, granted)
+
+
+def _fence_order(acquires: dict[str, list[Event]]) -> list[str]:
+    found: list[str] = []
     for name, acqs in acquires.items():
         seen: dict[int, Event] = {}
         for e in acqs:
@@ -100,6 +110,11 @@ def violations(events: Sequence[Event], accepted: Sequence[Accepted]) -> list[st
                     f"{name}: fence went backwards: {e.client} got {e.fence} after "
                     f"{best.client} had got {best.fence}"
                 )
+    return found
+
+
+def _accepted_order(accepted: Sequence[Accepted], granted: set[tuple[str, str, int]]) -> list[str]:
+    found: list[str] = []
     last: dict[str, Accepted] = {}
     for w in sorted(accepted, key=lambda w: w.seq):
         prev = last.get(w.key)
@@ -110,6 +125,12 @@ def violations(events: Sequence[Event], accepted: Sequence[Accepted]) -> list[st
             )
         if (w.client, w.key, w.fence) not in granted:
             found.append(f"{w.key}: accepted fence {w.fence} from {w.client}, never granted it")
+        if w.read is not None and prev is not None and w.read != prev.wrote:
+            found.append(
+                f"{w.key}: lost update: {w.client} (fence {w.fence}) wrote {w.wrote!r} computed "
+                f"from {w.read!r}, but {prev.client} (fence {prev.fence}) had already written "
+                f"{prev.wrote!r}"
+            )
         last[w.key] = w
     return found
 

@@ -1,38 +1,52 @@
-"""Leased, fenced locks: acquire, background renewal, loss detection, cancellation on loss.
+"""Leased, fenced locks: a fair queue of waiters, background renewal, loss detection and
+cancellation on loss.
 
 What a holder is promised:
 
 * ``held.fence`` is strictly greater than every fence handed out earlier for that name, on
-  every backend. Present it to the resource the lock guards (`FencedRegister`, `fenced_update`):
-  the resource, not the lock, is what finally refuses a stale holder.
+  every backend. Present it to the resource the lock guards (`FencedRegister`,
+  `fenced_update`, `fenced_modify`): the resource, not the lock, is what finally refuses a
+  stale holder.
+* Every read of ``held.fence``, and every fenced write the library performs with a `HeldLock`,
+  first checks the lease's expiry bound (no I/O): a holder that was paused past its lease gets
+  `LockLost` there instead of writing. What is left is the instant between that check and the
+  write reaching the resource; only the resource's own fence comparison covers it.
+* Waiters are served in arrival order; a released lock goes to the longest waiter, never back
+  to a releaser that asks again while others wait.
 * The lease is renewed every ttl/3. The lock is *lost* as soon as any of these is true: the
   backend says the record is no longer ours, the backend's session was dropped, or renewal has
   not succeeded by the conservative expiry bound (the send time of the last successful renewal
-  plus the ttl — so a partitioned or paused holder gives up no later than the server frees the
-  lock). Then ``held.lost`` is set, ``held.check()`` raises `LockLost`, and inside
-  ``async with coord.lock(...)`` the body is cancelled (unless ``cancel_on_loss=False``) and
-  the block exits with `LockLost`.
+  plus the ttl the server enforces, kept on the boot clock and the wall clock, see
+  `keel.coordination._clock`). Then ``held.lost`` is set, ``held.check()`` raises `LockLost`,
+  and inside ``async with coord.lock(...)`` the body is cancelled (unless
+  ``cancel_on_loss=False``) and the block exits with `LockLost`, keeping the reason.
 * What a holder is *not* promised: that nobody else holds the lock at the same instant. A
   holder paused (GC, SIGSTOP, swap) longer than its ttl resumes believing it holds the lock
   until its next check; only the fence protects the resource in that window.
+* An attempt that fails ambiguously (the server applied it, the reply was lost) is retried
+  with the same queue entry, which the backend recognises as ours; an attempt given up (time
+  out, cancellation, an error) leaves the queue in the background, so it leaves no ghost. A
+  release the server did not confirm is retried in the background until it is.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from keel.coordination._clock import Bound, now
+from keel.coordination.backends.base import Grant, Waiter
 from keel.errors import BackendUnavailable, LockLost, LockTimeout
 
 if TYPE_CHECKING:
     from keel.coordination._coordinator import Coordinator
 
 _LOSS_MESSAGE = "keel.coordination: lock lost"
+_RAN_OUT = "the lease ran out before it could be renewed"
 _RETRY = 0.05
+_FOREVER = 3600.0  # one wait_turn call when there is no deadline; the loop goes on after it
 
 
 class HeldLock:
@@ -52,12 +66,12 @@ class HeldLock:
         self.coord = coord
         self.name = name
         self.key = key
-        self.fence = fence
         self.ttl = ttl
         self.data = data
         self.lost = asyncio.Event()
         self.lost_reason = ""
-        self._expires = expires
+        self._fence = fence
+        self._bound = Bound(expires)
         self._released = False
         self._task: asyncio.Task[object] | None = None  # cancelled on loss
         self._on_lost: list[Callable[[], None]] = []
@@ -65,7 +79,7 @@ class HeldLock:
         # Renewal is a timer that starts a task only when a renewal is due: most locks are
         # released long before that, and a task per acquisition would cost every cycle.
         self._loop = asyncio.get_running_loop()
-        self._last = time.monotonic()
+        self._last = now()
         self._renewing: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._schedule()
@@ -73,47 +87,94 @@ class HeldLock:
 
     def __repr__(self) -> str:
         state = "lost" if self.lost.is_set() else "released" if self._released else "held"
-        return f"<HeldLock {self.name!r} fence={self.fence} {state}>"
+        return f"<HeldLock {self.name!r} fence={self._fence} {state}>"
+
+    @property
+    def fence(self) -> int:
+        """The fence to present to the resource; `LockLost` if the lease is gone (checked on
+        every read, so a holder resuming from a pause learns here, before it writes)."""
+        self.check()
+        return self._fence
+
+    @property
+    def granted_fence(self) -> int:
+        """The fence this lock was granted, without any check (for logs and histories)."""
+        return self._fence
 
     @property
     def expires(self) -> float:
-        """The ``time.monotonic()`` instant after which the lease may have ended."""
-        return self._expires
+        """The `keel.coordination._clock.now` instant after which the lease may have ended."""
+        return self._bound.boot
+
+    def remaining(self) -> float:
+        """Seconds the lease is known to have left (0 once it may have ended)."""
+        return max(0.0, self._bound.remaining())
 
     def check(self) -> None:
         """Raise `LockLost` unless the lease is known to be valid right now (no I/O)."""
-        if not self.lost.is_set() and time.monotonic() >= self._expires:
-            self._mark_lost("the lease ran out before it could be renewed")
+        if not (self.lost.is_set() or self._released) and self._bound.passed():
+            self._mark_lost(_RAN_OUT)
         if self.lost.is_set() or self._released:
             raise LockLost(
-                f"lock {self.name!r} (fence {self.fence}) is no longer held: "
-                f"{self.lost_reason or 'released'}; stop using the resource",
+                f"lock {self.name!r} (fence {self._fence}) is no longer held: "
+                f"{self.lost_reason or 'this holder released it'}; stop using the resource",
                 name=self.name,
-                fence=self.fence,
+                fence=self._fence,
             )
 
     async def extend(self, ttl: float | None = None) -> None:
-        """Renew the lease now (optionally with a new ttl); `LockLost` if it is gone."""
+        """Renew the lease now, optionally for a new ttl: the server's expiry moves to it (and
+        ``held.ttl`` says what the server enforces). `LockLost` if the lease is gone."""
         self.check()
         new_ttl = self.coord._lease_ttl(ttl) if ttl is not None else self.ttl
-        sent = time.monotonic()
-        expires = await self.coord.backend.renew(self.key, self.coord.owner, self.fence, new_ttl)
+        sent = now()
+        expires = await self.coord.backend.renew(self.key, self.coord.owner, self._fence, new_ttl)
         if expires is None:
             self._mark_lost("the backend no longer has this lease")
             self.check()
-        else:
-            self.ttl = new_ttl
-            self._expires = min(expires, sent + new_ttl)
+            return
+        self.ttl = new_ttl
+        self._renewed(sent, expires)
 
     async def release(self) -> None:
-        """Give the lock up. Idempotent; never raises for a lock that was already lost."""
+        """Give the lock up. Idempotent; never raises for a lock that was already lost. The
+        release is sent at once; if the server does not confirm it, it is retried in the
+        background until it is (or the coordinator closes)."""
         if self._released:
             return
         self._released = True
         self._stop_renewal()
         self.coord._held.discard(self)
-        with contextlib.suppress(BackendUnavailable):
-            await self.coord.backend.release(self.key, self.coord.owner, self.fence)
+        await self.coord._release(self.key, self._fence)
+
+    def _renewed(self, sent: float, expires: float) -> None:
+        self._last = sent
+        self._bound = Bound(min(expires, sent + self.ttl))
+        if self._timer is not None:
+            self._timer.cancel()
+        self._schedule()
+
+    async def release_confirmed(self) -> bool:
+        """Give the lock up and wait for the backend's answer: True if the lease was still
+        ours when it was deleted, False if it had already ended (lost, expired, broken by
+        `Coordinator.break_lock`) or was released before. Raises `BackendUnavailable` when
+        the answer cannot be had; the release is then retried in the background until the
+        server confirms it, as `release` does."""
+        if self._released:
+            return False
+        was_lost = self.lost.is_set() or self._bound.passed()
+        self._released = True
+        self._stop_renewal()
+        self.coord._held.discard(self)
+        # Deleting is conditional on our fence, so it is safe even when the lease is gone.
+        try:
+            deleted = await self.coord.backend.delete(self.key, self._fence)
+        except BackendUnavailable:
+            # No answer: the record may outlive us (a ZooKeeper session that survives the
+            # reconnect keeps its node), so the release is retried until it is confirmed.
+            await self.coord._release(self.key, self._fence)
+            raise
+        return deleted and not was_lost
 
     def _mark_lost(self, reason: str) -> None:
         if self.lost.is_set() or self._released:
@@ -122,6 +183,11 @@ class HeldLock:
         self.lost.set()
         self.coord._held.discard(self)
         self._stop_renewal()
+        # The server may still have the record as ours (a lease given up by the client's
+        # bound, a ZooKeeper session that outlived a stall): give it up there too, or this
+        # client would wait behind its own ghost. The backend acts only if it is still ours.
+        self._released = True
+        self.coord._release_soon(self.key, self._fence)
         for callback in self._on_lost:
             callback()
         # The body's own task noticing the loss (held.check()) gets LockLost raised there;
@@ -146,7 +212,7 @@ class HeldLock:
 
     def _schedule(self, delay: float | None = None) -> None:
         if delay is None:
-            delay = min(self._last + self.ttl / 3, self._expires) - time.monotonic()
+            delay = min(self._last + self.ttl / 3 - now(), self._bound.remaining())
         self._timer = self._loop.call_later(max(0.0, delay), self._due)
 
     def _due(self) -> None:
@@ -155,27 +221,36 @@ class HeldLock:
             self._renewing = self._loop.create_task(self._renew_once())
 
     async def _renew_once(self) -> None:
-        if time.monotonic() >= self._expires:
-            self._mark_lost("the lease ran out before it could be renewed")
+        if self._bound.passed():
+            self._mark_lost(_RAN_OUT)
             return
-        sent = time.monotonic()
+        sent = now()
         try:
-            async with asyncio.timeout(max(0.001, self._expires - sent)):
+            async with asyncio.timeout(max(0.001, self._bound.remaining())):
                 expires = await self.coord.backend.renew(
-                    self.key, self.coord.owner, self.fence, self.ttl
+                    self.key, self.coord.owner, self._fence, self.ttl
                 )
         except Exception:  # any failure to renew is retried until the bound, never fatal
             # Keep trying until the expiry bound; the next attempt declares the loss. A
             # renewal task must not die quietly: the holder would learn only on check().
-            self._schedule(min(_RETRY, max(0.0, self._expires - time.monotonic())))
+            self._schedule(min(_RETRY, max(0.0, self._bound.remaining())))
             return
         if expires is None:
             self._mark_lost("the backend no longer has this lease (expired or taken over)")
             return
-        self._last = sent
-        self._expires = min(expires, sent + self.ttl)
         if not (self._released or self.lost.is_set()):
-            self._schedule()
+            self._renewed(sent, expires)
+
+
+def live(held: HeldLock | None) -> bool:
+    """Whether ``held`` is a lease known valid right now (marks it lost if it ran out)."""
+    if held is None:
+        return False
+    try:
+        held.check()
+    except LockLost:
+        return False
+    return True
 
 
 class LockContext:
@@ -208,11 +283,15 @@ class LockContext:
         if cancelled_by_us and task is not None and task.uncancel() > 0:
             # Someone else cancelled this task too: their cancellation wins.
             cancelled_by_us = False
-        was_lost = held.lost.is_set() or time.monotonic() >= held.expires
+        # Check before releasing: after the release the reason would read "released".
+        lost: LockLost | None = None
+        try:
+            held.check()
+        except LockLost as error:
+            lost = error
         await held.release()
-        if was_lost and (exc_type is None or cancelled_by_us):
-            held.check()  # raises LockLost with the reason
-            raise LockLost(f"lock {held.name!r} was lost", name=held.name, fence=held.fence)
+        if lost is not None and (exc_type is None or cancelled_by_us):
+            raise lost
 
 
 async def acquire_key(
@@ -224,21 +303,93 @@ async def acquire_key(
     timeout: float | None,
     data: bytes = b"",
 ) -> HeldLock:
-    """Acquire a leased key, waiting up to ``timeout`` (None: forever; 0: one try)."""
+    """Acquire a leased key, waiting in its queue up to ``timeout`` (None: forever; 0: one
+    try). The lock returned is live: one whose lease ran out before it could be handed over
+    (a stalled loop) is given back and waited for again."""
+    held = await _acquire(coord, name, key, ttl=ttl, timeout=timeout, data=data)
+    if held is None:
+        raise _timed_out(name, timeout)
+    return held
+
+
+async def try_key(coord: Coordinator, name: str, key: str, *, ttl: float | None) -> HeldLock | None:
+    """One attempt that never queues: the held lock, or None if the key is held or waited for."""
+    return await _acquire(coord, name, key, ttl=ttl, timeout=0, data=b"")
+
+
+async def _acquire(
+    coord: Coordinator,
+    name: str,
+    key: str,
+    *,
+    ttl: float | None,
+    timeout: float | None,
+    data: bytes,
+) -> HeldLock | None:
     lease = coord._lease_ttl(ttl)
-    deadline = None if timeout is None else time.monotonic() + timeout
+    deadline = None if timeout is None else now() + timeout
     while True:
-        grant = await coord.backend.acquire(key, coord.owner, lease, data)
-        if grant is not None:
-            return HeldLock(
-                coord, name, key, fence=grant.fence, ttl=lease, expires=grant.expires, data=data
-            )
-        left = 1.0 if deadline is None else deadline - time.monotonic()
-        if left <= 0:
-            raise LockTimeout(
-                f"lock {name!r} is held by another owner and was not freed within "
-                f"{timeout}s; retry later or raise the timeout",
-                name=name,
-                timeout=timeout,
-            )
-        await coord.backend.wait(key, min(left, lease))
+        waiter = Waiter(key, coord.owner, lease, data)
+        grant = await _take(coord, waiter, deadline)
+        if grant is None:
+            return None
+        held = HeldLock(
+            coord, name, key, fence=grant.fence, ttl=lease, expires=grant.expires, data=data
+        )
+        if not held._bound.passed():
+            return held
+        held._mark_lost(_RAN_OUT)  # stalled between the grant and here: not live any more
+        await held.release()
+        if deadline is None or deadline <= now():
+            return None
+
+
+async def _take(coord: Coordinator, waiter: Waiter, deadline: float | None) -> Grant | None:
+    """The queue dance: enqueue, wait for our turn, retry ambiguous failures with the same
+    entry; on any way out but a grant, leave the queue (in the background)."""
+    backend = coord.backend
+    queue = deadline is None or deadline > now()
+    queued = False
+    delay = _RETRY
+    unavailable: BackendUnavailable | None = None
+    leave = True  # whether the queue may still hold an entry of ours on the way out
+    try:
+        while True:
+            try:
+                if not queued:
+                    grant = await backend.enqueue(waiter, queue=queue)
+                    queued = queue
+                else:
+                    left = _FOREVER if deadline is None else deadline - now()
+                    grant = await backend.wait_turn(waiter, max(0.0, left))
+                if grant is not None:
+                    leave = False
+                    return grant
+                unavailable = None
+                if not queue:
+                    leave = False  # a refused try leaves nothing behind
+                    return None
+            except BackendUnavailable as exc:
+                if not queue:
+                    raise
+                # The entry may exist (applied, reply lost): enqueue again with the same
+                # waiter, which the backend recognises, after a short back-off.
+                unavailable, queued = exc, False
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            if deadline is not None and now() >= deadline:
+                if unavailable is not None:
+                    raise unavailable
+                return None
+    finally:
+        if leave and waiter.sent:
+            coord._abandon(waiter)
+
+
+def _timed_out(name: str, timeout: float | None) -> LockTimeout:
+    return LockTimeout(
+        f"lock {name!r} is held by another owner and was not freed within "
+        f"{timeout}s; retry later or raise the timeout",
+        name=name,
+        timeout=timeout,
+    )

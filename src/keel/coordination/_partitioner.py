@@ -3,8 +3,8 @@
 Each member owns the arcs of a hash ring after its virtual nodes (``replicas`` per member), so
 a join or leave moves only about 1/n of the keys. Ownership is computed locally from the last
 membership listing: two members whose listings differ (one saw a leave the other has not yet
-seen) may both believe they own a key for up to one poll interval plus the lease ttl. Guard
-the work itself with a lock or a fence if that matters.
+seen) may both believe they own a key for up to one notification round trip plus the lease
+ttl. Guard the work itself with a lock or a fence if that matters.
 """
 
 from __future__ import annotations
@@ -79,10 +79,13 @@ class Partitioner:
     def owns(self, key: str) -> bool:
         return self.owner(key) == self.group.coord.member_id
 
-    async def rebalances(self, *, poll: float = 0.1) -> AsyncIterator[Rebalance]:
-        """Yield every membership change seen (the first listing counts as one)."""
-        while True:
-            change = await self.refresh()
-            if change is not None:
-                yield change
-            await self.group.coord.backend.wait(self.group._prefix, poll)
+    async def rebalances(self, *, poll: float | None = None) -> AsyncIterator[Rebalance]:
+        """Yield every membership change seen (the first listing counts as one); changes are
+        waited for, ``poll`` only bounds the time between listings (default: the ttl)."""
+        coord = self.group.coord
+        async with coord.backend.changes(self.group._prefix) as changes:
+            while True:
+                change = await self.refresh()
+                if change is not None:
+                    yield change
+                await changes.wait(coord.ttl if poll is None else poll)

@@ -3,8 +3,8 @@
 A permit is one slot's lease: at most ``permits`` holders at once, each with a fence that is
 strictly greater than every earlier fence *of that slot* — a resource guarded by a permit is
 fenced per slot (key it by ``permit.name``). Loss, renewal and cancellation behave exactly as
-for locks. Waiters poll the slots (each wait is bounded by the lease ttl), so the semaphore is
-not fair: a late waiter may overtake an early one.
+for locks. Waiters try every slot, then wait for the backend's change notification on the slots
+and try again, so the semaphore is not fair: a late waiter may overtake an early one.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING
 
 from keel.coordination._keys import key_for
-from keel.coordination._lock import HeldLock, LockContext
+from keel.coordination._lock import HeldLock, LockContext, try_key
 from keel.errors import ConfigError, LockTimeout
 
 if TYPE_CHECKING:
@@ -43,25 +43,31 @@ class Semaphore:
         """Take a permit for manual use; ``await permit.release()`` gives it back."""
         lease = self.coord._lease_ttl(ttl)
         deadline = None if timeout is None else time.monotonic() + timeout
-        backend = self.coord.backend
-        while True:
-            for slot in random.sample(range(self.permits), self.permits):
-                key = f"{self._prefix}{slot}"
-                grant = await backend.acquire(key, self.coord.owner, lease, b"")
-                if grant is not None:
-                    name = f"{self.name}[{slot}]"
-                    return HeldLock(
-                        self.coord, name, key, fence=grant.fence, ttl=lease, expires=grant.expires
+        permit = await self._try_every_slot(lease)
+        if permit is not None:
+            return permit
+        async with self.coord.backend.changes(self._prefix) as changes:
+            while True:
+                permit = await self._try_every_slot(lease)
+                if permit is not None:
+                    return permit
+                left = lease if deadline is None else deadline - time.monotonic()
+                if left <= 0:
+                    raise LockTimeout(
+                        f"all {self.permits} permits of semaphore {self.name!r} stayed taken "
+                        f"for {timeout}s; retry later or raise the timeout",
+                        name=self.name,
+                        timeout=timeout,
                     )
-            left = 0.1 if deadline is None else deadline - time.monotonic()
-            if left <= 0:
-                raise LockTimeout(
-                    f"all {self.permits} permits of semaphore {self.name!r} stayed taken for "
-                    f"{timeout}s; retry later or raise the timeout",
-                    name=self.name,
-                    timeout=timeout,
-                )
-            await backend.wait(self._prefix, min(left, 0.05))
+                await changes.wait(min(left, lease))
+
+    async def _try_every_slot(self, lease: float) -> HeldLock | None:
+        for slot in random.sample(range(self.permits), self.permits):
+            key = f"{self._prefix}{slot}"
+            permit = await try_key(self.coord, f"{self.name}[{slot}]", key, ttl=lease)
+            if permit is not None:
+                return permit
+        return None
 
     async def holders(self) -> int:
         """How many permits are taken right now."""

@@ -5,8 +5,10 @@ waited for (as kazoo's ``exists()`` is ``exists_async().get()``); nothing is wri
 
 Failure semantics are the async ones with one difference: a thread cannot be cancelled, so a
 lost lock does not interrupt the ``with`` body. The holder learns of the loss through
-``held.lost`` (a `threading.Event`), ``held.check()`` (raises `LockLost`) and on exit of the
-``with`` block (raises `LockLost`); a fenced resource refuses its stale writes regardless.
+``held.lost`` (a `threading.Event`), ``held.check()`` and ``held.fence`` (raise `LockLost`) and
+on exit of the ``with`` block (raises `LockLost`); a fenced resource refuses its stale writes
+regardless. ``check()`` and ``fence`` run on the loop that owns the lock (a loss they find
+sets asyncio state, which only that loop may touch), so each is one hop to it and back.
 """
 
 from __future__ import annotations
@@ -34,15 +36,28 @@ class SyncHeldLock:
         self._held = held
         self._runner = runner
         self.name = held.name
-        self.fence = held.fence
+        self.granted_fence = held.granted_fence
         self.lost = threading.Event()
         held._on_lost.append(self.lost.set)
         if held.lost.is_set():
             self.lost.set()
 
+    @property
+    def fence(self) -> int:
+        """The fence, checked like ``HeldLock.fence`` (`LockLost` if the lease is gone)."""
+
+        async def fence() -> int:
+            return self._held.fence
+
+        return self._runner.run(fence())
+
     def check(self) -> None:
         """Raise `LockLost` unless the lease is known to be valid right now."""
-        self._held.check()
+
+        async def check() -> None:
+            self._held.check()
+
+        self._runner.run(check())
 
     def extend(self, ttl: float | None = None) -> None:
         self._runner.run(self._held.extend(ttl))
@@ -85,17 +100,17 @@ class SyncCoordinator:
     ) -> Iterator[SyncHeldLock]:
         """``with coord.lock(name) as held:`` — `LockLost` on exit if the lease was lost."""
         held = self.acquire(name, ttl=ttl, timeout=timeout)
+        lost: LockLost | None = None
         try:
             yield held
         finally:
-            was_lost = held.lost.is_set()
             try:
-                held.check()
-            except LockLost:
-                was_lost = True
+                held.check()  # before the release, which would make the reason "released"
+            except LockLost as error:
+                lost = error
             held.release()
-        if was_lost:
-            raise LockLost(f"lock {name!r} (fence {held.fence}) was lost while held", name=name)
+        if lost is not None:
+            raise lost
 
     def close(self) -> None:
         self._runner.run(self.coord.close())

@@ -6,10 +6,12 @@ machinery (pool checkout, retry wrapper, a timeout task per write) cost about as
 round trip. Pipelining also lets a release be sent without waiting for its reply: the next
 command on this socket is ordered after it, so this client never sees its own stale lock.
 
-Failure semantics: a dropped connection fails every awaited call with `BackendUnavailable`;
-calls sent without waiting are dropped (a release that never arrived ends by lease expiry).
-The next call reconnects. A call that times out leaves its slot in the queue, so later replies
-still match their requests.
+Failure semantics: a dropped connection fails every pending reply with `BackendUnavailable`,
+including those of requests sent without waiting (`send` returns a future for the reply, which
+the caller may watch to retry). The next call reconnects. A call that times out leaves its
+slot in the queue, so later replies still match their requests. An error reply is raised (or
+set on the future) as the ``hiredis.ReplyError`` it is: the backend maps it, with every other
+foreign error, in `keel.coordination.backends.base.map_errors`.
 
 Where it connects: ``locate`` (if given) names the server on each (re)connect, so under
 Sentinel a reconnect after a failover reaches the new primary; ``ssl`` speaks TLS. With
@@ -30,10 +32,10 @@ from typing import Any
 
 import hiredis
 
-from keel.errors import BackendUnavailable, CoordinationError
+from keel.errors import BackendUnavailable
 
 
-def _encode(args: tuple[Any, ...]) -> bytes:
+def encode(args: tuple[Any, ...]) -> bytes:
     out = [b"*%d\r\n" % len(args)]
     for arg in args:
         if isinstance(arg, bytes):
@@ -76,9 +78,13 @@ class Pipe:
         self._db = db
         self._timeout = timeout
         self._writer: asyncio.StreamWriter | None = None
-        self._pending: collections.deque[asyncio.Future[Any] | None] = collections.deque()
+        self._pending: collections.deque[asyncio.Future[Any]] = collections.deque()
         self._reader_task: asyncio.Task[None] | None = None
         self._connecting: asyncio.Lock = asyncio.Lock()
+
+    @property
+    def wait_replicas(self) -> int:
+        return self._wait_replicas
 
     async def _connect(self) -> asyncio.StreamWriter:
         async with self._connecting:
@@ -104,24 +110,32 @@ class Pipe:
                     f"redis at {self._where[0]}:{self._where[1]} is unreachable ({exc}); "
                     "retry later"
                 ) from exc
-            pending: collections.deque[asyncio.Future[Any] | None] = collections.deque()
+            pending: collections.deque[asyncio.Future[Any]] = collections.deque()
             self._writer, self._pending = writer, pending
             self._reader_task = asyncio.create_task(self._read(reader, writer, pending))
-            username, password = self._auth
-            if password is not None:
-                auth = ("AUTH", username, password) if username else ("AUTH", password)
-                await self.call(*auth)
-            if self._db:
-                await self.call("SELECT", self._db)
-            for command in self._on_connect:
-                await self.call(*command)
+            try:
+                username, password = self._auth
+                if password is not None:
+                    auth = ("AUTH", username, password) if username else ("AUTH", password)
+                    await self.call(*auth)
+                if self._db:
+                    await self.call("SELECT", self._db)
+                for command in self._on_connect:
+                    await self.call(*command)
+            except BaseException:
+                # A connection without its scripts (a server still loading, say) is no use:
+                # drop it, and the next call connects afresh.
+                if self._writer is writer:
+                    self._writer = None
+                writer.close()
+                raise
             return writer
 
     async def _read(
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        pending: collections.deque[asyncio.Future[Any] | None],
+        pending: collections.deque[asyncio.Future[Any]],
     ) -> None:
         parser = hiredis.Reader()
         try:
@@ -129,7 +143,7 @@ class Pipe:
                 parser.feed(data)
                 while (reply := parser.gets()) is not False:
                     future = pending.popleft()
-                    if future is not None and not future.done():
+                    if not future.done():
                         future.set_result(reply)
         except (OSError, hiredis.ProtocolError):
             pass
@@ -140,21 +154,21 @@ class Pipe:
             gone = BackendUnavailable(f"redis at {self._where[0]}:{self._where[1]} hung up")
             while pending:
                 future = pending.popleft()
-                if future is not None and not future.done():
+                if not future.done():
                     future.set_exception(gone)
 
-    def _write(self, writer: asyncio.StreamWriter, args: tuple[Any, ...], wait: bool) -> Any:
-        future = asyncio.get_running_loop().create_future() if wait else None
+    def _write(self, writer: asyncio.StreamWriter, args: tuple[Any, ...]) -> Any:
+        future = asyncio.get_running_loop().create_future()
         self._pending.append(future)
-        writer.write(_encode(args))
+        writer.write(encode(args))
         return future
 
     async def call(self, *args: Any) -> Any:
-        """Send a command and return its reply (a Redis error reply raises)."""
+        """Send a command and return its reply (an error reply raises ``hiredis.ReplyError``)."""
         writer = self._writer or await self._connect()
-        [reply] = await self._answers(self._write(writer, args, True))
+        [reply] = await self._answers(self._write(writer, args))
         if isinstance(reply, hiredis.ReplyError):
-            raise CoordinationError(f"redis: {reply}", reply=str(reply))
+            raise reply
         return reply
 
     async def _answers(self, *futures: asyncio.Future[Any]) -> list[Any]:
@@ -178,13 +192,13 @@ class Pipe:
                 return await self.call(*args)
             self._alone_until = 0.0
         writer = self._writer or await self._connect()
-        reply = self._write(writer, args, True)
-        waited = self._write(writer, ("WAIT", self._wait_replicas, 2000), True)
+        reply = self._write(writer, args)
+        waited = self._write(writer, ("WAIT", self._wait_replicas, 2000))
         # Retrieved even when the reply above fails first (the hang-up fails both).
         waited.add_done_callback(lambda f: f.cancelled() or f.exception())
         result, counted = await self._answers(reply, waited)
         if isinstance(result, hiredis.ReplyError):
-            raise CoordinationError(f"redis: {result}", reply=str(result))
+            raise result
         if isinstance(counted, hiredis.ReplyError):  # e.g. a replica now: reconnect
             await self.close()
             raise BackendUnavailable(f"redis: WAIT refused ({counted}); retry later")
@@ -205,10 +219,38 @@ class Pipe:
         text = info.decode() if isinstance(info, bytes) else str(info)
         return re.search(r"^slave\d+:.*state=online", text, re.MULTILINE) is not None
 
-    async def send(self, *args: Any) -> None:
-        """Send a command without waiting for its reply."""
+    async def send(self, *args: Any) -> asyncio.Future[Any]:
+        """Send a command now, without waiting: the future of its reply (an error reply, a
+        dropped connection or no answer within the timeout is set as its exception)."""
         writer = self._writer or await self._connect()
-        self._write(writer, args, False)
+        reply = self._write(writer, args)
+        outcome: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def settle(done: asyncio.Future[Any]) -> None:
+            timer.cancel()
+            if outcome.done():
+                return
+            if done.cancelled():
+                outcome.set_exception(BackendUnavailable("redis: the reply was abandoned"))
+            elif (exc := done.exception()) is not None:
+                outcome.set_exception(exc)
+            elif isinstance(result := done.result(), hiredis.ReplyError):
+                outcome.set_exception(result)
+            else:
+                outcome.set_result(result)
+
+        def late() -> None:
+            if not outcome.done():
+                outcome.set_exception(
+                    BackendUnavailable(
+                        f"redis at {self._where[0]}:{self._where[1]} did not answer in "
+                        f"{self._timeout}s"
+                    )
+                )
+
+        timer = asyncio.get_running_loop().call_later(self._timeout, late)
+        reply.add_done_callback(settle)
+        return outcome
 
     async def close(self) -> None:
         writer, self._writer = self._writer, None

@@ -1,17 +1,29 @@
-"""etcd v3 coordination backend (gRPC through ``aetcd``'s channel and stubs).
+"""etcd v3 coordination backend (gRPC through ``aetcd``'s channel and stubs), shaped like etcd's
+own ``concurrency.Mutex``.
 
-A record is a key ``/keel/<key>`` attached to a lease; ``acquire`` is one transaction that
-creates it only if its create revision is 0 (absent), and the fence is that creation's
-revision: etcd's revision counter is global, linearizable and persisted, so a later holder's
-fence is always higher, across restarts and leader changes. Leases are shared per ttl within
-one client (one keep-alive renews every lock of that ttl), so acquire and release are one
-round trip each. etcd leases are whole seconds with a floor of 2 s: a ttl is rounded up.
+A key ``K`` is a prefix ``/keel/K/``; everyone who wants it puts a key of its own under it,
+``/keel/K/<token>``, on a lease of its own. The holder is the one whose key has the lowest
+create revision, and the fence is that create revision: etcd's revision counter is global,
+linearizable and persisted, so later holders' fences are higher, across restarts and leader
+changes. Waiters are served in create-revision order, each watching for the deletion of the
+keys ahead of it (no herd: nobody retries, the next in line simply finds itself first).
 
-Failure semantics: etcd is linearizable (Raft), so a granted record is on a quorum. A client
-cut off from etcd loses its locks at the conservative expiry bound (core); etcd itself frees
+Leases: one per attempt, never shared, so renewing one lock can never keep another lock's
+orphan alive. A lease is renewed only by the lock (or waiter) it belongs to; leases left free
+by a release are reused by later attempts while most of their time is left, so an
+uncontended acquire and release are one round trip each. etcd leases are whole seconds with a
+floor of 2 s: a ttl is rounded up. ``extend(ttl)`` with a new ttl moves the key to a lease of
+that ttl (the key keeps its create revision, so its fence), and the expiry bound is taken from
+the ttl the server reports.
+
+Failure semantics: an attempt whose reply is lost is retried with the same key name, which the
+transaction recognises as ours (it returns our key's create revision instead of queueing
+again); an attempt given up revokes its lease, which deletes its key wherever it stood. A
+client cut off from etcd loses its locks at the conservative expiry bound (core); etcd frees
 them when the lease runs out on the leader — after a leader change etcd *extends* leases by an
-election timeout, which only delays liveness. Revisions survive compaction; fences need no
-history, only the current revision counter.
+election timeout, which only delays liveness. etcd's "not ready" answers (no leader, leader
+changed, too many requests, a member still starting) are the retryable `BackendUnavailable`.
+Revisions survive compaction; fences need no history, only the current revision counter.
 
 Clusters, TLS and logins (`_etcd_channel`): ``etcd://h1:2379,h2:2379,h3:2379`` lists the
 members and the client moves to a live one by itself; ``etcds://`` (or ``tls=true``) with
@@ -23,19 +35,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import aetcd
 from aetcd import rpc
+from aetcd.rtypes import EventKind
 from grpc import StatusCode
 from grpc.aio import AioRpcError
 
 from keel._tls import TLS_OPTIONS
+from keel.coordination._clock import now
 from keel.coordination.backends._etcd_channel import Client, token_refused
-from keel.coordination.backends.base import Backend, Characteristic, Grant, Record, map_errors
+from keel.coordination.backends.base import (
+    Backend,
+    Changes,
+    Characteristic,
+    Grant,
+    Record,
+    Waiter,
+    map_errors,
+)
 from keel.errors import BackendUnavailable, KeelError
 
 _MIN_TTL = 2
@@ -44,7 +65,9 @@ _UNAVAILABLE_CODES = {
     StatusCode.DEADLINE_EXCEEDED,
     StatusCode.CANCELLED,
     StatusCode.UNKNOWN,
+    StatusCode.RESOURCE_EXHAUSTED,  # "etcdserver: too many requests"
 }
+_NOT_READY = ("no leader", "leader changed", "not capable", "too many requests", "timed out")
 _GRPC_OPTIONS = {
     # Reconnect quickly after a cut connection: leases are seconds, gRPC's default back-off
     # (up to 120 s) would outlive them.
@@ -52,6 +75,18 @@ _GRPC_OPTIONS = {
     "grpc.min_reconnect_backoff_ms": 100,
     "grpc.max_reconnect_backoff_ms": 1000,
 }
+_ASCEND = rpc.RangeRequest.SortOrder.Value("ASCEND")
+_BY_CREATE = rpc.RangeRequest.SortTarget.Value("CREATE")
+
+
+def _not_ready(exc: BaseException) -> bool:
+    if isinstance(exc, AioRpcError):
+        return exc.code() in _UNAVAILABLE_CODES or any(
+            text in (exc.details() or "") for text in _NOT_READY
+        )
+    return isinstance(
+        exc, aetcd.exceptions.ConnectionFailedError | aetcd.exceptions.ConnectionTimeoutError
+    )
 
 
 class _LeaseGone(Exception):
@@ -61,11 +96,32 @@ class _LeaseGone(Exception):
 @dataclass(slots=True)
 class _Lease:
     id: int
-    expires: float
+    ttl: int
+    expires: float  # conservative bound on the lease clock
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """What the backend keeps for one waiter: its key and lease, its create revision once
+    known, the keys ahead of it and the revision to watch from."""
+
+    key: bytes
+    lease: _Lease
+    revision: int = 0
+    ahead: set[bytes] = field(default_factory=set)
+    watch_from: int = 0
 
 
 def _prefix_end(prefix: bytes) -> bytes:
     return prefix[:-1] + bytes([prefix[-1] + 1])
+
+
+# The name of a persistent record's entry in its key's directory (tokens are hex and "-").
+_PERSISTENT = b"="
+
+
+def _dir(key: str) -> bytes:
+    return f"/keel/{key.rstrip('/')}/".encode()
 
 
 class EtcdBackend:
@@ -79,18 +135,18 @@ class EtcdBackend:
             Characteristic.SERVER_TIMED_LEASES,
             Characteristic.PER_LOCK_TTL,
             Characteristic.CHANGE_WATCHES,
+            Characteristic.FAIR_QUEUE,
         }
     )
     URL_OPTIONS = frozenset({"connect_timeout", *TLS_OPTIONS})
 
-    def __init__(self, client: aetcd.Client, url: str, timeout: float) -> None:
+    def __init__(self, client: Client, url: str, timeout: float) -> None:
         self._client = client
         self._url = url
         self._timeout = timeout
-        self._leases: dict[int, _Lease] = {}
-        self._lease_lock = asyncio.Lock()
-        self._held: dict[tuple[str, int], int] = {}  # (key, fence) -> lease id
-        self._seen: dict[bytes, int] = {}  # key -> revision at which we saw it held
+        self._free: dict[int, list[_Lease]] = {}  # leases no key is on, by ttl
+        self._held: dict[tuple[str, int], _Attempt] = {}  # (key, fence) -> its attempt
+        self._leases: set[int] = set()  # every lease this client may still have keys on
 
     @classmethod
     async def open(
@@ -117,7 +173,13 @@ class EtcdBackend:
     @contextlib.contextmanager
     def _mapped(self) -> Iterator[None]:
         channel = self._client.current
-        with map_errors((aetcd.exceptions.ConnectionFailedError,), backend="etcd", url=self._url):
+        with map_errors(
+            (aetcd.exceptions.ConnectionFailedError,),
+            backend="etcd",
+            url=self._url,
+            not_ready=_not_ready,
+            passthrough=(_LeaseGone,),
+        ):
             try:
                 yield
             except AioRpcError as exc:
@@ -125,137 +187,412 @@ class EtcdBackend:
                     raise _LeaseGone from exc
                 if exc.code() in _UNAVAILABLE_CODES:
                     self._client.rotate(channel)  # the next call tries the next member
-                    raise BackendUnavailable(
-                        f"etcd at {self._url} is unreachable ({exc.code().name}: "
-                        f"{exc.details()}); retry later"
-                    ) from exc
                 raise
 
     def lease_ttl(self, ttl: float) -> float:
         return float(max(_MIN_TTL, math.ceil(ttl)))
 
-    async def _lease(self, ttl: int) -> _Lease:
-        lease = self._leases.get(ttl)
-        # Reuse a lease only while most of it is left: a lock's expiry bound is its lease's.
-        if lease is not None and lease.expires - time.monotonic() > ttl * 2 / 3:
-            return lease
-        async with self._lease_lock:
-            lease = self._leases.get(ttl)
-            if lease is not None and lease.expires - time.monotonic() > ttl * 2 / 3:
-                return lease
-            if lease is not None:
-                sent = time.monotonic()
-                if await self._keepalive(lease.id) > 0:
-                    lease.expires = sent + ttl
-                    return lease
-            sent = time.monotonic()
-            with self._mapped():
-                reply = await self._client.leasestub.LeaseGrant(
-                    rpc.LeaseGrantRequest(TTL=ttl), timeout=self._timeout
-                )
-            lease = self._leases[ttl] = _Lease(reply.ID, sent + ttl)
-            return lease
+    # --- leases ------------------------------------------------------------------------------
 
-    async def _keepalive(self, lease_id: int) -> int:
+    async def _lease(self, ttl: int) -> _Lease:
+        """A lease no key is on, with most of its time left: a freed one, or a new one."""
+        pool = self._free.get(ttl, [])
+        while pool:
+            lease = pool.pop()
+            if lease.expires - now() > ttl * 2 / 3:
+                return lease
+            if lease.expires > now():
+                with contextlib.suppress(_LeaseGone, BackendUnavailable):
+                    await self._keepalive(lease)
+                    return lease
+            self._leases.discard(lease.id)
+        sent = now()
+        with self._mapped():
+            reply = await self._client.leasestub.LeaseGrant(
+                rpc.LeaseGrantRequest(TTL=ttl), timeout=self._timeout
+            )
+        self._leases.add(reply.ID)
+        return _Lease(reply.ID, ttl, sent + min(ttl, reply.TTL))
+
+    async def _keepalive(self, lease: _Lease) -> None:
+        """Refresh the lease; its bound moves to the send time plus what the server reports."""
         for attempt in (1, 2):
             token = self._client.token
+            sent = now()
             with self._mapped():
                 try:
                     async for reply in self._client.leasestub.LeaseKeepAlive(
-                        [rpc.LeaseKeepAliveRequest(ID=lease_id)], timeout=self._timeout
+                        [rpc.LeaseKeepAliveRequest(ID=lease.id)], timeout=self._timeout
                     ):
-                        return int(reply.TTL)
+                        if reply.TTL <= 0:
+                            raise _LeaseGone
+                        lease.expires = sent + min(lease.ttl, reply.TTL)
+                        return
                 except AioRpcError as exc:
                     # A stream: the token interceptor does not retry it (_etcd_channel).
                     if attempt == 2 or not token_refused(exc):
                         raise
                     await self._client.refresh(token)
-        return 0
+                    continue
+            break
+        raise _LeaseGone
 
-    async def acquire(self, key: str, owner: str, ttl: float, data: bytes) -> Grant | None:
-        ttl_s = int(self.lease_ttl(ttl))
-        k = f"/keel/{key}".encode()
-        for _ in range(2):
-            lease = await self._lease(ttl_s)
-            txn = rpc.TxnRequest(
+    def _reuse(self, lease: _Lease) -> None:
+        self._free.setdefault(lease.ttl, []).append(lease)
+
+    async def _revoke(self, lease: _Lease) -> None:
+        """End the lease and every key on it (idempotent: a lease already gone is fine)."""
+        with contextlib.suppress(_LeaseGone), self._mapped():
+            await self._client.leasestub.LeaseRevoke(
+                rpc.LeaseRevokeRequest(ID=lease.id), timeout=self._timeout
+            )
+        self._leases.discard(lease.id)
+
+    # --- taking a key --------------------------------------------------------------------------
+
+    async def _txn(self, request: rpc.TxnRequest) -> Any:
+        with self._mapped():
+            return await self._client.kvstub.Txn(request, timeout=self._timeout)
+
+    def _listing(self, prefix: bytes) -> rpc.RequestOp:
+        return rpc.RequestOp(
+            request_range=rpc.RangeRequest(
+                key=prefix,
+                range_end=_prefix_end(prefix),
+                sort_order=_ASCEND,
+                sort_target=_BY_CREATE,
+                keys_only=True,
+            )
+        )
+
+    async def enqueue(self, waiter: Waiter, *, queue: bool) -> Grant | None:
+        try:
+            return await self._enqueue(waiter, queue=queue)
+        except _LeaseGone:
+            # The lease ran out before the key could be put on it: start over on a new one.
+            attempt: _Attempt | None = waiter.state
+            if attempt is not None:
+                self._leases.discard(attempt.lease.id)
+            waiter.state = None
+            return await self._enqueue(waiter, queue=queue)
+
+    async def _enqueue(self, waiter: Waiter, *, queue: bool) -> Grant | None:
+        if waiter.state is None:
+            lease = await self._lease(int(self.lease_ttl(waiter.ttl)))
+            prefix = _dir(waiter.key)
+            waiter.state = _Attempt(prefix + waiter.token.encode(), lease)
+        attempt: _Attempt = waiter.state
+        prefix = _dir(waiter.key)
+        put = rpc.RequestOp(
+            request_put=rpc.PutRequest(
+                key=attempt.key,
+                value=waiter.owner.encode() + b"\n" + waiter.data,
+                lease=attempt.lease.id,
+            )
+        )
+        waiter.sent = True
+        if not queue:
+            # A try: only when nobody at all holds or waits for the key.
+            reply = await self._txn(
+                rpc.TxnRequest(
+                    compare=[
+                        rpc.Compare(
+                            key=prefix,
+                            range_end=_prefix_end(prefix),
+                            result=rpc.Compare.EQUAL,
+                            target=rpc.Compare.CREATE,
+                            create_revision=0,
+                        )
+                    ],
+                    success=[put],
+                )
+            )
+            if not reply.succeeded:
+                self._reuse(attempt.lease)
+                waiter.state, waiter.sent = None, False
+                return None
+            return self._granted(waiter, int(reply.header.revision))
+        mine = rpc.RequestOp(request_range=rpc.RangeRequest(key=attempt.key))
+        reply = await self._txn(
+            rpc.TxnRequest(
                 compare=[
                     rpc.Compare(
-                        key=k,
+                        key=attempt.key,
                         result=rpc.Compare.EQUAL,
                         target=rpc.Compare.CREATE,
                         create_revision=0,
                     )
                 ],
+                success=[put, self._listing(prefix)],
+                failure=[mine, self._listing(prefix)],  # ours already: an earlier attempt
+            )
+        )
+        if reply.succeeded:
+            attempt.revision = int(reply.header.revision)
+        else:
+            kvs = reply.responses[0].response_range.kvs
+            if not kvs:  # deleted since the compare (its lease ran out): look again
+                return await self._enqueue(waiter, queue=queue)
+            attempt.revision = int(kvs[0].create_revision)
+        listing = reply.responses[1].response_range.kvs
+        attempt.ahead = {kv.key for kv in listing if kv.create_revision < attempt.revision}
+        attempt.watch_from = int(reply.header.revision) + 1
+        return None if attempt.ahead else self._granted(waiter, attempt.revision)
+
+    def _granted(self, waiter: Waiter, fence: int) -> Grant:
+        attempt: _Attempt = waiter.state
+        attempt.revision = fence
+        self._held[(waiter.key, fence)] = attempt
+        return Grant(fence, attempt.lease.expires)
+
+    async def wait_turn(self, waiter: Waiter, timeout: float) -> Grant | None:
+        attempt: _Attempt = waiter.state
+        prefix = _dir(waiter.key)
+        deadline = now() + timeout
+        while attempt.ahead:
+            # Keep our place: renew our lease in time, whatever else happens.
+            renew_at = attempt.lease.expires - attempt.lease.ttl * 2 / 3
+            left = min(deadline, renew_at) - now()
+            if left > 0:
+                try:
+                    event = await self._watch_once(
+                        prefix, attempt.watch_from, left, kind=EventKind.DELETE
+                    )
+                except aetcd.exceptions.RevisionCompactedError:
+                    # Missed events: list what is ahead of us again.
+                    await self.enqueue(waiter, queue=True)
+                    continue
+                if event is not None:
+                    attempt.ahead.discard(event.kv.key)
+                    attempt.watch_from = int(event.kv.mod_revision) + 1
+                    continue
+            if now() >= deadline:
+                return None
+            try:
+                await self._keepalive(attempt.lease)
+            except _LeaseGone:
+                # Our key went with its lease (we were paused past it): queue again.
+                waiter.state = None
+                await self.enqueue(waiter, queue=True)
+                return await self.wait_turn(waiter, max(0.0, deadline - now()))
+        return self._granted(waiter, attempt.revision)
+
+    async def _watch_once(
+        self, prefix: bytes, start: int, timeout: float, kind: EventKind | None = None
+    ) -> Any:
+        """The first event under ``prefix`` from revision ``start``, or None after
+        ``timeout``; `RevisionCompactedError` if ``start`` is compacted away."""
+        try:
+            event = await self._client.watch_once(
+                prefix,
+                timeout=timeout,
+                range_end=_prefix_end(prefix),
+                start_revision=start,
+                kind=kind,
+            )
+        except aetcd.exceptions.WatchTimeoutError:
+            return None
+        except aetcd.exceptions.RevisionCompactedError:
+            raise
+        except Exception as exc:
+            with self._mapped():
+                raise exc from None
+        if isinstance(event, Exception):  # aetcd hands a broken stream's error back
+            if isinstance(event, aetcd.exceptions.RevisionCompactedError):
+                raise event
+            with self._mapped():
+                raise event
+        return event
+
+    async def dequeue(self, waiter: Waiter) -> None:
+        attempt: _Attempt | None = waiter.state
+        if attempt is not None:
+            await self._revoke(attempt.lease)  # its key goes with it, granted or not
+
+    async def renew(self, key: str, owner: str, fence: int, ttl: float) -> float | None:
+        attempt = self._held.get((key, fence))
+        if attempt is None:
+            return None
+        ttl_s = int(self.lease_ttl(ttl))
+        try:
+            if ttl_s == attempt.lease.ttl:
+                # The lease alone is not the record: a key deleted under a live lease (a
+                # forced `delete`, an operator) must end the holding too. One round trip.
+                _, mine = await asyncio.gather(
+                    self._keepalive(attempt.lease), self._has(attempt.key, fence)
+                )
+                if not mine:
+                    self._held.pop((key, fence), None)
+                    return None
+                return attempt.lease.expires
+            return await self._move(key, fence, attempt, ttl_s)
+        except _LeaseGone:
+            self._held.pop((key, fence), None)
+            return None
+
+    async def _move(self, key: str, fence: int, attempt: _Attempt, ttl: int) -> float | None:
+        """Put our key on a lease of the new ttl (same key: same create revision, so fence)."""
+        lease = await self._lease(ttl)
+        reply = await self._txn(
+            rpc.TxnRequest(
+                compare=[
+                    rpc.Compare(
+                        key=attempt.key,
+                        result=rpc.Compare.EQUAL,
+                        target=rpc.Compare.CREATE,
+                        create_revision=fence,
+                    )
+                ],
                 success=[
                     rpc.RequestOp(
                         request_put=rpc.PutRequest(
-                            key=k, value=owner.encode() + b"\n" + data, lease=lease.id
+                            key=attempt.key, lease=lease.id, ignore_value=True
                         )
                     )
                 ],
             )
-            try:
-                with self._mapped():
-                    reply = await self._client.kvstub.Txn(txn, timeout=self._timeout)
-            except _LeaseGone:
-                self._leases.pop(ttl_s, None)
-                continue
-            if not reply.succeeded:
-                self._seen[k] = reply.header.revision
-                return None
-            fence = int(reply.header.revision)
-            self._held[(key, fence)] = lease.id
-            return Grant(fence, lease.expires)
-        raise BackendUnavailable(f"etcd at {self._url} keeps dropping fresh leases; retry later")
-
-    async def renew(self, key: str, owner: str, fence: int, ttl: float) -> float | None:
-        lease_id = self._held.get((key, fence))
-        if lease_id is None:
-            return None
-        ttl_s = int(self.lease_ttl(ttl))
-        sent = time.monotonic()
-        try:
-            alive = await self._keepalive(lease_id) > 0
-        except _LeaseGone:
-            alive = False
-        if not alive:
+        )
+        if not reply.succeeded:
+            self._reuse(lease)
             self._held.pop((key, fence), None)
             return None
-        shared = self._leases.get(ttl_s)
-        if shared is not None and shared.id == lease_id:
-            shared.expires = sent + ttl_s
-        return sent + ttl_s
+        old, attempt.lease = attempt.lease, lease
+        self._reuse(old)
+        return lease.expires
 
-    async def release(self, key: str, owner: str, fence: int) -> None:
-        self._held.pop((key, fence), None)
-        k = f"/keel/{key}".encode()
-        txn = rpc.TxnRequest(
-            compare=[
-                rpc.Compare(
-                    key=k,
-                    result=rpc.Compare.EQUAL,
-                    target=rpc.Compare.CREATE,
-                    create_revision=fence,
-                )
-            ],
-            success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=k))],
+    async def release(self, key: str, owner: str, fence: int) -> Awaitable[None]:
+        attempt = self._held.get((key, fence))
+        if attempt is None:
+            return _done()
+        await self._txn(
+            rpc.TxnRequest(
+                compare=[
+                    rpc.Compare(
+                        key=attempt.key,
+                        result=rpc.Compare.EQUAL,
+                        target=rpc.Compare.CREATE,
+                        create_revision=fence,
+                    )
+                ],
+                success=[
+                    rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=attempt.key))
+                ],
+            )
         )
-        with self._mapped():
-            await self._client.kvstub.Txn(txn, timeout=self._timeout)
+        del self._held[(key, fence)]
+        self._reuse(attempt.lease)  # confirmed: no key is on it any more
+        return _done()
+
+    # --- reading -------------------------------------------------------------------------------
 
     @staticmethod
-    def _record(kv: Any) -> Record:
-        owner, _, data = bytes(kv.value).partition(b"\n")
-        return Record(
-            kv.key.decode().removeprefix("/keel/"), owner.decode(), kv.create_revision, data
+    def _created(k: bytes, revision: int) -> Any:
+        return rpc.Compare(
+            key=k, result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, create_revision=revision
         )
 
-    async def get(self, key: str) -> Record | None:
+    async def _has(self, k: bytes, fence: int) -> bool:
+        """Whether the etcd key ``k`` is still the one created at revision ``fence``."""
         with self._mapped():
             reply = await self._client.kvstub.Range(
-                rpc.RangeRequest(key=f"/keel/{key}".encode()), timeout=self._timeout
+                rpc.RangeRequest(key=k, keys_only=True), timeout=self._timeout
             )
-        return self._record(reply.kvs[0]) if reply.kvs else None
+        return bool(reply.kvs) and int(reply.kvs[0].create_revision) == fence
+
+    async def create(self, key: str, data: bytes) -> int | None:
+        # A persistent record is one more entry of the key's directory, on no lease, under a
+        # name no attempt's token can have.
+        k = _dir(key) + _PERSISTENT
+        put = rpc.RequestOp(request_put=rpc.PutRequest(key=k, value=b"\n" + data))
+        reply = await self._txn(rpc.TxnRequest(compare=[self._created(k, 0)], success=[put]))
+        return int(reply.header.revision) if reply.succeeded else None
+
+    async def update(self, key: str, fence: int, data: bytes) -> bool:
+        for _ in range(3):  # only a concurrent update of the same record makes us retry
+            _, holder, _ = await self._entries(key)
+            if holder is None or int(holder.create_revision) != fence:
+                return False
+            # The owner is part of the value; the lease stays (ignore_lease).
+            owner = bytes(holder.value).partition(b"\n")[0]
+            put = rpc.RequestOp(
+                request_put=rpc.PutRequest(
+                    key=holder.key, value=owner + b"\n" + data, ignore_lease=True
+                )
+            )
+            unchanged = rpc.Compare(
+                key=holder.key,
+                result=rpc.Compare.EQUAL,
+                target=rpc.Compare.MOD,
+                mod_revision=int(holder.mod_revision),
+            )
+            request = rpc.TxnRequest(compare=[self._created(holder.key, fence), unchanged])
+            request.success.append(put)
+            if (await self._txn(request)).succeeded:
+                return True
+        return False
+
+    async def delete(self, key: str, fence: int) -> bool:
+        prefix = _dir(key)
+        for _ in range(3):  # something under the key changed between the read and the delete
+            revision, holder, nested = await self._entries(key)
+            if holder is None or int(holder.create_revision) != fence or nested:
+                return False
+            # Nothing under the key was written since the read (a member joining, say): the
+            # comparison holds for every key of the range.
+            quiet = rpc.Compare(
+                key=prefix,
+                range_end=_prefix_end(prefix),
+                result=rpc.Compare.LESS,
+                target=rpc.Compare.MOD,
+                mod_revision=revision + 1,
+            )
+            remove = rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=holder.key))
+            request = rpc.TxnRequest(compare=[self._created(holder.key, fence), quiet])
+            request.success.append(remove)
+            if (await self._txn(request)).succeeded:
+                attempt = self._held.pop((key, fence), None)
+                if attempt is not None:
+                    self._reuse(attempt.lease)  # our own: no key is on it any more
+                return True
+        return False
+
+    async def _entries(self, key: str) -> tuple[int, Any | None, bool]:
+        """The revision read at, the key's holder (its lowest direct entry) and whether any
+        record lives under the key (an entry of a key below it)."""
+        prefix = _dir(key)
+        with self._mapped():
+            reply = await self._client.kvstub.Range(
+                rpc.RangeRequest(key=prefix, range_end=_prefix_end(prefix)), timeout=self._timeout
+            )
+        direct = [kv for kv in reply.kvs if b"/" not in kv.key[len(prefix) :]]
+        holder = min(direct, key=lambda kv: kv.create_revision) if direct else None
+        return int(reply.header.revision), holder, len(direct) < len(reply.kvs)
+
+    @staticmethod
+    def _record(key: str, kv: Any) -> Record:
+        owner, _, data = bytes(kv.value).partition(b"\n")
+        return Record(key, owner.decode(), int(kv.create_revision), data)
+
+    async def get(self, key: str) -> Record | None:
+        prefix = _dir(key)
+        with self._mapped():
+            reply = await self._client.kvstub.Range(
+                rpc.RangeRequest(
+                    key=prefix,
+                    range_end=_prefix_end(prefix),
+                    sort_order=_ASCEND,
+                    sort_target=_BY_CREATE,
+                    limit=1,
+                ),
+                timeout=self._timeout,
+            )
+        if not reply.kvs:
+            return None
+        if b"/" not in reply.kvs[0].key[len(prefix) :]:
+            return self._record(key, reply.kvs[0])
+        # The oldest entry is a key's below this one (a group's member): read them all.
+        _, holder, _ = await self._entries(key)
+        return None if holder is None else self._record(key, holder)
 
     async def children(self, prefix: str) -> list[Record]:
         p = f"/keel/{prefix}".encode()
@@ -263,35 +600,65 @@ class EtcdBackend:
             reply = await self._client.kvstub.Range(
                 rpc.RangeRequest(key=p, range_end=_prefix_end(p)), timeout=self._timeout
             )
-        return [self._record(kv) for kv in reply.kvs if b"/" not in kv.key[len(p) :]]
+        holders: dict[bytes, Any] = {}
+        for kv in reply.kvs:
+            name, slash, rest = kv.key[len(p) :].partition(b"/")
+            if not slash or b"/" in rest:
+                continue  # not a member's own key
+            if name not in holders or kv.create_revision < holders[name].create_revision:
+                holders[name] = kv
+        return [self._record(prefix + n.decode(), kv) for n, kv in sorted(holders.items())]
 
-    async def wait(self, key: str, timeout: float) -> None:
-        k = f"/keel/{key}".encode()
-        seen = self._seen.pop(k, None)
-        # Watching from the revision at which we saw the key held closes the race with a
-        # release that happened in between; any watch failure degrades to a short sleep.
-        try:
-            await self._client.watch_once(
-                k,
-                timeout=timeout,
-                range_end=_prefix_end(k) if key.endswith("/") else None,
-                start_revision=None if seen is None else seen + 1,
+    @contextlib.asynccontextmanager
+    async def changes(self, key: str) -> AsyncIterator[Changes]:
+        prefix = _dir(key) if not key.endswith("/") else f"/keel/{key}".encode()
+        with self._mapped():
+            reply = await self._client.kvstub.Range(
+                rpc.RangeRequest(key=prefix, range_end=_prefix_end(prefix), count_only=True),
+                timeout=self._timeout,
             )
-        except aetcd.exceptions.WatchTimeoutError:
-            return
-        except Exception:
-            await asyncio.sleep(min(timeout, 0.05))
+        yield _Changes(self, prefix, int(reply.header.revision))
 
     def on_session_lost(self, callback: Callable[[], None]) -> None:
         return None
 
     async def close(self) -> None:
-        leases = list(self._leases.values())
-        self._leases.clear()
         with contextlib.suppress(Exception):
-            for lease in leases:
+            for lease_id in list(self._leases):
                 await self._client.leasestub.LeaseRevoke(
-                    rpc.LeaseRevokeRequest(ID=lease.id), timeout=self._timeout
+                    rpc.LeaseRevokeRequest(ID=lease_id), timeout=self._timeout
                 )
+        self._leases.clear()
+        self._free.clear()
         with contextlib.suppress(Exception):
             await self._client.close()
+
+
+def _done() -> asyncio.Future[None]:
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    future.set_result(None)
+    return future
+
+
+class _Changes:
+    """Any put or delete under the prefix since the revision last seen (lease expiries
+    delete keys, so they count)."""
+
+    def __init__(self, backend: EtcdBackend, prefix: bytes, revision: int) -> None:
+        self._backend = backend
+        self._prefix = prefix
+        self._revision = revision
+
+    async def wait(self, timeout: float) -> None:
+        try:
+            event = await self._backend._watch_once(
+                self._prefix, self._revision + 1, max(0.001, timeout)
+            )
+        except aetcd.exceptions.RevisionCompactedError as exc:
+            self._revision = int(exc.compacted_revision) - 1
+            return
+        except BackendUnavailable:
+            await asyncio.sleep(min(timeout, 0.1))  # unreachable: the caller re-reads
+            return
+        if event is not None:
+            self._revision = int(event.kv.mod_revision)

@@ -1,21 +1,27 @@
-"""ZooKeeper coordination backend (``kazoo``): ephemeral nodes in one session.
+"""ZooKeeper coordination backend (``kazoo``), shaped like Curator's ``InterProcessMutex``.
 
-A record is an ephemeral node ``/keel/<key>`` created by this client's session; ``acquire`` is
-one ``create`` (it fails if the node exists) and the fence is the node's creation zxid, which
-ZooKeeper orders totally and persists (the epoch is in its high bits, so it grows across
-restarts and leader changes). Release is one ``delete`` of our node.
+A key ``K`` is a container node ``/keel/K`` (the server removes it once empty); everyone who
+wants it creates an ephemeral sequential child named for its attempt, ``_c_<token>-<seq>``.
+The holder is the lowest sequence, and the fence is that node's creation zxid, which ZooKeeper
+orders totally and persists (the epoch is in its high bits, so it grows across restarts and
+leader changes). A waiter watches only its predecessor, and when that goes it is next: no
+herd, and the lock goes to waiters in the order they came.
 
 Leases are the *session*: the server removes every ephemeral node of a session it has not heard
-from for the session timeout (the ``ttl`` given to `connect`). So a lock's ttl is the session's,
-not its own (characteristic PER_LOCK_TTL is absent: asking for a shorter ttl is `Unsupported`).
-Session expiry is pushed to the client (SESSION_EVENTS): every lock held through it is marked
-lost at once. kazoo runs the session on its own threads; results cross into the event loop
-with ``call_soon_threadsafe``. A paused process keeps no session alive (its threads stop too).
+from for the *negotiated* session timeout (the server may grant less than the ``ttl`` asked of
+`connect`; the negotiated value is what bounds a lock, ``held.ttl`` says which). So a lock's
+ttl is the session's, not its own (PER_LOCK_TTL is absent: asking for a shorter ttl is
+`Unsupported`). Session expiry is pushed to the client (SESSION_EVENTS): every lock held
+through it is marked lost at once. kazoo runs the session on its own threads; results cross
+into the event loop with ``call_soon_threadsafe``. A paused process keeps no session alive (its
+threads stop too).
 
-Known gap: release checks locally that the session is still the one that created the node and
-then deletes it (one round trip); if the session expires while that delete is in flight, the
-client's *new* session could delete a successor's node. The successor's fence is still higher
-than ours, so fenced resources stay safe; only that successor's exclusion is weakened.
+Failure semantics: a create whose reply was lost is found again by its name (the attempt's
+token) and taken as ours. A release is a ``delete`` of our own node, sent at once; if the
+connection drops before the server confirms it, the core sends it again — the session may well
+survive the reconnect (on another server of an ensemble, say), and with it the node — until
+the server says the node is gone (or the session is). Node names are unique per attempt, so a
+retried delete can never remove someone else's node.
 
 Ensembles, TLS and digest logins: see `_zk_connect`.
 """
@@ -23,11 +29,11 @@ Ensembles, TLS and digest logins: see `_zk_connect`.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
+import posixpath
 import socket
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from kazoo.client import KazooClient, KazooState
@@ -38,24 +44,43 @@ from kazoo.exceptions import (
     NoAuthError,
     NodeExistsError,
     NoNodeError,
+    NotEmptyError,
     OperationTimeoutError,
     SessionExpiredError,
 )
 from kazoo.handlers.threading import AsyncResult, KazooTimeoutError, SequentialThreadingHandler
+from kazoo.protocol.serialization import Connect, Create2
+from kazoo.security import OPEN_ACL_UNSAFE
 
 from keel._tls import TLS_OPTIONS, credentials_rejected
+from keel.coordination._clock import now
 from keel.coordination.backends._zk_connect import client_options, tls_refusal
-from keel.coordination.backends.base import Backend, Characteristic, Grant, Record, map_errors
-from keel.errors import KeelError
+from keel.coordination.backends.base import (
+    Backend,
+    Changes,
+    Characteristic,
+    Grant,
+    Record,
+    Waiter,
+    map_errors,
+)
+from keel.errors import BackendUnavailable
 
 _UNAVAILABLE = (
     ConnectionLoss,
-    BadVersionError,
     ConnectionClosedError,
     SessionExpiredError,
     OperationTimeoutError,
     KazooTimeoutError,
 )
+_CONTAINER = 4  # CreateMode.CONTAINER
+
+
+class _CreateContainer(Create2):  # type: ignore[misc]
+    """ZooKeeper's createContainer (opcode 19): Create2's wire format, a container node that
+    the server deletes once its last child is gone. kazoo has no call for it."""
+
+    type = 19
 
 
 class _InlineResult(AsyncResult):  # type: ignore[misc]
@@ -81,12 +106,32 @@ class _Handler(SequentialThreadingHandler):  # type: ignore[misc]
         return super().create_connection(*args, **kwargs)
 
 
-def _path(key: str) -> str:
+def _dir(key: str) -> str:
     return "/keel/" + key.rstrip("/")
 
 
+def _seq(name: str) -> int:
+    return int(name[-10:])
+
+
+def _attempts_of(children: list[str]) -> list[str]:
+    """The attempts' nodes among a key's children (the rest are keys under it)."""
+    return [c for c in children if c.startswith("_c_")]
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """One waiter's node: its name once known, its fence, the node just ahead of it, and the
+    send time of the last request that proved the session alive."""
+
+    node: str | None = None
+    fence: int = 0
+    ahead: tuple[str, ...] = ()
+    alive_since: float = 0.0
+
+
 class ZookeeperBackend:
-    """Leased records as ephemeral ZooKeeper nodes (see the module docstring)."""
+    """Leased records as ephemeral sequential ZooKeeper nodes (see the module docstring)."""
 
     characteristics = frozenset(
         {
@@ -96,6 +141,7 @@ class ZookeeperBackend:
             Characteristic.SERVER_TIMED_LEASES,
             Characteristic.SESSION_EVENTS,
             Characteristic.CHANGE_WATCHES,
+            Characteristic.FAIR_QUEUE,
         }
     )
     URL_OPTIONS = frozenset({"connect_timeout", *TLS_OPTIONS})
@@ -104,15 +150,27 @@ class ZookeeperBackend:
         self._client = client
         self._url = url
         self._ttl = ttl
+        self._negotiated: float | None = None
         self._loop = asyncio.get_running_loop()
         self._on_lost: list[Callable[[], None]] = []
-        self._sessions: dict[tuple[str, int], int] = {}  # (key, fence) -> session id
-        self._retries: set[asyncio.Task[None]] = set()  # releases lost with a connection
-        self._releasing: set[tuple[str, int]] = set()  # deletes sent, not yet confirmed
-        # key -> the highest fence granted here: a node of ours with a fence not above it is
-        # one we released (its delete lost), never a create whose reply we lost.
-        self._granted_top: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._held: dict[tuple[str, int], str] = {}  # (key, fence) -> our node's path
+        self._dirs: set[str] = set()  # container nodes known to exist
         client.add_listener(self._state_changed)
+        self._learn_negotiated_timeout()
+
+    def _learn_negotiated_timeout(self) -> None:
+        # kazoo uses the session timeout the server negotiated but keeps only the one it
+        # asked for; read the server's answer off the handshake.
+        connection = self._client._connection
+        invoke = connection._invoke
+
+        def handshake(timeout: float, request: Any, xid: int | None = None) -> Any:
+            result = invoke(timeout, request, xid)
+            if isinstance(request, Connect) and isinstance(result, tuple):
+                self._negotiated = result[0].time_out / 1000
+            return result
+
+        connection._invoke = handshake
 
     @classmethod
     async def open(
@@ -159,7 +217,7 @@ class ZookeeperBackend:
             _UNAVAILABLE,
             backend="zookeeper",
             url=self._url,
-            passthrough=(NodeExistsError, NoNodeError, BadVersionError),
+            passthrough=(NodeExistsError, NoNodeError, BadVersionError, NotEmptyError),
         )
 
     def _state_changed(self, state: str) -> None:
@@ -169,191 +227,384 @@ class ZookeeperBackend:
             for callback in self._on_lost:
                 self._loop.call_soon_threadsafe(callback)
 
-    async def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def _future(self, result: AsyncResult) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = self._loop.create_future()
 
-        def settle(result: Any) -> None:
-            if future.cancelled():
+        def settle(done: AsyncResult) -> None:
+            if future.done():
                 return
             try:
-                future.set_result(result.get_nowait())
+                future.set_result(done.get_nowait())
             except Exception as exc:
                 future.set_exception(exc)
 
+        result.rawlink(lambda done: self._loop.call_soon_threadsafe(settle, done))
+        return future
+
+    async def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         with self._mapped():
-            method(*args, **kwargs).rawlink(
-                lambda result: self._loop.call_soon_threadsafe(settle, result)
-            )
-            return await future
+            return await self._future(method(*args, **kwargs))
 
     def _session_id(self) -> int:
         client_id = self._client.client_id
         return int(client_id[0]) if client_id else 0
 
     def lease_ttl(self, ttl: float) -> float:
-        negotiated = getattr(self._client, "_session_timeout", None)
-        return max(self._ttl, (negotiated or 0) / 1000)
+        return self._negotiated or self._ttl
 
-    async def acquire(self, key: str, owner: str, ttl: float, data: bytes) -> Grant | None:
-        sent = time.monotonic()
-        try:
-            _, stat = await self._call(
-                self._client.create_async,
-                _path(key),
-                owner.encode() + b"\n" + data,
-                ephemeral=True,
-                makepath=True,
-                include_data=True,
-            )
-        except NodeExistsError:
-            stat = await self._orphan(key, owner)
-            if stat is None:
-                return None
-        except KeelError:
-            # The create may have been applied with its reply lost in a cut connection. The
-            # session lives on (the client reaches another server in time), and so would the
-            # node, held by nobody: adopt it if it is there, else fail as we would have.
-            with contextlib.suppress(KeelError):
-                stat = await self._orphan(key, owner)
-                if stat is not None:
-                    return self._granted(key, stat, sent, ttl)
-            raise
-        return self._granted(key, stat, sent, ttl)
-
-    async def _orphan(self, key: str, owner: str) -> Any:
-        """Our session's node for ``key`` that no lock of ours holds (a create whose reply
-        was lost), or None."""
-        try:
-            node_data, stat = await self._call(self._client.get_async, _path(key))
-        except NoNodeError:
-            return None
-        mine = stat.ephemeralOwner == self._session_id() and node_data.startswith(
-            owner.encode() + b"\n"
+    async def _ensure_dir(self, path: str) -> None:
+        """Create the key's container node (and its persistent parents) if missing."""
+        parent = posixpath.dirname(path)
+        if parent not in self._dirs:
+            await self._call(self._client.ensure_path_async, parent)
+            self._dirs.add(parent)
+        result = self._client.handler.async_result()
+        self._client._call(
+            _CreateContainer(path, b"", self._client.default_acl or OPEN_ACL_UNSAFE, _CONTAINER),
+            result,
         )
-        held = (key, int(stat.czxid))
-        if not mine or held in self._sessions or held in self._releasing:
-            return None  # held, or released with its delete on the way: not an orphan
-        if stat.czxid <= self._granted_top.get(key, 0):
-            # Released already, its delete lost: delete it now; the caller tries again.
-            with contextlib.suppress(KeelError, NoNodeError, BadVersionError):
-                await self._call(self._client.delete_async, _path(key), stat.version)
-            return None
-        return stat
+        try:
+            await self._call(lambda: result)
+        except NodeExistsError:
+            pass
+        except NoNodeError:  # the parent was deleted since (a created group's, say)
+            self._dirs.discard(parent)
+            await self._call(self._client.ensure_path_async, parent)
+            self._dirs.add(parent)
+            await self._ensure_dir(path)
 
-    def _granted(self, key: str, stat: Any, sent: float, ttl: float) -> Grant:
-        fence = int(stat.czxid)
-        self._sessions[(key, fence)] = int(stat.ephemeralOwner)
-        self._granted_top[key] = max(fence, self._granted_top.pop(key, 0))
-        if len(self._granted_top) > 10_000:
-            self._granted_top.popitem(last=False)
-        return Grant(fence, sent + self.lease_ttl(ttl))
+    # --- the queue -------------------------------------------------------------------------
+
+    async def enqueue(self, waiter: Waiter, *, queue: bool) -> Grant | None:
+        attempt: _Attempt = waiter.state or _Attempt()
+        waiter.state = attempt
+        path = _dir(waiter.key)
+        prefix = f"_c_{waiter.token}-"
+        children: list[str] | None = None
+        if attempt.node is None and waiter.sent:
+            # A create may have been applied with its reply lost: look for our node by name.
+            attempt.alive_since = now()
+            children = await self._children_of(path)
+            mine = [c for c in children if c.startswith(prefix)]
+            if mine:
+                stat = await self._call(self._client.exists_async, f"{path}/{mine[0]}")
+                if stat is not None and stat.ephemeralOwner == self._session_id():
+                    attempt.node, attempt.fence = mine[0], int(stat.czxid)
+        if attempt.node is None:
+            for _ in range(3):
+                attempt.alive_since = now()
+                waiter.sent = True
+                # Pipelined: the session's requests run in order, so the listing includes
+                # the node just created, and both answers come back in one round trip.
+                created = self._future(
+                    self._client.create_async(
+                        f"{path}/{prefix}",
+                        waiter.owner.encode() + b"\n" + waiter.data,
+                        ephemeral=True,
+                        sequence=True,
+                        include_data=True,
+                    )
+                )
+                listed = self._future(self._client.get_children_async(path))
+                # If the create fails, the listing fails alike: nobody needs its error.
+                listed.add_done_callback(lambda f: f.cancelled() or f.exception())
+                try:
+                    with self._mapped():
+                        new_path, stat = await created
+                        children = await listed
+                    break
+                except NoNodeError:
+                    await self._ensure_dir(path)
+            else:
+                raise BackendUnavailable(
+                    f"zookeeper at {self._url}: {path} keeps vanishing as it is created"
+                )
+            attempt.node, attempt.fence = posixpath.basename(new_path), int(stat.czxid)
+        if children is None:  # our node is known (an earlier call): where does it stand now?
+            attempt.alive_since = now()
+            children = await self._children_of(path)
+        return await self._position(waiter, attempt, children, queue=queue)
+
+    async def _children_of(self, path: str) -> list[str]:
+        try:
+            children: list[str] = await self._call(self._client.get_children_async, path)
+        except NoNodeError:
+            return []
+        return children
+
+    async def _position(
+        self, waiter: Waiter, attempt: _Attempt, children: list[str], *, queue: bool
+    ) -> Grant | None:
+        assert attempt.node is not None
+        mine = _seq(attempt.node)
+        if attempt.node not in children:
+            # Our node is gone (the session ended): come again at the back of the queue.
+            attempt.node = None
+            waiter.sent = False
+            return await self.enqueue(waiter, queue=queue)
+        attempt.ahead = tuple(sorted((c for c in children if _seq(c) < mine), key=_seq))
+        if not attempt.ahead:
+            return self._granted(waiter, attempt)
+        if not queue:
+            await self._call(self._client.delete_async, f"{_dir(waiter.key)}/{attempt.node}")
+            waiter.state, waiter.sent = None, False
+        return None
+
+    def _granted(self, waiter: Waiter, attempt: _Attempt) -> Grant:
+        self._held[(waiter.key, attempt.fence)] = f"{_dir(waiter.key)}/{attempt.node}"
+        return Grant(attempt.fence, attempt.alive_since + self.lease_ttl(waiter.ttl))
+
+    async def wait_turn(self, waiter: Waiter, timeout: float) -> Grant | None:
+        attempt: _Attempt = waiter.state
+        path = _dir(waiter.key)
+        deadline = now() + timeout
+        ttl = self._negotiated or self._ttl
+        gone = asyncio.Event()
+
+        def watcher(_event: Any) -> None:  # one function: kazoo keeps one watch per path
+            self._loop.call_soon_threadsafe(gone.set)
+
+        while True:
+            gone.clear()
+            predecessor = attempt.ahead[-1]
+            sent = now()
+            stat = await self._call(self._client.exists_async, f"{path}/{predecessor}", watcher)
+            attempt.alive_since = sent
+            if stat is not None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, min(deadline - now(), ttl / 3))):
+                        await gone.wait()
+                if not gone.is_set():
+                    if now() >= deadline:
+                        return None
+                    continue  # look again in time: our session must still be ours
+                if len(attempt.ahead) == 1 and now() - attempt.alive_since < ttl / 3:
+                    return self._granted(waiter, attempt)  # the only one ahead of us left
+            attempt.alive_since = now()
+            grant = await self._position(waiter, attempt, await self._children_of(path), queue=True)
+            if grant is not None:
+                return grant
+            if waiter.state is not attempt or attempt.node is None:
+                return None  # queued again from scratch; the core carries on
+            if now() >= deadline:
+                return None
+
+    async def dequeue(self, waiter: Waiter) -> None:
+        attempt: _Attempt | None = waiter.state
+        path = _dir(waiter.key)
+        if attempt is not None and attempt.node is not None:
+            names = [attempt.node]
+        else:
+            names = [
+                c for c in await self._children_of(path) if c.startswith(f"_c_{waiter.token}-")
+            ]
+        for name in names:
+            with contextlib.suppress(NoNodeError):
+                await self._call(self._client.delete_async, f"{path}/{name}")
+
+    # --- holding -------------------------------------------------------------------------------
 
     async def renew(self, key: str, owner: str, fence: int, ttl: float) -> float | None:
-        sent = time.monotonic()
-        stat = await self._call(self._client.exists_async, _path(key))
+        node = self._held.get((key, fence))
+        if node is None:
+            return None
+        sent = now()
+        stat = await self._call(self._client.exists_async, node)
         if stat is None or stat.czxid != fence or stat.ephemeralOwner != self._session_id():
+            self._held.pop((key, fence), None)
             return None
         return sent + self.lease_ttl(ttl)
 
-    async def release(self, key: str, owner: str, fence: int) -> None:
-        session = self._sessions.pop((key, fence), None)
-        if session is None or session != self._session_id():
-            return  # our session ended, and the server deleted the node with it
-        # Same session as at acquire, so the node is still the one we created (only we or
-        # the session's expiry delete it); its data version is 0 since we never set it.
-        # Pipelined: ZooKeeper runs one session's requests in order, so anything this client
-        # does next sees the delete; others see it one round trip later. If the connection
-        # drops first and the client gets the same session back on another server (the
-        # session outlives a lost server), nothing would delete the node: `_released`
-        # deletes it again then.
-        self._releasing.add((key, fence))
-        self._client.delete_async(_path(key), 0).rawlink(
-            lambda result: self._loop.call_soon_threadsafe(
-                self._released, result, key, fence, session
-            )
-        )
+    async def release(self, key: str, owner: str, fence: int) -> Awaitable[None]:
+        node = self._held.get((key, fence))
+        if node is None:
+            return _done(self._loop)
+        # Sent at once: the session's next request is ordered after it. Confirmed by the
+        # server (gone now, or already gone) before the core lets go of it.
+        with self._mapped():
+            sent = self._future(self._client.delete_async(node))
+        return self._confirmed(sent, key, fence)
 
-    def _released(self, result: Any, key: str, fence: int, session: int) -> None:
-        try:
-            result.get_nowait()
-        except _UNAVAILABLE:  # the delete may not have reached the server
-            task = self._loop.create_task(self._release_again(key, fence, session))
-            self._retries.add(task)
-            task.add_done_callback(self._retries.discard)
-            task.add_done_callback(lambda _: self._releasing.discard((key, fence)))
-            return
-        except Exception:  # gone already (NoNode, BadVersion): released
-            pass
-        self._releasing.discard((key, fence))
+    async def _confirmed(self, sent: asyncio.Future[Any], key: str, fence: int) -> None:
+        with contextlib.suppress(NoNodeError), self._mapped():
+            await sent
+        self._held.pop((key, fence), None)
 
-    async def _release_again(self, key: str, fence: int, session: int) -> None:
-        """Delete our node once the client is back on the same session; stop when the
-        session ends (its expiry deletes the node) or past one session timeout."""
-        deadline = time.monotonic() + self.lease_ttl(self._ttl) * 2
-        # 0: kazoo between connections; only another session means ours is gone.
-        while time.monotonic() < deadline and self._session_id() in (session, 0):
-            try:
-                stat = await self._call(self._client.exists_async, _path(key))
-                # Only this session deletes its own ephemeral node, so what we find with our
-                # session and our fence is still ours when the delete arrives.
-                if stat is None or stat.czxid != fence or stat.ephemeralOwner != session:
-                    return
-                await self._call(self._client.delete_async, _path(key), 0)
-            except (NoNodeError, BadVersionError):
-                return
-            except KeelError:
-                await asyncio.sleep(0.1)
-            else:
-                return
+    # --- reading -------------------------------------------------------------------------------
 
     def _record(self, key: str, data: bytes, stat: Any) -> Record:
         owner, _, rest = data.partition(b"\n")
         return Record(key, owner.decode(), int(stat.czxid), rest)
 
+    async def _holder(self, key: str) -> tuple[str, bytes, Any] | None:
+        """The node holding ``key`` (path, data, stat): the lowest of its attempts' nodes, or
+        else the key's own node when it carries a persistent record (`create`). Empty data
+        marks a plain directory node: no record ever has empty data."""
+        path = _dir(key)
+        for _ in range(5):  # the holder may go between the listing and the read
+            attempts = _attempts_of(await self._children_of(path))
+            if not attempts:
+                try:
+                    data, stat = await self._call(self._client.get_async, path)
+                except NoNodeError:
+                    return None
+                return (path, data, stat) if data else None
+            first = f"{path}/{min(attempts, key=_seq)}"
+            try:
+                data, stat = await self._call(self._client.get_async, first)
+            except NoNodeError:
+                continue
+            return first, data, stat
+        return None
+
     async def get(self, key: str) -> Record | None:
+        found = await self._holder(key)
+        return None if found is None else self._record(key, found[1], found[2])
+
+    async def create(self, key: str, data: bytes) -> int | None:
+        """A persistent record is the key's own node, holding ``\\n`` + data (owner "")."""
+        path, value = _dir(key), b"\n" + data
         try:
-            data, stat = await self._call(self._client.get_async, _path(key))
-        except NoNodeError:
-            return None
-        return self._record(key, data, stat)
+            stat = (
+                await self._call(
+                    self._client.create_async, path, value, makepath=True, include_data=True
+                )
+            )[1]
+        except NodeExistsError:
+            # A directory node (left by a member's join) becomes the record if it is still
+            # empty and nobody holds the key: set_data is conditional on the version read.
+            try:
+                raw, stat = await self._call(self._client.get_async, path)
+                if raw or _attempts_of(await self._children_of(path)):
+                    return None
+                stat = await self._call(self._client.set_async, path, value, stat.version)
+            except (NoNodeError, BadVersionError):
+                return None
+        return int(stat.czxid)
+
+    async def update(self, key: str, fence: int, data: bytes) -> bool:
+        for _ in range(3):  # only a concurrent update of the same record makes us retry
+            found = await self._holder(key)
+            if found is None or found[2].czxid != fence:
+                return False
+            node, raw, stat = found
+            owner = raw.partition(b"\n")[0]
+            try:
+                await self._call(self._client.set_async, node, owner + b"\n" + data, stat.version)
+            except NoNodeError:
+                return False
+            except BadVersionError:
+                continue
+            return True
+        return False
+
+    async def delete(self, key: str, fence: int) -> bool:
+        """A leased holder's node is deleted by name (names are unique per attempt, so this
+        can never hit a successor's). A persistent record's node goes only when no live
+        record is under it: ZooKeeper refuses to delete a node with children, atomically,
+        so the empty directories members left are removed first and a live member's
+        directory refuses (NotEmpty)."""
+        found = await self._holder(key)
+        if found is None or found[2].czxid != fence:
+            return False
+        node, _, stat = found
+        if node != _dir(key):
+            try:
+                await self._call(self._client.delete_async, node)
+            except NoNodeError:
+                return False
+            self._held.pop((key, fence), None)
+            return True
+        for child in await self._children_of(node):
+            if child.startswith("_c_"):
+                return False
+            try:
+                await self._call(self._client.delete_async, f"{node}/{child}")
+            except NoNodeError:
+                pass
+            except NotEmptyError:
+                return False
+        try:
+            await self._call(self._client.delete_async, node, stat.version)
+        except (NoNodeError, BadVersionError, NotEmptyError):
+            return False
+        self._dirs.discard(node)
+        return True
 
     async def children(self, prefix: str) -> list[Record]:
-        try:
-            names = await self._call(self._client.get_children_async, _path(prefix))
-        except NoNodeError:
-            return []
+        names = [n for n in await self._children_of(_dir(prefix)) if not n.startswith("_c_")]
         records = await asyncio.gather(*(self.get(prefix + n) for n in sorted(names)))
         return [r for r in records if r is not None]
 
-    async def wait(self, key: str, timeout: float) -> None:
-        changed = asyncio.Event()
-
-        def watcher(_event: Any) -> None:
-            self._loop.call_soon_threadsafe(changed.set)
-
-        try:
-            if key.endswith("/"):
-                await self._call(self._client.get_children_async, _path(key), watcher)
-            elif await self._call(self._client.exists_async, _path(key), watcher) is None:
-                return
-        except NoNodeError:
-            await asyncio.sleep(min(timeout, 0.05))
-            return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await changed.wait()
+    @contextlib.asynccontextmanager
+    async def changes(self, key: str) -> AsyncIterator[Changes]:
+        changes = _Changes(self, _dir(key), nested=key.endswith("/"))
+        changes._seen = await changes.signature()
+        yield changes
 
     def on_session_lost(self, callback: Callable[[], None]) -> None:
         self._on_lost.append(callback)
 
     async def close(self) -> None:
-        for task in list(self._retries):
-            task.cancel()
-
         def stop() -> None:
-            with contextlib.suppress(Exception):
-                self._client.exists("/")  # after every pipelined delete (session FIFO)
             self._client.stop()
             self._client.close()
 
         await asyncio.to_thread(stop)
+
+
+def _done(loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+    future: asyncio.Future[None] = loop.create_future()
+    future.set_result(None)
+    return future
+
+
+class _Changes:
+    """Children created or deleted under the key's node (for a prefix: under its nodes'
+    nodes too), told apart by the nodes' pzxid. Watches are one-shot and set by each look; a
+    look that finds the signature moved since the previous look returns at once, so nothing
+    between two looks is missed."""
+
+    def __init__(self, backend: ZookeeperBackend, path: str, *, nested: bool) -> None:
+        self._backend = backend
+        self._path = path
+        self._nested = nested
+        self._seen: tuple[int, ...] | None = None
+        self._changed = asyncio.Event()
+        loop = backend._loop
+        self._watcher = lambda _event: loop.call_soon_threadsafe(self._changed.set)
+
+    async def _look(self, path: str) -> tuple[list[str], int]:
+        client = self._backend._client
+        try:
+            children, stat = await self._backend._call(
+                client.get_children_async, path, self._watcher, include_data=True
+            )
+        except NoNodeError:
+            # Not there yet: watch for its creation instead.
+            await self._backend._call(client.exists_async, path, self._watcher)
+            return [], 0
+        return children, int(stat.pzxid)
+
+    async def signature(self) -> tuple[int, ...]:
+        children, pzxid = await self._look(self._path)
+        marks = [pzxid]
+        if self._nested:
+            looks = await asyncio.gather(*(self._look(f"{self._path}/{c}") for c in children))
+            marks.extend(mark for _, mark in looks)
+        return tuple(marks)
+
+    async def wait(self, timeout: float) -> None:
+        self._changed.clear()
+        try:
+            signature = await self.signature()
+        except Exception:
+            await asyncio.sleep(min(timeout, 0.1))  # unreachable: the caller re-reads
+            return
+        if self._seen is not None and signature != self._seen:
+            self._seen = signature
+            return
+        self._seen = signature
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, timeout)):
+                await self._changed.wait()

@@ -1,0 +1,339 @@
+"""The edges of the coordination contract, on every backend: a release or an acquire lost with
+its connection, a lease extended, the lease the server enforces rather than the one asked for,
+stale terms, paused holders, fair hand-off and waiting without polling
+(docs/coordination-contract.md, "Restarts, lost replies and pauses").
+
+On SQLite there is no connection to lose: the proxy faults do nothing there and the same
+assertions hold trivially.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import keel.coordination as kc
+from coord_support import (
+    TTL,
+    WORKER,
+    BackendUnderTest,
+    backend_fixture,  # noqa: F401 - the one backend fixture
+)
+from keel.errors import BackendUnavailable, LockLost
+
+pytestmark = pytest.mark.timeout(90)
+
+
+async def _spawn(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, str(WORKER), *args, stdout=asyncio.subprocess.PIPE
+    )
+
+
+async def _line(proc: asyncio.subprocess.Process, within: float = 30) -> str:
+    assert proc.stdout is not None
+    return (await asyncio.wait_for(proc.stdout.readline(), within)).decode().strip()
+
+
+async def _reap(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+    await proc.wait()
+
+
+# --- lost requests and replies ----------------------------------------------------------------
+
+
+async def test_a_release_lost_with_its_connection_still_frees_the_lock(
+    backend: BackendUnderTest,
+) -> None:
+    a = await backend.connect("a", proxied=True)
+    b = await backend.connect("b")
+    name = backend.n("lock")
+    held = await a.acquire(name)
+    await backend.drop_next_request()  # the release never reaches the server
+    released = time.monotonic()
+    await held.release()
+    got = await b.acquire(name, timeout=TTL * 5)
+    # Freed by the release being retried after the reconnect, not by the lease running out
+    # (and on ZooKeeper the session survives the reconnect: nothing would ever free it).
+    assert time.monotonic() - released < TTL * 0.75
+    await got.release()
+
+
+async def test_a_confirmed_release_lost_with_its_connection_still_frees_the_lock(
+    backend: BackendUnderTest,
+) -> None:
+    """``release_confirmed()`` (resign, leave, tooz's release) without an answer: it says so,
+    and the release is still retried until the server confirms it."""
+    a = await backend.connect("a", proxied=True)
+    b = await backend.connect("b")
+    name = backend.n("lock")
+    held = await a.acquire(name)
+    await backend.drop_next_request()  # the delete never reaches the server
+    released = time.monotonic()
+    with contextlib.suppress(BackendUnavailable):
+        await held.release_confirmed()
+    got = await b.acquire(name, timeout=TTL * 5)
+    assert time.monotonic() - released < TTL * 0.75
+    await got.release()
+
+
+async def test_an_acquire_applied_with_its_reply_lost_is_recognised_as_ours(
+    backend: BackendUnderTest,
+) -> None:
+    a = await backend.connect("a", proxied=True)
+    b = await backend.connect("b")
+    name = backend.n("lock")
+    await backend.lose_next_reply()
+    held = await a.acquire(name, timeout=TTL * 4)
+    await backend.fault_fired()
+    first = held.fence
+    assert await b.try_acquire(name) is None
+    await held.release()
+    other = await b.acquire(name, timeout=TTL)
+    assert other.fence > first
+    await other.release()
+
+
+async def test_an_abandoned_ambiguous_acquire_leaves_no_ghost(backend: BackendUnderTest) -> None:
+    a = await backend.connect("a", proxied=True)
+    b = await backend.connect("b")
+    name = backend.n("lock")
+    # A lock a keeps renewing meanwhile: its renewals must not keep the ghost alive.
+    keeper = await a.acquire(backend.n("other"))
+    await backend.lose_next_reply()
+    with contextlib.suppress(BackendUnavailable):
+        got = await a.try_acquire(name)
+        if got is not None:
+            await got.release()
+    await backend.fault_fired()
+    started = time.monotonic()
+    other = await b.acquire(name, timeout=TTL * 3)
+    assert time.monotonic() - started < TTL + 1.5
+    await other.release()
+    keeper.check()
+    await keeper.release()
+
+
+# --- what the holder believes vs what the server enforces -------------------------------------
+
+
+async def test_extend_moves_the_servers_expiry_and_the_bound_never_outlives_it(
+    backend: BackendUnderTest,
+) -> None:
+    b = await backend.connect("b")
+    name = backend.n("lock")
+    proc = await _spawn("extend", backend.url, name, str(TTL))
+    try:
+        line = await _line(proc)
+        assert line.startswith("EXTENDED"), line
+        believed = float(line.split()[1])
+        told = time.monotonic()
+        proc.send_signal(signal.SIGSTOP)  # no renewal from here on: only the server's clock
+        while (got := await b.try_acquire(name)) is None:
+            assert time.monotonic() - told < believed + TTL + 5, "never freed"
+            await asyncio.sleep(0.05)
+        taken = time.monotonic() - told
+        await got.release()
+    finally:
+        await _reap(proc)
+    # The holder believed it held the lock for `believed` seconds after it said so; nobody
+    # else may have it sooner (a little slack: the line took a moment to arrive).
+    assert taken >= believed - 0.3, (taken, believed)
+
+
+async def test_the_lease_is_the_one_the_server_enforces(backend: BackendUnderTest) -> None:
+    a = await backend.connect("a", ttl=90)  # beyond what ZooKeeper's server allows
+    held = await a.acquire(backend.n("lock"))
+    assert held.ttl <= backend.server_max_ttl
+    await held.release()
+
+
+# --- live when handed out -----------------------------------------------------------------------
+
+
+async def test_campaign_and_join_hand_out_only_live_terms(backend: BackendUnderTest) -> None:
+    a = await backend.connect("a")
+    election = a.election(backend.n("e"))
+    term = await election.campaign(timeout=5)
+    await term.release()  # released directly, not through resign()
+    again = await election.campaign(timeout=5)
+    assert again is not term
+    again.check()
+    time.sleep(TTL * 1.3)  # a stall: the term's lease runs out before anything notices
+    third = await election.campaign(timeout=5)
+    assert third is not again
+    third.check()
+    await election.resign()
+
+    group = a.group(backend.n("g"))
+    membership = await group.join(b"m", timeout=5)
+    time.sleep(TTL * 1.3)
+    rejoined = await group.join(b"m", timeout=5)
+    assert rejoined is not membership
+    rejoined.check()
+    await group.leave()
+
+
+async def test_every_fence_use_checks_the_lease(backend: BackendUnderTest) -> None:
+    a = await backend.connect("a")
+    name = backend.n("lock")
+    register = kc.FencedRegister()
+    held = await a.acquire(name)
+    register.write(name, held, "first")
+    time.sleep(TTL * 1.3)  # paused past the lease, nothing has run since
+    with pytest.raises(LockLost):
+        _ = held.fence
+    with pytest.raises(LockLost):
+        register.write(name, held, "late")
+    assert register.read(name) == (held.granted_fence, "first")
+
+
+async def test_lock_lost_after_a_normal_exit_keeps_its_reason(backend: BackendUnderTest) -> None:
+    a = await backend.connect("a")
+
+    async def body() -> None:
+        async with a.lock(backend.n("lock")):
+            time.sleep(TTL * 1.3)  # the body ends normally, after the lease ran out
+
+    with pytest.raises(LockLost) as info:
+        await body()
+    assert "ran out" in str(info.value), str(info.value)
+
+
+async def test_a_paused_holder_writes_nothing_once_it_resumes(
+    backend: BackendUnderTest, tmp_path: Path
+) -> None:
+    name = backend.n("lock")
+    reg_path = str(tmp_path / "reg.db")
+    register = kc.SqliteFencedRegister(reg_path)
+    writer = await _spawn(
+        "writer", backend.url, name, str(TTL), str(tmp_path / "w.jsonl"), reg_path, "victim"
+    )
+    try:
+        assert (await _line(writer)).startswith("HOLDING")
+        await asyncio.sleep(0.1)
+        writer.send_signal(signal.SIGSTOP)
+        taker = await backend.connect("taker")
+        held = await taker.acquire(name, timeout=TTL * 4)
+        taken_at = time.time()
+        writer.send_signal(signal.SIGCONT)
+        await asyncio.sleep(0.5)  # the victim runs first; the new holder has not written yet
+        register.write(name, held.fence, "taker")
+        assert await _line(writer, TTL * 4) in ("LOST", "REFUSED")
+        await held.release()
+    finally:
+        await _reap(writer)
+    late = [w for w in register.writes() if w[3] == "victim" and w[4] > taken_at]
+    register.close()
+    assert late == [], f"the paused holder wrote {len(late)} time(s) after it lost the lock"
+
+
+# --- fair hand-off ------------------------------------------------------------------------------
+
+
+async def test_a_released_lock_goes_to_the_waiter_not_back_to_the_releaser(
+    backend: BackendUnderTest,
+) -> None:
+    a, b = await backend.connect("a"), await backend.connect("b")
+    name = backend.n("lock")
+    held = await a.acquire(name)
+    waiter = asyncio.create_task(b.acquire(name, timeout=30))
+    await asyncio.sleep(0.3)  # b is queued
+    await held.release()
+    stolen = await a.try_acquire(name)  # must not cut in front of the queued waiter
+    if stolen is not None:
+        await stolen.release()
+    got = await asyncio.wait_for(waiter, 10)
+    assert stolen is None
+    assert got.fence > held.granted_fence
+    await got.release()
+
+
+async def test_waiters_are_served_in_arrival_order(backend: BackendUnderTest) -> None:
+    holder = await backend.connect("h")
+    waiters = [await backend.connect(f"w{i}") for i in range(4)]
+    name = backend.n("lock")
+    held = await holder.acquire(name)
+    order: list[int] = []
+
+    async def turn(i: int, coord: kc.Coordinator) -> None:
+        async with coord.lock(name, timeout=30):
+            order.append(i)
+            await asyncio.sleep(0.02)
+
+    tasks = []
+    for i, coord in enumerate(waiters):
+        tasks.append(asyncio.create_task(turn(i, coord)))
+        await asyncio.sleep(0.2)  # queued before the next one arrives
+    await held.release()
+    await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    assert order == [0, 1, 2, 3]
+
+
+# --- waiting on the server, not polling it -----------------------------------------------------
+
+
+class _CountingReads:
+    """The coordinator's real backend, with its reads counted (everything is forwarded)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.reads = 0
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if name not in ("get", "children"):
+            return attr
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            self.reads += 1
+            return await attr(*args, **kwargs)
+
+        return counted
+
+
+async def test_observers_wait_for_the_server_instead_of_polling(
+    backend: BackendUnderTest,
+) -> None:
+    a, b = await backend.connect("a"), await backend.connect("b")
+    counting = _CountingReads(a.backend)
+    a.backend = counting  # type: ignore[assignment]
+    seen: list[kc.Leader | None] = []
+
+    async def observe() -> None:
+        async for leader in a.election(backend.n("e")).observe():
+            seen.append(leader)
+            if leader is not None:
+                return
+
+    watcher = asyncio.create_task(observe())
+    await asyncio.sleep(1.0)  # nobody leads: an observer should be waiting, not reading
+    idle_reads = counting.reads
+    assert idle_reads <= 3, f"{idle_reads} reads in one idle second"
+    campaigned = time.monotonic()
+    term = await b.election(backend.n("e")).campaign(timeout=5)
+    await asyncio.wait_for(watcher, 5)
+    assert time.monotonic() - campaigned < 1.0
+    assert seen == [None, kc.Leader("b", term.granted_fence)]
+
+    counting.reads = 0
+    changes = a.group(backend.n("g")).watch()
+    first = asyncio.create_task(anext(changes))
+    await asyncio.sleep(1.0)
+    assert counting.reads <= 3, f"{counting.reads} listings in one idle second"
+    await b.group(backend.n("g")).join(b"x")
+    change = await asyncio.wait_for(first, 5)
+    assert (change.kind, change.member.member_id) == ("join", "b")
+    await changes.aclose()
+    await term.release()
