@@ -126,6 +126,7 @@ class Agent:
             setattr(plugin, "agent", self)  # noqa: B010 - info and health read the agent
             for name, cmd in commands_of(plugin).items():
                 self.commands[(plugin.name, name)] = cmd
+        self._permitted: dict[tuple[str, str], bool] = {}
         self.budget = Budget(config.max_buffered)
         self.sessions = 0
         self._audit: TextIO = (
@@ -143,7 +144,8 @@ class Agent:
         self._log({"event": "plugin_failed", "plugin": name, "error": why})
 
     def _log(self, record: dict[str, Any]) -> None:
-        record.setdefault("when", _stamp(time.time()))
+        if "when" not in record:  # not setdefault: that would format a stamp every time
+            record["when"] = _stamp(time.time())
         self._audit.write(json.dumps(record, default=str) + "\n")
 
     def audit(self, who: str, what: str, args: dict[str, Any], when: float, result: str) -> None:
@@ -159,6 +161,16 @@ class Agent:
                 "result": result,
             }
         )
+
+    def permits(self, name: str, key: tuple[str, str]) -> bool:
+        """`AgentConfig.permits`, remembered for the agent's own commands (a bounded set: a
+        controller's unknown names are matched every time, never stored)."""
+        allowed = self._permitted.get(key)
+        if allowed is None:
+            allowed = self.config.permits(name)
+            if key in self.commands:
+                self._permitted[key] = allowed
+        return allowed
 
     def welcome(self, version: int) -> p.Welcome:
         infos: dict[str, p.PluginInfo] = {}
@@ -328,6 +340,7 @@ class Session:
         # would otherwise keep a junk frame open forever.
         frame_deadline: float | None = None
         slice_end = time.monotonic() + _SLICE
+        waited = self.channel.waited
         while self._dead is None:
             # Over the agent's budget for partial frames, a session assembling a large one
             # stops reading (back-pressure) until others finish theirs or its deadline passes.
@@ -347,6 +360,11 @@ class Session:
                 continue
             if not data:
                 return
+            if self.channel.waited != waited:
+                # The read waited for the controller: the loop served the others meanwhile,
+                # so a new slice starts (no extra turn of the loop per command).
+                waited = self.channel.waited
+                slice_end = time.monotonic() + _SLICE
             events = self.decoder.feed(data)
             self._holding.set(self.decoder.buffered)
             if not self.decoder.mid_frame:
@@ -448,7 +466,7 @@ class Session:
             if len(self.running) >= self.agent.config.max_inflight:
                 limit = self.agent.config.max_inflight
                 raise AgentBusy(f"{limit} commands already run for this controller", limit=limit)
-            if not self.agent.config.permits(name):
+            if not self.agent.permits(name, (call.plugin, call.command)):
                 raise CommandDenied(f"{name} is not allowed on this agent", command=name)
             cmd = self.agent.commands.get((call.plugin, call.command))
             if cmd is None:
