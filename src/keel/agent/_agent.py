@@ -99,6 +99,7 @@ class AgentConfig:
         return any(fnmatch.fnmatchcase(name, pat) for pat in self.allow)
 
 
+_JSON = json.JSONEncoder(default=str)  # built once: json.dumps(default=) builds one a line
 _second = (-1, "")
 
 
@@ -146,10 +147,10 @@ class Agent:
     def _log(self, record: dict[str, Any]) -> None:
         if "when" not in record:  # not setdefault: that would format a stamp every time
             record["when"] = _stamp(time.time())
-        self._audit.write(json.dumps(record, default=str) + "\n")
+        self._audit.write(_JSON.encode(record) + "\n")
 
     def audit(self, who: str, what: str, args: dict[str, Any], when: float, result: str) -> None:
-        shown = {k: ("***" if k in _REDACT else v) for k, v in args.items()}
+        shown = {k: ("***" if k in _REDACT else v) for k, v in args.items()} if args else args
         self._log(
             {
                 "event": "audit",
@@ -488,7 +489,8 @@ class Session:
         outcome = "ok"
         reply: p.Message
         try:
-            if call.timeout is None:
+            if call.timeout is None or cmd.inline:
+                # An inline command never waits, so a deadline could never interrupt it.
                 value = await cmd.fn(_Context(self, run), **kwargs)
             else:
                 async with asyncio.timeout(call.timeout):
@@ -514,8 +516,10 @@ class Session:
             frame = p.encode_checked(reply, self.max_frame)
         except (FrameTooLarge, TypeError, ValueError) as exc:
             frame = p.encode(self._error_frame(call.id, CommandFailed(f"bad result: {exc}")))
-        with contextlib.suppress(AgentError):
+        try:  # noqa: SIM105 - contextlib.suppress costs three Python calls per command
             await self.write_raw(frame)
+        except AgentError:
+            pass  # the channel broke: the session ends and says so
 
     def _finish(self, run: _Running, cmd: Command, call: p.Call, when: float, out: str) -> None:
         self.running.pop(call.id, None)
