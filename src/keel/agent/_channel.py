@@ -26,7 +26,7 @@ import struct
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 from urllib.parse import urlsplit
 
 from keel.errors import (
@@ -114,8 +114,8 @@ class StreamChannel(asyncio.BufferedProtocol):
     # asyncio.Protocol callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A read-write transport; uvloop's do not subclass asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
         if self._on_open is not None:
             self._on_open(self)
 

@@ -16,6 +16,7 @@ import signal
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from keel.agent._agent import Agent, AgentConfig
@@ -113,6 +114,21 @@ async def _serve(
         await task  # re-raises a ConfigError from _dial
 
 
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop where it is installed (``keel[agent]``), else asyncio's own.
+
+    In a guest under TCG every Python call costs tens of microseconds, and asyncio's loop
+    spends some thirty of them per message (handles, selector bookkeeping, timers): on
+    uvloop that work is C. ``KEEL_AGENT_LOOP=asyncio`` keeps asyncio's loop."""
+    if os.environ.get("KEEL_AGENT_LOOP", "uvloop") == "asyncio":
+        return None
+    try:
+        import uvloop  # noqa: PLC0415 - optional: the agent runs without it
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def run_agent(
     *,
     listen: str | None = None,
@@ -140,7 +156,8 @@ def run_agent(
                 raise ConfigError(f"cannot load TLS files: {exc}") from None
         agent = Agent(cfg)
         try:
-            asyncio.run(_serve(agent, listen, connect, tls))
+            with asyncio.Runner(loop_factory=loop_factory()) as runner:
+                runner.run(_serve(agent, listen, connect, tls))
         finally:
             agent.close()
     except KeelError as exc:
