@@ -116,12 +116,14 @@ async def _serve(
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop where it is installed (``keel[agent]``), else asyncio's own.
+    """asyncio's own event loop, or uvloop's with ``KEEL_AGENT_LOOP=uvloop`` (``keel[agent]``).
 
-    In a guest under TCG every Python call costs tens of microseconds, and asyncio's loop
-    spends some thirty of them per message (handles, selector bookkeeping, timers): on
-    uvloop that work is C. ``KEEL_AGENT_LOOP=asyncio`` keeps asyncio's loop."""
-    if os.environ.get("KEEL_AGENT_LOOP", "uvloop") == "asyncio":
+    uvloop's loop is C where asyncio's makes some twenty Python calls per message (each tens
+    of microseconds in a guest under TCG): a ping costs 48 Python calls instead of 69. But
+    libuv forks to start a program where Python's subprocess uses vfork: on this host an
+    exec of /bin/true took 13 ms on uvloop against 3.5 ms on asyncio, so it is not the
+    default."""
+    if os.environ.get("KEEL_AGENT_LOOP", "asyncio") != "uvloop":
         return None
     try:
         import uvloop  # noqa: PLC0415 - optional: the agent runs without it
