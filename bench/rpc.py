@@ -4,9 +4,11 @@
                         [--uvloop]
 
 Per contender: sequential call latency (p50, p99) and calls/s, C-way concurrent calls/s,
-casts/s and notifications/s (Keel). Ratios are Keel over its anchor on the same server in
-this run. Contenders for a transport live in bench/rpc_<transport>.py as
-``CONTENDERS = {name: measure}`` where ``measure(params) -> dict`` is an async function.
+casts/s and notifications/s; for Keel, notifications/s both with a window of 64 in flight
+(``notifications_per_s``) and waiting for the broker on each (``notifications_seq_per_s``).
+Ratios are Keel over its anchor on the same server in this run. Contenders for a transport
+live in bench/rpc_<transport>.py as ``CONTENDERS = {name: measure}`` where
+``measure(params) -> dict`` is an async function.
 """
 
 from __future__ import annotations
@@ -34,6 +36,22 @@ RATIOS: dict[str, tuple[str, str, str]] = {
     "ratio_nats_vs_oslo": ("keel-nats", "oslo-rabbit", "conc_calls_per_s"),
     "ratio_redis_vs_redispy": ("keel-redis", "redispy-redis", "conc_calls_per_s"),
     "ratio_notify_rabbit_vs_oslo": ("keel-rabbit", "oslo-rabbit", "notifications_per_s"),
+    # Keel waiting for the broker on each notify() (window=0), against the same oslo figure.
+    "ratio_notify_seq_rabbit_vs_oslo": (
+        "keel-rabbit",
+        "oslo-rabbit",
+        "notifications_seq_per_s",
+    ),
+    "ratio_memory_vs_bare": ("keel-memory", "bare-asyncio", "conc_calls_per_s"),
+    # Unchanged oslo.messaging API code: on Keel's driver beside oslo's own rabbit driver.
+    "ratio_oslo_keel_rabbit_vs_oslo": ("oslo-keel-rabbit", "oslo-rabbit", "conc_calls_per_s"),
+    "ratio_oslo_keel_nats_vs_oslo": ("oslo-keel-nats", "oslo-rabbit", "conc_calls_per_s"),
+    "ratio_oslo_keel_redis_vs_oslo": ("oslo-keel-redis", "oslo-rabbit", "conc_calls_per_s"),
+    "ratio_oslo_keel_notify_rabbit_vs_oslo": (
+        "oslo-keel-rabbit",
+        "oslo-rabbit",
+        "notifications_per_s",
+    ),
 }
 
 COLUMNS = [
@@ -44,6 +62,7 @@ COLUMNS = [
     "conc_calls_per_s",
     "casts_per_s",
     "notifications_per_s",
+    "notifications_seq_per_s",
 ]
 
 
@@ -109,12 +128,19 @@ def main(argv: list[str]) -> None:
     for transport in args.transport.split(","):
         for name in contenders(transport):
             with console.status(f"measuring {name} ({args.calls} calls)"):
-                figures[name] = _run_one(name, transport, params)
+                measured = _run_one(name, transport, params)
+            # A contender may time a second one in its own process (keel-memory: the bare
+            # loop); its figures come back prefixed and get a row of their own.
+            inner = {k[5:]: v for k, v in measured.items() if k.startswith("bare_")}
+            figures[name] = {k: v for k, v in measured.items() if not k.startswith("bare_")}
             rows.append({"contender": name, **figures[name]})
+            if inner:
+                figures["bare-asyncio"] = inner
+                rows.append({"contender": "bare-asyncio (same process)", **inner})
     loop = "uvloop" if args.uvloop else "asyncio"
     table(f"RPC, {args.calls} calls, {args.concurrency}-way concurrent, {loop}", COLUMNS, rows)
     result: dict[str, float | int | str] = {}
-    keel_rows = [n for n in figures if n.startswith("keel-")]
+    keel_rows = [n for n in figures if n.startswith("keel-")]  # native Keel contenders
     if len(keel_rows) == 1 or "keel-memory" in figures:
         main_row = figures["keel-memory"] if "keel-memory" in figures else figures[keel_rows[0]]
         for key in ("seq_calls_per_s", "conc_calls_per_s", "call_p50_ms", "call_p99_ms"):

@@ -14,6 +14,7 @@ from typing import Any
 import nats
 from nats.aio.msg import Msg
 
+from bench import _oslo_rpc
 from bench._keel_rpc import measure
 from bench._servers import url
 from bench._timing import time_calls
@@ -48,4 +49,9 @@ async def natspy_nats(params: dict[str, Any]) -> dict[str, float]:
     }
 
 
-CONTENDERS = {"keel-nats": keel_nats, "natspy-nats": natspy_nats}
+async def oslo_keel_nats(params: dict[str, Any]) -> dict[str, float]:
+    """oslo.messaging API code on Keel's driver over NATS (oslo has no NATS driver)."""
+    return await _oslo_rpc.measure("keel+" + url("nats"), params)
+
+
+CONTENDERS = {"keel-nats": keel_nats, "natspy-nats": natspy_nats, "oslo-keel-nats": oslo_keel_nats}

@@ -1,7 +1,7 @@
 """Poison benchmark: how many poison bodies per second a server dead-letters while serving calls.
 
     python -m bench rpc --poison [--transport memory,rabbit,nats,redis] [--seconds S]
-                                 [--concurrency C] [--publishers P]
+                                 [--concurrency C] [--publishers P] [--bombs]
 
 Per transport, one RPC server (max_concurrency 64, Keel's default), C callers calling ``echo``
 back to back, first alone (quiet), then while P publishers flood the server's queue with the
@@ -11,7 +11,10 @@ connection of their own, as a hostile publisher would. A consumer drains the dea
 queue meanwhile. The anchor is the same server without the flood, in the same run: the ratio
 says what the flood costs the calls. Logging stays on (to /dev/null): one line per poison
 body is part of the cost. Figures: dead-lettered poison/s (the server's malformed counter over
-the flood), calls/s and call p99 quiet and flooded, calls that failed.
+the flood), calls/s and call p99 quiet and flooded, calls that failed. With ``--bombs`` the
+flood is wide container bombs instead (tests/poison.py's ``bomb_bodies``: up to 500,000 empty
+lists or maps in a body under 1 MiB, each refused at a bounded cost, the large ones one at a
+time; keel.messaging._heavy).
 """
 
 from __future__ import annotations
@@ -84,7 +87,9 @@ async def _flood(
         await asyncio.sleep(0)  # memory:// sends never suspend; let the server run
 
 
-async def measure(url: str, seconds: float, concurrency: int, publishers: int) -> dict[str, Any]:
+async def measure(
+    url: str, seconds: float, concurrency: int, publishers: int, *, bombs: bool = False
+) -> dict[str, Any]:
     topic = f"poison-bench-{os.getpid()}-{int(time.time())}"
     reader = await connect(url)
     caller_t = await connect(url)
@@ -106,7 +111,8 @@ async def measure(url: str, seconds: float, concurrency: int, publishers: int) -
     await _callers(client, min(1.0, seconds / 4), concurrency)  # warm up
     quiet_n, quiet_lat, quiet_failed = await _callers(client, seconds, concurrency)
 
-    bodies = [body for _, body in poison.request_bodies(reader.max_message_bytes)]
+    mix = poison.bomb_bodies() if bombs else poison.request_bodies(reader.max_message_bytes)
+    bodies = [body for _, body in mix]
     stop = asyncio.Event()
     key = ("keel_rpc_server_requests", "?", "?", "malformed")
     floods = [
@@ -158,21 +164,29 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--publishers", type=int, default=4)
+    parser.add_argument("--bombs", action="store_true", help="flood with wide container bombs")
     args = parser.parse_args(argv)
     _quiet_logs()
     rows: list[dict[str, Any]] = []
     result: dict[str, float | int | str] = {}
     for transport in args.transport.split(","):
         figures = asyncio.run(
-            measure(server_url(transport), args.seconds, args.concurrency, args.publishers)
+            measure(
+                server_url(transport),
+                args.seconds,
+                args.concurrency,
+                args.publishers,
+                bombs=args.bombs,
+            )
         )
         rows.append({"transport": transport, **figures})
         for name, value in figures.items():
             result[f"{transport}_{name}"] = value
+    mix = "wide container bombs" if args.bombs else "poison"
     table(
-        f"poison flood: {args.concurrency} callers, {args.publishers} poison publishers, "
+        f"{mix} flood: {args.concurrency} callers, {args.publishers} poison publishers, "
         f"{args.seconds:g} s per phase",
         COLUMNS,
         rows,
     )
-    print(result_line("rpc_poison", result))
+    print(result_line("rpc_poison_bombs" if args.bombs else "rpc_poison", result))

@@ -4,9 +4,8 @@ The broker is the one scripts/servers runs (started here if it is not up; honour
 KEEL_SERVERS_DIR and KEEL_RABBITMQ_PORT). Each contender uses its own queues and exchange.
 
 * keel-rabbit: bench/_keel_rpc.measure on the rabbit:// URL.
-* oslo-rabbit: oslo.messaging RPCServer (threading executor) + RPCClient.call, casts, and a
-  Notifier (messagingv2) measured by a NotificationListener receiving every notification.
-  Concurrent calls use 16 threads, as an oslo service would.
+* oslo-rabbit: oslo.messaging's API on its own rabbit driver (bench/_oslo_rpc.py).
+* oslo-keel-rabbit: the same oslo.messaging code on Keel's driver, ``keel+rabbit://``.
 * aiopika-rabbit: a server consuming a queue (prefetch 64, ack per message) and replying to
   ``reply_to`` with the ``correlation_id``; one client with one exclusive reply queue
   consumed with no_ack; requests and replies unconfirmed, casts persistent and confirmed
@@ -17,15 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import threading
 import time
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bench import _oslo_rpc
 from bench._keel_rpc import measure
-from bench._stats import percentile
 from bench._timing import time_calls
 
 SERVERS = Path(__file__).resolve().parent.parent / "scripts" / "servers"
@@ -47,130 +43,13 @@ async def keel_rabbit(params: dict[str, Any]) -> dict[str, float]:
     return await measure(rabbit_url(), params)
 
 
-# --- oslo.messaging --------------------------------------------------------------------------
-
-
-def _oslo_measure(url: str, params: dict[str, Any]) -> dict[str, float]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import oslo_messaging  # noqa: PLC0415
-        from oslo_config import cfg  # noqa: PLC0415
-
-    calls, concurrency = params["calls"], params["concurrency"]
-    conf = cfg.CONF  # oslo registers some options (tracing) on the global CONF only
-    conf([], project="bench")
-    transport = oslo_messaging.get_rpc_transport(conf, url=url)
-    topic = f"oslo-bench-{time.monotonic_ns()}"
-    casts = max(1000, calls // 2)
-    cast_done = threading.Event()
-    counter = {"casts": 0, "notes": 0}
-    lock = threading.Lock()
-
-    class Endpoint:
-        def echo(self, ctx: Any, i: int) -> int:
-            return i
-
-        def count(self, ctx: Any, i: int) -> None:
-            with lock:
-                counter["casts"] += 1
-                if counter["casts"] >= casts:
-                    cast_done.set()
-
-    target = oslo_messaging.Target(topic=topic, server="bench-server")
-    server = oslo_messaging.get_rpc_server(transport, target, [Endpoint()], executor="threading")
-    server.start()
-    client = oslo_messaging.get_rpc_client(
-        transport, oslo_messaging.Target(topic=topic), timeout=30
-    )
-    for i in range(200):
-        client.call({}, "echo", i=i)
-    samples: list[float] = []
-    started = time.perf_counter()
-    for i in range(calls):
-        t0 = time.perf_counter()
-        client.call({}, "echo", i=i)
-        samples.append(time.perf_counter() - t0)
-    seq = time.perf_counter() - started
-
-    share = calls // concurrency
-
-    def worker() -> None:
-        for i in range(share):
-            client.call({}, "echo", i=i)
-
-    with ThreadPoolExecutor(concurrency) as pool:
-        started = time.perf_counter()
-        for future in [pool.submit(worker) for _ in range(concurrency)]:
-            future.result()
-        conc = time.perf_counter() - started
-
-    started = time.perf_counter()
-    for i in range(casts):
-        client.cast({}, "count", i=i)
-    if not cast_done.wait(300):
-        raise RuntimeError("oslo casts did not all arrive")
-    cast_elapsed = time.perf_counter() - started
-    server.stop()
-    server.wait()
-
-    notes_done = threading.Event()
-
-    class Sink:
-        def info(self, ctx: Any, publisher_id: str, event_type: str, payload: Any, md: Any) -> None:
-            with lock:
-                counter["notes"] += 1
-                if counter["notes"] >= casts:
-                    notes_done.set()
-
-    ntransport = oslo_messaging.get_notification_transport(conf, url=url)
-    ntopic = topic + "-n"
-    listener = oslo_messaging.get_notification_listener(
-        ntransport,
-        [oslo_messaging.Target(topic=ntopic)],
-        [Sink()],
-        executor="threading",
-    )
-    listener.start()
-    notifier = oslo_messaging.Notifier(
-        ntransport, publisher_id="bench", driver="messagingv2", topics=[ntopic]
-    )
-    started = time.perf_counter()
-    for i in range(casts):
-        notifier.info({}, "bench.tick", {"i": i})
-    if not notes_done.wait(300):
-        raise RuntimeError("oslo notifications did not all arrive")
-    notify_elapsed = time.perf_counter() - started
-    listener.stop()
-    listener.wait()
-    ntransport.cleanup()
-    transport.cleanup()
-    return {
-        "call_p50_ms": percentile(samples, 50) * 1000,
-        "call_p99_ms": percentile(samples, 99) * 1000,
-        "seq_calls_per_s": calls / seq,
-        "conc_calls_per_s": share * concurrency / conc,
-        "casts_per_s": casts / cast_elapsed,
-        "notifications_per_s": casts / notify_elapsed,
-    }
-
-
 async def oslo_rabbit(params: dict[str, Any]) -> dict[str, float]:
-    # A daemon thread, not asyncio.to_thread: oslo's poller threads outlive cleanup() and
-    # would hold the default executor's shutdown (and the process) forever.
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[dict[str, float]] = loop.create_future()
-    url = rabbit_url()
+    return await _oslo_rpc.measure(rabbit_url(), params)
 
-    def run() -> None:
-        try:
-            result = _oslo_measure(url, params)
-        except Exception as exc:
-            loop.call_soon_threadsafe(done.set_exception, exc)
-        else:
-            loop.call_soon_threadsafe(done.set_result, result)
 
-    threading.Thread(target=run, daemon=True).start()
-    return await done
+async def oslo_keel_rabbit(params: dict[str, Any]) -> dict[str, float]:
+    """The same oslo.messaging API code, on Keel's driver over the same RabbitMQ."""
+    return await _oslo_rpc.measure("keel+" + rabbit_url(), params)
 
 
 # --- raw aio-pika ----------------------------------------------------------------------------
@@ -255,5 +134,6 @@ async def aiopika_rabbit(params: dict[str, Any]) -> dict[str, float]:
 CONTENDERS = {
     "keel-rabbit": keel_rabbit,
     "oslo-rabbit": oslo_rabbit,
+    "oslo-keel-rabbit": oslo_keel_rabbit,
     "aiopika-rabbit": aiopika_rabbit,
 }

@@ -20,6 +20,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from bench import _oslo_rpc
 from bench import _servers as servers
 from bench._keel_rpc import measure
 from bench._timing import time_calls
@@ -88,4 +89,13 @@ async def redispy_redis(params: dict[str, Any]) -> dict[str, float]:
     }
 
 
-CONTENDERS = {"keel-redis": keel_redis, "redispy-redis": redispy_redis}
+async def oslo_keel_redis(params: dict[str, Any]) -> dict[str, float]:
+    """oslo.messaging API code on Keel's driver over Redis (oslo has no Redis driver)."""
+    return await _oslo_rpc.measure("keel+" + servers.url("redis"), params)
+
+
+CONTENDERS = {
+    "keel-redis": keel_redis,
+    "redispy-redis": redispy_redis,
+    "oslo-keel-redis": oslo_keel_redis,
+}

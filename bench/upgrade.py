@@ -3,8 +3,9 @@
     python -m bench upgrade [--transport memory[,rabbit,nats,redis]] [--clients 4]
 
 Three 1.0 servers under calls and casts from several clients are replaced one by one by 1.1
-servers (drain, stop, start); with ``--oslo``, oslo.messaging does the same on RabbitMQ
-(stop() and wait(), then start). Printed per run: failed calls, lost casts (sent, never run),
+servers (drain, stop, start); with ``--oslo``, unchanged oslo.messaging code does the same
+on RabbitMQ (stop() and wait(), then start), once on oslo's rabbit driver and once on Keel's
+driver (``keel+rabbit://``). Printed per run: failed calls, lost casts (sent, never run),
 duplicated casts, p99 call latency outside and during the upgrade, and how long each
 replacement took.
 """
@@ -135,10 +136,17 @@ def main(argv: list[str]) -> None:
         ratios.append(figures["p99_ratio"])
     result: dict[str, float | int | str] = {**totals, "keel_p99_ratio": max(ratios)}
     if args.oslo:
-        figures = importlib.import_module("bench.upgrade_oslo").run(args.clients, args.settle)
+        oslo_run = importlib.import_module("bench.upgrade_oslo").run
+        figures = oslo_run(args.clients, args.settle)
         rows.append({"run": "oslo-rabbit", **figures})
         result["oslo_failed"] = figures["failed"]
         result["oslo_lost"] = figures["lost"]
+        # The same unchanged oslo.messaging code, on Keel's driver: stop()/wait() drain.
+        figures = oslo_run(args.clients, args.settle, keel=True)
+        rows.append({"run": "oslo-api-keel-rabbit", **figures})
+        result["oslo_keel_failed"] = figures["failed"]
+        result["oslo_keel_lost"] = figures["lost"]
+        result["oslo_keel_duplicated"] = figures["duplicated"]
     columns = [
         "run",
         "calls",

@@ -2,7 +2,9 @@
 
 Three oslo.messaging RPC servers (threading executor) under calls and casts from client
 threads are replaced one by one the way OpenStack services are restarted today: stop(),
-wait(), start a new one of the next version under the same server name.
+wait(), start a new one of the next version under the same server name. The same code runs
+twice in one run: on oslo's own rabbit driver (``rabbit://``) and on Keel's driver
+(``keel+rabbit://``), whose stop() is Keel's drain.
 """
 
 from __future__ import annotations
@@ -17,14 +19,16 @@ from bench import _servers as servers
 from bench._upgrade import upgrade_figures
 
 
-def run(clients: int, settle: float) -> dict[str, Any]:
+def run(clients: int, settle: float, *, keel: bool = False) -> dict[str, Any]:
+    """The scenario on ``rabbit://`` (oslo's driver) or, with ``keel``, ``keel+rabbit://``."""
     import oslo_messaging as om  # noqa: PLC0415 - only when the anchor runs
     from oslo_config import cfg  # noqa: PLC0415
 
     conf = cfg.CONF  # oslo registers some options (tracing) on the global CONF only
     conf([], project="bench")
-    transport = om.get_rpc_transport(conf, url=servers.url("rabbit"))
-    topic = f"oslo-upgrade-{time.monotonic_ns()}"
+    url = servers.url("rabbit")
+    transport = om.get_rpc_transport(conf, url=f"keel+{url}" if keel else url)
+    topic = f"oslo-upgrade-{'keel-' if keel else ''}{time.monotonic_ns()}"
     executed: Counter[str] = Counter()
     lock = threading.Lock()
 

@@ -107,6 +107,49 @@ def keel_bodies(limit: int) -> list[tuple[str, bytes]]:
     ]  # fmt: skip
 
 
+WIDE = 500_000  # containers in a wide bomb (the issue's "1 MiB of 500k empty lists")
+
+
+def _array(items: list[bytes] | bytes, count: int | None = None) -> bytes:
+    body = items if isinstance(items, bytes) else b"".join(items)
+    n = count if count is not None else len(items)
+    return b"\xdd" + n.to_bytes(4, "big") + body
+
+
+def wide_bomb(count: int = WIDE, item: bytes = b"\x90") -> bytes:
+    """A cast whose one argument is ``count`` containers side by side (empty lists by
+    default): shallow and small enough for every size limit, costly to decode."""
+    return _with_args_raw(_array(item * count, count))
+
+
+def bomb_bodies() -> list[tuple[str, bytes]]:
+    """Wide container bombs of every shape a reader decodes: past `wire.MAX_CONTAINERS`."""
+    just_over = wire.MAX_CONTAINERS + 1
+    ctx = _ctx_array(extra={"x": msgspec.Raw(_array(b"\x90" * just_over, just_over))})
+    key_arrays = b"".join(
+        b"\x91" + b"\xce" + i.to_bytes(4, "big") + b"\xc0" for i in range(WIDE // 4)
+    )
+    return [
+        ("empty-lists", wide_bomb()),
+        ("empty-maps", wide_bomb(item=b"\x80")),
+        ("lists-of-one", wide_bomb(WIDE // 2, b"\x91\xc0")),
+        ("just-over", wide_bomb(just_over)),
+        ("in-the-context", _encode_request(ctx=ctx)),
+        ("array-map-keys", _with_args_raw(b"\xdf" + (WIDE // 4).to_bytes(4, "big") + key_arrays)),
+    ]  # fmt: skip
+
+
+def oslo_bomb_bodies() -> list[tuple[str, bytes]]:
+    """Wide JSON bombs, in both oslo envelope versions."""
+    lists = "[" + ",".join(["[]"] * (WIDE // 2)) + "]"
+    inner = ('{"message_id": "m", "publisher_id": "p", "event_type": "e", "priority": "INFO", '
+             '"timestamp": "t", "payload": ' + lists + "}")  # fmt: skip
+    return [
+        ("v1", inner.encode()),
+        ("v2", msgspec.json.encode({"oslo.version": "2.0", "oslo.message": inner})),
+    ]
+
+
 def request_bodies(limit: int) -> list[tuple[str, bytes]]:
     """Poison for a request queue: the Keel poison, plus valid Keel messages of another kind."""
     reply = wire.encode(wire.Reply(wire.ENVELOPE_VERSION, wire.new_id(), 1), 1 << 20)
@@ -186,4 +229,7 @@ def presence_bodies() -> list[tuple[str, bytes]]:
         ("bad-state", announce(state="x" * 10_000)),
         ("truncated", announce()[:10]),
         ("empty", b""),
-    ]
+        ("another-topic", announce(topic="not-t")),
+        ("too-large", announce(server="s" * 200, versions={f"n{i}": "1.0" for i in range(256)},
+                               state="x" * 32) + b"\x00" * (200 * 1024)),
+    ]  # fmt: skip

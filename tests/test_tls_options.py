@@ -33,7 +33,8 @@ def test_tls_is_on_by_scheme_or_url_never_by_environment_alone(
     assert on.ca == str(certs / "ca.pem")  # the environment fills what the URL leaves out
     assert _tls.tls_config(urls.parse(f"redis://h/0?ca={certs}/ca.pem")) is not None
     assert _tls.tls_config(urls.parse("redis://h/0?tls=true")) is not None
-    assert _tls.tls_config(urls.parse(f"redis://h/0?ca={certs}/ca.pem&tls=false")) is None
+    with pytest.raises(errors.ConfigError, match="contradicts"):  # never quietly plaintext
+        _tls.tls_config(urls.parse(f"redis://h/0?ca={certs}/ca.pem&tls=false"))
 
 
 def test_keywords_beat_the_url_which_beats_the_environment(

@@ -1,7 +1,8 @@
 # etcd v3 over https only, with client certificates required (--client-cert-auth) and etcd's
 # own auth on (user keel with a password, and root), one member on 127.0.0.1: client port
 # KEEL_ETCD_TLS_PORT (default 30056), peer port 30057 (plain, loopback). Certificates from
-# tests/tls_certs.py in $KEEL_TLS_DIR.
+# tests/tls_certs.py in $KEEL_TLS_DIR. Simple tokens live KEEL_ETCD_TLS_TOKEN_TTL seconds
+# (default 3, etcd's is 300): short, so the tests see tokens expire under a coordinator.
 # shellcheck source=_tls.sh
 source "$here/servers.d/_tls.sh"
 ETCDT_PORT="${KEEL_ETCD_TLS_PORT:-30056}"
@@ -19,6 +20,7 @@ srv_launch() {
         --initial-cluster-state new --initial-cluster-token "keel-tls-$ETCDT_PORT" \
         --cert-file "$TLS_DIR/server.pem" --key-file "$TLS_DIR/server.key" \
         --trusted-ca-file "$TLS_DIR/ca.pem" --client-cert-auth --auth-token simple \
+        --auth-token-ttl "${KEEL_ETCD_TLS_TOKEN_TTL:-3}" \
         --log-level warn
 }
 etcdt_ctl() {

@@ -90,6 +90,16 @@ def serve(
     pool: Annotated[str, typer.Option(help="Queue (pool) name the hub consumes.")] = "keel-hub",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port (0 picks a free one).")] = 8780,
+    zaqar_key: Annotated[
+        Path | None,
+        typer.Option(
+            help="File holding the Zaqar API's signed-URL secret (every hub process sharing "
+            "a store needs the same; default: a new one per process)."
+        ),
+    ] = None,
+    zaqar_confirm: Annotated[
+        bool, typer.Option(help="Zaqar subscribers must confirm before they get messages.")
+    ] = False,
     tls_cert: Annotated[
         Path | None,
         typer.Option(help="Serve HTTPS with this certificate chain (PEM); needs --tls-key."),
@@ -123,6 +133,8 @@ def serve(
         oslo_exchanges=oslo_exchange or ("openstack",),
         oslo_durable=oslo_durable,
         pool=pool,
+        zaqar_key=zaqar_key,
+        zaqar_confirm=zaqar_confirm,
         tls_cert=tls_cert,
         tls_key=tls_key,
     )

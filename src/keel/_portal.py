@@ -38,6 +38,8 @@ class Portal:
         if self.loop.is_running():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(5)
+        if not self.loop.is_running() and not self.loop.is_closed():
+            self.loop.close()  # its self-pipe sockets, not left to the garbage collector
 
 
 _portal: Portal | None = None

@@ -32,7 +32,7 @@ import redis.asyncio as aioredis
 from redis import exceptions as rexc
 from redis.asyncio.sentinel import Sentinel
 
-from keel._tls import TLSConfig, credentials_rejected, tls_config, tls_failure
+from keel._tls import TLS_OPTIONS, TLSConfig, credentials_rejected, tls_config, tls_failure
 from keel.errors import ConfigError, KeelError
 from keel.urls import URL
 
@@ -43,6 +43,7 @@ ALONE_RECHECK_S = 2.0  # a primary found without replicas is asked again after t
 _SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 _TLS_SCHEMES = ("rediss", "rediss+sentinel")
 OPTIONS = ("sentinel_username", "sentinel_password", "wait_replicas")
+URL_OPTIONS = frozenset({*OPTIONS, *TLS_OPTIONS})  # every Redis URL knows these
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ before any work is accepted, and neither message ever holds a password or a key.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -44,6 +45,7 @@ log = logging.getLogger("keel.tls")
 TLS_OPTIONS = ("tls", "ca", "cert", "key", "verify")
 _VERIFY = ("full", "ca", "none")
 _TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 # OpenSSL verify codes (X509_V_ERR_*) -> reason.
 _VERIFY_CODES = {
@@ -61,6 +63,7 @@ _VERIFY_CODES = {
 _TEXTS = (
     ("CERTIFICATE_EXPIRED", "client-cert-expired"),  # the server's alert about our cert
     ("certificate has expired", "expired"),
+    ("certificate is not yet valid", "not-yet-valid"),
     ("TLSV1_ALERT_UNKNOWN_CA", "client-cert-rejected"),
     ("BAD_CERTIFICATE", "client-cert-rejected"),
     ("ALERT_CERTIFICATE_UNKNOWN", "client-cert-rejected"),  # Java's word for it
@@ -160,20 +163,45 @@ class TLSConfig:
 def _flag(value: Any) -> bool:
     if isinstance(value, bool):
         return value
-    return str(value).strip().lower() in _TRUE
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError(f"TLS option tls={value!r}: expected true or false")
 
 
 def tls_config(
     url: URL, options: Mapping[str, Any] | None = None, *, secure_scheme: bool = False
 ) -> TLSConfig | None:
     """The TLS options of a backend URL (keywords over URL query over ``KEEL_TLS_*``), or
-    None when TLS is off for it (see the module docstring for when it is on)."""
+    None when TLS is off for it (see the module docstring for when it is on).
+
+    Contradictions are refused, never resolved quietly toward plaintext: ``tls=false`` on a
+    TLS scheme (``rediss://...?tls=false``) or beside ``ca``/``cert``/``key``, and
+    ``verify=none`` beside a ``ca`` it would ignore, are `ConfigError`s."""
     given = {k: v for k, v in url.options.items() if k in TLS_OPTIONS}
     given.update({k: v for k, v in (options or {}).items() if k in TLS_OPTIONS and v is not None})
     on = secure_scheme or "ca" in given or "cert" in given
     if "tls" in given:
         on = _flag(given["tls"])
+        if not on and secure_scheme:
+            raise ConfigError(
+                f"{url.redacted()}: tls=false contradicts the {url.scheme}:// scheme, which "
+                "means TLS; use the plaintext scheme to turn TLS off"
+            )
+        files = [name for name in ("ca", "cert", "key") if name in given]
+        if not on and files:
+            raise ConfigError(
+                f"{url.redacted()}: tls=false contradicts {', '.join(f'{n}=' for n in files)}; "
+                "drop one"
+            )
     if not on:
+        if "key" in given or "verify" in given:
+            raise ConfigError(
+                f"{url.redacted()}: {'key' if 'key' in given else 'verify'}= means TLS, but "
+                "TLS is off for this URL: use the TLS scheme, tls=true or ca="
+            )
         return None
     values: dict[str, str | None] = {}
     for name in ("ca", "cert", "key", "verify"):
@@ -184,10 +212,15 @@ def tls_config(
     verify = (values["verify"] or "full").lower()
     if verify in _TRUE:
         verify = "full"
-    elif verify in ("0", "false", "no", "off"):
+    elif verify in _FALSE:
         verify = "none"
     if verify not in _VERIFY:
         raise ConfigError(f"TLS option verify={verify!r}: expected one of {', '.join(_VERIFY)}")
+    if verify == "none" and "ca" in given and "verify" in given:
+        raise ConfigError(
+            f"{url.redacted()}: verify=none ignores ca=: drop one (verify=ca checks the CA "
+            "without the host name)"
+        )
     config = TLSConfig(values["ca"], values["cert"], values["key"], verify)
     config.context()  # a bad file is a ConfigError now, before anything connects
     return config
@@ -257,6 +290,24 @@ def credentials_rejected(
         server=server,
         user=user,
     )
+
+
+async def hidden_refusal(
+    exc: BaseException, host: str, port: int, config: TLSConfig | None, *, backend: str, server: str
+) -> TLSError | None:
+    """The `TLSError` behind a TLS connect that failed with a bare reset, or None. Under TLS
+    1.3 a server refuses a client certificate after the handshake: a client that writes at
+    once (an AMQP header) may get the server's reset instead of its alert, so one `diagnose`
+    probe, which reads first, tells which."""
+    if config is None:
+        return None
+    chain = _chain(exc)  # aiormq says "Server connection reset: ConnectionResetError(...)"
+    if not any(
+        isinstance(e, ConnectionResetError) or "ConnectionResetError" in str(e) for e in chain
+    ):
+        return None
+    reason = await asyncio.to_thread(diagnose, host, port, config)
+    return None if reason is None else tls_error(reason, backend=backend, server=server)
 
 
 def diagnose(

@@ -16,6 +16,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,  # click's help wraps words at the terminal width; rich's cut them
+    pretty_exceptions_show_locals=False,  # locals hold URLs with their passwords
 )
 
 app.add_typer(agent_app, name="agent")

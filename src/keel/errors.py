@@ -77,8 +77,9 @@ class CallTimeout(MessagingError, TimeoutError):
 class RemoteError(MessagingError):
     """The remote endpoint raised an exception the caller did not register as allowed.
 
-    Fields: ``exc_type`` (``module.Class`` of the remote exception), ``remote_message`` and
-    ``remote_traceback`` (for logs; never shown to end users).
+    Fields: ``exc_type`` (``module.Class`` of the remote exception), ``remote_message``,
+    ``remote_traceback`` (for logs; never shown to end users), ``remote_args`` and
+    ``remote_kwargs`` (the exception's plain arguments, ``[]``/``{}`` when none crossed).
     """
 
 

@@ -138,6 +138,10 @@ class Notifier:
     def sample(self, ctx: RequestContext | None, event_type: str, payload: Any) -> None:
         self.notify(ctx, event_type, payload, "sample")
 
+    def flush(self) -> None:
+        """With ``window=``: return once the broker holds every notification sent."""
+        self._portal.run(self._async.flush())
+
 
 class NotificationListener:
     """Blocking `keel.messaging.NotificationListener`."""

@@ -15,16 +15,27 @@ Reading is total and bounded: a decoder either returns its Struct or raises
 `MalformedMessage` (field ``problem`` says which bound or check failed), never a
 `RecursionError`, `OverflowError`, `MemoryError` or a msgspec error. A body over the reader's
 size limit is refused before a byte of it is parsed; nesting is bounded during parsing
-(msgspec's recursion guard) and then to `MAX_DEPTH`, checked only when the body holds enough
-container markers to nest that deep, so small messages pay one ``bytes.translate``; integer
-fields carry the ranges Keel writes (msgspec ``Meta`` constraints, checked in C).
+(msgspec's recursion guard) and then to `MAX_DEPTH`, and a message holds at most
+`MAX_CONTAINERS` lists and maps, both checked only when the body holds enough container
+markers to exceed them, so small messages pay one ``bytes.translate``; integer fields carry
+the ranges Keel writes (msgspec ``Meta`` constraints, checked in C).
+
+What a hostile body costs the reader is bounded by its size: a body with many container
+markers (a "wide bomb", a megabyte of empty lists) is decoded with the cyclic garbage
+collector paused (it would otherwise walk every new list several times over, ten times the
+cost of the decoding) and checked level by level in C (`gc.get_referents`), never one Python
+step per value.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import operator
 import random
 import time
-from itertools import chain
+from collections.abc import Iterator
+from itertools import compress, repeat
 from typing import Annotated, Any, TypeVar
 
 import msgspec
@@ -41,6 +52,7 @@ FANOUT = 3
 NOTIFY = 4
 
 MAX_DEPTH = 64  # containers a value (argument, result, payload, context extra) may nest
+MAX_CONTAINERS = 100_000  # lists and maps (arrays and objects) one message may hold in all
 
 # What the reader accepts in the envelope's own fields: what Keel writes, nothing a hostile
 # writer could use to overflow, pin a deadline or flood a metric.
@@ -121,6 +133,10 @@ class Request(msgspec.Struct, array_like=True, omit_defaults=True):
     reply_to: str | None = None
     server: str | None = None  # the named server a request was addressed to, if any
     attempt: _Attempt = 1
+    # A call's monitor window (seconds): the server sends a heartbeat at least this often
+    # while the method runs, and the caller gives up after a window without one. Not bounded
+    # here: the server honours only a positive, finite window and ignores any other.
+    monitor: float | None = None
 
 
 class Failure(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -141,6 +157,7 @@ class Reply(msgspec.Struct, array_like=True, omit_defaults=True):
     result: Any = None
     failure: Failure | None = None
     server: str | None = None
+    heartbeat: bool = False  # not the answer: the method still runs (see Request.monitor)
 
 
 class Notification(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -180,6 +197,20 @@ NOT_MSGPACK_OPENERS = bytes(b for b in range(256) if b not in _MSGPACK_OPENERS)
 NOT_JSON_OPENERS = bytes(b for b in range(256) if b not in b"[{")
 INT_MIN, INT_MAX = -(2**63), 2**64 - 1  # what msgpack carries
 _NESTED = (list, dict, tuple)
+_is_nested = frozenset(_NESTED).__contains__
+# Past this many container markers a body is decoded with the cyclic collector paused: a
+# megabyte of empty lists costs msgspec ~0.1 s, and the collections its allocations trigger
+# (each walking every list made so far) ten times that.
+COLLECTOR_PAUSE_OPENERS = 4096
+# While the collector is paused its first count rises by one per container the decoder makes
+# (lists, dicts, tuples, Structs; fewer when a free list is reused, never more): past
+# MAX_CONTAINERS and the few Structs of an envelope, a body is refused without a walk.
+_OWN_OBJECTS = 8
+
+
+def openers(data: bytes, not_openers: bytes) -> int:
+    """How many bytes of ``data`` could open a container: at least as many as it holds."""
+    return len(data.translate(None, not_openers))
 
 
 def may_nest(data: bytes, not_openers: bytes, limit: int = MAX_DEPTH) -> bool:
@@ -188,33 +219,64 @@ def may_nest(data: bytes, not_openers: bytes, limit: int = MAX_DEPTH) -> bool:
     False proves it cannot (every level needs one opener byte); True only means a walk of the
     decoded value must tell (strings and wide containers hold openers too).
     """
-    return len(data) > limit and len(data.translate(None, not_openers)) > limit
+    return len(data) > limit and openers(data, not_openers) > limit
+
+
+@contextlib.contextmanager
+def collector_paused(paused: bool = True) -> Iterator[None]:
+    """Pause the cyclic garbage collector for a bounded piece of work (decoding one body).
+
+    What is made meanwhile is still freed by reference counting; only the collections that
+    its allocations would trigger are skipped. Left enabled if someone else disabled it.
+    """
+    if not paused or not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def bounds_problem(
+    values: list[tuple[Any, int]], *, ints: bool = False, budget: int = MAX_CONTAINERS
+) -> str | None:
+    """What is wrong with decoded free-form ``values`` (each with its depth limit), if anything:
+    ``"depth"`` if one nests more than its limit (map keys count), ``"containers"`` if they
+    hold more than ``budget`` lists, maps and tuples in all, ``"range"`` if ``ints`` and an
+    integer is outside what msgpack carries; else None.
+
+    Breadth first, one level at a time, each level in C (``gc.get_referents`` and
+    ``itertools.compress``): never a recursion, never one Python step per value.
+    """
+    for value, limit in values:
+        level = [value]
+        depth = 0
+        while level:
+            if ints:
+                found = list(compress(level, map(operator.is_, map(type, level), repeat(int))))
+                if found and (min(found) < INT_MIN or max(found) > INT_MAX):
+                    return "range"
+            level = list(compress(level, map(_is_nested, map(type, level))))
+            if not level:
+                break
+            depth += 1
+            budget -= len(level)
+            if depth > limit:
+                return "depth"
+            if budget < 0:
+                return "containers"
+            # A list's or tuple's items; a dict's values (and its keys unless all are str).
+            level = gc.get_referents(*level)
+    return None
 
 
 def nesting_problem(value: Any, limit: int = MAX_DEPTH, *, ints: bool = False) -> str | None:
     """``"depth"`` if ``value`` nests more than ``limit`` containers deep (map keys count),
-    ``"range"`` if ``ints`` and an integer is outside what msgpack carries, else None.
-
-    Iterative, so as deep as the value is, it never recurses.
-    """
-    if ints and type(value) is int:
-        return None if INT_MIN <= value <= INT_MAX else "range"
-    if type(value) not in _NESTED:
-        return None
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    push = stack.append
-    while stack:
-        node, depth = stack.pop()
-        if depth > limit:
-            return "depth"
-        # Iterating a dict gives its keys: map keys decode as tuples and nest too.
-        for part in chain(node, node.values()) if type(node) is dict else node:
-            kind = type(part)
-            if kind in _NESTED:
-                push((part, depth + 1))
-            elif ints and kind is int and not INT_MIN <= part <= INT_MAX:
-                return "range"
-    return None
+    ``"containers"`` if it holds more than `MAX_CONTAINERS`, ``"range"`` if ``ints`` and an
+    integer is outside what msgpack carries, else None (see `bounds_problem`)."""
+    return bounds_problem([(value, limit)], ints=ints)
 
 
 def _values(message: Request | Reply | Notification) -> list[tuple[Any, int]]:
@@ -227,10 +289,6 @@ def _values(message: Request | Reply | Notification) -> list[tuple[Any, int]]:
             found.append((message.failure.fields, MAX_DEPTH + 1))
         return found
     return [(message.payload, MAX_DEPTH), (message.ctx.extra, MAX_DEPTH + 1)]
-
-
-def _too_deep(message: Request | Reply | Notification) -> bool:
-    return any(nesting_problem(value, limit) for value, limit in _values(message))
 
 
 def encode(message: Request | Reply | Notification, limit: int) -> bytes:
@@ -252,14 +310,22 @@ def encode(message: Request | Reply | Notification, limit: int) -> bytes:
             limit=limit,
         )
     # The reader refuses what nests deeper than MAX_DEPTH: say so here, to the sender.
-    if may_nest(data, NOT_MSGPACK_OPENERS):
+    found = openers(data, NOT_MSGPACK_OPENERS) if len(data) > MAX_DEPTH else 0
+    if found > MAX_DEPTH:
         try:
-            as_read = _decoders[type(message)].decode(data)
+            with collector_paused(found > COLLECTOR_PAUSE_OPENERS):
+                problem = bounds_problem(_values(_decoders[type(message)].decode(data)))
         except msgspec.ValidationError as exc:  # e.g. a context deadline out of range
             raise SerializationError(
                 f"cannot send this message, readers refuse it: {exc}"
             ) from None
-        if _too_deep(as_read):
+        if problem == "containers":
+            raise SerializationError(
+                f"cannot send a message holding more than {MAX_CONTAINERS} lists and maps "
+                "(readers refuse it); send a reference or split it",
+                limit=MAX_CONTAINERS,
+            )
+        if problem is not None:
             raise _too_deep_to_send()
     return data
 
@@ -403,25 +469,40 @@ _Message = TypeVar("_Message", Request, Reply, Notification)
 def _decode_message(
     decoder: msgspec.msgpack.Decoder[_Message], data: bytes, what: str, limit: int | None
 ) -> _Message:
-    """`decode_bounded`, then `MAX_DEPTH` for the free-form values. Runs on every message:
-    the size check and the opener count are cheap, the walk rare."""
+    """`decode_bounded`, then `MAX_DEPTH` and `MAX_CONTAINERS` for the free-form values. Runs
+    on every message: the size check and the opener count are cheap, the walk rare."""
     if limit is not None and len(data) > limit:
         raise oversize(what, len(data), limit)
-    try:
-        message = decoder.decode(data)
-    except Exception as exc:
-        raise _unreadable(data, what, exc) from None
-    if (
-        len(data) > MAX_DEPTH
-        and len(data.translate(None, NOT_MSGPACK_OPENERS)) > MAX_DEPTH
-        and _too_deep(message)
-    ):
-        raise MalformedMessage(
-            f"not a Keel {what}: a value nests more than {MAX_DEPTH} containers deep",
-            problem="depth",
-            size=len(data),
-        )
+    found = openers(data, NOT_MSGPACK_OPENERS) if len(data) > MAX_DEPTH else 0
+    many = found > COLLECTOR_PAUSE_OPENERS
+    with collector_paused(many):
+        made = gc.get_count()[0]
+        try:
+            message = decoder.decode(data)
+        except Exception as exc:
+            raise _unreadable(data, what, exc) from None
+        problem = None
+        if many and gc.get_count()[0] - made > MAX_CONTAINERS + _OWN_OBJECTS:
+            problem = "containers"  # counted by the allocator, no walk needed
+        elif found > MAX_DEPTH:
+            problem = bounds_problem(_values(message))
+        if problem is not None:
+            del message  # freed here, with the collector still paused
+            raise bounds_error(f"not a Keel {what}", problem, len(data))
     return message
+
+
+def bounds_error(what: str, problem: str, size: int) -> MalformedMessage:
+    """The `MalformedMessage` for a `bounds_problem` of a body that reads as ``what``."""
+    return MalformedMessage(f"{what}: {bounds_reason(problem)}", problem=problem, size=size)
+
+
+def bounds_reason(problem: str) -> str:
+    if problem == "containers":
+        return f"holds more than {MAX_CONTAINERS} lists and maps"
+    if problem == "range":
+        return "an integer is outside the 64 bits Keel carries"
+    return f"a value nests more than {MAX_DEPTH} containers deep"
 
 
 def decode_request(data: bytes, limit: int | None = None) -> Request:

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 from agent_helpers import AgentProcess
-from hostile_peer import ATTACKS
+from hostile_peer import ATTACKS, PARALLEL
 
 from keel.agent import AgentClient
+from keel.agent._protocol import DEFAULT_MAX_FRAME
 from keel.errors import (
     AgentError,
     AgentTimeout,
@@ -158,7 +159,9 @@ KEEL_ERRORS: dict[str, type[AgentError] | tuple[type[AgentError], ...]] = {
     "flood_disconnect": (ProtocolError, AgentUnavailable),
     "parallel_stalls": AgentTimeout,
 }
-CLIENT_GROWTH = {"parallel_stalls": 64 * MiB}
+# Thirty clients each stalled mid-frame may each hold up to one frame, which is legitimate; the
+# bound is that and the usual slack, not more (a client that kept the frames would exceed it).
+CLIENT_GROWTH = {"parallel_stalls": PARALLEL * DEFAULT_MAX_FRAME + 24 * MiB}
 
 
 @contextlib.asynccontextmanager
@@ -192,12 +195,16 @@ async def attack_once(url: str, qga: bool) -> BaseException | None:
     else:
         error = None
     try:
-        # The same client recovers: at most one more typed failure (the channel the attack
-        # broke), then it answers again, on a resynced or a new channel.
-        try:
-            await client.ping()
-        except AgentError:
-            await client.ping()
+        # The same client recovers: a few more typed failures at most (the channel the attack
+        # broke; with 30 attacks in parallel on a loaded machine, a resync can itself run into
+        # the hostile peer's stalled writes), then it answers again, on a resynced or new channel.
+        for attempt in range(4):
+            try:
+                await client.ping()
+                break
+            except AgentError:
+                if attempt == 3:
+                    raise
     finally:
         await client.close()
     return error

@@ -72,6 +72,7 @@ async def test_broker_restart_under_load(broker: tuple[str, str], topic: str) ->
     client = RPCClient(client_t, Target(topic), timeout=5)
     notifier = Notifier(client_t, "loadgen", topics=[topic + "-n"])
     casts: set[int] = set()
+    casts_after: set[int] = set()  # confirmed once the broker was back
     notes: set[int] = set()
     calls = {"ok": 0, "retryable": 0, "ok_after_restart": 0}
     unexpected: list[BaseException] = []
@@ -85,6 +86,8 @@ async def test_broker_restart_under_load(broker: tuple[str, str], topic: str) ->
             try:
                 await client.cast(None, "record", value=i)
                 casts.add(i)
+                if restarted.is_set():
+                    casts_after.add(i)
             except errors.TransportError:
                 pass  # not confirmed: the contract promises nothing for it
             try:
@@ -114,7 +117,12 @@ async def test_broker_restart_under_load(broker: tuple[str, str], topic: str) ->
     assert unexpected == []
     await eventually(lambda: casts <= endpoint.values, timeout=90)
     await eventually(lambda: notes <= sink.values, timeout=90)
-    assert len(casts) > 50
+    # Nothing lost means something only if casts were confirmed on both sides of the restart.
+    # Counted in rounds of the load, not per second, so a loaded machine (fewer rounds in the
+    # 1.5 s before the restart) does not fail it: the restart hit a running load, and after
+    # it casts were confirmed in at least half the rounds whose calls succeeded.
+    assert len(casts) - len(casts_after) >= 5
+    assert len(casts_after) >= calls["ok_after_restart"] // 2
     await listener.stop()
     await server.stop()
     await client_t.close()

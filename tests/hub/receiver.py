@@ -29,6 +29,7 @@ class Receiver:
         self.answer = answer
         self.tls = tls
         self.requests: list[Received] = []
+        self.connections = 0  # accepted TCP connections, requests or not
         self.arrived = asyncio.Event()
         self._server: asyncio.Server | None = None
 
@@ -51,6 +52,7 @@ class Receiver:
         await self._server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")

@@ -70,6 +70,10 @@ def keystone() -> str:
 
 @pytest.fixture
 async def tenant(keystone: str) -> Tenant:
+    return await make_tenant(keystone)
+
+
+async def make_tenant(keystone: str) -> Tenant:
     """A fresh project with a member user, made through Keystone's API as an operator would."""
     async with httpx.AsyncClient(base_url=keystone, timeout=30) as c:
         login = password_auth("admin", "keel-admin", None)

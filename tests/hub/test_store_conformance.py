@@ -213,3 +213,105 @@ async def test_bodies_shared_by_queues_outlive_retention_and_deletes_of_others(
     await store.append([Routed("e7", ev(7), ("a",))], now=NOW + 26)
     _, messages = await store.read("a", after=0, limit=10)
     assert [msgspec.json.decode(bytes(m.event))["n"] for m in messages] == [5, 7]
+
+
+# --- per-message life, claims by id, stats, updates (the primitives the Zaqar API uses) ---
+
+
+async def test_ttl_expires_a_message_for_claims_and_live_listings(store: Store) -> None:
+    await make_sub(store, "a")
+    await store.append([Routed("e1", ev(1), ("a",), ttl=60), Routed("e2", ev(2), ("a",))], now=NOW)
+    assert [m.seq for m in await store.live("a", after=0, limit=10, now=NOW + 59)] == [1, 2]
+    assert [m.seq for m in await store.live("a", after=0, limit=10, now=NOW + 60)] == [2]
+    assert await store.get_messages("a", [1, 2], now=NOW + 61) == [
+        (await store.get_messages("a", [2], now=NOW + 61))[0]
+    ]
+    claim = await store.claim("a", limit=10, ttl=30, now=NOW + 61, max_deliveries=5)
+    assert claim is not None
+    assert [m.seq for m in claim.messages] == [2]
+    # Replay still shows the expired message until retention drops it.
+    _, msgs = await store.read("a", after=0, limit=10)
+    assert [m.seq for m in msgs] == [1, 2]
+    assert msgs[0].expires_at == NOW + 60
+    assert msgs[1].expires_at is None
+
+
+async def test_delay_hides_a_message_until_it_passes(store: Store) -> None:
+    await make_sub(store, "a")
+    await store.append([Routed("e1", ev(1), ("a",), delay=30)], now=NOW)
+    assert await store.live("a", after=0, limit=10, now=NOW + 29) == []
+    delayed = await store.live("a", after=0, limit=10, now=NOW + 29, delayed=True)
+    assert [m.seq for m in delayed] == [1]
+    assert await store.claim("a", limit=1, ttl=30, now=NOW + 29, max_deliveries=5) is None
+    stats = await store.stats("a", now=NOW + 29)
+    assert (stats.free, stats.claimed, stats.delayed) == (0, 0, 1)
+    assert await store.claim("a", limit=1, ttl=30, now=NOW + 30, max_deliveries=5) is not None
+
+
+async def test_claim_grace_keeps_held_messages_alive(store: Store) -> None:
+    await make_sub(store, "a")
+    await store.append([Routed("e1", ev(1), ("a",), ttl=60), Routed("e2", ev(2), ("a",))], now=NOW)
+    claim = await store.claim("a", limit=10, ttl=100, grace=50, now=NOW, max_deliveries=5)
+    assert claim is not None
+    held = {m.seq: m.expires_at for m in claim.messages}
+    assert held == {1: NOW + 150, 2: None}  # a message that never expires does not start to
+    assert await store.extend("a", claim.id, ttl=200, grace=60, now=NOW + 10) == NOW + 210
+    again = await store.get_claim("a", claim.id, now=NOW + 20)
+    assert (again.ttl, again.created_at) == (200, NOW)
+    assert {m.seq: m.expires_at for m in again.messages} == {1: NOW + 270, 2: None}
+
+
+async def test_live_listing_with_and_without_claimed(store: Store) -> None:
+    await make_sub(store, "a")
+    await store.append([Routed(f"e{n}", ev(n), ("a",)) for n in range(1, 5)], now=NOW)
+    claim = await store.claim("a", limit=2, ttl=30, now=NOW, max_deliveries=5)
+    assert claim is not None
+    assert [m.seq for m in await store.live("a", after=0, limit=10, now=NOW)] == [3, 4]
+    both = await store.live("a", after=0, limit=10, now=NOW, claimed=True)
+    assert [(m.seq, m.claimed(NOW)) for m in both] == [(1, True), (2, True), (3, False), (4, False)]
+    assert [m.seq for m in await store.live("a", after=1, limit=2, now=NOW, claimed=True)] == [2, 3]
+    # Once the claim expires its messages are free again.
+    assert [m.seq for m in await store.live("a", after=0, limit=10, now=NOW + 31)] == [1, 2, 3, 4]
+    stats = await store.stats("a", now=NOW)
+    assert (stats.free, stats.claimed, stats.total) == (2, 2, 4)
+    assert stats.oldest is not None
+    assert stats.oldest.seq == 1
+    assert stats.newest is not None
+    assert stats.newest.seq == 4
+
+
+async def test_delete_messages_by_seq_and_all(store: Store) -> None:
+    await make_sub(store, "a")
+    await store.append([Routed(f"e{n}", ev(n), ("a",)) for n in range(1, 6)], now=NOW)
+    claim = await store.claim("a", limit=1, ttl=30, now=NOW, max_deliveries=5)
+    assert claim is not None
+    # Seq 1 is held: an unclaimed-only delete skips it, a plain one does not.
+    assert await store.delete_messages("a", [1, 2], now=NOW, unclaimed_only=True) == 1
+    assert await store.delete_messages("a", [1, 2], now=NOW, unclaimed_only=False) == 1
+    assert [m.seq for m in await store.live("a", after=0, limit=10, now=NOW)] == [3, 4, 5]
+    assert await store.delete_messages("a", None, now=NOW, unclaimed_only=False) == 3
+    assert (await store.stats("a", now=NOW)).total == 0
+    with pytest.raises(NotFound):
+        await store.get_claim("a", "clm-nope", now=NOW)
+    # The claim lives on, holding nothing.
+    assert (await store.get_claim("a", claim.id, now=NOW)).messages == []
+    with pytest.raises(ClaimExpired):
+        await store.get_claim("a", claim.id, now=NOW + 30)
+
+
+async def test_update_subscription_replaces_what_its_creator_set(store: Store) -> None:
+    sub = await make_sub(store, "a")
+    await store.append([Routed("e1", ev(1), ("a",))], now=NOW)
+    sub.meta = {"name": "jobs", "metadata": {"k": 1}}
+    sub.parent = "b"
+    sub.expires_at = NOW + 60
+    sub.retention = Retention(max_age_s=None, max_messages=1)
+    await store.update_subscription(sub)
+    got = await store.get_subscription("a")
+    assert (got.meta, got.parent, got.expires_at) == (sub.meta, "b", NOW + 60)
+    assert got.last_seq == 1  # the store's own fields are kept
+    await store.append([Routed(f"e{n}", ev(n), ("a",)) for n in (2, 3)], now=NOW)
+    assert (await store.get_subscription("a")).first_seq == 3  # the new retention applies
+    gone = Subscription(id="nope", project="p", user="u", spec={}, created_at=NOW)
+    with pytest.raises(NotFound):
+        await store.update_subscription(gone)

@@ -15,7 +15,7 @@ import trustme
 
 from keel.errors import UnsafeWebhookTarget
 from keel.hub import CloudEvent, Hub, Principal, StaticTokens, Store
-from keel.hub._webhooks import check_target, sign, verify
+from keel.hub._webhooks import Resolver, check_target, sign, system_resolver, verify
 from tests.helpers import eventually
 from tests.hub.conftest import TOKENS
 from tests.hub.receiver import Receiver
@@ -126,25 +126,85 @@ async def test_retry_schedule_survives_a_hub_restart(make_hub: type[Hub]) -> Non
 @pytest.mark.parametrize(
     "url",
     [
-        "http://127.0.0.1:9/hook",
-        "http://localhost/hook",
-        "http://10.1.2.3/hook",
-        "http://192.168.0.1/hook",
-        "http://169.254.169.254/latest/meta-data",
-        "http://[::1]/hook",
-        "http://[fe80::1]/hook",
-        "http://0.0.0.0/hook",
         "ftp://example.org/hook",
         "http://user:pw@example.org/hook",
+        "http://@example.org/hook",
         "not a url",
+        "http:///hook",
+        # Numeric forms a resolver reads as 127.0.0.1 while a URL parser sees a name.
+        "http://2130706433/hook",
+        "http://0x7f.1/hook",
+        "http://127.1/hook",
+        "http://0177.0.0.1/hook",
+        "http://999.1.1.1/hook",
+        "http://[::1%25lo]/hook",  # zone ids
+        "http://[:::]/hook",
+        "http://example.org:0/hook",
+        "http://example.org:65536/hook",
+        "http://example.org/a b",
+        "http://example.org/\u00e9",
+        "http://exa\u00f1ple.org/hook",  # IDNs go as punycode (xn--)
+        "https://" + "a" * 2100 + ".org/",
     ],
 )
-async def test_unsafe_targets_are_refused(url: str, alice: httpx.AsyncClient) -> None:
-    with pytest.raises(UnsafeWebhookTarget):
-        await check_target(url, allow_private=False)
+async def test_malformed_urls_are_refused_at_creation(url: str, alice: httpx.AsyncClient) -> None:
     r = await alice.post("/v1/subscriptions", json={"webhook": {"url": url}})
-    assert r.status_code == 400
+    assert r.status_code == 400, r.text
     assert r.json()["error"]["code"] == "bad_request"
+
+
+NON_PUBLIC = [
+    "http://127.0.0.1:{port}/hook",
+    "http://localhost:{port}/hook",
+    "http://[::ffff:127.0.0.1]:{port}/hook",
+    "http://[::1]:{port}/hook",
+    "http://0.0.0.0:{port}/hook",
+    "http://10.1.2.3:{port}/hook",
+    "http://192.168.0.1:{port}/hook",
+    "http://169.254.169.254:{port}/latest/meta-data",
+    "http://[fe80::1]:{port}/hook",
+]
+
+
+@pytest.mark.parametrize("url", NON_PUBLIC)
+async def test_non_public_targets_are_refused_by_the_address_check(url: str) -> None:
+    with pytest.raises(UnsafeWebhookTarget):
+        await check_target(url.format(port=80), allow_private=False)
+
+
+async def test_a_non_public_target_is_accepted_at_creation_and_never_connected(
+    store: Store,
+) -> None:
+    """The form is checked at creation, the address on every connection: a loopback or
+    private target gets a subscription (201) and failed attempts on the retry schedule, and
+    not one connection, whatever name or literal form it takes."""
+    async with Receiver(lambda n, h, b: 200) as rx:
+        hub = resolving_hub(store, system_resolver)  # private targets not allowed
+        await hub.start()
+        try:
+            subs = [
+                await hub.create_subscription(ALICE, {"webhook": {"url": url.format(port=rx.port)}})
+                for url in NON_PUBLIC
+            ]
+            await hub.ingest(ev(1))
+            await eventually(lambda: hub.webhooks.attempts >= len(subs), timeout=10)
+            await asyncio.sleep(0.2)
+            assert rx.connections == 0
+            for sub in subs:
+                _, msgs = await hub.read(ALICE, sub.id, after=0, limit=None)
+                assert [m.state for m in msgs] == ["ready"], sub.webhook
+                assert msgs[0].deliveries >= 1
+        finally:
+            await hub.stop()
+
+
+async def test_a_name_is_not_looked_up_at_creation(alice: httpx.AsyncClient) -> None:
+    """Schema-valid names that do not resolve (yet) are accepted: DNS at creation proves
+    nothing about the connection, and would let a tenant make the hub resolve any name."""
+    for url in ("https://0.com", "https://hooks.keel.test/x", "http://a-b_c.example.:8080/?q=1#f"):
+        r = await alice.post("/v1/subscriptions", json={"webhook": {"url": url}})
+        assert r.status_code == 201, r.text
+        await alice.delete(f"/v1/subscriptions/{r.json()['id']}")
 
 
 async def test_a_webhook_subscription_cannot_be_claimed(make_hub: type[Hub]) -> None:
@@ -173,7 +233,7 @@ class Dns:
         return queue.pop(0) if len(queue) > 1 else queue[0]
 
 
-def resolving_hub(store: Store, dns: Dns, **options: Any) -> Hub:
+def resolving_hub(store: Store, dns: Resolver, **options: Any) -> Hub:
     return Hub(
         store,
         StaticTokens(TOKENS),
@@ -229,18 +289,19 @@ async def test_connects_only_to_the_address_it_resolved(store: Store) -> None:
             await hub.stop()
 
 
-async def test_a_name_rebound_to_loopback_gets_no_connection(store: Store) -> None:
+async def test_a_name_answering_loopback_among_public_gets_no_connection(store: Store) -> None:
     async with Receiver(lambda n, h, b: 200) as rx:
-        # Public when the subscription is created, loopback when the hub delivers.
-        dns = Dns({"hooks.keel.test": [["93.184.216.34"], ["127.0.0.1"]]})
+        # One public address and loopback in one answer (a rebinding server's trick): refused.
+        dns = Dns({"hooks.keel.test": [["93.184.216.34", "127.0.0.1"]]})
         hub = resolving_hub(store, dns)
         await hub.start()
         try:
             url = f"http://hooks.keel.test:{rx.port}/hook"
             sub = await hub.create_subscription(ALICE, {"webhook": {"url": url}})
+            assert dns.lookups == []  # none at creation
             await hub.ingest(ev(1))
             await eventually(lambda: hub.webhooks.attempts >= 2)
-            assert rx.requests == []
+            assert rx.connections == 0
             _, msgs = await hub.read(ALICE, sub.id, after=0, limit=None)
             assert [m.state for m in msgs] == ["ready"]  # kept for the retry schedule
         finally:

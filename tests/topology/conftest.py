@@ -1,26 +1,39 @@
-"""Clusters for the node-loss tests: each started once, by the first test that needs it, and
-stopped when its module is done (if this run started it), so that no more than one cluster
-loads the machine at a time."""
+"""Clusters for the topology tests: each started once per session, by the first test that
+needs it, and stopped (if this run started it) as soon as a test needs another one, so that
+one cluster at a time loads the machine. The tests are ordered so that every test of one
+cluster runs together: the TLS tests (single servers) first, then cluster by cluster, across
+modules (Redis under Sentinel serves both the messaging and the coordination node loss)."""
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import pytest
 
 from tests import servers
 
-
-@pytest.fixture(scope="module")
-def clusters() -> Iterator[list[str]]:
-    """Clusters used by this module; the test appends their names after starting them."""
-    used: list[str] = []
-    yield used
-    for name in used:
-        servers.release(name)
+_HERE = __file__.rsplit("/", 1)[0]
+_active: list[str] = []  # the cluster up now, if this session started it
 
 
-def cluster_url(used: list[str], name: str) -> str:
-    if name not in used:
-        used.append(name)
+def cluster_url(name: str) -> str:
+    """The cluster's URL, starting it if needed and stopping the one used before."""
+    if _active and _active[-1] != name:
+        servers.release(_active.pop())
+    if name not in _active:
+        _active.append(name)
     return servers.server_url(name)
+
+
+def _cluster_of(item: pytest.Item) -> str:
+    callspec = getattr(item, "callspec", None)
+    params = callspec.params if callspec is not None else {}
+    return str(params.get("cluster") or getattr(item.module, "CLUSTER", ""))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = [i for i, item in enumerate(items) if str(item.path).startswith(_HERE)]
+    if not here:
+        return
+    mine = [items[i] for i in here]
+    mine.sort(key=_cluster_of)  # stable: in module order within a cluster; "" (TLS) first
+    for i, item in zip(here, mine, strict=True):
+        items[i] = item

@@ -23,8 +23,8 @@ RECOVERY_BOUND_S = 45.0
 
 
 @pytest.mark.parametrize("cluster", CLUSTERS)
-async def test_a_node_lost_under_load(cluster: str, clusters: list[str]) -> None:
-    url = cluster_url(clusters, cluster)
+async def test_a_node_lost_under_load(cluster: str) -> None:
+    url = cluster_url(cluster)
     run = await lock_node_loss(url, cluster)
     outage = run.outage
     print(

@@ -28,10 +28,8 @@ pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
 CLUSTER = "postgres-replica"
 
 
-async def test_no_acknowledged_append_is_lost_when_the_primary_is_replaced(
-    clusters: list[str],
-) -> None:
-    url = cluster_url(clusters, CLUSTER)
+async def test_no_acknowledged_append_is_lost_when_the_primary_is_replaced() -> None:
+    url = cluster_url(CLUSTER)
     schema = f"t_{uuid.uuid4().hex[:10]}"
     store = PostgresStore(url, schema=schema, reconnect_max_s=0.5, connect_timeout=3)
     await store.open()

@@ -153,6 +153,9 @@ async def connect(
     factory, parsed = urls.resolve("coordination", url)
     member = member_id or f"{socket.gethostname()}:{os.getpid()}"
     opts = {**parsed.options, **options}
+    known = getattr(factory, "URL_OPTIONS", None)  # third-party backends may not say
+    if known is not None:
+        urls.check_options(parsed, known, options)
     backend = await cast(BackendFactory, factory).open(
         parsed, member_id=member, ttl=ttl, options=opts
     )

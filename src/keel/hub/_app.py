@@ -35,6 +35,7 @@ from keel.hub._sse import RAW_SEND, EventStreamResponse, StreamCursor
 from keel.hub._status import error_fields, keel_error
 from keel.hub._ws import websocket_stream
 from keel.hub.stores.base import Claim, Gap, Message, Subscription
+from keel.hub.zaqar import ZaqarConfig, zaqar_routes
 
 log = logging.getLogger("keel.hub.http")
 
@@ -367,7 +368,13 @@ class _App(Starlette):
         await super().__call__(scope, receive, send)
 
 
-def create_app(hub: Hub, *, heartbeat: float = 15.0, map_feed: MapFeed | None = None) -> Starlette:
+def create_app(
+    hub: Hub,
+    *,
+    heartbeat: float = 15.0,
+    map_feed: MapFeed | None = None,
+    zaqar: ZaqarConfig | None = None,
+) -> Starlette:
     hub.fanout.heartbeat = heartbeat
     api = Api(hub, heartbeat=heartbeat, map_feed=map_feed)
     s = "/v1/subscriptions/{sub_id}"
@@ -397,6 +404,7 @@ def create_app(hub: Hub, *, heartbeat: float = 15.0, map_feed: MapFeed | None = 
         await websocket_stream(websocket, hub)
 
     routes.append(WebSocketRoute(s + "/ws", ws))
+    routes += zaqar_routes(hub, zaqar)  # the Zaqar v2 face, over the same hub
     return _App(
         routes=routes,
         exception_handlers={HTTPException: _http_error, Exception: _server_error},

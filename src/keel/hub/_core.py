@@ -10,6 +10,12 @@ Tenancy: a principal sees only its own project's subscriptions; anything else is
 worded exactly as a subscription that does not exist. A subscription receives only events of
 its project, unless an admin created it with ``all_projects`` (then every event, including
 those with no tenant).
+
+Tees: a subscription with a ``parent`` gets a copy of every message committed to its parent's
+queue (by routing or by `commit`), one level deep; a subscription past its ``expires_at`` gets
+nothing and the retention sweep deletes it. Faces (the Zaqar API) add subscriptions they built
+themselves with `add_subscription` and commit to named queues with `commit`, through the same
+group commit as ingest.
 """
 
 from __future__ import annotations
@@ -44,11 +50,12 @@ from keel.hub._webhooks import (
     DEFAULT_BACKOFF,
     Dispatcher,
     Resolver,
-    check_target,
+    check_url,
     new_secret,
     system_resolver,
 )
 from keel.hub.stores.base import (
+    Appended,
     Claim,
     Gap,
     Message,
@@ -129,12 +136,24 @@ def check_limit(limit: int | None, default: int = 100) -> int:
 
 
 class _Route:
-    __slots__ = ("all_projects", "id", "key", "predicate", "project")
+    __slots__ = (
+        "all_projects",
+        "expires_at",
+        "id",
+        "key",
+        "parent",
+        "predicate",
+        "project",
+        "sub",
+    )
 
     def __init__(self, sub: Subscription) -> None:
         self.id = sub.id
+        self.sub = sub
         self.project = sub.project
         self.all_projects = sub.all_projects
+        self.parent = sub.parent
+        self.expires_at = sub.expires_at
         self.key: tuple[str, str] | None = None
         try:
             self.predicate: Predicate = compile_filter(sub.spec)
@@ -145,7 +164,8 @@ class _Route:
             self.predicate = lambda a: False
 
 
-_Pending = tuple[Routed, "asyncio.Future[None]"]
+# Each waiter learns the messages its event became (see `Hub.commit`).
+_Pending = tuple[Routed, "asyncio.Future[list[Appended]]"]
 
 
 class _FairQueue:
@@ -264,9 +284,9 @@ class Hub:
             resolver=webhook_resolver,
             verify=webhook_verify,
         )
-        self.webhook_resolver = webhook_resolver
         self._routes: dict[str, _Route] = {}
         self._by_tenant: dict[str | None, _TenantRoutes] | None = None  # rebuilt on change
+        self._tees: dict[str, list[_Route]] = {}  # parent id -> children, rebuilt with it
         self._pending = _FairQueue()
         self.commits_in_flight = store.append_concurrency
         self._tasks: list[asyncio.Task[None]] = []
@@ -359,6 +379,7 @@ class Hub:
             return
         else:
             self._routes[sub_id] = _Route(sub)
+            self.webhooks.remove(sub_id)  # its delivery task holds the old version
             self.webhooks.add(sub)
         self._by_tenant = None
 
@@ -372,32 +393,73 @@ class Hub:
     async def ingest(self, event: CloudEvent) -> None:
         """Return once ``event`` is committed to every matching queue."""
         body = encode_body(event)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[list[Appended]] = asyncio.get_running_loop().create_future()
         # Routed and encoded here, by the caller, so that the batcher has only the store to
         # wait for and this work overlaps the commit in flight.
         self._pending.put(event.tenant, (Routed(event.id, body, self.route(event)), fut))
         await fut
 
+    async def commit(self, items: Sequence[Routed]) -> list[list[Appended]]:
+        """Return, once every item is committed to the queues it names and to their tees (in
+        the same group commit as ingest, each in the fair share of its first queue's project;
+        each item is atomic, the list is not), the messages each item became (none for an
+        event id seen before)."""
+        loop = asyncio.get_running_loop()
+        futs: list[asyncio.Future[list[Appended]]] = []
+        for item in items:
+            fut: asyncio.Future[list[Appended]] = loop.create_future()
+            tees = self._with_tees(item.subscriptions)
+            routed = item
+            if len(tees) != len(item.subscriptions):
+                routed = Routed(item.event_id, item.body, tees, ttl=item.ttl, delay=item.delay)
+            first = self._routes.get(item.subscriptions[0]) if item.subscriptions else None
+            self._pending.put(first.project if first is not None else None, (routed, fut))
+            futs.append(fut)
+        return list(await asyncio.gather(*futs))
+
+    def _index(self) -> dict[str | None, _TenantRoutes]:
+        if self._by_tenant is None:
+            index: dict[str | None, _TenantRoutes] = {}
+            tees: dict[str, list[_Route]] = {}
+            for r in self._routes.values():
+                if r.parent is not None:
+                    tees.setdefault(r.parent, []).append(r)
+                else:
+                    tenant = None if r.all_projects else r.project
+                    index.setdefault(tenant, _TenantRoutes()).add(r)
+            self._by_tenant, self._tees = index, tees
+        return self._by_tenant
+
+    def _with_tees(self, ids: Sequence[str]) -> tuple[str, ...]:
+        self._index()
+        now = self.clock()
+        out = list(ids)
+        for sub_id in ids:
+            out.extend(
+                child.id
+                for child in self._tees.get(sub_id, ())
+                if child.expires_at is None or child.expires_at > now
+            )
+        return tuple(out)
+
     def route(self, event: CloudEvent) -> tuple[str, ...]:
-        """The subscriptions that get ``event``: its tenant's and the cross-project ones.
+        """The subscriptions that get ``event``: its tenant's and the cross-project ones (and
+        their tees).
 
         Only the subscriptions that can want it are matched: those whose filter requires an
         attribute value the event has (`index_key`), and those without such a key."""
-        if self._by_tenant is None:
-            index: dict[str | None, _TenantRoutes] = {}
-            for r in self._routes.values():
-                tenant = None if r.all_projects else r.project
-                index.setdefault(tenant, _TenantRoutes()).add(r)
-            self._by_tenant = index
+        by_tenant = self._index()
         attrs = event.attributes()
         out: list[str] = []
-        everyone = self._by_tenant.get(None)
+        everyone = by_tenant.get(None)
         if everyone is not None:
             everyone.match(attrs, out)
         if event.tenant is not None:
-            own = self._by_tenant.get(event.tenant)
+            own = by_tenant.get(event.tenant)
             if own is not None:
                 own.match(attrs, out)
+        if self._tees:
+            return self._with_tees(out)
         return tuple(out)
 
     async def _batcher(self) -> None:
@@ -419,7 +481,7 @@ class Hub:
             if commits:
                 await asyncio.wait(commits)
 
-    async def _commit(self, batch: list[tuple[Routed, asyncio.Future[None]]]) -> None:
+    async def _commit(self, batch: list[tuple[Routed, asyncio.Future[list[Appended]]]]) -> None:
         try:
             appended = await self.store.append([r for r, _ in batch], now=self.clock())
         except asyncio.CancelledError:
@@ -434,9 +496,12 @@ class Hub:
                     fut.set_exception(exc)
             return
         self.ingested += len(batch)
-        for _, fut in batch:
+        made: dict[str, list[Appended]] = {}
+        for a in appended:
+            made.setdefault(a.event_id, []).append(a)
+        for routed, fut in batch:
             if not fut.done():
-                fut.set_result(None)
+                fut.set_result(made.pop(routed.event_id, []))
         self.fanout.publish(appended)
         for sub_id in {a.subscription for a in appended}:
             self.webhooks.wake(sub_id)
@@ -446,8 +511,22 @@ class Hub:
             await asyncio.sleep(self.retention_interval)
             try:
                 await self.store.enforce_retention(now=self.clock())
+                await self._drop_expired()
             except Exception as exc:
                 log_event(log, logging.ERROR, "hub.retention_failed", error=repr(exc))
+
+    async def _drop_expired(self) -> None:
+        now = self.clock()
+        for r in [r for r in self._routes.values() if r.expires_at and r.expires_at <= now]:
+            self._forget(r.id)
+            with contextlib.suppress(NotFound):  # another hub process got there first
+                await self.store.delete_subscription(r.id)
+
+    def _forget(self, sub_id: str) -> None:
+        self._routes.pop(sub_id, None)
+        self._by_tenant = None
+        self.webhooks.remove(sub_id)
+        self.fanout.close_subscription(sub_id)
 
     # --- subscriptions --------------------------------------------------------------------
 
@@ -457,11 +536,8 @@ class Hub:
             raise Forbidden("only admins may create all_projects subscriptions")
         webhook = None
         if spec.webhook is not None:
-            await check_target(
-                spec.webhook.url,
-                allow_private=self.allow_private_webhooks,
-                resolver=self.webhook_resolver,
-            )
+            # Syntax only: the addresses are checked on every connection (see _webhooks).
+            check_url(spec.webhook.url)
             webhook = Webhook(spec.webhook.url, new_secret(), spec.webhook.mode)
         sub = Subscription(
             id="sub-" + new_id(),
@@ -474,11 +550,30 @@ class Hub:
             max_deliveries=spec.max_deliveries,
             created_at=self.clock(),
         )
+        await self.add_subscription(sub)
+        return sub
+
+    async def add_subscription(self, sub: Subscription) -> None:
+        """Create ``sub`` as built by a face (its id, filter, tee and webhook already checked),
+        within the project's quota; `Conflict` if its id exists."""
         await self.store.create_subscription(sub, quota=self.quota_subscriptions)
         self._routes[sub.id] = _Route(sub)
         self._by_tenant = None
         self.webhooks.add(sub)
-        return sub
+
+    async def update_subscription(self, sub: Subscription) -> None:
+        """Store a face's new version of ``sub`` (the same id and project) and route by it."""
+        await self.store.update_subscription(sub)
+        self._routes[sub.id] = _Route(sub)
+        self._by_tenant = None
+        self.webhooks.remove(sub.id)
+        self.webhooks.add(sub)
+
+    def known(self, sub_id: str) -> Subscription | None:
+        """The subscription as this process routes by it (kept current across processes by
+        the store's change notifications), or None: a read that needs no store round trip."""
+        r = self._routes.get(sub_id)
+        return r.sub if r is not None else None
 
     async def subscription(self, who: Principal, sub_id: str) -> Subscription:
         try:

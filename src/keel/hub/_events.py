@@ -16,8 +16,6 @@ of the event type (``volume_id`` for ``volume.create.end``), then ``instance_id`
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -39,15 +37,36 @@ _STRING_ATTRIBUTES = ("id", "source", "type", "subject", "time", "priority", "te
 _KNOWN = frozenset(
     ("specversion", "data", "data_base64", "time", *_REQUIRED, *_OPTIONAL, "extensions")
 )
-_EXTENSION_NAME = re.compile(r"[a-z0-9]{1,20}")
-# RFC 3339 (ASCII digits; the seconds fraction optional; Z or an offset), checked before
-# datetime parses it, since fromisoformat also takes ISO 8601 forms RFC 3339 does not.
-_RFC3339 = re.compile(
-    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
-    r"([Zz]|[+-][0-9]{2}:[0-9]{2})"
+EXTENSION_NAME = "^[a-z0-9]{1,20}$"
+_EXTENSION_NAME = re.compile(EXTENSION_NAME)
+# RFC 3339 exactly, as a regular expression the OpenAPI document carries too: real calendar
+# dates (leap years included, year 0000 excluded), hours 00-23, seconds 00-59, a fraction of
+# 1-9 digits, Z or an offset under 24 hours. ASCII digits only.
+_YEAR = "(?:[0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)"
+_LEAP = "(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)"
+_DATE = (
+    f"(?:{_YEAR}-(?:(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])|(?:0[13-9]|1[0-2])-(?:29|30)"
+    f"|(?:0[13578]|1[02])-31)|{_LEAP}-02-29)"
 )
+_HOURS = "(?:[01][0-9]|2[0-3])"
+TIME_PATTERN = (
+    f"^{_DATE}[Tt]{_HOURS}:[0-5][0-9]:[0-5][0-9](?:[.][0-9]{{1,9}})?"
+    f"(?:[Zz]|[+-]{_HOURS}:[0-5][0-9])$"
+)
+_RFC3339 = re.compile(TIME_PATTERN)
+# RFC 2045's media type (type/subtype, then parameters): it becomes a Content-Type header.
+_TOKEN = "[A-Za-z0-9!#$%&'*+.^_`|~-]+"
+MEDIA_TYPE = (
+    f'^{_TOKEN}/{_TOKEN}(?: *; *{_TOKEN}=(?:{_TOKEN}|"[\\x20\\x21\\x23-\\x5b\\x5d-\\x7e]*"))*$'
+)
+_MEDIA_TYPE = re.compile(MEDIA_TYPE)
+BASE64 = "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+_BASE64 = re.compile(BASE64)
 MAX_ATTRIBUTE = 512
-MAX_EXTENSIONS = 32
+# Attributes in all, null ones and the standard ones included (13 standard ones and the
+# hub's: room for 32 extension attributes).
+MAX_ATTRIBUTES = 45
+KNOWN_ATTRIBUTES = tuple(sorted(_KNOWN))
 JSON = "application/json"
 SPECVERSION = "1.0"
 # The queue position a WebSocket stream adds to each event (``cloudevents.json``); reserved.
@@ -132,24 +151,26 @@ def _timestamp(value: Any) -> str | None:
     if value is None:
         return None
     if isinstance(value, str) and _RFC3339.fullmatch(value):
-        try:
-            datetime.fromisoformat(value.upper())
-        except ValueError:
-            pass
-        else:
-            return value
+        return value
     raise _bad("time", "must be an RFC 3339 timestamp such as 2026-01-02T03:04:05Z")
 
 
-def _extension(name: str, value: Any) -> Extension:
-    if not _EXTENSION_NAME.fullmatch(name) or name in ("data", SEQ_ATTRIBUTE):
+def _check_name(name: str) -> None:
+    if name in _KNOWN:
+        return
+    if not _EXTENSION_NAME.fullmatch(name) or name == SEQ_ATTRIBUTE:
         raise _bad(
             name[:40],
             "is not an attribute the hub accepts: extension names are 1-20 lowercase "
-            f"letters or digits, and data and {SEQ_ATTRIBUTE} are reserved",
+            f"letters or digits, and {SEQ_ATTRIBUTE} is reserved",
         )
+
+
+def _extension(name: str, value: Any) -> Extension:
     if isinstance(value, bool):
         return value
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON Schema, and so the OpenAPI document, counts 3.0 an integer
     if type(value) is int and -(2**31) <= value < 2**31:
         return value
     if isinstance(value, str) and len(value) <= MAX_ATTRIBUTE:
@@ -164,6 +185,12 @@ def event_from_json(obj: Any) -> CloudEvent:
     exclusive; extension attributes keep their JSON types (boolean, integer, string)."""
     if not isinstance(obj, dict):
         raise BadRequest("a CloudEvent is a JSON object", field="event")
+    if len(obj) > MAX_ATTRIBUTES:
+        raise BadRequest(
+            f"a CloudEvent may carry up to {MAX_ATTRIBUTES} attributes", limit=MAX_ATTRIBUTES
+        )
+    for name in obj:
+        _check_name(name)  # null or not: a name the hub would refuse is refused either way
     present = {k: v for k, v in obj.items() if v is not None}
     if present.get("specversion") != SPECVERSION:
         raise _bad("specversion", "must be '1.0'")
@@ -175,18 +202,14 @@ def event_from_json(obj: Any) -> CloudEvent:
     if "data" in present and "data_base64" in present:
         raise _bad("data_base64", "and data are exclusive: send one")
     b64 = present.get("data_base64")
-    if b64 is not None:
-        try:
-            base64.b64decode(b64, validate=True) if isinstance(b64, str) else None
-        except binascii.Error:
-            b64 = None
-        if not isinstance(b64, str):
-            raise _bad("data_base64", "must be a base64 string")
+    if b64 is not None and not (isinstance(b64, str) and _BASE64.fullmatch(b64)):
+        raise _bad("data_base64", "must be a base64 string (padded, no whitespace)")
     extra = {k: v for k, v in present.items() if k not in _KNOWN}
     if "extensions" in present:
         raise _bad("extensions", "is reserved (extension attributes are top-level)")
-    if len(extra) > MAX_EXTENSIONS:
-        raise BadRequest(f"a CloudEvent may carry up to {MAX_EXTENSIONS} extension attributes")
+    ctype = optional["datacontenttype"]
+    if ctype is not None and not _MEDIA_TYPE.fullmatch(ctype):
+        raise _bad("datacontenttype", "must be a media type such as application/json")
     extensions = {name: _extension(name, value) for name, value in extra.items()}
     return CloudEvent(
         id=str(required["id"]),
@@ -225,14 +248,17 @@ def rfc3339(timestamp: Any) -> str | None:
     """A notification's timestamp as RFC 3339; oslo's naive ``2026-11-25 17:43:04.1`` is UTC."""
     if not timestamp:
         return datetime.now(UTC).isoformat()
-    text = str(timestamp)
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
+    if not isinstance(timestamp, str) or len(timestamp) > 64:
         return None  # not invented either: absent (the payload may still say when)
+    try:
+        parsed = datetime.fromisoformat(timestamp)
+    except ValueError:
+        return None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
-    return parsed.isoformat()
+    text = parsed.isoformat()
+    # fromisoformat takes ISO 8601 forms RFC 3339 has no words for (offsets in seconds).
+    return text if _RFC3339.fullmatch(text) else None
 
 
 def from_notification(

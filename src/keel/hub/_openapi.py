@@ -9,6 +9,21 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from keel.hub._events import (
+    BASE64,
+    EXTENSION_NAME,
+    KNOWN_ATTRIBUTES,
+    MAX_ATTRIBUTE,
+    MAX_ATTRIBUTES,
+    MEDIA_TYPE,
+    SEQ_ATTRIBUTE,
+    SPECVERSION,
+    TIME_PATTERN,
+)
+from keel.hub._filters import MAX_DEPTH, MAX_NODES, MAX_PATTERN, MAX_PATTERNS, MAX_SPEC_CHARS
+from keel.hub._input import MAX_DEPTH as MAX_JSON_DEPTH
+from keel.hub._webhooks import MAX_URL, WEBHOOK_URL
+
 _ERROR = {
     "type": "object",
     "required": ["error"],
@@ -27,6 +42,7 @@ _ERROR = {
 
 _MAX_SEQ = 2**62
 _STRING = {"type": "string", "maxLength": 1024}
+_NULLABLE_STRING = {"type": ["string", "null"], "maxLength": 1024}
 _PAIRS = {
     "type": "object",
     "minProperties": 1,
@@ -34,41 +50,58 @@ _PAIRS = {
     "additionalProperties": _STRING,
 }
 
-_FILTER: dict[str, Any] = {
-    "type": "object",
-    "description": "A CloudEvents Subscriptions API filter: exactly one dialect key.",
-    "minProperties": 1,
-    "maxProperties": 1,
-    "properties": {
-        "exact": _PAIRS,
-        "prefix": _PAIRS,
-        "suffix": _PAIRS,
-        "all": {"type": "array", "items": {"$ref": "#/components/schemas/Filter"}},
-        "any": {"type": "array", "items": {"$ref": "#/components/schemas/Filter"}},
-        "not": {"$ref": "#/components/schemas/Filter"},
-    },
-    "additionalProperties": False,
-}
+
+def _filter_levels() -> dict[str, Any]:
+    """``Filter1`` .. ``Filter<MAX_DEPTH>``: a filter at level n holds filters of level n+1,
+    and the last level holds none, which is how the hub's depth limit reads in JSON Schema."""
+    levels: dict[str, Any] = {}
+    for level in range(1, MAX_DEPTH + 1):
+        last = level == MAX_DEPTH
+        inner = {"$ref": f"#/components/schemas/Filter{level + 1}"}
+        many = {"type": "array", "maxItems": 0} if last else {"type": "array", "items": inner}
+        properties: dict[str, Any] = {"exact": _PAIRS, "prefix": _PAIRS, "suffix": _PAIRS}
+        properties |= {"all": many, "any": many}
+        if not last:
+            properties["not"] = inner
+        levels[f"Filter{level}"] = {
+            "type": "object",
+            "description": "A CloudEvents Subscriptions API filter: exactly one dialect key.",
+            "minProperties": 1,
+            "maxProperties": 1,
+            "properties": properties,
+            "additionalProperties": False,
+        }
+    return levels
+
 
 _SPEC = {
     "type": "object",
     "additionalProperties": False,
+    "description": (
+        "Also bounded in all, which JSON Schema cannot say: at most "
+        f"{MAX_NODES} filter nodes and {MAX_SPEC_CHARS} characters of strings (names "
+        "included) in the whole spec; past either the hub answers 400 naming the limit."
+    ),
     "properties": {
         "types": {
-            "type": "array",
-            "items": {"type": "string", "maxLength": 256},
+            "type": ["array", "null"],
+            "items": {"type": "string", "maxLength": MAX_PATTERN},
             "minItems": 1,
-            "maxItems": 100,
+            "maxItems": MAX_PATTERNS,
         },
-        "source": _STRING,
-        "subject": _STRING,
+        "source": _NULLABLE_STRING,
+        "subject": _NULLABLE_STRING,
         "priority": {
             "oneOf": [
-                _STRING,
-                {"type": "array", "items": _STRING, "minItems": 1, "maxItems": 100},
+                _NULLABLE_STRING,
+                {"type": "array", "items": _STRING, "minItems": 1, "maxItems": MAX_PATTERNS},
             ]
         },
-        "filters": {"type": "array", "items": {"$ref": "#/components/schemas/Filter"}},
+        "filters": {
+            "type": ["array", "null"],
+            "items": {"$ref": "#/components/schemas/Filter1"},
+            "maxItems": MAX_NODES,
+        },
         "all_projects": {"type": "boolean"},
         "retention": {
             "type": "object",
@@ -84,10 +117,55 @@ _SPEC = {
             "required": ["url"],
             "additionalProperties": False,
             "properties": {
-                "url": {"type": "string", "format": "uri"},
+                "url": {"type": "string", "maxLength": MAX_URL, "pattern": WEBHOOK_URL},
                 "mode": {"type": "string", "enum": ["structured", "binary"]},
             },
         },
+    },
+}
+
+_ATTRIBUTE = {"type": "string", "minLength": 1, "maxLength": MAX_ATTRIBUTE}
+_OPTIONAL_ATTRIBUTE = {"type": ["string", "null"], "minLength": 1, "maxLength": MAX_ATTRIBUTE}
+# CloudEvents 1.0 in the JSON format, as the hub checks it (a null attribute is absent).
+_CLOUDEVENT = {
+    "type": "object",
+    "description": (
+        f"Also: the whole body at most 64 KiB and {MAX_JSON_DEPTH} levels of arrays and "
+        "objects deep, which JSON Schema cannot say (the hub answers 413 or 400)."
+    ),
+    "required": ["specversion", "id", "source", "type"],
+    "maxProperties": MAX_ATTRIBUTES,
+    "propertyNames": {"anyOf": [{"enum": list(KNOWN_ATTRIBUTES)}, {"pattern": EXTENSION_NAME}]},
+    "properties": {
+        "specversion": {"const": SPECVERSION},
+        "id": _ATTRIBUTE,
+        "source": _ATTRIBUTE,
+        "type": _ATTRIBUTE,
+        "subject": _OPTIONAL_ATTRIBUTE,
+        "dataschema": _OPTIONAL_ATTRIBUTE,
+        "priority": _OPTIONAL_ATTRIBUTE,
+        "tenant": _OPTIONAL_ATTRIBUTE,
+        "datacontenttype": {
+            "type": ["string", "null"],
+            "maxLength": MAX_ATTRIBUTE,
+            "pattern": MEDIA_TYPE,
+        },
+        "time": {"type": ["string", "null"], "pattern": TIME_PATTERN},
+        "data": {},
+        "data_base64": {"type": ["string", "null"], "pattern": BASE64},
+        "extensions": {"type": "null"},
+        SEQ_ATTRIBUTE: False,
+    },
+    "additionalProperties": {
+        "anyOf": [
+            {"type": ["boolean", "null"]},
+            {"type": "integer", "minimum": -(2**31), "maximum": 2**31 - 1},
+            {"type": "string", "maxLength": MAX_ATTRIBUTE},
+        ]
+    },
+    "not": {
+        "required": ["data", "data_base64"],
+        "properties": {"data": {"not": {"type": "null"}}, "data_base64": {"type": "string"}},
     },
 }
 
@@ -287,7 +365,11 @@ def openapi_document() -> dict[str, Any]:
             "parameters": [_SUB_ID],
             "post": _op(
                 "Claim up to limit ready messages for ttl seconds",
-                {"201": _json(claim, "Claimed"), "204": {"description": "Nothing to claim"}},
+                {
+                    "201": _json(claim, "Claimed"),
+                    "204": {"description": "Nothing to claim"},
+                    "409": _json(_ref("Error"), "A webhook delivers this subscription"),
+                },
                 requestBody=_body(
                     {
                         "type": "object",
@@ -364,7 +446,7 @@ def openapi_document() -> dict[str, Any]:
             "post": _op(
                 "Ingest one CloudEvent (admins)",
                 {"202": _json({"type": "object"}, "Committed"), "403": _json(_ref("Error"))},
-                requestBody=_body({"type": "object", "required": ["id", "source", "type"]}),
+                requestBody=_body(_ref("CloudEvent")),
             ),
         },
     }
@@ -380,7 +462,8 @@ def openapi_document() -> dict[str, Any]:
             },
             "schemas": {
                 "Error": _ERROR,
-                "Filter": _FILTER,
+                "CloudEvent": _CLOUDEVENT,
+                **_filter_levels(),
                 "SubscriptionSpec": _SPEC,
                 "Subscription": _SUBSCRIPTION,
                 "Message": _MESSAGE,

@@ -31,6 +31,7 @@ from keel.hub._map_feed import MapFeed
 from keel.hub._oslo_ingest import OSLO_TOPICS, oslo_listener, oslo_url
 from keel.hub._server import HubServer
 from keel.hub.stores.base import Store
+from keel.hub.zaqar import ZaqarConfig
 from keel.messaging import NotificationListener, Target, connect
 
 log = logging.getLogger("keel.hub")
@@ -55,6 +56,8 @@ class ServeOptions:
     oslo_exchanges: Sequence[str] = ("openstack",)
     oslo_durable: bool = False
     pool: str = "keel-hub"
+    zaqar_key: Path | None = None  # the Zaqar API's signed-URL secret (shared by every hub)
+    zaqar_confirm: bool = False  # Zaqar subscribers must confirm before deliveries
     tls_cert: Path | None = None
     tls_key: Path | None = None
 
@@ -123,10 +126,23 @@ def check(options: ServeOptions) -> tuple[Store, Authenticator, list[str]]:
             oslo_url(options.oslo, exchange, durable=options.oslo_durable)
             for exchange in options.oslo_exchanges
         ]
+    zaqar_config(options)
     if not 0 <= options.port <= 65535:
         raise ConfigError(f"--port {options.port} is not a TCP port (0..65535)")
     check_tls(options)
     return store_from_url(options.store), auth, oslo_urls
+
+
+def zaqar_config(options: ServeOptions) -> ZaqarConfig:
+    if options.zaqar_key is None:
+        return ZaqarConfig(require_confirmation=options.zaqar_confirm)
+    try:
+        key = options.zaqar_key.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"--zaqar-key {options.zaqar_key}: {exc}") from None
+    if len(key) < 16:
+        raise ConfigError(f"--zaqar-key {options.zaqar_key}: the key needs 16 bytes or more")
+    return ZaqarConfig(secret_key=key, require_confirmation=options.zaqar_confirm)
 
 
 def check_tls(options: ServeOptions) -> None:
@@ -162,6 +178,7 @@ async def serve(options: ServeOptions, stop: asyncio.Event) -> None:
             options.host,
             options.port,
             map_feed=feed,
+            zaqar=zaqar_config(options),
             tls_cert=str(options.tls_cert) if options.tls_cert else None,
             tls_key=str(options.tls_key) if options.tls_key else None,
         )

@@ -23,6 +23,7 @@ from keel.hub._app import create_app
 from keel.hub._core import Hub
 from keel.hub._map_feed import MapFeed
 from keel.hub._ws import MAX_CLIENT_MESSAGE
+from keel.hub.zaqar import ZaqarConfig
 
 
 @functools.cache  # once per process
@@ -51,10 +52,12 @@ class HubServer:
         heartbeat: float = 15.0,
         grace: float = 2.0,
         map_feed: MapFeed | None = None,
+        zaqar: ZaqarConfig | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
     ) -> None:
         self.hub = hub
+        self.zaqar = zaqar
         self.tls_cert = tls_cert  # HTTPS with this certificate chain and key (PEM)
         self.tls_key = tls_key
         self.map_feed = map_feed
@@ -91,7 +94,9 @@ class HubServer:
             raise ConfigError(f"cannot listen on {self.host}:{self._port}: {exc}") from None
         self._sock = sock
         config = uvicorn.Config(
-            create_app(self.hub, heartbeat=self.heartbeat, map_feed=self.map_feed),
+            create_app(
+                self.hub, heartbeat=self.heartbeat, map_feed=self.map_feed, zaqar=self.zaqar
+            ),
             log_level="warning",
             access_log=False,
             lifespan="off",

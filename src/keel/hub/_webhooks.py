@@ -4,7 +4,9 @@ Content: CloudEvents' HTTP binding. By default structured mode: the event in the
 as the body, ``Content-Type: application/cloudevents+json``. With the subscription's
 ``webhook.mode`` ``"binary"``: every attribute but the data as a ``ce-<name>`` header
 (percent-encoded as the binding says), ``Content-Type`` from ``datacontenttype``, and the
-data itself as the body (``data_base64`` decoded).
+data itself as the body (``data_base64`` decoded). A face's subscription (``webhook.render``,
+the Zaqar API's) gets the face's own body instead, as ``application/json``: it is not an
+event, so no content mode and no ``ce-*`` header applies to it.
 
 Signing: ``webhook-id`` (stable across retries of one message), ``webhook-timestamp`` (Unix
 seconds of the attempt) and ``webhook-signature: v1,<base64 HMAC-SHA256 of
@@ -25,7 +27,13 @@ connection goes to the checked address only: the transport's network backend doe
 three, so no second lookup can rebind the name between check and connect. The URL keeps the
 host name, so the Host header, TLS SNI and certificate verification use the name. Redirects
 are not followed (a 3xx is a failed attempt). Proxies from the environment are ignored (a
-proxy would connect elsewhere). The same check runs at creation for a clear 400.
+proxy would connect elsewhere). A refused address is a failed attempt, retried on the
+schedule like an unreachable host, then dead-lettered.
+
+At creation only the URL's form is checked (`WEBHOOK_URL`, which the OpenAPI document
+states): whether a name resolves, and to what, is known only when connecting, and the
+answer may change at any time; so the hub never looks a name up at creation (which would
+also let any tenant make it resolve names of its choosing inside a request).
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import re
 import secrets
 import socket
 import ssl
@@ -112,24 +121,63 @@ def verify(secret: str, headers: dict[str, str], body: bytes, *, tolerance: floa
     return any(hmac.compare_digest(want, s) for s in headers.get("webhook-signature", "").split())
 
 
+def _ipv6() -> str:
+    """RFC 3986's IPv6address, as a regular expression (no zone id)."""
+    h16, dec = "[0-9A-Fa-f]{1,4}", "(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+    ls32 = f"(?:{h16}:{h16}|{dec}(?:[.]{dec}){{3}})"
+    forms = [f"(?:{h16}:){{6}}{ls32}", f"::(?:{h16}:){{5}}{ls32}"]
+    for before, after in [(0, 4), (1, 3), (2, 2), (3, 1)]:
+        forms.append(f"(?:(?:{h16}:){{0,{before}}}{h16})?::(?:{h16}:){{{after}}}{ls32}")
+    forms += [
+        f"(?:(?:{h16}:){{0,4}}{h16})?::{ls32}",
+        f"(?:(?:{h16}:){{0,5}}{h16})?::{h16}",
+        f"(?:(?:{h16}:){{0,6}}{h16})?::",
+    ]
+    return "|".join(forms)
+
+
+_DEC_OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_PORT = "(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
+# What a webhook URL may be, exactly (the OpenAPI document carries the same pattern): http or
+# https; a host that is a DNS name (its last label starts with a letter, so no name is read
+# as an IPv4 address), a dotted IPv4 address or a bracketed IPv6 address; an optional port
+# 1-65535; then a path, query or fragment in printable ASCII (percent-encode the rest). No
+# credentials, no whitespace. Up to `MAX_URL` characters.
+WEBHOOK_URL = (
+    "^[Hh][Tt][Tt][Pp][Ss]?://"
+    "(?:(?:[A-Za-z0-9_-]{1,63}[.])*[A-Za-z][A-Za-z0-9_-]{0,62}[.]?"
+    f"|{_DEC_OCTET}(?:[.]{_DEC_OCTET}){{3}}"
+    f"|\\[(?:{_ipv6()})\\])"
+    f"(?::{_PORT})?"
+    "(?:[/?#][\\x21-\\x7e]*)?$"
+)
+MAX_URL = 2048
+_WEBHOOK_URL = re.compile(WEBHOOK_URL)
+
+
 def check_url(url: str) -> tuple[str, int]:
-    """Host and port of an http(s) URL; `UnsafeWebhookTarget` for anything else."""
-    if len(url) > 2048:
-        raise UnsafeWebhookTarget("webhook url is longer than 2048 characters", field="webhook")
+    """Host and port of a webhook URL of the form `WEBHOOK_URL` says; `UnsafeWebhookTarget`
+    for anything else. Syntax only: which addresses the host may reach is decided on every
+    connection (`resolve_target`), where the answer is the one the connection will use."""
+    if len(url) > MAX_URL:
+        raise UnsafeWebhookTarget(
+            f"webhook url is longer than {MAX_URL} characters", field="webhook", limit=MAX_URL
+        )
+    if not _WEBHOOK_URL.fullmatch(url):
+        raise UnsafeWebhookTarget(
+            "webhook url must be http:// or https://, a host name or IP address, an optional "
+            "port 1-65535 and a path in printable ASCII, without credentials",
+            field="webhook",
+        )
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UnsafeWebhookTarget("webhook url must be http:// or https:// with a host")
-    if parts.username or parts.password:
-        raise UnsafeWebhookTarget("webhook url must not carry credentials")
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise UnsafeWebhookTarget("webhook url has a bad port") from None
-    return parts.hostname, port
+    assert parts.hostname is not None  # the pattern requires one
+    return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
 
 
 # host, port -> the addresses it resolves to (tests inject their own to play DNS rebinding).
 Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
+# A face's request body (and extra headers) for a message; see `Webhook.render`.
+Renderer = Callable[[Subscription, Message], tuple[bytes, dict[str, str]]]
 
 
 async def system_resolver(host: str, port: int) -> list[str]:
@@ -182,6 +230,23 @@ async def check_target(
     host, port = check_url(url)
     if not allow_private:
         await resolve_target(host, port, allow_private=False, resolver=resolver)
+
+
+def check_form(url: str, *, allow_private: bool) -> None:
+    """`check_url`, and a non-public IP address literal refused at once (unless allowed):
+    that answer needs no lookup and cannot change. Names are not looked up (see above)."""
+    host, _ = check_url(url)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return  # a name: checked when connecting
+    why = None if allow_private else refusal(address)
+    if why is not None:
+        raise UnsafeWebhookTarget(
+            f"webhook address {address} is {why}, not a public address (non-public ranges "
+            "are refused unless the operator allows them)",
+            field="webhook",
+        )
 
 
 class _PinnedBackend(httpcore.AsyncNetworkBackend):
@@ -262,6 +327,8 @@ class Dispatcher:
         self._wakes: dict[str, asyncio.Event] = {}
         self._client: httpx.AsyncClient | None = None
         self.attempts = 0
+        # Bodies other than the stored event, by `Webhook.render` name (faces register them).
+        self.renderers: dict[str, Renderer] = {}
 
     def add(self, sub: Subscription) -> None:
         if sub.webhook is None or sub.id in self._tasks:
@@ -310,6 +377,11 @@ class Dispatcher:
             except KeelError as exc:  # e.g. the claim expired during a slow attempt
                 log_event(log, logging.WARNING, "webhook.store_error", sub=sub.id, error=exc)
                 delivered = False
+            except Exception as exc:
+                # A fault of the hub's, not the receiver's: logged, and this subscription's
+                # deliveries go on (a dead task would stop them until the next restart).
+                log_event(log, logging.ERROR, "webhook.fault", sub=sub.id, error=repr(exc))
+                delivered = False
             if not delivered:
                 wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -344,7 +416,15 @@ class Dispatcher:
         assert sub.webhook is not None
         assert self._client is not None
         self.attempts += 1
-        if sub.webhook.mode == "binary":
+        if sub.webhook.render is not None:
+            # A face's own body (Zaqar's), not a CloudEvent: no content mode applies to it.
+            render = self.renderers.get(sub.webhook.render)
+            if render is None:  # that face is not served here: never send another shape
+                log_event(log, logging.WARNING, "webhook.no_renderer", sub=sub.id)
+                return False
+            body, extra = render(sub, message)
+            headers = {**extra, "content-type": "application/json"}
+        elif sub.webhook.mode == "binary":
             headers, body = binary_mode(bytes(message.event))
         else:
             headers, body = {"content-type": STRUCTURED}, bytes(message.event)
@@ -355,7 +435,10 @@ class Dispatcher:
         headers["webhook-signature"] = sign(sub.webhook.secret, msg_id, ts, body)
         try:
             response = await self._client.post(sub.webhook.url, content=body, headers=headers)
-        except (httpx.HTTPError, UnsafeWebhookTarget) as exc:
+        except UnsafeWebhookTarget as exc:
+            log_event(log, logging.WARNING, "webhook.refused_target", sub=sub.id, error=exc)
+            return False
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             log_event(log, logging.INFO, "webhook.failed", sub=sub.id, seq=message.seq, error=exc)
             return False
         ok = 200 <= response.status_code < 300

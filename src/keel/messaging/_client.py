@@ -20,10 +20,10 @@ from typing import Any
 
 from keel import urls
 from keel._log import event
-from keel.errors import AntiPatternError, CallTimeout, UnsupportedVersion
+from keel.errors import AntiPatternError, CallTimeout, ConfigError, UnsupportedVersion
 from keel.messaging import _context, _metrics, _presence, _tap
 from keel.messaging._failures import from_failure, qualified
-from keel.messaging._link import link
+from keel.messaging._link import Link, link
 from keel.messaging._target import Target, fanout_subject, parse_version, rpc_queue
 from keel.messaging.transports.base import Transport
 from keel.wire import (
@@ -54,6 +54,7 @@ class _Options:
     timeout: float
     cast_ttl: float | None
     idempotency_key: str | None
+    monitor: float | None = None
     queue: str = field(init=False)  # derived once here, not per message
 
     def __post_init__(self) -> None:
@@ -73,6 +74,7 @@ class RPCClient:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         cast_ttl: float | None = None,
+        monitor_timeout: float | None = None,
         allowed_exceptions: Iterable[type[BaseException]] = (),
         service: str | None = None,
         version_cap: str | None = None,
@@ -80,8 +82,9 @@ class RPCClient:
         if not target.topic:
             raise ValueError("an RPC client needs a target with a topic")
         _check_timeout(timeout)
+        _check_monitor(monitor_timeout)
         self.transport = transport
-        self._options = _Options(target, timeout, cast_ttl, None)
+        self._options = _Options(target, timeout, cast_ttl, None, monitor_timeout)
         self._allowed = {qualified(cls): cls for cls in allowed_exceptions}
         if version_cap is not None and version_cap != "auto":
             parse_version(version_cap)
@@ -110,8 +113,15 @@ class RPCClient:
         timeout: float = _UNSET,
         cast_ttl: float | None = _UNSET,
         idempotency_key: str | None = _UNSET,
+        monitor_timeout: float | None = _UNSET,
     ) -> RPCClient:
-        """A client sharing this one's connection with some options changed."""
+        """A client sharing this one's connection with some options changed.
+
+        ``monitor_timeout`` turns on the call monitor: the server sends a heartbeat while the
+        method runs, and a call gives up (`CallTimeout`) after that many seconds without a
+        reply or a heartbeat, however far its deadline is (oslo.messaging's
+        ``call_monitor_timeout``).
+        """
         options = self._options
         target = options.target
         changes: dict[str, Any] = {}
@@ -126,6 +136,8 @@ class RPCClient:
             target = replace(target, **changes)
         if timeout is not _UNSET:
             _check_timeout(timeout)
+        if monitor_timeout is not _UNSET:
+            _check_monitor(monitor_timeout)
         clone = object.__new__(RPCClient)
         clone.__dict__.update(self.__dict__)
         clone._options = _Options(
@@ -133,6 +145,7 @@ class RPCClient:
             options.timeout if timeout is _UNSET else timeout,
             options.cast_ttl if cast_ttl is _UNSET else cast_ttl,
             options.idempotency_key if idempotency_key is _UNSET else idempotency_key,
+            options.monitor if monitor_timeout is _UNSET else monitor_timeout,
         )
         return clone
 
@@ -150,10 +163,12 @@ class RPCClient:
         if self._cap is not None:
             await self._check_cap(target)
         now = time.time()
-        parent = ctx or _context.current_context()
+        handling = _context.current.get()  # the request this task serves, if any
+        parent = ctx or (handling[1] if handling is not None else None)
         deadline = _sooner(now + options.timeout, parent)
         child = self._child(parent, deadline, method)
-        self._check_reentrant(target, method)
+        if handling is not None:
+            self._check_reentrant(target, method)
         lk = self._link
         # Both are set up once per transport; skipping the awaits keeps the hot path short.
         reply_to = lk.reply_to or await lk.reply_queue()
@@ -161,26 +176,39 @@ class RPCClient:
         if queue not in lk.declared:
             await lk.declare(queue, durable=True)
         loop = asyncio.get_running_loop()
+        monitor = options.monitor
+        limit = self.transport.max_message_bytes
         attempt = 0
         while True:
             attempt += 1
             request_id = new_id()
             request = Request(
                 ENVELOPE_VERSION, CALL, request_id, method, child, kwargs,
-                target.namespace, target.version, reply_to, target.server, attempt,
+                target.namespace, target.version, reply_to, target.server, attempt, monitor,
             )  # fmt: skip
-            body = self._encode(request, method)
-            future = lk.expect(request_id, loop)
-            timer = loop.call_at(loop.time() + (deadline - time.time()), _expire, future)
+            body = encode(request, limit)
+            if len(body) > limit // 4:
+                self._warn_huge(method, len(body))
+            ends = loop.time() + (deadline - time.time())
+            future = lk.expect(request_id, loop, None if monitor else ends)
+            watchdog = None if monitor is None else _watch(lk, request_id, future, ends, monitor)
             try:
                 await self.transport.send(queue, body, durable=False)
                 reply = await future
             except TimeoutError:
                 self.counts["keel_rpc_client_requests", "call", method, "timeout"] += 1
                 self._report(method, "call", "timeout", started, child.traceparent)
-                raise _timeout(target, method, child, deadline - now) from None
+                raise _timeout(
+                    target,
+                    method,
+                    child,
+                    deadline - now,
+                    window=monitor,
+                    silent=watchdog is not None and watchdog.silent,
+                ) from None
             finally:
-                timer.cancel()
+                if watchdog is not None:
+                    watchdog.cancel()
                 lk.forget(request_id, future)
             failure = reply.failure
             if failure is None:
@@ -188,14 +216,31 @@ class RPCClient:
                 if _tap.state.tap is not None:
                     self._report(method, "call", "ok", started, child.traceparent)
                 return reply.result
-            pause = min(RETRY_PAUSE * attempt, RETRY_PAUSE_MAX, deadline - time.time())
-            if _retryable_drain(failure) and pause > 0:
-                self.counts["keel_rpc_client_requests", "call", method, "retried"] += 1
-                await asyncio.sleep(pause)
-                continue
-            self.counts["keel_rpc_client_requests", "call", method, "error"] += 1
-            self._report(method, "call", "error", started, child.traceparent)
-            raise from_failure(failure, self._allowed, f"{target.topic}.{method}")
+            await asyncio.sleep(
+                self._retry_pause(
+                    failure, attempt, deadline=deadline, method=method, started=started, child=child
+                )
+            )
+
+    def _retry_pause(
+        self,
+        failure: Failure,
+        attempt: int,
+        *,
+        deadline: float,
+        method: str,
+        started: float,
+        child: RequestContext,
+    ) -> float:
+        """How long to wait before sending a call a draining server handed back; raises the
+        remote error for any other failure."""
+        pause = min(RETRY_PAUSE * attempt, RETRY_PAUSE_MAX, deadline - time.time())
+        if _retryable_drain(failure) and pause > 0:
+            self.counts["keel_rpc_client_requests", "call", method, "retried"] += 1
+            return pause
+        self.counts["keel_rpc_client_requests", "call", method, "error"] += 1
+        self._report(method, "call", "error", started, child.traceparent)
+        raise from_failure(failure, self._allowed, f"{self.target.topic}.{method}")
 
     async def can_send_version(self, version: str) -> bool:
         """Whether a message needing ``version`` may be sent under the version cap now."""
@@ -317,13 +362,16 @@ class RPCClient:
         limit = self.transport.max_message_bytes
         body = encode(request, limit)
         if len(body) > limit // 4:
-            self._warn_once(
-                "huge-payload",
-                method,
-                f"{self.target.topic}.{method} sent {len(body)} bytes (limit {limit}); "
-                "send a reference to the data instead",
-            )
+            self._warn_huge(method, len(body))
         return body
+
+    def _warn_huge(self, method: str, size: int) -> None:
+        self._warn_once(
+            "huge-payload",
+            method,
+            f"{self.target.topic}.{method} sent {size} bytes (limit "
+            f"{self.transport.max_message_bytes}); send a reference to the data instead",
+        )
 
     def _check_reentrant(self, target: Target, method: str) -> None:
         found = _context.current.get()
@@ -364,17 +412,82 @@ def _sooner(deadline: float, parent: RequestContext | None) -> float:
     return deadline
 
 
-def _timeout(target: Target, method: str, ctx: RequestContext, waited: float) -> CallTimeout:
+def _timeout(
+    target: Target,
+    method: str,
+    ctx: RequestContext,
+    waited: float,
+    *,
+    window: float | None = None,
+    silent: bool = False,
+) -> CallTimeout:
     where = f"server {target.server!r}" if target.server else "any server"
+    if silent and window is not None:
+        waited = window
+        text = (
+            f"no reply to {target.topic}.{method} from {where} and no heartbeat for "
+            f"{window:.3g}s (the call monitor window; request {ctx.request_id}): the server "
+            "is gone, stuck, or never took the request"
+        )
+    else:
+        text = (
+            f"no reply to {target.topic}.{method} from {where} within {waited:.3g}s (request "
+            f"{ctx.request_id}); check that a server of topic {target.topic!r} is running and "
+            "not overloaded"
+        )
     return CallTimeout(
-        f"no reply to {target.topic}.{method} from {where} within {waited:.3g}s (request "
-        f"{ctx.request_id}); check that a server of topic {target.topic!r} is running and "
-        "not overloaded",
+        text,
         topic=target.topic,
         server=target.server,
         method=method,
         timeout=waited,
     )
+
+
+def _watch(
+    lk: Link, request_id: str, future: asyncio.Future[Any], ends: float, monitor: float
+) -> _Watchdog:
+    """The timer of a call under a monitor window (plain calls use the link's deadlines)."""
+    watchdog = _Watchdog(future.get_loop(), future, ends, monitor)
+    lk.on_heartbeat(request_id, watchdog.beat)
+    return watchdog
+
+
+class _Watchdog:
+    """A call's timer under a monitor window: fires at the deadline, or earlier after a
+    window without a heartbeat."""
+
+    __slots__ = ("_ends", "_future", "_handle", "_last", "_loop", "_window", "silent")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[Any],
+        ends: float,
+        window: float,
+    ) -> None:
+        self._loop = loop
+        self._future = future
+        self._ends = ends
+        self._window = window
+        self._last = loop.time()
+        self.silent = False
+        self._handle = loop.call_at(min(ends, self._last + window), self._check)
+
+    def beat(self) -> None:
+        self._last = self._loop.time()
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        quiet_until = self._last + self._window
+        if now < self._ends and now < quiet_until:
+            self._handle = self._loop.call_at(min(self._ends, quiet_until), self._check)
+            return
+        self.silent = now < self._ends
+        _expire(self._future)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 def _retryable_drain(failure: Failure) -> bool:
@@ -386,6 +499,11 @@ def _retryable_drain(failure: Failure) -> bool:
 def _expire(future: asyncio.Future[Any]) -> None:
     if not future.done():
         future.set_exception(TimeoutError())
+
+
+def _check_monitor(window: float | None) -> None:
+    if window is not None and not 0 < window < float("inf"):
+        raise ConfigError(f"monitor_timeout={window!r}: give a positive number of seconds")
 
 
 def _check_timeout(timeout: float | None) -> None:

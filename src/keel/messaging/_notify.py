@@ -23,7 +23,7 @@ import inspect
 import logging
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -31,7 +31,7 @@ from typing import Any
 from keel import urls
 from keel._log import event
 from keel.errors import ConfigError, MalformedMessage, TransportError
-from keel.messaging import _metrics, _poison, _tap
+from keel.messaging import _heavy, _metrics, _poison, _tap
 from keel.messaging._link import link
 from keel.messaging._slots import Slots
 from keel.messaging._target import Target, notify_queue, notify_subject
@@ -57,7 +57,15 @@ class NotificationResult(enum.Enum):
 
 
 class Notifier:
-    """Publishes notifications as ``publisher_id`` on one or more topics."""
+    """Publishes notifications as ``publisher_id`` on one or more topics.
+
+    By default `notify` returns once the broker holds the notification. With ``window=N``
+    it returns once the notification is handed to the transport (in publish order), with at
+    most N of them awaiting the broker's confirmation: a durable broker then writes many at
+    once instead of one disk flush per notification. The first publish that fails is raised
+    by the next `notify` or by `flush`, which returns once the broker holds every one sent
+    (``async with`` flushes on exit). A process that dies loses what was not confirmed yet.
+    """
 
     def __init__(
         self,
@@ -66,9 +74,16 @@ class Notifier:
         *,
         topics: Sequence[str] = ("notifications",),
         service: str | None = None,
+        window: int = 0,
     ) -> None:
         for topic in topics:
             Target(topic)  # validates the name
+        if window < 0:
+            raise ConfigError(f"window={window}: give 0 (wait for each) or a positive count")
+        self.window = window
+        self._slots = asyncio.Semaphore(window) if window else None
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._failure: BaseException | None = None
         self.transport = transport
         self.publisher_id = publisher_id
         self.topics = tuple(topics)
@@ -82,7 +97,51 @@ class Notifier:
         return {}
 
     def prepare(self, *, publisher_id: str) -> Notifier:
-        return Notifier(self.transport, publisher_id, topics=self.topics, service=self.service)
+        return Notifier(
+            self.transport,
+            publisher_id,
+            topics=self.topics,
+            service=self.service,
+            window=self.window,
+        )
+
+    async def _send(self, publish: Callable[[], Awaitable[None]]) -> None:
+        """Run one notification's publishing now, or in the window (see the class)."""
+        if self._slots is None:
+            await publish()
+            return
+        self._raise_failure()
+        await self._slots.acquire()
+        task = asyncio.get_running_loop().create_task(self._confirmed(publish))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _confirmed(self, publish: Callable[[], Awaitable[None]]) -> None:
+        assert self._slots is not None
+        try:
+            await publish()
+        except Exception as exc:  # raised to the caller by the next notify() or flush()
+            if self._failure is None:
+                self._failure = exc
+        finally:
+            self._slots.release()
+
+    def _raise_failure(self) -> None:
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
+
+    async def flush(self) -> None:
+        """Return once the broker holds every notification sent; raise the first failure."""
+        if self._inflight:
+            await asyncio.wait(set(self._inflight))
+        self._raise_failure()
+
+    async def __aenter__(self) -> Notifier:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.flush()
 
     async def notify(
         self, ctx: RequestContext | None, event_type: str, payload: Any, priority: str
@@ -101,12 +160,17 @@ class Notifier:
             ctx or RequestContext(service=self.service or None),
         )
         body = encode(message, self.transport.max_message_bytes)
-        for topic in self.topics:
-            subject = notify_subject(topic, priority)
+        subjects = [notify_subject(topic, priority) for topic in self.topics]
+        for topic, subject in zip(self.topics, subjects, strict=True):
             await self._link.declare(
                 notify_queue(topic, priority, None), durable=True, bindings=[subject]
             )
-            await self.transport.publish(subject, body, durable=True)
+
+        async def publish() -> None:
+            for subject in subjects:
+                await self.transport.publish(subject, body, durable=True)
+
+        await self._send(publish)
         self.counts["keel_notifications", priority, "published"] += 1
         tap = _tap.state.tap
         if tap is not None:
@@ -232,11 +296,16 @@ class NotificationListener:
                     )
                 )
 
-    async def stop(self, timeout: float = 25.0) -> None:
+    async def stop_consuming(self) -> None:
+        """Take no new deliveries; those waiting for a slot go back to the queue, those running
+        stay this listener's to finish and settle."""
         for consumer in self._consumers:
             await consumer.cancel()
         self._consumers.clear()
         self._slots.wake_all()  # notifications waiting for a slot go back to the queue now
+
+    async def stop(self, timeout: float = 25.0) -> None:
+        await self.stop_consuming()
         if self._tasks:
             _, late = await asyncio.wait(set(self._tasks), timeout=timeout)
             for task in late:
@@ -289,8 +358,16 @@ class NotificationListener:
             )
 
     async def _process(self, delivery: Delivery, queue: str) -> None:
+        body = delivery.body
+        heavy = len(body) > _heavy.HEAVY_BYTES
+        if heavy:
+            await _heavy.acquire()
         try:
-            note = self._decode(delivery.body)
+            try:
+                note = self._decode(body)
+            finally:
+                if heavy:
+                    _heavy.release()
         except MalformedMessage as exc:
             self.counts["keel_notifications", "?", "malformed"] += 1
             await _poison.settle(log, "notification", queue, delivery, exc)

@@ -28,7 +28,7 @@ REASON_LIMIT = 300  # characters of a reason: it lands in headers, logs and stre
 LOG_RATE = 10.0  # lines a second per (kind, queue), in bursts of as many
 
 
-class _LogBudget:
+class LogBudget:
     """A token bucket per (kind, queue), and what it did not let through."""
 
     def __init__(self) -> None:
@@ -47,7 +47,7 @@ class _LogBudget:
         return True
 
 
-_budgets: dict[tuple[str, str], _LogBudget] = {}  # keys: kinds x Keel's own queue names
+_budgets: dict[tuple[str, str], LogBudget] = {}  # keys: kinds x Keel's own queue names
 
 
 class _Counts:
@@ -87,7 +87,7 @@ def note(
     why = reason(exc)
     budget = _budgets.get((kind, queue))
     if budget is None:
-        budget = _budgets[kind, queue] = _LogBudget()
+        budget = _budgets[kind, queue] = LogBudget()
     if budget.take():
         unlogged, budget.unlogged = budget.unlogged, 0
         event(

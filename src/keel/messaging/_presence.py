@@ -8,9 +8,14 @@ until the last old server is gone. Announcements are at-most-once: a server not 
 for three intervals is forgotten, and a lost "stopped" announcement only delays the cap's
 move by that long. Anyone who can publish can announce, so a client believes only what a
 Keel server could have said: an interval between 0 and an hour, ``MAJOR.MINOR`` versions in
-ASCII digits, a short state, at most `MAX_SERVERS` servers per topic; anything else is
-counted and dropped (keel.messaging._poison), so no announcement pins or lifts a cap for
-longer than three real intervals. Probes are answered at most one at a time per server.
+ASCII digits, a short state, the topic of the subject it came on, at most `MAX_BYTES`, at
+most `MAX_SERVERS` servers per topic; anything else is counted and dropped
+(keel.messaging._poison), so no malformed announcement pins or lifts a cap. What this cannot
+stop: anyone who can publish on ``keel.presence.<topic>`` can announce a well-formed server
+that holds the cap down for three of the intervals it claims (up to `MAX_INTERVAL`), or say
+"stopped" for a real server until its next announcement; only the broker's permissions
+(who may publish on ``keel.presence.>``) keep that out. Probes are answered at most one at a
+time per server.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ DEFAULT_INTERVAL = 2.0
 PROBE_GATHER = 0.1  # seconds to keep collecting probe answers after the first one
 MAX_SERVERS = 1024  # servers one watch remembers per topic
 MAX_INTERVAL = 3600.0
+# The largest announcement a server writes (256 namespaces of 256 characters) is under 80 KiB.
+MAX_BYTES = 128 * 1024
 
 _Name = Annotated[str, Meta(max_length=256)]
 _State = Annotated[str, Meta(max_length=32, pattern=r"^[a-z_]+\Z")]
@@ -60,9 +67,16 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Presence)
 
 
-def decode_presence(body: bytes, limit: int | None = None) -> Presence:
-    """An announcement, or `MalformedMessage` with the reason (total, bounded)."""
-    return wire.decode_bounded(_decoder, body, "presence announcement", limit)
+def decode_presence(body: bytes, limit: int | None = None, *, topic: str | None = None) -> Presence:
+    """An announcement (for ``topic``, if given), or `MalformedMessage` with the reason (total,
+    bounded)."""
+    presence = wire.decode_bounded(_decoder, body, "presence announcement", limit)
+    if topic is not None and presence.topic != topic:
+        raise MalformedMessage(
+            f"presence announcement for topic {presence.topic[:64]!r} on the subject of {topic!r}",
+            problem="shape",
+        )
+    return presence
 
 
 def subject(topic: str) -> str:
@@ -194,7 +208,8 @@ class VersionWatch:
     def _on_presence(self, delivery: Delivery) -> None:
         body = delivery.body
         try:
-            presence = decode_presence(body, self._transport.max_message_bytes)
+            limit = min(MAX_BYTES, self._transport.max_message_bytes)
+            presence = decode_presence(body, limit, topic=self._topic)
         except MalformedMessage as exc:
             _poison.note(log, "presence", self._topic, exc, len(body))
             return

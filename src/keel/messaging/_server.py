@@ -8,7 +8,9 @@ Delivery (docs/messaging-contract.md states it for users):
 * cast: acknowledged after the method returns (at-least-once); a key already seen by the
   dedup store is skipped; a method that raises or cannot be found dead-letters the message
   with the reason, never drops it.
-* fanout: at-most-once to the servers live when it was sent.
+* fanout: at-most-once to the servers live when it was sent. A server holds at most
+  ``max_concurrency`` fanouts waiting or running; more arriving meanwhile (a flood: the
+  fanout queue has no credit window) are dropped and counted (outcome ``dropped``).
 * A request past its deadline is never started (it is counted and logged).
 * A body that is not a request this server reads (garbage, over ``max_message_bytes``, too
   deep, out of range, a newer envelope) is dead-lettered with the reason without running
@@ -44,7 +46,7 @@ from keel.errors import (
     ServerDraining,
     TransportError,
 )
-from keel.messaging import _context, _metrics, _poison, _tap
+from keel.messaging import _context, _heavy, _metrics, _poison, _tap
 from keel.messaging._dedup import DedupStore, MemoryDedup
 from keel.messaging._endpoints import Dispatcher, Method
 from keel.messaging._failures import to_failure
@@ -53,7 +55,13 @@ from keel.messaging._presence import DEFAULT_INTERVAL, Announcer
 from keel.messaging._slots import Slots
 from keel.messaging._target import Target, fanout_subject, rpc_queue
 from keel.messaging._threads import run_sync
-from keel.messaging.transports.base import Consumer, Delivery, Transport, observe
+from keel.messaging.transports.base import (
+    Consumer,
+    Delivery,
+    Transport,
+    log_outcome,
+    observe,
+)
 from keel.wire import (
     CALL,
     CAST,
@@ -73,6 +81,12 @@ log = logging.getLogger("keel.messaging.server")
 KIND_NAMES = {CALL: "call", CAST: "cast", FANOUT: "fanout"}
 DECLINE_PAUSE = 0.2  # seconds a draining server holds a cast for its successor before returning it
 SWEEP_INTERVAL = 0.1  # how late past its deadline a call's handler may be cancelled
+MIN_HEARTBEAT_INTERVAL = 0.05  # however small a caller's monitor window, no faster than this
+
+
+class _DeadlinePassed(Exception):
+    """A call's handler cancelled at the call's deadline (not a TimeoutError: a method may
+    raise that itself, and its caller must get it)."""
 
 
 class ServerState(enum.Enum):
@@ -92,6 +106,8 @@ class RPCServer:
 
     ``max_concurrency`` bounds the requests running at once; ``thread_pool_size`` bounds the
     threads running sync methods. ``dedup`` decides how long cast idempotency keys are kept.
+    A call sent with a monitor window (``RPCClient.prepare(monitor_timeout=...)``) gets a
+    heartbeat every half window while its method runs.
     """
 
     def __init__(
@@ -106,6 +122,7 @@ class RPCServer:
         dedup: DedupStore | None = None,
         stop_timeout: float = 25.0,
         presence_interval: float = DEFAULT_INTERVAL,
+        dispatcher: Dispatcher | None = None,
     ) -> None:
         if not target.topic:
             raise ValueError("an RPC server needs a target with a topic")
@@ -118,7 +135,9 @@ class RPCServer:
         self.service = service or urls.from_env("service", target.topic)
         self.max_concurrency = max_concurrency
         self.stop_timeout = stop_timeout
-        self._dispatcher = Dispatcher(endpoints)
+        # A face for another framework (the oslo.messaging driver) brings its own dispatcher:
+        # its framework finds the method, Keel's server does everything around it.
+        self._dispatcher = dispatcher or Dispatcher(endpoints)
         self._dedup: DedupStore = dedup or MemoryDedup()
         self._thread_pool_size = thread_pool_size
         self._executor: ThreadPoolExecutor | None = None
@@ -133,6 +152,8 @@ class RPCServer:
         # continuations in. Trace ids are compared only then, not computed per request.
         self._running_ctx: dict[int, RequestContext] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._fanouts = 0  # fanout deliveries taken and not finished
+        self._dropped = _poison.LogBudget()
         self._fanout_queue = f"{fanout_subject(target.topic)}.{self.name}.{new_id()[:8]}"
         self._warned: set[tuple[str, str]] = set()
         self._deadlines: dict[asyncio.Task[Any], float] = {}
@@ -200,11 +221,27 @@ class RPCServer:
     async def _sweep_deadlines(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
+            self._forget_done()
             now = time.time()
             for task, deadline in list(self._deadlines.items()):
                 if deadline <= now and task not in self._expired_tasks:
                     self._expired_tasks.add(task)
                     task.cancel()
+
+    def _forget_done(self) -> None:
+        # Finished handlers leave the task set here, in one pass, rather than through a done
+        # callback each (a callback per request cost more than the sweep). What one ended
+        # with is retrieved and logged, as `observe` would: _handle catches everything, so
+        # an exception here is a bug, never one asyncio reports as lost.
+        running: set[asyncio.Task[None]] = set()
+        for task in self._tasks:
+            if task.done():
+                log_outcome(task, log)
+            else:
+                running.add(task)
+        self._tasks = running
+        if self._expired_tasks:
+            self._expired_tasks = {t for t in self._expired_tasks if not t.done()}
 
     async def drain(self, timeout: float | None = None) -> None:
         """Stop taking new work, finish what runs, hand back what has not started, stop.
@@ -246,7 +283,7 @@ class RPCServer:
         if self._own is not None:
             await self._own.cancel()
             self._own = None
-        late = {t for t in self._tasks if t is not asyncio.current_task()}
+        late = {t for t in self._tasks if not t.done() and t is not asyncio.current_task()}
         if late and not self._hurry.is_set():
             _, late = await asyncio.wait(late, timeout=max(0.0, end - loop.time()))
         for task in late:
@@ -257,6 +294,7 @@ class RPCServer:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        self._forget_done()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
@@ -317,26 +355,46 @@ class RPCServer:
         self._spawn(self._handle(delivery, rpc_queue(self.target.topic)))
 
     def _on_fanout(self, delivery: Delivery) -> None:
+        # Auto-acknowledged, so no credit window holds a flood back: at most max_concurrency
+        # fanouts wait or run here; the rest are dropped (at most once) and counted.
+        if self._fanouts >= self.max_concurrency:
+            self._count("fanout", "?", "dropped")
+            if self._dropped.take():
+                event(
+                    log,
+                    logging.WARNING,
+                    "fanout.dropped",
+                    server=self.name,
+                    backlog=self._fanouts,
+                    unlogged=self._dropped.unlogged or None,
+                )
+                self._dropped.unlogged = 0
+            return
+        self._fanouts += 1
         # Its queue's name is per process; its subject is what an operator knows.
-        self._spawn(self._handle(delivery, fanout_subject(self.target.topic)))
+        self._spawn(self._handle(delivery, fanout_subject(self.target.topic))).add_done_callback(
+            self._fanout_done
+        )
+
+    def _fanout_done(self, task: asyncio.Task[None]) -> None:
+        self._fanouts -= 1
 
     def _on_own(self, delivery: Delivery) -> None:
         self._spawn(self._handle(delivery, rpc_queue(self.target.topic, self.name), own=True))
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._forget_task)
-        observe(task, log)  # _handle catches everything; this is for what it cannot
-
-    def _forget_task(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._expired_tasks.discard(task)
+        self._tasks.add(task)  # the sweeper drops it once done, and logs what it ended with
+        return task
 
     async def _handle(self, delivery: Delivery, queue: str, *, own: bool = False) -> None:
         """Decode, wait for a slot (or hand back on drain), run; settle whatever happens."""
+        body = delivery.body
         try:
-            request = decode_request(delivery.body, self.transport.max_message_bytes)
+            if len(body) > _heavy.HEAVY_BYTES:
+                request = await self._decode_heavy(delivery)
+            else:
+                request = decode_request(body, self.transport.max_message_bytes)
         except MalformedMessage as exc:
             await self._malformed(delivery, queue, exc)
             return
@@ -364,6 +422,18 @@ class RPCServer:
             event(log, logging.WARNING, "request.settle_failed", queue=queue, error=exc)
         except Exception as exc:  # a bug in Keel or in what it calls (a dedup store, a tap)
             await self._malformed(delivery, queue, _poison.crashed("request", exc))
+
+    async def _decode_heavy(self, delivery: Delivery) -> Request:
+        try:
+            await _heavy.acquire()
+        except asyncio.CancelledError:  # stopped while it waited for its turn: not started
+            if not delivery.settled:
+                await delivery.requeue()
+            raise
+        try:
+            return decode_request(delivery.body, self.transport.max_message_bytes)
+        finally:
+            _heavy.release()
 
     async def _malformed(self, delivery: Delivery, queue: str, exc: MalformedMessage) -> None:
         self._count("?", "?", "malformed")
@@ -442,6 +512,7 @@ class RPCServer:
             self._count("call", request.method, "rejected")
             await self._reply(request, failure=to_failure(exc, with_traceback=False))
             return
+        beats = self._heartbeats(request) if request.monitor else None
         try:
             result = await self._invoke(method, request)
         except asyncio.CancelledError:
@@ -455,8 +526,8 @@ class RPCServer:
                 )
                 await self._reply(request, failure=to_failure(draining, with_traceback=False))
             raise
-        except TimeoutError:
-            # Only the deadline guard raises this here: the caller has already given up.
+        except _DeadlinePassed:
+            # The caller has already given up: no reply.
             self._count("call", request.method, "deadline_exceeded")
             event(
                 log,
@@ -482,6 +553,30 @@ class RPCServer:
         else:
             self._count("call", request.method, "ok")
             await self._reply(request, result=result)
+        finally:
+            if beats is not None:
+                beats.cancel()
+
+    def _heartbeats(self, request: Request) -> asyncio.Task[None]:
+        # Held by the call that started it, which cancels it however the call ends.
+        return asyncio.get_running_loop().create_task(self._beat(request))
+
+    async def _beat(self, request: Request) -> None:
+        """Tell a monitoring caller the method still runs, twice per window."""
+        window = request.monitor
+        if request.reply_to is None or window is None or not 0 < window < float("inf"):
+            return  # a window from the wire is honoured only when it makes sense
+        interval = max(window / 2, MIN_HEARTBEAT_INTERVAL)
+        body = encode(
+            Reply(ENVELOPE_VERSION, request.id, None, None, self.name, True),
+            self.transport.max_message_bytes,
+        )
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.transport.send(request.reply_to, body, durable=False)
+            except KeelError as exc:  # the caller times out on its own if it hears none
+                event(log, logging.INFO, "heartbeat.unsent", server=self.name, error=exc)
 
     def _count(self, kind: str, method: str, outcome: str) -> None:
         label = method if method in self._methods else "?"  # bounded, whatever senders send
@@ -586,7 +681,7 @@ class RPCServer:
                     if task in self._expired_tasks:
                         self._expired_tasks.discard(task)
                         task.uncancel()
-                        raise TimeoutError from None
+                        raise _DeadlinePassed from None
                     raise
                 finally:
                     self._deadlines.pop(task, None)

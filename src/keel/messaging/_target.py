@@ -7,10 +7,14 @@ from dataclasses import dataclass, field, replace
 
 from keel.errors import ConfigError
 
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
+# '@' and ':' because OpenStack names servers "host@backend" and the oslo.messaging driver
+# joins exchange and topic with ':'; '+' for the driver's escapes of anything else. None of
+# them is special in an AMQP queue name or routing key, a NATS subject or a Redis key
+# (unlike '*', '#', '>', '%' and whitespace, which stay refused).
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@:+-]{0,199}")
 # ASCII digits only (``\d`` takes any Unicode digit) and few of them (int() of thousands of
 # digits is slow, and past 4300 a ValueError): a version is data from the wire too.
-_VERSION = re.compile(r"^([0-9]{1,9})\.([0-9]{1,9})$")
+_VERSION = re.compile(r"([0-9]{1,9})\.([0-9]{1,9})")
 
 
 def parse_version(version: str) -> tuple[int, int]:
@@ -21,10 +25,10 @@ def parse_version(version: str) -> tuple[int, int]:
 
 
 def _check_name(kind: str, value: str) -> None:
-    if not _NAME.match(value):
+    if not _NAME.fullmatch(value):  # fullmatch: '$' would let a trailing newline in
         raise ConfigError(
-            f"{kind} {value!r} is not a valid name: use letters, digits, '_', '.', '-' "
-            "(at most 200, not starting with '.' or '-')"
+            f"{kind} {value!r} is not a valid name: use letters, digits, '_', '.', '-', "
+            "'@', ':', '+' (at most 200, starting with a letter, digit or '_')"
         )
 
 

@@ -50,6 +50,7 @@ from keel.messaging.transports.base import Transport
 from keel.wire import ENVELOPE_VERSION, Notification, RequestContext, new_id
 
 __all__ = [
+    "OSLO_CONTEXT_KEY",
     "OsloMessage",
     "OsloNotificationListener",
     "OsloNotifier",
@@ -119,28 +120,31 @@ def _needs_walk(data: bytes | str) -> bool:
 
 def _json(data: bytes | str, what: str) -> Any:
     """JSON to Python values within Keel's bounds, or `MalformedMessage` saying which."""
-    try:
-        value = _json_decoder.decode(data)
-    except RecursionError:
-        problem, reason = "depth", "nested deeper than this reader's recursion limit"
-    except msgspec.DecodeError as exc:  # out-of-range numbers are ValidationErrors
-        problem = "range" if "out of range" in str(exc) else "syntax"
-        reason = f"not JSON ({exc})"
-    except (ValueError, OverflowError, MemoryError, TypeError) as exc:
-        problem, reason = "syntax", f"not JSON ({type(exc).__name__}: {exc})"
-    else:
-        if _needs_walk(data):
-            found = wire.nesting_problem(value, wire.MAX_DEPTH + 1, ints=True)
-            if found == "depth":
-                raise MalformedMessage(
-                    f"{what}: a value nests more than {wire.MAX_DEPTH} containers deep",
-                    problem="depth",
-                )
-            if found == "range":
-                raise MalformedMessage(
-                    f"{what}: an integer is outside the 64 bits Keel carries", problem="range"
-                )
-        return value
+    many = (
+        wire.openers(data, wire.NOT_JSON_OPENERS)
+        if isinstance(data, bytes)
+        else data.count("[") + data.count("{")
+    ) > wire.COLLECTOR_PAUSE_OPENERS
+    with wire.collector_paused(many):
+        try:
+            value = _json_decoder.decode(data)
+        except RecursionError:
+            problem, reason = "depth", "nested deeper than this reader's recursion limit"
+        except msgspec.DecodeError as exc:  # out-of-range numbers are ValidationErrors
+            problem = "range" if "out of range" in str(exc) else "syntax"
+            reason = f"not JSON ({exc})"
+        except (ValueError, OverflowError, MemoryError, TypeError) as exc:
+            problem, reason = "syntax", f"not JSON ({type(exc).__name__}: {exc})"
+        else:
+            found = (
+                wire.bounds_problem([(value, wire.MAX_DEPTH + 1)], ints=True)
+                if _needs_walk(data)
+                else None
+            )
+            if found is None:
+                return value
+            del value  # freed here, with the collector still paused
+            raise wire.bounds_error(what, found, len(data))
     raise MalformedMessage(f"{what}: {reason}"[:400], problem=problem)
 
 
@@ -235,18 +239,30 @@ def encode_message(message: OsloMessage) -> bytes:
     return _json_encoder.encode(OsloEnvelope(OSLO_ENVELOPE_VERSION, text))
 
 
-def context_from_oslo(context: Mapping[str, Any]) -> RequestContext:
-    """oslo.context's dict (as a notification carries it) to a Keel `RequestContext`."""
+OSLO_CONTEXT_KEY = "oslo_context"  # RequestContext.extra key of a verbatim oslo context
+
+
+def context_from_oslo(context: Mapping[str, Any], *, verbatim: bool = False) -> RequestContext:
+    """oslo.context's dict (as a notification carries it) to a Keel `RequestContext`.
+
+    With ``verbatim`` (the oslo.messaging driver's RPC), ``extra`` holds the whole dict,
+    credentials included, under `OSLO_CONTEXT_KEY`, so an oslo endpoint gets back exactly
+    what its caller sent (nova forwards ``auth_token`` over RPC) and a Keel endpoint's nested
+    call passes it on; the mapped fields are filled either way.
+    """
     user = context.get("user_id") or context.get("user")
     project = context.get("project_id") or context.get("tenant") or context.get("project")
     roles = context.get("roles") or ()
     request_id = context.get("request_id")
     traceparent = context.get("traceparent")
-    extra = {
-        key: value
-        for key, value in context.items()
-        if key not in _MAPPED_KEYS and key not in _SECRET_KEYS and key != "traceparent"
-    }
+    if verbatim:
+        extra: dict[str, Any] = {OSLO_CONTEXT_KEY: dict(context)}
+    else:
+        extra = {
+            key: value
+            for key, value in context.items()
+            if key not in _MAPPED_KEYS and key not in _SECRET_KEYS and key != "traceparent"
+        }
     fields: dict[str, Any] = {
         "user": str(user) if user is not None else None,
         "project": str(project) if project is not None else None,
@@ -261,7 +277,11 @@ def context_from_oslo(context: Mapping[str, Any]) -> RequestContext:
 
 
 def context_to_oslo(ctx: RequestContext) -> dict[str, Any]:
-    """A Keel `RequestContext` as the dict oslo.context's ``to_dict`` would give."""
+    """A Keel `RequestContext` as the dict oslo.context's ``to_dict`` would give (the
+    verbatim oslo dict when the context came from oslo, see `context_from_oslo`)."""
+    kept = ctx.extra.get(OSLO_CONTEXT_KEY)
+    if isinstance(kept, dict):
+        return dict(kept)
     out: dict[str, Any] = {
         key: value for key, value in ctx.extra.items() if key not in _SECRET_KEYS
     }
@@ -283,7 +303,7 @@ def oslo_timestamp(now: datetime | None = None) -> str:
     return str((now or datetime.now(UTC)).replace(tzinfo=None))
 
 
-def to_keel(message: OsloMessage) -> Notification:
+def to_keel(message: OsloMessage, *, verbatim: bool = False) -> Notification:
     return Notification(
         ENVELOPE_VERSION,
         message.message_id,
@@ -292,7 +312,7 @@ def to_keel(message: OsloMessage) -> Notification:
         message.priority.lower(),
         message.payload,
         message.timestamp,
-        context_from_oslo(message.context),
+        context_from_oslo(message.context, verbatim=verbatim),
     )
 
 
@@ -311,10 +331,14 @@ class OsloNotificationListener(NotificationListener):
         *,
         pool: str | None = None,
         durable: bool = False,
+        pool_queue_per_subject: bool = False,
         **options: Any,
     ) -> None:
         super().__init__(transport, targets, endpoints, pool=pool, **options)
         self.durable = durable
+        # oslo names one queue per pool, bound to every subject; a transport that binds a
+        # durable queue to one subject only (NATS) gets one pool queue per subject instead.
+        self._per_subject = pool_queue_per_subject
 
     def _decode(self, body: bytes) -> Notification:
         return to_keel(decode_message(body, self.transport.max_message_bytes))
@@ -323,7 +347,12 @@ class OsloNotificationListener(NotificationListener):
         lk = link(self.transport)
         subjects = [f"{topic}.{priority}" for topic in self.topics for priority in self._handlers]
         # oslo: without a pool one queue per routing key, with a pool one queue for them all.
-        queues = {self.pool: subjects} if self.pool else {s: [s] for s in subjects}
+        if not self.pool:
+            queues = {s: [s] for s in subjects}
+        elif self._per_subject:
+            queues = {f"{s}.pool.{self.pool}": [s] for s in subjects}
+        else:
+            queues = {self.pool: subjects}
         for queue, bindings in queues.items():
             await lk.declare(queue, durable=self.durable, bindings=bindings)
             self._consumers.append(
@@ -348,8 +377,9 @@ class OsloNotifier(Notifier):
         topics: Sequence[str] = ("notifications",),
         service: str | None = None,
         durable: bool = False,
+        window: int = 0,
     ) -> None:
-        super().__init__(transport, publisher_id, topics=topics, service=service)
+        super().__init__(transport, publisher_id, topics=topics, service=service, window=window)
         self.durable = durable
 
     def prepare(self, *, publisher_id: str) -> OsloNotifier:
@@ -359,6 +389,7 @@ class OsloNotifier(Notifier):
             topics=self.topics,
             service=self.service,
             durable=self.durable,
+            window=self.window,
         )
 
     async def notify(
@@ -387,9 +418,14 @@ class OsloNotifier(Notifier):
                 size=len(body),
                 limit=limit,
             )
-        publish = getattr(self.transport, "publish_json", self.transport.publish)
         for topic in self.topics:
-            subject = f"{topic}.{priority}"
-            await self._link.declare(subject, durable=self.durable, bindings=[subject])
-            await publish(subject, body, durable=True)
+            await self.publish(f"{topic}.{priority}", body)
         self.counts["keel_notifications", priority, "published"] += 1
+
+    async def publish(self, subject: str, body: bytes) -> None:
+        """Publish an encoded oslo notification to ``<topic>.<priority>``, declaring its
+        default queue first as oslo does; returns once the broker holds it (or, with a
+        ``window``, once it is on its way: see `Notifier`)."""
+        await self._link.declare(subject, durable=self.durable, bindings=[subject])
+        publish = getattr(self.transport, "publish_json", self.transport.publish)
+        await self._send(lambda: publish(subject, body, durable=True))

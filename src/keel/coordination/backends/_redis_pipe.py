@@ -93,10 +93,11 @@ class Pipe:
                             raise BackendUnavailable(
                                 f"redis: no primary to connect to ({exc}); retry later"
                             ) from exc
+                    # Under Sentinel the certificate to check is the located primary's,
+                    # not that of the sentinel the URL names first.
+                    name = self._where[0] if self._locate is not None else self._server_hostname
                     reader, writer = await asyncio.open_connection(
-                        *self._where,
-                        ssl=self._ssl,
-                        server_hostname=self._server_hostname if self._ssl else None,
+                        *self._where, ssl=self._ssl, server_hostname=name if self._ssl else None
                     )
             except (OSError, TimeoutError) as exc:
                 raise BackendUnavailable(

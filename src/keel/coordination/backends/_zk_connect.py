@@ -25,23 +25,46 @@ from typing import Any
 from kazoo.security import make_digest_acl
 
 from keel._tls import TLSConfig, diagnose, tls_config, tls_error
-from keel.errors import KeelError
+from keel.errors import ConfigError, KeelError
 from keel.urls import URL
 
-_SECRETS = re.compile(r"(auth='[^:']*:)[^']*'|(passwd=)b'(?:[^'\\]|\\.)*'")
+# What kazoo logs that carries a secret, at DEBUG and below (BLATHER is 5): the digest login
+# (``Auth(..., auth='user:password')``, repr'd with either quote), the session password in a
+# ``Connect(..., passwd=b'...')`` request, and ``session_passwd: b'<hex>'`` lines.
+_QUOTED = r"""(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")"""
+_SECRETS = re.compile(
+    rf"(?P<auth>auth=)(?P<q>['\"])(?P<user>[^:'\"]*):(?:[^\\]|\\.)*?(?P=q)"
+    rf"|(?P<passwd>passwd=)b?{_QUOTED}"
+    rf"|(?P<session>session_passwd: )b?{_QUOTED}"
+)
+_passwords: set[str] = set()  # digest passwords in use, also masked wherever they appear
+
+
+def _mask(match: re.Match[str]) -> str:
+    if match.group("auth"):
+        return f"{match.group('auth')}{match.group('q')}{match.group('user')}:***{match.group('q')}"
+    return f"{match.group('passwd') or match.group('session')}***"
+
+
+def redact_log(text: str) -> str:
+    """kazoo's log text with every login and session password masked."""
+    text = _SECRETS.sub(_mask, text)
+    for password in _passwords:
+        for form in (password, repr(password)[1:-1]):
+            if form:
+                text = text.replace(form, "***")
+    return text
 
 
 class _Redact(logging.Filter):
-    """kazoo logs its requests at DEBUG, the digest login's password and the session's
-    password among them: mask both before any handler sees the record."""
+    """kazoo logs its requests at DEBUG and BLATHER, the digest login's password and the
+    session's password among them: mask them before any handler sees the record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
-        if "auth=" in text or "passwd=" in text:
-            record.msg = _SECRETS.sub(
-                lambda m: f"{m.group(1)}***'" if m.group(1) else "passwd=***", text
-            )
-            record.args = ()
+        masked = redact_log(text)
+        if masked != text:
+            record.msg, record.args = masked, ()
         return True
 
 
@@ -57,21 +80,39 @@ def client_options(url: URL, options: Mapping[str, Any]) -> tuple[dict[str, Any]
         kwargs.update(
             use_ssl=True,
             verify_certs=tls.verify != "none",
+            # kazoo checks no host name unless told (its default): each server's
+            # certificate must name the host the URL gives for it, as on every backend.
+            check_hostname=tls.check_hostname,
             ca=tls.ca,
             certfile=tls.cert,
             keyfile=tls.key,
         )
     if url.username is not None:
+        if ":" in url.username:
+            raise ConfigError(
+                f"{url.redacted()}: a ZooKeeper digest user name cannot hold ':' (ZooKeeper "
+                "splits user:password at the first one)"
+            )
         password = url.password or ""
+        if len(password) >= 3:  # shorter ones would mask every such run of characters
+            _passwords.add(password)
         kwargs["auth_data"] = [("digest", f"{url.username}:{password}")]
         kwargs["default_acl"] = [make_digest_acl(url.username, password, all=True)]
     return kwargs, tls
 
 
 async def tls_refusal(url: URL, tls: TLSConfig | None) -> KeelError | None:
-    """Why a TLS handshake with the first server fails, if it does (kazoo would only retry)."""
+    """Why a TLS handshake fails, if it does with any server the URL lists (kazoo would only
+    retry, and would keep moving to the servers that refuse): a server that is down is no
+    refusal, one whose certificate fails is."""
     if tls is None or not url.hosts:
         return None
-    first = url.hosts[0]
-    reason = await asyncio.to_thread(diagnose, first.host, first.port or 2181, tls)
-    return None if reason is None else tls_error(reason, backend="ZooKeeper", server=url.redacted())
+    reasons = await asyncio.gather(
+        *(asyncio.to_thread(diagnose, h.host, h.port or 2181, tls) for h in url.hosts)
+    )
+    for host, reason in zip(url.hosts, reasons, strict=True):
+        if reason is not None:
+            return tls_error(
+                reason, backend="ZooKeeper", server=f"{url.redacted()} ({host.address(2181)})"
+            )
+    return None

@@ -33,7 +33,8 @@ from aetcd import rpc
 from grpc import StatusCode
 from grpc.aio import AioRpcError
 
-from keel.coordination.backends._etcd_channel import Client
+from keel._tls import TLS_OPTIONS
+from keel.coordination.backends._etcd_channel import Client, token_refused
 from keel.coordination.backends.base import Backend, Characteristic, Grant, Record, map_errors
 from keel.errors import BackendUnavailable, KeelError
 
@@ -80,6 +81,7 @@ class EtcdBackend:
             Characteristic.CHANGE_WATCHES,
         }
     )
+    URL_OPTIONS = frozenset({"connect_timeout", *TLS_OPTIONS})
 
     def __init__(self, client: aetcd.Client, url: str, timeout: float) -> None:
         self._client = client
@@ -105,12 +107,7 @@ class EtcdBackend:
                 raise refused
             with backend._mapped():
                 await client.connect()
-                await client.login(timeout)
-                # wait_for_ready: a first connection attempt that fails transiently (a loaded
-                # machine) is retried by gRPC until the timeout instead of failing at once.
-                await client.kvstub.Range(
-                    rpc.RangeRequest(key=b"/keel/"), timeout=timeout, wait_for_ready=True
-                )
+                await client.reach(timeout)
         except KeelError as exc:
             with contextlib.suppress(Exception):
                 await client.close()
@@ -119,6 +116,7 @@ class EtcdBackend:
 
     @contextlib.contextmanager
     def _mapped(self) -> Iterator[None]:
+        channel = self._client.current
         with map_errors((aetcd.exceptions.ConnectionFailedError,), backend="etcd", url=self._url):
             try:
                 yield
@@ -126,6 +124,7 @@ class EtcdBackend:
                 if exc.code() == StatusCode.NOT_FOUND and "lease" in (exc.details() or ""):
                     raise _LeaseGone from exc
                 if exc.code() in _UNAVAILABLE_CODES:
+                    self._client.rotate(channel)  # the next call tries the next member
                     raise BackendUnavailable(
                         f"etcd at {self._url} is unreachable ({exc.code().name}: "
                         f"{exc.details()}); retry later"
@@ -158,11 +157,19 @@ class EtcdBackend:
             return lease
 
     async def _keepalive(self, lease_id: int) -> int:
-        with self._mapped():
-            async for reply in self._client.leasestub.LeaseKeepAlive(
-                [rpc.LeaseKeepAliveRequest(ID=lease_id)], timeout=self._timeout
-            ):
-                return int(reply.TTL)
+        for attempt in (1, 2):
+            token = self._client.token
+            with self._mapped():
+                try:
+                    async for reply in self._client.leasestub.LeaseKeepAlive(
+                        [rpc.LeaseKeepAliveRequest(ID=lease_id)], timeout=self._timeout
+                    ):
+                        return int(reply.TTL)
+                except AioRpcError as exc:
+                    # A stream: the token interceptor does not retry it (_etcd_channel).
+                    if attempt == 2 or not token_refused(exc):
+                        raise
+                    await self._client.refresh(token)
         return 0
 
     async def acquire(self, key: str, owner: str, ttl: float, data: bytes) -> Grant | None:

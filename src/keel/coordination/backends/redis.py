@@ -81,6 +81,7 @@ class RedisBackend:
             Characteristic.PER_LOCK_TTL,
         }
     )
+    URL_OPTIONS = frozenset({"connect_timeout", "socket_timeout", *_redis_client.URL_OPTIONS})
 
     def __init__(self, client: aioredis.Redis, pipe: Pipe, url: str) -> None:
         self._client = client  # reads and listings

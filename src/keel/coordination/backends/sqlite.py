@@ -63,6 +63,8 @@ class SqliteBackend:
     """Leased records in one SQLite file (see the module docstring for its limits)."""
 
     characteristics = frozenset({Characteristic.DURABLE_FENCES, Characteristic.PER_LOCK_TTL})
+    # Options every coordinator takes; a local file has no connect to time out.
+    URL_OPTIONS = frozenset({"connect_timeout"})
 
     def __init__(self, path: str) -> None:
         self._path = path

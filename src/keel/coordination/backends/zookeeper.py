@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import socket
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -42,7 +43,7 @@ from kazoo.exceptions import (
 )
 from kazoo.handlers.threading import AsyncResult, KazooTimeoutError, SequentialThreadingHandler
 
-from keel._tls import credentials_rejected
+from keel._tls import TLS_OPTIONS, credentials_rejected
 from keel.coordination.backends._zk_connect import client_options, tls_refusal
 from keel.coordination.backends.base import Backend, Characteristic, Grant, Record, map_errors
 from keel.errors import KeelError
@@ -71,6 +72,14 @@ class _Handler(SequentialThreadingHandler):  # type: ignore[misc]
     def async_result(self) -> AsyncResult:
         return _InlineResult(self)
 
+    def create_connection(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("use_ssl"):
+            # kazoo wraps the socket in TLS before it connects, and drops it unclosed when the
+            # connect fails (a server of the URL down): find that out on a plain socket.
+            address = kwargs["address"] if "address" in kwargs else args[0]
+            socket.create_connection(address, kwargs.get("timeout")).close()
+        return super().create_connection(*args, **kwargs)
+
 
 def _path(key: str) -> str:
     return "/keel/" + key.rstrip("/")
@@ -89,6 +98,7 @@ class ZookeeperBackend:
             Characteristic.CHANGE_WATCHES,
         }
     )
+    URL_OPTIONS = frozenset({"connect_timeout", *TLS_OPTIONS})
 
     def __init__(self, client: KazooClient, url: str, ttl: float) -> None:
         self._client = client

@@ -14,6 +14,15 @@ promises:
   `ClaimExpired`, of an unknown one `NotFound`. A message handed out ``max_deliveries``
   times moves to the dead letters instead of a further claim.
 - Unknown subscription ids raise `NotFound` (the core has already checked the tenant).
+- Per-message life (for faces such as the Zaqar API): a message appended with a ``ttl``
+  expires ``ttl`` seconds after it was enqueued: it is no longer live (`live`,
+  `get_messages`, `stats`) nor claimed, though replay (`read`) still shows it until retention
+  drops it. One appended with a ``delay`` is neither claimed nor listed as live (unless asked)
+  until the delay has passed. A claim with ``grace`` keeps every expiring message it holds
+  alive at least ``grace`` seconds past the claim's own expiry.
+- A subscription with a ``parent`` tees off it: the core appends a copy of every message it
+  commits to the parent's queue to the child's queue too (routing lives in the core, the
+  store keeps the field).
 """
 
 from __future__ import annotations
@@ -41,6 +50,10 @@ class Webhook(msgspec.Struct, frozen=True):
     # The CloudEvents HTTP content mode: "structured" (the event as
     # application/cloudevents+json) or "binary" (ce-* headers, the data as the body).
     mode: str = "structured"
+    # How a message becomes the request body: None posts the stored event (a CloudEvent, in
+    # ``mode``); another name picks a renderer a face registered with the dispatcher (the
+    # Zaqar API's "zaqar": Zaqar's own body, not a CloudEvent, so ``mode`` does not apply).
+    render: str | None = None
 
 
 class Subscription(msgspec.Struct, kw_only=True):
@@ -53,6 +66,13 @@ class Subscription(msgspec.Struct, kw_only=True):
     max_deliveries: int = 5
     webhook: Webhook | None = None
     created_at: float
+    # The subscription whose queue this one tees off (see the module docstring).
+    parent: str | None = None
+    # Past this time the subscription receives nothing and the core deletes it.
+    expires_at: float | None = None
+    # Owned by a face (the Zaqar API keeps a queue's name and metadata here); the core and the
+    # stores keep it as it is.
+    meta: dict[str, Any] = msgspec.field(default_factory=dict)
     # Maintained by the store.
     last_seq: int = 0
     first_seq: int = 1
@@ -65,6 +85,15 @@ class Message(msgspec.Struct, kw_only=True):
     state: str
     deliveries: int
     enqueued_at: float
+    # Not before this time may it be claimed: a delay, a claim's expiry, a webhook's backoff.
+    visible_at: float = 0.0
+    # The last claim that took it (still holding it while ``visible_at`` is in the future).
+    claim_id: str | None = None
+    # None: lives until retention drops it.
+    expires_at: float | None = None
+
+    def claimed(self, now: float) -> bool:
+        return self.claim_id is not None and self.visible_at > now
 
 
 class Gap(msgspec.Struct):
@@ -83,22 +112,43 @@ class Claim(msgspec.Struct, kw_only=True):
     subscription: str
     expires_at: float
     messages: list[Message]
+    created_at: float = 0.0
+    ttl: float = 0.0  # as last set (by the claim or its latest extension)
+
+
+class QueueStats(msgspec.Struct, kw_only=True):
+    """Live messages of a queue (see `Store.stats`)."""
+
+    free: int
+    claimed: int
+    delayed: int
+    oldest: Message | None = None
+    newest: Message | None = None
+
+    @property
+    def total(self) -> int:
+        return self.free + self.claimed + self.delayed
 
 
 class Routed(msgspec.Struct, frozen=True):
-    """One event of an ingest batch and the subscriptions it goes to."""
+    """One event of an ingest batch and the subscriptions it goes to; ``ttl`` and ``delay``
+    (seconds from the commit) apply to each of its messages."""
 
     event_id: str
     body: bytes
     subscriptions: tuple[str, ...]
+    ttl: float | None = None
+    delay: float = 0.0
 
 
 class Appended(msgspec.Struct, frozen=True):
-    """A message `append` created (for waking streams): queue, seq, event body."""
+    """A message `append` created (for waking streams): queue, seq, event body, and the id of
+    the event it holds (so a caller learns the seqs its own events got)."""
 
     subscription: str
     seq: int
     body: bytes
+    event_id: str = ""
 
 
 def quota_exceeded(project: str, quota: int) -> QuotaExceeded:
@@ -141,6 +191,11 @@ class Store(Protocol):
 
     async def get_subscription(self, sub_id: str) -> Subscription: ...
 
+    async def update_subscription(self, sub: Subscription) -> None:
+        """Replace what the subscription's creator set (everything but the fields the store
+        maintains); `NotFound` if it does not exist. Other processes are told (``watch``)."""
+        ...
+
     async def list_subscriptions(
         self, project: str | None, *, limit: int, marker: str | None
     ) -> list[Subscription]:
@@ -167,9 +222,11 @@ class Store(Protocol):
         now: float,
         max_deliveries: int,
         head_only: bool = False,
+        grace: float = 0.0,
     ) -> Claim | None:
-        """Claim the oldest visible ready messages. ``head_only``: claim only if the oldest
-        ready message is visible (in-order consumers such as webhooks wait for it)."""
+        """Claim the oldest visible, unexpired ready messages. ``head_only``: claim only if the
+        oldest ready message is visible (in-order consumers such as webhooks wait for it).
+        ``grace``: see the module docstring."""
         ...
 
     async def ack(
@@ -178,7 +235,41 @@ class Store(Protocol):
 
     async def release(self, sub_id: str, claim_id: str, *, now: float) -> int: ...
 
-    async def extend(self, sub_id: str, claim_id: str, *, ttl: float, now: float) -> float: ...
+    async def extend(
+        self, sub_id: str, claim_id: str, *, ttl: float, now: float, grace: float = 0.0
+    ) -> float: ...
+
+    async def live(
+        self,
+        sub_id: str,
+        *,
+        after: int,
+        limit: int,
+        now: float,
+        claimed: bool = False,
+        delayed: bool = False,
+    ) -> list[Message]:
+        """Live messages after ``after`` in seq order: ready, not expired, and neither held by
+        a claim (unless ``claimed``) nor delayed (unless ``delayed``)."""
+        ...
+
+    async def get_messages(self, sub_id: str, seqs: Sequence[int], *, now: float) -> list[Message]:
+        """The listed messages that are ready and not expired (claimed or not), in seq order."""
+        ...
+
+    async def delete_messages(
+        self, sub_id: str, seqs: Sequence[int] | None, *, now: float, unclaimed_only: bool
+    ) -> int:
+        """Mark the listed ready messages (every ready message without ``seqs``) acked; with
+        ``unclaimed_only`` skip those a live claim holds. Returns how many it marked."""
+        ...
+
+    async def get_claim(self, sub_id: str, claim_id: str, *, now: float) -> Claim:
+        """A live claim and the ready messages it still holds; `NotFound` for an unknown
+        claim, `ClaimExpired` for one whose time ran out."""
+        ...
+
+    async def stats(self, sub_id: str, *, now: float) -> QueueStats: ...
 
     async def ack_upto(self, sub_id: str, seq: int) -> int:
         """Ack every ready, unclaimed message up to ``seq`` (a stream client's ack)."""

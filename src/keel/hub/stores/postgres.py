@@ -50,6 +50,7 @@ from keel.hub.stores.base import (
     Claim,
     Gap,
     Message,
+    QueueStats,
     Routed,
     Subscription,
     quota_exceeded,
@@ -67,15 +68,20 @@ CREATE TABLE IF NOT EXISTS {s}.events (id BIGSERIAL PRIMARY KEY, body BYTEA NOT 
 CREATE TABLE IF NOT EXISTS {s}.messages (
     sub_id TEXT NOT NULL, seq BIGINT NOT NULL, event_id BIGINT NOT NULL, state TEXT NOT NULL,
     deliveries INT NOT NULL DEFAULT 0, visible_at DOUBLE PRECISION NOT NULL DEFAULT 0,
-    claim_id TEXT, enqueued_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (sub_id, seq)
+    claim_id TEXT, enqueued_at DOUBLE PRECISION NOT NULL, expires_at DOUBLE PRECISION,
+    PRIMARY KEY (sub_id, seq)
 );
 CREATE INDEX IF NOT EXISTS messages_state ON {s}.messages (sub_id, state, seq);
 CREATE INDEX IF NOT EXISTS messages_claim ON {s}.messages (claim_id) WHERE claim_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS {s}.claims (
-    id TEXT PRIMARY KEY, sub_id TEXT NOT NULL, expires_at DOUBLE PRECISION NOT NULL
+    id TEXT PRIMARY KEY, sub_id TEXT NOT NULL, expires_at DOUBLE PRECISION NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL DEFAULT 0, ttl DOUBLE PRECISION NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS {s}.ingested (event_id TEXT PRIMARY KEY, at DOUBLE PRECISION NOT NULL);
 CREATE INDEX IF NOT EXISTS ingested_at ON {s}.ingested (at);
+ALTER TABLE {s}.messages ADD COLUMN IF NOT EXISTS expires_at DOUBLE PRECISION;
+ALTER TABLE {s}.claims ADD COLUMN IF NOT EXISTS created_at DOUBLE PRECISION NOT NULL DEFAULT 0;
+ALTER TABLE {s}.claims ADD COLUMN IF NOT EXISTS ttl DOUBLE PRECISION NOT NULL DEFAULT 0;
 """
 
 if TYPE_CHECKING:
@@ -103,7 +109,10 @@ def _gone(conn: Conn) -> bool:
 _PROBE_FAILED: tuple[type[BaseException], ...] = (*_LOST, asyncpg.InterfaceError)
 
 # A message's row names its event; the body is stored once however many queues it went to.
-_MSG = "m.seq, e.body AS event, m.state, m.deliveries, m.enqueued_at"
+_MSG = (
+    "m.seq, e.body AS event, m.state, m.deliveries, m.enqueued_at, m.visible_at, m.claim_id, "
+    "m.expires_at"
+)
 _MSG_FROM = f"SELECT {_MSG} FROM {{s}}.messages m JOIN {{s}}.events e ON e.id = m.event_id"
 # Each queue's messages name increasing event ids (events are inserted under the queues'
 # locks), so an event below the smallest first id of all queues is no one's any more. One
@@ -114,8 +123,9 @@ DELETE FROM {s}.events WHERE id < coalesce(
                  ORDER BY m.seq LIMIT 1)) FROM {s}.subscriptions s),
     (SELECT max(id) + 1 FROM {s}.events))
 """
-# From the layout with a body in every message row (a column ``event``): each row's body
-# becomes one event, in queue order. Run under the schema's advisory lock at open.
+# From a layout with a body in every message row (a column ``event``, with or without
+# ``expires_at``): each row's body becomes one event, in queue order. Run under the schema's
+# advisory lock at open, before `_SCHEMA`, which adds the columns an earlier layout lacks.
 _MIGRATE = """
 DO $$ BEGIN
 IF EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = '{s}'
@@ -135,6 +145,12 @@ IF EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = '{s}'
 END IF;
 END $$;
 """
+# A message is live while ready and not expired ($2 is now in every query that uses it;
+# unqualified: no column of ``events`` shares a name with one of ``messages``).
+_LIVE = "state = 'ready' AND (expires_at IS NULL OR expires_at > $2)"
+# A claim's grace: an expiring message lives at least until ${n} (greatest() skips NULLs, so
+# a message that never expires would get an expiry without the CASE).
+_KEEP_ALIVE = "CASE WHEN expires_at IS NULL THEN NULL ELSE greatest(expires_at, ${n}) END"
 _SUB = "body, last_seq, first_seq, dropped"
 
 
@@ -151,6 +167,9 @@ def _msg(row: asyncpg.Record) -> Message:
         state=row["state"],
         deliveries=row["deliveries"],
         enqueued_at=row["enqueued_at"],
+        visible_at=row["visible_at"],
+        claim_id=row["claim_id"],
+        expires_at=row["expires_at"],
     )
 
 
@@ -396,6 +415,23 @@ class PostgresStore:
             raise NotFound(f"no subscription {sub_id!r}", subscription=sub_id)
         return _sub(row)
 
+    async def update_subscription(self, sub: Subscription) -> None:
+        r = sub.retention
+        async with self._tx() as conn:
+            done = await conn.execute(
+                self._q(
+                    "UPDATE {s}.subscriptions SET body = $2, max_messages = $3, max_age_s = $4 "
+                    "WHERE id = $1"
+                ),
+                sub.id,
+                msgspec.json.encode(sub).decode(),
+                r.max_messages,
+                r.max_age_s,
+            )
+            if done.endswith(" 0"):
+                raise NotFound(f"no subscription {sub.id!r}", subscription=sub.id)
+            await self._notify(conn, "subscription", [sub.id])
+
     async def list_subscriptions(
         self, project: str | None, *, limit: int, marker: str | None
     ) -> list[Subscription]:
@@ -487,8 +523,10 @@ class PostgresStore:
                 )
             )
             out: list[Appended] = []
-            cols: tuple[list[Any], ...] = ([], [], [])
+            cols: tuple[list[Any], ...] = ([], [], [], [], [])
             for item, event_id in zip(kept, ids, strict=True):
+                visible = now + item.delay if item.delay else 0.0
+                expires = now + item.ttl if item.ttl is not None else None
                 for sub_id in item.subscriptions:
                     if sub_id not in next_seq:
                         continue  # deleted between routing and commit
@@ -496,12 +534,15 @@ class PostgresStore:
                     cols[0].append(sub_id)
                     cols[1].append(next_seq[sub_id])
                     cols[2].append(event_id)
-                    out.append(Appended(sub_id, next_seq[sub_id], item.body))
+                    cols[3].append(visible)
+                    cols[4].append(expires)
+                    out.append(Appended(sub_id, next_seq[sub_id], item.body, item.event_id))
             await conn.execute(
                 self._q(
-                    "INSERT INTO {s}.messages (sub_id, seq, event_id, state, enqueued_at) "
-                    "SELECT u.a, u.b, u.c, $4, $5 FROM unnest($1::text[], $2::bigint[], "
-                    "$3::bigint[]) AS u(a, b, c)"
+                    "INSERT INTO {s}.messages (sub_id, seq, event_id, state, enqueued_at, "
+                    "visible_at, expires_at) SELECT u.a, u.b, u.c, $6, $7, u.d, u.e "
+                    "FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::float8[], "
+                    "$5::float8[]) AS u(a, b, c, d, e)"
                 ),
                 *cols,
                 READY,
@@ -580,6 +621,7 @@ class PostgresStore:
         now: float,
         max_deliveries: int,
         head_only: bool = False,
+        grace: float = 0.0,
     ) -> Claim | None:
         async with self._tx() as conn:
             await self._require(conn, sub_id)
@@ -597,11 +639,11 @@ class PostgresStore:
             if head_only:
                 head = await conn.fetchrow(
                     self._q(
-                        "SELECT seq, visible_at FROM {s}.messages WHERE sub_id = $1 AND state = $2 "
+                        f"SELECT seq, visible_at FROM {{s}}.messages WHERE sub_id = $1 AND {_LIVE} "
                         "ORDER BY seq LIMIT 1 FOR UPDATE"
                     ),
                     sub_id,
-                    READY,
+                    now,
                 )
                 seqs = [head["seq"]] if head is not None and head["visible_at"] <= now else []
             else:
@@ -609,11 +651,10 @@ class PostgresStore:
                     r[0]
                     for r in await conn.fetch(
                         self._q(
-                            "SELECT seq FROM {s}.messages WHERE sub_id = $1 AND state = $2 "
-                            "AND visible_at <= $3 ORDER BY seq LIMIT $4 FOR UPDATE SKIP LOCKED"
+                            f"SELECT seq FROM {{s}}.messages WHERE sub_id = $1 AND {_LIVE} "
+                            "AND visible_at <= $2 ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED"
                         ),
                         sub_id,
-                        READY,
                         now,
                         limit,
                     )
@@ -623,15 +664,21 @@ class PostgresStore:
             claim_id = "clm-" + new_id()
             expires = now + ttl
             await conn.execute(
-                self._q("INSERT INTO {s}.claims (id, sub_id, expires_at) VALUES ($1, $2, $3)"),
+                self._q(
+                    "INSERT INTO {s}.claims (id, sub_id, expires_at, created_at, ttl) "
+                    "VALUES ($1, $2, $3, $4, $5)"
+                ),
                 claim_id,
                 sub_id,
                 expires,
+                now,
+                ttl,
             )
             rows = await conn.fetch(
                 self._q(
                     "UPDATE {s}.messages m SET claim_id = $3, visible_at = $4, "
-                    "deliveries = deliveries + 1 FROM {s}.events e "
+                    f"deliveries = deliveries + 1, expires_at = {_KEEP_ALIVE.format(n=5)} "
+                    "FROM {s}.events e "
                     "WHERE m.sub_id = $1 AND m.seq = ANY($2::bigint[]) AND e.id = m.event_id "
                     f"RETURNING {_MSG}"
                 ),
@@ -639,24 +686,39 @@ class PostgresStore:
                 seqs,
                 claim_id,
                 expires,
+                expires + grace,
             )
         messages = sorted((_msg(r) for r in rows), key=lambda m: m.seq)
-        return Claim(id=claim_id, subscription=sub_id, expires_at=expires, messages=messages)
+        return Claim(
+            id=claim_id,
+            subscription=sub_id,
+            expires_at=expires,
+            messages=messages,
+            created_at=now,
+            ttl=ttl,
+        )
 
-    async def _live_claim(self, conn: Conn, sub_id: str, claim_id: str, now: float) -> None:
+    async def _live_claim(
+        self, conn: Conn, sub_id: str, claim_id: str, now: float, *, lock: bool = True
+    ) -> asyncpg.Record:
+        """The live claim's expires_at, created_at and ttl (its row locked if ``lock``)."""
         await self._require(conn, sub_id)
-        expires = await conn.fetchval(
-            self._q("SELECT expires_at FROM {s}.claims WHERE id = $1 AND sub_id = $2 FOR UPDATE"),
+        row = await conn.fetchrow(
+            self._q(
+                "SELECT expires_at, created_at, ttl FROM {s}.claims WHERE id = $1 AND sub_id = $2"
+                + (" FOR UPDATE" if lock else "")
+            ),
             claim_id,
             sub_id,
         )
-        if expires is None:
+        if row is None:
             raise NotFound(f"no claim {claim_id!r} on this subscription", claim=claim_id)
-        if expires <= now:
+        if row["expires_at"] <= now:
             raise ClaimExpired(
                 f"claim {claim_id} expired; its messages are visible again, claim them anew",
                 claim=claim_id,
             )
+        return row
 
     @staticmethod
     def _count(status: str) -> int:
@@ -697,24 +759,145 @@ class PostgresStore:
             await conn.execute(self._q("DELETE FROM {s}.claims WHERE id = $1"), claim_id)
         return self._count(status)
 
-    async def extend(self, sub_id: str, claim_id: str, *, ttl: float, now: float) -> float:
+    async def extend(
+        self, sub_id: str, claim_id: str, *, ttl: float, now: float, grace: float = 0.0
+    ) -> float:
         expires = now + ttl
         async with self._tx() as conn:
             await self._live_claim(conn, sub_id, claim_id, now)
             await conn.execute(
-                self._q("UPDATE {s}.claims SET expires_at = $2 WHERE id = $1"), claim_id, expires
+                self._q("UPDATE {s}.claims SET expires_at = $2, ttl = $3 WHERE id = $1"),
+                claim_id,
+                expires,
+                ttl,
             )
             await conn.execute(
                 self._q(
-                    "UPDATE {s}.messages SET visible_at = $3 WHERE sub_id = $1 AND claim_id = $2 "
-                    "AND state = $4"
+                    "UPDATE {s}.messages SET visible_at = $3, expires_at = "
+                    f"{_KEEP_ALIVE.format(n=5)} WHERE sub_id = $1 AND claim_id = $2 AND state = $4"
                 ),
                 sub_id,
                 claim_id,
                 expires,
                 READY,
+                expires + grace,
             )
         return expires
+
+    async def live(
+        self,
+        sub_id: str,
+        *,
+        after: int,
+        limit: int,
+        now: float,
+        claimed: bool = False,
+        delayed: bool = False,
+    ) -> list[Message]:
+        where = f"sub_id = $1 AND seq > $3 AND {_LIVE}"
+        if not claimed and not delayed:
+            where += " AND visible_at <= $2"
+        elif not claimed:  # delayed ones (never claimed) stay; held ones go
+            where += " AND NOT (claim_id IS NOT NULL AND visible_at > $2)"
+        elif not delayed:
+            where += " AND NOT (claim_id IS NULL AND visible_at > $2)"
+        async with self._conn() as conn:
+            await self._require(conn, sub_id)
+            rows = await conn.fetch(
+                self._q(f"{_MSG_FROM} WHERE {where} ORDER BY seq LIMIT $4"),
+                sub_id,
+                now,
+                after,
+                limit,
+            )
+        return [_msg(r) for r in rows]
+
+    async def get_messages(self, sub_id: str, seqs: Sequence[int], *, now: float) -> list[Message]:
+        async with self._conn() as conn:
+            await self._require(conn, sub_id)
+            rows = await conn.fetch(
+                self._q(
+                    f"{_MSG_FROM} WHERE sub_id = $1 AND {_LIVE} "
+                    "AND seq = ANY($3::bigint[]) ORDER BY seq"
+                ),
+                sub_id,
+                now,
+                list(seqs),
+            )
+        return [_msg(r) for r in rows]
+
+    async def delete_messages(
+        self, sub_id: str, seqs: Sequence[int] | None, *, now: float, unclaimed_only: bool
+    ) -> int:
+        async with self._tx() as conn:
+            await self._require(conn, sub_id)
+            status = await conn.execute(
+                self._q(
+                    "UPDATE {s}.messages SET state = $2, claim_id = NULL WHERE sub_id = $1 "
+                    "AND state = $3 AND ($4::bigint[] IS NULL OR seq = ANY($4::bigint[])) "
+                    "AND NOT ($5 AND claim_id IS NOT NULL AND visible_at > $6)"
+                ),
+                sub_id,
+                ACKED,
+                READY,
+                list(seqs) if seqs is not None else None,
+                unclaimed_only,
+                now,
+            )
+        return self._count(status)
+
+    async def get_claim(self, sub_id: str, claim_id: str, *, now: float) -> Claim:
+        async with self._conn() as conn:
+            row = await self._live_claim(conn, sub_id, claim_id, now, lock=False)
+            rows = await conn.fetch(
+                self._q(
+                    f"{_MSG_FROM} WHERE claim_id = $1 AND sub_id = $2 AND state = $3 ORDER BY seq"
+                ),
+                claim_id,
+                sub_id,
+                READY,
+            )
+        return Claim(
+            id=claim_id,
+            subscription=sub_id,
+            expires_at=row["expires_at"],
+            messages=[_msg(r) for r in rows],
+            created_at=row["created_at"],
+            ttl=row["ttl"],
+        )
+
+    async def stats(self, sub_id: str, *, now: float) -> QueueStats:
+        async with self._conn() as conn:
+            await self._require(conn, sub_id)
+            row = await conn.fetchrow(
+                self._q(
+                    "SELECT count(*) FILTER (WHERE visible_at <= $2) AS free, "
+                    "count(*) FILTER (WHERE visible_at > $2 AND claim_id IS NOT NULL) AS claimed, "
+                    "count(*) FILTER (WHERE visible_at > $2 AND claim_id IS NULL) AS delayed, "
+                    f"min(seq) AS low, max(seq) AS high FROM {{s}}.messages "
+                    f"WHERE sub_id = $1 AND {_LIVE}"
+                ),
+                sub_id,
+                now,
+            )
+            assert row is not None  # an aggregate always answers one row
+            ends = []
+            if row["low"] is not None:
+                ends = await conn.fetch(
+                    self._q(
+                        f"{_MSG_FROM} WHERE sub_id = $1 AND seq = ANY($2::bigint[]) ORDER BY seq"
+                    ),
+                    sub_id,
+                    [row["low"], row["high"]],
+                )
+        msgs = [_msg(r) for r in ends]
+        return QueueStats(
+            free=row["free"],
+            claimed=row["claimed"],
+            delayed=row["delayed"],
+            oldest=msgs[0] if msgs else None,
+            newest=msgs[-1] if msgs else None,
+        )
 
     async def ack_upto(self, sub_id: str, seq: int) -> int:
         async with self._tx() as conn:

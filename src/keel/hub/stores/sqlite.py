@@ -37,6 +37,7 @@ from keel.hub.stores.base import (
     Claim,
     Gap,
     Message,
+    QueueStats,
     Routed,
     Subscription,
     quota_exceeded,
@@ -66,12 +67,13 @@ CREATE TABLE IF NOT EXISTS messages (
     sub_id TEXT NOT NULL, seq INTEGER NOT NULL, event_id INTEGER NOT NULL,
     state TEXT NOT NULL, deliveries INTEGER NOT NULL DEFAULT 0,
     visible_at REAL NOT NULL DEFAULT 0, claim_id TEXT, enqueued_at REAL NOT NULL,
-    PRIMARY KEY (sub_id, seq)
+    expires_at REAL, PRIMARY KEY (sub_id, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS messages_state ON messages (sub_id, state, seq);
 CREATE INDEX IF NOT EXISTS messages_claim ON messages (claim_id) WHERE claim_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS claims (
-    id TEXT PRIMARY KEY, sub_id TEXT NOT NULL, expires_at REAL NOT NULL
+    id TEXT PRIMARY KEY, sub_id TEXT NOT NULL, expires_at REAL NOT NULL,
+    created_at REAL NOT NULL DEFAULT 0, ttl REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS ingested (event_id TEXT PRIMARY KEY, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS ingested_at ON ingested (at);
@@ -88,30 +90,44 @@ DELETE FROM events WHERE id < coalesce(
 _SUB_COLUMNS = "body, last_seq, first_seq, dropped"
 # A message's row names its event; the body is stored once however many queues it went to.
 _MSG_FROM = (
-    "SELECT m.seq, e.body, m.state, m.deliveries, m.enqueued_at "
-    "FROM messages m JOIN events e ON e.id = m.event_id"
+    "SELECT m.seq, e.body, m.state, m.deliveries, m.enqueued_at, m.visible_at, m.claim_id, "
+    "m.expires_at FROM messages m JOIN events e ON e.id = m.event_id"
 )
-SCHEMA_VERSION = 2  # PRAGMA user_version; 0 is the layout with a body in every message row
+# A message is live while ready and not expired (``?`` is now).
+# (Unqualified: no column of ``events`` shares a name with one of ``messages``.)
+_LIVE = "state = 'ready' AND (expires_at IS NULL OR expires_at > ?)"
 
-# From version 0: every message row kept its own copy of the body. Each becomes one event
-# (ids in queue order, so each queue's messages name increasing event ids, which the
-# clean-up of unreferenced events relies on).
-_MIGRATE_FROM_0 = """
+# PRAGMA user_version. 0: a body in every message row (a column ``event``), with or without
+# the per-message expiry and the claims' created_at and ttl; 2: bodies in ``events``, without
+# those columns; 3: both.
+SCHEMA_VERSION = 3
+
+# From a layout with a column ``event``: every message row kept its own copy of the body.
+# Each becomes one event (ids in queue order, so each queue's messages name increasing event
+# ids, which the clean-up of unreferenced events relies on). ``{expires}`` is the old rows'
+# expiry, or NULL where the layout had none.
+_MIGRATE_BODIES = """
 CREATE TABLE events (id INTEGER PRIMARY KEY, body BLOB NOT NULL);
-CREATE TABLE messages_v2 (
+CREATE TABLE messages_v3 (
     sub_id TEXT NOT NULL, seq INTEGER NOT NULL, event_id INTEGER NOT NULL,
     state TEXT NOT NULL, deliveries INTEGER NOT NULL DEFAULT 0,
     visible_at REAL NOT NULL DEFAULT 0, claim_id TEXT, enqueued_at REAL NOT NULL,
-    PRIMARY KEY (sub_id, seq)
+    expires_at REAL, PRIMARY KEY (sub_id, seq)
 ) WITHOUT ROWID;
 INSERT INTO events (id, body)
     SELECT row_number() OVER (ORDER BY sub_id, seq), event FROM messages;
-INSERT INTO messages_v2
+INSERT INTO messages_v3
     SELECT sub_id, seq, row_number() OVER (ORDER BY sub_id, seq), state, deliveries,
-           visible_at, claim_id, enqueued_at FROM messages;
+           visible_at, claim_id, enqueued_at, {expires} FROM messages;
 DROP TABLE messages;
-ALTER TABLE messages_v2 RENAME TO messages;
+ALTER TABLE messages_v3 RENAME TO messages;
 """
+# Columns later layouts added to a table an earlier one had: (table, column, declaration).
+_ADDED_COLUMNS = (
+    ("messages", "expires_at", "REAL"),
+    ("claims", "created_at", "REAL NOT NULL DEFAULT 0"),
+    ("claims", "ttl", "REAL NOT NULL DEFAULT 0"),
+)
 
 
 class SQLiteStore:
@@ -276,17 +292,32 @@ class SQLiteStore:
 
     @staticmethod
     def _migrate(db: sqlite3.Connection) -> None:
-        """Bring a file of an older layout to `SCHEMA_VERSION`, in one transaction."""
+        """Bring a file of any earlier layout to `SCHEMA_VERSION`, in one transaction: the
+        bodies into ``events`` if every row still holds its own, then the columns that layout
+        lacks. A new file is left to `_SCHEMA`."""
         (version,) = db.execute("PRAGMA user_version").fetchone()
         columns = {r[1] for r in db.execute("PRAGMA table_info(messages)")}
-        if version >= SCHEMA_VERSION or "event" not in columns:
+        if version >= SCHEMA_VERSION or not columns:
             return  # current, or a new file
-        log_event(log, logging.INFO, "hub.sqlite_migrating", path="store", to=SCHEMA_VERSION)
+        log_event(
+            log,
+            logging.INFO,
+            "hub.sqlite_migrating",
+            path="store",
+            from_version=version,
+            to=SCHEMA_VERSION,
+        )
         db.execute("BEGIN IMMEDIATE")
         try:
-            for statement in _MIGRATE_FROM_0.split(";"):
-                if statement.strip():
-                    db.execute(statement)
+            if "event" in columns:
+                expires = "expires_at" if "expires_at" in columns else "NULL"
+                for statement in _MIGRATE_BODIES.format(expires=expires).split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+            for table, column, decl in _ADDED_COLUMNS:
+                have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                if have and column not in have:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except BaseException:
             db.execute("ROLLBACK")
@@ -388,6 +419,21 @@ class SQLiteStore:
 
         return await self._run(run)
 
+    async def update_subscription(self, sub: Subscription) -> None:
+        body = msgspec.json.encode(sub).decode()
+        r = sub.retention
+
+        def run(db: sqlite3.Connection) -> None:
+            # The body's last_seq, first_seq and dropped are not read (the columns are).
+            done = db.execute(
+                "UPDATE subscriptions SET body = ?, max_messages = ?, max_age_s = ? WHERE id = ?",
+                (body, r.max_messages, r.max_age_s, sub.id),
+            )
+            if done.rowcount == 0:
+                raise NotFound(f"no subscription {sub.id!r}", subscription=sub.id)
+
+        await self._write(run)
+
     async def list_subscriptions(
         self, project: str | None, *, limit: int, marker: str | None
     ) -> list[Subscription]:
@@ -464,7 +510,7 @@ class SQLiteStore:
         subs: dict[str, list[int | None]] = msgspec.json.decode(state)
         seqs = {sub_id: int(v[0] or 0) for sub_id, v in subs.items()}
         out: list[Appended] = []
-        rows: list[tuple[str, int, int, str, float]] = []
+        rows: list[tuple[str, int, int, str, float, float, float | None]] = []
         bodies: list[tuple[int, bytes]] = []
         # The one connection holds the write lock: the ids after the largest are ours.
         (event_id,) = db.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()
@@ -474,16 +520,18 @@ class SQLiteStore:
                 continue  # routed only to subscriptions deleted meanwhile: nothing to keep
             event_id += 1
             bodies.append((event_id, item.body))
+            visible = now + item.delay if item.delay else 0.0
+            expires = now + item.ttl if item.ttl is not None else None
             for sub_id in targets:
                 seq = seqs[sub_id] = seqs[sub_id] + 1
-                rows.append((sub_id, seq, event_id, READY, now))
-                out.append(Appended(sub_id, seq, item.body))
+                rows.append((sub_id, seq, event_id, READY, now, visible, expires))
+                out.append(Appended(sub_id, seq, item.body, item.event_id))
         if not out:
             return []
         db.executemany("INSERT INTO events (id, body) VALUES (?, ?)", bodies)
         db.executemany(
-            "INSERT INTO messages (sub_id, seq, event_id, state, enqueued_at) "
-            "VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO messages (sub_id, seq, event_id, state, enqueued_at, visible_at, "
+            "expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
         last = {a.subscription: seqs[a.subscription] for a in out}
@@ -548,6 +596,9 @@ class SQLiteStore:
             state=row[2],
             deliveries=row[3],
             enqueued_at=row[4],
+            visible_at=row[5],
+            claim_id=row[6],
+            expires_at=row[7],
         )
 
     async def read(
@@ -574,6 +625,7 @@ class SQLiteStore:
         now: float,
         max_deliveries: int,
         head_only: bool = False,
+        grace: float = 0.0,
     ) -> Claim | None:
         def run(db: sqlite3.Connection) -> Claim | None:
             self._require(db, sub_id)
@@ -585,29 +637,31 @@ class SQLiteStore:
             )
             if head_only:
                 head = db.execute(
-                    "SELECT seq, visible_at FROM messages WHERE sub_id = ? AND state = ? "
+                    f"SELECT seq, visible_at FROM messages WHERE sub_id = ? AND {_LIVE} "
                     "ORDER BY seq LIMIT 1",
-                    (sub_id, READY),
+                    (sub_id, now),
                 ).fetchone()
                 rows = [(head[0],)] if head is not None and head[1] <= now else []
             else:
                 rows = db.execute(
-                    "SELECT seq FROM messages WHERE sub_id = ? AND state = ? AND visible_at <= ? "
+                    f"SELECT seq FROM messages WHERE sub_id = ? AND {_LIVE} AND visible_at <= ? "
                     "ORDER BY seq LIMIT ?",
-                    (sub_id, READY, now, limit),
+                    (sub_id, now, now, limit),
                 ).fetchall()
             if not rows:
                 return None
             claim_id = "clm-" + new_id()
             expires = now + ttl
             db.execute(
-                "INSERT INTO claims (id, sub_id, expires_at) VALUES (?, ?, ?)",
-                (claim_id, sub_id, expires),
+                "INSERT INTO claims (id, sub_id, expires_at, created_at, ttl) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (claim_id, sub_id, expires, now, ttl),
             )
             db.executemany(
-                "UPDATE messages SET claim_id = ?, visible_at = ?, deliveries = deliveries + 1 "
+                "UPDATE messages SET claim_id = ?, visible_at = ?, deliveries = deliveries + 1, "
+                "expires_at = CASE WHEN expires_at IS NULL THEN NULL ELSE max(expires_at, ?) END "
                 "WHERE sub_id = ? AND seq = ?",
-                [(claim_id, expires, sub_id, r[0]) for r in rows],
+                [(claim_id, expires, expires + grace, sub_id, r[0]) for r in rows],
             )
             marks = ",".join("?" * len(rows))
             msgs = db.execute(
@@ -619,14 +673,20 @@ class SQLiteStore:
                 subscription=sub_id,
                 expires_at=expires,
                 messages=[self._msg(m) for m in msgs],
+                created_at=now,
+                ttl=ttl,
             )
 
         return await self._write(run)
 
-    def _live_claim(self, db: sqlite3.Connection, sub_id: str, claim_id: str, now: float) -> None:
+    def _live_claim(
+        self, db: sqlite3.Connection, sub_id: str, claim_id: str, now: float
+    ) -> tuple[float, float, float]:
+        """The live claim's expires_at, created_at and ttl."""
         self._require(db, sub_id)
         row = db.execute(
-            "SELECT expires_at FROM claims WHERE id = ? AND sub_id = ?", (claim_id, sub_id)
+            "SELECT expires_at, created_at, ttl FROM claims WHERE id = ? AND sub_id = ?",
+            (claim_id, sub_id),
         ).fetchone()
         if row is None:
             raise NotFound(f"no claim {claim_id!r} on this subscription", claim=claim_id)
@@ -635,6 +695,7 @@ class SQLiteStore:
                 f"claim {claim_id} expired; its messages are visible again, claim them anew",
                 claim=claim_id,
             )
+        return float(row[0]), float(row[1]), float(row[2])
 
     async def ack(
         self, sub_id: str, claim_id: str, seqs: Sequence[int] | None, *, now: float
@@ -666,19 +727,137 @@ class SQLiteStore:
 
         return await self._write(run)
 
-    async def extend(self, sub_id: str, claim_id: str, *, ttl: float, now: float) -> float:
+    async def extend(
+        self, sub_id: str, claim_id: str, *, ttl: float, now: float, grace: float = 0.0
+    ) -> float:
         def run(db: sqlite3.Connection) -> float:
             self._live_claim(db, sub_id, claim_id, now)
             expires = now + ttl
-            db.execute("UPDATE claims SET expires_at = ? WHERE id = ?", (expires, claim_id))
             db.execute(
-                "UPDATE messages SET visible_at = ? WHERE sub_id = ? AND claim_id = ? "
+                "UPDATE claims SET expires_at = ?, ttl = ? WHERE id = ?", (expires, ttl, claim_id)
+            )
+            db.execute(
+                "UPDATE messages SET visible_at = ?, expires_at = CASE WHEN expires_at IS NULL "
+                "THEN NULL ELSE max(expires_at, ?) END WHERE sub_id = ? AND claim_id = ? "
                 "AND state = ?",
-                (expires, sub_id, claim_id, READY),
+                (expires, expires + grace, sub_id, claim_id, READY),
             )
             return expires
 
         return await self._write(run)
+
+    async def live(
+        self,
+        sub_id: str,
+        *,
+        after: int,
+        limit: int,
+        now: float,
+        claimed: bool = False,
+        delayed: bool = False,
+    ) -> list[Message]:
+        where = f"sub_id = ? AND seq > ? AND {_LIVE}"
+        args: list[Any] = [sub_id, after, now]
+        if not claimed and not delayed:
+            where += " AND visible_at <= ?"
+            args.append(now)
+        elif not claimed:  # delayed ones (never claimed) stay; held ones go
+            where += " AND NOT (claim_id IS NOT NULL AND visible_at > ?)"
+            args.append(now)
+        elif not delayed:
+            where += " AND NOT (claim_id IS NULL AND visible_at > ?)"
+            args.append(now)
+
+        def run() -> list[Message]:
+            self._require(self.db, sub_id)
+            rows = self.db.execute(
+                f"{_MSG_FROM} WHERE {where} ORDER BY seq LIMIT ?",
+                (*args, limit),
+            ).fetchall()
+            return [self._msg(r) for r in rows]
+
+        return await self._run(run)
+
+    async def get_messages(self, sub_id: str, seqs: Sequence[int], *, now: float) -> list[Message]:
+        def run() -> list[Message]:
+            self._require(self.db, sub_id)
+            rows = self.db.execute(
+                f"{_MSG_FROM} WHERE sub_id = ? AND {_LIVE} "
+                "AND seq IN (SELECT value FROM json_each(?)) ORDER BY seq",
+                (sub_id, now, _json(list(seqs))),
+            ).fetchall()
+            return [self._msg(r) for r in rows]
+
+        return await self._run(run)
+
+    async def delete_messages(
+        self, sub_id: str, seqs: Sequence[int] | None, *, now: float, unclaimed_only: bool
+    ) -> int:
+        query = "UPDATE messages SET state = ?, claim_id = NULL WHERE sub_id = ? AND state = ?"
+        args: list[Any] = [ACKED, sub_id, READY]
+        if seqs is not None:
+            query += " AND seq IN (SELECT value FROM json_each(?))"
+            args.append(_json(list(seqs)))
+        if unclaimed_only:
+            query += " AND NOT (claim_id IS NOT NULL AND visible_at > ?)"
+            args.append(now)
+
+        def run(db: sqlite3.Connection) -> int:
+            self._require(db, sub_id)
+            return int(db.execute(query, args).rowcount)
+
+        if seqs is None:  # a whole queue: of unbounded size, off the loop
+            return await self._write_on_thread(run)
+        return await self._write(run)
+
+    async def get_claim(self, sub_id: str, claim_id: str, *, now: float) -> Claim:
+        def run() -> Claim:
+            expires, created, ttl = self._live_claim(self.db, sub_id, claim_id, now)
+            rows = self.db.execute(
+                f"{_MSG_FROM} WHERE claim_id = ? AND sub_id = ? AND state = ? ORDER BY seq",
+                (claim_id, sub_id, READY),
+            ).fetchall()
+            return Claim(
+                id=claim_id,
+                subscription=sub_id,
+                expires_at=expires,
+                messages=[self._msg(r) for r in rows],
+                created_at=created,
+                ttl=ttl,
+            )
+
+        return await self._run(run)
+
+    async def stats(self, sub_id: str, *, now: float) -> QueueStats:
+        def run() -> QueueStats:
+            db = self.db
+            self._require(db, sub_id)
+            free, claimed, delayed, low, high = db.execute(
+                "SELECT coalesce(sum(visible_at <= ?1), 0), "
+                "coalesce(sum(visible_at > ?1 AND claim_id IS NOT NULL), 0), "
+                "coalesce(sum(visible_at > ?1 AND claim_id IS NULL), 0), min(seq), max(seq) "
+                "FROM messages WHERE sub_id = ?2 AND state = 'ready' "
+                "AND (expires_at IS NULL OR expires_at > ?1)",
+                (now, sub_id),
+            ).fetchone()
+            ends = (
+                db.execute(
+                    f"{_MSG_FROM} WHERE sub_id = ? AND seq IN (?, ?) ORDER BY seq",
+                    (sub_id, low, high),
+                ).fetchall()
+                if low is not None
+                else []
+            )
+            msgs = [self._msg(r) for r in ends]
+            return QueueStats(
+                free=int(free),
+                claimed=int(claimed),
+                delayed=int(delayed),
+                oldest=msgs[0] if msgs else None,
+                newest=msgs[-1] if msgs else None,
+            )
+
+        return await self._run(run)
 
     async def ack_upto(self, sub_id: str, seq: int) -> int:
         def run(db: sqlite3.Connection) -> int:

@@ -54,15 +54,17 @@ def observe(task: asyncio.Task[Any], log: logging.Logger) -> asyncio.Task[Any]:
     """Log the exception a background task ends with, if any (it is then retrieved, so asyncio
     never reports it as lost); a cancelled task is not an error."""
 
-    def done(finished: asyncio.Task[Any]) -> None:
-        if finished.cancelled():
-            return
-        exc = finished.exception()
-        if exc is not None:
-            log.error("event=task.failed task=%s error=%r", finished.get_name(), exc, exc_info=exc)
-
-    task.add_done_callback(done)
+    task.add_done_callback(lambda finished: log_outcome(finished, log))
     return task
+
+
+def log_outcome(finished: asyncio.Task[Any], log: logging.Logger) -> None:
+    """Retrieve what a finished task ended with and log it if it is an exception."""
+    if finished.cancelled():
+        return
+    exc = finished.exception()
+    if exc is not None:
+        log.error("event=task.failed task=%s error=%r", finished.get_name(), exc, exc_info=exc)
 
 
 class Delivery(Protocol):

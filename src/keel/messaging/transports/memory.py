@@ -129,38 +129,65 @@ class _Broker:
                 queue = self.queues[name] = _Queue(self, name, owner)
             return queue
 
-    def dispatch(self, queue: _Queue) -> None:
-        """Hand ready messages to consumers with credit, round robin."""
-        # Unlocked fast path: whoever appends to `ready` calls dispatch afterwards.
-        if not queue.ready or not queue.consumers:
-            return
-        while True:
-            with self.lock:
-                if not queue.ready or not queue.consumers:
-                    return
-                consumers = queue.consumers
-                chosen = None
-                for step in range(len(consumers)):
-                    candidate = consumers[(queue.next_consumer + step) % len(consumers)]
-                    if candidate.auto_ack or len(candidate.unsettled) < candidate.prefetch:
-                        chosen = candidate
-                        queue.next_consumer = (queue.next_consumer + step + 1) % len(consumers)
-                        break
-                if chosen is None:
-                    return
-                delivery = _Delivery(chosen, queue.ready.popleft())
+    def push(self, queue: _Queue, message: _Message) -> None:
+        """Queue one message, handing it straight to a consumer with credit if none waits
+        before it (one lock round for the common case of every call and reply)."""
+        ready = queue.ready
+        with self.lock:
+            chosen = None if ready else self._next_consumer(queue)
+            if chosen is None:
+                ready.append(message)
+            else:
+                delivery = _Delivery(chosen, message)
                 if chosen.auto_ack:
                     delivery._settled = True
                 else:
                     chosen.unsettled.add(delivery)
-            try:
-                running = asyncio.get_running_loop()
-            except RuntimeError:
-                running = None
+        if chosen is None:
+            self.dispatch(queue)  # a consumer may have got credit meanwhile
+        elif asyncio._get_running_loop() is chosen.loop:
+            chosen.handler(delivery)
+        else:
+            chosen.loop.call_soon_threadsafe(chosen.handler, delivery)
+
+    def dispatch(self, queue: _Queue) -> None:
+        """Hand ready messages to consumers with credit, round robin."""
+        # Unlocked fast path: whoever appends to `ready` calls dispatch afterwards.
+        ready = queue.ready
+        if not ready or not queue.consumers:
+            return
+        # Every call and reply passes here: the loop is looked up once, not per delivery.
+        running = asyncio._get_running_loop()
+        while ready:
+            with self.lock:
+                chosen = self._next_consumer(queue)
+                if chosen is None or not ready:
+                    return
+                delivery = _Delivery(chosen, ready.popleft())
+                if chosen.auto_ack:
+                    delivery._settled = True
+                else:
+                    chosen.unsettled.add(delivery)
             if running is chosen.loop:
                 chosen.handler(delivery)
             else:
                 chosen.loop.call_soon_threadsafe(chosen.handler, delivery)
+
+    @staticmethod
+    def _next_consumer(queue: _Queue) -> _Consumer | None:
+        """The next consumer with credit after the last one served (under the lock)."""
+        consumers = queue.consumers
+        count = len(consumers)
+        if count == 1:  # the common case: one server or one reply consumer
+            only = consumers[0]
+            return only if only.auto_ack or len(only.unsettled) < only.prefetch else None
+        first = queue.next_consumer
+        for step in range(count):
+            candidate = consumers[(first + step) % count]
+            if candidate.auto_ack or len(candidate.unsettled) < candidate.prefetch:
+                queue.next_consumer = (first + step + 1) % count
+                return candidate
+        return None
 
 
 _brokers: dict[str, _Broker] = {}
@@ -169,7 +196,7 @@ _connection_ids = itertools.count(1)
 
 
 def _broker_for(url: URL) -> _Broker:
-    key = (url.host or "") + url.path
+    key = (url.host or "") + url.path.rstrip("/")  # memory://x and memory://x/ are one broker
     with _brokers_lock:
         broker = _brokers.get(key)
         if broker is None:
@@ -179,6 +206,8 @@ def _broker_for(url: URL) -> _Broker:
 
 class MemoryTransport:
     """In-process broker connection. See the module docstring for what it keeps."""
+
+    URL_OPTIONS = frozenset({"max_message_bytes"})
 
     def __init__(self, url: URL, *, max_message_bytes: int | None = None) -> None:
         self.url = url
@@ -241,16 +270,17 @@ class MemoryTransport:
         check_size(body, self.max_message_bytes)
 
     async def send(self, queue: str, body: bytes, *, durable: bool) -> None:
-        self._check_open()
-        self._check_size(body)
+        # The hot path of every call and reply: the checks inline.
+        if self._closed:
+            self._check_open()
+        if len(body) > self.max_message_bytes:
+            self._check_size(body)
         target = self._broker.queues.get(queue)
         if target is None:
             raise TransportError(
                 f"queue {queue!r} does not exist on {self.url.raw}; declare it before sending"
             )
-        with self._broker.lock:
-            target.ready.append(_Message(body))
-        self._broker.dispatch(target)
+        self._broker.push(target, _Message(body))
 
     async def publish(self, subject: str, body: bytes, *, durable: bool) -> None:
         self._check_open()

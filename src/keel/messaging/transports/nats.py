@@ -36,9 +36,11 @@ Mapping of the Transport contract onto NATS (server 2.9, client nats-py):
   unbound queue also subscribe to it in one queue group (named after the queue), so they
   compete for core messages too; these count against the same credit window (core NATS has
   no credit: what arrives beyond it waits in the consumer, unseen by the core, and is sent
-  on again if the consumer is cancelled first; past 4096 such messages a flood goes to the
-  queue's stream instead, to be pulled with credit, so no publisher grows a consumer's
-  memory).
+  on again if the consumer is cancelled first; past 4096 such messages, or 8 x
+  ``max_message_bytes`` of them, a flood goes to the queue's stream instead, to be pulled
+  with credit, so no publisher grows a consumer's memory). nats-py's own queue per core
+  subscription is bounded at 16 x ``max_message_bytes`` (its default is 128 MiB): past it the
+  client drops what arrives (a slow consumer; at most once, as core NATS promises).
 * ``send`` with ``durable=False`` (calls, replies) is a core publish to ``keel.c.<queue>``
   with a private reply subject: a consumer of the queue takes it at once (no store, no ack:
   the contract acknowledges a call when it starts anyway, so at-most-once loses nothing it
@@ -97,7 +99,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType
 
-from keel._tls import TLSConfig, credentials_rejected, tls_config, tls_failure
+from keel._tls import TLS_OPTIONS, TLSConfig, credentials_rejected, tls_config, tls_failure
 from keel.errors import ConfigError, KeelError, MessageTooLarge, TransportError
 from keel.messaging.transports.base import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -115,6 +117,10 @@ _PULL_EXPIRES_NS = 30 * 1_000_000_000  # a long poll; the server answers 408 whe
 _MAX_ACK_PENDING = 100_000  # per queue across all its consumers; credit is per puller
 _AUTO_ACK_WINDOW = 256
 _BACKLOG_LIMIT = 4096  # core messages a busy consumer holds beyond its credit
+_BACKLOG_BODIES = 8  # ... and at most this many max_message_bytes of them
+# What nats-py may queue for one core subscription before it drops (a slow consumer): its
+# default, 128 MiB per subscription, would let one publisher's flood grow every consumer.
+_PENDING_BODIES = 16  # in max_message_bytes
 _SWEEP_INTERVAL = 1.0
 _PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
 
@@ -244,13 +250,19 @@ class _Puller:
         self._sub: Subscription | None = None
         self._calls: Subscription | None = None
         self._backlog: deque[Msg] = deque()
+        self._backlog_bytes = 0
 
     async def start(self, call_subject: str | None) -> None:
         nc = self.transport.nc
         self._sub = await nc.subscribe(self.inbox, cb=self._on_msg)
         if call_subject is not None:
             # Competing consumers of the queue's core subject: one queue group per queue.
-            self._calls = await nc.subscribe(call_subject, queue=call_subject, cb=self._on_call)
+            self._calls = await nc.subscribe(
+                call_subject,
+                queue=call_subject,
+                cb=self._on_call,
+                pending_bytes_limit=self.transport.pending_bytes,
+            )
         await self.refill()
 
     async def _on_call(self, msg: Msg) -> None:
@@ -260,7 +272,8 @@ class _Puller:
                 await self.transport.send(self.queue, msg.data, durable=False)
             return
         if len(self.unsettled) >= self.prefetch:
-            if len(self._backlog) >= _BACKLOG_LIMIT:
+            limit = _BACKLOG_BODIES * self.transport.max_message_bytes
+            if len(self._backlog) >= _BACKLOG_LIMIT or self._backlog_bytes > limit:
                 # A flood (a hostile publisher's, too) waits in the queue's stream, pulled
                 # with credit, instead of in this process's memory.
                 with contextlib.suppress(nats.errors.Error):
@@ -268,6 +281,7 @@ class _Puller:
                 return
             # Core NATS has no credit: keep it here, unseen by the core, until credit frees.
             self._backlog.append(msg)
+            self._backlog_bytes += len(msg.data)
             return
         self._hand_over(msg)
 
@@ -282,7 +296,7 @@ class _Puller:
         if not self.active and not self.unsettled:
             self.transport.pullers.discard(self)  # cancelled, and nothing left to keep alive
         if self._backlog and self.active:
-            self._hand_over(self._backlog.popleft())
+            self._hand_over(self._take_backlog())
             return
         # Checked first: every settlement (every call's ack) passes here, and most have
         # nothing to pull, so they skip the coroutine and the suppress block.
@@ -337,6 +351,11 @@ class _Puller:
         self.unsettled.add(delivery)
         self.transport.in_flight.add(delivery)
         self.handler(delivery)
+        if not self.requested and self._wants_pull():
+            # The last outstanding request is filled while credit is free (settlements
+            # did not reach the batch threshold meanwhile): ask now, not at the next ack.
+            with contextlib.suppress(KeelError):
+                await self.refill()
 
     def _on_status(self, headers: dict[str, str]) -> None:
         status = headers.get("Status", "")
@@ -374,7 +393,12 @@ class _Puller:
                         await sub.unsubscribe()
         while self._backlog and not self.transport.closed:
             with contextlib.suppress(KeelError):
-                await self.transport.send(self.queue, self._backlog.popleft().data, durable=False)
+                await self.transport.send(self.queue, self._take_backlog().data, durable=False)
+
+    def _take_backlog(self) -> Msg:
+        msg = self._backlog.popleft()
+        self._backlog_bytes -= len(msg.data)
+        return msg
 
 
 class _CoreDelivery:
@@ -450,7 +474,11 @@ class _CoreConsumer:
     async def start(self, subjects: Sequence[str]) -> None:
         for subject in subjects:
             with _mapped(f"subscribe to {subject!r}"):
-                self.subs.append(await self.transport.nc.subscribe(subject, cb=self._on_msg))
+                self.subs.append(
+                    await self.transport.nc.subscribe(
+                        subject, cb=self._on_msg, pending_bytes_limit=self.transport.pending_bytes
+                    )
+                )
 
     async def cancel(self) -> None:
         subs, self.subs = self.subs, []
@@ -464,6 +492,18 @@ class _CoreConsumer:
 
 class NatsTransport:
     """A NATS connection. See the module docstring for the mapping and what it keeps."""
+
+    URL_OPTIONS = frozenset(
+        {
+            "max_message_bytes",
+            "ack_wait",
+            "publish_timeout",
+            "connect_timeout",
+            "subject_max_age",
+            "replicas",
+            *TLS_OPTIONS,
+        }
+    )
 
     def __init__(
         self,
@@ -498,6 +538,8 @@ class NatsTransport:
             self.subject_max_age = float(options.get("subject_max_age", 86400.0))
         except ValueError as exc:
             raise ConfigError(f"bad option in {url.redacted()}: {exc}") from None
+        self.pending_bytes = _PENDING_BODIES * self.max_message_bytes
+        self.slow_consumer_drops = 0
         self.nc = Client()
         self.js = self.nc.jetstream(timeout=5.0)
         self.streams: dict[str, _Stream] = {}
@@ -586,6 +628,17 @@ class NatsTransport:
         return None
 
     async def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            # A core subscription's queue is full (a flood): nats-py dropped the message.
+            self.slow_consumer_drops += 1
+            if self.slow_consumer_drops % 1000 == 1:
+                log.warning(
+                    "nats: dropped core messages to %s, a consumer too slow for a flood "
+                    "(%d dropped so far)",
+                    exc.subject,
+                    self.slow_consumer_drops,
+                )
+            return
         refused = self._refusal(exc)
         if refused is None:
             log.debug("nats: %s", type(exc).__name__)

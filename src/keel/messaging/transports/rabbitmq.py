@@ -81,7 +81,14 @@ import aiormq.exceptions as amqp_errors
 from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp import commands as spec
 
-from keel._tls import TLSConfig, credentials_rejected, tls_config, tls_failure
+from keel._tls import (
+    TLS_OPTIONS,
+    TLSConfig,
+    credentials_rejected,
+    hidden_refusal,
+    tls_config,
+    tls_failure,
+)
 from keel.errors import ConfigError, KeelError, TransportError
 from keel.messaging.transports.base import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -330,6 +337,20 @@ class RabbitTransport:
     and the TLS options ``tls``, ``ca``, ``cert``, ``key``, ``verify``.
     """
 
+    URL_OPTIONS = frozenset(
+        {
+            "max_message_bytes",
+            "heartbeat",
+            "exchange",
+            "exchange_durable",
+            "reconnect_wait",
+            "publish_timeout",
+            "queue_type",
+            "delivery_limit",
+            *TLS_OPTIONS,
+        }
+    )
+
     def __init__(
         self,
         url: URL,
@@ -435,6 +456,17 @@ class RabbitTransport:
                 with contextlib.suppress(*_CLIENT_ERRORS, RuntimeError):
                     await connection.close()
                 mapped = _translate(exc, "connect", self.url)
+                mapped = (
+                    await hidden_refusal(
+                        exc,
+                        host.host,
+                        host.port or 5671,
+                        self._tls,
+                        backend="RabbitMQ",
+                        server=self.url.redacted(),
+                    )
+                    or mapped
+                )
                 if not mapped.retryable:
                     raise mapped from None
                 log.info("rabbitmq: node %s refused a connection: %s", host.address(5672), mapped)

@@ -526,6 +526,31 @@ Command = tuple[Any, ...]
 _Queued = tuple[Sequence[Command], "asyncio.Future[list[Any]]"]
 
 
+def _pack(commands: Sequence[Command]) -> bytes:
+    """RESP for the pipe's commands (bytes, str, int arguments), in one buffer.
+
+    redis-py's packer encodes each argument through several Python calls: a fifth of a
+    call's CPU on this path. The pipe only sends Keel's own commands, whose arguments are
+    bytes, str and int, so this is all it needs (anything else is a bug: TypeError).
+    """
+    parts: list[bytes] = []
+    append = parts.append
+    for command in commands:
+        append(b"*%d\r\n" % len(command))
+        for arg in command:
+            kind = arg.__class__
+            if kind is bytes:
+                data = arg
+            elif kind is str:
+                data = arg.encode()
+            elif kind is int:
+                data = b"%d" % arg
+            else:
+                raise TypeError(f"the redis pipe sends bytes, str and int, not {kind}")
+            append(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
 class _Pipe:
     """The hot path's short commands (sends, replies, acks) on one dedicated connection.
 
@@ -536,17 +561,26 @@ class _Pipe:
     fails each caller with it, and the callers retry on the pooled connection, whose
     reconnect-and-retry with backoff is the one the module docstring describes. Blocking
     reads stay on the pool, where they hold no one else's commands.
+
+    With ``wait_replicas`` (the transport's second pipe, for durable sends under Sentinel)
+    each batch ends with one ``WAIT``, which covers every write of the batch: one replica
+    round trip per batch, not per send. Its count ends each caller's replies (None when the
+    primary has no replica and the WAIT is skipped). Durable sends have this connection to
+    themselves because a WAIT blocks the connection it runs on, up to its timeout while a
+    replica lags: on the shared pipe it held every call, reply and ack behind it.
     """
 
-    def __init__(self, transport: RedisTransport) -> None:
+    def __init__(self, transport: RedisTransport, *, wait_replicas: int = 0) -> None:
         self._t = transport
+        self._wait = wait_replicas
         self._conn: AbstractConnection | None = None
         self._queued: list[_Queued] = []
         self._task: asyncio.Task[None] | None = None
 
     def call(self, commands: Sequence[Command]) -> asyncio.Future[list[Any]]:
         """Queue commands; the future holds their replies in order (a command's own error,
-        such as NOSCRIPT, as its reply) or raises the connection error of their batch."""
+        such as NOSCRIPT, as its reply), then the WAIT count on a ``wait_replicas`` pipe, or
+        raises the connection error of their batch."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Any]] = loop.create_future()
         self._queued.append((commands, future))
@@ -567,23 +601,30 @@ class _Pipe:
         batch, self._queued = self._queued, []
         replies: list[Any] = []
         failure: BaseException | None = None
+        waited: Any = None
         try:
             async with asyncio.timeout(PIPE_TIMEOUT):
+                wait = self._wait and not await self._t._alone()
                 conn = self._conn
                 if conn is None or not conn.is_connected:
                     conn = self._conn = self._connection()
                     connect: Callable[[], Awaitable[None]] = conn.connect  # untyped in redis-py
                     await connect()
-                await conn.send_packed_command(
-                    conn.pack_commands([c for commands, _ in batch for c in commands]),
-                    check_health=False,
-                )
+                flat = [c for commands, _ in batch for c in commands]
+                if wait:
+                    flat.append(("WAIT", self._wait, _redis_client.WAIT_TIMEOUT_MS))
+                await conn.send_packed_command(_pack(flat), check_health=False)
                 for commands, _ in batch:
                     for _ in commands:
                         try:
                             replies.append(await conn.read_response())
                         except rexc.ResponseError as exc:  # its own error; the rest follow
                             replies.append(exc)
+                if wait:
+                    try:
+                        waited = await conn.read_response()
+                    except rexc.ResponseError as exc:
+                        waited = exc
         except BaseException as exc:
             failure = exc
             await self._drop()
@@ -591,20 +632,23 @@ class _Pipe:
             self._task = None
             if self._queued and not self._t._closed:
                 self._task = asyncio.get_running_loop().create_task(self._send())
-        self._settle(batch, replies, failure)
+        self._settle(batch, replies, failure, [waited] if self._wait else [])
         if failure is not None and not isinstance(failure, Exception):
             raise failure
 
     @staticmethod
-    def _settle(batch: list[_Queued], replies: list[Any], failure: BaseException | None) -> None:
+    def _settle(
+        batch: list[_Queued], replies: list[Any], failure: BaseException | None, tail: list[Any]
+    ) -> None:
         at = 0
         for commands, future in batch:
             mine = replies[at : at + len(commands)]
             at += len(commands)
             if future.done():  # its caller was cancelled
                 continue
-            if len(mine) == len(commands):
-                future.set_result(mine)
+            # On a WAIT pipe a reply counts only with the WAIT that follows it.
+            if len(mine) == len(commands) and (failure is None or not tail):
+                future.set_result(mine + tail)
             elif isinstance(failure, _DISCONNECTED):
                 future.set_exception(failure)
             else:
@@ -626,6 +670,16 @@ class _Pipe:
 
 class RedisTransport:
     """A connection pool to one Redis server. See the module docstring for what it keeps."""
+
+    URL_OPTIONS = frozenset(
+        {
+            "max_message_bytes",
+            "visibility_timeout",
+            "exclusive_ttl",
+            "reconnect_retries",
+            *_redis_client.URL_OPTIONS,
+        }
+    )
 
     def __init__(
         self,
@@ -681,6 +735,7 @@ class RedisTransport:
         self.cmd: Callable[..., Awaitable[Any]] = self.redis.execute_command
         self._scripts = {name: self.redis.register_script(lua) for name, lua in SCRIPTS.items()}
         self._pipe = _Pipe(self)
+        self._durable = _Pipe(self, wait_replicas=self._where.wait_replicas)
         self._consumers: list[_Consumer] = []
         self._lingering: set[_Consumer] = set()  # cancelled, keeping deliveries alive
         self._exclusive: dict[str, Sequence[str]] = {}  # exclusive queue -> its subjects
@@ -714,6 +769,7 @@ class RedisTransport:
                 await self.delete_queue(name)
         self._exclusive.clear()
         await self._pipe.close()
+        await self._durable.close()
         await _redis_client.close(self.redis)
 
     def _check_open(self) -> None:
@@ -827,23 +883,23 @@ class RedisTransport:
     ) -> Any:
         script = self._scripts[name]
         argv = (len(keys), *keys, *args)
-        # WAIT on the connection that wrote: it counts the replicas holding its writes.
+        # A durable send goes on the pipe whose batches end with one WAIT (see _Pipe).
         wait = self._where.wait_replicas if replicated else 0
-        if wait and await self._alone():
-            wait = 0
-        extra = [("WAIT", wait, _redis_client.WAIT_TIMEOUT_MS)] if wait else []
+        pipe = self._durable if wait else self._pipe
         try:
-            replies = await self._pipe.call([("EVALSHA", script.sha, *argv), *extra])
+            replies = await pipe.call([("EVALSHA", script.sha, *argv)])
         except _DISCONNECTED as exc:
             log.debug("redis: pipe connection failed (%s); retrying on the pool", exc)
         else:
             reply = replies[0]
             if not isinstance(reply, rexc.ResponseError):
-                if wait:
+                if wait and replies[1] is not None:
                     await self._check_replicated(replies[1])
                 return reply
             if not isinstance(reply, rexc.NoScriptError):
                 raise reply
+        if wait and await self._alone():
+            wait = 0
         try:  # Redis restarted without the script, or the pipe lost its connection
             return await self._on_pool(script.sha, argv, wait)
         except rexc.NoScriptError:
