@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # image.sh OUT PYTHON SRC: build the guest's Python runtime as an ext4 image (mke2fs -d: no
-# mount, no loop device): this machine's Python with its compiled standard library, msgspec
-# and Keel (SRC/keel, with the agent's plugin entry points). The guest mounts it read-only
+# mount, no loop device): this machine's Python with its compiled standard library, msgspec,
+# uvloop and Keel (SRC/keel, with the agent's plugin entry points). The guest mounts it read-only
 # from a virtio-blk disk: Python started from the host's root shared over 9p took over a
 # minute under TCG here, every file lookup a round trip to the host; from a block device the
 # guest caches, seconds.
@@ -21,6 +21,8 @@ tar -C "$prefix/lib" -cf - --exclude="python$ver/site-packages" --exclude="pytho
 dest="$stage/lib/python$ver/site-packages"
 mkdir -p "$dest"
 cp -a "$site"/msgspec "$site"/msgspec-*.dist-info "$dest/"
+# uvloop (keel[agent]): the agent's event loop in C, where every Python call costs most.
+cp -a "$site"/uvloop "$site"/uvloop-*.dist-info "$dest/"
 cp -a "$src/keel" "$dest/"
 find "$dest/keel" -name __pycache__ -prune -exec rm -rf {} +
 dist="$(ls -d "$site"/keel-*.dist-info)"

@@ -150,3 +150,40 @@ def test_agent_process_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
     proc.stop()
     assert proc.proc.returncode == 0
     assert not sock.exists()
+
+
+async def test_a_device_channel_keeps_order_under_back_pressure_and_ends_a_pending_read() -> None:
+    """The device channel reads in the loop's callback and holds one chunk at most: a burst
+    far over its buffer, taken slowly, arrives whole and in order; closing it ends a read
+    that is waiting."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    tty.setraw(master)
+    device = _DeviceChannel("pty-slave", slave)
+    burst = os.urandom(200_000)
+    got = bytearray()
+
+    async def feed() -> None:
+        view = memoryview(burst)
+        while view:
+            await asyncio.sleep(0)
+            try:
+                view = view[os.write(master, view[:4096]) :]
+            except BlockingIOError:
+                await asyncio.sleep(0.01)  # the pty is full: the reader is behind
+
+    os.set_blocking(master, False)
+    writer = asyncio.create_task(feed())
+    try:
+        while len(got) < len(burst):
+            got += await asyncio.wait_for(device.read(3000), 10)
+            await asyncio.sleep(0)  # a slow reader: the callback finds its chunk untaken
+        await writer
+        assert bytes(got) == burst
+        pending = asyncio.create_task(device.read(100))
+        await asyncio.sleep(0.05)
+        await device.close()
+        assert await asyncio.wait_for(pending, 5) == b""
+    finally:
+        writer.cancel()
+        os.close(master)

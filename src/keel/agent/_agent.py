@@ -99,6 +99,7 @@ class AgentConfig:
         return any(fnmatch.fnmatchcase(name, pat) for pat in self.allow)
 
 
+_JSON = json.JSONEncoder(default=str)  # built once: json.dumps(default=) builds one a line
 _second = (-1, "")
 
 
@@ -126,6 +127,7 @@ class Agent:
             setattr(plugin, "agent", self)  # noqa: B010 - info and health read the agent
             for name, cmd in commands_of(plugin).items():
                 self.commands[(plugin.name, name)] = cmd
+        self._permitted: dict[tuple[str, str], bool] = {}
         self.budget = Budget(config.max_buffered)
         self.sessions = 0
         self._audit: TextIO = (
@@ -143,11 +145,12 @@ class Agent:
         self._log({"event": "plugin_failed", "plugin": name, "error": why})
 
     def _log(self, record: dict[str, Any]) -> None:
-        record.setdefault("when", _stamp(time.time()))
-        self._audit.write(json.dumps(record, default=str) + "\n")
+        if "when" not in record:  # not setdefault: that would format a stamp every time
+            record["when"] = _stamp(time.time())
+        self._audit.write(_JSON.encode(record) + "\n")
 
     def audit(self, who: str, what: str, args: dict[str, Any], when: float, result: str) -> None:
-        shown = {k: ("***" if k in _REDACT else v) for k, v in args.items()}
+        shown = {k: ("***" if k in _REDACT else v) for k, v in args.items()} if args else args
         self._log(
             {
                 "event": "audit",
@@ -159,6 +162,16 @@ class Agent:
                 "result": result,
             }
         )
+
+    def permits(self, name: str, key: tuple[str, str]) -> bool:
+        """`AgentConfig.permits`, remembered for the agent's own commands (a bounded set: a
+        controller's unknown names are matched every time, never stored)."""
+        allowed = self._permitted.get(key)
+        if allowed is None:
+            allowed = self.config.permits(name)
+            if key in self.commands:
+                self._permitted[key] = allowed
+        return allowed
 
     def welcome(self, version: int) -> p.Welcome:
         infos: dict[str, p.PluginInfo] = {}
@@ -328,6 +341,7 @@ class Session:
         # would otherwise keep a junk frame open forever.
         frame_deadline: float | None = None
         slice_end = time.monotonic() + _SLICE
+        waited = self.channel.waited
         while self._dead is None:
             # Over the agent's budget for partial frames, a session assembling a large one
             # stops reading (back-pressure) until others finish theirs or its deadline passes.
@@ -347,6 +361,11 @@ class Session:
                 continue
             if not data:
                 return
+            if self.channel.waited != waited:
+                # The read waited for the controller: the loop served the others meanwhile,
+                # so a new slice starts (no extra turn of the loop per command).
+                waited = self.channel.waited
+                slice_end = time.monotonic() + _SLICE
             events = self.decoder.feed(data)
             self._holding.set(self.decoder.buffered)
             if not self.decoder.mid_frame:
@@ -448,7 +467,7 @@ class Session:
             if len(self.running) >= self.agent.config.max_inflight:
                 limit = self.agent.config.max_inflight
                 raise AgentBusy(f"{limit} commands already run for this controller", limit=limit)
-            if not self.agent.config.permits(name):
+            if not self.agent.permits(name, (call.plugin, call.command)):
                 raise CommandDenied(f"{name} is not allowed on this agent", command=name)
             cmd = self.agent.commands.get((call.plugin, call.command))
             if cmd is None:
@@ -470,7 +489,8 @@ class Session:
         outcome = "ok"
         reply: p.Message
         try:
-            if call.timeout is None:
+            if call.timeout is None or cmd.inline:
+                # An inline command never waits, so a deadline could never interrupt it.
                 value = await cmd.fn(_Context(self, run), **kwargs)
             else:
                 async with asyncio.timeout(call.timeout):
@@ -496,8 +516,10 @@ class Session:
             frame = p.encode_checked(reply, self.max_frame)
         except (FrameTooLarge, TypeError, ValueError) as exc:
             frame = p.encode(self._error_frame(call.id, CommandFailed(f"bad result: {exc}")))
-        with contextlib.suppress(AgentError):
+        try:  # noqa: SIM105 - contextlib.suppress costs three Python calls per command
             await self.write_raw(frame)
+        except AgentError:
+            pass  # the channel broke: the session ends and says so
 
     def _finish(self, run: _Running, cmd: Command, call: p.Call, when: float, out: str) -> None:
         self.running.pop(call.id, None)

@@ -26,7 +26,7 @@ import struct
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 from urllib.parse import urlsplit
 
 from keel.errors import (
@@ -41,15 +41,18 @@ _PAUSE_AT = 256 * 1024  # unread bytes at which a stream channel stops reading i
 
 _RECV_BUF = 256 * 1024
 _DEVICE_READ = 64 * 1024  # gathered from a device per read (sixteen virtio-serial buffers)
+_PORT_BUFFER = 4096  # what one read() of a virtio-serial port returns at most
 Bytes = bytes | bytearray | memoryview
 VMADDR_CID_HOST = 2
 _UNSUPPORTED = {errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.ENODEV, errno.EPROTONOSUPPORT}
 
 
 class Channel(Protocol):
-    """A byte stream to one peer. ``peer`` names who is on the other end, for audit lines."""
+    """A byte stream to one peer. ``peer`` names who is on the other end, for audit lines;
+    ``waited`` counts the reads that had to wait for the peer (each let the loop run others)."""
 
     peer: str
+    waited: int
 
     async def read(self, max_bytes: int) -> bytes | bytearray: ...
 
@@ -93,6 +96,7 @@ class StreamChannel(asyncio.BufferedProtocol):
 
     def __init__(self, peer: str = "?", on_open: Callable[[StreamChannel], None] | None = None):
         self.peer = peer
+        self.waited = 0
         self._on_open = on_open
         self._loop = asyncio.get_running_loop()
         self._chunks: deque[bytes | bytearray] = deque()
@@ -110,8 +114,8 @@ class StreamChannel(asyncio.BufferedProtocol):
     # asyncio.Protocol callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A read-write transport; uvloop's do not subclass asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
         if self._on_open is not None:
             self._on_open(self)
 
@@ -168,6 +172,7 @@ class StreamChannel(asyncio.BufferedProtocol):
                     with map_errors(f"read from {self.peer}"):
                         raise self._lost
                 return b""
+            self.waited += 1
             self._waiter = self._loop.create_future()
             try:
                 await self._waiter
@@ -212,6 +217,14 @@ class StreamChannel(asyncio.BufferedProtocol):
 class _DeviceChannel:
     """A character device (the guest end of virtio-serial), read and written without threads.
 
+    Read as asyncio's own transports read a socket: the device stays registered with the
+    event loop, and the loop's callback reads what arrived and hands it to the waiting
+    reader. A small message costs one wake-up and one read(), with no epoll_ctl pair, no
+    failed read and no stale readiness per message (in a guest under TCG every system call,
+    Python exception and trip through the loop costs tens of microseconds). At most one
+    gathered chunk waits unread: with one waiting, the device is unregistered until it is
+    taken (back-pressure: the guest kernel's buffers fill and the host stops sending).
+
     With no host connected, a virtio-serial port reads as end of stream and polls as hung
     up, and writes would wait forever: a write that meets a hang-up is `AgentUnavailable`."""
 
@@ -220,27 +233,72 @@ class _DeviceChannel:
         self._fd = fd
         self._rbuf = bytearray(_DEVICE_READ)
         self.peer = f"virtio:{path}"
+        self.waited = 0
         self._loop = asyncio.get_running_loop()
+        self._chunk: bytes | None = None  # read from the device, not yet taken
+        self._failed: OSError | None = None
+        self._watching = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def _readable(self) -> None:
+        if self._chunk is not None:
+            self._unwatch()  # the reader is behind: leave the rest in the device
+            return
+        try:
+            self._chunk = self._drain(_DEVICE_READ)
+        except OSError as exc:
+            self._failed = exc
+        if self._chunk is None and self._failed is None:
+            return  # nothing after all
+        if self._chunk == b"" or self._failed is not None:
+            self._unwatch()  # end of stream or a broken device: nothing more to wait for
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _unwatch(self) -> None:
+        if self._watching:
+            self._watching = False
+            self._loop.remove_reader(self._fd)
 
     async def read(self, max_bytes: int) -> bytes | bytearray:
         while True:
-            with map_errors(f"read from {self.peer}"):
-                if self._fd < 0:
-                    return b""
-                data = self._drain(max_bytes)
+            if self._fd < 0:
+                return b""
+            chunk = self._chunk
+            if chunk is not None:
+                if len(chunk) > max_bytes:
+                    self._chunk = chunk[max_bytes:]
+                    return chunk[:max_bytes]
+                self._chunk = None
+                return chunk
+            if self._failed is not None:
+                with map_errors(f"read from {self.peer}"):
+                    raise self._failed
+            if not self._watching:
+                # What arrived while nobody watched is there already: no trip through the loop.
+                with map_errors(f"read from {self.peer}"):
+                    data = self._drain(max_bytes)
                 if data is not None:
                     return data
-            ready = self._loop.create_future()
-            self._loop.add_reader(self._fd, ready.set_result, None)
+                self._watch()
+            self.waited += 1
+            self._waiter = self._loop.create_future()
             try:
-                await ready
+                await self._waiter
             finally:
-                self._loop.remove_reader(self._fd)
+                self._waiter = None
+
+    def _watch(self) -> None:
+        with map_errors(f"read from {self.peer}"):
+            self._loop.add_reader(self._fd, self._readable)
+        self._watching = True
 
     def _drain(self, max_bytes: int) -> bytes | None:
         """What the device has now, up to ``max_bytes``; None if nothing yet. A virtio-serial
         port returns one of its 4 KiB buffers per read(), so a bulk transfer would otherwise
-        cost a trip through the event loop per 4 KiB. Gathered in one reused buffer."""
+        cost a trip through the event loop per 4 KiB. Gathered in one reused buffer. A read
+        shorter than a buffer and than asked ends the gathering: the device is most likely
+        empty, and if not, the loop says so (this spares a failed read per small message)."""
         with memoryview(self._rbuf) as view:
             limit = min(max_bytes, len(view))
             got = 0
@@ -254,19 +312,24 @@ class _DeviceChannel:
                         break  # the end comes with the next read
                     return b""
                 got += n
+                if n < _PORT_BUFFER:
+                    break
             return bytes(view[:got]) if got else None
 
     async def write(self, data: Bytes) -> None:
         view = memoryview(data)
         while view:
+            if self._fd < 0:
+                raise AgentUnavailable(f"write to {self.peer}: the channel is closed")
+            try:  # the common case first, without map_errors' generator around it
+                view = view[os.write(self._fd, view) :]
+                continue
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                with map_errors(f"write to {self.peer}"):
+                    raise exc from None
             with map_errors(f"write to {self.peer}"):
-                if self._fd < 0:
-                    raise AgentUnavailable(f"write to {self.peer}: the channel is closed")
-                try:
-                    view = view[os.write(self._fd, view) :]
-                    continue
-                except BlockingIOError:
-                    pass
                 if self._hung_up():
                     raise AgentUnavailable(f"write to {self.peer}: no host on the other end")
             ready = self._loop.create_future()
@@ -282,7 +345,11 @@ class _DeviceChannel:
         return any(ev & select.POLLHUP for _, ev in poller.poll(0))
 
     async def close(self) -> None:
+        if self._fd >= 0:
+            self._unwatch()
         fd, self._fd = self._fd, -1  # once: the number may belong to another file later
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)  # a pending read returns end of stream
         if fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(fd)
