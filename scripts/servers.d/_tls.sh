@@ -2,7 +2,8 @@
 # tls_files: the test certificates (tests/tls_certs.py, made with trustme) in $TLS_DIR.
 TLS_DIR="${KEEL_TLS_DIR:-$KEEL_SERVERS_DIR/tls}"
 tls_files() {
-    [ -f "$TLS_DIR/server.key" ] && [ -f "$TLS_DIR/ca.pem" ] && return 0
+    # tests/tls_certs.py itself returns at once when every file is there, and makes the whole set
+    # otherwise (a partial or older set would leave a server on a CA the tests then replace).
     local root py
     root="$(cd "$here/.." && pwd)"
     py="$root/.venv/bin/python"
