@@ -259,8 +259,13 @@ async def sse_latency(
         )
         n += 1
     published = time.perf_counter()
+    flooded = 0
     if noise is not None:
-        print(f"  hostile tenant: {await noise} events flooded", file=sys.stderr)
+        flooded = await noise
+        print(
+            f"  hostile tenant: {flooded} events flooded ({flooded / seconds:.0f}/s achieved)",
+            file=sys.stderr,
+        )
     # Every published event matches 5 subscriptions: wait until all are committed, then let
     # the clients wait until each has seen its subscription's last one.
     last: dict[str, int] = {}
@@ -270,6 +275,7 @@ async def sse_latency(
         last = {s: (await store.get_subscription(s)).last_seq for s in subs}
     committed = time.perf_counter() - published
     stats = SseStats(committed_s=committed, published=n)
+    stats.flooded_per_s = flooded / seconds
     for p in procs:
         assert p.stdin is not None
         assert p.stdout is not None
@@ -312,6 +318,7 @@ class SseStats:
         self.delays: list[float] = []
         self.missing = self.duplicates = self.gapped = 0
         self.waited_s = 0.0
+        self.flooded_per_s = 0.0  # the hostile tenant's events committed per second
 
     def add(self, report: dict[str, Any]) -> None:
         self.delays += report["delays"]
@@ -358,6 +365,7 @@ async def run_store(kind: str, args: argparse.Namespace, tmp: Path) -> dict[str,
         row["quiet_p99_ms"] = percentile(alone.delays, 99)
         row["noisy_p99_ms"] = percentile(beside.delays, 99)
         row["noisy_p99_ratio"] = row["noisy_p99_ms"] / row["quiet_p99_ms"]
+        row["noisy_flood_events_per_s"] = beside.flooded_per_s
     row["load_1m"] = os.getloadavg()[0]
     return row
 
@@ -397,7 +405,7 @@ def main(argv: list[str]) -> None:
         "sse_p99_ms",
     ]
     if args.hostile:
-        columns += ["quiet_p99_ms", "noisy_p99_ms", "noisy_p99_ratio"]
+        columns += ["quiet_p99_ms", "noisy_p99_ms", "noisy_p99_ratio", "noisy_flood_events_per_s"]
     columns += ["load_at_start", "load_1m"]
     table(
         f"keel.hub: 100 subscriptions (5 per event), {args.clients} SSE clients at "
@@ -415,7 +423,7 @@ def main(argv: list[str]) -> None:
         "sse_p99_ms",
     ]
     if args.hostile:
-        keys += ["quiet_p99_ms", "noisy_p99_ms", "noisy_p99_ratio"]
+        keys += ["quiet_p99_ms", "noisy_p99_ms", "noisy_p99_ratio", "noisy_flood_events_per_s"]
     values: dict[str, float | int | str] = {}
     for row in rows:
         prefix = "" if row["store"] == "sqlite" else "scale_"

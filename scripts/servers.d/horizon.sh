@@ -2,11 +2,11 @@
 # venv under $SRV_DIR, with Keel's Horizon plugin (src/keel/hub/horizon) and the test panel
 # (tests/hub/horizon/keel_horizon_demo) enabled, logging in against the Keystone of
 # scripts/servers.d/keystone.sh, served by Django's server on 127.0.0.1:KEEL_HORIZON_PORT
-# (default 38180). The plugin talks to the hub at KEEL_HORIZON_HUB_PORT (default 38181), where
+# (default 28180). The plugin talks to the hub at KEEL_HORIZON_HUB_PORT (default 28181), where
 # the test runs one. Sources are read from this checkout (PYTHONPATH), so edits need a restart.
-HORIZON_PORT="${KEEL_HORIZON_PORT:-38180}"
-HORIZON_HUB_PORT="${KEEL_HORIZON_HUB_PORT:-38181}"
-HORIZON_KEYSTONE_PORT="${KEEL_KEYSTONE_PORT:-35357}"
+HORIZON_PORT="${KEEL_HORIZON_PORT:-28180}"
+HORIZON_HUB_PORT="${KEEL_HORIZON_HUB_PORT:-28181}"
+HORIZON_KEYSTONE_PORT="${KEEL_KEYSTONE_PORT:-25357}"
 HORIZON_VENV="$SRV_DIR/venv"
 HORIZON_ROOT="$(cd "$here/.." && pwd)"
 SRV_START_TIMEOUT=180

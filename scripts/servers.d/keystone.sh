@@ -1,7 +1,7 @@
 # OpenStack Keystone (PyPI `keystone`) in its own venv under $SRV_DIR, SQLite database, fernet
-# tokens, served by gunicorn on 127.0.0.1:KEEL_KEYSTONE_PORT (default 35357). Bootstrapped
+# tokens, served by gunicorn on 127.0.0.1:KEEL_KEYSTONE_PORT (default 25357). Bootstrapped
 # with an admin user (password keel-admin) in project admin, and the public endpoint.
-KEYSTONE_PORT="${KEEL_KEYSTONE_PORT:-35357}"
+KEYSTONE_PORT="${KEEL_KEYSTONE_PORT:-25357}"
 KEYSTONE_VENV="$SRV_DIR/venv"
 SRV_START_TIMEOUT=90
 srv_install() {

@@ -26,17 +26,45 @@ node_launch() {
         rm -rf "$data"
     fi
     if [ ! -f "$data/PG_VERSION" ]; then
-        if [ "$n" = 1 ] && ! pgr_is_primary "$other"; then
+        # A new cluster only when neither node has data (asking the other node whether it is
+        # primary would initdb an empty second primary whenever it is slow to answer).
+        if [ "$n" = 1 ] && [ ! -f "$(node_dir "$other")/data/PG_VERSION" ]; then
             runuser -u postgres -- "$bin/initdb" -D "$data" -A trust -U postgres --no-sync >>"$d/server.log" 2>&1
         else
-            runuser -u postgres -- "$bin/pg_basebackup" -h 127.0.0.1 -p "$(pgr_port "$other")" \
-                -U postgres -D "$data" -R -X stream --no-sync >>"$d/server.log" 2>&1
+            pgr_clone "$n" || return 1
         fi
     fi
     node_run "$n" runuser -u postgres -- "$bin/postgres" -D "$data" -h 127.0.0.1 -p "$(pgr_port "$n")" \
         -k "$d" -c max_connections=100 -c shared_buffers=64MB -c wal_level=replica \
         -c hot_standby=on -c wal_keep_size=256MB -c "cluster_name=keel$n" \
         -c "primary_conninfo=host=127.0.0.1 port=$(pgr_port "$other") user=postgres application_name=keel$n"
+}
+# pgr_clone N: node N's data as a replica of the other node, by pg_basebackup, retried (bounded:
+# 20 attempts, about 2 min). --checkpoint=fast: the default spread checkpoint paces itself over
+# checkpoint_completion_target x checkpoint_timeout (up to 4.5 min), and right after a promotion
+# it queues behind the end-of-recovery checkpoint (23 s here; past CI's 300 s bound once).
+# Retried: a primary just promoted may still refuse or drop the replication
+# connection ("server closed the connection unexpectedly" was seen once), and a failed attempt
+# leaves a partial directory that must go before the next.
+pgr_clone() {
+    local n="$1" other bin d data attempt
+    other="$(pgr_other "$n")"; bin="$(pg_bin)"; d="$(node_dir "$n")"; data="$d/data"
+    for attempt in $(seq 1 20); do
+        if node_ready "$other" 2>/dev/null && pgr_is_primary "$other"; then
+            rm -rf "$data"
+            if PGCONNECT_TIMEOUT=5 timeout 120 runuser -u postgres -- "$bin/pg_basebackup" \
+                -h 127.0.0.1 -p "$(pgr_port "$other")" -U postgres -D "$data" -R -X stream \
+                --checkpoint=fast --no-sync >>"$d/server.log" 2>&1; then
+                return 0
+            fi
+            echo "servers: pg_basebackup of node $n from node $other failed (attempt $attempt)" >>"$d/server.log"
+        fi
+        sleep "$(( attempt < 5 ? 1 : 5 ))"
+    done
+    rm -rf "$data"
+    echo "servers: cannot clone $SRV_NAME node $n from node $other (not a primary accepting" \
+        "replication connections after 20 attempts; see $d/server.log)" >&2
+    return 1
 }
 node_ready() { "$(pg_bin)/pg_isready" -q -h 127.0.0.1 -p "$(pgr_port "$1")" -U postgres -d postgres; }
 pgr_primary() {

@@ -1,6 +1,6 @@
 # PostgreSQL (Debian postgresql) as a plain process of the postgres user, data under $SRV_DIR,
 # on 127.0.0.1 only, trust authentication (loopback test server; no password to leak).
-POSTGRES_PORT="${KEEL_POSTGRES_PORT:-54320}"
+POSTGRES_PORT="${KEEL_POSTGRES_PORT:-25320}"
 SRV_START_TIMEOUT=60
 pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
 srv_install() { apt_install postgresql; }

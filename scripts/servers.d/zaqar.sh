@@ -1,9 +1,9 @@
 # OpenStack Zaqar (PyPI `zaqar`), the benchmark's anchor for the hub's Zaqar API: its own venv
 # under $SRV_DIR, the Redis message store (the Redis of scripts/servers.d/redis.sh, database
 # 7) and the SQLAlchemy management store (SQLite), no auth (projects by X-Project-Id), served
-# by gunicorn (4 workers) on 127.0.0.1:KEEL_ZAQAR_PORT (default 38182).
-ZAQAR_PORT="${KEEL_ZAQAR_PORT:-38182}"
-ZAQAR_REDIS_PORT="${KEEL_REDIS_PORT:-6379}"
+# by gunicorn (4 workers) on 127.0.0.1:KEEL_ZAQAR_PORT (default 28182).
+ZAQAR_PORT="${KEEL_ZAQAR_PORT:-28182}"
+ZAQAR_REDIS_PORT="${KEEL_REDIS_PORT:-26790}"
 ZAQAR_VENV="$SRV_DIR/venv"
 SRV_START_TIMEOUT=90
 srv_install() {

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 
-from keel.hub import HubServer
+from keel.hub import Hub, HubServer, _server
+from keel.hub._http_protocol import JsonErrorsH11
 from tests.hub.conftest import Clients
 
 EVENT = {"specversion": "1.0", "source": "compute.host-a", "type": "compute.instance.create.end"}
@@ -298,3 +301,66 @@ async def test_pages_declare_their_icon_so_browsers_ask_for_no_favicon(
     anon = clients(None)
     for path in ("/", "/map"):
         assert '<link rel="icon" href="data:,">' in (await anon.get(path)).text
+
+
+async def test_unknown_query_parameters_are_refused(alice: httpx.AsyncClient) -> None:
+    # A misspelt `limt=1` used to be ignored, and the whole list came back.
+    for _ in range(3):
+        assert (await alice.post("/v1/subscriptions", json={})).status_code == 201
+    r = await alice.get("/v1/subscriptions", params={"limt": "1"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["field"] == "limt"
+    assert "limit, marker" in error["message"]
+    sub = (await alice.get("/v1/subscriptions", params={"limit": "1"})).json()
+    assert len(sub["subscriptions"]) == 1
+    r = await alice.get(f"/v1/subscriptions/{sub['subscriptions'][0]['id']}", params={"x": "1"})
+    assert r.status_code == 400
+    assert r.json()["error"]["field"] == "x"
+
+
+async def test_the_filter_limits_in_all_are_named_in_the_400(alice: httpx.AsyncClient) -> None:
+    # Every piece valid, the sum too large: the body says which limit, for a client to act on.
+    many = {"filters": [{"any": [{"exact": {"type": f"t{i}"}} for i in range(60)]}] * 2}
+    r = await alice.post("/v1/subscriptions", json=many)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["limit"] == 100
+    long = {"filters": [{"exact": {f"a{i}": "x" * 1000}} for i in range(5)]}
+    r = await alice.post("/v1/subscriptions", json=long)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["limit"] == 4096
+
+
+@pytest.fixture(params=["httptools", "h11"])
+async def raw_server(
+    request: pytest.FixtureRequest, hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[HubServer]:
+    """The hub's server on each of uvicorn's HTTP protocols (h11 is the one used where
+    httptools is not installed)."""
+    if request.param == "h11":
+        monkeypatch.setattr(_server, "HTTP_PROTOCOL", JsonErrorsH11)
+    async with HubServer(hub) as srv:
+        yield srv
+
+
+async def test_a_request_that_is_not_http_gets_a_json_400(raw_server: HubServer) -> None:
+    # uvicorn answers these itself, before the application, and answered in text/plain.
+    host, port = raw_server.url.removeprefix("http://").split(":")
+    for raw in (
+        b"POST /v1/subscriptions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: nil\r\n\r\n",
+        b"GET /\x00 HTTP/1.1\r\n\r\n",
+    ):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(raw)
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400"), answer
+        assert b"content-type: application/json" in head.lower()
+        assert json.loads(body)["error"]["status"] == 400
+    # Under /v2, the Zaqar face's clients read Zaqar's shape.
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /v2/queues HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: nil\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert set(json.loads(answer.partition(b"\r\n\r\n")[2])) == {"title", "description"}

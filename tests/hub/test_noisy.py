@@ -15,11 +15,12 @@ import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import httpx
 import websockets
 
-from keel.hub import CloudEvent, HubServer
+from keel.hub import CloudEvent, Hub, HubServer
 from tests.hub.sse import frames
 
 SECONDS = 3.0
@@ -154,3 +155,110 @@ async def test_a_flooding_tenant_does_not_slow_another_tenants_stream(
     assert p99 < bound, (
         f"quiet tenant p99 {p99:.0f} ms under a flood of {noisy} events ({baseline:.0f} ms alone)"
     )
+
+
+# --- admission: a tenant's fair share of the hub's work ----------------------------------
+
+
+def hold_commits(hub: Hub) -> asyncio.Event:
+    """Hold every commit until the returned event is set: what is admitted stays in flight."""
+    gate = asyncio.Event()
+    append = hub.store.append
+
+    async def held(batch: Any, *, now: float) -> Any:
+        await gate.wait()
+        return await append(batch, now=now)
+
+    hub.store.append = held  # type: ignore[method-assign]
+    return gate
+
+
+def noisy_event(n: int, tenant: str = "p-one") -> dict[str, Any]:
+    return {
+        "specversion": "1.0",
+        "id": f"{tenant}-{n}",
+        "source": "s",
+        "type": "t",
+        "tenant": tenant,
+    }
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the condition did not come true")
+
+
+async def committed_ids(client: httpx.AsyncClient, sub: str) -> list[str]:
+    r = await client.get(f"/v1/subscriptions/{sub}/events", params={"limit": 1000})
+    return [m["event"]["id"] for m in r.json()["messages"]]
+
+
+async def test_a_tenant_alone_is_never_refused_past_its_share(
+    hub: Hub, alice: httpx.AsyncClient, admin: httpx.AsyncClient
+) -> None:
+    sub = (await alice.post("/v1/subscriptions", json={})).json()["id"]
+    gate = hold_commits(hub)
+    n = 4 * hub.admission.share
+    posts = [asyncio.create_task(admin.post("/v1/events", json=noisy_event(i))) for i in range(n)]
+    await until(lambda: hub.admission.inflight("p-one") >= n)
+    gate.set()
+    answers = await asyncio.gather(*posts)
+    assert [r.status_code for r in answers] == [202] * n
+    assert sorted(await committed_ids(alice, sub)) == sorted(f"p-one-{i}" for i in range(n))
+
+
+async def test_past_its_share_while_another_tenant_waits_http_is_429_and_the_bus_waits(
+    hub: Hub, alice: httpx.AsyncClient, bob: httpx.AsyncClient, admin: httpx.AsyncClient
+) -> None:
+    noisy_sub = (await alice.post("/v1/subscriptions", json={})).json()["id"]
+    quiet_sub = (await bob.post("/v1/subscriptions", json={})).json()["id"]
+    share = hub.admission.share
+    gate = hold_commits(hub)
+    # The other tenant's event waits for its commit.
+    quiet = asyncio.create_task(
+        hub.ingest(CloudEvent(id="quiet-0", source="s", type="t", tenant="p-two"))
+    )
+    await until(lambda: hub.admission.inflight("p-two") >= 1)
+    # Over HTTP: the first `share` are accepted (held), the rest refused at once.
+    posts = [
+        asyncio.create_task(admin.post("/v1/events", json=noisy_event(i))) for i in range(3 * share)
+    ]
+    await until(lambda: sum(p.done() for p in posts) >= 2 * share)
+    refused = [p.result() for p in posts if p.done()]
+    assert len(refused) == 2 * share
+    for r in refused:
+        assert r.status_code == 429
+        assert r.headers["retry-after"] == "1"
+        assert r.headers["content-type"] == "application/json"
+        error = r.json()["error"]
+        assert error["code"] == "too_many_requests"
+        assert error["status"] == 429
+        assert error["retry_after"] == 1
+        assert error["limit"] == share
+    # On the bus path the same tenant waits in line instead: nothing is refused.
+    bus = [
+        asyncio.create_task(
+            hub.ingest(CloudEvent(id=f"bus-{i}", source="s", type="t", tenant="p-one"))
+        )
+        for i in range(share)
+    ]
+    await asyncio.sleep(0.1)
+    assert not any(b.done() for b in bus)
+    assert hub.admission.inflight("p-one") == share
+    gate.set()
+    async with asyncio.timeout(20):
+        await quiet
+        await asyncio.gather(*bus)
+        accepted = [r for r in await asyncio.gather(*posts) if r.status_code != 429]
+    assert [r.status_code for r in accepted] == [202] * share
+    # Nothing accepted is lost, nothing refused was committed.
+    ids = {r.json()["id"] for r in accepted} | {f"bus-{i}" for i in range(share)}
+    assert sorted(await committed_ids(alice, noisy_sub)) == sorted(ids)
+    assert await committed_ids(bob, quiet_sub) == ["quiet-0"]
+    assert hub.admission.inflight("p-one") == hub.admission.inflight("p-two") == 0
+    # The refusal said when to come back: then the event is taken.
+    again = await admin.post("/v1/events", content=refused[0].request.content)
+    assert again.status_code == 202

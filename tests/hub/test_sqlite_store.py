@@ -1,16 +1,21 @@
 """SQLite specifics: a write whose transaction cannot begin (another connection holds the
 write lock past the busy timeout) gets SQLite's error, and the store works again once the
-lock is gone. (Earlier layouts: tests/hub/test_store_migration.py.)"""
+lock is gone; deleting a subscription, short queue or long. (Earlier layouts:
+tests/hub/test_store_migration.py.)"""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
 import pytest
 
+from keel.errors import NotFound
 from keel.hub import SQLiteStore
-from tests.hub.test_store_conformance import make_sub
+from keel.hub.stores.base import Routed
+from keel.hub.stores.sqlite import SMALL_QUEUE
+from tests.hub.test_store_conformance import NOW, ev, make_sub
 
 
 async def test_a_refused_transaction_fails_its_writer_and_the_store_recovers(
@@ -27,5 +32,61 @@ async def test_a_refused_transaction_fails_its_writer_and_the_store_recovers(
         other.close()
         await make_sub(store, "after")
         assert (await store.get_subscription("after")).id == "after"
+    finally:
+        await store.close()
+
+
+async def test_deletes_of_short_queues_share_the_group_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tenant churning subscriptions must not take a transaction (an fsync) of its own per
+    delete: every other tenant's ingest waited behind each one."""
+    store = SQLiteStore(tmp_path / "hub.db")
+    await store.open()
+    try:
+        for n in range(20):
+            await make_sub(store, f"s{n}")
+        await store.append([Routed("e1", ev(1), tuple(f"s{n}" for n in range(20)))], now=NOW)
+        commits = 0
+        commit = store._commit
+
+        def counted() -> None:
+            nonlocal commits
+            commits += 1
+            commit()
+
+        monkeypatch.setattr(store, "_commit", counted)
+        await asyncio.gather(*(store.delete_subscription(f"s{n}") for n in range(20)))
+        assert commits <= 3, commits
+        assert await store.list_subscriptions(None, limit=100, marker=None) == []
+    finally:
+        await store.close()
+
+
+async def test_a_long_queue_and_a_short_one_are_deleted_whole(tmp_path: Path) -> None:
+    """The short one in the group commit, the long one (past SMALL_QUEUE) in a transaction of
+    its own; a subscription made again under either id starts empty, the queue beside them
+    keeps every message, and the retention sweep removes the events no queue holds."""
+    store = SQLiteStore(tmp_path / "hub.db")
+    await store.open()
+    try:
+        for sub_id in ("short", "long", "kept"):
+            await make_sub(store, sub_id)
+        n_long = SMALL_QUEUE + 5
+        await store.append([Routed("e0", ev(0), ("short",))], now=NOW)
+        await store.append([Routed(f"l{n}", ev(n), ("long",)) for n in range(n_long)], now=NOW)
+        await store.append([Routed("k", ev(-1), ("kept",))], now=NOW)
+        await store.delete_subscription("short")
+        await store.delete_subscription("long")
+        with pytest.raises(NotFound):
+            await store.delete_subscription("long")
+        for sub_id in ("short", "long"):
+            await make_sub(store, sub_id)
+            assert await store.read(sub_id, after=0, limit=10) == (None, [])
+        _, kept = await store.read("kept", after=0, limit=10)
+        assert [m.seq for m in kept] == [1]
+        await store.enforce_retention(now=NOW)
+        (left,) = store.db.execute("SELECT count(*) FROM events").fetchone()
+        assert left == 1  # the one "kept" holds
     finally:
         await store.close()

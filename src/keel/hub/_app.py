@@ -30,7 +30,7 @@ from keel.hub._core import Hub
 from keel.hub._events import event_from_json
 from keel.hub._input import MAX_SEQ, decode_json, integer, no_repeats, parse_uint
 from keel.hub._map_feed import MapFeed
-from keel.hub._openapi import openapi_document
+from keel.hub._openapi import openapi_document, refuse_undeclared
 from keel.hub._sse import RAW_SEND, EventStreamResponse, StreamCursor
 from keel.hub._status import error_fields, keel_error
 from keel.hub._ws import websocket_stream
@@ -73,7 +73,11 @@ def _guard(func: Handler) -> Handler:
             status, code = keel_error(exc)
             if code == "internal":
                 log_event(log, logging.ERROR, "hub.http_error", error=repr(exc))
-            return error_response(status, code, exc.message, **error_fields(exc))
+            response = error_response(status, code, exc.message, **error_fields(exc))
+            retry_after = getattr(exc, "retry_after", None)
+            if isinstance(retry_after, int):  # 429 (and any error that says when to retry)
+                response.headers["Retry-After"] = str(retry_after)
+            return response
 
     return run
 
@@ -205,6 +209,8 @@ class Api:
 
     async def who(self, request: Request, *, query_token: bool = False) -> Principal:
         no_repeats(request.query_params.multi_items())
+        route = request.scope.get("route")
+        refuse_undeclared(request.query_params, getattr(route, "path", ""), request.method)
         token = request.headers.get("x-auth-token")
         if not token and query_token:
             token = request.query_params.get("access_token")

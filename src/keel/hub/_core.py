@@ -39,6 +39,7 @@ from keel.errors import (
     InvalidFilter,
     KeelError,
     NotFound,
+    TooManyRequests,
     Unauthorized,
 )
 from keel.hub._auth import Authenticator, Principal
@@ -164,8 +165,107 @@ class _Route:
             self.predicate = lambda a: False
 
 
-# Each waiter learns the messages its event became (see `Hub.commit`).
-_Pending = tuple[Routed, "asyncio.Future[list[Appended]]"]
+# Each waiter learns the messages its event became (see `Hub.commit`); the tenant whose fair
+# share the event counts in (see `_FairShare`).
+_Pending = tuple[Routed, "asyncio.Future[list[Appended]]", str | None]
+
+RETRY_AFTER_S = 1  # what a refused caller is told to wait (HTTP Retry-After)
+
+
+class _FairShare:
+    """Admission: how many events each tenant has waiting for their commit (in flight).
+
+    A tenant alone may have any number in flight: the batches it fills are the hub's
+    throughput. While another tenant is active (has events in flight, or had one admitted in
+    the last ``window`` seconds), each tenant may have at most ``share`` in flight. Past it a
+    caller that can wait (the bus path) waits in line for its tenant's next commit, and one
+    that cannot (HTTP) is refused with `TooManyRequests` before its event is routed. So a
+    flooding tenant puts at most ``share`` events into any commit another tenant's event
+    joins or waits behind, and spends the hub's CPU on routing only what it was admitted;
+    an admitted event is never dropped (its slot is released only once it is committed, or
+    its commit failed and its caller was told)."""
+
+    def __init__(self, share: int, window: float) -> None:
+        if share < 1:
+            raise ValueError("fair_share must be >= 1")
+        self.share = share
+        self.window = window
+        self._inflight: dict[str | None, int] = {}
+        self._seen: dict[str | None, float] = {}  # tenant -> its last admission (monotonic)
+        self._waiters: dict[str | None, deque[asyncio.Future[None]]] = {}
+        self._pruned = 0.0
+
+    def inflight(self, tenant: str | None) -> int:
+        return self._inflight.get(tenant, 0)
+
+    def others_active(self, tenant: str | None, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        if now - self._pruned > self.window / 4:
+            self._pruned = now
+            for t, last in list(self._seen.items()):
+                if now - last > self.window and t not in self._inflight:
+                    del self._seen[t]
+        return len(self._seen) > (1 if tenant in self._seen else 0)
+
+    def _enter(self, tenant: str | None, now: float) -> None:
+        self._inflight[tenant] = self._inflight.get(tenant, 0) + 1
+        self._seen[tenant] = now
+
+    def try_admit(self, tenant: str | None) -> bool:
+        now = time.monotonic()
+        if self._inflight.get(tenant, 0) >= self.share or tenant in self._waiters:
+            if self.others_active(tenant, now):
+                return False
+            if tenant in self._waiters:  # the others went quiet: everyone in line goes
+                self._wake(tenant, now)
+        self._enter(tenant, now)
+        return True
+
+    async def admit(self, tenant: str | None, *, wait: bool) -> None:
+        if self.try_admit(tenant):
+            return
+        if not wait:
+            raise TooManyRequests(
+                f"project {tenant!r} has {self.share} events waiting for their commit while "
+                f"other projects wait: nothing was accepted; retry in {RETRY_AFTER_S} s",
+                retry_after=RETRY_AFTER_S,
+                limit=self.share,
+            )
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        line = self._waiters.setdefault(tenant, deque())
+        line.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():  # admitted just as it was cancelled
+                self.release(tenant)
+            else:
+                with contextlib.suppress(ValueError):
+                    line.remove(fut)
+                if not line and self._waiters.get(tenant) is line:
+                    del self._waiters[tenant]
+            raise
+
+    def release(self, tenant: str | None) -> None:
+        n = self._inflight.get(tenant, 0) - 1
+        if n > 0:
+            self._inflight[tenant] = n
+        else:
+            self._inflight.pop(tenant, None)
+        if tenant in self._waiters:
+            self._wake(tenant, time.monotonic())
+
+    def _wake(self, tenant: str | None, now: float) -> None:
+        line = self._waiters[tenant]
+        while line and (
+            self._inflight.get(tenant, 0) < self.share or not self.others_active(tenant, now)
+        ):
+            fut = line.popleft()
+            if not fut.done():
+                self._enter(tenant, now)
+                fut.set_result(None)
+        if not line:
+            del self._waiters[tenant]
 
 
 class _FairQueue:
@@ -256,6 +356,8 @@ class Hub:
         batch_max: int = 512,
         batch_rows: int = 2048,
         batch_bytes: int = 128 * 1024,
+        fair_share: int = 8,
+        fair_window: float = 1.0,
         retention_interval: float = 30.0,
         clock: Callable[[], float] = time.time,
         allow_private_webhooks: bool = False,
@@ -288,6 +390,7 @@ class Hub:
         self._by_tenant: dict[str | None, _TenantRoutes] | None = None  # rebuilt on change
         self._tees: dict[str, list[_Route]] = {}  # parent id -> children, rebuilt with it
         self._pending = _FairQueue()
+        self.admission = _FairShare(fair_share, fair_window)
         self.commits_in_flight = store.append_concurrency
         self._tasks: list[asyncio.Task[None]] = []
         self._reloads: set[asyncio.Task[None]] = set()
@@ -326,7 +429,8 @@ class Hub:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-        for _, fut in self._pending.drain():
+        for _, fut, tenant in self._pending.drain():
+            self.admission.release(tenant)
             if not fut.done():
                 fut.set_exception(ConnectionError("hub stopped before the event was committed"))
 
@@ -390,13 +494,23 @@ class Hub:
 
     # --- ingest ---------------------------------------------------------------------------
 
-    async def ingest(self, event: CloudEvent) -> None:
-        """Return once ``event`` is committed to every matching queue."""
-        body = encode_body(event)
+    async def ingest(self, event: CloudEvent, *, wait: bool = True) -> None:
+        """Return once ``event`` is committed to every matching queue.
+
+        Within its tenant's fair share (`_FairShare`): past it, wait in line, or with
+        ``wait=False`` raise `TooManyRequests` having accepted nothing."""
+        tenant = event.tenant
+        await self.admission.admit(tenant, wait=wait)
+        try:
+            body = encode_body(event)
+            # Routed and encoded here, by the caller, so that the batcher has only the store
+            # to wait for and this work overlaps the commit in flight.
+            routed = Routed(event.id, body, self.route(event))
+        except BaseException:
+            self.admission.release(tenant)
+            raise
         fut: asyncio.Future[list[Appended]] = asyncio.get_running_loop().create_future()
-        # Routed and encoded here, by the caller, so that the batcher has only the store to
-        # wait for and this work overlaps the commit in flight.
-        self._pending.put(event.tenant, (Routed(event.id, body, self.route(event)), fut))
+        self._pending.put(tenant, (routed, fut, tenant))
         await fut
 
     async def commit(self, items: Sequence[Routed]) -> list[list[Appended]]:
@@ -407,13 +521,15 @@ class Hub:
         loop = asyncio.get_running_loop()
         futs: list[asyncio.Future[list[Appended]]] = []
         for item in items:
+            first = self._routes.get(item.subscriptions[0]) if item.subscriptions else None
+            tenant = first.project if first is not None else None
+            await self.admission.admit(tenant, wait=True)  # in line past the fair share
             fut: asyncio.Future[list[Appended]] = loop.create_future()
             tees = self._with_tees(item.subscriptions)
             routed = item
             if len(tees) != len(item.subscriptions):
                 routed = Routed(item.event_id, item.body, tees, ttl=item.ttl, delay=item.delay)
-            first = self._routes.get(item.subscriptions[0]) if item.subscriptions else None
-            self._pending.put(first.project if first is not None else None, (routed, fut))
+            self._pending.put(tenant, (routed, fut, tenant))
             futs.append(fut)
         return list(await asyncio.gather(*futs))
 
@@ -481,17 +597,19 @@ class Hub:
             if commits:
                 await asyncio.wait(commits)
 
-    async def _commit(self, batch: list[tuple[Routed, asyncio.Future[list[Appended]]]]) -> None:
+    async def _commit(self, batch: list[_Pending]) -> None:
         try:
-            appended = await self.store.append([r for r, _ in batch], now=self.clock())
+            appended = await self.store.append([r for r, _, _ in batch], now=self.clock())
         except asyncio.CancelledError:
-            for _, fut in batch:
+            for _, fut, tenant in batch:
+                self.admission.release(tenant)
                 if not fut.done():
                     fut.set_exception(ConnectionError("hub stopped during the commit"))
             raise
         except Exception as exc:
             log_event(log, logging.ERROR, "hub.ingest_failed", error=repr(exc))
-            for _, fut in batch:
+            for _, fut, tenant in batch:
+                self.admission.release(tenant)
                 if not fut.done():
                     fut.set_exception(exc)
             return
@@ -499,10 +617,14 @@ class Hub:
         made: dict[str, list[Appended]] = {}
         for a in appended:
             made.setdefault(a.event_id, []).append(a)
-        for routed, fut in batch:
+        for routed, fut, _ in batch:
             if not fut.done():
                 fut.set_result(made.pop(routed.event_id, []))
+        # Fanned out before the slots are released: the waiters admitted next route and
+        # encode on this loop, after the streams got this batch.
         self.fanout.publish(appended)
+        for _, _, tenant in batch:
+            self.admission.release(tenant)
         for sub_id in {a.subscription for a in appended}:
             self.webhooks.wake(sub_id)
 
@@ -658,7 +780,7 @@ class Hub:
     async def ingest_as(self, who: Principal, event: CloudEvent) -> None:
         if not who.is_admin:
             raise Forbidden("only admins may post events")
-        await self.ingest(event)
+        await self.ingest(event, wait=False)
 
 
 def encode_body(event: CloudEvent) -> bytes:

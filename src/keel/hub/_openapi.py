@@ -7,8 +7,10 @@ two cannot drift silently.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from typing import Any
 
+from keel.errors import BadRequest
 from keel.hub._events import (
     BASE64,
     EXTENSION_NAME,
@@ -35,6 +37,7 @@ _ERROR = {
                 "code": {"type": "string"},
                 "message": {"type": "string"},
                 "status": {"type": "integer"},
+                "retry_after": {"type": "integer", "minimum": 0},
             },
         }
     },
@@ -82,6 +85,8 @@ _SPEC = {
         f"{MAX_NODES} filter nodes and {MAX_SPEC_CHARS} characters of strings (names "
         "included) in the whole spec; past either the hub answers 400 naming the limit."
     ),
+    # The same bounds for machines: a 400 past one carries `field: filters` and `limit`.
+    "x-keel-aggregate-limits": {"nodes": MAX_NODES, "characters": MAX_SPEC_CHARS},
     "properties": {
         "types": {
             "type": ["array", "null"],
@@ -445,7 +450,24 @@ def openapi_document() -> dict[str, Any]:
         "/v1/events": {
             "post": _op(
                 "Ingest one CloudEvent (admins)",
-                {"202": _json({"type": "object"}, "Committed"), "403": _json(_ref("Error"))},
+                {
+                    "202": _json({"type": "object"}, "Committed"),
+                    "403": _json(_ref("Error")),
+                    "429": {
+                        **_json(
+                            _ref("Error"),
+                            "The event's project holds its fair share of the hub's work while "
+                            "other projects wait: nothing was accepted; send it again after "
+                            "`Retry-After` seconds (also `error.retry_after`)",
+                        ),
+                        "headers": {
+                            "Retry-After": {
+                                "description": "Whole seconds to wait before sending it again",
+                                "schema": {"type": "integer", "minimum": 0},
+                            }
+                        },
+                    },
+                },
                 requestBody=_body(_ref("CloudEvent")),
             ),
         },
@@ -470,3 +492,38 @@ def openapi_document() -> dict[str, Any]:
             },
         },
     }
+
+
+@functools.cache
+def query_parameters() -> dict[tuple[str, str], frozenset[str]]:
+    """The query parameters the document declares, by (path template, HTTP method).
+
+    The hub refuses any other name on a documented operation: a misspelt ``limt=5`` would
+    otherwise be ignored in silence, and the document would not say exactly what is accepted.
+    """
+    declared: dict[tuple[str, str], frozenset[str]] = {}
+    for path, item in openapi_document()["paths"].items():
+        shared = item.get("parameters", [])  # a path item's parameters apply to each method
+        for method, operation in item.items():
+            if method == "parameters":
+                continue
+            params = shared + operation.get("parameters", [])
+            declared[(path, method.upper())] = frozenset(
+                p["name"] for p in params if p["in"] == "query"
+            )
+    return declared
+
+
+def refuse_undeclared(names: Iterable[str], path: str, method: str) -> None:
+    """A 400 for the first query parameter the document does not declare for the operation
+    (HTTP routes and the WebSocket handshake alike); nothing for a path it does not list."""
+    allowed = query_parameters().get((path, "GET" if method == "HEAD" else method))
+    if allowed is None:  # not an operation of the document (the pages)
+        return
+    for name in names:
+        if name not in allowed:
+            raise BadRequest(
+                f"unknown query parameter {name[:60]!r}"
+                + (f"; this operation takes {', '.join(sorted(allowed))}" if allowed else ""),
+                field=name[:60],
+            )

@@ -21,6 +21,7 @@ import uvicorn
 from keel.errors import ConfigError
 from keel.hub._app import create_app
 from keel.hub._core import Hub
+from keel.hub._http_protocol import HTTP_PROTOCOL, MAX_HEAD, JsonErrorsWebSockets
 from keel.hub._map_feed import MapFeed
 from keel.hub._ws import MAX_CLIENT_MESSAGE
 from keel.hub.zaqar import ZaqarConfig
@@ -100,10 +101,12 @@ class HubServer:
             log_level="warning",
             access_log=False,
             lifespan="off",
+            http=HTTP_PROTOCOL,
+            h11_max_incomplete_event_size=MAX_HEAD,
             timeout_graceful_shutdown=int(max(1, self.grace)),
             # The protocol's own limit, enforced by the WebSocket parser on the frame header:
             # a larger frame is refused (1009) before any of it is buffered.
-            ws="websockets-sansio",
+            ws=JsonErrorsWebSockets,
             ws_max_size=MAX_CLIENT_MESSAGE,
             ssl_certfile=self.tls_cert,
             ssl_keyfile=self.tls_key,

@@ -12,6 +12,7 @@ _STATUS: list[tuple[type[errors.KeelError], int, str]] = [
     (errors.NotFound, 404, "not_found"),
     (errors.ClaimExpired, 409, "claim_expired"),
     (errors.QuotaExceeded, 409, "quota_exceeded"),
+    (errors.TooManyRequests, 429, "too_many_requests"),
     (errors.Conflict, 409, "conflict"),
     (errors.PayloadTooLarge, 413, "too_large"),
     (errors.BadRequest, 400, "bad_request"),
@@ -29,5 +30,9 @@ def keel_error(exc: errors.KeelError) -> tuple[int, str]:
 
 
 def error_fields(exc: errors.KeelError) -> dict[str, Any]:
-    """The structured fields a client can act on: which field, what limit."""
-    return {k: v for k in ("field", "limit") if isinstance(v := getattr(exc, k, None), str | int)}
+    """The structured fields a client can act on: which field, what limit, when to retry."""
+    return {
+        k: v
+        for k in ("field", "limit", "retry_after")
+        if isinstance(v := getattr(exc, k, None), str | int)
+    }

@@ -44,11 +44,13 @@ from keel.hub._core import Hub
 from keel.hub._events import CloudEvent, encode_event, event_from_json
 from keel.hub._fanout import StreamClient
 from keel.hub._input import MAX_SEQ, decode_json, integer, no_repeats, parse_uint
+from keel.hub._openapi import refuse_undeclared
 from keel.hub._sse import Format, StreamCursor
 from keel.hub._status import error_fields, keel_error
 from keel.wire import new_id
 
 log = logging.getLogger("keel.hub.ws")
+_WS_OPERATION = ("/v1/subscriptions/{sub_id}/ws", "GET")
 
 MAX_CLIENT_MESSAGE = 4096
 SUBPROTOCOL = "cloudevents.json"
@@ -122,6 +124,7 @@ async def websocket_stream(ws: WebSocket, hub: Hub) -> None:
         await ws.accept(subprotocol=SUBPROTOCOL if fmt == "ce" else None)
         try:
             no_repeats(ws.query_params.multi_items())
+            refuse_undeclared(ws.query_params, *_WS_OPERATION)
             who = await hub.authenticate(
                 ws.headers.get("x-auth-token") or ws.query_params.get("access_token")
             )

@@ -24,8 +24,9 @@ from tests.hub.test_dashboard import CHROMIUM
 from tests.hub.test_keystone import ADMIN, Tenant, make_tenant, password_auth
 from tests.servers import server_url
 
-HUB_PORT = int(os.environ.get("KEEL_HORIZON_HUB_PORT", "38181"))
-ROWS = Path(os.environ.get("KEEL_SERVERS_DIR", "/tmp/keel-servers")) / "horizon" / "demo-rows.json"
+HUB_PORT = int(os.environ.get("KEEL_HORIZON_HUB_PORT", "28181"))
+HORIZON_DIR = Path(os.environ.get("KEEL_SERVERS_DIR", "/tmp/keel-servers")) / "horizon"
+ROWS = HORIZON_DIR / "demo-rows.json"
 
 
 @pytest.fixture
@@ -55,17 +56,42 @@ def write_rows(rows: dict[str, list[dict[str, str]]]) -> None:
     tmp.replace(ROWS)  # Horizon reads it whole or not at all
 
 
+def horizon_log(lines: int = 60) -> str:
+    try:
+        return "\n".join((HORIZON_DIR / "server.log").read_text().splitlines()[-lines:])
+    except OSError as exc:
+        return f"(no Horizon log: {exc})"
+
+
+async def goto(page: Page, url: str) -> None:
+    """Horizon's own error page (its Keystone calls on a loaded CI machine) is retried, twice;
+    a page that keeps failing fails the test with Horizon's log, which names the cause."""
+    for attempt in range(3):
+        answer = await page.goto(url, timeout=90_000)
+        if answer is not None and answer.status < 500:
+            return
+        status = None if answer is None else answer.status
+        print(f"Horizon answered {status} to {url} (attempt {attempt + 1}):\n{horizon_log()}")
+        await asyncio.sleep(2)
+    pytest.fail(f"Horizon answered {status} to {url} three times; its log:\n{horizon_log()}")
+
+
 async def open_page(browser: Browser, horizon: str, tenant: Tenant) -> tuple[Page, list[str]]:
     page = await browser.new_page()
-    await page.goto(f"{horizon}/auth/login/", timeout=90_000)
+    await goto(page, f"{horizon}/auth/login/")
     await page.fill("#id_username", tenant.user)
     await page.fill("#id_password", tenant.password)
     async with page.expect_navigation(timeout=90_000):
         await page.click("#loginBtn")
-    await page.goto(f"{horizon}/project/keel_demo/", timeout=90_000)
+    await goto(page, f"{horizon}/project/keel_demo/")
     requests: list[str] = []
     page.on("request", lambda r: requests.append(f"{r.method} {r.url}"))
-    await expect(page.locator("html")).to_have_attribute("data-keel-live", "open", timeout=30_000)
+    try:
+        await expect(page.locator("html")).to_have_attribute(
+            "data-keel-live", "open", timeout=30_000
+        )
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nHorizon's log:\n{horizon_log()}") from exc
     return page, requests
 
 

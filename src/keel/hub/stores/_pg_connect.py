@@ -12,12 +12,23 @@ certificate `TLSError`, both from ``open``; the URL in a message never shows the
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import ssl
+import struct
 
 import asyncpg
 
 from keel import urls
-from keel._tls import TLS_OPTIONS, credentials_rejected, tls_config, tls_failure
+from keel._tls import (
+    TLS_OPTIONS,
+    TLSConfig,
+    credentials_rejected,
+    diagnose,
+    tls_config,
+    tls_error,
+    tls_failure,
+)
 from keel.errors import KeelError
 
 _REFUSED_LOGIN = (
@@ -48,3 +59,53 @@ def refusal(exc: BaseException, url: str) -> KeelError | None:
             backend="PostgreSQL", server=parsed.redacted(), user=parsed.username
         )
     return None
+
+
+# libpq's sslmode -> Keel's verify (the modes that ask for TLS at all)
+_SSLMODES = {"verify-full": "full", "verify-ca": "ca", "require": "none"}
+_SSL_REQUEST = struct.pack("!ii", 8, 80877103)  # PostgreSQL's "SSLRequest" packet
+
+
+def _probe_config(parsed: urls.URL) -> TLSConfig | None:
+    """The TLS settings a URL asks for, in Keel's names or libpq's (for `hidden_refusal`)."""
+    config = tls_config(parsed)
+    if config is not None:
+        return config
+    options = parsed.options
+    verify = _SSLMODES.get(options.get("sslmode", ""))
+    if verify is None:
+        return None
+    return TLSConfig(
+        ca=options.get("sslrootcert"),
+        cert=options.get("sslcert"),
+        key=options.get("sslkey"),
+        verify=verify if verify != "none" or "sslrootcert" not in options else "ca",
+    )
+
+
+def _ssl_request(sock: socket.socket) -> bool:
+    sock.sendall(_SSL_REQUEST)
+    return sock.recv(1) == b"S"
+
+
+async def hidden_refusal(exc: BaseException, url: str) -> KeelError | None:
+    """The `TLSError` behind a TLS connect that asyncpg reports only as a closed connection
+    (``ConnectionDoesNotExistError``, a reset), or None. Under TLS 1.3 PostgreSQL refuses a
+    client certificate after the handshake, while asyncpg already writes its startup packet:
+    the server's alert may lose to its reset. One probe of the first host, which reads
+    before it writes, tells which."""
+    if not isinstance(
+        exc, asyncpg.PostgresConnectionError | asyncpg.InterfaceError | ConnectionError
+    ):
+        return None
+    parsed = urls.parse(url)
+    config = _probe_config(parsed)
+    if config is None or not parsed.hosts:
+        return None
+    first = parsed.hosts[0]
+    reason = await asyncio.to_thread(
+        diagnose, first.host, first.port or 5432, config, prelude=_ssl_request
+    )
+    if reason is None:
+        return None
+    return tls_error(reason, backend="PostgreSQL", server=parsed.redacted())

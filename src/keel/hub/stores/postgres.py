@@ -41,7 +41,7 @@ import msgspec
 
 from keel._log import event as log_event
 from keel.errors import BackendUnavailable, ClaimExpired, ConfigError, Conflict, NotFound
-from keel.hub.stores._pg_connect import dsn_and_ssl, refusal
+from keel.hub.stores._pg_connect import dsn_and_ssl, hidden_refusal, refusal
 from keel.hub.stores.base import (
     ACKED,
     DEAD,
@@ -222,8 +222,8 @@ class PostgresStore:
                 timeout=self.connect_timeout,
                 ssl=self._ssl,
             )
-        except (OSError, asyncpg.PostgresError) as exc:
-            refused = refusal(exc, self.url)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            refused = refusal(exc, self.url) or await hidden_refusal(exc, self.url)
             if refused is not None:
                 raise refused from None
             raise BackendUnavailable(
@@ -407,6 +407,8 @@ class PostgresStore:
             await self._notify(conn, "subscription", [sub.id])
 
     async def get_subscription(self, sub_id: str) -> Subscription:
+        if "\x00" in sub_id:  # PostgreSQL text cannot hold NUL: no subscription has that id
+            raise NotFound(f"no subscription {sub_id!r}", subscription=sub_id)
         async with self._conn() as conn:
             row = await conn.fetchrow(
                 self._q(f"SELECT {_SUB} FROM {{s}}.subscriptions WHERE id = $1"), sub_id
@@ -435,13 +437,15 @@ class PostgresStore:
     async def list_subscriptions(
         self, project: str | None, *, limit: int, marker: str | None
     ) -> list[Subscription]:
+        # PostgreSQL text cannot hold NUL, and no id does: after "a\0b" is after "a".
+        after = (marker or "").split("\x00", 1)[0]
         async with self._conn() as conn:
             rows = await conn.fetch(
                 self._q(
                     f"SELECT {_SUB} FROM {{s}}.subscriptions WHERE id > $1 "
                     "AND ($2::text IS NULL OR project = $2) ORDER BY id LIMIT $3"
                 ),
-                marker or "",
+                after,
                 project,
                 limit,
             )
@@ -703,6 +707,8 @@ class PostgresStore:
     ) -> asyncpg.Record:
         """The live claim's expires_at, created_at and ttl (its row locked if ``lock``)."""
         await self._require(conn, sub_id)
+        if "\x00" in claim_id:  # PostgreSQL text cannot hold NUL: no claim has that id
+            raise NotFound(f"no claim {claim_id!r} on this subscription", claim=claim_id)
         row = await conn.fetchrow(
             self._q(
                 "SELECT expires_at, created_at, ttl FROM {s}.claims WHERE id = $1 AND sub_id = $2"

@@ -130,6 +130,15 @@ _ADDED_COLUMNS = (
 )
 
 
+# A queue up to this long is deleted in the group commit, on the loop; a longer one in a
+# transaction of its own on the store thread (its size has no bound).
+SMALL_QUEUE = 1000
+
+
+class _TooLarge(Exception):
+    """The queue is longer than `SMALL_QUEUE`."""
+
+
 class SQLiteStore:
     multi_process: ClassVar[bool] = False
     # One connection commits one batch at a time (the hub forms the next batch only then).
@@ -467,7 +476,26 @@ class SQLiteStore:
             db.execute("DELETE FROM claims WHERE sub_id = ?", (sub_id,))
             db.execute(_DELETE_UNREFERENCED)
 
-        await self._write_on_thread(run)
+        def small(db: sqlite3.Connection) -> None:
+            # A short queue goes in the group commit, sharing its fsync with every ingest in
+            # flight: a transaction of its own per delete let a tenant churning
+            # subscriptions take every other commit and double everyone's ingest latency.
+            # The events it leaves unreferenced (any number) wait for the retention sweep.
+            (n,) = db.execute(
+                "SELECT count(*) FROM (SELECT 1 FROM messages WHERE sub_id = ? LIMIT ?)",
+                (sub_id, SMALL_QUEUE + 1),
+            ).fetchone()
+            if n > SMALL_QUEUE:
+                raise _TooLarge
+            if db.execute("DELETE FROM subscriptions WHERE id = ?", (sub_id,)).rowcount == 0:
+                raise NotFound(f"no subscription {sub_id!r}", subscription=sub_id)
+            db.execute("DELETE FROM messages WHERE sub_id = ?", (sub_id,))
+            db.execute("DELETE FROM claims WHERE sub_id = ?", (sub_id,))
+
+        try:
+            await self._write(small)
+        except _TooLarge:
+            await self._write_on_thread(run)
 
     # --- queues -------------------------------------------------------------------------
 
@@ -529,6 +557,10 @@ class SQLiteStore:
         if not out:
             return []
         db.executemany("INSERT INTO events (id, body) VALUES (?, ?)", bodies)
+        # In key order: consecutive rows land on the same leaf page of the table and of its
+        # state index, where in event order each row went to another queue's page (a fresh
+        # descent of both b-trees per row). Measured 25-30% off this statement.
+        rows.sort()
         db.executemany(
             "INSERT INTO messages (sub_id, seq, event_id, state, enqueued_at, visible_at, "
             "expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",

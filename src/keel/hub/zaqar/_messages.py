@@ -9,7 +9,9 @@ ingest); deleting a message acks it in its queue (a Keel stream or replay sees i
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 import uuid
 from typing import Any
 from urllib.parse import urlencode
@@ -35,6 +37,7 @@ from keel.hub.zaqar._request import (
     limit_param,
     list_param,
     queue_name,
+    single,
 )
 
 DELETE_TITLE = "Unable to delete"
@@ -97,7 +100,7 @@ class Messages(Resource):
         delayed = bool_param(request, "include_delayed")
         if sub is None:
             return {"messages": [], "links": []}
-        marker = request.query_params.get("marker")
+        marker = single(request, "marker")
         after = (_model.seq_of(sub, marker) or 0) if marker else 0
         found: list[Message] = []
         for _ in range(SCAN_ROUNDS):
@@ -276,7 +279,7 @@ class Messages(Resource):
         message = found[0]
         store = self.face.hub.store
         now = self.face.now()
-        claim_id = request.query_params.get("claim_id")
+        claim_id = single(request, "claim_id")
         if claim_id is None:
             done = await store.delete_messages(sub.id, [message.seq], now=now, unclaimed_only=True)
             if done == 0 and message.claimed(now):
@@ -317,7 +320,9 @@ class Messages(Resource):
         who = await caller(request, self.face.hub, self.face.config, client_id=False)
         name = queue_name(request)
         resume = request.headers.get("last-event-id")
-        if resume is not None and not (resume.isascii() and resume.isdigit()):
+        # At most 18 digits: a sequence the stores' signed 64-bit columns can hold (a longer
+        # one failed in the store, or in int() past 4300 digits, as a 500).
+        if resume is not None and not (resume.isascii() and resume.isdigit() and len(resume) <= 18):
             raise bad_request("Last-Event-ID must be a sequence number")
         sub = await self.face.queue(who, name)
         if sub is None:
@@ -331,6 +336,10 @@ class Messages(Resource):
             fanout.leave(client)
             raise
         start = int(resume) if resume is not None else current.last_seq
+        if who.expires_at is not None:
+            # A signed URL grants until its expiry, an open stream included: ended then.
+            loop = asyncio.get_running_loop()
+            loop.call_later(max(0.0, who.expires_at - time.time()), client.close)
         cursor = StreamCursor(self.face.hub, sub.id, client, start)
         return EventStreamResponse(
             cursor,

@@ -149,7 +149,8 @@ def seq_of(sub: Subscription, mid: str) -> int | None:
     if int(mid[16:], 16) != _tag(sub):
         return None
     seq = int(mid[:16], 16)
-    return seq if seq > 0 else None
+    # Stores keep sequences in signed 64-bit columns: a larger one names no message.
+    return seq if 0 < seq < 2**63 else None
 
 
 # --- stored events ---------------------------------------------------------------------------

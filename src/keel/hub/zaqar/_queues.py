@@ -25,6 +25,7 @@ from keel.hub.zaqar._request import (
     json_object,
     limit_param,
     queue_name,
+    single,
     strings,
 )
 
@@ -130,9 +131,9 @@ class Queues(Resource):
         limit = limit_param(request, config.max_queues_per_page)
         detailed = bool_param(request, "detailed")
         with_count = bool_param(request, "with_count")
-        contains = request.query_params.get("name")
+        contains = single(request, "name")
         kfilter = {k: _typed(v) for k, v in request.query_params.items() if k not in _LIST_PARAMS}
-        marker = request.query_params.get("marker")
+        marker = single(request, "marker")
         page, count = await self._page(
             who,
             limit=limit,

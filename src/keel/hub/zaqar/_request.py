@@ -9,9 +9,11 @@ another one is refused (403) rather than silently ignored, as keystonemiddleware
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import Sequence
+from datetime import UTC
 from typing import Any, TypeVar
 
 import msgspec
@@ -19,6 +21,7 @@ from starlette.requests import Request
 
 from keel.hub._auth import Principal
 from keel.hub._core import Hub
+from keel.hub._input import MAX_DEPTH, depth
 from keel.hub.zaqar import _signed
 from keel.hub.zaqar._config import ZaqarConfig
 from keel.hub.zaqar._errors import BAD_BODY, ZaqarError, bad_request, not_found
@@ -36,6 +39,8 @@ class Caller(msgspec.Struct, frozen=True):
     principal: Principal
     client_id: str | None
     signed: bool
+    # A signed URL's expiry (seconds since the epoch): what it opened ends then.
+    expires_at: float | None = None
 
     @property
     def project(self) -> str:
@@ -49,8 +54,9 @@ async def caller(
     query = request.query_params
     signature = headers.get("url-signature")
     signed_in_query = signature is None and "signature" in query and not client_id
+    expires_at: float | None = None
     if signature is not None or signed_in_query:
-        principal = _signed_principal(request, config, from_query=signed_in_query)
+        principal, expires_at = _signed_principal(request, config, from_query=signed_in_query)
     else:
         principal = await hub.authenticate(headers.get("x-auth-token"))
         wanted = headers.get("x-project-id")
@@ -69,10 +75,13 @@ async def caller(
             uuid.UUID(cid)
         except ValueError:
             raise ZaqarError(400, "Wrong UUID value", "Malformed hexadecimal UUID.") from None
-    return Caller(principal, cid, signature is not None or signed_in_query)
+    return Caller(principal, cid, signature is not None or signed_in_query, expires_at)
 
 
-def _signed_principal(request: Request, config: ZaqarConfig, *, from_query: bool) -> Principal:
+def _signed_principal(
+    request: Request, config: ZaqarConfig, *, from_query: bool
+) -> tuple[Principal, float]:
+    """The principal a signed URL grants, and when it expires."""
     if from_query:  # an EventSource cannot send headers: Heat's query_str names
         q = request.query_params
         fields = (q.get("signature"), q.get("expires"), q.get("methods"), q.get("paths"))
@@ -101,7 +110,8 @@ def _signed_principal(request: Request, config: ZaqarConfig, *, from_query: bool
     )
     if not ok:
         raise not_found("the signed URL does not grant this request (or it expired)")
-    return Principal(SIGNED_USER, project, ())
+    when = _signed.parse_expires(expires or "").replace(tzinfo=UTC).timestamp()
+    return Principal(SIGNED_USER, project, ()), when
 
 
 def queue_name(request: Request) -> str:
@@ -115,8 +125,19 @@ def queue_name(request: Request) -> str:
     return name
 
 
+def single(request: Request, name: str) -> str | None:
+    """The one value of a single-valued parameter; given twice, which would count is a
+    guess, so it is refused."""
+    values = request.query_params.getlist(name)
+    if len(values) > 1:
+        raise bad_request(
+            f"The {name!r} parameter is given more than once.", title="Invalid parameter"
+        )
+    return values[0] if values else None
+
+
 def int_param(request: Request, name: str, default: int | None = None) -> int | None:
-    raw = request.query_params.get(name)
+    raw = single(request, name)
     if raw is None or raw == "":
         return default
     if not _INT.fullmatch(raw):
@@ -134,7 +155,7 @@ def limit_param(request: Request, maximum: int, default: int = 10) -> int:
 
 
 def bool_param(request: Request, name: str, default: bool = False) -> bool:
-    raw = request.query_params.get(name)
+    raw = single(request, name)
     if raw is None or raw == "":
         return default
     if raw in _TRUE:
@@ -174,7 +195,38 @@ async def body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+class _Duplicate(ValueError):
+    pass
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's fields, refused if one is given twice (which value counts is a guess
+    the client and the hub may make differently)."""
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise _Duplicate(f'The field "{name}" is given more than once.')
+            seen.add(name)
+    return doc
+
+
 def decode(raw: bytes, kind: type[T]) -> T:
+    # The native API's bound: whatever is stored here is handed to every reader, who would
+    # have to decode it (msgspec alone stops only far deeper, at its recursion limit).
+    if depth(raw) is not None:
+        raise bad_request(
+            f"Request body nests deeper than {MAX_DEPTH} levels of arrays and objects.",
+            BAD_BODY,
+        )
+    try:
+        json.loads(raw, object_pairs_hook=_unique)
+    except ValueError as exc:  # JSONDecodeError too: msgspec words it below
+        if isinstance(exc, _Duplicate):
+            raise bad_request(str(exc), BAD_BODY) from None
+    except RecursionError:
+        raise bad_request("Request body could not be parsed.", BAD_BODY) from None
     try:
         return msgspec.json.decode(raw, type=kind)
     except msgspec.ValidationError as exc:

@@ -47,7 +47,10 @@ def parse_expires(text: str) -> datetime:
         )
     parsed = datetime.fromisoformat(text.strip())
     if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(UTC).replace(tzinfo=None)
+        try:
+            parsed = parsed.astimezone(UTC).replace(tzinfo=None)
+        except OverflowError:  # 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+            raise ValueError(f"`expires` is out of range: {text[:40]}") from None
     return parsed
 
 
@@ -100,6 +103,7 @@ def allows(
         return False
     stamp = when.strftime(DATE_FORMAT)
     want = _mac(key, sorted(paths), sorted(methods), project, stamp)
-    if not hmac.compare_digest(want, signature):
+    # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError, a 500).
+    if not hmac.compare_digest(want.encode(), signature.encode("utf-8", "replace")):
         return False
     return method in methods and any(path == p or path.startswith(p + "/") for p in paths)

@@ -36,7 +36,14 @@ from keel.hub.zaqar import _model, _signed
 from keel.hub.zaqar._errors import BAD_BODY, CONFLICT, ZaqarError, bad_request, not_found
 from keel.hub.zaqar._face import Face, Resource
 from keel.hub.zaqar._queues import json, no_content
-from keel.hub.zaqar._request import Caller, body, json_object, limit_param, queue_name
+from keel.hub.zaqar._request import (
+    Caller,
+    body,
+    json_object,
+    limit_param,
+    queue_name,
+    single,
+)
 
 RENDER = "zaqar"
 # Zaqar takes any TTL whose expiry a datetime can hold (Heat asks for 220367260800 s).
@@ -92,7 +99,7 @@ class Subscriptions(Resource):
             return await self._create(request, who, name)
         config = self.face.config
         limit = limit_param(request, config.max_subscriptions_per_page)
-        marker = request.query_params.get("marker") or ""
+        marker = single(request, "marker") or ""
         now = self.face.now()
         tees = [
             t
