@@ -26,7 +26,7 @@ from coord_support import (
     BackendUnderTest,
     backend_fixture,  # noqa: F401 - the one backend fixture
 )
-from keel.errors import BackendUnavailable, LockLost
+from keel.errors import BackendUnavailable, LockLost, LockTimeout
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -236,7 +236,14 @@ async def test_a_paused_holder_writes_nothing_once_it_resumes(
         await _reap(writer)
     late = [w for w in register.writes() if w[3] == "victim" and w[4] > taken_at]
     register.close()
-    assert late == [], f"the paused holder wrote {len(late)} time(s) after it lost the lock"
+    # The contract leaves one window open: a write whose lease check passed just before the
+    # pause reaches the resource after it (only the resource's fence covers that instant).
+    # So at most that one write lands late, and none that began after the lock was taken.
+    begun_late = [
+        e for e in kc.load([tmp_path / "w.jsonl"]) if e.kind == "write" and e.start > taken_at
+    ]
+    assert begun_late == [], f"the paused holder checked and wrote after it lost the lock: {late}"
+    assert len(late) <= 1, f"the paused holder wrote {len(late)} times after it lost the lock"
 
 
 # --- fair hand-off ------------------------------------------------------------------------------
@@ -258,6 +265,35 @@ async def test_a_released_lock_goes_to_the_waiter_not_back_to_the_releaser(
     assert stolen is None
     assert got.fence > held.granted_fence
     await got.release()
+
+
+async def test_release_then_acquire_again_hands_out_a_new_stored_fence(
+    backend: BackendUnderTest,
+) -> None:
+    """A release and the same client's next acquisition of the name are one write where the
+    backend can merge them (SQLite, ZooKeeper): the fence handed out is still new and is the
+    one the backend stores, and a waiter queued meanwhile still comes first."""
+    a, b = await backend.connect("a"), await backend.connect("b")
+    name = backend.n("lock")
+    fences: list[int] = []
+    for _ in range(20):
+        async with a.lock(name) as held:
+            record = await a.backend.get(held.key)
+            assert record is not None
+            assert record.fence == held.fence
+            fences.append(held.fence)
+    held = await a.acquire(name)
+    waiter = asyncio.create_task(b.acquire(name, timeout=30))
+    await asyncio.sleep(0.3)  # b is queued
+    await held.release()
+    with pytest.raises(LockTimeout):
+        await a.acquire(name, timeout=1.0)  # queued behind b, which holds it by now
+    got = await asyncio.wait_for(waiter, 10)
+    fences.append(got.fence)
+    await got.release()
+    async with a.lock(name, timeout=10) as last:
+        fences.append(last.fence)
+    assert fences == sorted(set(fences)), fences  # strictly increasing, never reused
 
 
 async def test_waiters_are_served_in_arrival_order(backend: BackendUnderTest) -> None:

@@ -29,6 +29,7 @@ from keel.coordination._election import Election
 from keel.coordination._group import Group
 from keel.coordination._keys import key_for
 from keel.coordination._lock import HeldLock, LockContext, acquire_key, try_key
+from keel.coordination._renewals import Renewals
 from keel.coordination._rwlock import ReadWriteLock
 from keel.coordination._semaphore import Semaphore
 from keel.coordination.backends.base import Backend, BackendFactory, Characteristic, Waiter
@@ -64,6 +65,7 @@ class Coordinator:
         self.owner = f"{member_id}#{secrets.token_hex(4)}"
         self._held: set[HeldLock] = set()
         self._pending: set[asyncio.Future[None]] = set()  # background retries, confirmations
+        self._renewals = Renewals()  # one timer for every held lock's next renewal
         backend.on_session_lost(self._session_lost)
 
     def __repr__(self) -> str:
@@ -223,6 +225,7 @@ class Coordinator:
             for future in late:
                 future.cancel()
             await asyncio.gather(*late, return_exceptions=True)
+        self._renewals.close()
         await self.backend.close()
 
     async def __aenter__(self) -> Coordinator:

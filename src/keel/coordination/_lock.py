@@ -37,6 +37,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from keel.coordination._clock import Bound, now
+from keel.coordination._renewals import Entry
 from keel.coordination.backends.base import Grant, Waiter
 from keel.errors import BackendUnavailable, LockLost, LockTimeout
 
@@ -76,12 +77,13 @@ class HeldLock:
         self._task: asyncio.Task[object] | None = None  # cancelled on loss
         self._on_lost: list[Callable[[], None]] = []
         self._cancelled = False
-        # Renewal is a timer that starts a task only when a renewal is due: most locks are
-        # released long before that, and a task per acquisition would cost every cycle.
+        # Renewal is an entry in the coordinator's one renewal timer (`_renewals`) that starts
+        # a task only when a renewal is due: most locks are released long before that, and a
+        # task or a loop timer per acquisition would cost every cycle.
         self._loop = asyncio.get_running_loop()
         self._last = now()
         self._renewing: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: Entry | None = None
         self._schedule()
         coord._held.add(self)
 
@@ -151,7 +153,7 @@ class HeldLock:
         self._last = sent
         self._bound = Bound(min(expires, sent + self.ttl))
         if self._timer is not None:
-            self._timer.cancel()
+            self.coord._renewals.cancel(self._timer)
         self._schedule()
 
     async def release_confirmed(self) -> bool:
@@ -205,15 +207,16 @@ class HeldLock:
 
     def _stop_renewal(self) -> None:
         if self._timer is not None:
-            self._timer.cancel()
+            self.coord._renewals.cancel(self._timer)
             self._timer = None
         if self._renewing is not None and self._renewing is not asyncio.current_task():
             self._renewing.cancel()
 
     def _schedule(self, delay: float | None = None) -> None:
+        current = now()
         if delay is None:
-            delay = min(self._last + self.ttl / 3 - now(), self._bound.remaining())
-        self._timer = self._loop.call_later(max(0.0, delay), self._due)
+            delay = min(self._last + self.ttl / 3 - current, self._bound.remaining())
+        self._timer = self.coord._renewals.add(current + max(0.0, delay), self, self._loop)
 
     def _due(self) -> None:
         self._timer = None
@@ -279,10 +282,11 @@ class LockContext:
         # From here on a loss must not cancel this task: we are already leaving the block.
         held._task = None
         cancelled_by_us = held._cancelled
-        task = asyncio.current_task()
-        if cancelled_by_us and task is not None and task.uncancel() > 0:
-            # Someone else cancelled this task too: their cancellation wins.
-            cancelled_by_us = False
+        if cancelled_by_us:
+            task = asyncio.current_task()
+            if task is not None and task.uncancel() > 0:
+                # Someone else cancelled this task too: their cancellation wins.
+                cancelled_by_us = False
         # Check before releasing: after the release the reason would read "released".
         lost: LockLost | None = None
         try:

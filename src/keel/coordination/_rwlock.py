@@ -82,6 +82,8 @@ class ReadWriteLock:
         self, deadline: float | None, timeout: float | None, ttl: float
     ) -> None:
         backend = self.coord.backend
+        if not await backend.children(self._readers):
+            return  # no reader: nothing to wait for, so no subscription (a round trip or two)
         async with backend.changes(self._readers) as changes:  # subscribe, then read
             while await backend.children(self._readers):
                 left = 1.0 if deadline is None else deadline - now()

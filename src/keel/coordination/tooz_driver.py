@@ -47,7 +47,7 @@ from tooz import coordination, locking, utils
 
 import keel.coordination as kc
 from keel import urls
-from keel._portal import Portal, portal
+from keel._portal import Portal, caller_runs_portal
 from keel.coordination.backends.base import Characteristic
 from keel.coordination.sync import SyncHeldLock
 from keel.errors import (
@@ -264,7 +264,7 @@ class KeelDriver(coordination.CoordinationDriverCachedRunWatchers):
         with _translated():
             declared = urls.resolve("coordination", self.url)[0].characteristics
         self.CHARACTERISTICS = characteristics(self.backend_name, declared)
-        self._portal: Portal = portal()
+        self._portal: Portal = caller_runs_portal()
         self._coord: kc.Coordinator | None = None
         self._groups: dict[bytes, kc.Group] = {}
         self._elections: dict[bytes, kc.Election] = {}
@@ -281,7 +281,8 @@ class KeelDriver(coordination.CoordinationDriverCachedRunWatchers):
         return self._coord
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run a Keel operation on the portal loop, wait, and translate its errors."""
+        """Run a Keel operation on the portal's loop (in this thread while the loop thread
+        waits for I/O, see `CallerRunsPortal`), wait, and translate its errors."""
         with _translated():
             return self._portal.run(coro)
 

@@ -66,8 +66,10 @@ class Pipe:
         ssl: _ssl.SSLContext | None = None,
         server_hostname: str | None = None,
         wait_replicas: int = 0,
+        on_readonly: Callable[[], None] | None = None,
     ) -> None:
         self._on_connect = on_connect
+        self._on_readonly = on_readonly
         self._locate = locate
         self._ssl = ssl
         self._server_hostname = server_hostname
@@ -78,6 +80,7 @@ class Pipe:
         self._db = db
         self._timeout = timeout
         self._writer: asyncio.StreamWriter | None = None
+        self._opening: asyncio.StreamWriter | None = None  # still in its handshake
         self._pending: collections.deque[asyncio.Future[Any]] = collections.deque()
         self._reader_task: asyncio.Task[None] | None = None
         self._connecting: asyncio.Lock = asyncio.Lock()
@@ -111,25 +114,33 @@ class Pipe:
                     "retry later"
                 ) from exc
             pending: collections.deque[asyncio.Future[Any]] = collections.deque()
-            self._writer, self._pending = writer, pending
+            self._pending, self._opening = pending, writer
             self._reader_task = asyncio.create_task(self._read(reader, writer, pending))
             try:
+                # The handshake runs before the connection is published: a caller's command
+                # sent while AUTH's reply is awaited would reach the server before SELECT.
                 username, password = self._auth
                 if password is not None:
                     auth = ("AUTH", username, password) if username else ("AUTH", password)
-                    await self.call(*auth)
+                    await self._handshake(writer, auth)
                 if self._db:
-                    await self.call("SELECT", self._db)
+                    await self._handshake(writer, ("SELECT", self._db))
                 for command in self._on_connect:
-                    await self.call(*command)
+                    await self._handshake(writer, command)
             except BaseException:
                 # A connection without its scripts (a server still loading, say) is no use:
                 # drop it, and the next call connects afresh.
-                if self._writer is writer:
-                    self._writer = None
                 writer.close()
                 raise
+            finally:
+                self._opening = None
+            self._writer = writer
             return writer
+
+    async def _handshake(self, writer: asyncio.StreamWriter, args: tuple[Any, ...]) -> None:
+        [reply] = await self._answers(self._write(writer, args))
+        if isinstance(reply, hiredis.ReplyError):
+            raise reply
 
     async def _read(
         self,
@@ -142,9 +153,22 @@ class Pipe:
             while data := await reader.read(65536):
                 parser.feed(data)
                 while (reply := parser.gets()) is not False:
+                    if not pending:  # a reply nobody asked for: out of step, hang up
+                        return
                     future = pending.popleft()
                     if not future.done():
                         future.set_result(reply)
+                    if (
+                        self._locate is not None
+                        and isinstance(reply, hiredis.ReplyError)
+                        and str(reply).startswith("READONLY")
+                    ):
+                        # Under Sentinel: the located primary is a replica (demoted, or named
+                        # by a sentinel with a wrong view). Hang up, so that the next call
+                        # locates again instead of writing to a replica for good.
+                        if self._on_readonly is not None:
+                            self._on_readonly()
+                        return
         except (OSError, hiredis.ProtocolError):
             pass
         finally:
@@ -202,7 +226,10 @@ class Pipe:
         if isinstance(counted, hiredis.ReplyError):  # e.g. a replica now: reconnect
             await self.close()
             raise BackendUnavailable(f"redis: WAIT refused ({counted}); retry later")
-        replicas = int(counted)
+        if not isinstance(counted, int):  # a proxy or a foreign server in between
+            await self.close()
+            raise BackendUnavailable(f"redis: WAIT answered {counted!r}, not a count; retry later")
+        replicas = counted
         if replicas < self._wait_replicas:
             if await self._replica_online():
                 raise BackendUnavailable(
@@ -253,6 +280,8 @@ class Pipe:
         return outcome
 
     async def close(self) -> None:
+        if self._opening is not None:  # its handshake fails with the hang-up
+            self._opening.close()
         writer, self._writer = self._writer, None
         if writer is not None:
             with contextlib.suppress(OSError):

@@ -79,14 +79,23 @@ class Record:
     data: bytes
 
 
-_PROCESS = secrets.token_hex(6)
 _attempts = itertools.count()
 
 
+def _new_prefix() -> None:
+    global _PREFIX  # noqa: PLW0603 - one per process, renewed in a forked child
+    # A random part and the pid: a forked child gets a prefix of its own (at_fork below).
+    _PREFIX = f"{secrets.token_hex(6)}{os.getpid():x}-"
+
+
+_PREFIX = ""
+_new_prefix()
+os.register_at_fork(after_in_child=_new_prefix)
+
+
 def _token() -> str:
-    # Unique across processes (a random prefix, and the pid: a forked child inherits the
-    # prefix) without a system call for randomness per attempt.
-    return f"{_PROCESS}{os.getpid():x}-{next(_attempts)}"
+    # Unique across processes without a system call (randomness, getpid) per attempt.
+    return f"{_PREFIX}{next(_attempts)}"
 
 
 @dataclass(eq=False, slots=True)

@@ -68,6 +68,9 @@ _UNAVAILABLE_CODES = {
     StatusCode.RESOURCE_EXHAUSTED,  # "etcdserver: too many requests"
 }
 _NOT_READY = ("no leader", "leader changed", "not capable", "too many requests", "timed out")
+# gRPC's own C core, not etcd, says this when a member's connection dies mid-call (seen with a
+# cluster member SIGKILLed under load): the call's fate is unknown, as with UNAVAILABLE.
+_CORE_FAULT = "Internal error from Core"
 _GRPC_OPTIONS = {
     # Reconnect quickly after a cut connection: leases are seconds, gRPC's default back-off
     # (up to 120 s) would outlive them.
@@ -81,9 +84,19 @@ _BY_CREATE = rpc.RangeRequest.SortTarget.Value("CREATE")
 
 def _not_ready(exc: BaseException) -> bool:
     if isinstance(exc, AioRpcError):
-        return exc.code() in _UNAVAILABLE_CODES or any(
-            text in (exc.details() or "") for text in _NOT_READY
+        details = exc.details() or ""
+        return (
+            exc.code() in _UNAVAILABLE_CODES
+            or any(text in details for text in _NOT_READY)
+            or (exc.code() == StatusCode.INTERNAL and _CORE_FAULT in details)
         )
+    if isinstance(exc, aetcd.exceptions.ClientError) and isinstance(exc.__cause__, AioRpcError):
+        # aetcd's own calls (watches, connect) wrap a reply by its code and keep only the
+        # details: RESOURCE_EXHAUSTED ("too many requests") or UNKNOWN ("leader changed")
+        # became a bare ClientError. Judge the reply it wraps, as for the stubs' calls.
+        return _not_ready(exc.__cause__)
+    if isinstance(exc, aetcd.exceptions.InternalError):
+        return _CORE_FAULT in str(exc)
     return isinstance(
         exc, aetcd.exceptions.ConnectionFailedError | aetcd.exceptions.ConnectionTimeoutError
     )

@@ -133,6 +133,7 @@ class RedisBackend:
             ssl=where.ssl_context(),
             server_hostname=url.host,
             wait_replicas=where.wait_replicas,
+            on_readonly=lambda: _redis_client.distrust(where),
         )
         subscriber = Subscriber(
             host,

@@ -19,6 +19,17 @@ Statements run directly on the event loop (each takes microseconds). A busy data
 retried with an async back-off, never a blocking wait; only opening (schema, epoch) runs in a
 thread, with ``busy_timeout``, so processes opening one new file together all succeed.
 
+Checkpoints run mostly in a thread. SQLite's automatic checkpoint runs inside whichever commit
+crosses 1000 WAL frames, and with ``synchronous=NORMAL`` it fsyncs the WAL and the database:
+one commit in a thousand waited milliseconds for the disk, on the event loop. So every
+``_CHECKPOINT_EVERY`` changes the backend starts a ``PASSIVE`` checkpoint on a connection of
+its own in a worker thread: it takes no lock that writers wait for, and its fsyncs are the
+same ones, made off the loop. A WAL is only rewound from its start by a commit that finds it
+wholly copied, which a thread racing a busy writer never leaves it; so the connection's own
+automatic checkpoint stays, at ``_AUTOCHECKPOINT`` frames (4x SQLite's default), to copy the
+last frames and rewind: the file stays bounded, and the loop waits for the disk a quarter as
+often. What is durable when is unchanged.
+
 Waiting: other processes' commits are seen through ``PRAGMA data_version`` (a counter in
 shared memory, no table read), polled every 1 ms by a lock's waiters and every 10 ms by
 observers; waiters in this process are woken at once. A release is applied at the end of the
@@ -85,12 +96,13 @@ ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, fence = max(keel_leases.
 WHERE keel_leases.expires <= ?7
 RETURNING fence
 """
-# A release not yet applied, and this client takes the key again: one write for both.
+# A release not yet applied, and this client takes the key again: one write for both. The
+# row's fence is known (?3), so the new one is too: no RETURNING, whose result table cost a
+# fifth of the statement.
 _RETAKE = """
 UPDATE keel_leases SET fence = max(fence + 1, ?4), expires = ?5, data = ?6
 WHERE key = ?1 AND owner = ?2 AND fence = ?3 AND expires > ?7
     AND NOT EXISTS (SELECT 1 FROM keel_waiters WHERE key = ?1 AND expires > ?7)
-RETURNING fence
 """
 _JOIN = """
 INSERT INTO keel_waiters (key, token, expires) VALUES (?, ?, ?)
@@ -135,6 +147,8 @@ _TURN_POLL = 0.001
 _WATCH_POLL = 0.01
 _BUSY_GIVE_UP = 30.0
 _OPEN_BUSY_MS = 30000
+_CHECKPOINT_EVERY = 1000  # changes (rows written) between background checkpoints
+_AUTOCHECKPOINT = 4 * _CHECKPOINT_EVERY  # WAL frames before a commit checkpoints on the loop
 
 
 def _parent(key: str) -> str:
@@ -152,6 +166,8 @@ def _setup(path: str) -> tuple[sqlite3.Connection, int]:
         (epoch,) = db.execute(_EPOCH).fetchone()
         db.execute("PRAGMA synchronous = NORMAL")
         db.execute("PRAGMA busy_timeout = 0")  # from here on busy is retried without blocking
+        # Checkpoints run in a thread (above); this one only restarts a WAL they cannot.
+        db.execute(f"PRAGMA wal_autocheckpoint = {_AUTOCHECKPOINT}")
     except BaseException:
         db.close()
         raise
@@ -184,6 +200,12 @@ class SqliteBackend:
         self._done.set_result(None)
         self._later: asyncio.Task[None] | None = None
         self.changed = 0  # this client's grants and releases, for its own waiters (and watchers)
+        self._checkpoint_at = db.total_changes + _CHECKPOINT_EVERY
+        self._checkpointing: asyncio.Future[None] | None = None
+        # Set here, cleared by the worker thread: a loop that never yields (an uncontended
+        # acquire and release does not) never sees the future done.
+        self._checkpoint_running = False
+        self._checkpoint_db: sqlite3.Connection | None = None
 
     @classmethod
     async def open(
@@ -205,12 +227,15 @@ class SqliteBackend:
         """Run one statement: (rows, rowcount), or _BUSY if another process is writing."""
         try:
             cursor = self._db.execute(sql, params)
-            return cursor.fetchall(), cursor.rowcount
+            rows = cursor.fetchall(), cursor.rowcount
         except sqlite3.OperationalError as exc:
             if "locked" in str(exc) or "busy" in str(exc):
                 return _BUSY
             with map_errors((), backend="sqlite", url=self._path):
                 raise
+        if self._db.total_changes >= self._checkpoint_at:
+            self._checkpoint_soon()
+        return rows
 
     async def _retrying(self, attempt: Callable[[], Any]) -> Any:
         give_up = time.monotonic() + _BUSY_GIVE_UP
@@ -248,6 +273,29 @@ class SqliteBackend:
                 self._db.execute("ROLLBACK")
             raise
         return results
+
+    # --- checkpoints, in a thread ----------------------------------------------------------
+
+    def _checkpoint_soon(self) -> None:
+        self._checkpoint_at = self._db.total_changes + _CHECKPOINT_EVERY
+        if not self._checkpoint_running:
+            self._checkpoint_running = True
+            self._checkpointing = self._loop.run_in_executor(None, self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        """Copy the WAL into the database (in a worker thread; one at a time). A failure is
+        harmless: the WAL keeps the commits, and the next checkpoint copies them."""
+        try:
+            if self._checkpoint_db is None:
+                self._checkpoint_db = sqlite3.connect(
+                    self._path, isolation_level=None, check_same_thread=False
+                )
+                self._checkpoint_db.execute("PRAGMA synchronous = NORMAL")
+            self._checkpoint_db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error:
+            pass
+        finally:
+            self._checkpoint_running = False
 
     # --- releases, applied at the end of the loop iteration -------------------------------
 
@@ -289,9 +337,9 @@ class SqliteBackend:
         if pending is not None:
             owner, fence = pending
             done = self._try(_RETAKE, (key, owner, fence, self._base, expires, data, wall))
-            if done is not _BUSY and done[0]:
+            if done is not _BUSY and done[1] == 1:
                 self.changed += 1
-                return Grant(int(done[0][0][0]), sent + waiter.ttl)
+                return Grant(max(fence + 1, self._base), sent + waiter.ttl)
             self._releases[key] = pending
             if done is _BUSY:
                 return _BUSY
@@ -313,7 +361,9 @@ class SqliteBackend:
 
     async def enqueue(self, waiter: Waiter, *, queue: bool) -> Grant | None:
         if waiter.state is None:
-            grant: Grant | None = await self._retrying(lambda: self._take(waiter, _NO_TICKET))
+            grant: Grant | None = self._take(waiter, _NO_TICKET)  # no coroutine unless busy
+            if grant is _BUSY:
+                grant = await self._retrying(lambda: self._take(waiter, _NO_TICKET))
             if grant is not None or not queue:
                 return grant
         wall = time.time()
@@ -437,6 +487,11 @@ class SqliteBackend:
             waiting.discard(self)
             if not waiting:
                 del _unflushed[self._loop]
+        if self._checkpointing is not None:
+            with contextlib.suppress(Exception):
+                await self._checkpointing
+        if self._checkpoint_db is not None:
+            self._checkpoint_db.close()
         self._db.close()
 
 

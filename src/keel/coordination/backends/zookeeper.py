@@ -503,7 +503,18 @@ class ZookeeperBackend:
         can never hit a successor's). A persistent record's node goes only when no live
         record is under it: ZooKeeper refuses to delete a node with children, atomically,
         so the empty directories members left are removed first and a live member's
-        directory refuses (NotEmpty)."""
+        directory refuses (NotEmpty). A lease this client was granted is its own node, known
+        by name: one round trip, no lookup."""
+        own = self._held.get((key, fence))
+        if own is not None:
+            try:
+                await self._call(self._client.delete_async, own)
+            except NoNodeError:
+                self._held.pop((key, fence), None)
+                return False
+            # Kept on BackendUnavailable: the core's retried release still knows the node.
+            self._held.pop((key, fence), None)
+            return True
         found = await self._holder(key)
         if found is None or found[2].czxid != fence:
             return False
