@@ -11,8 +11,11 @@ URL forms:
   ``sentinel_username`` / ``sentinel_password`` (URL options or keywords) log in to the
   sentinels when they ask for it. With TLS the sentinels are reached over TLS too.
 
-After a failover the client reconnects to the primary the sentinels name now; a server that
-was demoted answers READONLY, and redis-py's Sentinel connection drops it and asks again.
+After a failover the client reconnects to the primary the sentinels name now (every
+reconnect asks them: see `_SentinelConnection` for the one redis-py skipped); a connection
+to a server the sentinels no longer name is dropped before its next command (`follow`, which
+the messaging consumers call when a blocking read comes back empty); a server that was
+demoted answers READONLY, and redis-py's Sentinel connection drops it and asks again.
 
 What a failover may lose: Redis replicates asynchronously, so a write acknowledged by the old
 primary may be missing on the new one. ``wait_replicas=N`` (default 1 for a Sentinel URL, 0
@@ -30,7 +33,14 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import (
+    Sentinel,
+    SentinelConnectionPool,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
+from redis.backoff import NoBackoff
 
 from keel._tls import TLS_OPTIONS, TLSConfig, credentials_rejected, tls_config, tls_failure
 from keel.errors import ConfigError, KeelError
@@ -108,6 +118,77 @@ def target(url: URL, options: Mapping[str, Any] | None = None) -> Target:
     )
 
 
+class _SentinelConnection(SentinelManagedConnection):
+    """redis-py's connection to the sentinels' primary, mended where it reaches a server the
+    sentinels do not name (issue 19: calls stalled about 20 s after a killed primary came back).
+
+    * A connection dropped under a command is reconnected by redis-py's
+      ``send_packed_command`` through ``connect_check_health``, which goes to the address the
+      connection had and retries the socket connect there (25 times, about 10 s, with Keel's
+      retry) without asking the sentinels. A blocking read in flight when the primary was
+      killed thus knocked at the dead primary's address until it restarted (a master again,
+      with its old data), then stayed on it until Sentinel demoted it about 10 s later. Here
+      that reconnect goes through ``connect``, which asks the sentinels.
+    * Before each command: a connection to another server than the pool's primary (the
+      sentinels' latest answer, refreshed by every connect and by `follow`) is dropped and
+      reconnected. A tuple comparison per command.
+    """
+
+    async def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        if self.is_connected:
+            return
+        if retry_socket_connect:  # redis-py's reconnect of a dropped connection
+            await self.connect()  # type: ignore[no-untyped-call]
+            return
+        await super().connect_check_health(check_health=check_health, retry_socket_connect=False)
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        primary = self.connection_pool.master_address
+        if self.is_connected and primary is not None and primary != (self.host, self.port):
+            log.info(
+                "redis: leaving %s:%s, the sentinels' primary is %s:%s now",
+                self.host, self.port, *primary,
+            )  # fmt: skip
+            await self.disconnect()
+        await super().send_packed_command(command, check_health)
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        # redis-py's own handler (skipped here) only reconnects on READONLY, and the
+        # reconnect asks the sentinel that answered last first: one with a stale or wrong
+        # view (partitioned, or restarted with an old config) names the same replica
+        # forever while the others know the primary. Asked last from now on.
+        try:
+            return await super(SentinelManagedConnection, self).read_response(*args, **kwargs)
+        except rexc.ReadOnlyError:
+            if not self.connection_pool.is_master:
+                raise
+            sentinels = self.connection_pool.sentinel_manager.sentinels
+            if len(sentinels) > 1:
+                sentinels.append(sentinels.pop(0))
+            await self.disconnect()
+            raise rexc.ConnectionError(
+                f"redis {self.host}:{self.port} is a replica now, not the primary; "
+                "asking the other sentinels"
+            ) from None
+
+
+class _SentinelSSLConnection(_SentinelConnection, SentinelManagedSSLConnection):
+    pass
+
+
+async def follow(redis: aioredis.Redis) -> None:
+    """Under Sentinel, ask the sentinels for the primary now: the pool's connections to any
+    other server leave it before their next command (see `_SentinelConnection`). A consume
+    loop calls this when a blocking read comes back empty, so a consumer left on a server
+    that is not the primary (it came back still a master) moves within one read. Nothing for
+    one server."""
+    pool = redis.connection_pool
+    if isinstance(pool, SentinelConnectionPool):
+        await pool.get_master_address()  # type: ignore[no-untyped-call]
+
+
 def client(where: Target, **kwargs: Any) -> aioredis.Redis:
     """A redis-py client for the target; ``kwargs`` are redis-py connection keywords
     (timeouts, retry)."""
@@ -126,10 +207,17 @@ def client(where: Target, **kwargs: Any) -> aioredis.Redis:
         "password": where.sentinel_password,
         "socket_timeout": kwargs.get("socket_connect_timeout", 2),
         "socket_connect_timeout": kwargs.get("socket_connect_timeout", 2),
+        # One try per sentinel: redis-py's default retry (3 more, with back-off) made a
+        # sentinel that accepts and never answers (stopped, overloaded) cost about 15 s on
+        # every connect, before the next sentinel was asked.
+        "retry": Retry(NoBackoff(), 0),
         **where.ssl_kwargs(),
     }
     manager = Sentinel(where.sentinels, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
-    redis: aioredis.Redis = manager.master_for(where.service, redis_class=aioredis.Redis, **common)
+    connection = _SentinelSSLConnection if where.tls is not None else _SentinelConnection
+    redis: aioredis.Redis = manager.master_for(
+        where.service, redis_class=aioredis.Redis, connection_class=connection, **common
+    )
     _managers[id(redis)] = manager
     return redis
 
@@ -155,34 +243,93 @@ async def primary(where: Target) -> tuple[str, int]:
         "password": where.sentinel_password,
         "socket_timeout": 2,
         "socket_connect_timeout": 2,
+        "retry": Retry(NoBackoff(), 0),  # one try per sentinel, as in `client`
         **where.ssl_kwargs(),
     }
-    manager = Sentinel(where.sentinels, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+    order = _sentinel_order.setdefault(tuple(where.sentinels), list(where.sentinels))
+    manager = Sentinel(list(order), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
     try:
         host, port = await manager.discover_master(where.service)
+        # discover_master put the sentinel that answered first: asked first next time too.
+        kwargs = manager.sentinels[0].connection_pool.connection_kwargs
+        answered = (kwargs.get("host"), kwargs.get("port"))
+        if answered in order:
+            order.remove(answered)
+            order.insert(0, answered)
     finally:
         for sentinel in manager.sentinels:
             await sentinel.aclose()
     return str(host), int(port)
 
 
-def refusal(exc: BaseException, where: Target) -> KeelError | None:
-    """A refused login or certificate (retrying will not mend it), else None."""
+# The order `primary` asks a URL's sentinels in, by the URL's sentinels: the last to answer
+# first, one whose primary turned out a replica last (`distrust`).
+_sentinel_order: dict[tuple[tuple[str, int], ...], list[tuple[str, int]]] = {}
+
+
+def distrust(where: Target) -> None:
+    """The primary `primary` named answers READONLY: ask the sentinel that named it last.
+    One with a stale or wrong view (partitioned, restarted with an old config) would
+    otherwise name the same replica on every reconnect while the others know the primary."""
+    order = _sentinel_order.get(tuple(where.sentinels))
+    if order is not None and len(order) > 1:
+        order.append(order.pop(0))
+
+
+def refusal(exc: BaseException, where: Target, *, sentinel: bool = False) -> KeelError | None:
+    """A refused login or certificate (retrying will not mend it), else None. ``sentinel``:
+    the refusal came from a sentinel (its user is ``sentinel_username``)."""
     server = where.url.redacted()
-    failed = tls_failure(exc, backend="Redis", server=server)
+    backend = "Redis Sentinel" if sentinel else "Redis"
+    user = where.sentinel_username if sentinel else where.url.username
+    failed = tls_failure(exc, backend=backend, server=server)
     if failed is not None:
         return failed
     for item in (exc, exc.__cause__, exc.__context__):
         if isinstance(item, rexc.AuthenticationError | rexc.AuthenticationWrongNumberOfArgsError):
-            return credentials_rejected(backend="Redis", server=server, user=where.url.username)
+            return credentials_rejected(backend=backend, server=server, user=user)
         if isinstance(item, rexc.ResponseError) and str(item).startswith(("WRONGPASS", "NOAUTH")):
-            return credentials_rejected(backend="Redis", server=server, user=where.url.username)
+            return credentials_rejected(backend=backend, server=server, user=user)
     return None
+
+
+async def _check_sentinels(where: Target) -> None:
+    """Under Sentinel: raise the refusal if no sentinel takes our certificate or login.
+
+    redis-py asks each sentinel in turn and, when none answers, says only "No master found"
+    (a retryable `TransportError`): a wrong CA or sentinel password would look like sentinels
+    that are down. One connection to each (without retries) until one answers tells them
+    apart; if one answers, the primary's own connection is checked next as for one server."""
+    found: KeelError | None = None
+    for host, port in where.sentinels:
+        sentinel = aioredis.Redis(
+            host=host,
+            port=port,
+            username=where.sentinel_username,
+            password=where.sentinel_password,
+            socket_timeout=2,
+            socket_connect_timeout=2,
+            retry=Retry(NoBackoff(), 0),
+            **where.ssl_kwargs(),
+        )
+        try:
+            await sentinel.ping()
+        except (rexc.RedisError, OSError) as exc:
+            refused = refusal(exc, where, sentinel=True)
+            found = found or refused
+            continue
+        finally:
+            await sentinel.aclose()
+        return
+    if found is not None:
+        raise found
 
 
 async def check_login(redis: aioredis.Redis, where: Target) -> None:
     """Open one connection (TLS handshake, AUTH, SELECT) without retries: a refused
     certificate or login is a typed error now, not ten seconds of reconnecting."""
+    if where.service is not None:
+        await _check_sentinels(where)
     pool = redis.connection_pool
     options = {**pool.connection_kwargs, "retry": None}
     connection = pool.connection_class(**options)

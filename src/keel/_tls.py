@@ -33,7 +33,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -280,12 +280,17 @@ def tls_failure(exc: BaseException | str, *, backend: str, server: str) -> TLSEr
 
 
 def credentials_rejected(
-    *, backend: str, server: str, user: str | None, detail: str = ""
+    *,
+    backend: str,
+    server: str,
+    user: str | None,
+    detail: str = "",
+    advice: str = "check the user name and password",
 ) -> CredentialsRejected:
     who = f"user {user!r}" if user else "the credentials given"
     more = f" ({detail})" if detail else ""
     return CredentialsRejected(
-        f"{backend} at {server} refused {who}{more}: check the user name and password",
+        f"{backend} at {server} refused {who}{more}: {advice}",
         backend=backend,
         server=server,
         user=user,
@@ -317,15 +322,20 @@ def diagnose(
     *,
     server_hostname: str | None = None,
     timeout: float = 3.0,
+    prelude: Callable[[socket.socket], bool] | None = None,
 ) -> str | None:
     """Handshake with ``host:port`` using ``config`` and say why it fails (a `tls_reason`),
     or None if it succeeds. For client libraries that report a failed handshake only as
     "unavailable" (gRPC, kazoo): run in a thread, on a connect that already failed.
 
     A server refuses a client certificate after the handshake under TLS 1.3: the alert
-    arrives on the first read, so the probe reads once, briefly, after the handshake."""
+    arrives on the first read, so the probe reads once, briefly, after the handshake.
+    ``prelude(sock)``, for protocols that ask for TLS in plaintext first (PostgreSQL's
+    SSLRequest), runs before the handshake; False means the server declined TLS."""
     try:
         with socket.create_connection((host, port), timeout=timeout) as raw:
+            if prelude is not None and not prelude(raw):
+                return "not-tls"
             ctx = config.context()
             with ctx.wrap_socket(raw, server_hostname=server_hostname or host) as tls:
                 tls.settimeout(0.5)

@@ -197,6 +197,13 @@ class QuotaExceeded(KeelError):
     """A per-project quota is used up."""
 
 
+class TooManyRequests(KeelError):
+    """The tenant holds its fair share of the hub's work while other tenants wait (field
+    ``retry_after``, whole seconds). Nothing of the request was accepted: send it again then."""
+
+    retryable = True
+
+
 # hub (keel.hub) ----------------------------------------------------------------------
 
 

@@ -82,6 +82,13 @@ def new_traceparent(trace_id: str | None = None) -> str:
     return f"00-{trace_id or new_id()}-{_bits(64).to_bytes(8, 'big').hex()}-01"
 
 
+def new_root_ids() -> tuple[str, str]:
+    """A request id and a traceparent for a request no other started, from one draw: the
+    two default factories cost a caller four Python calls (and three draws) per request."""
+    bits = _bits(320).to_bytes(40, "big").hex()
+    return "req-" + bits[:32], f"00-{bits[32:64]}-{bits[64:]}-01"
+
+
 class RequestContext(msgspec.Struct, array_like=True, omit_defaults=True):
     """What travels with every message: who asked, for which project, under which trace.
 
@@ -310,7 +317,8 @@ def encode(message: Request | Reply | Notification, limit: int) -> bytes:
             limit=limit,
         )
     # The reader refuses what nests deeper than MAX_DEPTH: say so here, to the sender.
-    found = openers(data, NOT_MSGPACK_OPENERS) if len(data) > MAX_DEPTH else 0
+    # openers(), inlined: two calls fewer per call and reply.
+    found = len(data.translate(None, NOT_MSGPACK_OPENERS)) if len(data) > MAX_DEPTH else 0
     if found > MAX_DEPTH:
         try:
             with collector_paused(found > COLLECTOR_PAUSE_OPENERS):
@@ -474,6 +482,13 @@ def _decode_message(
     if limit is not None and len(data) > limit:
         raise oversize(what, len(data), limit)
     found = openers(data, NOT_MSGPACK_OPENERS) if len(data) > MAX_DEPTH else 0
+    if found <= MAX_DEPTH:
+        # Nothing can nest too deep or hold too many containers: every call and reply comes
+        # here, so no collector pause and no allocation count (a tenth of a call's cost).
+        try:
+            return decoder.decode(data)
+        except Exception as exc:
+            raise _unreadable(data, what, exc) from None
     many = found > COLLECTOR_PAUSE_OPENERS
     with collector_paused(many):
         made = gc.get_count()[0]

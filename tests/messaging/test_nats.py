@@ -13,7 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from keel import errors
-from keel.messaging import connect
+from keel.messaging import RequestContext, RPCClient, RPCServer, Target, connect
+from keel.messaging._target import rpc_queue
 from keel.messaging.transports import nats as nats_transport
 from keel.messaging.transports.base import Delivery
 from keel.messaging.transports.nats import _token
@@ -115,3 +116,66 @@ async def test_a_core_flood_past_the_backlog_waits_in_the_stream_not_in_memory()
     assert sorted(int(d.body) for d in held) == list(range(total))
     await sender.close()
     await transport.close()
+
+
+class _Named:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def whoami(self, ctx: RequestContext) -> str:
+        return self.name
+
+
+async def test_a_call_routed_to_a_draining_server_after_its_unsubscribe_is_handed_back() -> None:
+    """nats-server 2.9 may write a message it matched before a consumer's UNSUB after the
+    UNSUB's PONG (a call published as the drain began: CI's rolling upgrade lost one that
+    way, under CPU load). nats-py drops a message for a subscription it forgot, so the
+    draining server must still be listening then and hand the call to another server."""
+    topic = f"straggler-{uuid.uuid4().hex[:8]}"
+    draining_transport, other_transport, client_transport = [
+        await connect(server_url("nats")) for _ in range(3)
+    ]
+    draining = RPCServer(draining_transport, Target(topic, server="a"), [_Named("a")])
+    other = RPCServer(other_transport, Target(topic, server="b"), [_Named("b")])
+    await draining.start()
+    await other.start()
+    client = RPCClient(client_transport, Target(topic), timeout=3)
+    assert await client.call(None, "whoami") in ("a", "b")  # reply queue and cap set up
+    # The next call leaves the client but reaches the broker "too late": the test delivers
+    # it to the draining server's call subscription right after the UNSUB's round trip.
+    nc = client_transport.nc  # type: ignore[attr-defined]
+    calls_subject = nats_transport._call_subject(rpc_queue(topic))
+    held: list[tuple[str, bytes, str]] = []
+    publish = nc.publish
+
+    async def hold(subject: str, payload: bytes = b"", reply: str = "", **kw: Any) -> None:
+        if subject == calls_subject and not held:
+            held.append((subject, payload, reply))
+            return
+        await publish(subject, payload, reply=reply, **kw)
+
+    nc.publish = hold
+    call = asyncio.ensure_future(client.call(None, "whoami"))
+    await eventually(lambda: bool(held))
+    nc.publish = publish
+    server_nc = draining_transport.nc  # type: ignore[attr-defined]
+    [puller] = [p for p in draining_transport.pullers if p.queue == rpc_queue(topic)]  # type: ignore[attr-defined]
+    sid = puller._calls._id
+    flush = server_nc.flush
+    injected: list[asyncio.Task[None]] = []
+
+    async def flush_then_straggle(*args: Any, **kw: Any) -> None:
+        await flush(*args, **kw)
+        if not injected and not puller.active:  # the UNSUB's round trip is done
+            subject, payload, reply = held[0]
+            straggler = server_nc._process_msg(sid, subject.encode(), reply.encode(), payload, b"")
+            injected.append(asyncio.ensure_future(straggler))
+
+    server_nc.flush = flush_then_straggle
+    await draining.drain(timeout=5)
+    assert injected
+    await injected[0]
+    assert await call == "b"  # handed back, not dropped with the subscription
+    await other.stop()
+    for transport in (draining_transport, other_transport, client_transport):
+        await transport.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -40,6 +41,24 @@ def queue() -> str:
 class Echo:
     async def echo(self, ctx: Any, value: Any) -> Any:
         return value
+
+
+def _hold_first_ack(channel: Any) -> asyncio.Event:
+    """Make the channel's first basic.ack wait until the returned event is set, as a write
+    waits for room in aiormq's full frame queue."""
+    real = channel.basic_ack
+    gate = asyncio.Event()
+    calls = 0
+
+    async def slow_first(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await gate.wait()
+        return await real(*args, **kwargs)
+
+    channel.basic_ack = slow_first
+    return gate
 
 
 async def test_amqp_scheme_and_vhost(url: str, queue: str) -> None:
@@ -143,3 +162,142 @@ async def test_reconnects_and_replays_after_losing_the_connection(
 @pytest.fixture
 def topic_name() -> str:
     return f"rt-{uuid.uuid4().hex[:8]}"
+
+
+async def test_batched_acks_never_cover_an_older_open_delivery(url: str, queue: str) -> None:
+    """Acks of one loop iteration go out as one basic.ack(multiple): an older delivery still
+    being handled must stay unacknowledged, and come back when its consumer goes."""
+    first = await connect(url)
+    await first.declare_queue(queue, durable=True)
+    for i in range(6):
+        await first.send(queue, b"%d" % i, durable=True)
+    held: list[Any] = []
+    await first.consume(queue, held.append, prefetch=10)
+    await eventually(lambda: len(held) == 6)
+    # 1 stays open; 0 and 2..5 are acked in the same iteration (one batch).
+    await asyncio.gather(*(d.ack() for i, d in enumerate(held) if i != 1))
+    await first.close()  # the broker requeues what is unacknowledged: only "1"
+    second = await connect(url)
+    try:
+        again: list[bytes] = []
+        await second.consume(queue, lambda d: again.append(d.body), prefetch=10, auto_ack=True)
+        await eventually(lambda: again == [b"1"])
+        await asyncio.sleep(0.3)
+        assert again == [b"1"]
+        await second.delete_queue(queue)
+    finally:
+        await second.close()
+
+
+async def test_a_later_batch_below_an_earlier_one_is_not_acked_twice(
+    url: str, queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Three ack batches in flight while the first one's write waits (aiormq's frame queue
+    full): the second batch (tags 3, 4) waits for the first, the third (tag 2) forms
+    meanwhile. The second's basic.ack(4, multiple) must not cover tag 2, whose own batch has
+    not been written yet: before the fix it did, the third batch then acked tag 2 again, and
+    the broker closed the channel on the unknown tag, putting the open messages back."""
+    transport = await connect(url)
+    try:
+        await transport.declare_queue(queue, durable=True)
+        for i in range(6):
+            await transport.send(queue, b"%d" % i, durable=True)
+        held: list[Any] = []
+        await transport.consume(queue, held.append, prefetch=10)
+        await eventually(lambda: len(held) == 6)
+        channel = held[0]._consumer.channel
+        real = channel.basic_ack
+        gate = _hold_first_ack(channel)  # the first batch's frame waits for room
+        first = asyncio.ensure_future(held[0].ack())
+        await asyncio.sleep(0.05)  # the first batch is writing, and waits
+        second = asyncio.ensure_future(asyncio.gather(held[2].ack(), held[3].ack()))
+        await asyncio.sleep(0.05)  # the second batch's task waits for the first
+        third = asyncio.ensure_future(held[1].ack())
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(first, second, third), 5)
+        channel.basic_ack = real
+        await asyncio.gather(held[4].ack(), held[5].ack())
+        await asyncio.sleep(0.5)
+        assert not channel.is_closed, "the broker closed the channel on a doubled ack"
+        assert len(held) == 6, "a message came back after its ack"
+        assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        await transport.delete_queue(queue)
+    finally:
+        await transport.close()
+
+
+async def test_a_cancelled_consumer_writes_every_ack_before_its_channel_closes(
+    url: str, queue: str
+) -> None:
+    """A consumer cancelled with deliveries open closes its channel after the last one is
+    settled. If that last one is a requeue, while an ack batch still waits behind a slow
+    write (aiormq's frame queue full), the close must wait for that batch too: before the
+    fix it closed the channel under it, the ack failed and its message came back."""
+    transport = await connect(url)
+    try:
+        await transport.declare_queue(queue, durable=True)
+        for i in range(3):
+            await transport.send(queue, b"%d" % i, durable=True)
+        held: list[Any] = []
+        consumer = await transport.consume(queue, held.append, prefetch=10)
+        await eventually(lambda: len(held) == 3)
+        channel = held[0]._consumer.channel
+        gate = _hold_first_ack(channel)
+        first = asyncio.ensure_future(held[0].ack())
+        await asyncio.sleep(0.05)  # the first batch is writing, and waits
+        await consumer.cancel()
+        second = asyncio.ensure_future(held[1].ack())
+        await asyncio.sleep(0.05)  # the second batch waits for the first
+        await held[2].requeue()  # the last open delivery: the channel closes after it
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(first, second), 5)
+        again: list[Any] = []
+        await transport.consume(queue, again.append, prefetch=10)
+        await eventually(lambda: len(again) >= 1)
+        await asyncio.sleep(0.3)
+        assert [d.body for d in again] == [b"2"], "an acked message came back"
+        await again[0].ack()
+        await transport.delete_queue(queue)
+    finally:
+        await transport.close()
+
+
+async def test_acks_and_requeues_settled_together(
+    url: str, queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Batched acks beside requeues and publishes in the same iterations, with
+    aiormq's 10-frame write queue full: no basic.ack(multiple) may cover a tag whose nack or
+    single ack is still waiting to be written (before the fix the batch overtook waiting
+    nacks: the requeued messages were acked, and the broker closed the channel on the nack's
+    unknown tag). Every requeued message, and only those, comes back."""
+    transport = await connect(url)
+    try:
+        await transport.declare_queue(queue, durable=True)
+        await transport.declare_queue(queue + "-noise", durable=False)
+        n = 400
+        for i in range(n):
+            await transport.send(queue, b"%d" % i, durable=True)
+        held: list[Any] = []
+        await transport.consume(queue, held.append, prefetch=1000)
+        await eventually(lambda: len(held) == n)
+        requeued = {b"%d" % i for i in range(n) if i % 3 == 0}
+
+        def settle(delivery: Any) -> Any:
+            return delivery.requeue() if delivery.body in requeued else delivery.ack()
+
+        noise = (transport.send(queue + "-noise", b"x", durable=False) for _ in range(200))
+        await asyncio.gather(*(settle(d) for d in held), *noise)
+        await eventually(lambda: len(held) >= n + len(requeued))
+        again = held[n:]
+        assert sorted(d.body for d in again) == sorted(requeued)
+        assert all(d.delivery_count == 2 for d in again)
+        await asyncio.gather(*(d.ack() for d in again))
+        await asyncio.sleep(0.5)
+        assert len(held) == n + len(requeued), "a settled message came back"
+        assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        await transport.delete_queue(queue)
+        await transport.delete_queue(queue + "-noise")
+    finally:
+        await transport.close()

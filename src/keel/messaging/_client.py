@@ -36,6 +36,7 @@ from keel.wire import (
     RequestContext,
     encode,
     new_id,
+    new_root_ids,
 )
 
 log = logging.getLogger("keel.messaging.client")
@@ -165,7 +166,9 @@ class RPCClient:
         now = time.time()
         handling = _context.current.get()  # the request this task serves, if any
         parent = ctx or (handling[1] if handling is not None else None)
-        deadline = _sooner(now + options.timeout, parent)
+        deadline = (
+            now + options.timeout if parent is None else _sooner(now + options.timeout, parent)
+        )
         child = self._child(parent, deadline, method)
         if handling is not None:
             self._check_reentrant(target, method)
@@ -341,7 +344,13 @@ class RPCClient:
         self, parent: RequestContext | None, deadline: float | None, method: str
     ) -> RequestContext:
         if parent is None:
-            return RequestContext(deadline=deadline, service=self.service or None)
+            request_id, traceparent = new_root_ids()
+            return RequestContext(
+                request_id=request_id,
+                traceparent=traceparent,
+                deadline=deadline,
+                service=self.service or None,
+            )
         child = parent.child(deadline=deadline, service=self.service or None)
         if child.depth > CHAIN_WARN_DEPTH:
             if child.depth > CHAIN_MAX_DEPTH:

@@ -155,6 +155,9 @@ class RPCServer:
         self._fanouts = 0  # fanout deliveries taken and not finished
         self._dropped = _poison.LogBudget()
         self._fanout_queue = f"{fanout_subject(target.topic)}.{self.name}.{new_id()[:8]}"
+        # Named once: every delivery carries its queue's name to the logs and dead letters.
+        self._topic_queue = rpc_queue(target.topic)
+        self._server_queue = rpc_queue(target.topic, self.name)
         self._warned: set[tuple[str, str]] = set()
         self._deadlines: dict[asyncio.Task[Any], float] = {}
         self._expired_tasks: set[asyncio.Task[Any]] = set()
@@ -261,12 +264,14 @@ class RPCServer:
             return
         self._set_state(ServerState.DRAINING)
         self._draining = True
+        # Requests waiting for a slot have not started: hand them back now, not when a
+        # running handler ends (continuations of running work wait again for theirs).
+        # Before the consumers' cancel, which can take a while (NATS keeps listening for
+        # stragglers): a slot freed meanwhile must not start one of them here.
+        self._slots.wake_all()
         for consumer in self._new_work:
             await consumer.cancel()
         self._new_work.clear()
-        # Requests waiting for a slot have not started: hand them back now, not when a
-        # running handler ends (continuations of running work wait again for theirs).
-        self._slots.wake_all()
         await self._presence.announce()
         await self.transport.delete_queue(self._fanout_queue)
         loop = asyncio.get_running_loop()
@@ -352,7 +357,8 @@ class RPCServer:
     # --- per message ---------------------------------------------------------------------
 
     def _on_shared(self, delivery: Delivery) -> None:
-        self._spawn(self._handle(delivery, rpc_queue(self.target.topic)))
+        # _spawn, inlined: this runs for every request on the topic.
+        self._tasks.add(asyncio.Task(self._handle(delivery, self._topic_queue)))
 
     def _on_fanout(self, delivery: Delivery) -> None:
         # Auto-acknowledged, so no credit window holds a flood back: at most max_concurrency
@@ -380,10 +386,12 @@ class RPCServer:
         self._fanouts -= 1
 
     def _on_own(self, delivery: Delivery) -> None:
-        self._spawn(self._handle(delivery, rpc_queue(self.target.topic, self.name), own=True))
+        self._spawn(self._handle(delivery, self._server_queue, own=True))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(coro)
+        # A Task made directly skips the loop's create_task wrapper (and its debug and
+        # closed checks) on every request; the loop is the one running this callback.
+        task = asyncio.Task(coro)
         self._tasks.add(task)  # the sweeper drops it once done, and logs what it ended with
         return task
 
@@ -407,7 +415,8 @@ class RPCServer:
                 if self._draining and not (own and self._continues(request.ctx)):
                     await self._decline(request, delivery, own=own)
                     return
-                if await self._slots.acquire():
+                # take() first: the common free slot without the coroutine acquire() costs.
+                if self._slots.take() or await self._slots.acquire():
                     break
             try:
                 started = True
@@ -504,7 +513,8 @@ class RPCServer:
         # Acknowledged before the method runs (after the checks): a crash mid-call must never
         # lead a broker to run the call a second time elsewhere.
         await delivery.ack()
-        if self._expired(request):
+        deadline = request.ctx.deadline
+        if deadline is not None and time.time() >= deadline and self._expired(request):
             return
         try:
             method = self._dispatcher.lookup(request.namespace, request.method, request.version)

@@ -23,6 +23,13 @@ class Slots:
     def waiting(self) -> int:
         return sum(not w.done() for w in self._waiters)
 
+    def take(self) -> bool:
+        """A free slot if one is free and nobody waits for one (no await, no coroutine)."""
+        if self.free > 0 and not self._waiters:
+            self.free -= 1
+            return True
+        return False
+
     async def acquire(self) -> bool:
         if self.free > 0 and not self._waiters:
             self.free -= 1

@@ -31,13 +31,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from keel.errors import MessageTooLarge
+from keel.errors import ConfigError, MessageTooLarge
 from keel.urls import URL
 
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
+# Every transport that reaches a broker bounds its first ``connect`` by this (URL option or
+# keyword ``connect_timeout``, seconds), retries and handshakes included, then raises
+# `TransportError`; memory:// accepts it and has nothing to wait for.
+DEFAULT_CONNECT_TIMEOUT = 10.0
+
+
+def positive_seconds(value: object, name: str, url: URL) -> float:
+    """A duration option as a finite positive float, or `ConfigError` naming it."""
+    try:
+        seconds = float(value)  # type: ignore[arg-type]  # str or number, checked here
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise ConfigError(
+            f"{name}={value!r} in {url.redacted()}: give a positive number of seconds"
+        )
+    return seconds
 
 
 def check_size(body: bytes, limit: int) -> None:

@@ -6,7 +6,8 @@ belongs to. It keeps the whole Transport contract except durability across a pro
 when the process ends, everything it held is gone. ``durable`` is accepted and means "held
 until consumed or the process exits".
 
-Options (URL query): ``max_message_bytes`` (default 1 MiB).
+Options (URL query): ``max_message_bytes`` (default 1 MiB); ``connect_timeout`` is accepted,
+as by every transport, and never waited for.
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from keel.errors import TransportError
-from keel.messaging.transports.base import DEFAULT_MAX_MESSAGE_BYTES, Handler, check_size
+from keel.messaging.transports.base import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Handler,
+    check_size,
+    positive_seconds,
+)
 from keel.urls import URL
 
 
@@ -59,16 +66,14 @@ class _Queue:
 
 
 class _Delivery:
-    __slots__ = ("_consumer", "_message", "_settled")
+    __slots__ = ("_consumer", "_message", "_settled", "body")
 
     def __init__(self, consumer: _Consumer, message: _Message) -> None:
         self._consumer = consumer
         self._message = message
         self._settled = False
-
-    @property
-    def body(self) -> bytes:
-        return self._message.body
+        # An attribute, not a property: the server and the reply link each read it per call.
+        self.body = message.body
 
     @property
     def delivery_count(self) -> int:
@@ -207,10 +212,22 @@ def _broker_for(url: URL) -> _Broker:
 class MemoryTransport:
     """In-process broker connection. See the module docstring for what it keeps."""
 
-    URL_OPTIONS = frozenset({"max_message_bytes"})
+    # connect_timeout is every transport's; an in-process broker is always reachable.
+    URL_OPTIONS = frozenset({"max_message_bytes", "connect_timeout"})
 
-    def __init__(self, url: URL, *, max_message_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        url: URL,
+        *,
+        max_message_bytes: int | None = None,
+        connect_timeout: float | None = None,
+    ) -> None:
         self.url = url
+        self.connect_timeout = positive_seconds(
+            connect_timeout or url.options.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT),
+            "connect_timeout",
+            url,
+        )
         self.max_message_bytes = max_message_bytes or int(
             url.options.get("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
         )

@@ -2,14 +2,22 @@
 
 Clusters: ``nats://h1:4222,h2:4223,h3:4224`` lists several servers of one cluster; the client
 connects to one and fails over to the others (and to those the cluster announces) by itself.
-Streams are created with ``replicas`` copies (URL option or keyword; default 3 when the URL
-lists three or more servers, else as many as it lists): an R3 stream keeps every
+Streams are created with ``replicas`` copies (URL option or keyword; by default 3 when the
+server reports a cluster of three or more, as many as it has below that, 1 for a server in no
+cluster, so that clients whose URLs list different servers agree; a default that differs
+from an existing stream's takes the stream's, logged): an R3 stream keeps every
 acknowledged message through the loss of any one server, and its Raft group elects a new
 leader within a few seconds (sends in that window retry under their message id, below).
 TLS and credentials (`keel._tls`): ``nats+tls://`` or ``tls=true`` turns
 TLS on with the options ``ca``, ``cert``, ``key``, ``verify``; ``user:password@`` in the URL
-logs in. A refused certificate is `TLSError`, a refused login `CredentialsRejected`, both
-from ``connect``.
+logs in, or the option ``nkey`` (keyword ``nkey``, else ``KEEL_NATS_NKEY``): the path of a
+file holding an nkey user seed (``SU...``, as ``nk -gen user`` writes it), named like
+``ca``/``cert``/``key`` for the file it points to; the seed only signs the server's nonce
+(nats-py's nkeys support, the ``nkeys`` package: ``pip install keel[nats]``) and never leaves
+the file, so no URL, log line or error holds it. A refused certificate is `TLSError`, a
+refused login (a wrong password, an nkey the server does not know) `CredentialsRejected`,
+both from ``connect``; a missing or malformed seed file is a `ConfigError` from the
+constructor.
 
 Mapping of the Transport contract onto NATS (server 2.9, client nats-py):
 
@@ -85,6 +93,7 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import time
 import uuid
 from collections import deque
@@ -102,10 +111,12 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolic
 from keel._tls import TLS_OPTIONS, TLSConfig, credentials_rejected, tls_config, tls_failure
 from keel.errors import ConfigError, KeelError, MessageTooLarge, TransportError
 from keel.messaging.transports.base import (
+    DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_MAX_MESSAGE_BYTES,
     Handler,
     check_size,
     observe,
+    positive_seconds,
 )
 from keel.urls import URL
 
@@ -122,6 +133,10 @@ _BACKLOG_BODIES = 8  # ... and at most this many max_message_bytes of them
 # default, 128 MiB per subscription, would let one publisher's flood grow every consumer.
 _PENDING_BODIES = 16  # in max_message_bytes
 _SWEEP_INTERVAL = 1.0
+# How long a cancelled consumer keeps handing back what the server routed to it before its
+# UNSUB (see `_Puller._retire`): the server writes such a message microseconds after the
+# UNSUB's PONG, later only when its goroutine is starved of CPU.
+_STRAGGLER_WINDOW = 0.25
 _PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
 
 
@@ -133,6 +148,10 @@ def _translate(exc: BaseException, what: str) -> KeelError:
     if isinstance(exc, nats.errors.MaxPayloadError):
         return MessageTooLarge(f"NATS {what}: message over the server's max_payload")
     return TransportError(f"NATS {what} failed: {str(exc) or type(exc).__name__}")
+
+
+# JetStream: "stream name already in use with a different configuration"
+_STREAM_NAME_IN_USE = 10058
 
 
 @contextlib.contextmanager
@@ -379,21 +398,38 @@ class _Puller:
         if not self.unsettled:
             # Else it stays listed until its deliveries are settled: close() hands them back.
             self.transport.pullers.discard(self)
-        # Dropping interest makes the server drop our waiting pull requests; draining (a
-        # round trip) hands back, through the callbacks, whatever it routed here before.
-        for sub in (self._calls, self._sub):
-            if sub is not None and not self.transport.closed:
-                try:
-                    if not self.transport.nc.is_connected:
-                        raise nats.errors.ConnectionReconnectingError
-                    drain: Callable[[], Awaitable[None]] = sub.drain  # untyped in nats-py
-                    await drain()
-                except (nats.errors.Error, OSError):
-                    with contextlib.suppress(nats.errors.Error):
-                        await sub.unsubscribe()
+        # Dropping interest makes the server drop our waiting pull requests; what it routed
+        # here before comes back to the callbacks, which hand it to another consumer.
+        subs = [sub for sub in (self._calls, self._sub) if sub is not None]
+        if subs and not self.transport.closed:
+            await asyncio.gather(*(self._retire(sub) for sub in subs))
         while self._backlog and not self.transport.closed:
             with contextlib.suppress(KeelError):
                 await self.transport.send(self.queue, self._take_backlog().data, durable=False)
+
+    async def _retire(self, sub: Subscription) -> None:
+        """Unsubscribe without losing what the server still routes here.
+
+        nats-py's own ``drain`` (UNSUB, one round trip, then forget the subscription) is not
+        enough: nats-server 2.9 may write a message it matched before it processed the
+        UNSUB after its PONG; nats-py then drops it for an unknown subscription, and a core
+        call is lost (its caller times out; a pulled message waits ``ack_wait``). So the
+        subscription keeps its callback (which hands everything back) for
+        `_STRAGGLER_WINDOW` after the UNSUB's round trip, and only then is drained.
+        """
+        nc = self.transport.nc
+        try:
+            if not nc.is_connected:
+                raise nats.errors.ConnectionReconnectingError
+            unsubscribe: Callable[[int], Awaitable[None]] = nc._send_unsubscribe  # sid stays
+            await unsubscribe(sub._id)
+            await nc.flush()
+            await asyncio.sleep(_STRAGGLER_WINDOW)
+            drain: Callable[[], Awaitable[None]] = sub.drain  # untyped in nats-py
+            await drain()  # a second UNSUB (ignored), a round trip, the callbacks' queue
+        except (nats.errors.Error, OSError):
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
 
     def _take_backlog(self) -> Msg:
         msg = self._backlog.popleft()
@@ -490,6 +526,44 @@ class _CoreConsumer:
                 await sub.unsubscribe()
 
 
+def _nkey_seed_file(url: URL, path: str | None) -> tuple[str | None, str | None]:
+    """The nkey seed file to log in with, checked now (readable, a user seed), and the
+    public key it signs for (for error messages; the seed itself is never kept)."""
+    if path is None:
+        return None, None
+    if url.username is not None:
+        raise ConfigError(
+            f"{url.redacted()}: give either user:password@ or nkey=, not both "
+            "(NATS logs in one way)"
+        )
+    try:
+        import nkeys  # noqa: PLC0415 - only for nkey logins
+    except ImportError:
+        raise ConfigError(
+            "nkey= needs the nkeys package (pip install 'keel[nats]', or nats-py[nkeys])"
+        ) from None
+    try:
+        with open(path, "rb") as f:
+            seed = bytearray(f.read(4096).strip())
+    except OSError as exc:
+        raise ConfigError(f"NATS option nkey={path}: cannot read it ({exc.strerror})") from None
+    malformed = ConfigError(
+        f"NATS option nkey={path}: not an nkey user seed (one line starting with SU)"
+    )
+    try:
+        pair = nkeys.from_seed(seed) if seed.startswith(b"SU") else None
+        public = bytes(pair.public_key).decode() if pair is not None else None
+        if pair is not None:
+            pair.wipe()
+    except Exception:  # nkeys raises its own errors and binascii's; none may echo the seed
+        public = None
+    finally:
+        seed[:] = bytes(len(seed))
+    if public is None:
+        raise malformed
+    return path, public
+
+
 class NatsTransport:
     """A NATS connection. See the module docstring for the mapping and what it keeps."""
 
@@ -501,6 +575,7 @@ class NatsTransport:
             "connect_timeout",
             "subject_max_age",
             "replicas",
+            "nkey",
             *TLS_OPTIONS,
         }
     )
@@ -519,25 +594,38 @@ class NatsTransport:
         cert: str | None = None,
         key: str | None = None,
         verify: str | None = None,
+        nkey: str | None = None,
     ) -> None:
         self.url = url
         options = url.options
+        # The variable fills only what the URL leaves out: a URL's password login wins.
+        env = os.environ.get("KEEL_NATS_NKEY") if url.username is None else None
+        self.nkey, self.nkey_public = _nkey_seed_file(
+            url, nkey or options.get("nkey") or env or None
+        )
         self._tls: TLSConfig | None = tls_config(
             url,
             {"tls": tls, "ca": ca, "cert": cert, "key": key, "verify": verify},
             secure_scheme=url.scheme == "nats+tls",
         )
         try:
-            self.replicas = replicas or int(options.get("replicas", min(3, len(url.hosts) or 1)))
+            given = replicas or options.get("replicas")
+            # Without ``replicas`` the cluster decides, once connected (`_cluster_replicas`).
+            self._replicas_given = given is not None
+            self.replicas = int(given) if given else min(3, len(url.hosts) or 1)
             self.max_message_bytes = max_message_bytes or int(
                 options.get("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
             )
             self.ack_wait = ack_wait or float(options.get("ack_wait", 10.0))
             self.publish_timeout = publish_timeout or float(options.get("publish_timeout", 10.0))
-            self.connect_timeout = connect_timeout or float(options.get("connect_timeout", 10.0))
             self.subject_max_age = float(options.get("subject_max_age", 86400.0))
         except ValueError as exc:
             raise ConfigError(f"bad option in {url.redacted()}: {exc}") from None
+        self.connect_timeout = positive_seconds(
+            connect_timeout or options.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT),
+            "connect_timeout",
+            url,
+        )
         self.pending_bytes = _PENDING_BODIES * self.max_message_bytes
         self.slow_consumer_drops = 0
         self.nc = Client()
@@ -574,10 +662,11 @@ class NatsTransport:
                 name="keel",
                 user=self.url.username,
                 password=self.url.password,
+                nkeys_seed=self.nkey,
                 tls=self._tls.context() if self._tls is not None else None,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,  # type: ignore[arg-type]  # a float works
-                connect_timeout=2,
+                connect_timeout=min(2.0, self.connect_timeout),  # type: ignore[arg-type]
                 reconnected_cb=self._on_reconnected,
                 disconnected_cb=self._on_disconnected,
                 error_cb=self._on_error,
@@ -603,11 +692,25 @@ class NatsTransport:
         refused.cancel()
         with _mapped(f"connect to {self.url.redacted()}"):
             connecting.result()
+        if not self._replicas_given:
+            self.replicas = self._cluster_replicas()
         self.closed = False
         self._refusals = self.nc.new_inbox()
         with _mapped("subscribe"):
             await self.nc.subscribe(self._refusals + ".*", cb=self._on_refused)
         self._spawn(self._keep_alive())
+
+    def _cluster_replicas(self) -> int:
+        """The default stream replicas from the server, not the URL: clients whose URLs list
+        different numbers of servers of one cluster must pick the same (issue 19: the second
+        to declare a queue failed "stream name already in use with a different
+        configuration"). 3 in a cluster of three or more servers, as many as it has below
+        that, 1 for a server in no cluster; the URL's count if the server does not say."""
+        info = self.nc._server_info or {}
+        if not info.get("cluster"):
+            return 1
+        members = {str(u) for u in info.get("connect_urls") or ()}
+        return min(3, len(members)) if members else self.replicas
 
     def _spawn(self, coro: Coroutine[object, object, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -624,6 +727,14 @@ class NatsTransport:
         if isinstance(exc, nats.errors.AuthorizationError) or (
             "authorization violation" in str(exc).lower()
         ):
+            if self.nkey is not None:
+                return credentials_rejected(
+                    backend="NATS",
+                    server=server,
+                    user=None,
+                    detail=f"nkey {self.nkey_public} from nkey={self.nkey}",
+                    advice="the server does not list that nkey: check the seed file",
+                )
             return credentials_rejected(backend="NATS", server=server, user=self.url.username)
         return None
 
@@ -698,8 +809,10 @@ class NatsTransport:
     async def close(self) -> None:
         if self.closed:
             return
-        for puller in list(self.pullers):
-            await puller.cancel()
+        pullers = list(self.pullers)
+        # At once, not one after another: each keeps handing back stragglers for a while.
+        await asyncio.gather(*(puller.cancel() for puller in pullers))
+        for puller in pullers:
             for delivery in list(puller.unsettled):
                 await delivery.requeue()
         for consumer in list(self.core_consumers):
@@ -741,26 +854,45 @@ class NatsTransport:
         await self._ensure(name, declared)
         self.streams[name] = declared
 
+    async def _add_stream(self, declared: _Stream, replicas: int) -> None:
+        if declared.stream.startswith("KS_"):
+            await self.js.add_stream(
+                name=declared.stream,
+                subjects=[declared.address],
+                retention=RetentionPolicy.LIMITS,
+                max_age=self.subject_max_age,
+                storage=StorageType.FILE if declared.durable else StorageType.MEMORY,
+                num_replicas=replicas,
+            )
+        else:
+            await self.js.add_stream(
+                name=declared.stream,
+                subjects=[declared.address],
+                retention=RetentionPolicy.WORK_QUEUE,
+                storage=StorageType.FILE if declared.durable else StorageType.MEMORY,
+                num_replicas=replicas,
+            )
+
     async def _ensure(self, queue: str, declared: _Stream) -> None:
         bound = declared.stream.startswith("KS_")
         with _mapped(f"declare queue {queue!r}"):
-            if bound:
-                await self.js.add_stream(
-                    name=declared.stream,
-                    subjects=[declared.address],
-                    retention=RetentionPolicy.LIMITS,
-                    max_age=self.subject_max_age,
-                    storage=StorageType.FILE if declared.durable else StorageType.MEMORY,
-                    num_replicas=self.replicas,
-                )
-            else:
-                await self.js.add_stream(
-                    name=declared.stream,
-                    subjects=[declared.address],
-                    retention=RetentionPolicy.WORK_QUEUE,
-                    storage=StorageType.FILE if declared.durable else StorageType.MEMORY,
-                    num_replicas=self.replicas,
-                )
+            try:
+                await self._add_stream(declared, self.replicas)
+            except nats.js.errors.BadRequestError as exc:
+                # Another client made the stream with other replicas (a server that does
+                # not advertise its cluster, or an explicit ``replicas``). A default is
+                # only a guess: adopt the stream's, if that is all that differs (the
+                # second add_stream checks the rest). An explicit one stays an error.
+                if self._replicas_given or exc.err_code != _STREAM_NAME_IN_USE:
+                    raise
+                existing = (await self.js.stream_info(declared.stream)).config.num_replicas
+                if existing is None or existing == self.replicas:
+                    raise
+                await self._add_stream(declared, existing)
+                log.info(
+                    "queue %s: stream %s has %d replicas, not the default %d: kept",
+                    queue, declared.stream, existing, self.replicas,
+                )  # fmt: skip
             await self.js.add_consumer(
                 declared.stream,
                 ConsumerConfig(
@@ -885,7 +1017,12 @@ class NatsTransport:
             except TransportError as exc:
                 cause = exc.__cause__
                 no_stream = isinstance(cause, nats.js.errors.NoStreamResponseError)
-                if no_stream and self.nc.is_connected and not must_exist:
+                if (
+                    no_stream
+                    and self.nc.is_connected
+                    and not must_exist
+                    and not await self._captured(subject, left)
+                ):
                     log.debug("nats: nothing bound to %s; message dropped", subject)
                     return  # unroutable, as on AMQP
                 if time.monotonic() + delay >= deadline or self.closed:
@@ -897,6 +1034,24 @@ class NatsTransport:
                 return
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+    async def _captured(self, subject: str, left: float) -> bool:
+        """Whether a stream captures ``subject`` (True when JetStream cannot say now).
+
+        "No responders" to a JetStream publish means no stream leader took it, not that no
+        stream captures the subject: in a cluster, a stream's subjects are subscribed on its
+        leader only, so from the leader's loss until the election of the next one (a second
+        or two) a publish to an R3 stream has no responder. Dropping it then as unroutable
+        lost notifications that `publish` had returned for (issue 19). The meta leader
+        answers this from the streams' configuration, leader or not."""
+        try:
+            async with asyncio.timeout(max(0.1, min(2.0, left))):
+                await self.js.find_stream_name_by_subject(subject)
+        except nats.js.errors.NotFoundError:
+            return False
+        except _FOREIGN as exc:
+            log.debug("nats: cannot tell whether a stream captures %s (%s)", subject, exc)
+        return True
 
     # --- consuming -----------------------------------------------------------------------
 

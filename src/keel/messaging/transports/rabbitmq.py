@@ -9,7 +9,9 @@ A thin adapter over AMQP 0-9-1 (aiormq, the protocol layer under aio-pika; ``kee
   routing keys on one durable topic exchange (``keel`` by default, ``?exchange=`` to change
   it); ``send`` publishes on the default exchange with the queue name as routing key.
 * Each consumer has its own channel with ``basic.qos(prefetch)``; ``auto_ack`` consumers
-  consume with ``no_ack``. ``ack`` is ``basic.ack``, ``requeue`` is ``basic.nack(requeue)``
+  consume with ``no_ack``. ``ack`` is ``basic.ack`` (the acks of one event-loop iteration go
+  out as one ``basic.ack(multiple)`` up to the oldest delivery still open; ``ack`` returns
+  once its frame is written), ``requeue`` is ``basic.nack(requeue)``
   (RabbitMQ puts the message back at its original place), ``dead_letter`` publishes the body
   to ``<queue>.dlq`` with the reason in the ``x-keel-reason`` header, waits for the broker's
   confirm, then acks the original.
@@ -91,10 +93,12 @@ from keel._tls import (
 )
 from keel.errors import ConfigError, KeelError, TransportError
 from keel.messaging.transports.base import (
+    DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_MAX_MESSAGE_BYTES,
     Handler,
     check_size,
     observe,
+    positive_seconds,
 )
 from keel.urls import URL, Host
 
@@ -160,8 +164,14 @@ class _Delivery:
     def settled(self) -> bool:
         return self._settled
 
-    def _channel(self) -> AbstractChannel | None:
-        """The channel to settle on, or None if the delivery is already settled or stale."""
+    def _channel(self, *, hold: bool = False) -> AbstractChannel | None:
+        """The channel to settle on, or None if the delivery is already settled or stale.
+
+        With ``hold`` the tag stays open (no batched ``basic.ack(multiple)`` may cover it)
+        until the caller's own frame for it is written: `_written` then closes it. A batch
+        could otherwise overtake a nack waiting for room in aiormq's frame queue, ack a
+        message meant for requeue, and make the broker close the channel on the nack.
+        """
         if self._settled:
             return None
         self._settled = True
@@ -169,6 +179,8 @@ class _Delivery:
         if consumer.generation != self._generation:
             return None  # its channel is gone: the broker has requeued it
         consumer.unsettled -= 1
+        if not hold:
+            consumer.open_tags.discard(self._tag)
         channel = consumer.channel
         if not consumer.active and consumer.unsettled == 0:
             consumer.close_soon()
@@ -178,28 +190,35 @@ class _Delivery:
 
     async def ack(self) -> None:
         stale = self._settled is False and self._consumer.generation != self._generation
-        channel = self._channel()
+        # Held like a nack: the tag stays open until its batch is written, so that no other
+        # batch's basic.ack(multiple) covers it and the broker sees it acked twice.
+        channel = self._channel(hold=True)
         if channel is None:
+            self._written()
             if stale:
                 raise TransportError(
                     "cannot ack: the channel that delivered this message is gone and the "
                     "broker has put it back on its queue"
                 )
             return
-        try:
-            await channel.basic_ack(self._tag)
-        except KeelError:
-            raise
-        except _CLIENT_ERRORS as exc:
-            raise _translate(exc, "ack", self._consumer.transport.url) from exc
+        await self._consumer.ack(channel, self._tag)
+
+    def _written(self) -> None:
+        consumer = self._consumer
+        if consumer.generation == self._generation:  # a new channel reuses tag numbers
+            consumer.open_tags.discard(self._tag)
 
     async def requeue(self) -> None:
-        channel = self._channel()
+        channel = self._channel(hold=True)
         if channel is None:
+            self._written()
             return
         self._consumer.transport.remember_requeue(self.body, self.delivery_count)
-        with contextlib.suppress(*_CLIENT_ERRORS):
-            await channel.basic_nack(self._tag, requeue=True)
+        try:
+            with contextlib.suppress(*_CLIENT_ERRORS):
+                await channel.basic_nack(self._tag, requeue=True)
+        finally:
+            self._written()
 
     async def dead_letter(self, reason: str) -> None:
         consumer = self._consumer
@@ -217,15 +236,28 @@ class _Delivery:
         except TransportError:
             # Not held by the dead-letter queue: leave it to the broker to hand out again.
             log.warning("dead letter for %s not confirmed; it will be redelivered", consumer.queue)
-            channel = self._channel()
+            channel = self._channel(hold=True)
+            try:
+                if channel is not None:
+                    with contextlib.suppress(*_CLIENT_ERRORS):
+                        await channel.basic_nack(self._tag, requeue=True)
+            finally:
+                self._written()
+            return
+        channel = self._channel(hold=True)
+        try:
             if channel is not None:
                 with contextlib.suppress(*_CLIENT_ERRORS):
-                    await channel.basic_nack(self._tag, requeue=True)
-            return
-        channel = self._channel()
-        if channel is not None:
-            with contextlib.suppress(*_CLIENT_ERRORS):
-                await channel.basic_ack(self._tag)
+                    await channel.basic_ack(self._tag)
+        finally:
+            self._written()
+
+
+@dataclass(slots=True, eq=False)
+class _AckBatch:
+    channel: AbstractChannel
+    sent: asyncio.Future[None]
+    tags: list[int] = field(default_factory=list)
 
 
 class _Consumer:
@@ -247,12 +279,21 @@ class _Consumer:
         self.active = True
         self.unsettled = 0
         self.generation = 0
+        # Delivery tags handed to the core and not settled yet, and the acks of this loop
+        # iteration waiting to go out as one frame (see `ack`).
+        self.open_tags: set[int] = set()
+        self._acks: _AckBatch | None = None
+        # One batch goes out at a time: a later batch's basic.ack(multiple) written before an
+        # earlier batch's single acks would settle those tags twice, and the broker closes
+        # the channel on an unknown delivery tag.
+        self._ack_order = asyncio.Lock()
 
     async def start(self, connection: aiormq.Connection) -> None:
         """(Re)open this consumer's channel and consume; earlier deliveries become stale."""
         channel = await connection.channel(publisher_confirms=False)
         self.generation += 1
         self.unsettled = 0
+        self.open_tags.clear()
         self.channel = channel
         if not self.auto_ack:
             await channel.basic_qos(prefetch_count=self.prefetch)
@@ -299,9 +340,66 @@ class _Consumer:
         if isinstance(reason, bytes):
             reason = reason.decode(errors="replace")
         self.unsettled += 1
+        self.open_tags.add(tag)
         self.handler(
             _Delivery(self, tag, message.body, count, reason if isinstance(reason, str) else None)
         )
+
+    async def ack(self, channel: AbstractChannel, tag: int) -> None:
+        """Acknowledge ``tag``, together with the other acks of this loop iteration.
+
+        Under load many handlers finish in one iteration; their acks go out as one
+        ``basic.ack(multiple)`` up to the highest tag below every delivery still open (what
+        is above it, individually), sent by one task on the next iteration: one frame and
+        one write instead of one per message (an ack frame cost as much as a publish). The
+        caller still waits until its ack is written, and gets `TransportError` if it was
+        not, as with a single ack.
+        """
+        batch = self._acks
+        if batch is None or batch.channel is not channel:
+            batch = self._acks = _AckBatch(channel, asyncio.get_running_loop().create_future())
+            self.transport.keep(asyncio.get_running_loop().create_task(self._send_acks(batch)))
+        batch.tags.append(tag)
+        await asyncio.shield(batch.sent)
+
+    async def _send_acks(self, batch: _AckBatch) -> None:
+        if self._acks is batch:
+            self._acks = None
+        try:
+            async with self._ack_order:
+                tags = batch.tags
+                # Every tag at or below the highest one under `low` is settled and written:
+                # acked in this batch or an earlier one, or nacked. A tag leaves open_tags
+                # only once its own frame is written, so a batch still waiting (formed while
+                # this one waited for the lock) keeps its tags out of this one's multiple.
+                mine = set(tags)
+                low = min((t for t in self.open_tags if t not in mine), default=None)
+                covered = [t for t in tags if low is None or t < low]
+                rest = [t for t in tags if low is not None and t > low]
+                if len(covered) == 1:
+                    await batch.channel.basic_ack(covered[0])
+                elif covered:
+                    await batch.channel.basic_ack(max(covered), multiple=True)
+                for tag in rest:
+                    await batch.channel.basic_ack(tag)
+                if self.channel is batch.channel:  # a new channel reuses tag numbers
+                    self.open_tags.difference_update(mine)
+        except _CLIENT_ERRORS as exc:
+            batch.sent.set_exception(_translate(exc, "ack", self.transport.url))
+            batch.sent.exception()  # retrieved: a caller may have gone meanwhile
+            return
+        batch.sent.set_result(None)
+
+    async def flush_acks(self) -> None:
+        """Write the acks waiting for this iteration's batch (before the channel closes)."""
+        batch = self._acks
+        if batch is not None:
+            with contextlib.suppress(KeelError):
+                await asyncio.shield(batch.sent)
+        # And the batches already under way, waiting behind a slow write: the lock is FIFO,
+        # so once it is ours they are written (a close after only a requeue saw none above).
+        async with self._ack_order:
+            pass
 
     async def cancel(self) -> None:
         if not self.active:
@@ -320,6 +418,7 @@ class _Consumer:
         self.transport.keep(task)
 
     async def _close_channel(self) -> None:
+        await self.flush_acks()
         channel, self.channel = self.channel, None
         if channel is not None and not channel.is_closed:
             with contextlib.suppress(*_CLIENT_ERRORS):
@@ -333,7 +432,9 @@ class RabbitTransport:
     (seconds, default 20), ``exchange`` (default ``keel``), ``exchange_durable`` (URL only,
     default true; false to share a non-durable oslo.messaging exchange), ``reconnect_wait``
     (seconds a send waits for a reconnect, default 10), ``publish_timeout`` (default 30),
-    ``queue_type`` (``auto``, ``classic``, ``quorum``), ``delivery_limit`` (quorum queues),
+    ``connect_timeout`` (seconds the first connect may take in all, every node and the AMQP
+    handshake included; each node of a reconnect gets as long; default 10), ``queue_type``
+    (``auto``, ``classic``, ``quorum``), ``delivery_limit`` (quorum queues),
     and the TLS options ``tls``, ``ca``, ``cert``, ``key``, ``verify``.
     """
 
@@ -345,6 +446,7 @@ class RabbitTransport:
             "exchange_durable",
             "reconnect_wait",
             "publish_timeout",
+            "connect_timeout",
             "queue_type",
             "delivery_limit",
             *TLS_OPTIONS,
@@ -360,6 +462,7 @@ class RabbitTransport:
         exchange: str | None = None,
         reconnect_wait: float | None = None,
         publish_timeout: float | None = None,
+        connect_timeout: float | None = None,
         queue_type: str | None = None,
         delivery_limit: int | None = None,
         tls: bool | None = None,
@@ -380,6 +483,11 @@ class RabbitTransport:
         self._heartbeat = heartbeat or int(options.get("heartbeat", 20))
         self._reconnect_wait = reconnect_wait or float(options.get("reconnect_wait", 10))
         self._publish_timeout = publish_timeout or float(options.get("publish_timeout", 30))
+        self.connect_timeout = positive_seconds(
+            connect_timeout or options.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT),
+            "connect_timeout",
+            url,
+        )
         self._tls: TLSConfig | None = tls_config(
             url,
             {"tls": tls, "ca": ca, "cert": cert, "key": key, "verify": verify},
@@ -423,9 +531,18 @@ class RabbitTransport:
         if self._connection is not None and not self._connection.is_closed:
             return
         try:
-            await self._open()
+            # The whole first connect (every node of a cluster, the channels, the replay)
+            # within connect_timeout: a node that takes the TCP connection and never
+            # answers the AMQP handshake must not hold the caller.
+            async with asyncio.timeout(self.connect_timeout):
+                await self._open()
         except KeelError:
             raise
+        except TimeoutError:
+            raise TransportError(
+                f"cannot reach RabbitMQ at {self.url.redacted()} within "
+                f"{self.connect_timeout:g}s (connect_timeout)"
+            ) from None
         except _CLIENT_ERRORS as exc:
             raise _translate(exc, "connect", self.url) from exc
         self._supervisor = observe(asyncio.get_running_loop().create_task(self._supervise()), log)
@@ -451,7 +568,7 @@ class RabbitTransport:
             context = self._tls.context() if self._tls is not None else None
             connection = aiormq.Connection(self._amqp_url(host), context=context)
             try:
-                await asyncio.wait_for(connection.connect(), 10)
+                await asyncio.wait_for(connection.connect(), self.connect_timeout)
             except (*_CLIENT_ERRORS, TimeoutError) as exc:
                 with contextlib.suppress(*_CLIENT_ERRORS, RuntimeError):
                     await connection.close()

@@ -42,13 +42,17 @@ re-create their group after a restart without persistence. Every redis-py except
 to keel.errors in `_mapped`.
 
 Options (URL query or keyword): ``max_message_bytes`` (default 1 MiB), ``visibility_timeout``
-(s), ``exclusive_ttl`` (s), ``reconnect_retries`` (per command, default 25). The scripts name
+(s), ``exclusive_ttl`` (s), ``reconnect_retries`` (per command, default 25),
+``connect_timeout`` (s the first connect may take, redis-py's retries included; default 10;
+no socket connect waits longer than 2 s). The scripts name
 keys they are not given, so a Redis Cluster is not supported; one Redis server is, or a
 primary with replicas under Sentinel.
 
 Sentinel, TLS and logins (`keel._redis_client`, `keel._tls`): ``redis+sentinel://s1,s2,s3/
-service/db`` follows the primary the sentinels name; ``rediss://`` (or ``tls=true``) speaks
-TLS with ``ca``, ``cert``, ``key``, ``verify``; ``user:password@`` logs in (an ACL user).
+service/db`` follows the primary the sentinels name (a consumer whose blocking read comes back
+empty asks them again, so it does not sit on a server they no longer name); ``rediss://`` (or
+``tls=true``) speaks TLS with ``ca``, ``cert``, ``key``, ``verify``; ``user:password@`` logs
+in (an ACL user).
 A refused login or certificate is `CredentialsRejected` or `TLSError` from ``connect``. With
 ``wait_replicas=N`` (default 1 under Sentinel) a durable send returns only once ``WAIT N``
 says N replicas have it, so a failover does not lose it; while the primary has no replica at
@@ -79,10 +83,12 @@ from keel import _redis_client
 from keel.errors import KeelError, TransportError
 from keel.messaging.transports._redis_scripts import SCRIPTS
 from keel.messaging.transports.base import (
+    DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_MAX_MESSAGE_BYTES,
     Handler,
     check_size,
     observe,
+    positive_seconds,
 )
 from keel.urls import URL
 
@@ -92,6 +98,7 @@ PREFIX = "keel:mq:"  # coordination keeps its keys under keel: too
 GROUP = "keel"
 BLOCK_SECONDS = 2.0  # longest a consume loop blocks in Redis; well under socket_timeout
 AUTO_ACK_BATCH = 256
+FOLLOW_S = 1.0  # under Sentinel, idle consumers ask for the primary at most this often
 PIPE_TIMEOUT = BLOCK_SECONDS + 8  # a batch on the pipe connection, as a command's socket timeout
 
 
@@ -290,6 +297,8 @@ class _Consumer:
                     continue
                 got = await self._read(room)
                 backoff = 0.05
+                if not got and t._where.service is not None:
+                    await self._follow()
             except _DISCONNECTED as exc:
                 self._drain = True  # what was sent while we were away waits in the list
                 log.info(
@@ -319,6 +328,29 @@ class _Consumer:
                 return
             for delivery in got:
                 self.handler(delivery)
+
+    async def _follow(self) -> None:
+        """Under Sentinel, after an empty blocking read: are we on the sentinels' primary?
+        A consumer can sit on a server nothing is sent to any more (the old primary came back
+        still a master, issue 19); its connections leave before their next command, and a
+        subscription, which sends nothing, is closed here and made again on the primary."""
+        await self.transport._follow()
+        pubsub = self._pubsub
+        if pubsub is None:
+            return
+        address = getattr(self.transport.redis.connection_pool, "master_address", None)
+        connection: AbstractConnection | None = pubsub.connection
+        if connection is None or address is None:
+            return
+        if (getattr(connection, "host", None), getattr(connection, "port", None)) == address:
+            return
+        log.info("redis: consumer of %s subscribes again on the primary", self.queue)
+        self._pubsub, self._drain = None, True
+        with contextlib.suppress(rexc.RedisError, OSError):
+            await connection.disconnect()
+        close: Callable[[], Awaitable[None]] = pubsub.aclose
+        with contextlib.suppress(rexc.RedisError, OSError):
+            await close()
 
     async def _read(self, room: int) -> list[_Delivery]:
         if self.exclusive and self.auto_ack:
@@ -677,6 +709,7 @@ class RedisTransport:
             "visibility_timeout",
             "exclusive_ttl",
             "reconnect_retries",
+            "connect_timeout",
             *_redis_client.URL_OPTIONS,
         }
     )
@@ -689,6 +722,7 @@ class RedisTransport:
         visibility_timeout: float | None = None,
         exclusive_ttl: float | None = None,
         reconnect_retries: int | None = None,
+        connect_timeout: float | None = None,
         wait_replicas: int | None = None,
         sentinel_username: str | None = None,
         sentinel_password: str | None = None,
@@ -723,11 +757,16 @@ class RedisTransport:
         self.block_ms = int(min(BLOCK_SECONDS, self.visibility_timeout / 3) * 1000)
         if reconnect_retries is None:
             reconnect_retries = int(opts.get("reconnect_retries", 25))
+        self.connect_timeout = positive_seconds(
+            connect_timeout or opts.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT),
+            "connect_timeout",
+            url,
+        )
         self.token = f"{os.getpid()}-{uuid.uuid4().hex[:10]}"
         self.redis = _redis_client.client(
             self._where,
             socket_timeout=BLOCK_SECONDS + 8,
-            socket_connect_timeout=2,
+            socket_connect_timeout=min(2.0, self.connect_timeout),
             # Bounded reconnect-and-retry per command (25: about 10 s), then TransportError.
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), reconnect_retries),
         )
@@ -743,12 +782,25 @@ class RedisTransport:
         self._keepalive: asyncio.Task[None] | None = None
         self._closed = False
         self._alone_until = 0.0  # the primary has no replica until then (skip WAIT)
+        self._followed = 0.0  # when the sentinels were last asked for the primary
 
     async def connect(self) -> None:
         self._closed = False
-        with _mapped("connect", self.url):
-            await _redis_client.check_login(self.redis, self._where)
-            await self.cmd("PING")
+        try:
+            # The whole connect, redis-py's reconnect retries and a server that takes the
+            # TCP connection and never answers included, within connect_timeout.
+            async with asyncio.timeout(self.connect_timeout):
+                with _mapped("connect", self.url):
+                    await _redis_client.check_login(self.redis, self._where)
+                    await self.cmd("PING")
+        except TimeoutError:
+            with contextlib.suppress(Exception):  # a half-made connection must not linger
+                await self.redis.connection_pool.disconnect()
+            raise TransportError(
+                f"cannot reach redis {self.url.redacted()} within {self.connect_timeout:g}s "
+                "(connect_timeout)",
+                operation="connect",
+            ) from None
 
     async def close(self) -> None:
         if self._closed:
@@ -915,6 +967,18 @@ class RedisTransport:
             reply, replicas = await pipe.execute()
         await self._check_replicated(replicas)
         return reply
+
+    async def _follow(self) -> None:
+        """Ask the sentinels for the primary (at most once per `FOLLOW_S` per transport):
+        connections to any other server leave it before their next command."""
+        now = time.monotonic()
+        if now < self._followed + FOLLOW_S:
+            return
+        self._followed = now
+        try:
+            await _redis_client.follow(self.redis)
+        except (rexc.RedisError, OSError) as exc:  # mid-failover: the next empty read asks again
+            log.info("redis: could not ask the sentinels for the primary: %s", exc)
 
     async def _alone(self) -> bool:
         """Whether the primary runs without replicas (WAIT would only time out): known for
