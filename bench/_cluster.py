@@ -22,7 +22,7 @@ import contextlib
 import subprocess
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,24 @@ async def _poll(check: Callable[[], bool], deadline: float) -> None:
         await asyncio.sleep(0.01)
 
 
+async def _whole(cluster: str, timeout: float = MAX_PAUSE) -> None:
+    """Wait (bounded) until ``servers status`` says every node answers and the cluster is
+    formed (Redis: the replica in sync). A node revived by the run before may still be
+    resyncing: Sentinel turns a returned Redis primary into a replica about 10 s after it
+    restarts, and the sync takes 5 s more; killing the primary then loses what only it held
+    (fences went backwards in the lock run that followed the messaging run)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await asyncio.to_thread(servers, "status", cluster, timeout=30)
+        except (RuntimeError, subprocess.TimeoutExpired):
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(0.5)
+        else:
+            return
+
+
 @dataclass
 class Outage:
     """When the node went down and came back, and what the clients saw in between."""
@@ -99,6 +117,7 @@ async def lose_a_node(
     if cluster is None:
         outage.killed = time.monotonic()
         return outage
+    await _whole(cluster)
     for attempt in range(60):  # an election may be under way (a node just rejoined)
         try:
             if leader is not None:
@@ -380,3 +399,60 @@ def nats_stream_leader(url: str) -> Callable[[str], Awaitable[int]]:
         return int(str(name).removeprefix("keel-n")) if name else 1
 
     return leader
+
+
+# --- the drivers' shared loop (bench rpc --cluster, bench locks --cluster) ---------------
+
+
+@dataclass
+class Figure:
+    """One extra column of a driver's table, and its RESULT field (``None``: table only)."""
+
+    column: str
+    cell: Callable[[Any], str]  # from the cluster run
+    result: str | None = None
+
+
+def compare(
+    *,
+    title: str,
+    name: str,
+    kind: str,
+    unit: str,
+    keys: list[str],
+    measure: Callable[[str], Coroutine[Any, Any, tuple[Any, Any]]],
+    figures: list[Figure],
+) -> None:
+    """For each key (a transport, a backend): ``measure(key)`` gives (single run, cluster
+    run), each with ``steady_rate()`` and ``outage``; print one table row per key and the
+    last line ``RESULT name=NAME <key>_single_<unit>=... <key>_cluster_<unit>=...
+    <key>_ratio=... <key>_pause_s=...`` then the figures' fields."""
+    from rich.console import Console  # noqa: PLC0415 - the drivers only
+    from rich.table import Table  # noqa: PLC0415
+
+    table = Table(title=title)
+    rate = unit.replace("_s", "/s")
+    columns = [kind, f"single {rate}", f"cluster {rate}", "ratio", "failover pause s"]
+    for column in [*columns, "back after restart s", *(f.column for f in figures)]:
+        table.add_column(column, justify="right")
+    result = [f"RESULT name={name}"]
+    for key in keys:
+        single, cluster = asyncio.run(measure(key))
+        s_rate, c_rate = single.steady_rate(), cluster.steady_rate()
+        outage: Outage = cluster.outage
+        back = outage.back - outage.revived if outage.back else float("inf")
+        ratio = c_rate / s_rate if s_rate else 0.0
+        cells = [f.cell(cluster) for f in figures]
+        table.add_row(
+            key, f"{s_rate:.0f}", f"{c_rate:.0f}", f"{ratio:.2f}", f"{outage.pause:.2f}",
+            f"{back:.2f}", *cells,
+        )  # fmt: skip
+        result += [
+            f"{key}_single_{unit}={s_rate:.0f}",
+            f"{key}_cluster_{unit}={c_rate:.0f}",
+            f"{key}_ratio={ratio:.2f}",
+            f"{key}_pause_s={outage.pause:.2f}",
+        ]
+        result += [f"{key}_{f.result}={c}" for f, c in zip(figures, cells, strict=True) if f.result]
+    Console(width=160).print(table)
+    print(" ".join(result))

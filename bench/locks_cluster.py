@@ -15,13 +15,9 @@ zookeeper, redis. The machine is shared: ratios in one run count.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 
-from rich.console import Console
-from rich.table import Table
-
-from bench._cluster import LockRun, cluster_url, lock_node_loss
+from bench._cluster import Figure, LockRun, cluster_url, compare, lock_node_loss
 
 # backend -> (single server, cluster)
 TOPOLOGIES = {
@@ -47,44 +43,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--workers", type=int, default=3)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
-    console = Console(width=160)
-    table = Table(title="Locks: one server beside a cluster, and the leader lost (shared machine)")
-    for column in (
-        "backend",
-        "single grants/s",
-        "cluster grants/s",
-        "ratio",
-        "failover pause s",
-        "back after restart s",
-        "fences backwards",
-        "stale writes",
-        "retryable",
-    ):
-        table.add_column(column, justify="right")
-    result: list[str] = ["RESULT name=locks_cluster"]
-    for backend in args.backends.split(","):
-        single, cluster = asyncio.run(_measure(backend, args.seconds, args.workers))
-        s_rate, c_rate = single.steady_rate(), cluster.steady_rate()
-        outage = cluster.outage
-        back = outage.back - outage.revived if outage.back else float("inf")
-        table.add_row(
-            backend,
-            f"{s_rate:.0f}",
-            f"{c_rate:.0f}",
-            f"{c_rate / s_rate:.2f}" if s_rate else "-",
-            f"{outage.pause:.2f}",
-            f"{back:.2f}",
-            str(cluster.fences_backwards),
-            str(cluster.stale_writes),
-            str(cluster.retryable),
-        )
-        result += [
-            f"{backend}_single_per_s={s_rate:.0f}",
-            f"{backend}_cluster_per_s={c_rate:.0f}",
-            f"{backend}_ratio={c_rate / s_rate if s_rate else 0:.2f}",
-            f"{backend}_pause_s={outage.pause:.2f}",
-            f"{backend}_backwards={cluster.fences_backwards}",
-        ]
-    console.print(table)
-    print(" ".join(result))
+    compare(
+        title="Locks: one server beside a cluster, and the leader lost (shared machine)",
+        name="locks_cluster",
+        kind="backend",
+        unit="per_s",
+        keys=args.backends.split(","),
+        measure=lambda b: _measure(b, args.seconds, args.workers),
+        figures=[
+            Figure("fences backwards", lambda r: str(r.fences_backwards), "backwards"),
+            Figure("stale writes", lambda r: str(r.stale_writes)),
+            Figure("retryable", lambda r: str(r.retryable)),
+        ],
+    )
     return 0

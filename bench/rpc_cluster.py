@@ -16,13 +16,9 @@ The machine is shared: ratios in one run count, not the absolute rates.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 
-from rich.console import Console
-from rich.table import Table
-
-from bench._cluster import RpcRun, cluster_url, nats_stream_leader, rpc_node_loss
+from bench._cluster import Figure, RpcRun, cluster_url, compare, nats_stream_leader, rpc_node_loss
 
 # transport -> (single server, cluster)
 TOPOLOGIES = {
@@ -52,47 +48,17 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
-    console = Console(width=160)
-    table = Table(title="RPC: one server beside a cluster, and a node lost (shared machine)")
-    for column in (
-        "transport",
-        "single calls/s",
-        "cluster calls/s",
-        "ratio",
-        "failover pause s",
-        "back after restart s",
-        "lost",
-        "dup casts",
-        "dup notes",
-        "retryable",
-    ):
-        table.add_column(column, justify="right")
-    result: list[str] = ["RESULT name=rpc_cluster"]
-    for transport in args.transports.split(","):
-        single, cluster = asyncio.run(_measure(transport, args.seconds, args.concurrency))
-        s_rate, c_rate = single.steady_rate(), cluster.steady_rate()
-        outage = cluster.outage
-        lost = len(cluster.lost_casts) + len(cluster.lost_notes)
-        back = outage.back - outage.revived if outage.back else float("inf")
-        table.add_row(
-            transport,
-            f"{s_rate:.0f}",
-            f"{c_rate:.0f}",
-            f"{c_rate / s_rate:.2f}" if s_rate else "-",
-            f"{outage.pause:.2f}",
-            f"{back:.2f}",
-            str(lost),
-            str(cluster.duplicate_casts),
-            str(cluster.duplicate_notes),
-            str(cluster.calls_retryable),
-        )
-        result += [
-            f"{transport}_single_calls_s={s_rate:.0f}",
-            f"{transport}_cluster_calls_s={c_rate:.0f}",
-            f"{transport}_ratio={c_rate / s_rate if s_rate else 0:.2f}",
-            f"{transport}_pause_s={outage.pause:.2f}",
-            f"{transport}_lost={lost}",
-            f"{transport}_dup_notes={cluster.duplicate_notes}",
-        ]
-    console.print(table)
-    print(" ".join(result))
+    compare(
+        title="RPC: one server beside a cluster, and a node lost (shared machine)",
+        name="rpc_cluster",
+        kind="transport",
+        unit="calls_s",
+        keys=args.transports.split(","),
+        measure=lambda t: _measure(t, args.seconds, args.concurrency),
+        figures=[
+            Figure("lost", lambda r: str(len(r.lost_casts) + len(r.lost_notes)), "lost"),
+            Figure("dup casts", lambda r: str(r.duplicate_casts)),
+            Figure("dup notes", lambda r: str(r.duplicate_notes), "dup_notes"),
+            Figure("retryable", lambda r: str(r.calls_retryable)),
+        ],
+    )

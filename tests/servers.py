@@ -43,6 +43,15 @@ def server_url(name: str) -> str:
     return _started[name]
 
 
+def sentinel_replica_port() -> int:
+    """The port of redis-sentinel's server that is a replica now (the URL names the three
+    sentinels; the two servers listen on the two ports just below them)."""
+    hosts = server_url("redis-sentinel").split("//", 1)[1].split("/", 1)[0]
+    first_sentinel = int(hosts.split(",")[0].rsplit(":", 1)[1])
+    leader = _run("leader", "redis-sentinel").stdout.strip()
+    return first_sentinel - 2 + (1 if leader == "1" else 0)
+
+
 def restart(name: str) -> None:
     result = _run("restart", name)
     if result.returncode != 0:

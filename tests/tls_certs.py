@@ -8,6 +8,10 @@ presents in front of the real servers). Keys are PKCS#8 PEM, which every server 
 ``python tests/tls_certs.py DIR`` writes them (scripts/servers does, for the TLS servers, when
 DIR has none yet); `make` is the same for fixtures. Existing files are kept, so servers already
 running with them stay valid.
+
+Beside them, `make_nkeys` writes the NATS nkey seeds of the TLS server
+(scripts/servers.d/nats-tls.sh): a user seed it lists (``user.nk``, its public key in
+``user.pub``) and one it does not (``stranger.nk``); seeds are secrets, written 0600.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import os
 import sys
 from pathlib import Path
 
+import nkeys
 import trustme
 from cryptography.hazmat.primitives import serialization
 
@@ -53,7 +58,9 @@ def _pkcs8(blob: bytes) -> bytes:
 
 def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)  # a seed is never 0644
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
     os.chmod(tmp, mode)
     tmp.replace(path)
 
@@ -104,5 +111,29 @@ def make(directory: Path) -> Path:
     return directory
 
 
+NKEY_FILES = ("user.nk", "user.pub", "stranger.nk")
+
+
+def _seed() -> bytes:
+    return bytes(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER))
+
+
+def make_nkeys(directory: Path) -> Path:
+    """Write the nkey seeds into ``directory`` unless they are all there; return it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if all((directory / name).exists() for name in NKEY_FILES):
+        return directory
+    user, stranger = _seed(), _seed()
+    _write(directory / "stranger.nk", stranger + b"\n", 0o600)
+    _write(directory / "user.nk", user + b"\n", 0o600)
+    _write(directory / "user.pub", public_key(directory / "user.nk").encode() + b"\n")
+    return directory
+
+
+def public_key(seed_file: Path) -> str:
+    return bytes(nkeys.from_seed(bytearray(seed_file.read_bytes().strip())).public_key).decode()
+
+
 if __name__ == "__main__":
     make(Path(sys.argv[1]))
+    make_nkeys(Path(sys.argv[1]))

@@ -1,5 +1,6 @@
 # TLS helpers for the servers with TLS listeners (sourced by their scripts).
-# tls_files: the test certificates (tests/tls_certs.py, made with trustme) in $TLS_DIR.
+# tls_files: the test certificates (tests/tls_certs.py, made with trustme) and NATS nkey seeds
+# in $TLS_DIR.
 TLS_DIR="${KEEL_TLS_DIR:-$KEEL_SERVERS_DIR/tls}"
 tls_files() {
     # tests/tls_certs.py itself returns at once when every file is there, and makes the whole set

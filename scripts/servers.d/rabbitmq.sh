@@ -3,8 +3,9 @@
 # $SRV_DIR, a node name of its own and its Erlang distribution port moved off the default, so
 # several nodes (and the system one, if any) never collide. Durable queues and persistent
 # messages live in $SRV_DIR/mnesia, so `restart` keeps them (the broker-restart tests count).
-RABBITMQ_PORT="${KEEL_RABBITMQ_PORT:-56720}"
-# The Erlang default (AMQP port + 20000) is past 65535 for our port; pick one below it.
+RABBITMQ_PORT="${KEEL_RABBITMQ_PORT:-25720}"
+# The Erlang default (AMQP port + 20000) lands in Linux's ephemeral range (32768-60999), where
+# an outbound connection may hold it ("dist_port_already_used"); 10000 below stays out of it.
 RABBITMQ_DIST="${KEEL_RABBITMQ_DIST_PORT:-$((RABBITMQ_PORT - 10000))}"
 SRV_START_TIMEOUT=90
 

@@ -1,6 +1,6 @@
 # Redis (Debian redis-server), no persistence files outside $SRV_DIR, AOF on so that a
 # restart keeps what was acknowledged (appendfsync always: the broker-restart tests count).
-REDIS_PORT="${KEEL_REDIS_PORT:-63790}"
+REDIS_PORT="${KEEL_REDIS_PORT:-26790}"
 srv_install() { apt_install redis-server; }
 srv_launch() {
     launch redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$SRV_DIR" \

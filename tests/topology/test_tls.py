@@ -16,7 +16,6 @@ import re
 import signal
 import ssl
 import sys
-import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -25,43 +24,17 @@ import prometheus_client
 import pytest
 from typer.testing import CliRunner
 
-import keel.coordination
 from keel import errors, urls
 from keel.cli import app
 from keel.hub._serve import store_from_url
-from keel.messaging import RPCClient, RPCServer, Target, connect
 from tests import tls_certs
 from tests.servers import server_url
+from tests.topology.tls_checks import call_over, lock_over
 
 pytestmark = [pytest.mark.timeout(120)]
 
 PASSWORD = "keel-tls-pw"  # the servers' (scripts/servers.d/*-tls.sh)
 WRONG = "wr0ng-pa55-5ecret"
-
-
-class Echo:
-    async def echo(self, ctx: object, text: str) -> str:
-        return text
-
-
-async def _transport(url: str) -> None:
-    transport = await connect(url)
-    try:
-        topic = f"tls-{uuid.uuid4().hex[:8]}"
-        async with RPCServer(transport, Target(topic), [Echo()]):
-            client = RPCClient(transport, Target(topic), timeout=20)
-            assert await client.call(None, "echo", text="over tls") == "over tls"
-    finally:
-        await transport.close()
-
-
-async def _coordination(url: str) -> None:
-    coord = await keel.coordination.connect(url, member_id="tls-test", ttl=10)
-    try:
-        async with coord.lock(f"tls-{uuid.uuid4().hex[:8]}", ttl=10) as held:
-            assert held.fence > 0
-    finally:
-        await coord.close()
 
 
 async def _store(url: str) -> None:
@@ -71,13 +44,13 @@ async def _store(url: str) -> None:
 
 
 # backend -> (server in scripts/servers.d, how to use it once)
-BACKENDS: dict[str, tuple[str, Callable[[str], Awaitable[None]]]] = {
-    "rabbitmq": ("rabbitmq-tls", _transport),
-    "nats": ("nats-tls", _transport),
-    "redis-transport": ("redis-tls", _transport),
-    "redis-coordination": ("redis-tls", _coordination),
-    "etcd": ("etcd-tls", _coordination),
-    "zookeeper": ("zookeeper-tls", _coordination),
+BACKENDS: dict[str, tuple[str, Callable[[str], Awaitable[object]]]] = {
+    "rabbitmq": ("rabbitmq-tls", call_over),
+    "nats": ("nats-tls", call_over),
+    "redis-transport": ("redis-tls", call_over),
+    "redis-coordination": ("redis-tls", lock_over),
+    "etcd": ("etcd-tls", lock_over),
+    "zookeeper": ("zookeeper-tls", lock_over),
     "postgres": ("postgres-tls", _store),
 }
 
@@ -90,7 +63,7 @@ def certs() -> Path:
 @pytest.fixture(params=sorted(BACKENDS))
 def backend(
     request: pytest.FixtureRequest, certs: Path
-) -> tuple[str, Callable[[str], Awaitable[None]]]:
+) -> tuple[str, Callable[[str], Awaitable[object]]]:
     server, use = BACKENDS[request.param]
     return server_url(server), use
 
@@ -114,7 +87,7 @@ def _no_secret(*texts: str) -> None:
 
 
 async def test_connects_with_the_right_ca_certificate_and_password(
-    backend: tuple[str, Callable[[str], Awaitable[None]]], caplog: pytest.LogCaptureFixture
+    backend: tuple[str, Callable[[str], Awaitable[object]]], caplog: pytest.LogCaptureFixture
 ) -> None:
     url, use = backend
     caplog.set_level(logging.DEBUG)
@@ -122,7 +95,7 @@ async def test_connects_with_the_right_ca_certificate_and_password(
     _no_secret(caplog.text)
 
 
-async def test_a_wrong_ca_says_so(backend: tuple[str, Callable[[str], Awaitable[None]]]) -> None:
+async def test_a_wrong_ca_says_so(backend: tuple[str, Callable[[str], Awaitable[object]]]) -> None:
     url, use = backend
     with pytest.raises(errors.TLSError) as info:
         await asyncio.wait_for(use(_swap(url, "/ca.pem", "/other-ca.pem")), 30)
@@ -132,7 +105,7 @@ async def test_a_wrong_ca_says_so(backend: tuple[str, Callable[[str], Awaitable[
 
 
 async def test_an_expired_client_certificate_says_so(
-    backend: tuple[str, Callable[[str], Awaitable[None]]],
+    backend: tuple[str, Callable[[str], Awaitable[object]]],
 ) -> None:
     url, use = backend
     with pytest.raises(errors.TLSError) as info:
@@ -143,7 +116,7 @@ async def test_an_expired_client_certificate_says_so(
 
 
 async def test_a_client_certificate_of_another_ca_is_refused_by_the_server(
-    backend: tuple[str, Callable[[str], Awaitable[None]]],
+    backend: tuple[str, Callable[[str], Awaitable[object]]],
 ) -> None:
     url, use = backend
     with pytest.raises(errors.TLSError) as info:
@@ -153,7 +126,7 @@ async def test_a_client_certificate_of_another_ca_is_refused_by_the_server(
 
 
 async def test_a_wrong_password_says_so_and_shows_no_secret(
-    backend: tuple[str, Callable[[str], Awaitable[None]]], caplog: pytest.LogCaptureFixture
+    backend: tuple[str, Callable[[str], Awaitable[object]]], caplog: pytest.LogCaptureFixture
 ) -> None:
     url, use = backend
     await use(url)  # ZooKeeper: the right user creates /keel with its ACL first

@@ -141,3 +141,30 @@ async def test_no_password_in_any_log_record_at_any_level(
         for secret in (PASSWORD, WRONG):
             assert secret not in text, text
             assert re.sub("-", "", secret) not in text.replace("-", ""), text
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "reason"),
+    [
+        ("/client.", "/other-client.", "client-cert-rejected"),
+        ("/ca.pem", "/other-ca.pem", "unknown-ca"),
+    ],
+)
+async def test_postgres_says_which_tls_refusal_asyncpg_saw_as_a_closed_connection(
+    old: str, new: str, reason: str
+) -> None:
+    """Under TLS 1.3 PostgreSQL refuses a client certificate after the handshake, while
+    asyncpg already writes: the server's reset may beat its alert, and asyncpg says only
+    "connection was closed in the middle of operation" (once reported so, as
+    BackendUnavailable). That error, on a real refusal, is the `TLSError` that says why:
+    the probe reads before it writes."""
+    import asyncpg  # noqa: PLC0415
+
+    from keel.hub.stores._pg_connect import hidden_refusal  # noqa: PLC0415
+
+    url = server_url("postgres-tls")
+    closed = asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
+    found = await hidden_refusal(closed, url.replace(old, new))
+    assert isinstance(found, errors.TLSError)
+    assert found.reason == reason
+    assert await hidden_refusal(closed, url) is None  # the right certificate: not a TLS refusal
