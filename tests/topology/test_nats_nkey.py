@@ -21,7 +21,7 @@ from keel import errors, urls
 from keel.messaging import connect
 from tests import tls_certs
 from tests.servers import server_url
-from tests.topology.test_tls import _transport as use_transport
+from tests.topology.tls_checks import call_over as use_transport
 
 pytestmark = [pytest.mark.timeout(120)]
 
