@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 
 from keel.hub import Hub, HubServer, Principal, SQLiteStore, StaticTokens, Store
+from keel.hub.stores.base import Retention, Subscription
 from tests.servers import server_url
+
+if TYPE_CHECKING:
+    from keel.hub.stores.postgres import PostgresStore
 
 StoreFactory = Callable[[Path], Awaitable[Store]]
 
@@ -54,6 +60,39 @@ async def drop(store: Store) -> None:
         conn = await asyncpg.connect(server_url("postgres"))
         await conn.execute(f"DROP SCHEMA {schema} CASCADE")
         await conn.close()
+
+
+def plain_sub(
+    sub_id: str,
+    *,
+    max_messages: int | None = None,
+    max_age_s: float | None = Retention().max_age_s,
+    max_deliveries: int = 5,
+) -> Subscription:
+    """A subscription record as the store tests make them: no webhook, project "p"."""
+    return Subscription(
+        id=sub_id,
+        webhook=None,
+        project="p",
+        user="u",
+        spec={},
+        retention=Retention(max_messages=max_messages, max_age_s=max_age_s),
+        max_deliveries=max_deliveries,
+        created_at=0.0,
+    )
+
+
+@asynccontextmanager
+async def fresh_pg_store(**options: Any) -> AsyncIterator[PostgresStore]:
+    """A PostgreSQL store open on a schema of its own, dropped afterwards."""
+    from keel.hub.stores.postgres import PostgresStore  # noqa: PLC0415 - needs the server
+
+    store = PostgresStore(server_url("postgres"), schema=f"t_{uuid.uuid4().hex[:12]}", **options)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await drop(store)
 
 
 async def another_view(store: Store) -> Store:

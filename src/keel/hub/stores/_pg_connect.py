@@ -16,8 +16,11 @@ import asyncio
 import socket
 import ssl
 import struct
+from collections.abc import Callable
+from typing import Any
 
 import asyncpg
+from asyncpg import connect_utils
 
 from keel import urls
 from keel._tls import (
@@ -35,6 +38,26 @@ _REFUSED_LOGIN = (
     asyncpg.InvalidPasswordError,
     asyncpg.InvalidAuthorizationSpecificationError,
 )
+
+
+def _retrieved_when_lost(lost: Callable[[Any, Exception | None], None]) -> Callable[..., None]:
+    def connection_lost(self: Any, exc: Exception | None) -> None:
+        lost(self, exc)
+        if self.on_data.done() and not self.on_data.cancelled():
+            self.on_data.exception()  # marks it retrieved; an awaiter still gets it
+
+    return connection_lost
+
+
+# asyncpg's sslmode=prefer (its default) first asks for TLS over a socket whose protocol keeps
+# a Future for the answer. A connect cancelled inside loop.create_connection (a request whose
+# client left while the pool was opening a connection for it) drops that protocol; its
+# connection_lost then sets an exception nobody will await, and asyncio logs "Future exception
+# was never retrieved" for every such cancel (asyncpg 0.30 to 0.32).
+if hasattr(connect_utils, "TLSUpgradeProto"):
+    connect_utils.TLSUpgradeProto.connection_lost = _retrieved_when_lost(  # type: ignore[method-assign]
+        connect_utils.TLSUpgradeProto.connection_lost
+    )
 
 
 def dsn_and_ssl(url: str) -> tuple[str, ssl.SSLContext | None]:

@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import asyncpg
 import msgspec
@@ -84,6 +85,111 @@ ALTER TABLE {s}.claims ADD COLUMN IF NOT EXISTS created_at DOUBLE PRECISION NOT 
 ALTER TABLE {s}.claims ADD COLUMN IF NOT EXISTS ttl DOUBLE PRECISION NOT NULL DEFAULT 0;
 """
 
+# `PostgresStore.append` in one statement, so one round trip and its own (implicit)
+# transaction: under a hostile tenant's load every round trip of the hub's loop and of the
+# server costs several times its quiet price, and an append of nine (BEGIN, each statement,
+# COMMIT, the pool's reset) was what the measured tenant's events waited behind, twice (the
+# commit in flight, then its own). The same steps as before, in the same order: dedup, lock
+# the queues in id order, advance them, insert the events (increasing ids, in batch order)
+# and the messages, enforce max_messages, notify. Items are given as the flattened
+# (item, subscription) pairs; it returns each message's queue, seq and item (1-based), in
+# batch order.
+_APPEND_FN = """
+CREATE OR REPLACE FUNCTION {s}.append_batch(
+    p_ev text[], p_body bytea[], p_pi int[], p_ps text[], p_vis float8[], p_exp float8[],
+    p_now float8, p_ready text, p_channel text, p_origin text)
+RETURNS TABLE (o_sub text, o_seq bigint, o_item int) LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_fresh int[];
+    v_kept int[];
+    v_eids bigint[];
+    v_sid text[];
+    v_base bigint[];
+    v_last bigint[];
+    v_first bigint[];
+    v_max bigint[];
+    v_n bigint;
+    v_k int;
+    v_id text;
+    v_chunk text := '';
+BEGIN
+    WITH ins AS (
+        -- In order: two hubs inserting the same ids (a bus redelivery) in different orders
+        -- deadlocked on each other's index entries.
+        INSERT INTO {s}.ingested (event_id, at)
+        SELECT DISTINCT e, p_now FROM unnest(p_ev) AS e ORDER BY e
+        ON CONFLICT DO NOTHING RETURNING event_id)
+    SELECT array_agg(f.k ORDER BY f.k) INTO v_fresh FROM (
+        SELECT min(u.k) AS k FROM unnest(p_ev) WITH ORDINALITY AS u(e, k)
+        JOIN ins ON ins.event_id = u.e GROUP BY u.e) AS f;
+    IF v_fresh IS NULL THEN
+        RETURN;
+    END IF;
+    PERFORM 1 FROM {s}.subscriptions AS s WHERE s.id IN (
+        SELECT p.s FROM unnest(p_pi, p_ps) AS p(i, s) WHERE p.i = ANY(v_fresh))
+        ORDER BY s.id FOR UPDATE;
+    WITH c AS (
+        SELECT p.s AS id, count(*) AS n FROM unnest(p_pi, p_ps) AS p(i, s)
+        WHERE p.i = ANY(v_fresh) GROUP BY p.s),
+    up AS (
+        UPDATE {s}.subscriptions AS s SET last_seq = s.last_seq + c.n FROM c WHERE s.id = c.id
+        RETURNING s.id, s.last_seq - c.n AS base, s.last_seq, s.first_seq, s.max_messages)
+    SELECT array_agg(up.id ORDER BY up.id), array_agg(up.base ORDER BY up.id),
+           array_agg(up.last_seq ORDER BY up.id), array_agg(up.first_seq ORDER BY up.id),
+           array_agg(up.max_messages ORDER BY up.id)
+    INTO v_sid, v_base, v_last, v_first, v_max FROM up;
+    IF v_sid IS NULL THEN
+        RETURN;
+    END IF;
+    SELECT array_agg(DISTINCT p.i ORDER BY p.i) INTO v_kept FROM unnest(p_pi, p_ps) AS p(i, s)
+    WHERE p.i = ANY(v_fresh) AND p.s = ANY(v_sid);
+    -- Inserted under the queues' locks: each queue's messages name increasing event ids.
+    WITH x AS (
+        INSERT INTO {s}.events (body) SELECT p_body[u.k] FROM unnest(v_kept)
+        WITH ORDINALITY AS u(k, n) ORDER BY u.n RETURNING id)
+    SELECT array_agg(x.id ORDER BY x.id) INTO v_eids FROM x;
+    RETURN QUERY WITH pairs AS (
+        SELECT p.s, p.i, p.o, k.eid,
+               b.base + row_number() OVER (PARTITION BY p.s ORDER BY p.o) AS seq
+        FROM unnest(p_pi, p_ps) WITH ORDINALITY AS p(i, s, o)
+        JOIN unnest(v_sid, v_base) AS b(id, base) ON b.id = p.s
+        JOIN unnest(v_kept, v_eids) AS k(i, eid) ON k.i = p.i),
+    ins AS (
+        INSERT INTO {s}.messages (sub_id, seq, event_id, state, enqueued_at, visible_at,
+                                  expires_at)
+        SELECT pairs.s, pairs.seq, pairs.eid, p_ready, p_now, p_vis[pairs.i], p_exp[pairs.i]
+        FROM pairs)
+    SELECT pairs.s, pairs.seq, pairs.i::int FROM pairs ORDER BY pairs.o;
+    FOR v_k IN 1..array_length(v_sid, 1) LOOP
+        IF v_max[v_k] IS NOT NULL AND v_last[v_k] - v_first[v_k] + 1 > v_max[v_k] THEN
+            DELETE FROM {s}.messages AS m
+            WHERE m.sub_id = v_sid[v_k] AND m.seq < v_last[v_k] - v_max[v_k] + 1;
+            GET DIAGNOSTICS v_n = ROW_COUNT;
+            UPDATE {s}.subscriptions AS s
+            SET first_seq = greatest(s.first_seq, v_last[v_k] - v_max[v_k] + 1),
+                dropped = s.dropped + v_n
+            WHERE s.id = v_sid[v_k];
+        END IF;
+    END LOOP;
+    -- NOTIFY payloads are limited to 8000 bytes: the ids in chunks of a bounded size.
+    FOREACH v_id IN ARRAY v_sid LOOP
+        IF v_chunk <> '' AND octet_length(v_chunk) + octet_length(v_id) > {notify_bytes} THEN
+            PERFORM pg_notify(p_channel, p_origin || ' append ' || v_chunk);
+            v_chunk := '';
+        END IF;
+        v_chunk := CASE WHEN v_chunk = '' THEN v_id ELSE v_chunk || ',' || v_id END;
+    END LOOP;
+    PERFORM pg_notify(p_channel, p_origin || ' append ' || v_chunk);
+END $fn$;
+"""
+# Room for the ids in one NOTIFY payload (8000 bytes with the origin and the kind).
+_NOTIFY_BYTES = 7000
+_APPEND_FN = _APPEND_FN.replace("{notify_bytes}", str(_NOTIFY_BYTES))
+# Concurrent hubs may still deadlock where their locks meet (PostgreSQL aborts one): an
+# append or an open, each its own transaction, is run again this many times.
+_DEADLOCK_RETRIES = 3
+_RETRIED = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
+
 if TYPE_CHECKING:
     Conn = asyncpg.pool.PoolConnectionProxy[asyncpg.Record]
 
@@ -96,6 +202,27 @@ _LOST: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, "starting up"
 )
+
+
+async def _reset(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    """The pool's reset of a connection given back: only a transaction left open is rolled
+    back. asyncpg's default (advisory unlock, CLOSE ALL, UNLISTEN, RESET ALL) was one more
+    round trip after every statement, and this store leaves none of those behind: its
+    advisory locks are transaction-scoped (released by this ROLLBACK at the latest)."""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
+def _dedup_key(event_id: str) -> str:
+    """The event id as PostgreSQL text can hold it: a CloudEvents id may contain U+0000
+    (SQLite stores it), which PostgreSQL refuses, and the refusal failed the whole group
+    commit, every tenant's events in it. Only ids with U+0000 or a leading U+FFFF (a
+    noncharacter) change: marked by a leading U+FFFF, with U+FFFF written twice and U+0000
+    as U+FFFF "0", so no two ids share a key."""
+    if "\x00" not in event_id and not event_id.startswith("\uffff"):
+        return event_id
+    escaped = event_id.replace("\uffff", "\uffff\uffff").replace("\x00", "\uffff0")
+    return "\uffff" + escaped
 
 
 def _gone(conn: Conn) -> bool:
@@ -221,6 +348,7 @@ class PostgresStore:
                 max_size=self.pool_size,
                 timeout=self.connect_timeout,
                 ssl=self._ssl,
+                reset=_reset,
             )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             refused = refusal(exc, self.url) or await hidden_refusal(exc, self.url)
@@ -229,14 +357,47 @@ class PostgresStore:
             raise BackendUnavailable(
                 f"cannot reach PostgreSQL at the hub store URL: {exc}"
             ) from None
-        async with self._conn() as conn:
-            await conn.execute(
-                f"SELECT pg_advisory_lock(hashtext('{self.schema}'));"
-                f"CREATE SCHEMA IF NOT EXISTS {self.schema};"
-                + self._q(_MIGRATE)
-                + self._q(_SCHEMA)
-                + f"SELECT pg_advisory_unlock(hashtext('{self.schema}'));"
-            )
+        try:
+            await self._set_up()
+        except BaseException:
+            await self._pool.close()
+            self._pool = None
+            raise
+
+    async def _set_up(self) -> None:
+        """Create or migrate the schema, unless it is the layout this code writes already.
+
+        A hub that (re)starts while others append only reads the schema's mark: its DDL
+        (CREATE INDEX IF NOT EXISTS takes the tables' locks in another order than an append)
+        deadlocked with them. The DDL runs in one transaction under a transaction-scoped
+        advisory lock, released at COMMIT: a session lock released by the script's last
+        statement let the next hub in before the schema was committed, and its CREATE
+        SCHEMA failed on the unique name."""
+        ddl = self._q(_MIGRATE) + self._q(_SCHEMA) + self._q(_APPEND_FN)
+        mark = "keel-hub " + hashlib.sha256(ddl.encode()).hexdigest()[:16]
+        for attempt in range(_DEADLOCK_RETRIES + 1):
+            async with self._conn() as conn:
+                current = await conn.fetchval(
+                    "SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace "
+                    "WHERE nspname = $1 AND to_regproc($2) IS NOT NULL",
+                    self.schema,
+                    f"{self.schema}.append_batch",
+                )
+                if current == mark:
+                    return
+                try:
+                    async with conn.transaction():
+                        await conn.execute(
+                            f"SELECT pg_advisory_xact_lock(hashtext('{self.schema}'));"
+                            f"CREATE SCHEMA IF NOT EXISTS {self.schema};"
+                            + ddl
+                            + f"COMMENT ON SCHEMA {self.schema} IS '{mark}';"
+                        )
+                except _RETRIED:
+                    if attempt == _DEADLOCK_RETRIES:
+                        raise
+                else:
+                    return
 
     async def watch(self, on_change: Callable[[str, str], None]) -> None:
         self._watchers.append(on_change)
@@ -312,11 +473,21 @@ class PostgresStore:
             self._watchers.remove(on_change)
 
     async def _notify(self, conn: Conn, kind: str, sub_ids: Sequence[str]) -> None:
-        # NOTIFY payloads are limited to 8000 bytes: send the ids in chunks.
-        ids = sorted(sub_ids)
-        for i in range(0, len(ids), 100):
-            payload = f"{self.origin} {kind} {','.join(ids[i : i + 100])}"
-            await conn.execute("SELECT pg_notify($1, $2)", self.channel, payload)
+        # NOTIFY payloads are limited to 8000 bytes: send the ids in chunks of bounded size.
+        chunk: list[str] = []
+        size = 0
+        for sub_id in sorted(sub_ids):
+            if chunk and size + len(sub_id.encode()) + 1 > _NOTIFY_BYTES:
+                await self._notify_one(conn, kind, chunk)
+                chunk, size = [], 0
+            chunk.append(sub_id)
+            size += len(sub_id.encode()) + 1
+        if chunk:
+            await self._notify_one(conn, kind, chunk)
+
+    async def _notify_one(self, conn: Conn, kind: str, sub_ids: list[str]) -> None:
+        payload = f"{self.origin} {kind} {','.join(sub_ids)}"
+        await conn.execute("SELECT pg_notify($1, $2)", self.channel, payload)
 
     @property
     def listener_pid(self) -> int | None:
@@ -472,92 +643,48 @@ class PostgresStore:
     # --- queues -------------------------------------------------------------------------
 
     async def append(self, batch: Sequence[Routed], *, now: float) -> list[Appended]:
-        async with self._tx() as conn:
-            fresh_ids = {
-                r[0]
-                for r in await conn.fetch(
-                    self._q(
-                        "INSERT INTO {s}.ingested (event_id, at) SELECT DISTINCT e, $2::float8 "
-                        "FROM unnest($1::text[]) AS e ON CONFLICT DO NOTHING RETURNING event_id"
-                    ),
-                    [item.event_id for item in batch],
-                    now,
-                )
-            }
-            fresh: list[Routed] = []
-            for item in batch:
-                if item.event_id in fresh_ids:
-                    fresh.append(item)
-                    fresh_ids.discard(item.event_id)  # a duplicate within the batch too
-            counts: dict[str, int] = {}
-            for item in fresh:
-                for sub_id in item.subscriptions:
-                    counts[sub_id] = counts.get(sub_id, 0) + 1
-            if not counts:
-                return []
-            # Lock every touched queue in id order (no deadlock between hubs), then advance.
-            await conn.execute(
-                self._q(
-                    "SELECT id FROM {s}.subscriptions WHERE id = ANY($1::text[]) "
-                    "ORDER BY id FOR UPDATE"
-                ),
-                sorted(counts),
-            )
-            rows = await conn.fetch(
-                self._q(
-                    "UPDATE {s}.subscriptions AS s SET last_seq = s.last_seq + c.n "
-                    "FROM unnest($1::text[], $2::bigint[]) AS c(id, n) WHERE s.id = c.id "
-                    "RETURNING s.id, s.last_seq, s.first_seq, s.max_messages"
-                ),
-                sorted(counts),
-                [counts[k] for k in sorted(counts)],
-            )
-            next_seq = {r["id"]: r["last_seq"] - counts[r["id"]] for r in rows}
-            kept = [item for item in fresh if any(s in next_seq for s in item.subscriptions)]
-            # Inserted now, under the queues' locks, so that each queue's messages name
-            # increasing event ids (the clean-up of unreferenced events relies on it).
-            ids = sorted(
-                r[0]
-                for r in await conn.fetch(
-                    self._q(
-                        "INSERT INTO {s}.events (body) SELECT b FROM unnest($1::bytea[]) "
-                        "WITH ORDINALITY AS u(b, n) ORDER BY n RETURNING id"
-                    ),
-                    [item.body for item in kept],
-                )
-            )
-            out: list[Appended] = []
-            cols: tuple[list[Any], ...] = ([], [], [], [], [])
-            for item, event_id in zip(kept, ids, strict=True):
-                visible = now + item.delay if item.delay else 0.0
-                expires = now + item.ttl if item.ttl is not None else None
-                for sub_id in item.subscriptions:
-                    if sub_id not in next_seq:
-                        continue  # deleted between routing and commit
-                    next_seq[sub_id] += 1
-                    cols[0].append(sub_id)
-                    cols[1].append(next_seq[sub_id])
-                    cols[2].append(event_id)
-                    cols[3].append(visible)
-                    cols[4].append(expires)
-                    out.append(Appended(sub_id, next_seq[sub_id], item.body, item.event_id))
-            await conn.execute(
-                self._q(
-                    "INSERT INTO {s}.messages (sub_id, seq, event_id, state, enqueued_at, "
-                    "visible_at, expires_at) SELECT u.a, u.b, u.c, $6, $7, u.d, u.e "
-                    "FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::float8[], "
-                    "$5::float8[]) AS u(a, b, c, d, e)"
-                ),
-                *cols,
-                READY,
-                now,
-            )
-            for r in rows:
-                limit, last, first = r["max_messages"], r["last_seq"], r["first_seq"]
-                if limit is not None and last - first + 1 > limit:
-                    await self._drop_before(conn, r["id"], last - limit + 1)
-            await self._notify(conn, "append", [r["id"] for r in rows])
+        if not batch:
+            return []
+        pair_items: list[int] = []
+        pair_subs: list[str] = []
+        for n, item in enumerate(batch, 1):
+            pair_items += [n] * len(item.subscriptions)
+            pair_subs += item.subscriptions
+        for attempt in range(_DEADLOCK_RETRIES + 1):
+            try:
+                rows = await self._append_batch(batch, pair_items, pair_subs, now)
+                break
+            except _RETRIED:
+                if attempt == _DEADLOCK_RETRIES:
+                    raise
+        out: list[Appended] = []
+        for sub_id, seq, n in rows:
+            item = batch[n - 1]
+            out.append(Appended(sub_id, seq, item.body, item.event_id))
         return out
+
+    async def _append_batch(
+        self, batch: Sequence[Routed], pair_items: list[int], pair_subs: list[str], now: float
+    ) -> list[asyncpg.Record]:
+        async with self._conn() as conn:
+            # One statement, outside an explicit transaction: its own, one round trip.
+            return await conn.fetch(
+                self._q(
+                    "SELECT o_sub, o_seq, o_item FROM {s}.append_batch($1::text[], "
+                    "$2::bytea[], $3::int[], $4::text[], $5::float8[], $6::float8[], "
+                    "$7::float8, $8::text, $9::text, $10::text)"
+                ),
+                [_dedup_key(item.event_id) for item in batch],
+                [item.body for item in batch],
+                pair_items,
+                pair_subs,
+                [now + item.delay if item.delay else 0.0 for item in batch],
+                [now + item.ttl if item.ttl is not None else None for item in batch],
+                now,
+                READY,
+                self.channel,
+                self.origin,
+            )
 
     async def _drop_before(self, conn: Conn, sub_id: str, first: int) -> int:
         done = await conn.execute(
