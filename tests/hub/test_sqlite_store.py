@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from keel.errors import NotFound
-from keel.hub import SQLiteStore
+from keel.hub import CloudEvent, Hub, Principal, SQLiteStore, StaticTokens
 from keel.hub.stores.base import Routed
 from keel.hub.stores.sqlite import SMALL_QUEUE
 from tests.hub.test_store_conformance import NOW, ev, make_sub
@@ -89,4 +91,54 @@ async def test_a_long_queue_and_a_short_one_are_deleted_whole(tmp_path: Path) ->
         (left,) = store.db.execute("SELECT count(*) FROM events").fetchone()
         assert left == 1  # the one "kept" holds
     finally:
+        await store.close()
+
+
+async def test_subscription_churn_shares_the_ingest_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the hub ingests, a tenant creating and deleting subscriptions one after another
+    joins the transactions of the ingest batches rather than taking every other one (an
+    fsync each, which every waiting event of every tenant waited for). Counted in
+    transactions, not time."""
+    store = SQLiteStore(tmp_path / "hub.db")
+    await store.open()
+    flooder = Principal("one", "p-one", ("member",))
+    churner = Principal("two", "p-two", ("member",))
+    hub = Hub(store, StaticTokens({}))
+    await hub.start()
+    try:
+        await hub.create_subscription(flooder, {})
+        carried: list[bool] = []  # per transaction: did it carry an ingest batch
+        committing = asyncio.Event()  # the flood is committing
+        commit_batch = store._commit_batch
+
+        async def counted(batch: Any) -> None:
+            carried.append(store._ingesting)
+            if store._ingesting:
+                committing.set()
+            await commit_batch(batch)
+
+        monkeypatch.setattr(store, "_commit_batch", counted)
+        stop = asyncio.Event()
+
+        async def flood() -> None:
+            while not stop.is_set():
+                await hub.ingest(
+                    CloudEvent(id=uuid.uuid4().hex, source="s", type="t", tenant="p-one")
+                )
+
+        floods = [asyncio.create_task(flood()) for _ in range(8)]
+        await asyncio.wait_for(committing.wait(), 10)
+        before = len(carried)
+        for _ in range(30):
+            sub = await hub.create_subscription(churner, {})
+            await hub.delete_subscription(churner, sub.id)
+        churned = carried[before:]
+        stop.set()
+        await asyncio.gather(*floods)
+        alone = churned.count(False)
+        assert alone <= 3, (alone, len(churned))
+    finally:
+        await hub.stop()
         await store.close()
