@@ -25,6 +25,7 @@ fences) wait for ``WAIT N`` before they count as done; see `replicated`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from collections.abc import Mapping
@@ -35,6 +36,7 @@ import redis.asyncio as aioredis
 from redis import exceptions as rexc
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import (
+    MasterNotFoundError,
     Sentinel,
     SentinelConnectionPool,
     SentinelManagedConnection,
@@ -178,6 +180,76 @@ class _SentinelSSLConnection(_SentinelConnection, SentinelManagedSSLConnection):
     pass
 
 
+class _Sentinels(Sentinel):
+    """redis-py's asyncio Sentinel manager, mended where concurrent callers lose sentinels.
+
+    redis-py's ``discover_master`` walks ``self.sentinels`` with ``enumerate`` and, when one
+    answers, swaps it to the front by the index it had when the walk reached it. Every
+    connect to the primary calls it, so after a failover every consumer and every pipe of a
+    client asks at once; a caller whose sentinel moved meanwhile (another caller's swap, or
+    `_SentinelConnection`'s rotation) swapped by a stale index: ``[s1, s2, s3]`` became
+    ``[s3, s2, s3]``. The dropped sentinel was never asked again, and its client (with its
+    open TLS connections) was left to the garbage collector, unclosed: one sentinel
+    connection leaked per failover, and the rotation lost a sentinel. Here the walk is over
+    a copy and the answering sentinel is found by identity, so the list keeps every
+    sentinel once; and `aclose` closes every client made, whatever the list holds by then.
+    """
+
+    def __init__(self, sentinels: list[tuple[str, int]], **kwargs: Any) -> None:
+        super().__init__(sentinels, **kwargs)  # type: ignore[no-untyped-call]
+        self._made: tuple[aioredis.Redis, ...] = tuple(self.sentinels)
+
+    async def discover_master(self, service_name: str) -> tuple[Any, Any]:
+        failures: list[str] = []
+        refused: list[rexc.ResponseError] = []
+        for sentinel in list(self.sentinels):
+            try:
+                masters: Any = await sentinel.sentinel_masters()
+            except (rexc.ConnectionError, rexc.TimeoutError) as exc:
+                failures.append(f"{sentinel} - {exc!r}")
+                continue
+            except rexc.ResponseError as exc:
+                # redis-py lets this out and never asks the sentinels after it: one sentinel
+                # whose ACL lacks SENTINEL MASTERS (or a stale config) hid the two that know
+                # the primary. A refusal from every sentinel is a configuration error.
+                where = sentinel.connection_pool.connection_kwargs
+                log.warning(
+                    "redis: sentinel %s:%s refused SENTINEL MASTERS: %s",
+                    where.get("host"), where.get("port"), exc,
+                )  # fmt: skip
+                failures.append(f"{sentinel} - {exc!r}")
+                refused.append(exc)
+                continue
+            state = masters.get(service_name)
+            if state and self.check_master_state(state, service_name):
+                self._ask_first(sentinel)
+                forced = getattr(self, "_force_master_ip", None)
+                return (forced if forced is not None else state["ip"]), state["port"]
+        if refused and len(refused) == len(self.sentinels):
+            raise refused[0]
+        detail = f" : {', '.join(failures)}" if failures else ""
+        raise MasterNotFoundError(f"No master found for {service_name!r}{detail}")
+
+    def _ask_first(self, sentinel: aioredis.Redis) -> None:
+        """Swap the sentinel that answered to the front, by where it is now."""
+        order = self.sentinels
+        for index, other in enumerate(order):
+            if other is sentinel:
+                order[0], order[index] = order[index], order[0]
+                return
+
+    async def aclose(self) -> None:
+        """Close every sentinel client this manager made, each even if another fails
+        (redis-py's own, in the versions that have one, closes those still in the list;
+        see redis/redis-py#3201)."""
+        results = await asyncio.gather(
+            *(sentinel.aclose() for sentinel in self._made), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+
 async def follow(redis: aioredis.Redis) -> None:
     """Under Sentinel, ask the sentinels for the primary now: the pool's connections to any
     other server leave it before their next command (see `_SentinelConnection`). A consume
@@ -213,24 +285,23 @@ def client(where: Target, **kwargs: Any) -> aioredis.Redis:
         "retry": Retry(NoBackoff(), 0),
         **where.ssl_kwargs(),
     }
-    manager = Sentinel(where.sentinels, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+    manager = _Sentinels(where.sentinels, sentinel_kwargs=sentinel_kwargs)
     connection = _SentinelSSLConnection if where.tls is not None else _SentinelConnection
     redis: aioredis.Redis = manager.master_for(
         where.service, redis_class=aioredis.Redis, connection_class=connection, **common
     )
-    _managers[id(redis)] = manager
     return redis
 
 
-_managers: dict[int, Sentinel] = {}  # client -> the Sentinel manager whose sentinels it asks
-
-
 async def close(redis: aioredis.Redis) -> None:
-    """Close a client of `client`, and its connections to the sentinels."""
-    await redis.aclose()
-    manager = _managers.pop(id(redis), None)
-    for sentinel in manager.sentinels if manager is not None else ():
-        await sentinel.aclose()
+    """Close a client of `client`, and its connections to the sentinels (redis-py's
+    ``Redis.aclose`` leaves the Sentinel manager's own clients open)."""
+    manager = getattr(redis.connection_pool, "sentinel_manager", None)
+    try:
+        await redis.aclose()
+    finally:
+        if isinstance(manager, _Sentinels):
+            await manager.aclose()
 
 
 async def primary(where: Target) -> tuple[str, int]:
@@ -247,7 +318,7 @@ async def primary(where: Target) -> tuple[str, int]:
         **where.ssl_kwargs(),
     }
     order = _sentinel_order.setdefault(tuple(where.sentinels), list(where.sentinels))
-    manager = Sentinel(list(order), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+    manager = _Sentinels(list(order), sentinel_kwargs=sentinel_kwargs)
     try:
         host, port = await manager.discover_master(where.service)
         # discover_master put the sentinel that answered first: asked first next time too.
@@ -257,8 +328,7 @@ async def primary(where: Target) -> tuple[str, int]:
             order.remove(answered)
             order.insert(0, answered)
     finally:
-        for sentinel in manager.sentinels:
-            await sentinel.aclose()
+        await manager.aclose()
     return str(host), int(port)
 
 

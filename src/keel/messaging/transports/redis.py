@@ -793,9 +793,14 @@ class RedisTransport:
                 with _mapped("connect", self.url):
                     await _redis_client.check_login(self.redis, self._where)
                     await self.cmd("PING")
-        except TimeoutError:
-            with contextlib.suppress(Exception):  # a half-made connection must not linger
-                await self.redis.connection_pool.disconnect()
+        except BaseException as exc:
+            # A failed connect leaves nothing open: neither the pool's half-made connections
+            # nor the sentinel clients' (asked for the primary before a refused login), which
+            # nobody closes otherwise, since the caller never gets the transport.
+            with contextlib.suppress(Exception):
+                await _redis_client.close(self.redis)
+            if not isinstance(exc, TimeoutError):
+                raise
             raise TransportError(
                 f"cannot reach redis {self.url.redacted()} within {self.connect_timeout:g}s "
                 "(connect_timeout)",
