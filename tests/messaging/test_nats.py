@@ -179,3 +179,43 @@ async def test_a_call_routed_to_a_draining_server_after_its_unsubscribe_is_hande
     await other.stop()
     for transport in (draining_transport, other_transport, client_transport):
         await transport.close()
+
+
+async def test_a_pull_request_lost_with_its_server_is_asked_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pull request held by a stream leader that dies gets no 408, ever (found in
+    tests/topology/test_nats_stream_leader_loss.py: the stream held every notification, the
+    listener never got the last one). Here the first pull request never reaches the server;
+    the puller, hearing no idle heartbeat for it, asks again and gets the message."""
+    monkeypatch.setattr(nats_transport, "_PULL_HEARTBEAT_S", 0.2)
+    transport = await connect(server_url("nats"))
+    queue = f"nats-{uuid.uuid4().hex[:8]}"
+    publish = transport.nc.publish  # type: ignore[attr-defined]
+    dropped: list[str] = []
+
+    async def lossy(subject: str, payload: bytes = b"", **kwargs: Any) -> None:
+        if subject.startswith("$JS.API.CONSUMER.MSG.NEXT.") and not dropped:
+            dropped.append(subject)  # sent to a server that died with it
+            return
+        await publish(subject, payload, **kwargs)
+
+    try:
+        await transport.declare_queue(queue, durable=True)
+        transport.nc.publish = lossy  # type: ignore[attr-defined]
+        got: list[bytes] = []
+        acks: set[asyncio.Future[None]] = set()
+
+        def handle(delivery: Delivery) -> None:
+            got.append(delivery.body)
+            acks.add(asyncio.ensure_future(delivery.ack()))
+
+        consumer = await transport.consume(queue, handle, prefetch=4)
+        assert dropped, "the first pull request was not sent through nc.publish"
+        await transport.send(queue, b"after", durable=True)
+        await eventually(lambda: got == [b"after"], timeout=10)
+        await consumer.cancel()
+        await transport.delete_queue(queue)
+    finally:
+        transport.nc.publish = publish  # type: ignore[attr-defined]
+        await transport.close()

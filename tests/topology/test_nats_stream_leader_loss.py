@@ -9,7 +9,10 @@ connection had not declared the queue itself, and returned, as AMQP drops an unr
 message: the notification was confirmed and never stored (before the fix, "undeclared" here:
 12,299 of 12,768 confirmed missing). A Notifier declares its topic's queue on its own
 connection, so its publishes retried instead; yet "notifier" here once missed 513 of 1,210
-before the fix (one run in six, not seen since): that one is not explained.
+before the fix (one run in six), and later 1 of 422 with all 423 in the stream: stored, never
+delivered. A pull request held by the killed leader is never answered (no 408), and the
+listener waited on it; pullers now ask for idle heartbeats and ask again after three silent
+ones (tests/messaging/test_nats.py::test_a_pull_request_lost_with_its_server_is_asked_again).
 
 The node-loss test and the bench kill the leader of the RPC topic's stream; here the killed
 server leads the notification stream, and the notifier is connected to a server that stays up
@@ -23,6 +26,7 @@ import time
 import uuid
 
 import nats
+import nats.errors
 import pytest
 from bench._cluster import servers
 
@@ -104,8 +108,9 @@ async def test_a_confirmed_notification_survives_its_stream_leader_loss(publishe
             f"confirmed, {retryable} retryable, {len(missing)} missing, "
             f"{sum(1 for n in sink.seen.values() if n > 1)} duplicates"
         )
-        stored = await _stored(hosts[killed % len(hosts)], topic)
-        assert not missing, (_ranges(missing), f"{stored} in the stream")
+        if missing:  # only then: the cluster's meta leader may still be electing
+            stored = await _stored(hosts[killed % len(hosts)], topic)
+            raise AssertionError((_ranges(missing), f"{stored} in the stream"))
     finally:
         await listener.stop()
         await listen_t.close()
@@ -115,8 +120,12 @@ async def test_a_confirmed_notification_survives_its_stream_leader_loss(publishe
             await asyncio.to_thread(servers, "revive", CLUSTER, str(killed))
 
 
-async def _stored(host: str, topic: str) -> int:
-    """How many messages the topic's stream holds (LIMITS retention keeps what was read)."""
+async def _stored(host: str, topic: str) -> int | str:
+    """How many messages the topic's stream holds (LIMITS retention keeps what was read).
+
+    A diagnostic for a failure: the stream listing is the meta leader's to answer, and the
+    killed node may have been it, so a timeout is reported rather than raised over the loss.
+    """
     nc = await nats.connect(f"nats://{host}")
     try:
         js = nc.jetstream()
@@ -124,6 +133,8 @@ async def _stored(host: str, topic: str) -> int:
             if topic in str(info.config.name):
                 return int(info.state.messages)
         return -1
+    except nats.errors.TimeoutError:
+        return "unknown (no stream listing)"
     finally:
         await nc.close()
 

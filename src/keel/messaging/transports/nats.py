@@ -93,6 +93,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -125,6 +126,16 @@ log = logging.getLogger("keel.messaging.nats")
 _ACK, _NAK, _TERM, _WPI = b"+ACK", b"-NAK", b"+TERM", b"+WPI"
 _REASON_HEADER = "Keel-Dead-Letter-Reason"
 _PULL_EXPIRES_NS = 30 * 1_000_000_000  # a long poll; the server answers 408 when it ends
+# While a pull request waits, the consumer's leader sends an idle heartbeat (status 100) this
+# often. A request held by a leader that died gets no 408, ever: a puller that has heard
+# nothing for `_PULL_SILENT_BEATS` heartbeats takes its requests for dead and asks again.
+_PULL_HEARTBEAT_S = 1.0
+_PULL_SILENT_BEATS = 3
+# A pull refused with 409 (the consumer's waiting list full, a leadership change, the
+# consumer deleted) is asked again after this pause, doubling up to the maximum: at once,
+# a full waiting list had the puller send thousands of refused requests a second.
+_PULL_REFUSED_PAUSE_S = 0.05
+_PULL_REFUSED_PAUSE_MAX_S = 2.0
 _MAX_ACK_PENDING = 100_000  # per queue across all its consumers; credit is per puller
 _AUTO_ACK_WINDOW = 256
 _BACKLOG_LIMIT = 4096  # core messages a busy consumer holds beyond its credit
@@ -270,6 +281,12 @@ class _Puller:
         self._calls: Subscription | None = None
         self._backlog: deque[Msg] = deque()
         self._backlog_bytes = 0
+        self._loop = asyncio.get_running_loop()
+        self._heard = self._loop.time()  # the last answer on the inbox (or the last request)
+        self._refused_pause = 0.0  # after a 409: the pause before the next pull
+        self._resume_at = 0.0  # no pull before this (loop time)
+        self._silent_asks = 0  # re-asks since the inbox last heard anything
+        self._last_batch = 0  # the size of the last pull request
 
     async def start(self, call_subject: str | None) -> None:
         nc = self.transport.nc
@@ -327,6 +344,8 @@ class _Puller:
     def _wants_pull(self) -> bool:
         if not self.active or not self.transport.nc.is_connected:
             return False
+        if self._resume_at and self._loop.time() < self._resume_at:
+            return False
         free = self.prefetch - len(self.unsettled) - self.requested
         # Ask in batches of at least half the window while a request is outstanding: one
         # pull request per message would double the traffic of a busy queue.
@@ -340,7 +359,15 @@ class _Puller:
         if declared is None:
             return
         self.requested += free
-        request = json.dumps({"batch": free, "expires": _PULL_EXPIRES_NS}).encode()
+        self._last_batch = free
+        self._heard = self._loop.time()
+        request = json.dumps(
+            {
+                "batch": free,
+                "expires": _PULL_EXPIRES_NS,
+                "idle_heartbeat": int(_PULL_HEARTBEAT_S * 1_000_000_000),
+            }
+        ).encode()
         with _mapped(f"pull from {self.queue!r}"):
             await self.transport.nc.publish(
                 f"$JS.API.CONSUMER.MSG.NEXT.{declared.stream}.{declared.consumer}",
@@ -348,13 +375,76 @@ class _Puller:
                 reply=self.inbox,
             )
 
+    def silent(self) -> bool:
+        """Outstanding pull requests fell silent: no heartbeat for `_PULL_SILENT_BEATS`."""
+        silence = _PULL_HEARTBEAT_S * _PULL_SILENT_BEATS
+        return bool(self.active and self.requested) and self._loop.time() - self._heard >= silence
+
+    async def ask_again_if_silent(self, asked: float) -> None:
+        """Ask again when outstanding pull requests fell silent (their server is gone: a
+        stream leader killed, say). Without this the queue's last messages waited for a
+        request that nobody held any more: a listener stalled after a leader loss. Called
+        by the transport's keep-alive tick (`NatsTransport._ask_silent_pulls_again`) after a
+        round trip begun at ``asked``: heard from since, the request is alive."""
+        if self._heard >= asked or not self.silent():
+            return
+        self._silent_asks += 1
+        log.info(
+            "pull on %s went silent for %.1fs: asking again",
+            self.queue, _PULL_HEARTBEAT_S * _PULL_SILENT_BEATS,
+        )  # fmt: skip
+        self.requested = 0
+        if self._silent_asks > 1:
+            # Asked again once and still nothing: no 503 comes for a consumer that is gone
+            # (deleted while no request of ours waited to hear its 409). Declare it again,
+            # off this tick (a cluster electing its meta leader answers late; +WPI must not
+            # wait for it).
+            self.transport._spawn(self._declare_again())
+        with contextlib.suppress(KeelError):
+            await self.refill()
+
+    async def _declare_again(self) -> None:
+        declared = self.transport.streams.get(self.queue)
+        if declared is None or not self.active:
+            return
+        try:
+            await self.transport._ensure(self.queue, declared)
+        except KeelError as exc:
+            log.info("queue %s: declaring its consumer again failed: %s", self.queue, exc)
+            return
+        with contextlib.suppress(KeelError):
+            await self.refill()
+
+    def _refused(self) -> None:
+        """A 409: pull again after a pause (doubling), not at once."""
+        pause = min(max(self._refused_pause * 2, _PULL_REFUSED_PAUSE_S), _PULL_REFUSED_PAUSE_MAX_S)
+        self._refused_pause = pause
+        self._resume_at = self._loop.time() + pause
+        self._loop.call_later(pause, self._resume)
+
+    def _resume(self) -> None:
+        self._resume_at = 0.0
+        if self._wants_pull():
+            self.transport._spawn(self._refill_quietly())
+
+    async def _refill_quietly(self) -> None:
+        with contextlib.suppress(KeelError):
+            await self.refill()
+
     async def _on_msg(self, msg: Msg) -> None:
+        self._heard = self._loop.time()
+        self._silent_asks = 0
         headers = msg.headers
         if headers and "Status" in headers:
-            self._on_status(headers)
+            if self._on_status(headers) == "409":
+                self._refused()
+                if headers.get("Description", "").lower() == "consumer deleted":
+                    self.transport._spawn(self._declare_again())
+                return
             with contextlib.suppress(KeelError):
                 await self.refill()
             return
+        self._refused_pause = 0.0
         self.requested = max(0, self.requested - 1)
         if not self.active:
             # A pull answered after cancel: hand it straight back for another consumer.
@@ -376,16 +466,22 @@ class _Puller:
             with contextlib.suppress(KeelError):
                 await self.refill()
 
-    def _on_status(self, headers: dict[str, str]) -> None:
+    def _on_status(self, headers: dict[str, str]) -> str:
         status = headers.get("Status", "")
         if status == "100":  # idle heartbeat
-            return
+            return status
         pending = headers.get("Nats-Pending-Messages")
-        # 408 (expired) / 409 (deleted, leadership change, limits): the unfilled part of the
-        # request is gone; without a count, assume every outstanding request is.
-        self.requested = max(0, self.requested - int(pending)) if pending else 0
-        if status == "409":
+        if pending:  # 408 (expired) and some 409s: the unfilled part of that request is gone
+            self.requested = max(0, self.requested - int(pending))
+        elif headers.get("Description", "").startswith("Exceeded"):
+            # A limit (MaxWaiting, MaxRequestBatch...) refused the request just sent, at once;
+            # the ones before it still wait.
+            self.requested = max(0, self.requested - self._last_batch)
+        else:  # the consumer deleted, its leader changed: every outstanding request is gone
+            self.requested = 0
+        if status == "409" and self._refused_pause == 0.0:  # the first of a run, not each
             log.info("pull on %s ended: %s", self.queue, headers.get("Description", ""))
+        return status
 
     def reset(self) -> None:
         """After a reconnect: outstanding pull requests died with the old connection."""
@@ -785,8 +881,25 @@ class NatsTransport:
             with contextlib.suppress(KeelError):
                 await puller.refill()
 
+    async def _ask_silent_pulls_again(self) -> None:
+        silent = [puller for puller in self.pullers if puller.silent()]
+        if not silent:
+            return
+        # After the loop stalled (a handler that blocked it) heartbeats of live requests may
+        # wait unread in the socket, and this tick wakes before the reader: asking again on
+        # top of a live request gave a listener more than its prefetch. One round trip first
+        # reads what came before it; a puller heard from since is left alone.
+        asked = asyncio.get_running_loop().time()
+        with contextlib.suppress(nats.errors.Error, OSError):
+            await self.nc.flush(timeout=math.ceil(_PULL_HEARTBEAT_S * _PULL_SILENT_BEATS))
+        for _ in range(3):  # the subscriptions' own tasks hand what was read to the pullers
+            await asyncio.sleep(0)
+        for puller in silent:
+            await puller.ask_again_if_silent(asked)
+
     async def _keep_alive(self) -> None:
-        """Forget core sends nobody refused; tell the server slow deliveries live (+WPI)."""
+        """Forget core sends nobody refused; ask again for pulls gone silent; tell the server
+        slow deliveries live (+WPI)."""
         last_wpi = last_sweep = time.monotonic()
         # Wake often enough to send +WPI several times per ack_wait, however short it is.
         tick = min(_SWEEP_INTERVAL, self.ack_wait / 4)
@@ -798,6 +911,7 @@ class NatsTransport:
                 last_sweep = now
                 self._unanswered, old = {}, self._unanswered
                 self._unanswered_old = old
+            await self._ask_silent_pulls_again()
             if now - last_wpi < self.ack_wait / 3 or not self.nc.is_connected:
                 continue
             last_wpi = now
