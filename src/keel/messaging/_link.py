@@ -96,7 +96,8 @@ class Link:
         """A future for the reply to ``request_id``; with ``ends`` (loop time) it fails with
         `TimeoutError` then if no reply came."""
         loop = loop or asyncio.get_running_loop()
-        future: asyncio.Future[Reply] = loop.create_future()
+        # The Future made directly: loop.create_future is a Python call around just this.
+        future: asyncio.Future[Reply] = asyncio.Future(loop=loop)
         self._pending[request_id] = future
         if ends is not None:
             heap = self._deadlines
@@ -142,7 +143,6 @@ class Link:
                 future.exception()
 
     def _on_reply(self, delivery: Delivery) -> None:
-        queue = self.reply_to or "reply"
         body = delivery.body
         if len(body) > _heavy.HEAVY_BYTES:
             # A large body is read only if its head names a waiting call: a flood of large
@@ -155,7 +155,7 @@ class Link:
                     problem="shape",
                     size=len(body),
                 )
-                _poison.note(log, "reply", queue, exc, len(body))
+                _poison.note(log, "reply", self.reply_to or "reply", exc, len(body))
                 return
             if request_id not in self._pending:
                 self._late(request_id, None)
@@ -163,10 +163,10 @@ class Link:
         try:
             reply = decode_reply(body, self.transport.max_message_bytes)
         except MalformedMessage as exc:
-            self._unreadable(body, queue, exc)
+            self._unreadable(body, self.reply_to or "reply", exc)
             return
         except Exception as exc:  # the decoder is total; this is a bug, handled the same
-            self._unreadable(body, queue, _poison.crashed("reply", exc))
+            self._unreadable(body, self.reply_to or "reply", _poison.crashed("reply", exc))
             return
         if reply.heartbeat:
             beat = self._beats.get(reply.id)
