@@ -54,6 +54,22 @@ HEARTBEATS: dict[str, Heartbeat] = {
 }
 
 
+async def handed_over(
+    held: keel.coordination.HeldLock,
+    waiting: asyncio.Task[keel.coordination.HeldLock],
+    timeout: float,
+) -> int:
+    """Release ``held`` (confirmed), and the waiting acquire gets the lock with a higher
+    fence, which it releases too: that fence."""
+    fence = held.fence
+    await held.release_confirmed()
+    got = await asyncio.wait_for(waiting, timeout)
+    handed = got.fence  # read while held: a released lock's fence raises LockLost
+    assert handed > fence
+    await got.release_confirmed()
+    return handed
+
+
 class CutProxy:
     """Forwards 127.0.0.1:port to a server on a thread of its own. ``cut()`` drops every
     connection open through it (clients must reconnect), as a partition would;

@@ -32,9 +32,16 @@ class Bound:
 
     __slots__ = ("boot", "wall")
 
-    def __init__(self, expires: float) -> None:
+    def __init__(
+        self, expires: float, wall: float | None = None, boot: float | None = None
+    ) -> None:
+        """``wall`` and ``boot``: the clocks as just read (the wall clock first, so the wall
+        bound errs early), to spare reading them again; both or neither."""
         self.boot = expires
-        self.wall = time.time() + (expires - now())
+        if wall is None or boot is None:
+            wall = time.time()
+            boot = now()
+        self.wall = wall + (expires - boot)
 
     def passed(self) -> bool:
         return now() >= self.boot or time.time() >= self.wall

@@ -93,10 +93,12 @@ class Coordinator:
 
     async def _release(self, key: str, fence: int) -> None:
         try:
-            confirmation = asyncio.ensure_future(await self.backend.release(key, self.owner, fence))
+            sent = await self.backend.release(key, self.owner, fence)
         except BackendUnavailable:
             self._retry(lambda: self._release_confirmed(key, fence), f"release of {key}")
             return
+        # Most backends hand back a future (often one already done): no wrapping needed.
+        confirmation = sent if isinstance(sent, asyncio.Future) else asyncio.ensure_future(sent)
         if confirmation.done():
             if confirmation.cancelled() or confirmation.exception() is not None:
                 self._retry(lambda: self._release_confirmed(key, fence), f"release of {key}")

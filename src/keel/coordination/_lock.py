@@ -32,6 +32,7 @@ What a holder is promised:
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -53,6 +54,28 @@ _FOREVER = 3600.0  # one wait_turn call when there is no deadline; the loop goes
 class HeldLock:
     """A lock this process holds: its fence, its loss event, and the means to end it."""
 
+    # One is made per acquisition: slots make that (and every attribute read) cheaper.
+    __slots__ = (
+        "__weakref__",
+        "_bound",
+        "_cancelled",
+        "_fence",
+        "_last",
+        "_loop",
+        "_on_lost",
+        "_released",
+        "_renewing",
+        "_task",
+        "_timer",
+        "coord",
+        "data",
+        "key",
+        "lost",
+        "lost_reason",
+        "name",
+        "ttl",
+    )
+
     def __init__(
         self,
         coord: Coordinator,
@@ -72,7 +95,8 @@ class HeldLock:
         self.lost = asyncio.Event()
         self.lost_reason = ""
         self._fence = fence
-        self._bound = Bound(expires)
+        wall, current = time.time(), now()  # read once for the bound and the first renewal
+        self._bound = Bound(expires, wall, current)
         self._released = False
         self._task: asyncio.Task[object] | None = None  # cancelled on loss
         self._on_lost: list[Callable[[], None]] = []
@@ -81,10 +105,12 @@ class HeldLock:
         # a task only when a renewal is due: most locks are released long before that, and a
         # task or a loop timer per acquisition would cost every cycle.
         self._loop = asyncio.get_running_loop()
-        self._last = now()
+        self._last = current
         self._renewing: asyncio.Task[None] | None = None
         self._timer: Entry | None = None
-        self._schedule()
+        # Half the time left when less than a third of the ttl is (a grant that came late): a
+        # renewal due at the bound itself could only find it passed and declare the loss.
+        self._schedule(min(ttl / 3, (expires - current) / 2), current)
         coord._held.add(self)
 
     def __repr__(self) -> str:
@@ -114,15 +140,16 @@ class HeldLock:
 
     def check(self) -> None:
         """Raise `LockLost` unless the lease is known to be valid right now (no I/O)."""
-        if not (self.lost.is_set() or self._released) and self._bound.passed():
+        if not (self._released or self.lost.is_set()):
+            if not self._bound.passed():
+                return
             self._mark_lost(_RAN_OUT)
-        if self.lost.is_set() or self._released:
-            raise LockLost(
-                f"lock {self.name!r} (fence {self._fence}) is no longer held: "
-                f"{self.lost_reason or 'this holder released it'}; stop using the resource",
-                name=self.name,
-                fence=self._fence,
-            )
+        raise LockLost(
+            f"lock {self.name!r} (fence {self._fence}) is no longer held: "
+            f"{self.lost_reason or 'this holder released it'}; stop using the resource",
+            name=self.name,
+            fence=self._fence,
+        )
 
     async def extend(self, ttl: float | None = None) -> None:
         """Renew the lease now, optionally for a new ttl: the server's expiry moves to it (and
@@ -212,10 +239,13 @@ class HeldLock:
         if self._renewing is not None and self._renewing is not asyncio.current_task():
             self._renewing.cancel()
 
-    def _schedule(self, delay: float | None = None) -> None:
-        current = now()
+    def _schedule(self, delay: float | None = None, current: float | None = None) -> None:
+        if current is None:
+            current = now()
         if delay is None:
-            delay = min(self._last + self.ttl / 3 - current, self._bound.remaining())
+            # Half the time left, not all of it (a slow renewal, a wall clock stepped forward):
+            # one due at the bound would only find it passed.
+            delay = min(self._last + self.ttl / 3 - current, self._bound.remaining() / 2)
         self._timer = self.coord._renewals.add(current + max(0.0, delay), self, self._loop)
 
     def _due(self) -> None:

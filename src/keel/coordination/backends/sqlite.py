@@ -149,6 +149,10 @@ _BUSY_GIVE_UP = 30.0
 _OPEN_BUSY_MS = 30000
 _CHECKPOINT_EVERY = 1000  # changes (rows written) between background checkpoints
 _AUTOCHECKPOINT = 4 * _CHECKPOINT_EVERY  # WAL frames before a commit checkpoints on the loop
+# Rows are small (a key, a fence, an expiry): every commit appends (and checksums) one WAL
+# frame per page it changed, so a quarter of SQLite's default page is a quarter the bytes per
+# commit; an uncontended acquire's write took a third less time.
+_PAGE_SIZE = 1024
 
 
 def _parent(key: str) -> str:
@@ -160,6 +164,8 @@ def _setup(path: str) -> tuple[sqlite3.Connection, int]:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         db.execute(f"PRAGMA busy_timeout = {_OPEN_BUSY_MS}")
+        # Before WAL, so a new file gets it (an existing one keeps its own: harmless).
+        db.execute(f"PRAGMA page_size = {_PAGE_SIZE}")
         db.execute("PRAGMA journal_mode = WAL").fetchall()
         db.executescript(_SCHEMA)
         db.execute("PRAGMA synchronous = FULL")
@@ -191,6 +197,9 @@ class SqliteBackend:
 
     def __init__(self, db: sqlite3.Connection, path: str, epoch: int) -> None:
         self._db = db
+        # One cursor for every statement (each is read to the end at once): a cursor per
+        # statement was an object made and dropped every acquire.
+        self._cursor = db.cursor()
         self._path = path
         self._base = epoch << 32
         self._loop = asyncio.get_running_loop()
@@ -226,7 +235,7 @@ class SqliteBackend:
     def _try(self, sql: str, params: tuple[Any, ...]) -> Any:
         """Run one statement: (rows, rowcount), or _BUSY if another process is writing."""
         try:
-            cursor = self._db.execute(sql, params)
+            cursor = self._cursor.execute(sql, params)
             rows = cursor.fetchall(), cursor.rowcount
         except sqlite3.OperationalError as exc:
             if "locked" in str(exc) or "busy" in str(exc):
