@@ -37,6 +37,11 @@ SKIPPED_BY_THE_SUITE = {
 # 2-second batch window): on a loaded machine one may miss its window, so one that failed
 # alone is run again by itself, up to twice, and must then pass.
 CLOCK_RACES = {"NotifyTestCase.test_simple_batch"}
+# Tests that assume a round robin: test_different_exchanges makes 12 calls to a topic served
+# by 3 servers and wants each server to get one. A NATS server picks a queue group's member
+# at random, so one server gets none in about 2.3% of runs ((2/3)^12 * 3). Run alone again
+# like the clock races: three misses in a row would be 1 in 80,000.
+DISTRIBUTION_RACES = {"nats": {"CallTestCase.test_different_exchanges"}}
 TRANSPORTS = {
     "memory": lambda: "keel+memory://",
     "rabbit": lambda: "keel+" + server_url("rabbitmq"),
@@ -97,7 +102,7 @@ def test_oslo_functional_suite(transport: str, tmp_path: Path) -> None:
     process = _launch(TRANSPORTS[transport](), report)
     output, _ = process.communicate(timeout=600)
     outcomes = _outcomes(report) if report.exists() else {}
-    for name in sorted(CLOCK_RACES):
+    for name in sorted(CLOCK_RACES | DISTRIBUTION_RACES.get(transport, set())):
         for _ in range(2):
             if outcomes.get(name) in (None, "passed"):
                 break

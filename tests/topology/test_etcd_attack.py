@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import pytest
 
 import keel.coordination as kc
-from tests.coord_support import HEARTBEATS, CutProxy
+from tests.coord_support import HEARTBEATS, CutProxy, handed_over
 from tests.servers import server_url
 
 pytestmark = [pytest.mark.timeout(120)]
@@ -29,13 +29,7 @@ async def _queued_behind(holder: kc.Coordinator, waiter: kc.Coordinator, name: s
     task = asyncio.create_task(waiter.acquire(name, timeout=20))
     await asyncio.sleep(0.5)
     assert not task.done()
-    fence = held.fence
-    await held.release_confirmed()
-    got = await asyncio.wait_for(task, 20)
-    assert got.fence > fence
-    fence = got.fence
-    await got.release_confirmed()
-    return fence
+    return await handed_over(held, task, 20)
 
 
 async def test_a_waiter_whose_token_expired_is_still_woken() -> None:
@@ -71,11 +65,7 @@ async def test_a_held_lock_outlives_its_token() -> None:
         await asyncio.sleep(3 * TOKEN_TTL)
         held.check()  # still ours
         assert not task.done()
-        fence = held.fence
-        await held.release_confirmed()
-        got = await asyncio.wait_for(task, 10)
-        assert got.fence > fence
-        await got.release_confirmed()
+        await handed_over(held, task, 10)
     finally:
         await a.close()
         await b.close()
@@ -105,10 +95,7 @@ async def test_keepalive_stream_cut_again_and_again() -> None:
         await asyncio.sleep(1)
         held.check()
         assert not waiting.done(), "granted to the waiter while the holder held it"
-        await held.release_confirmed()
-        got = await asyncio.wait_for(waiting, 10)
-        assert got.fence > fence
-        await got.release_confirmed()
+        assert await handed_over(held, waiting, 10) > fence
     finally:
         await a.close()
         await b.close()

@@ -19,7 +19,7 @@ import keel.coordination as kc
 from keel.coordination import HeldLock
 from keel.errors import BackendUnavailable
 from tests import servers
-from tests.coord_support import HEARTBEATS, CutProxy
+from tests.coord_support import HEARTBEATS, CutProxy, handed_over
 from tests.topology.conftest import cluster_url
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
@@ -145,11 +145,7 @@ async def test_lost_reply_then_rotation_leaves_no_ghost(queued: bool) -> None:
             proxy.close()
             await asyncio.sleep(1)
             assert not waiting.done()
-            fence = held.fence
-            await held.release_confirmed()
-            got = await asyncio.wait_for(waiting, 30)
-            assert got.fence > fence
-            await got.release_confirmed()
+            await handed_over(held, waiting, 30)
         else:
             try:
                 got_try = await b.try_acquire(name)
