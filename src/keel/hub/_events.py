@@ -63,6 +63,13 @@ _MEDIA_TYPE = re.compile(MEDIA_TYPE)
 BASE64 = "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 _BASE64 = re.compile(BASE64)
 MAX_ATTRIBUTE = 512
+# What CloudEvents 1.0 forbids in a string attribute: control characters (U+0000-U+001F,
+# U+007F-U+009F), surrogates and noncharacters; they would also break an SSE line or a
+# PostgreSQL text column (NUL). Of the noncharacters only the BMP's: a pattern JSON Schema
+# (ECMA-262) can state too, so the OpenAPI document says exactly this.
+_FORBIDDEN_CHARS = "\\x00-\\x1f\\x7f-\\x9f\\ud800-\\udfff\\ufdd0-\\ufdef\\ufffe\\uffff"
+ATTRIBUTE_TEXT = f"^[^{_FORBIDDEN_CHARS}]*$"
+_FORBIDDEN = re.compile(f"[{_FORBIDDEN_CHARS}]")
 # Attributes in all, null ones and the standard ones included (13 standard ones and the
 # hub's: room for 32 extension attributes).
 MAX_ATTRIBUTES = 45
@@ -144,7 +151,23 @@ def _text(obj: Mapping[str, Any], name: str) -> str | None:
         return None
     if not isinstance(value, str) or not 1 <= len(value) <= MAX_ATTRIBUTE:
         raise _bad(name, f"must be a string of 1 to {MAX_ATTRIBUTE} characters")
+    _printable(name, value)
     return value
+
+
+def _printable(name: str, value: str) -> None:
+    if _FORBIDDEN.search(value):
+        raise _bad(
+            name[:40],
+            "holds a character CloudEvents forbids (a control character, a surrogate or a "
+            "noncharacter)",
+        )
+
+
+def clean(value: str) -> str:
+    """``value`` with what CloudEvents forbids in an attribute replaced by U+FFFD: for
+    attributes taken from a notification, whose sender the hub cannot send back a 400."""
+    return _FORBIDDEN.sub("\ufffd", value)
 
 
 def _timestamp(value: Any) -> str | None:
@@ -174,6 +197,7 @@ def _extension(name: str, value: Any) -> Extension:
     if type(value) is int and -(2**31) <= value < 2**31:
         return value
     if isinstance(value, str) and len(value) <= MAX_ATTRIBUTE:
+        _printable(name, value)
         return value
     raise _bad(name, "must be a boolean, a 32-bit integer or a string of up to 512 characters")
 
@@ -287,13 +311,14 @@ def from_notification(
     subject_keys = [f"{word}_id" for word in words if word]
     subject_keys += [k for k in _SUBJECT_KEYS if k not in subject_keys]
     subject = first(payload, rule.subject, words) or _first_string(sources, subject_keys)
+    priority = str(metadata["priority"]) if metadata.get("priority") else None
     return CloudEvent(
-        id=str(metadata.get("message_id") or new_id()),
-        source=publisher_id or "unknown",
-        type=event_type,
-        subject=subject[:MAX_ATTRIBUTE] if subject else None,
+        id=clean(str(metadata.get("message_id") or new_id())),
+        source=clean(publisher_id) if publisher_id else "unknown",
+        type=clean(event_type),
+        subject=clean(subject[:MAX_ATTRIBUTE]) if subject else None,
         time=rfc3339(metadata.get("timestamp")),
         data=payload,
-        priority=str(metadata["priority"]) if metadata.get("priority") else None,
-        tenant=tenant,
+        priority=clean(priority) if priority else None,
+        tenant=clean(tenant) if tenant else tenant,
     )

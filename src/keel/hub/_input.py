@@ -6,6 +6,10 @@ limit, never a `RecursionError`, `OverflowError` or `ValueError` from below:
 - JSON nests at most `MAX_DEPTH` levels. The depth is measured on the bytes before anything
   is decoded (strings blanked out, then one pass per level removes the innermost empty
   pairs), so a body of 10^5 brackets costs a few scans in C, never a decoder's recursion.
+- A JSON object names each member once: ``{"type": "a", "type": "b"}`` is refused (which
+  one a decoder keeps differs from one to the next, so a filter and a consumer could read
+  different events). Counting colons outside strings against the members decoded finds a
+  repeat without a second decoder.
 - Numbers a client writes (sequence numbers, limits, ``Last-Event-ID``, ``Content-Length``)
   are ASCII decimal digits only (``str.isdigit`` also passes ``²`` and ``٣``, which ``int``
   refuses) of at most 19 digits, in a range: `MAX_SEQ` unless told otherwise.
@@ -83,11 +87,38 @@ def decode_json(body: bytes | str, what: str = "body") -> Any:
     raw = body.encode() if isinstance(body, str) else body
     check_depth(raw, what)
     try:
-        return msgspec.json.decode(raw)
+        value = msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
         raise BadRequest(f"{what} is not valid JSON: {exc}", field=what) from None
     except RecursionError:  # unreachable after check_depth; kept as the last line of defence
         raise BadRequest(f"{what} nests too deeply", field=what, limit=MAX_DEPTH) from None
+    check_unique(raw, value, what)
+    return value
+
+
+def _members(value: Any) -> int:
+    """Object members in a decoded JSON value (of bounded depth: the recursion is too)."""
+    if isinstance(value, dict):
+        return len(value) + sum(_members(v) for v in value.values() if isinstance(v, dict | list))
+    if isinstance(value, list):
+        return sum(_members(v) for v in value if isinstance(v, dict | list))
+    return 0
+
+
+def check_unique(raw: bytes, value: Any, what: str = "body") -> None:
+    """Refuse an object in ``raw`` (valid JSON, decoded as ``value``) naming a member twice.
+
+    Every member has one colon outside strings; a decoder keeps one member per name. So
+    colons outside strings exceeding the members decoded means a repeat. The count of all
+    colons bounds the first from above: when it equals the members, no string is scanned."""
+    colons = raw.count(b":")
+    if not colons:
+        return
+    members = _members(value)
+    if colons == members:
+        return
+    if _STRING.sub(b"", raw).count(b":") != members:
+        raise BadRequest(f"{what} names a member of an object more than once", field=what)
 
 
 def no_repeats(items: list[tuple[str, str]]) -> None:

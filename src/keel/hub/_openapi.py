@@ -12,6 +12,7 @@ from typing import Any
 
 from keel.errors import BadRequest
 from keel.hub._events import (
+    ATTRIBUTE_TEXT,
     BASE64,
     EXTENSION_NAME,
     KNOWN_ATTRIBUTES,
@@ -129,8 +130,13 @@ _SPEC = {
     },
 }
 
-_ATTRIBUTE = {"type": "string", "minLength": 1, "maxLength": MAX_ATTRIBUTE}
-_OPTIONAL_ATTRIBUTE = {"type": ["string", "null"], "minLength": 1, "maxLength": MAX_ATTRIBUTE}
+_ATTRIBUTE = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_ATTRIBUTE,
+    "pattern": ATTRIBUTE_TEXT,
+}
+_OPTIONAL_ATTRIBUTE = {**_ATTRIBUTE, "type": ["string", "null"]}
 # CloudEvents 1.0 in the JSON format, as the hub checks it (a null attribute is absent).
 _CLOUDEVENT = {
     "type": "object",
@@ -165,7 +171,7 @@ _CLOUDEVENT = {
         "anyOf": [
             {"type": ["boolean", "null"]},
             {"type": "integer", "minimum": -(2**31), "maximum": 2**31 - 1},
-            {"type": "string", "maxLength": MAX_ATTRIBUTE},
+            {"type": "string", "maxLength": MAX_ATTRIBUTE, "pattern": ATTRIBUTE_TEXT},
         ]
     },
     "not": {
