@@ -6,6 +6,10 @@ belongs to. It keeps the whole Transport contract except durability across a pro
 when the process ends, everything it held is gone. ``durable`` is accepted and means "held
 until consumed or the process exits".
 
+A queue deleted by another transport object (as an operator would delete one on a broker)
+takes what it held with it; its consumers on other transports wait for it to exist again, and
+a transport that declared it declares it again at once (bindings too), as a send to it does.
+
 Options (URL query): ``max_message_bytes`` (default 1 MiB); ``connect_timeout`` is accepted,
 as by every transport, and never waited for.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 from collections import deque
 from collections.abc import Sequence
@@ -28,6 +33,8 @@ from keel.messaging.transports.base import (
     positive_seconds,
 )
 from keel.urls import URL
+
+log = logging.getLogger("keel.messaging.memory")
 
 
 @dataclass(slots=True)
@@ -49,10 +56,14 @@ class _Consumer:
     active: bool = True
 
     async def cancel(self) -> None:
-        with self.queue.broker.lock:
+        broker = self.queue.broker
+        with broker.lock:
             self.active = False
             if self in self.queue.consumers:
                 self.queue.consumers.remove(self)
+            waiting = broker.orphans.get(self.queue.name)
+            if waiting is not None and self in waiting:
+                waiting.remove(self)
 
 
 @dataclass(slots=True, eq=False)
@@ -126,12 +137,19 @@ class _Broker:
         self.lock = threading.Lock()
         self.queues: dict[str, _Queue] = {}
         self.bindings: dict[str, set[str]] = {}
+        # Consumers of a queue another transport deleted, waiting for it to exist again.
+        self.orphans: dict[str, list[_Consumer]] = {}
 
     def ensure_queue(self, name: str, owner: MemoryTransport | None) -> _Queue:
         with self.lock:
             queue = self.queues.get(name)
             if queue is None:
                 queue = self.queues[name] = _Queue(self, name, owner)
+                adopted = self.orphans.pop(name, None)
+                if adopted:
+                    for consumer in adopted:
+                        consumer.queue = queue
+                    queue.consumers.extend(adopted)
             return queue
 
     def push(self, queue: _Queue, message: _Message) -> None:
@@ -234,6 +252,9 @@ class MemoryTransport:
         self._broker = _broker_for(url)
         self._consumers: list[_Consumer] = []
         self._exclusive: list[str] = []
+        # The shared queues this transport declared, with their bindings: declared again
+        # if another transport deletes one.
+        self._declared: dict[str, list[str]] = {}
         self._closed = False
         self.connection_id = next(_connection_ids)
 
@@ -269,19 +290,47 @@ class MemoryTransport:
         queue = self._broker.ensure_queue(name, self if exclusive else None)
         if exclusive and queue.owner is self and name not in self._exclusive:
             self._exclusive.append(name)
+        if not exclusive:
+            known = self._declared.setdefault(name, [])
+            known.extend(subject for subject in bindings if subject not in known)
+        self._bind(name, bindings)
+
+    def _bind(self, name: str, bindings: Sequence[str]) -> None:
         with self._broker.lock:
             for subject in bindings:
                 self._broker.bindings.setdefault(subject, set()).add(name)
 
+    def _declare_again(self, name: str) -> _Queue | None:
+        """A shared queue this transport declared, declared again after another deleted it
+        (None if this transport did not declare it, or is closed)."""
+        bindings = self._declared.get(name)
+        if bindings is None or self._closed:
+            return None
+        queue = self._broker.ensure_queue(name, None)
+        self._bind(name, bindings)
+        return queue
+
     async def delete_queue(self, name: str) -> None:
         broker = self._broker
+        self._declared.pop(name, None)
+        others: list[_Consumer] = []
         with broker.lock:
             queue = broker.queues.pop(name, None)
             for names in broker.bindings.values():
                 names.discard(name)
-        if queue is not None:
-            for consumer in list(queue.consumers):
-                await consumer.cancel()
+            if queue is not None:
+                # Other transports' consumers outlive the queue, waiting for it to come back.
+                others = [c for c in queue.consumers if c.owner is not self]
+                if others:
+                    broker.orphans.setdefault(name, []).extend(others)
+                    queue.consumers = [c for c in queue.consumers if c.owner is self]
+        if queue is None:
+            return
+        for consumer in list(queue.consumers):
+            await consumer.cancel()
+        for owner in {c.owner for c in others}:
+            if owner._declare_again(name) is not None:
+                log.warning("queue %s was deleted by another connection: declared again", name)
 
     def _check_size(self, body: bytes) -> None:
         check_size(body, self.max_message_bytes)
@@ -294,22 +343,38 @@ class MemoryTransport:
             self._check_size(body)
         target = self._broker.queues.get(queue)
         if target is None:
-            raise TransportError(
-                f"queue {queue!r} does not exist on {self.url.raw}; declare it before sending"
-            )
+            # Deleted by another transport since this one declared it: declare it again.
+            target = self._declare_again(queue)
+            if target is None:
+                raise TransportError(
+                    f"queue {queue!r} does not exist on {self.url.raw}; declare it before sending"
+                )
+            log.warning("queue %s was gone: declared again", queue)
         self._broker.push(target, _Message(body))
 
     async def publish(self, subject: str, body: bytes, *, durable: bool) -> None:
         self._check_open()
         self._check_size(body)
         broker = self._broker
-        with broker.lock:
-            names = broker.bindings.get(subject, ())
-            targets = [broker.queues[n] for n in names if n in broker.queues]
-            for target in targets:
-                target.ready.append(_Message(body))
+        for attempt in range(2):
+            with broker.lock:
+                names = broker.bindings.get(subject, ())
+                targets = [broker.queues[n] for n in names if n in broker.queues]
+                for target in targets:
+                    target.ready.append(_Message(body))
+            if targets or attempt or not self._declare_bound(subject):
+                break
         for target in targets:
             broker.dispatch(target)
+
+    def _declare_bound(self, subject: str) -> bool:
+        """No queue took a message for ``subject``: declare again the queues this transport
+        bound to it (deleted by another since); False if it bound none."""
+        bound = [name for name, subjects in self._declared.items() if subject in subjects]
+        for name in bound:
+            self._declare_again(name)
+            log.warning("queue %s was gone: declared again", name)
+        return bool(bound)
 
     async def consume(
         self, queue: str, handler: Handler, *, prefetch: int, auto_ack: bool = False

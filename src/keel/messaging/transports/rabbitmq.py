@@ -57,6 +57,15 @@ Deliveries handed out before the loss go back to their queue (the broker requeue
 messages of a dead channel): settling one afterwards does nothing except ``ack``, which
 raises `TransportError` so the core does not start work the broker will hand out again.
 
+A queue deleted behind the transport's back (``rabbitmqctl delete_queue``, another
+connection's ``queue.delete``): the broker cancels its consumers; a consumer of a queue this
+transport declared declares it again, as it was declared (bindings too), and consumes on a
+fresh channel; what the queue held is gone with it. A durable ``send`` is published
+``mandatory``: one the broker returns as unroutable (its queue is gone) declares the queue
+again if this transport declared it (a ``.dlq`` always) and is sent once more, else raises
+`TransportError`. Calls and replies are not confirmed, so one sent in the moment between a
+deletion and the consumer's declaration is lost and its call times out.
+
 Consumer crash: the broker requeues every unacknowledged delivery of a closed channel or
 connection. RabbitMQ's ``consumer_timeout`` (scripts/servers.d/rabbitmq.sh keeps the 30 min
 default) closes a channel that holds one delivery unacknowledged longer: the transport
@@ -107,6 +116,12 @@ log = logging.getLogger("keel.messaging.rabbitmq")
 REASON_HEADER = "x-keel-reason"
 _REQUEUE_MEMORY = 4096  # bodies whose requeue count this process remembers
 _CLIENT_ERRORS = (amqp_errors.AMQPError, amqp_errors.ChannelInvalidStateError, OSError)
+
+
+class _Unroutable(TransportError):
+    """The broker returned a mandatory message: no queue by that name."""
+
+
 _QUEUE_TYPES = ("auto", "classic", "quorum")
 
 
@@ -226,12 +241,8 @@ class _Delivery:
             self._channel()
             return
         try:
-            await consumer.transport.publish_raw(
-                "",
-                consumer.queue + ".dlq",
-                self.body,
-                durable=True,
-                headers={REASON_HEADER: reason},
+            await consumer.transport.send_raw(
+                consumer.queue + ".dlq", self.body, durable=True, headers={REASON_HEADER: reason}
             )
         except TransportError:
             # Not held by the dead-letter queue: leave it to the broker to hand out again.
@@ -301,6 +312,22 @@ class _Consumer:
         self.tag = ok.consumer_tag
         generation = self.generation
         channel.closing.add_done_callback(lambda f: self._on_channel_closed(f, generation))
+        channel.on_consumer_cancel_callbacks.add(
+            lambda frame: self._on_broker_cancel(frame, channel, generation)
+        )
+
+    def _on_broker_cancel(
+        self, frame: spec.Basic.Cancel, channel: AbstractChannel, generation: int
+    ) -> None:
+        """The broker cancelled this consumer: its queue was deleted (or, with a quorum
+        queue, lost its leader for good)."""
+        if (
+            frame.consumer_tag == self.tag
+            and self.active
+            and generation == self.generation
+            and channel is self.channel
+        ):
+            self.transport.queue_lost(self)
 
     def _on_channel_closed(self, closed: asyncio.Future[Any], generation: int) -> None:
         reason = None if closed.cancelled() else closed.exception()
@@ -518,6 +545,7 @@ class RabbitTransport:
         self._channel_lock = asyncio.Lock()
         self._ready = asyncio.Event()
         self._queues: dict[str, _QueueSpec] = {}
+        self._bindings_index: dict[str, tuple[str, ...]] | None = None  # see _bound_to
         self._consumers: list[_Consumer] = []
         self._requeued: OrderedDict[bytes, int] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -731,6 +759,47 @@ class RabbitTransport:
 
         self.keep(asyncio.get_running_loop().create_task(restart()))
 
+    def queue_lost(self, consumer: _Consumer) -> None:
+        """The broker cancelled a consumer because its queue is gone: declare the queue
+        again (if this transport declared it) and consume it on a fresh channel, retrying
+        with backoff while the consumer is active (a queue declared elsewhere may come
+        back)."""
+        queue = consumer.queue
+        known = self._queues.get(queue)
+        log.warning(
+            "queue %s was deleted on %s under its consumer; %s",
+            queue,
+            self.url.redacted(),
+            "declaring it again" if known else "consuming again once it exists",
+        )
+        lost = consumer.channel
+
+        async def restore() -> None:
+            delay = 0.1
+            expected = lost
+            # Until a start succeeds, or something else (a reconnect's replay, a cancel)
+            # has taken the consumer over.
+            while consumer.active and consumer.channel is expected and not self._closed:
+                connection = self._connection
+                if connection is None or connection.is_closed:
+                    return  # the supervisor replays every declaration and consumer
+                try:
+                    if known is not None:
+                        await self._declare(await self._channel("_control", queue), queue, known)
+                    await consumer.start(connection)
+                except (*_CLIENT_ERRORS, KeelError, RuntimeError) as exc:
+                    expected = consumer.channel  # a failed start leaves its own channel
+                    log.info("could not consume %s again yet: %r", queue, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    continue
+                break
+            if lost is not None and not lost.is_closed:
+                with contextlib.suppress(*_CLIENT_ERRORS):
+                    await lost.close()
+
+        self.keep(asyncio.get_running_loop().create_task(restore()))
+
     def remember_requeue(self, body: bytes, count: int) -> None:
         self._requeued[body] = count
         if len(self._requeued) > _REQUEUE_MEMORY:
@@ -792,9 +861,11 @@ class RabbitTransport:
             self._queues[name] = queue
         else:
             known.bindings.extend(s for s in bindings if s not in known.bindings)
+        self._bindings_index = None
 
     async def delete_queue(self, name: str) -> None:
         self._queues.pop(name, None)
+        self._bindings_index = None
         for consumer in [c for c in self._consumers if c.queue == name]:
             await consumer.cancel()
         try:
@@ -842,8 +913,10 @@ class RabbitTransport:
         headers: dict[str, Any] | None = None,
         content_type: str | None = None,
         content_encoding: str | None = None,
+        mandatory: bool = False,
     ) -> None:
-        """Publish one message; with ``durable`` return only once the broker confirmed it."""
+        """Publish one message; with ``durable`` return only once the broker confirmed it.
+        With ``mandatory`` (and ``durable``) a message no queue took is `_Unroutable`."""
         properties = spec.Basic.Properties(
             delivery_mode=2 if durable else 1,
             headers=headers,
@@ -862,9 +935,15 @@ class RabbitTransport:
                 routing_key=routing_key,
                 properties=properties,
                 timeout=self._publish_timeout,
+                mandatory=mandatory and durable,
             )
         except KeelError:
             raise
+        except amqp_errors.PublishError:
+            raise _Unroutable(
+                f"no queue took the message for {routing_key!r} on {self.url.redacted()}: "
+                "declare the queue before sending"
+            ) from None
         except _CLIENT_ERRORS as exc:
             raise _translate(exc, f"publishing to {routing_key!r}", self.url) from exc
         if durable and not isinstance(confirmation, spec.Basic.Ack):
@@ -875,11 +954,71 @@ class RabbitTransport:
 
     async def send(self, queue: str, body: bytes, *, durable: bool) -> None:
         self._check_size(body)
-        await self.publish_raw("", queue, body, durable=durable)
+        await self.send_raw(queue, body, durable=durable)
+
+    async def send_raw(
+        self, queue: str, body: bytes, *, durable: bool, headers: dict[str, Any] | None = None
+    ) -> None:
+        """`send` without the size check (a dead letter is sent as it came)."""
+        options: dict[str, Any] = {"durable": durable, "headers": headers, "mandatory": True}
+        try:
+            await self.publish_raw("", queue, body, **options)
+        except _Unroutable:
+            # The queue is gone (deleted behind our back): declare it again if it is ours
+            # to declare, and send once more; else the caller hears of it.
+            if not await self._declare_again(queue):
+                raise
+            await self.publish_raw("", queue, body, **options)
+
+    def _bound_to(self, subject: str) -> tuple[str, ...]:
+        """The queues this transport bound to ``subject`` (an index rebuilt after a change
+        of `_queues`: every durable publish asks)."""
+        index = self._bindings_index
+        if index is None:
+            built: dict[str, list[str]] = {}
+            for name, queue in self._queues.items():
+                for bound in queue.bindings:
+                    built.setdefault(bound, []).append(name)
+            index = self._bindings_index = {k: tuple(v) for k, v in built.items()}
+        return index.get(subject, ())
+
+    async def _declare_again(self, queue: str) -> bool:
+        """Declare a queue that vanished as this transport declared it (a ``.dlq`` as a
+        dead-letter queue); False if it is not one this transport can declare."""
+        known = self._queues.get(queue)
+        action = f"declaring queue {queue!r} again"
+        try:
+            if known is not None:
+                channel = await self._channel("_control", action)
+                await self._declare(channel, queue, known)
+            elif queue.endswith(".dlq"):
+                channel = await self._channel("_control", action)
+                base = queue.removesuffix(".dlq")
+                await channel.queue_declare(
+                    queue, durable=True, arguments=self._arguments(base, True, True)
+                )
+            else:
+                return False
+        except KeelError:
+            raise
+        except _CLIENT_ERRORS as exc:
+            raise _translate(exc, action, self.url) from exc
+        log.warning("queue %s was gone from %s: declared again", queue, self.url.redacted())
+        return True
 
     async def publish(self, subject: str, body: bytes, *, durable: bool) -> None:
         self._check_size(body)
-        await self.publish_raw(self.exchange, subject, body, durable=durable)
+        # Mandatory only where this transport bound a queue to the subject: a subject with
+        # no queue at all is no error (a fanout nobody listens to).
+        bound = self._bound_to(subject) if durable else ()
+        try:
+            await self.publish_raw(
+                self.exchange, subject, body, durable=durable, mandatory=bool(bound)
+            )
+        except _Unroutable:
+            for name in bound:  # deleted behind our back: declare them again
+                await self._declare_again(name)
+            await self.publish_raw(self.exchange, subject, body, durable=durable, mandatory=True)
 
     async def publish_json(self, subject: str, body: bytes, *, durable: bool) -> None:
         """`publish` labelled ``application/json`` (kombu, hence oslo.messaging, needs it)."""

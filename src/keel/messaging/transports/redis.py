@@ -277,6 +277,20 @@ class _Consumer:
             t._lingering.discard(self)
             self._task = None
 
+    async def _queue_gone(self, exc: rexc.ResponseError) -> None:
+        """A read refused: the group or the stream is gone (deleted behind our back, or a
+        restart without persistence), or another error reply."""
+        text = str(exc)
+        if "NOGROUP" in text or "no longer exists" in text:
+            log.warning("redis: queue %s is gone; declaring it again", self.queue)
+        else:
+            log.warning("redis: consumer of %s: %s", self.queue, exc)
+        t = self.transport
+        with contextlib.suppress(rexc.RedisError, KeelError):
+            # As declared (bindings too) if this transport did; else its group.
+            if not await t._declare_again(self.queue):
+                await t._create_group(self.queue)
+
     # --- the loop --------------------------------------------------------------------------
 
     async def _run(self) -> None:
@@ -308,11 +322,7 @@ class _Consumer:
                 backoff = min(backoff * 2, 2.0)
                 continue
             except rexc.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    log.warning("redis: consumer of %s: %s", self.queue, exc)
-                # The group is gone (a restart without persistence): declare it again.
-                with contextlib.suppress(rexc.RedisError):
-                    await t._create_group(self.queue)
+                await self._queue_gone(exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
@@ -778,6 +788,9 @@ class RedisTransport:
         self._consumers: list[_Consumer] = []
         self._lingering: set[_Consumer] = set()  # cancelled, keeping deliveries alive
         self._exclusive: dict[str, Sequence[str]] = {}  # exclusive queue -> its subjects
+        # Shared queues this transport declared -> their subjects: declared again when one
+        # is found gone (deleted behind our back).
+        self._declared: dict[str, list[str]] = {}
         self._consumer_ids = itertools.count(1)
         self._keepalive: asyncio.Task[None] | None = None
         self._closed = False
@@ -861,6 +874,8 @@ class RedisTransport:
                     )
             else:
                 await self._create_group(name)
+                known = self._declared.setdefault(name, [])
+                known.extend(subject for subject in bindings if subject not in known)
             if bindings:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for subject in bindings:
@@ -886,10 +901,19 @@ class RedisTransport:
             except (rexc.RedisError, OSError) as exc:
                 log.info("redis: could not refresh exclusive queues: %s", exc)
 
+    async def _declare_again(self, name: str) -> bool:
+        """Declare a shared queue this transport declared, as it did; False if it did not."""
+        bindings = self._declared.get(name)
+        if bindings is None or self._closed:
+            return False
+        await self.declare_queue(name, durable=True, bindings=bindings)
+        return True
+
     async def delete_queue(self, name: str) -> None:
         for consumer in [c for c in self._consumers if c.queue == name]:
             await consumer.cancel()
         self._exclusive.pop(name, None)
+        self._declared.pop(name, None)
         with _mapped("delete_queue", self.url):
             await self._scripts["delete"](
                 keys=[_stream(name), _owner(name), _list(name), f"{PREFIX}qb:{name}"],
@@ -911,29 +935,51 @@ class RedisTransport:
     async def send(self, queue: str, body: bytes, *, durable: bool) -> None:
         self._check_open()
         self._check_size(body)
-        with _mapped("send", self.url):
-            found = await self._script(
-                "send",
-                [_stream(queue), _owner(queue), _list(queue)],
-                [body, self._ttl_ms, _channel(queue)],
-                replicated=durable,
-            )
+        found = await self._send(queue, body, durable)
+        if not found:
+            # Deleted behind our back since this transport declared it: declare it again.
+            with _mapped("send", self.url):
+                again = await self._declare_again(queue)
+            if again:
+                log.warning("redis: queue %s was gone: declared again", queue)
+                found = await self._send(queue, body, durable)
         if not found:
             raise TransportError(
                 f"queue {queue!r} does not exist on {self.url.redacted()}; "
                 "declare it before sending"
             )
 
+    async def _send(self, queue: str, body: bytes, durable: bool) -> Any:
+        with _mapped("send", self.url):
+            return await self._script(
+                "send",
+                [_stream(queue), _owner(queue), _list(queue)],
+                [body, self._ttl_ms, _channel(queue)],
+                replicated=durable,
+            )
+
     async def publish(self, subject: str, body: bytes, *, durable: bool) -> None:
         self._check_open()
         self._check_size(body)
-        with _mapped("publish", self.url):
-            await self._script(
-                "publish",
-                [f"{PREFIX}b:{subject}"],
-                [body, self._ttl_ms, PREFIX],
-                replicated=durable,
-            )
+        for attempt in range(2):
+            with _mapped("publish", self.url):
+                taken = await self._script(
+                    "publish",
+                    [f"{PREFIX}b:{subject}"],
+                    [body, self._ttl_ms, PREFIX],
+                    replicated=durable,
+                )
+            if taken or attempt or not durable:
+                return
+            # No queue took it: if this transport bound queues to the subject, they were
+            # deleted behind its back. Declare them again and publish once more.
+            bound = [name for name, subjects in self._declared.items() if subject in subjects]
+            if not bound:
+                return
+            with _mapped("publish", self.url):
+                for name in bound:
+                    await self._declare_again(name)
+            log.warning("redis: queues %s were gone: declared again", ", ".join(bound))
 
     async def _script(
         self, name: str, keys: Sequence[Any], args: Sequence[Any], *, replicated: bool = False
