@@ -28,7 +28,11 @@ MAX_DEPTH = 64
 MAX_SEQ = 2**62  # what both stores hold in a signed 64-bit column, with room to add
 
 _DIGITS = re.compile(r"[0-9]{1,19}")  # a str pattern's [0-9] is ASCII, unlike \d
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+# A JSON string; one left open runs to the end of the body (the closing quote is optional):
+# else the scan failing at the end would restart at each quote inside it, and a body of
+# escaped quotes (``"\"\"...``) cost a scan per quote. Such a body is invalid JSON anyway,
+# and its decoder stops at that string, never reaching the brackets blanked out with it.
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _ONE_KIND = bytes.maketrans(b"{}", b"[]")  # mismatched pairs are bad JSON anyway
 _TOO_DEEP = b"[" * (MAX_DEPTH + 1)

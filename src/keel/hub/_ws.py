@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import logging
 from typing import Any
+from urllib.parse import quote
 
 import msgspec
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -71,7 +72,9 @@ class _Session:
         if self.fmt == "ce":
             event = CloudEvent(
                 id=new_id(),
-                source=f"/v1/subscriptions/{self.sub_id}",
+                # The path as a URL writes it: before the subscription is found (an error)
+                # the id is the client's, decoded, and %0A would be a control character.
+                source=f"/v1/subscriptions/{quote(self.sub_id, safe='')}",
                 type=f"org.keel.hub.{kind}",
                 data=data,
             )

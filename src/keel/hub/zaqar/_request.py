@@ -72,7 +72,10 @@ async def caller(
         if cid is None:
             raise ZaqarError(400, "Missing header value", "The Client-ID header is required.")
         try:
-            uuid.UUID(cid)
+            # The UUID, not the text (as Zaqar keeps it): uuid.UUID() also takes braces,
+            # "urn:uuid:" and Unicode whitespace such as U+0085, which would reach every
+            # posted event's zaqarclientid attribute, and one client would be two.
+            cid = str(uuid.UUID(cid))
         except ValueError:
             raise ZaqarError(400, "Wrong UUID value", "Malformed hexadecimal UUID.") from None
     return Caller(principal, cid, signature is not None or signed_in_query, expires_at)
