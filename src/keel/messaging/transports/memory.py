@@ -252,8 +252,8 @@ class MemoryTransport:
         self._broker = _broker_for(url)
         self._consumers: list[_Consumer] = []
         self._exclusive: list[str] = []
-        # The shared queues this transport declared, with their bindings: declared again
-        # if another transport deletes one.
+        # The queues this transport declared (shared, and exclusive ones it owns), with their
+        # bindings: declared again if another transport deletes one.
         self._declared: dict[str, list[str]] = {}
         self._closed = False
         self.connection_id = next(_connection_ids)
@@ -290,7 +290,9 @@ class MemoryTransport:
         queue = self._broker.ensure_queue(name, self if exclusive else None)
         if exclusive and queue.owner is self and name not in self._exclusive:
             self._exclusive.append(name)
-        if not exclusive:
+        if not exclusive or queue.owner is self:
+            # Its own exclusive queues too: a reply queue deleted under its consumer would
+            # leave every call of this transport waiting for replies that go nowhere.
             known = self._declared.setdefault(name, [])
             known.extend(subject for subject in bindings if subject not in known)
         self._bind(name, bindings)
@@ -301,12 +303,13 @@ class MemoryTransport:
                 self._broker.bindings.setdefault(subject, set()).add(name)
 
     def _declare_again(self, name: str) -> _Queue | None:
-        """A shared queue this transport declared, declared again after another deleted it
-        (None if this transport did not declare it, or is closed)."""
+        """A queue this transport declared, declared again after another deleted it, as it
+        was (exclusive to this transport, or shared); None if this transport did not declare
+        it, or is closed."""
         bindings = self._declared.get(name)
         if bindings is None or self._closed:
             return None
-        queue = self._broker.ensure_queue(name, None)
+        queue = self._broker.ensure_queue(name, self if name in self._exclusive else None)
         self._bind(name, bindings)
         return queue
 

@@ -27,8 +27,9 @@ What the broker holds when a call returns:
   and return once the broker confirmed them (for a durable queue: written to disk).
   ``durable=False`` messages go out transient, without confirm: they are written to the
   socket when ``send`` returns, and may be lost if the connection or broker fails then.
-* A message sent to a queue that does not exist, or published to a subject no queue is bound
-  to, is dropped by the broker (the core declares every queue before its first send).
+* A transient message sent to a queue that does not exist, or published to a subject no
+  queue is bound to, is dropped by the broker (the core declares every queue before its
+  first send); a durable ``send`` is ``mandatory`` (see "A queue deleted", below).
 
 Clusters and failover: the URL may list several nodes in oslo.messaging's form,
 ``rabbit://u:p@h1:5672,u:p@h2:5673/vhost``. ``connect`` and every reconnect try them in turn,
@@ -310,6 +311,12 @@ class _Consumer:
             await channel.basic_qos(prefetch_count=self.prefetch)
         ok = await channel.basic_consume(self.queue, self._on_message, no_ack=self.auto_ack)
         self.tag = ok.consumer_tag
+        if not self.active:
+            # Cancelled while this start was under way (a server stopping while its queue
+            # was declared again): the cancel saw the channel before this one, and this one
+            # would consume on, nacking every message back to the queue in a hot loop.
+            await self._close_channel()
+            return
         generation = self.generation
         channel.closing.add_done_callback(lambda f: self._on_channel_closed(f, generation))
         channel.on_consumer_cancel_callbacks.add(
@@ -634,13 +641,22 @@ class RabbitTransport:
             )
             for name, queue in list(self._queues.items()):
                 await self._declare(self._control, name, queue)
+            gone: list[_Consumer] = []
             for consumer in list(self._consumers):
-                await consumer.start(connection)
+                try:
+                    await consumer.start(connection)
+                except amqp_errors.ChannelNotFoundEntity:
+                    # Its queue is gone and not ours to declare (deleted, or a transient
+                    # queue another connection declared): consumed again once it exists, as
+                    # after a deletion, rather than refusing the whole connection.
+                    gone.append(consumer)
         except BaseException:
             await connection.close()
             raise
         self._connection = connection
         self._ready.set()
+        for consumer in gone:
+            self.queue_lost(consumer)
 
     async def _supervise(self) -> None:
         delay = 0.1
