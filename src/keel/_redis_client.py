@@ -30,7 +30,7 @@ import logging
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
@@ -196,7 +196,8 @@ class _Sentinels(Sentinel):
     """
 
     def __init__(self, sentinels: list[tuple[str, int]], **kwargs: Any) -> None:
-        super().__init__(sentinels, **kwargs)  # type: ignore[no-untyped-call]
+        # redis-py types this constructor only from 8.x on: called untyped, either way checks.
+        cast(Any, super()).__init__(sentinels, **kwargs)
         self._made: tuple[aioredis.Redis, ...] = tuple(self.sentinels)
 
     async def discover_master(self, service_name: str) -> tuple[Any, Any]:

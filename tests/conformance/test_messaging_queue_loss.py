@@ -130,3 +130,32 @@ async def test_a_durable_send_to_a_queue_gone_that_the_sender_never_declared_is_
     await operator.delete_queue(queue)
     with pytest.raises(TransportError):
         await sender.send(queue, b"x", durable=True)
+
+
+async def test_a_durable_send_with_no_consumer_declares_the_queue_again(
+    make_transport: TransportFactory, topic: str
+) -> None:
+    """No consumer to declare it again: the sender that declared the queue does, at once,
+    and the message waits there for the next consumer."""
+    sender, operator = await make_transport(), await make_transport()
+    queue = rpc_queue(topic)
+    await sender.declare_queue(queue, durable=True)
+    await operator.delete_queue(queue)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await sender.send(queue, b"held", durable=True)
+    assert loop.time() - started < 2.0  # declared again, not waited for
+    got: list[bytes] = []
+    acks: set[asyncio.Task[None]] = set()
+
+    def handle(delivery: Any) -> None:
+        got.append(delivery.body)
+        task = asyncio.ensure_future(delivery.ack())
+        acks.add(task)
+        task.add_done_callback(acks.discard)
+
+    consumer = await sender.consume(queue, handle, prefetch=1)
+    try:
+        await eventually(lambda: got == [b"held"], 10)
+    finally:
+        await consumer.cancel()
