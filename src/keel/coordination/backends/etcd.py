@@ -60,6 +60,7 @@ from keel.coordination.backends.base import (
 from keel.errors import BackendUnavailable, KeelError
 
 _MIN_TTL = 2
+_DELETE_TRIES = 4  # reads and deletes tried while members fail under a release
 _UNAVAILABLE_CODES = {
     StatusCode.UNAVAILABLE,
     StatusCode.DEADLINE_EXCEEDED,
@@ -546,28 +547,70 @@ class EtcdBackend:
 
     async def delete(self, key: str, fence: int) -> bool:
         prefix = _dir(key)
-        for _ in range(3):  # something under the key changed between the read and the delete
-            revision, holder, nested = await self._entries(key)
-            if holder is None or int(holder.create_revision) != fence or nested:
-                return False
-            # Nothing under the key was written since the read (a member joining, say): the
-            # comparison holds for every key of the range.
-            quiet = rpc.Compare(
-                key=prefix,
-                range_end=_prefix_end(prefix),
-                result=rpc.Compare.LESS,
-                target=rpc.Compare.MOD,
-                mod_revision=revision + 1,
-            )
-            remove = rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=holder.key))
-            request = rpc.TxnRequest(compare=[self._created(holder.key, fence), quiet])
-            request.success.append(remove)
-            if (await self._txn(request)).succeeded:
-                attempt = self._held.pop((key, fence), None)
-                if attempt is not None:
-                    self._reuse(attempt.lease)  # our own: no key is on it any more
+        ambiguous = False  # a delete was sent and its answer lost with its member
+        unavailable = 0
+        conflicts = 0
+        while True:
+            try:
+                revision, holder, nested = await self._entries(key)
+                if holder is None or int(holder.create_revision) != fence or nested:
+                    return ambiguous and not nested and await self._deleted_by_us(key, fence)
+                # Nothing under the key was written since the read (a member joining, say):
+                # the comparison holds for every key of the range.
+                quiet = rpc.Compare(
+                    key=prefix,
+                    range_end=_prefix_end(prefix),
+                    result=rpc.Compare.LESS,
+                    target=rpc.Compare.MOD,
+                    mod_revision=revision + 1,
+                )
+                remove = rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=holder.key))
+                request = rpc.TxnRequest(compare=[self._created(holder.key, fence), quiet])
+                request.success.append(remove)
+                try:
+                    succeeded = (await self._txn(request)).succeeded
+                except BackendUnavailable:
+                    ambiguous = True
+                    raise
+            except BackendUnavailable:
+                # The member in use died between the read and the write, or under either: the
+                # channel has moved on, and the delete is conditional on our fence, so asking
+                # the next member again is safe. A release is worth a few tries before the
+                # caller hears "retry later".
+                unavailable += 1
+                if unavailable >= _DELETE_TRIES:
+                    raise
+                await asyncio.sleep(0.2 * unavailable)
+                continue
+            if succeeded:
+                self._forget(key, fence)
                 return True
-        return False
+            conflicts += 1
+            if conflicts >= 3:  # something under the key keeps changing between read and delete
+                return False
+
+    def _forget(self, key: str, fence: int) -> None:
+        attempt = self._held.pop((key, fence), None)
+        if attempt is not None:
+            self._reuse(attempt.lease)  # our own: no key is on it any more
+
+    async def _deleted_by_us(self, key: str, fence: int) -> bool:
+        """Our delete was sent, its answer lost, and the key is no longer ours: it was our
+        delete (True) unless the lease had ended by then (the server removed the key) or an
+        operator broke the lock in that moment."""
+        attempt = self._held.get((key, fence))
+        if attempt is None:
+            return False
+        with self._mapped():
+            reply = await self._client.leasestub.LeaseTimeToLive(
+                rpc.LeaseTimeToLiveRequest(ID=attempt.lease.id), timeout=self._timeout
+            )
+        if reply.TTL <= 0:
+            self._held.pop((key, fence), None)
+            self._leases.discard(attempt.lease.id)
+            return False
+        self._forget(key, fence)
+        return True
 
     async def _entries(self, key: str) -> tuple[int, Any | None, bool]:
         """The revision read at, the key's holder (its lowest direct entry) and whether any

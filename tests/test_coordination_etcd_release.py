@@ -1,0 +1,117 @@
+"""An etcd release whose member fails under it (seen in CI: tests/topology/
+test_etcd_cluster_attack.py, the waiter's release_confirmed met "Stream removed" from the
+member just killed). The delete is conditional on the fence, so the backend asks again
+(gRPC has moved to a live member by then) instead of making the caller retry; when the delete
+was applied and only its answer lost, the retry recognises its own delete."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import keel.coordination as kc
+from keel.coordination.backends.etcd import EtcdBackend
+from keel.errors import BackendUnavailable
+from tests import servers
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _fail_txns(backend: EtcdBackend, *, applied: bool, times: int = 1) -> list[int]:
+    """The next ``times`` transactions fail as a member dying under them would: after the
+    server applied them (``applied``) or before it saw them. Returns the count of failures."""
+    real: Callable[[Any], Any] = backend._txn
+    fired: list[int] = []
+
+    async def txn(request: Any) -> Any:
+        if len(fired) >= times:
+            return await real(request)
+        fired.append(1)
+        if applied:
+            await real(request)
+        raise BackendUnavailable("etcd: Stream removed (injected)", backend="etcd")
+
+    backend._txn = txn  # type: ignore[method-assign]
+    return fired
+
+
+@pytest.mark.parametrize("applied", [False, True], ids=["not-sent", "reply-lost"])
+async def test_release_confirmed_survives_a_member_lost_under_it(applied: bool) -> None:
+    url = servers.server_url("etcd")
+    a = await kc.connect(url, member_id="rel-a", ttl=30)
+    b = await kc.connect(url, member_id="rel-b", ttl=30)
+    try:
+        name = f"release-{uuid.uuid4().hex[:8]}"
+        held = await a.try_acquire(name)
+        assert held is not None
+        backend = a.backend
+        assert isinstance(backend, EtcdBackend)
+        fence = held.fence
+        fired = _fail_txns(backend, applied=applied)
+        assert await held.release_confirmed() is True
+        assert fired == [1]
+        # Free at once, not after the 30 s lease: no ghost entry left behind.
+        mine = await b.try_acquire(name)
+        assert mine is not None
+        assert mine.fence > fence
+        assert await mine.release_confirmed() is True
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_lease_that_ended_under_a_lost_delete_is_not_reported_ours() -> None:
+    """The answer lost and the key gone because the lease ended (broken by an operator's
+    revoke here): release_confirmed says False, as for any lock lost before its release."""
+    url = servers.server_url("etcd")
+    a = await kc.connect(url, member_id="rel-c", ttl=30)
+    try:
+        name = f"release-{uuid.uuid4().hex[:8]}"
+        held = await a.try_acquire(name)
+        assert held is not None
+        backend = a.backend
+        assert isinstance(backend, EtcdBackend)
+        fence = held.fence
+        attempt = backend._held[(held.key, fence)]
+        real = backend._txn
+
+        async def revoked_then_lost(request: Any) -> Any:
+            backend._txn = real  # type: ignore[method-assign]
+            await backend._revoke(attempt.lease)
+            raise BackendUnavailable("etcd: Stream removed (injected)", backend="etcd")
+
+        backend._txn = revoked_then_lost  # type: ignore[method-assign]
+        assert await held.release_confirmed() is False
+        assert (held.key, fence) not in backend._held
+    finally:
+        await a.close()
+
+
+async def test_a_member_down_for_good_still_ends_in_backend_unavailable() -> None:
+    url = servers.server_url("etcd")
+    a = await kc.connect(url, member_id="rel-d", ttl=30)
+    try:
+        name = f"release-{uuid.uuid4().hex[:8]}"
+        held = await a.try_acquire(name)
+        assert held is not None
+        backend = a.backend
+        assert isinstance(backend, EtcdBackend)
+        real = backend._txn
+        fired = _fail_txns(backend, applied=False, times=4)
+        with pytest.raises(BackendUnavailable):
+            await held.release_confirmed()
+        assert len(fired) == 4  # _DELETE_TRIES, then the caller hears "retry later"
+        backend._txn = real  # type: ignore[method-assign]
+        # The release goes on in the background until confirmed: the lock frees itself.
+        for _ in range(100):
+            if await a.try_acquire(name) is not None:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the background release never freed the lock")
+    finally:
+        await a.close()
