@@ -76,6 +76,11 @@ Failure semantics:
   ``ack_wait`` (default 10 s) passes; a live consumer keeps long-running deliveries alive
   with ``+WPI`` every ``ack_wait / 3``. ``cancel`` stops pulling; ``close`` naks what is
   unsettled so it is redelivered at once.
+* A queue deleted under its users (an operator's ``nats stream rm``, another connection's
+  ``delete_queue``): its pullers hear "Consumer Deleted" (or nothing, then re-ask), and a
+  durable send or publish of a connection that declared it hears "no stream"; either
+  declares it again after `_REDECLARE_PAUSE_S` (see there why not at once), one declaration
+  per queue. A bound queue's consumer starts again after its `_Stream.floor`.
 * Broker restart: the streams are file-backed, so everything acknowledged to a sender is
   still there; an ack from a consumer lost in the restart means a redelivery (at-least-once).
   The server writes each message before it acks it but fsyncs on its own interval (NATS 2.9:
@@ -148,6 +153,12 @@ _SWEEP_INTERVAL = 1.0
 # UNSUB (see `_Puller._retire`): the server writes such a message microseconds after the
 # UNSUB's PONG, later only when its goroutine is starved of CPU.
 _STRAGGLER_WINDOW = 0.25
+# A queue deleted under this transport is declared again only after this pause. nats-server
+# 2.9 answers a stream's deletion (and tells its pull requests "Consumer Deleted") before it
+# has removed the stream's files: a stream made again at once lost its block file (every
+# publish then 503, err_code 10077, "error opening msg block file") or acked messages its
+# consumer never delivered, in 5 of 6 tries; after 0.25 s, 0.5 s or 1 s, 0 of 16.
+_REDECLARE_PAUSE_S = 0.5
 _PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
 
 
@@ -201,6 +212,11 @@ class _Stream:
     consumer: str
     address: str
     durable: bool
+    # A bound queue (a KS_ stream keeps what is published to its subject whatever consumes
+    # it): the highest stream sequence known to be past for this queue, so a consumer made
+    # again after a deletion starts after it, not at "new" (which would skip what was
+    # published, and confirmed, while the queue was gone).
+    floor: int = 0
 
 
 class _Delivery:
@@ -287,6 +303,9 @@ class _Puller:
         self._resume_at = 0.0  # no pull before this (loop time)
         self._silent_asks = 0  # re-asks since the inbox last heard anything
         self._last_batch = 0  # the size of the last pull request
+        declared = transport.streams.get(queue)
+        # A bound queue's declaration, whose floor this puller moves (see _Stream.floor).
+        self.bound = declared if declared is not None and declared.stream[:3] == "KS_" else None
 
     async def start(self, call_subject: str | None) -> None:
         nc = self.transport.nc
@@ -404,11 +423,11 @@ class _Puller:
             await self.refill()
 
     async def _declare_again(self) -> None:
-        declared = self.transport.streams.get(self.queue)
-        if declared is None or not self.active:
+        if not self.active:
             return
         try:
-            await self.transport._ensure(self.queue, declared)
+            if not await self.transport.declare_again(self.queue):
+                return
         except KeelError as exc:
             log.info("queue %s: declaring its consumer again failed: %s", self.queue, exc)
             return
@@ -446,6 +465,9 @@ class _Puller:
             return
         self._refused_pause = 0.0
         self.requested = max(0, self.requested - 1)
+        if self.bound is not None:
+            with contextlib.suppress(nats.errors.Error, ValueError, IndexError):
+                self.bound.floor = max(self.bound.floor, msg.metadata.sequence.stream)
         if not self.active:
             # A pull answered after cancel: hand it straight back for another consumer.
             with contextlib.suppress(nats.errors.Error):
@@ -742,6 +764,7 @@ class NatsTransport:
         self._refusals = ""
         self._tokens = itertools.count()
         self._refused: asyncio.Future[KeelError] | None = None
+        self._redeclaring: dict[str, asyncio.Future[None]] = {}
 
     # --- connection ----------------------------------------------------------------------
 
@@ -1007,7 +1030,10 @@ class NatsTransport:
                     "queue %s: stream %s has %d replicas, not the default %d: kept",
                     queue, declared.stream, existing, self.replicas,
                 )  # fmt: skip
-            await self.js.add_consumer(
+            if bound and declared.floor:
+                await self._bound_consumer_again(declared)
+                return
+            info = await self.js.add_consumer(
                 declared.stream,
                 ConsumerConfig(
                     durable_name=declared.consumer,
@@ -1019,6 +1045,55 @@ class NatsTransport:
                     max_deliver=-1,
                 ),
             )
+            if bound and info.delivered is not None:
+                declared.floor = max(declared.floor, info.delivered.stream_seq or 0)
+
+    async def _bound_consumer_again(self, declared: _Stream) -> None:
+        """The consumer of a bound queue this transport declared before: kept if it is there
+        (a reconnect's replay), else made again starting after its floor."""
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self.js.consumer_info(declared.stream, declared.consumer)
+            return
+        config = ConsumerConfig(
+            durable_name=declared.consumer,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=declared.floor + 1,
+            ack_wait=self.ack_wait,
+            max_ack_pending=_MAX_ACK_PENDING,
+            max_deliver=-1,
+        )
+        try:
+            await self.js.add_consumer(declared.stream, config)
+        except nats.js.errors.BadRequestError:
+            # Made again meanwhile by another consumer of the queue (with its own start).
+            await self.js.consumer_info(declared.stream, declared.consumer)
+
+    async def declare_again(self, queue: str) -> bool:
+        """Declare ``queue`` again as this transport declared it, after `_REDECLARE_PAUSE_S`
+        (deleted under it); one declaration at a time per queue, whoever noticed. False if
+        this transport never declared it."""
+        declared = self.streams.get(queue)
+        if declared is None or self.closed:
+            return False
+        pending = self._redeclaring.get(queue)
+        if pending is None:
+            pending = asyncio.ensure_future(self._declare_after_pause(queue, declared))
+            self._redeclaring[queue] = pending
+            pending.add_done_callback(lambda done: self._redeclared(queue, done))
+        await asyncio.shield(pending)
+        return True
+
+    async def _declare_after_pause(self, queue: str, declared: _Stream) -> None:
+        await asyncio.sleep(_REDECLARE_PAUSE_S)
+        if self.streams.get(queue) is declared and not self.closed:
+            await self._ensure(queue, declared)
+            log.warning("queue %s was gone: declared again", queue)
+
+    def _redeclared(self, queue: str, done: asyncio.Future[None]) -> None:
+        self._redeclaring.pop(queue, None)
+        if not done.cancelled():
+            done.exception()  # retrieved here: a waiter that was cancelled never reads it
 
     async def delete_queue(self, name: str) -> None:
         for consumer in [c for c in self.core_consumers if c.queue == name]:
@@ -1028,6 +1103,8 @@ class NatsTransport:
         for puller in [p for p in self.pullers if p.queue == name]:
             await puller.cancel()
         declared = self.streams.pop(name, None)
+        if declared is None and not self.closed:
+            declared = await self._declared_elsewhere(name)
         if declared is not None and not self.closed:
             with contextlib.suppress(nats.js.errors.NotFoundError), _mapped("delete queue"):
                 if declared.stream.startswith("KS_"):
@@ -1036,6 +1113,34 @@ class NatsTransport:
                     await self.js.delete_stream(declared.stream)
         if not self.closed and not name.endswith(".dlq"):
             await self._delete_dlq_if_empty(name + ".dlq")
+
+    async def _declared_elsewhere(self, name: str) -> _Stream | None:
+        """Queue ``name`` as another connection declared it (an unbound queue's own stream, or
+        a bound queue's consumer on the stream of its subject), or None if there is none:
+        a queue is deleted whoever declared it, as on every other transport."""
+        consumer = _token(name)
+        with _mapped("delete queue"):
+            try:
+                info = await self.js.stream_info("KQ_" + consumer)
+            except nats.js.errors.NotFoundError:
+                pass
+            else:
+                durable = info.config.storage != StorageType.MEMORY
+                return _Stream(info.config.name or "", consumer, _address(name), durable)
+            offset = 0
+            while page := await self.js.streams_info(offset):  # a page of up to 256
+                offset += len(page)
+                for info in page:
+                    stream = info.config.name or ""
+                    if not stream.startswith("KS_") or not info.config.subjects:
+                        continue
+                    try:
+                        await self.js.consumer_info(stream, consumer)
+                    except nats.js.errors.NotFoundError:
+                        continue
+                    durable = info.config.storage != StorageType.MEMORY
+                    return _Stream(stream, consumer, info.config.subjects[0], durable)
+        return None
 
     async def _delete_dlq_if_empty(self, dlq: str) -> None:
         """A deleted queue's dead-letter stream goes too, unless it holds dead letters."""
@@ -1139,6 +1244,12 @@ class NatsTransport:
                 ):
                     log.debug("nats: nothing bound to %s; message dropped", subject)
                     return  # unroutable, as on AMQP
+                if no_stream and must_exist and self.nc.is_connected:
+                    # Deleted under us: a queue this transport declared is declared again.
+                    queue = self._declared_at(subject)
+                    if queue is not None:
+                        with contextlib.suppress(KeelError):
+                            await self.declare_again(queue)
                 if time.monotonic() + delay >= deadline or self.closed:
                     raise TransportError(
                         f"NATS did not confirm a message to {subject!r} within "
@@ -1148,6 +1259,13 @@ class NatsTransport:
                 return
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+    def _declared_at(self, subject: str) -> str | None:
+        """The queue this transport declared whose stream captures ``subject``, if any."""
+        for queue, declared in self.streams.items():
+            if declared.address == subject:
+                return queue
+        return None
 
     async def _captured(self, subject: str, left: float) -> bool:
         """Whether a stream captures ``subject`` (True when JetStream cannot say now).
