@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
@@ -82,6 +82,44 @@ class _KeelCollector(Collector):
                     )
                 gauge.add_metric(list(obj.metric_labels.values()), gauge_value)
         yield from gauges.values()
+
+
+class Tally:
+    """One outcome counted by method on the hot path, added to a Counter of full keys when
+    that is read (`fold`).
+
+    Every call counts its outcome: a tuple key (built and hashed twice per increment) in a
+    Counter cost a call more than the rest of its metrics; ``tally.by[method]`` is a plain
+    dict keyed by a string whose hash is cached. Only the event loop's thread counts; a
+    scrape on another thread folds under the lock, adding what was counted since its last
+    fold, so nothing is counted twice or lost.
+    """
+
+    __slots__ = ("_folded", "_label", "_lock", "_prefix", "_suffix", "by")
+
+    def __init__(
+        self,
+        prefix: tuple[str, ...],
+        suffix: tuple[str, ...],
+        label: Callable[[str], str] | None = None,
+    ) -> None:
+        self.by: dict[str, int] = {}
+        self._folded: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._prefix = prefix
+        self._suffix = suffix
+        self._label = label  # a method's label in the key (servers bound what senders send)
+
+    def fold(self, into: Counter[tuple[str, ...]]) -> None:
+        """Add to ``into`` what was counted since the last fold."""
+        with self._lock:
+            folded = self._folded
+            for method, count in list(self.by.items()):
+                done = folded.get(method, 0)
+                if count != done:
+                    label = method if self._label is None else self._label(method)
+                    into[(*self._prefix, label, *self._suffix)] += count - done
+                    folded[method] = count
 
 
 def track(obj: Measured) -> None:
