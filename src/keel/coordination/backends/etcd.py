@@ -363,32 +363,40 @@ class EtcdBackend:
         attempt: _Attempt = waiter.state
         prefix = _dir(waiter.key)
         deadline = now() + timeout
-        while attempt.ahead:
-            # Keep our place: renew our lease in time, whatever else happens.
-            renew_at = attempt.lease.expires - attempt.lease.ttl * 2 / 3
-            left = min(deadline, renew_at) - now()
-            if left > 0:
+        # One watch for the whole wait, not one per event: etcd serves a watch that starts at
+        # a past revision from its "unsynced" set, caught up every 100 ms, so a watch made
+        # again after each event (the revision moves with every enqueue) heard the release
+        # ahead of it 85 ms late; a watch kept open is synced after its first catch-up.
+        watch = _Watch(self, prefix, kind=EventKind.DELETE)
+        try:
+            while attempt.ahead:
+                # Keep our place: renew our lease in time, whatever else happens.
+                renew_at = attempt.lease.expires - attempt.lease.ttl * 2 / 3
+                left = min(deadline, renew_at) - now()
+                if left > 0:
+                    try:
+                        event = await watch.next(attempt.watch_from, left)
+                    except aetcd.exceptions.RevisionCompactedError:
+                        # Missed events: list what is ahead of us again.
+                        await watch.close()
+                        await self.enqueue(waiter, queue=True)
+                        continue
+                    if event is not None:
+                        attempt.ahead.discard(event.kv.key)
+                        attempt.watch_from = int(event.kv.mod_revision) + 1
+                        continue
+                if now() >= deadline:
+                    return None
                 try:
-                    event = await self._watch_once(
-                        prefix, attempt.watch_from, left, kind=EventKind.DELETE
-                    )
-                except aetcd.exceptions.RevisionCompactedError:
-                    # Missed events: list what is ahead of us again.
+                    await self._keepalive(attempt.lease)
+                except _LeaseGone:
+                    # Our key went with its lease (we were paused past it): queue again.
+                    await watch.close()
+                    waiter.state = None
                     await self.enqueue(waiter, queue=True)
-                    continue
-                if event is not None:
-                    attempt.ahead.discard(event.kv.key)
-                    attempt.watch_from = int(event.kv.mod_revision) + 1
-                    continue
-            if now() >= deadline:
-                return None
-            try:
-                await self._keepalive(attempt.lease)
-            except _LeaseGone:
-                # Our key went with its lease (we were paused past it): queue again.
-                waiter.state = None
-                await self.enqueue(waiter, queue=True)
-                return await self.wait_turn(waiter, max(0.0, deadline - now()))
+                    return await self.wait_turn(waiter, max(0.0, deadline - now()))
+        finally:
+            await watch.close()
         return self._granted(waiter, attempt.revision)
 
     async def _watch_once(
@@ -694,6 +702,62 @@ def _done() -> asyncio.Future[None]:
     future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     future.set_result(None)
     return future
+
+
+class _Watch:
+    """A watch under ``prefix`` kept open across events: opened at the first `next`, from
+    the revision asked for then; opened again (from the revision asked for) only after an
+    error or `close`."""
+
+    def __init__(self, backend: EtcdBackend, prefix: bytes, *, kind: EventKind | None) -> None:
+        self._backend = backend
+        self._prefix = prefix
+        self._kind = kind
+        self._events: asyncio.Queue[Any] = asyncio.Queue()
+        self._id: int | None = None
+        self._watcher: Any = None
+
+    async def next(self, start: int, timeout: float) -> Any:
+        """The next event (at or after ``start`` if the watch opens now), or None after
+        ``timeout``; `RevisionCompactedError` if ``start`` is compacted away."""
+        backend = self._backend
+        if self._id is None:
+            watcher = backend._client._watcher
+            try:
+                callback = await watcher.add_callback(
+                    self._prefix,
+                    self._events.put,
+                    range_end=_prefix_end(self._prefix),
+                    start_revision=start,
+                    kind=self._kind,
+                )
+            except aetcd.exceptions.WatchTimeoutError:
+                return None
+            except aetcd.exceptions.RevisionCompactedError:
+                raise
+            except Exception as exc:
+                with backend._mapped():
+                    raise exc from None
+            self._id, self._watcher = callback.watch_id, watcher
+        try:
+            async with asyncio.timeout(timeout):
+                event = await self._events.get()
+        except TimeoutError:
+            return None
+        if isinstance(event, Exception):  # aetcd hands a broken stream's error to callbacks
+            await self.close()
+            if isinstance(event, aetcd.exceptions.RevisionCompactedError):
+                raise event
+            with backend._mapped():
+                raise event
+        return event
+
+    async def close(self) -> None:
+        watch_id, watcher, self._id = self._id, self._watcher, None
+        self._events = asyncio.Queue()
+        if watch_id is not None:
+            with contextlib.suppress(Exception):  # the stream may be gone with its member
+                await watcher.cancel(watch_id)
 
 
 class _Changes:
