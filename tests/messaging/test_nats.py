@@ -6,6 +6,7 @@ import asyncio
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -224,6 +225,19 @@ async def test_a_pull_request_lost_with_its_server_is_asked_again(
 # --- a queue deleted under its users (docs/messaging-contract.md) -------------------------
 
 
+def _acking(got: list[bytes]) -> Callable[[Delivery], None]:
+    """A handler that records each body in ``got`` and acknowledges it."""
+    acks: set[asyncio.Task[None]] = set()
+
+    def on_message(delivery: Delivery) -> None:
+        got.append(delivery.body)
+        task = asyncio.ensure_future(delivery.ack())
+        acks.add(task)
+        task.add_done_callback(acks.discard)
+
+    return on_message
+
+
 async def test_delete_queue_deletes_a_queue_another_connection_declared() -> None:
     """Unbound (its own KQ_ stream) and bound (a consumer on its subject's KS_ stream): the
     operator's connection never declared either, and still deletes both, as every other
@@ -257,13 +271,7 @@ async def test_a_bound_consumer_made_again_starts_after_what_it_had_seen() -> No
     operator = await connect(server_url("nats"))
     queue, subject = f"bnd-{uuid.uuid4().hex[:8]}", f"keel.test.{uuid.uuid4().hex[:8]}"
     got: list[bytes] = []
-    acks: set[asyncio.Task[None]] = set()
-
-    def on_message(delivery: Delivery) -> None:
-        got.append(delivery.body)
-        task = asyncio.ensure_future(delivery.ack())
-        acks.add(task)
-        task.add_done_callback(acks.discard)
+    on_message = _acking(got)
 
     try:
         await listener.declare_queue(queue, durable=True, bindings=[subject])
@@ -293,13 +301,7 @@ async def test_a_stream_deleted_and_declared_again_stores_and_delivers(rounds: i
     owner, operator = await connect(server_url("nats")), await connect(server_url("nats"))
     queue = f"again-{uuid.uuid4().hex[:8]}"
     got: list[bytes] = []
-    acks: set[asyncio.Task[None]] = set()
-
-    def on_message(delivery: Delivery) -> None:
-        got.append(delivery.body)
-        task = asyncio.ensure_future(delivery.ack())
-        acks.add(task)
-        task.add_done_callback(acks.discard)
+    on_message = _acking(got)
 
     try:
         await owner.declare_queue(queue, durable=True)

@@ -101,15 +101,7 @@ class RPCClient:
         self._warned: set[tuple[str, str]] = set()
         _metrics.track(self)
 
-    @property
-    def counts(self) -> Counter[tuple[str, ...]]:
-        """Requests sent, by (family, kind, method, outcome)."""
-        self._ok.fold(self._counts)
-        return self._counts
-
-    @counts.setter
-    def counts(self, value: Counter[tuple[str, ...]]) -> None:
-        self._counts = value
+    counts = _metrics.FoldedCounts("Requests sent, by (family, kind, method, outcome).")
 
     @property
     def target(self) -> Target:

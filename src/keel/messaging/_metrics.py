@@ -11,7 +11,7 @@ import threading
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -120,6 +120,22 @@ class Tally:
                     label = method if self._label is None else self._label(method)
                     into[(*self._prefix, label, *self._suffix)] += count - done
                     folded[method] = count
+
+
+class FoldedCounts:
+    """The ``counts`` of a client or server: its ``_counts`` Counter, with its ``_ok`` tally
+    folded in first whenever it is read (`Tally`)."""
+
+    def __init__(self, doc: str) -> None:
+        self.__doc__ = doc
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Counter[tuple[str, ...]]:
+        counts: Counter[tuple[str, ...]] = obj._counts
+        obj._ok.fold(counts)
+        return counts
+
+    def __set__(self, obj: Any, value: Counter[tuple[str, ...]]) -> None:
+        obj._counts = value
 
 
 def track(obj: Measured) -> None:

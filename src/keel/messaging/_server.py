@@ -622,15 +622,7 @@ class RPCServer:
     def _label(self, method: str) -> str:
         return method if method in self._methods else "?"  # bounded, whatever senders send
 
-    @property
-    def counts(self) -> Counter[tuple[str, ...]]:
-        """Requests handled, by (family, kind, method, outcome)."""
-        self._ok.fold(self._counts)
-        return self._counts
-
-    @counts.setter
-    def counts(self, value: Counter[tuple[str, ...]]) -> None:
-        self._counts = value
+    counts = _metrics.FoldedCounts("Requests handled, by (family, kind, method, outcome).")
 
     async def _do_cast(self, request: Request, delivery: Delivery) -> None:
         if self._expired(request):
