@@ -356,7 +356,7 @@ class Hub:
         batch_max: int = 512,
         batch_rows: int = 2048,
         batch_bytes: int = 128 * 1024,
-        fair_share: int = 8,
+        fair_share: int = 4,
         fair_window: float = 1.0,
         retention_interval: float = 30.0,
         clock: Callable[[], float] = time.time,
