@@ -129,7 +129,13 @@ async def test_a_queued_waiter_keeps_one_watch_for_its_whole_wait() -> None:
         name = f"watch-{uuid.uuid4().hex[:8]}"
         first = await ahead[0].try_acquire(name)
         assert first is not None
-        queued = [asyncio.create_task(c.acquire(name, timeout=20)) for c in ahead[1:]]
+
+        # Each takes its turn and gives it up: which of the two queues first is up to them.
+        async def turn(client: kc.Coordinator) -> None:
+            held = await client.acquire(name, timeout=20)
+            await held.release_confirmed()
+
+        queued = [asyncio.create_task(turn(c)) for c in ahead[1:]]
         await asyncio.sleep(0.3)
         backend = waiter.backend
         assert isinstance(backend, EtcdBackend)
@@ -145,9 +151,7 @@ async def test_a_queued_waiter_keeps_one_watch_for_its_whole_wait() -> None:
         mine = asyncio.create_task(waiter.acquire(name, timeout=20))
         await asyncio.sleep(0.3)
         await first.release_confirmed()
-        for task in queued:
-            held = await task
-            await held.release_confirmed()
+        await asyncio.gather(*queued)
         got = await mine
         assert await got.release_confirmed() is True
         assert opened == [1]
