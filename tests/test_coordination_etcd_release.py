@@ -7,13 +7,15 @@ was applied and only its answer lost, the retry recognises its own delete."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 
 import keel.coordination as kc
+from keel.coordination import HeldLock
 from keel.coordination.backends.etcd import EtcdBackend
 from keel.errors import BackendUnavailable
 from tests import servers
@@ -39,42 +41,44 @@ def _fail_txns(backend: EtcdBackend, *, applied: bool, times: int = 1) -> list[i
     return fired
 
 
-@pytest.mark.parametrize("applied", [False, True], ids=["not-sent", "reply-lost"])
-async def test_release_confirmed_survives_a_member_lost_under_it(applied: bool) -> None:
-    url = servers.server_url("etcd")
-    a = await kc.connect(url, member_id="rel-a", ttl=30)
-    b = await kc.connect(url, member_id="rel-b", ttl=30)
+@contextlib.asynccontextmanager
+async def _holding(member: str) -> AsyncIterator[tuple[kc.Coordinator, str, HeldLock, EtcdBackend]]:
+    """A coordinator on the etcd server holding a fresh lock: (it, the lock's name, the
+    held lock, its backend)."""
+    coord = await kc.connect(servers.server_url("etcd"), member_id=member, ttl=30)
     try:
         name = f"release-{uuid.uuid4().hex[:8]}"
-        held = await a.try_acquire(name)
+        held = await coord.try_acquire(name)
         assert held is not None
-        backend = a.backend
+        backend = coord.backend
         assert isinstance(backend, EtcdBackend)
-        fence = held.fence
-        fired = _fail_txns(backend, applied=applied)
-        assert await held.release_confirmed() is True
-        assert fired == [1]
-        # Free at once, not after the 30 s lease: no ghost entry left behind.
-        mine = await b.try_acquire(name)
-        assert mine is not None
-        assert mine.fence > fence
-        assert await mine.release_confirmed() is True
+        yield coord, name, held, backend
     finally:
-        await a.close()
+        await coord.close()
+
+
+@pytest.mark.parametrize("applied", [False, True], ids=["not-sent", "reply-lost"])
+async def test_release_confirmed_survives_a_member_lost_under_it(applied: bool) -> None:
+    b = await kc.connect(servers.server_url("etcd"), member_id="rel-b", ttl=30)
+    try:
+        async with _holding("rel-a") as (_, name, held, backend):
+            fence = held.fence
+            fired = _fail_txns(backend, applied=applied)
+            assert await held.release_confirmed() is True
+            assert fired == [1]
+            # Free at once, not after the 30 s lease: no ghost entry left behind.
+            mine = await b.try_acquire(name)
+            assert mine is not None
+            assert mine.fence > fence
+            assert await mine.release_confirmed() is True
+    finally:
         await b.close()
 
 
 async def test_a_lease_that_ended_under_a_lost_delete_is_not_reported_ours() -> None:
     """The answer lost and the key gone because the lease ended (broken by an operator's
     revoke here): release_confirmed says False, as for any lock lost before its release."""
-    url = servers.server_url("etcd")
-    a = await kc.connect(url, member_id="rel-c", ttl=30)
-    try:
-        name = f"release-{uuid.uuid4().hex[:8]}"
-        held = await a.try_acquire(name)
-        assert held is not None
-        backend = a.backend
-        assert isinstance(backend, EtcdBackend)
+    async with _holding("rel-c") as (_, _name, held, backend):
         fence = held.fence
         attempt = backend._held[(held.key, fence)]
         real = backend._txn
@@ -87,19 +91,10 @@ async def test_a_lease_that_ended_under_a_lost_delete_is_not_reported_ours() -> 
         backend._txn = revoked_then_lost  # type: ignore[method-assign]
         assert await held.release_confirmed() is False
         assert (held.key, fence) not in backend._held
-    finally:
-        await a.close()
 
 
 async def test_a_member_down_for_good_still_ends_in_backend_unavailable() -> None:
-    url = servers.server_url("etcd")
-    a = await kc.connect(url, member_id="rel-d", ttl=30)
-    try:
-        name = f"release-{uuid.uuid4().hex[:8]}"
-        held = await a.try_acquire(name)
-        assert held is not None
-        backend = a.backend
-        assert isinstance(backend, EtcdBackend)
+    async with _holding("rel-d") as (coord, name, held, backend):
         real = backend._txn
         fired = _fail_txns(backend, applied=False, times=4)
         with pytest.raises(BackendUnavailable):
@@ -108,13 +103,11 @@ async def test_a_member_down_for_good_still_ends_in_backend_unavailable() -> Non
         backend._txn = real  # type: ignore[method-assign]
         # The release goes on in the background until confirmed: the lock frees itself.
         for _ in range(100):
-            if await a.try_acquire(name) is not None:
+            if await coord.try_acquire(name) is not None:
                 break
             await asyncio.sleep(0.1)
         else:
             raise AssertionError("the background release never freed the lock")
-    finally:
-        await a.close()
 
 
 async def test_a_queued_waiter_keeps_one_watch_for_its_whole_wait() -> None:

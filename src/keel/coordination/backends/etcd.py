@@ -404,27 +404,11 @@ class EtcdBackend:
     ) -> Any:
         """The first event under ``prefix`` from revision ``start``, or None after
         ``timeout``; `RevisionCompactedError` if ``start`` is compacted away."""
+        watch = _Watch(self, prefix, kind=kind)
         try:
-            event = await self._client.watch_once(
-                prefix,
-                timeout=timeout,
-                range_end=_prefix_end(prefix),
-                start_revision=start,
-                kind=kind,
-            )
-        except aetcd.exceptions.WatchTimeoutError:
-            return None
-        except aetcd.exceptions.RevisionCompactedError:
-            raise
-        except Exception as exc:
-            with self._mapped():
-                raise exc from None
-        if isinstance(event, Exception):  # aetcd hands a broken stream's error back
-            if isinstance(event, aetcd.exceptions.RevisionCompactedError):
-                raise event
-            with self._mapped():
-                raise event
-        return event
+            return await watch.next(start, timeout)
+        finally:
+            await watch.close()
 
     async def dequeue(self, waiter: Waiter) -> None:
         attempt: _Attempt | None = waiter.state
