@@ -29,23 +29,48 @@ def _fail_txns(backend: EtcdBackend, *, applied: bool, times: int = 1) -> list[i
     real: Callable[[Any], Any] = backend._txn
     fired: list[int] = []
 
-    async def txn(request: Any) -> Any:
+    async def txn(request: Any, timeout: float | None = None) -> Any:
         if len(fired) >= times:
-            return await real(request)
+            return await real(request, timeout)
         fired.append(1)
         if applied:
-            await real(request)
+            await real(request, timeout)
         raise BackendUnavailable("etcd: Stream removed (injected)", backend="etcd")
 
     backend._txn = txn  # type: ignore[method-assign]
     return fired
 
 
+def _hang_reads(
+    backend: EtcdBackend, *, times: int, after: int = 0, longest: float = 3600.0
+) -> list[float]:
+    """After ``after`` reads, the next ``times`` reads of a release hang as on a stopped
+    member, until the time the backend gives the call (or ``longest``), then fail. Returns
+    the times given."""
+    real: Callable[..., Any] = backend._entries
+    given: list[float] = []
+    passed: list[int] = []
+
+    async def entries(key: str, timeout: float | None = None) -> Any:
+        if len(passed) < after or len(given) >= times:
+            passed.append(1)
+            return await real(key, timeout)
+        allowed = timeout if timeout is not None else backend._timeout
+        given.append(allowed)
+        await asyncio.sleep(min(allowed, longest))
+        raise BackendUnavailable("etcd: deadline exceeded (injected)", backend="etcd")
+
+    backend._entries = entries  # type: ignore[method-assign]
+    return given
+
+
 @contextlib.asynccontextmanager
-async def _holding(member: str) -> AsyncIterator[tuple[kc.Coordinator, str, HeldLock, EtcdBackend]]:
+async def _holding(
+    member: str, *, ttl: float = 30, query: str = ""
+) -> AsyncIterator[tuple[kc.Coordinator, str, HeldLock, EtcdBackend]]:
     """A coordinator on the etcd server holding a fresh lock: (it, the lock's name, the
     held lock, its backend)."""
-    coord = await kc.connect(servers.server_url("etcd"), member_id=member, ttl=30)
+    coord = await kc.connect(servers.server_url("etcd") + query, member_id=member, ttl=ttl)
     try:
         name = f"release-{uuid.uuid4().hex[:8]}"
         held = await coord.try_acquire(name)
@@ -83,7 +108,7 @@ async def test_a_lease_that_ended_under_a_lost_delete_is_not_reported_ours() -> 
         attempt = backend._held[(held.key, fence)]
         real = backend._txn
 
-        async def revoked_then_lost(request: Any) -> Any:
+        async def revoked_then_lost(request: Any, timeout: float | None = None) -> Any:
             backend._txn = real  # type: ignore[method-assign]
             await backend._revoke(attempt.lease)
             raise BackendUnavailable("etcd: Stream removed (injected)", backend="etcd")
@@ -91,6 +116,32 @@ async def test_a_lease_that_ended_under_a_lost_delete_is_not_reported_ours() -> 
         backend._txn = revoked_then_lost  # type: ignore[method-assign]
         assert await held.release_confirmed() is False
         assert (held.key, fence) not in backend._held
+
+
+async def test_a_short_lease_outlives_the_retries_of_a_lost_delete() -> None:
+    """Applied, its answer lost, then the next member slow for longer than the lease: the
+    lease is kept alive while the release is settled, so its end still means "not ours"."""
+    async with _holding("rel-e", ttl=2) as (_, _name, held, backend):
+        fence = held.fence
+        _fail_txns(backend, applied=True)
+        given = _hang_reads(backend, times=1, after=1, longest=2.6)
+        assert await held.release_confirmed() is True
+        assert len(given) == 1
+        assert (held.key, fence) not in backend._held
+
+
+async def test_a_hanging_member_bounds_the_whole_release_by_one_timeout() -> None:
+    """Every member silent: the release gives up within the backend's one timeout (2 s
+    here), not the timeout per call and per try (4 tries of two calls: over 9 s)."""
+    async with _holding("rel-f", query="?connect_timeout=2") as (_, _name, held, backend):
+        real = backend._entries
+        _hang_reads(backend, times=100)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(BackendUnavailable):
+            await held.release_confirmed()
+        assert loop.time() - start < 2.5
+        backend._entries = real  # type: ignore[method-assign]
 
 
 async def test_a_member_down_for_good_still_ends_in_backend_unavailable() -> None:

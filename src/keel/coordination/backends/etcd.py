@@ -61,6 +61,7 @@ from keel.errors import BackendUnavailable, KeelError
 
 _MIN_TTL = 2
 _DELETE_TRIES = 4  # reads and deletes tried while members fail under a release
+_MIN_CALL_S = 1.0  # the least time one call of a release is given
 _UNAVAILABLE_CODES = {
     StatusCode.UNAVAILABLE,
     StatusCode.DEADLINE_EXCEEDED,
@@ -264,9 +265,9 @@ class EtcdBackend:
 
     # --- taking a key --------------------------------------------------------------------------
 
-    async def _txn(self, request: rpc.TxnRequest) -> Any:
+    async def _txn(self, request: rpc.TxnRequest, timeout: float | None = None) -> Any:
         with self._mapped():
-            return await self._client.kvstub.Txn(request, timeout=self._timeout)
+            return await self._client.kvstub.Txn(request, timeout=timeout or self._timeout)
 
     def _listing(self, prefix: bytes) -> rpc.RequestOp:
         return rpc.RequestOp(
@@ -538,48 +539,78 @@ class EtcdBackend:
         return False
 
     async def delete(self, key: str, fence: int) -> bool:
+        # One operation's time in all, whatever the members do: a member that hangs (stopped,
+        # partitioned) would otherwise cost the whole timeout per call and per try (21 s).
+        deadline = now() + self._timeout
         prefix = _dir(key)
-        ambiguous = False  # a delete was sent and its answer lost with its member
+        keeper: asyncio.Task[None] | None = None  # set once a delete's answer was lost
         unavailable = 0
         conflicts = 0
-        while True:
-            try:
-                revision, holder, nested = await self._entries(key)
-                if holder is None or int(holder.create_revision) != fence or nested:
-                    return ambiguous and not nested and await self._deleted_by_us(key, fence)
-                # Nothing under the key was written since the read (a member joining, say):
-                # the comparison holds for every key of the range.
-                quiet = rpc.Compare(
-                    key=prefix,
-                    range_end=_prefix_end(prefix),
-                    result=rpc.Compare.LESS,
-                    target=rpc.Compare.MOD,
-                    mod_revision=revision + 1,
-                )
-                remove = rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=holder.key))
-                request = rpc.TxnRequest(compare=[self._created(holder.key, fence), quiet])
-                request.success.append(remove)
+        try:
+            while True:
+                call = min(deadline - now(), max(self._timeout / 2, _MIN_CALL_S))
                 try:
-                    succeeded = (await self._txn(request)).succeeded
+                    revision, holder, nested = await self._entries(key, timeout=call)
+                    if holder is None or int(holder.create_revision) != fence or nested:
+                        lost_answer = keeper is not None
+                        return lost_answer and not nested and await self._deleted_by_us(key, fence)
+                    # Nothing under the key was written since the read (a member joining,
+                    # say): the comparison holds for every key of the range.
+                    quiet = rpc.Compare(
+                        key=prefix,
+                        range_end=_prefix_end(prefix),
+                        result=rpc.Compare.LESS,
+                        target=rpc.Compare.MOD,
+                        mod_revision=revision + 1,
+                    )
+                    remove = rpc.RequestOp(
+                        request_delete_range=rpc.DeleteRangeRequest(key=holder.key)
+                    )
+                    request = rpc.TxnRequest(compare=[self._created(holder.key, fence), quiet])
+                    request.success.append(remove)
+                    call = max(0.1, min(deadline - now(), call))
+                    try:
+                        succeeded = (await self._txn(request, timeout=call)).succeeded
+                    except BackendUnavailable:
+                        if keeper is None:
+                            keeper = self._keep_lease(key, fence)
+                        raise
                 except BackendUnavailable:
-                    ambiguous = True
-                    raise
-            except BackendUnavailable:
-                # The member in use died between the read and the write, or under either: the
-                # channel has moved on, and the delete is conditional on our fence, so asking
-                # the next member again is safe. A release is worth a few tries before the
-                # caller hears "retry later".
-                unavailable += 1
-                if unavailable >= _DELETE_TRIES:
-                    raise
-                await asyncio.sleep(0.2 * unavailable)
-                continue
-            if succeeded:
-                self._forget(key, fence)
-                return True
-            conflicts += 1
-            if conflicts >= 3:  # something under the key keeps changing between read and delete
-                return False
+                    # The member in use died between the read and the write, or under either:
+                    # the channel has moved on, and the delete is conditional on our fence, so
+                    # asking the next member again is safe. A release is worth a few tries
+                    # before the caller hears "retry later".
+                    unavailable += 1
+                    pause = 0.2 * unavailable
+                    if unavailable >= _DELETE_TRIES or now() + pause + _MIN_CALL_S > deadline:
+                        raise
+                    await asyncio.sleep(pause)
+                    continue
+                if succeeded:
+                    self._forget(key, fence)
+                    return True
+                conflicts += 1
+                if conflicts >= 3:  # something under the key keeps changing between read and delete
+                    return False
+        finally:
+            if keeper is not None:
+                keeper.cancel()
+
+    def _keep_lease(self, key: str, fence: int) -> asyncio.Task[None]:
+        """Keep the lease alive while a lost delete is settled: its end is how `_deleted_by_us`
+        tells the server's removal from ours, so a short lease must not end under the retries."""
+        attempt = self._held.get((key, fence))
+
+        async def keep() -> None:
+            if attempt is None:
+                return
+            with contextlib.suppress(_LeaseGone):
+                while True:
+                    with contextlib.suppress(KeelError):
+                        await self._keepalive(attempt.lease)
+                    await asyncio.sleep(attempt.lease.ttl / 3)
+
+        return asyncio.get_running_loop().create_task(keep())
 
     def _forget(self, key: str, fence: int) -> None:
         attempt = self._held.pop((key, fence), None)
@@ -604,13 +635,16 @@ class EtcdBackend:
         self._forget(key, fence)
         return True
 
-    async def _entries(self, key: str) -> tuple[int, Any | None, bool]:
+    async def _entries(
+        self, key: str, timeout: float | None = None
+    ) -> tuple[int, Any | None, bool]:
         """The revision read at, the key's holder (its lowest direct entry) and whether any
         record lives under the key (an entry of a key below it)."""
         prefix = _dir(key)
         with self._mapped():
             reply = await self._client.kvstub.Range(
-                rpc.RangeRequest(key=prefix, range_end=_prefix_end(prefix)), timeout=self._timeout
+                rpc.RangeRequest(key=prefix, range_end=_prefix_end(prefix)),
+                timeout=timeout or self._timeout,
             )
         direct = [kv for kv in reply.kvs if b"/" not in kv.key[len(prefix) :]]
         holder = min(direct, key=lambda kv: kv.create_revision) if direct else None
