@@ -412,6 +412,28 @@ async def test_fanout_reaches_every_server(make_transport: TransportFactory, top
         await server.stop()
 
 
+async def test_a_publish_right_after_consume_returned_reaches_the_consumer(
+    make_transport: TransportFactory, topic: str
+) -> None:
+    """A server is live once it started: a fanout sent by another connection the moment
+    `consume` returned is heard (NATS lost 18 of 200 before its consume waited for the
+    server to route to the new subscription)."""
+    mine, other = await make_transport(), await make_transport()
+    missed = []
+    for i in range(100):
+        queue, subject = f"{topic}.q{i}", f"{topic}.fan{i}"
+        await mine.declare_queue(queue, durable=False, exclusive=True, bindings=[subject])
+        heard = asyncio.Event()
+        consumer = await mine.consume(queue, lambda _d, h=heard: h.set(), prefetch=1, auto_ack=True)
+        await other.publish(subject, b"x", durable=False)
+        try:
+            await asyncio.wait_for(heard.wait(), 2)
+        except TimeoutError:
+            missed.append(i)
+        await consumer.cancel()
+    assert missed == []
+
+
 # --- bad input from the network --------------------------------------------------------------
 
 
