@@ -130,6 +130,38 @@ async def test_a_short_lease_outlives_the_retries_of_a_lost_delete() -> None:
         assert (held.key, fence) not in backend._held
 
 
+async def test_the_lease_keeper_does_not_wait_on_a_hanging_member() -> None:
+    """The keeper's first refresh goes to a hanging member: it is given a third of the ttl and
+    sent again at once, so a 2 s lease still outlives a 2.6 s read."""
+    async with _holding("rel-g", ttl=2) as (_, _name, held, backend):
+        fence = held.fence
+        real = backend._keepalive
+        hung: list[float] = []
+
+        async def keepalive(lease: Any, timeout: float | None = None) -> None:
+            if not hung and timeout is not None:  # the keeper's (a renewal gives none)
+                hung.append(timeout)
+                await asyncio.sleep(timeout)
+                raise BackendUnavailable("etcd: deadline exceeded (injected)", backend="etcd")
+            await real(lease, timeout)
+
+        backend._keepalive = keepalive  # type: ignore[method-assign]
+        _fail_txns(backend, applied=True)
+        _hang_reads(backend, times=1, after=1, longest=2.6)
+        assert await held.release_confirmed() is True
+        assert len(hung) == 1
+        assert hung[0] <= 1
+        assert (held.key, fence) not in backend._held
+
+
+async def test_a_short_timeout_still_asks_the_next_member() -> None:
+    """connect_timeout=1: a member failing at once under the delete is still retried."""
+    async with _holding("rel-h", query="?connect_timeout=1") as (_, _name, held, backend):
+        fired = _fail_txns(backend, applied=False)
+        assert await held.release_confirmed() is True
+        assert fired == [1]
+
+
 async def test_a_hanging_member_bounds_the_whole_release_by_one_timeout() -> None:
     """Every member silent: the release gives up within the backend's one timeout (2 s
     here), not the timeout per call and per try (4 tries of two calls: over 9 s)."""

@@ -317,3 +317,37 @@ async def test_a_stream_deleted_and_declared_again_stores_and_delivers(rounds: i
     finally:
         await owner.close()
         await operator.close()
+
+
+@pytest.mark.parametrize("exclusive", [True, False], ids=["core", "pulled"])
+async def test_a_consume_that_fails_part_way_leaves_no_subscription(exclusive: bool) -> None:
+    """The server did not confirm the new subscriptions (a flush timed out): consume raises,
+    and what it subscribed before the failure is gone, not calling a handler nobody holds."""
+    transport = await connect(server_url("nats"))
+    sender = await connect(server_url("nats"))
+    queue = f"nats-{uuid.uuid4().hex[:8]}"
+    subject = f"{queue}.fan"
+    await transport.declare_queue(
+        queue, durable=not exclusive, exclusive=exclusive, bindings=[subject] if exclusive else ()
+    )
+    nc = transport.nc  # type: ignore[attr-defined]
+    before = len(nc._subs)
+    real = transport.subscribed  # type: ignore[attr-defined]
+
+    async def unconfirmed() -> None:
+        raise errors.TransportError("nats: subscribe failed: flush timeout (injected)")
+
+    transport.subscribed = unconfirmed  # type: ignore[attr-defined]
+    heard: list[Delivery] = []
+    with pytest.raises(errors.TransportError):
+        await transport.consume(queue, heard.append, prefetch=1, auto_ack=exclusive)
+    transport.subscribed = real  # type: ignore[attr-defined]
+    await eventually(lambda: len(nc._subs) == before, timeout=5)
+    if exclusive:
+        await sender.publish(subject, b"x", durable=False)
+    else:
+        await sender.send(queue, b"x", durable=False)
+    await asyncio.sleep(0.3)
+    assert heard == []
+    await sender.close()
+    await transport.close()

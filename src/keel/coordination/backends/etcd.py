@@ -61,7 +61,8 @@ from keel.errors import BackendUnavailable, KeelError
 
 _MIN_TTL = 2
 _DELETE_TRIES = 4  # reads and deletes tried while members fail under a release
-_MIN_CALL_S = 1.0  # the least time one call of a release is given
+_MIN_CALL_S = 1.0  # the least time one call of a release is given, timeout allowing
+_LEAST_CALL_S = 0.1  # below this a call cannot be answered: the release is out of time
 _UNAVAILABLE_CODES = {
     StatusCode.UNAVAILABLE,
     StatusCode.DEADLINE_EXCEEDED,
@@ -229,7 +230,7 @@ class EtcdBackend:
         self._leases.add(reply.ID)
         return _Lease(reply.ID, ttl, sent + min(ttl, reply.TTL))
 
-    async def _keepalive(self, lease: _Lease) -> None:
+    async def _keepalive(self, lease: _Lease, timeout: float | None = None) -> None:
         """Refresh the lease; its bound moves to the send time plus what the server reports."""
         for attempt in (1, 2):
             token = self._client.token
@@ -237,7 +238,8 @@ class EtcdBackend:
             with self._mapped():
                 try:
                     async for reply in self._client.leasestub.LeaseKeepAlive(
-                        [rpc.LeaseKeepAliveRequest(ID=lease.id)], timeout=self._timeout
+                        [rpc.LeaseKeepAliveRequest(ID=lease.id)],
+                        timeout=self._timeout if timeout is None else timeout,
                     ):
                         if reply.TTL <= 0:
                             raise _LeaseGone
@@ -267,7 +269,9 @@ class EtcdBackend:
 
     async def _txn(self, request: rpc.TxnRequest, timeout: float | None = None) -> Any:
         with self._mapped():
-            return await self._client.kvstub.Txn(request, timeout=timeout or self._timeout)
+            return await self._client.kvstub.Txn(
+                request, timeout=self._timeout if timeout is None else timeout
+            )
 
     def _listing(self, prefix: bytes) -> rpc.RequestOp:
         return rpc.RequestOp(
@@ -546,14 +550,21 @@ class EtcdBackend:
         keeper: asyncio.Task[None] | None = None  # set once a delete's answer was lost
         unavailable = 0
         conflicts = 0
+        least = min(_MIN_CALL_S, self._timeout / 4)  # a short timeout still allows retries
         try:
             while True:
-                call = min(deadline - now(), max(self._timeout / 2, _MIN_CALL_S))
+                call = min(deadline - now(), max(self._timeout / 2, least))
+                if call < _LEAST_CALL_S:  # past the deadline (a conflict went round again)
+                    raise BackendUnavailable(
+                        f"etcd: release of {key!r} unanswered in {self._timeout} s", backend="etcd"
+                    )
                 try:
                     revision, holder, nested = await self._entries(key, timeout=call)
                     if holder is None or int(holder.create_revision) != fence or nested:
-                        lost_answer = keeper is not None
-                        return lost_answer and not nested and await self._deleted_by_us(key, fence)
+                        if keeper is None or nested:
+                            return False
+                        left = max(_LEAST_CALL_S, deadline - now())
+                        return await self._deleted_by_us(key, fence, left)
                     # Nothing under the key was written since the read (a member joining,
                     # say): the comparison holds for every key of the range.
                     quiet = rpc.Compare(
@@ -568,7 +579,7 @@ class EtcdBackend:
                     )
                     request = rpc.TxnRequest(compare=[self._created(holder.key, fence), quiet])
                     request.success.append(remove)
-                    call = max(0.1, min(deadline - now(), call))
+                    call = max(_LEAST_CALL_S, min(deadline - now(), call))
                     try:
                         succeeded = (await self._txn(request, timeout=call)).succeeded
                     except BackendUnavailable:
@@ -582,7 +593,7 @@ class EtcdBackend:
                     # before the caller hears "retry later".
                     unavailable += 1
                     pause = 0.2 * unavailable
-                    if unavailable >= _DELETE_TRIES or now() + pause + _MIN_CALL_S > deadline:
+                    if unavailable >= _DELETE_TRIES or now() + pause + least > deadline:
                         raise
                     await asyncio.sleep(pause)
                     continue
@@ -606,8 +617,14 @@ class EtcdBackend:
                 return
             with contextlib.suppress(_LeaseGone):
                 while True:
-                    with contextlib.suppress(KeelError):
-                        await self._keepalive(attempt.lease)
+                    # Each refresh is given a third of the ttl, and a failed one is sent again
+                    # at once (to the next member): one sent to a hanging member must not
+                    # outlast the lease it keeps.
+                    try:
+                        await self._keepalive(attempt.lease, attempt.lease.ttl / 3)
+                    except KeelError:
+                        await asyncio.sleep(_LEAST_CALL_S)
+                        continue
                     await asyncio.sleep(attempt.lease.ttl / 3)
 
         return asyncio.get_running_loop().create_task(keep())
@@ -617,7 +634,7 @@ class EtcdBackend:
         if attempt is not None:
             self._reuse(attempt.lease)  # our own: no key is on it any more
 
-    async def _deleted_by_us(self, key: str, fence: int) -> bool:
+    async def _deleted_by_us(self, key: str, fence: int, timeout: float) -> bool:
         """Our delete was sent, its answer lost, and the key is no longer ours: it was our
         delete (True) unless the lease had ended by then (the server removed the key) or an
         operator broke the lock in that moment."""
@@ -626,7 +643,7 @@ class EtcdBackend:
             return False
         with self._mapped():
             reply = await self._client.leasestub.LeaseTimeToLive(
-                rpc.LeaseTimeToLiveRequest(ID=attempt.lease.id), timeout=self._timeout
+                rpc.LeaseTimeToLiveRequest(ID=attempt.lease.id), timeout=timeout
             )
         if reply.TTL <= 0:
             self._held.pop((key, fence), None)
@@ -644,7 +661,7 @@ class EtcdBackend:
         with self._mapped():
             reply = await self._client.kvstub.Range(
                 rpc.RangeRequest(key=prefix, range_end=_prefix_end(prefix)),
-                timeout=timeout or self._timeout,
+                timeout=self._timeout if timeout is None else timeout,
             )
         direct = [kv for kv in reply.kvs if b"/" not in kv.key[len(prefix) :]]
         holder = min(direct, key=lambda kv: kv.create_revision) if direct else None

@@ -646,6 +646,13 @@ class _CoreConsumer:
                 await sub.unsubscribe()
 
 
+async def _abandon(consumer: _Puller | _CoreConsumer) -> None:
+    """Undo a consume that failed part way: its subscriptions made before the failure (a
+    flush that timed out) would go on calling a handler its caller never got."""
+    with contextlib.suppress(KeelError, nats.errors.Error):
+        await consumer.cancel()
+
+
 def _nkey_seed_file(url: URL, path: str | None) -> tuple[str | None, str | None]:
     """The nkey seed file to log in with, checked now (readable, a user seed), and the
     public key it signs for (for error messages; the seed itself is never kept)."""
@@ -1307,7 +1314,11 @@ class NatsTransport:
         subjects = self.exclusive.get(queue)
         if subjects is not None:
             core = _CoreConsumer(self, queue, handler, auto_ack)
-            await core.start(subjects)
+            try:
+                await core.start(subjects)
+            except KeelError:
+                await _abandon(core)
+                raise
             self.core_consumers.add(core)
             return core
         if queue not in self.streams:
@@ -1319,6 +1330,10 @@ class NatsTransport:
         self.pullers.add(puller)
         declared = self.streams[queue]
         unbound = declared.address == _address(queue)
-        with _mapped(f"consume from {queue!r}"):
-            await puller.start(_call_subject(queue) if unbound else None)
+        try:
+            with _mapped(f"consume from {queue!r}"):
+                await puller.start(_call_subject(queue) if unbound else None)
+        except KeelError:
+            await _abandon(puller)
+            raise
         return puller
