@@ -84,6 +84,7 @@ class CutProxy:
         self._loop = asyncio.new_event_loop()
         self._writers: set[asyncio.StreamWriter] = set()
         self._armed: str | None = None
+        self._stalled = False
         self.fired = threading.Event()
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
@@ -144,7 +145,7 @@ class CutProxy:
         async def downstream() -> None:
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 while data := await up_reader.read(65536):
-                    if muted.is_set():
+                    if muted.is_set() or self._stalled:
                         continue
                     writer.write(data)
                     await writer.drain()
@@ -174,6 +175,11 @@ class CutProxy:
 
     def disarm(self) -> None:
         self._armed = None
+
+    def stall(self, stalled: bool = True) -> None:
+        """Swallow every answer of the server while connections stay open (a server that
+        stopped answering: SIGSTOP, a full disk, a half-open route)."""
+        self._stalled = stalled
 
     def close(self) -> None:
         self.cut()

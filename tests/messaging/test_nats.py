@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from hypothesis import given
@@ -19,6 +20,7 @@ from keel.messaging._target import rpc_queue
 from keel.messaging.transports import nats as nats_transport
 from keel.messaging.transports.base import Delivery
 from keel.messaging.transports.nats import _token
+from tests.coord_support import CutProxy
 from tests.helpers import eventually
 from tests.servers import server_url
 
@@ -351,3 +353,28 @@ async def test_a_consume_that_fails_part_way_leaves_no_subscription(exclusive: b
     assert heard == []
     await sender.close()
     await transport.close()
+
+
+async def test_a_consume_on_a_server_that_stopped_answering_fails_within_connect_timeout() -> None:
+    """consume waits for the server's routing as long as the transport's ``connect_timeout``
+    in all, then raises a retryable error and leaves no subscription: not nats-py's own 10 s
+    per round trip (20 s for the two a consume makes)."""
+    upstream = urlsplit(server_url("nats"))
+    proxy = CutProxy(upstream.hostname or "127.0.0.1", upstream.port or 4222)
+    transport = await connect(f"nats://127.0.0.1:{proxy.port}?connect_timeout=1")
+    try:
+        queue = f"nats-{uuid.uuid4().hex[:8]}"
+        await transport.declare_queue(
+            queue, durable=False, exclusive=True, bindings=[f"{queue}.fan"]
+        )
+        nc = transport.nc  # type: ignore[attr-defined]
+        before = len(nc._subs)
+        proxy.stall()
+        started = time.monotonic()
+        with pytest.raises(errors.TransportError):
+            await transport.consume(queue, lambda d: None, prefetch=1, auto_ack=True)
+        assert time.monotonic() - started < 3
+        assert len(nc._subs) == before
+    finally:
+        proxy.close()
+        await transport.close()

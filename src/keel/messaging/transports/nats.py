@@ -1179,10 +1179,14 @@ class NatsTransport:
         returned could find no subscriber (a fanout lost: 18 of 200 in a probe). One PING's
         PONG is not enough on nats-server 2.9: another connection's publish sent right after
         it still missed the new subscription 7 times in 400 (raw nats-py, one server), and a
-        publish 100 ms later reached it; after a second round trip, 0 in 400."""
+        publish 100 ms later reached it; after a second round trip, 0 in 400. A server
+        that stopped answering holds them ``connect_timeout`` in all (not nats-py's 10 s
+        each), then the consume fails with a retryable error. During a reconnect nats-py
+        does not wait: it sends the subscriptions again once it is back."""
+        deadline = time.monotonic() + self.connect_timeout
         with _mapped("subscribe"):
-            await self.nc.flush()
-            await self.nc.flush()
+            await self.nc.flush(timeout=max(0.001, self.connect_timeout))
+            await self.nc.flush(timeout=max(0.001, deadline - time.monotonic()))
 
     async def send(self, queue: str, body: bytes, *, durable: bool) -> None:
         self._check_open()
