@@ -1185,8 +1185,10 @@ class NatsTransport:
         does not wait: it sends the subscriptions again once it is back."""
         deadline = time.monotonic() + self.connect_timeout
         with _mapped("subscribe"):
-            await self.nc.flush(timeout=max(0.001, self.connect_timeout))
-            await self.nc.flush(timeout=max(0.001, deadline - time.monotonic()))
+            # nats-py types the timeouts int; a float works.
+            await self.nc.flush(timeout=max(0.001, self.connect_timeout))  # type: ignore[arg-type]
+            left = max(0.001, deadline - time.monotonic())
+            await self.nc.flush(timeout=left)  # type: ignore[arg-type]
 
     async def send(self, queue: str, body: bytes, *, durable: bool) -> None:
         self._check_open()
