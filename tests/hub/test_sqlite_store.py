@@ -105,7 +105,7 @@ async def test_subscription_churn_shares_the_ingest_commits(
     await store.open()
     flooder = Principal("one", "p-one", ("member",))
     churner = Principal("two", "p-two", ("member",))
-    hub = Hub(store, StaticTokens({}))
+    hub = Hub(store, StaticTokens({}), subscription_burst=100)  # 60 writes: not rate-limited
     await hub.start()
     try:
         await hub.create_subscription(flooder, {})

@@ -266,6 +266,21 @@ _LIMIT = {
 }
 
 
+def _too_many(why: str) -> dict[str, Any]:
+    return {
+        **_json(
+            _ref("Error"),
+            f"{why}; send it again after `Retry-After` seconds (also `error.retry_after`)",
+        ),
+        "headers": {
+            "Retry-After": {
+                "description": "Whole seconds to wait before sending it again",
+                "schema": {"type": "integer", "minimum": 0},
+            }
+        },
+    }
+
+
 def _op(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return {"summary": summary, "responses": {**responses, **_ERRORS}, **extra}
 
@@ -314,6 +329,10 @@ def openapi_document() -> dict[str, Any]:
                     "201": _json(_ref("Subscription"), "Created"),
                     "403": _json(_ref("Error")),
                     "409": _json(_ref("Error"), "The project's subscription quota is used up"),
+                    "429": _too_many(
+                        "The project creates subscriptions faster than the hub's rate while "
+                        "other projects are active: nothing was created"
+                    ),
                 },
                 requestBody=_body(_ref("SubscriptionSpec")),
             ),
@@ -459,20 +478,10 @@ def openapi_document() -> dict[str, Any]:
                 {
                     "202": _json({"type": "object"}, "Committed"),
                     "403": _json(_ref("Error")),
-                    "429": {
-                        **_json(
-                            _ref("Error"),
-                            "The event's project holds its fair share of the hub's work while "
-                            "other projects wait: nothing was accepted; send it again after "
-                            "`Retry-After` seconds (also `error.retry_after`)",
-                        ),
-                        "headers": {
-                            "Retry-After": {
-                                "description": "Whole seconds to wait before sending it again",
-                                "schema": {"type": "integer", "minimum": 0},
-                            }
-                        },
-                    },
+                    "429": _too_many(
+                        "The event's project holds its fair share of the hub's work while "
+                        "other projects wait: nothing was accepted"
+                    ),
                 },
                 requestBody=_body(_ref("CloudEvent")),
             ),

@@ -70,6 +70,9 @@ def _from_keel(exc: errors.KeelError) -> ZaqarError:
         return ZaqarError(409, CONFLICT, exc.message)
     if isinstance(exc, errors.BadRequest | errors.ConfigError):
         return bad_request(exc.message)
+    if isinstance(exc, errors.TooManyRequests):
+        retry = getattr(exc, "retry_after", 1)
+        return ZaqarError(429, "Too many requests", exc.message, {"Retry-After": str(retry)})
     if exc.retryable:
         return ZaqarError(503, UNAVAILABLE, f"{exc.message} Please try again in a few seconds.")
     log_event(log, logging.ERROR, "zaqar.http_error", error=repr(exc))
