@@ -64,7 +64,9 @@ async def test_subscription_creates_are_rate_limited_only_while_another_project_
         await hub.stop()
 
 
-async def test_a_refused_create_over_http_is_429_with_retry_after(store: Store) -> None:
+async def one_create_a_second(store: Store) -> Hub:
+    """A started hub allowing one subscription create per second while another project is
+    active (each test makes bob active for the whole test)."""
     hub = Hub(
         store,
         StaticTokens(TOKENS),
@@ -74,6 +76,11 @@ async def test_a_refused_create_over_http_is_429_with_retry_after(store: Store) 
         fair_window=30,
     )
     await hub.start()
+    return hub
+
+
+async def test_a_refused_create_over_http_is_429_with_retry_after(store: Store) -> None:
+    hub = await one_create_a_second(store)
     try:
         async with HubServer(hub, heartbeat=0.5) as server:
             await hub.ingest(event(BOB.project))
@@ -148,15 +155,7 @@ async def test_another_tenants_event_commits_while_a_flood_holds_every_commit_sl
 
 
 async def test_a_refused_zaqar_queue_create_is_429_in_zaqars_shape(store: Store) -> None:
-    hub = Hub(
-        store,
-        StaticTokens(TOKENS),
-        quota_subscriptions=100,
-        subscription_rate=1,
-        subscription_burst=1,
-        fair_window=30,
-    )
-    await hub.start()
+    hub = await one_create_a_second(store)
     try:
         config = ZaqarConfig(secret_key=b"fair-writes-test-key-0123456789ab")
         async with HubServer(hub, heartbeat=0.5, zaqar=config) as server:
