@@ -16,6 +16,7 @@ import httpx
 
 from keel.errors import TooManyRequests
 from keel.hub import CloudEvent, Hub, HubServer, StaticTokens, Store
+from keel.hub._core import _WriteRate
 from keel.hub.stores.base import Appended, Routed
 from keel.hub.zaqar import ZaqarConfig
 from tests.hub.conftest import TOKENS
@@ -64,15 +65,16 @@ async def test_subscription_creates_are_rate_limited_only_while_another_project_
         await hub.stop()
 
 
-async def one_create_a_second(store: Store) -> Hub:
-    """A started hub allowing one subscription create per second while another project is
-    active (each test makes bob active for the whole test)."""
+async def one_create_a_second(store: Store, burst: int = 1) -> Hub:
+    """A started hub allowing one subscription create per second (after a burst of
+    ``burst``) while another project is active (each test makes bob active for the whole
+    test)."""
     hub = Hub(
         store,
         StaticTokens(TOKENS),
         quota_subscriptions=100,
         subscription_rate=1,
-        subscription_burst=1,
+        subscription_burst=burst,
         fair_window=30,
     )
     await hub.start()
@@ -171,3 +173,43 @@ async def test_a_refused_zaqar_queue_create_is_429_in_zaqars_shape(store: Store)
                 assert [q["name"] for q in listed] == ["first"]  # the refused one made nothing
     finally:
         await hub.stop()
+
+
+async def test_a_zaqar_subscription_refused_half_way_leaves_no_queue_behind(store: Store) -> None:
+    # A subscription on a queue that does not exist yet is two writes (the queue, then its
+    # subscription): with one token left, both are refused, not the second one after the
+    # first was made.
+    hub = await one_create_a_second(store, burst=2)
+    try:
+        config = ZaqarConfig(
+            secret_key=b"fair-writes-test-key-0123456789ab", require_confirmation=False
+        )
+        async with HubServer(hub, heartbeat=0.5, zaqar=config) as server:
+            await hub.ingest(event(BOB.project))
+            headers = {"X-Auth-Token": "tok-alice", "Client-ID": str(uuid.uuid4())}
+            async with httpx.AsyncClient(base_url=server.url, headers=headers) as alice:
+                assert (await alice.put("/v2/queues/first")).status_code == 201  # 1 of 2
+                tee = {"subscriber": "http://example.com/hook", "ttl": 3600}
+                r = await alice.post("/v2/queues/second/subscriptions", json=tee)
+                assert r.status_code == 429, r.text
+                listed = (await alice.get("/v2/queues")).json()["queues"]
+                assert [q["name"] for q in listed] == ["first"]
+                # On a queue that exists it is one write, and the one token left takes it.
+                r = await alice.post("/v2/queues/first/subscriptions", json=tee)
+                assert r.status_code == 201, r.text
+    finally:
+        await hub.stop()
+
+
+def test_a_request_of_more_writes_than_the_burst_still_passes_a_full_bucket() -> None:
+    rate = _WriteRate(rate=1, burst=1)
+    rate.take("p-one", True, 2)  # a Zaqar subscription on a new queue, burst 1
+    try:
+        rate.take("p-one", True, 1)
+    except TooManyRequests:
+        pass
+    else:
+        raise AssertionError("the bucket was not emptied")
+    for i in range(3000):  # many projects: pruned now and then, never wrong
+        rate.take(f"p-{i}", True, 1)
+    assert len(rate._buckets) <= 3001

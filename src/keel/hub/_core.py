@@ -284,22 +284,29 @@ class _WriteRate:
         self.rate = rate
         self.burst = burst
         self._buckets: dict[str | None, tuple[float, float]] = {}  # tenant -> (tokens, at)
+        self._prune_above = 1024
 
-    def take(self, tenant: str | None, others_active: bool) -> None:
+    def take(self, tenant: str | None, others_active: bool, n: int = 1) -> None:
+        """Spend ``n`` tokens, all or none: a request that makes several writes is refused
+        before its first one, never half way."""
         now = time.monotonic()
-        if len(self._buckets) > 1024:  # a full bucket is the same as none
+        if len(self._buckets) > self._prune_above:
+            # A full bucket is the same as none. Pruning again only once the dict has
+            # doubled keeps a hub with many busy projects from rebuilding it on every take.
             self._buckets = {
-                t: (n, at)
-                for t, (n, at) in self._buckets.items()
-                if n + (now - at) * self.rate < self.burst
+                t: (k, at)
+                for t, (k, at) in self._buckets.items()
+                if k + (now - at) * self.rate < self.burst
             }
+            self._prune_above = max(1024, 2 * len(self._buckets))
         tokens, at = self._buckets.get(tenant, (float(self.burst), now))
         tokens = min(float(self.burst), tokens + (now - at) * self.rate)
         if not others_active:
             self._buckets[tenant] = (tokens, now)
             return
-        if tokens < 1:
-            retry = max(1, math.ceil((1 - tokens) / self.rate))
+        n = min(n, self.burst)  # a burst smaller than one request's writes must still pass it
+        if tokens < n:
+            retry = max(1, math.ceil((n - tokens) / self.rate))
             self._buckets[tenant] = (tokens, now)
             raise TooManyRequests(
                 f"project {tenant!r} changes subscriptions faster than {self.rate:g}/s while "
@@ -307,7 +314,7 @@ class _WriteRate:
                 retry_after=retry,
                 limit=self.rate,
             )
-        self._buckets[tenant] = (tokens - 1, now)
+        self._buckets[tenant] = (tokens - n, now)
 
 
 class _FairQueue:
@@ -760,7 +767,7 @@ class Hub:
     # --- subscriptions --------------------------------------------------------------------
 
     async def create_subscription(self, who: Principal, raw: Any) -> Subscription:
-        self._count_write(who.project)  # before the work a refused request would waste
+        self.count_writes(who.project)  # before the work a refused request would waste
         spec = parse_spec(raw)
         if spec.all_projects and not who.is_admin:
             raise Forbidden("only admins may create all_projects subscriptions")
@@ -783,10 +790,12 @@ class Hub:
         await self._add(sub)
         return sub
 
-    async def add_subscription(self, sub: Subscription) -> None:
+    async def add_subscription(self, sub: Subscription, *, counted: bool = False) -> None:
         """Create ``sub`` as built by a face (its id, filter, tee and webhook already checked),
-        within the project's quota; `Conflict` if its id exists."""
-        self._count_write(sub.project)
+        within the project's quota; `Conflict` if its id exists. ``counted``: the face has
+        already spent this write with `count_writes`."""
+        if not counted:
+            self.count_writes(sub.project)
         await self._add(sub)
 
     async def _add(self, sub: Subscription) -> None:
@@ -795,17 +804,21 @@ class Hub:
         self._by_tenant = None
         self.webhooks.add(sub)
 
-    async def update_subscription(self, sub: Subscription) -> None:
+    async def update_subscription(self, sub: Subscription, *, counted: bool = False) -> None:
         """Store a face's new version of ``sub`` (the same id and project) and route by it."""
-        self._count_write(sub.project)
+        if not counted:
+            self.count_writes(sub.project)
         await self.store.update_subscription(sub)
         self._routes[sub.id] = _Route(sub)
         self._by_tenant = None
         self.webhooks.remove(sub.id)
         self.webhooks.add(sub)
 
-    def _count_write(self, tenant: str | None) -> None:
-        self.subscription_writes.take(tenant, self.admission.others_active(tenant))
+    def count_writes(self, tenant: str | None, n: int = 1) -> None:
+        """Spend ``n`` of the tenant's subscription writes, or raise `TooManyRequests` having
+        spent none. A face whose request makes several writes counts them all here first and
+        passes ``counted=True`` to each, so a refusal changes nothing."""
+        self.subscription_writes.take(tenant, self.admission.others_active(tenant), n)
 
     def known(self, sub_id: str) -> Subscription | None:
         """The subscription as this process routes by it (kept current across processes by

@@ -34,9 +34,10 @@ class Face:
     async def queue(self, who: Caller, name: str) -> Subscription | None:
         return await _model.find_queue(self.hub, who.project, name)
 
-    async def ensure_queue(self, who: Caller, name: str) -> Subscription:
+    async def ensure_queue(self, who: Caller, name: str, *, counted: bool = False) -> Subscription:
         """The queue, created (without metadata) if it does not exist, as Zaqar's lazy
-        queues are on a post or a new subscription."""
+        queues are on a post or a new subscription. Creating it is a subscription write
+        (`Hub.count_writes`) unless ``counted``."""
         sub = await self.queue(who, name)
         if sub is not None:
             return sub
@@ -55,7 +56,7 @@ class Face:
             now=self.now(),
         )
         try:
-            await self.hub.add_subscription(sub)
+            await self.hub.add_subscription(sub, counted=counted)
         except Conflict:  # created meanwhile, by another request or hub process
             again = await self.queue(who, name)
             if again is None:

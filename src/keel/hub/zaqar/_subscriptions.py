@@ -117,7 +117,12 @@ class Subscriptions(Resource):
         self._check(doc, creating=True)
         url: str = doc["subscriber"]
         await self._target(url)
-        queue = await self.face.ensure_queue(who, name)
+        # The queue (if new) and the tee are two writes: both are counted before either is
+        # made, so a refusal leaves no queue behind.
+        queue = await self.face.queue(who, name)
+        self.face.hub.count_writes(who.project, 1 if queue is not None else 2)
+        if queue is None:
+            queue = await self.face.ensure_queue(who, name, counted=True)
         now = self.face.now()
         for tee in await self.face.tees(who.project, name):
             if tee.meta.get("subscriber") == url and not _expired(tee, now):
@@ -152,7 +157,7 @@ class Subscriptions(Resource):
                 "confirmed": False,
             },
         )
-        await self.face.hub.add_subscription(tee)
+        await self.face.hub.add_subscription(tee, counted=True)
         await self._notice(tee, confirm=True)
         return json(_created(tee), 201, {"location": request.url.path})
 
