@@ -254,10 +254,16 @@ class _Delivery:
         puller = self._puller
         transport = puller.transport
         transport.in_flight.discard(self)
-        if not transport.closed:
-            with _mapped("settle"):
-                await transport.nc.publish(self._msg.reply, verdict)
-        await puller.settled(self)
+        try:
+            if not transport.closed:
+                with _mapped("settle"):
+                    await transport.nc.publish(self._msg.reply, verdict)
+        finally:
+            # Its credit comes back even when the verdict could not be sent (nats-py's
+            # reconnect buffer full during a failover): the server redelivers an unacked
+            # message after ack_wait, but a delivery kept here would hold one unit of credit
+            # for good, and a prefetch's worth of them stopped the consumer for good.
+            await puller.settled(self)
 
     async def ack(self) -> None:
         await self._settle(_ACK)
@@ -475,9 +481,14 @@ class _Puller:
                 await self.transport.nc.publish(msg.reply, _NAK)
             return
         if self.auto_ack:
-            await self.transport.nc.publish(msg.reply, _ACK)
-            self.handler(_Delivery(self, msg, settled=True))
-            await self.refill()
+            try:
+                await self.transport.nc.publish(msg.reply, _ACK)
+            except nats.errors.Error:
+                pass  # not acked, so not handed over: the server sends it again after ack_wait
+            else:
+                self.handler(_Delivery(self, msg, settled=True))
+            # Whatever the ack did: a puller that stops asking here has nothing left to wake it.
+            await self._refill_quietly()
             return
         delivery = _Delivery(self, msg)
         self.unsettled.add(delivery)
