@@ -12,26 +12,20 @@ not lost: the server redelivers what was never acked after ack_wait."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import nats.errors
 import pytest
 
 from keel.errors import KeelError
-from keel.messaging import connect
 from keel.messaging.transports.base import Delivery, Transport
 from tests.helpers import eventually
-from tests.servers import server_url
 
 
 @pytest.fixture
-async def transport() -> AsyncIterator[Transport]:
-    t = await connect(server_url("nats"))
-    try:
-        yield t
-    finally:
-        await t.close()
+def transport(nats_transport: Transport) -> Transport:
+    return nats_transport
 
 
 def _fail(transport: Transport, verdict: bytes, error: type[Exception]) -> Callable[[], None]:

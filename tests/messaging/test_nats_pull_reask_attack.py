@@ -12,7 +12,6 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,12 +55,8 @@ def _spy_pulls(transport: Transport) -> Pulls:
 
 
 @pytest.fixture
-async def transport() -> AsyncIterator[Transport]:
-    t = await connect(server_url("nats"))
-    try:
-        yield t
-    finally:
-        await t.close()
+def transport(nats_transport: Transport) -> Transport:
+    return nats_transport
 
 
 def _queue() -> str:
