@@ -45,6 +45,13 @@ srv_kill_node() {
     rm -f "$(node_dir "$1")/pid"
 }
 
+srv_signal_node() {
+    local pid
+    pid="$(node_pid "$1" || true)"
+    [ -n "$pid" ] || { echo "servers: node $1 of $SRV_NAME is not running" >&2; return 1; }
+    kill -"$2" -- "-$pid" 2>/dev/null || kill -"$2" "$pid"
+}
+
 srv_start_node() {
     [ -n "$(node_pid "$1" || true)" ] || node_launch "$1"
 }

@@ -94,8 +94,21 @@ srv_setup() {
 }
 
 # The node holding the most quorum-queue leaders: the one whose loss costs an election.
+# With a queue name: the node leading that queue.
 srv_leader() {
-    local n best=1 most=-1 count
+    local n m best=1 most=-1 count leader
+    if [ -n "${1:-}" ]; then
+        for n in $(seq 1 $CLUSTER_NODES); do
+            node_ready "$n" 2>/dev/null || continue
+            leader="$(rmqc_ctl "$n" list_queues name leader 2>/dev/null | awk -v q="$1" '$1 == q {print $2}')"
+            [ -n "$leader" ] || continue
+            for m in $(seq 1 $CLUSTER_NODES); do
+                [ "$leader" = "$(rmqc_node "$m")" ] && { echo "$m"; return 0; }
+            done
+        done
+        echo "servers: no quorum queue $1 with a leader on $SRV_NAME" >&2
+        return 1
+    fi
     for n in $(seq 1 $CLUSTER_NODES); do
         node_ready "$n" 2>/dev/null || continue
         count="$(rmqc_ctl "$n" list_queues leader type 2>/dev/null | grep -c "$(rmqc_node "$n").*quorum" || true)"

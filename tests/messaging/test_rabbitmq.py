@@ -13,6 +13,7 @@ import pytest
 
 from keel import errors
 from keel.messaging import RPCClient, RPCServer, Target, Transport, connect
+from keel.messaging._link import link
 from keel.messaging.transports.rabbitmq import REASON_HEADER, RabbitTransport
 from tests.helpers import eventually
 from tests.servers import server_url
@@ -157,6 +158,36 @@ async def test_reconnects_and_replays_after_losing_the_connection(
     assert await client.call(None, "echo", value=2) == 2
     assert transport._connection is not connection
     await server.stop()
+
+
+async def test_a_reconnect_moves_replies_to_a_new_queue(
+    transport: RabbitTransport, url: str, topic_name: str
+) -> None:
+    """RabbitMQ deletes a dead node's exclusive queues by name, after listing them: a reply
+    queue declared again under its old name on another node could lose its record (and its
+    replies, silently) to that. After a reconnect new calls use a new reply queue; the old
+    one is deleted once the calls waiting on it are done."""
+    serving = await connect(url)
+    server = RPCServer(serving, Target(topic_name), [Echo()])
+    await server.start()
+    client = RPCClient(transport, Target(topic_name), timeout=10)
+    try:
+        assert await client.call(None, "echo", value=1) == 1
+        lk = link(transport)
+        old = lk.reply_to
+        assert old is not None
+        connection = transport._connection
+        assert connection is not None
+        await connection.close()
+        # Sent while reconnecting: its reply comes on the old queue, declared again.
+        assert await client.call(None, "echo", value=2) == 2
+        assert await client.call(None, "echo", value=3) == 3
+        assert lk.reply_to not in (None, old)
+        await eventually(lambda: old not in transport._queues, timeout=10)
+        assert await client.call(None, "echo", value=4) == 4
+    finally:
+        await server.stop()
+        await serving.close()
 
 
 @pytest.fixture

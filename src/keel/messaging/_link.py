@@ -30,6 +30,7 @@ from keel.messaging.transports.base import Delivery, Transport
 from keel.wire import ENVELOPE_VERSION, Reply, decode_reply, new_id, reply_id
 
 log = logging.getLogger("keel.messaging")
+_RETIRE_WAIT_S = 300  # longest a replaced reply queue waits for the calls sent before
 
 
 async def connect(url: str | None = None, **options: Any) -> Transport:
@@ -65,6 +66,10 @@ class Link:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._late_log = _poison.LogBudget()
+        self._retiring: set[asyncio.Task[None]] = set()
+        on_reconnect = getattr(transport, "on_reconnect", None)  # transports that reconnect
+        if on_reconnect is not None:
+            on_reconnect(self._new_reply_queue)
 
     async def declare(
         self, name: str, *, durable: bool, bindings: Sequence[str] = (), exclusive: bool = False
@@ -86,6 +91,33 @@ class Link:
                 await self.transport.consume(name, self._on_reply, prefetch=0, auto_ack=True)
                 self.reply_to = name
         return self.reply_to
+
+    def _new_reply_queue(self) -> None:
+        """After a reconnect, calls made from now on get replies on a new queue: RabbitMQ
+        deletes a dead node's exclusive queues by name, in transactions later than the one
+        that listed them (rabbit_amqqueue:delete_queues_on_node_down, 3.10), so a queue of
+        the same name declared again meanwhile on another node can lose its record and
+        every reply sent to it, with no word to its consumer. The old queue (declared again
+        by the reconnect) still takes the replies of calls already waiting; it is deleted
+        once they are done."""
+        old = self.reply_to
+        if old is None:
+            return
+        self.reply_to = None
+        waiting = set(self._pending)
+        task = asyncio.get_running_loop().create_task(self._retire(old, waiting))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, queue: str, waiting: set[str]) -> None:
+        for _ in range(_RETIRE_WAIT_S):  # bounded: calls without a deadline may never end
+            if waiting.isdisjoint(self._pending):
+                break
+            await asyncio.sleep(1)
+        try:
+            await self.transport.delete_queue(queue)
+        except Exception as exc:  # it dies with the connection anyway; say so, go on
+            event(log, logging.INFO, "reply.retire_failed", queue=queue, error=exc)
 
     def expect(
         self,

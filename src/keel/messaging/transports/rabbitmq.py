@@ -30,6 +30,15 @@ What the broker holds when a call returns:
 * A transient message sent to a queue that does not exist, or published to a subject no
   queue is bound to, is dropped by the broker (the core declares every queue before its
   first send); a durable ``send`` is ``mandatory`` (see "A queue deleted", below).
+* With quorum queues, a ``send`` to a durable queue this transport declared (a call's
+  request to its topic or server queue) goes out on the confirm channel even when
+  transient, and is ``mandatory``: RabbitMQ 3.10's quorum-queue client (fixed in 3.13)
+  rejects a channel's publishes to a queue whose recorded leader is a dead node for as long
+  as that node is down, which a channel without confirms never hears. A nack retires the
+  confirm channel for a fresh one (which reads the queue's record again; at most one new
+  channel every ``_RETIRE_EVERY_S``) and the message is sent once more on it; a second nack
+  is a retryable `TransportError`. The old channel is closed once its confirms are due.
+  tests/topology/test_rabbitmq_quorum_leader_loss.py.
 
 Clusters and failover: the URL may list several nodes in oslo.messaging's form,
 ``rabbit://u:p@h1:5672,u:p@h2:5673/vhost``. ``connect`` and every reconnect try them in turn,
@@ -50,7 +59,8 @@ failures are logged (without the password) and retried.
 
 Connection loss: heartbeats (``?heartbeat=``, default 20 s) detect a dead peer. The
 transport reconnects by itself with backoff and replays what it declared (exchange, queues,
-bindings) and its consumers on fresh channels. Exclusive queues come back empty. While it is
+bindings) and its consumers on fresh channels. Exclusive queues come back empty; the core
+then starts a new reply queue (`on_reconnect`; keel.messaging._link says why). While it is
 disconnected ``send``/``publish`` wait up to ``?reconnect_wait=`` (default 10 s) for the
 reconnect, then raise `TransportError`; a publish in flight when the connection drops raises
 `TransportError` (the broker may or may not hold it: retry; casts are deduplicated by key).
@@ -82,8 +92,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -116,6 +127,7 @@ log = logging.getLogger("keel.messaging.rabbitmq")
 
 REASON_HEADER = "x-keel-reason"
 _REQUEUE_MEMORY = 4096  # bodies whose requeue count this process remembers
+_RETIRE_EVERY_S = 0.5  # a nacked confirm channel is replaced at most this often
 _CLIENT_ERRORS = (amqp_errors.AMQPError, amqp_errors.ChannelInvalidStateError, OSError)
 
 
@@ -547,6 +559,7 @@ class RabbitTransport:
         self._vhost = quote(vhost, safe="") if vhost else ""
         self._connection: aiormq.Connection | None = None
         self._confirm: AbstractChannel | None = None  # durable publishes
+        self._confirm_retired = -_RETIRE_EVERY_S  # monotonic time of the last retirement
         self._plain: AbstractChannel | None = None  # transient publishes
         self._control: AbstractChannel | None = None  # declarations
         self._channel_lock = asyncio.Lock()
@@ -558,6 +571,8 @@ class RabbitTransport:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._supervisor: asyncio.Task[None] | None = None
         self._closed = False
+        self._opened = 0  # connections made: above 1, a reconnect
+        self._on_reconnect: list[Callable[[], None]] = []
 
     # --- connection ------------------------------------------------------------------------
 
@@ -654,6 +669,13 @@ class RabbitTransport:
             await connection.close()
             raise
         self._connection = connection
+        self._opened += 1
+        if self._opened > 1:
+            for callback in self._on_reconnect:
+                try:
+                    callback()
+                except Exception:
+                    log.exception("rabbitmq: a reconnect callback failed")
         self._ready.set()
         for consumer in gone:
             self.queue_lost(consumer)
@@ -687,6 +709,11 @@ class RabbitTransport:
                     delay = 0.1
                     log.warning("reconnected to %s", self.url.redacted())
                     break
+
+    def on_reconnect(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` after each reconnect, once declarations and consumers are
+        replayed and before waiting publishers go on (the core starts a new reply queue)."""
+        self._on_reconnect.append(callback)
 
     @property
     def closed(self) -> bool:
@@ -930,43 +957,73 @@ class RabbitTransport:
         content_type: str | None = None,
         content_encoding: str | None = None,
         mandatory: bool = False,
+        confirm: bool | None = None,
     ) -> None:
-        """Publish one message; with ``durable`` return only once the broker confirmed it.
-        With ``mandatory`` (and ``durable``) a message no queue took is `_Unroutable`."""
+        """Publish one message; with ``confirm`` (default: ``durable``) return only once the
+        broker confirmed it. With ``mandatory`` (and ``confirm``) a message no queue took is
+        `_Unroutable`."""
+        confirm = durable if confirm is None else confirm
         properties = spec.Basic.Properties(
             delivery_mode=2 if durable else 1,
             headers=headers,
             content_type=content_type,
             content_encoding=content_encoding,
         )
-        try:
-            where = f"exchange {exchange!r}, " if exchange else ""
-            channel = await self._channel(
-                "_confirm" if durable else "_plain",
-                f"publishing to {where}routing key {routing_key!r}",
-            )
-            confirmation = await channel.basic_publish(
-                body,
-                exchange=exchange,
-                routing_key=routing_key,
-                properties=properties,
-                timeout=self._publish_timeout,
-                mandatory=mandatory and durable,
-            )
-        except KeelError:
-            raise
-        except amqp_errors.PublishError:
-            raise _Unroutable(
-                f"no queue took the message for {routing_key!r} on {self.url.redacted()}: "
-                "declare the queue before sending"
-            ) from None
-        except _CLIENT_ERRORS as exc:
-            raise _translate(exc, f"publishing to {routing_key!r}", self.url) from exc
-        if durable and not isinstance(confirmation, spec.Basic.Ack):
-            raise TransportError(
-                f"RabbitMQ at {self.url.redacted()} did not accept a message for "
-                f"{routing_key!r} ({type(confirmation).__name__}); retry later"
-            )
+        where = f"exchange {exchange!r}, " if exchange else ""
+        answer: object = None  # the broker's confirm frame
+        for _ in range(2):  # once more on a fresh channel after a nack
+            try:
+                channel = await self._channel(
+                    "_confirm" if confirm else "_plain",
+                    f"publishing to {where}routing key {routing_key!r}",
+                )
+                answer = await channel.basic_publish(
+                    body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    timeout=self._publish_timeout,
+                    mandatory=mandatory and confirm,
+                )
+            except KeelError:
+                raise
+            except amqp_errors.PublishError:
+                raise _Unroutable(
+                    f"no queue took the message for {routing_key!r} on {self.url.redacted()}: "
+                    "declare the queue before sending"
+                ) from None
+            except amqp_errors.DeliveryError as exc:  # aiormq raises a nack
+                answer = exc.frame
+            except _CLIENT_ERRORS as exc:
+                raise _translate(exc, f"publishing to {routing_key!r}", self.url) from exc
+            if not confirm or isinstance(answer, spec.Basic.Ack):
+                return
+            if not self._retire_confirm(channel):
+                break
+        raise TransportError(
+            f"RabbitMQ at {self.url.redacted()} did not accept a message for "
+            f"{routing_key!r} ({type(answer).__name__}); retry later"
+        )
+
+    def _retire_confirm(self, channel: AbstractChannel) -> bool:
+        """After a nack on ``channel``: the next confirmed publish opens a fresh channel
+        (see the module docstring); False if one was opened too recently to try again now."""
+        if self._confirm is channel:
+            now = time.monotonic()
+            if now - self._confirm_retired < _RETIRE_EVERY_S:
+                return False
+            self._confirm_retired = now
+            self._confirm = None
+            log.info("rabbitmq: a publish was nacked; confirming on a new channel")
+
+            async def close_later() -> None:
+                await asyncio.sleep(self._publish_timeout)  # its confirms are due by then
+                if not channel.is_closed:
+                    with contextlib.suppress(*_CLIENT_ERRORS, RuntimeError):
+                        await channel.close()
+
+            self.keep(asyncio.get_running_loop().create_task(close_later()))
+        return True  # retired now, or by another publish meanwhile
 
     async def send(self, queue: str, body: bytes, *, durable: bool) -> None:
         self._check_size(body)
@@ -976,7 +1033,14 @@ class RabbitTransport:
         self, queue: str, body: bytes, *, durable: bool, headers: dict[str, Any] | None = None
     ) -> None:
         """`send` without the size check (a dead letter is sent as it came)."""
-        options: dict[str, Any] = {"durable": durable, "headers": headers, "mandatory": True}
+        known = self._queues.get(queue)
+        confirm = durable or (self.queue_type == "quorum" and known is not None and known.durable)
+        options: dict[str, Any] = {
+            "durable": durable,
+            "headers": headers,
+            "mandatory": True,
+            "confirm": confirm,
+        }
         try:
             await self.publish_raw("", queue, body, **options)
         except _Unroutable:
