@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import signal
 import socket
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -25,6 +27,29 @@ TTL = 2.0  # short leases keep expiry tests quick; etcd's floor is 2 s
 # whose server restarted is free again within its ttl plus this, on every backend.
 FREE_BOUND = 3.0
 WORKER = Path(__file__).resolve().parent / "coord_worker.py"
+
+
+async def spawn_worker(*args: str) -> asyncio.subprocess.Process:
+    """Start coord_worker.py with these arguments; it reports on its stdout, a line at a time."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, str(WORKER), *args, stdout=asyncio.subprocess.PIPE
+    )
+
+
+async def worker_line(proc: asyncio.subprocess.Process, within: float = 30) -> str:
+    assert proc.stdout is not None
+    return (await asyncio.wait_for(proc.stdout.readline(), within)).decode().strip()
+
+
+async def reap_worker(proc: asyncio.subprocess.Process) -> None:
+    """Wake, kill and wait for a worker, whether or not it is still running. asyncio's child
+    watcher may have reaped an exited worker before its returncode is set, so signals to it may
+    find no such process."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+    await proc.wait()
 
 
 Heartbeat = Callable[[bytes], bool]

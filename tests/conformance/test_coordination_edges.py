@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,32 +21,15 @@ import pytest
 import keel.coordination as kc
 from coord_support import (
     TTL,
-    WORKER,
     BackendUnderTest,
     backend_fixture,  # noqa: F401 - the one backend fixture
+    reap_worker,
+    spawn_worker,
+    worker_line,
 )
 from keel.errors import BackendUnavailable, LockLost, LockTimeout
 
 pytestmark = pytest.mark.timeout(90)
-
-
-async def _spawn(*args: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable, str(WORKER), *args, stdout=asyncio.subprocess.PIPE
-    )
-
-
-async def _line(proc: asyncio.subprocess.Process, within: float = 30) -> str:
-    assert proc.stdout is not None
-    return (await asyncio.wait_for(proc.stdout.readline(), within)).decode().strip()
-
-
-async def _reap(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGCONT)
-            proc.kill()
-    await proc.wait()
 
 
 # --- lost requests and replies ----------------------------------------------------------------
@@ -133,9 +115,9 @@ async def test_extend_moves_the_servers_expiry_and_the_bound_never_outlives_it(
 ) -> None:
     b = await backend.connect("b")
     name = backend.n("lock")
-    proc = await _spawn("extend", backend.url, name, str(TTL))
+    proc = await spawn_worker("extend", backend.url, name, str(TTL))
     try:
-        line = await _line(proc)
+        line = await worker_line(proc)
         assert line.startswith("EXTENDED"), line
         believed = float(line.split()[1])
         told = time.monotonic()
@@ -146,7 +128,7 @@ async def test_extend_moves_the_servers_expiry_and_the_bound_never_outlives_it(
         taken = time.monotonic() - told
         await got.release()
     finally:
-        await _reap(proc)
+        await reap_worker(proc)
     # The holder believed it held the lock for `believed` seconds after it said so; nobody
     # else may have it sooner (a little slack: the line took a moment to arrive).
     assert taken >= believed - 0.3, (taken, believed)
@@ -217,11 +199,11 @@ async def test_a_paused_holder_writes_nothing_once_it_resumes(
     name = backend.n("lock")
     reg_path = str(tmp_path / "reg.db")
     register = kc.SqliteFencedRegister(reg_path)
-    writer = await _spawn(
+    writer = await spawn_worker(
         "writer", backend.url, name, str(TTL), str(tmp_path / "w.jsonl"), reg_path, "victim"
     )
     try:
-        assert (await _line(writer)).startswith("HOLDING")
+        assert (await worker_line(writer)).startswith("HOLDING")
         await asyncio.sleep(0.1)
         writer.send_signal(signal.SIGSTOP)
         taker = await backend.connect("taker")
@@ -230,10 +212,10 @@ async def test_a_paused_holder_writes_nothing_once_it_resumes(
         writer.send_signal(signal.SIGCONT)
         await asyncio.sleep(0.5)  # the victim runs first; the new holder has not written yet
         register.write(name, held.fence, "taker")
-        assert await _line(writer, TTL * 4) in ("LOST", "REFUSED")
+        assert await worker_line(writer, TTL * 4) in ("LOST", "REFUSED")
         await held.release()
     finally:
-        await _reap(writer)
+        await reap_worker(writer)
     late = [w for w in register.writes() if w[3] == "victim" and w[4] > taken_at]
     register.close()
     # The contract leaves one window open: a write whose lease check passed just before the

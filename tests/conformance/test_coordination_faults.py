@@ -7,9 +7,7 @@ no stale holder's write was accepted and no fence went backwards — while holde
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -19,23 +17,14 @@ import keel.coordination as kc
 from coord_support import (
     FREE_BOUND,
     TTL,
-    WORKER,
     BackendUnderTest,
     backend_fixture,  # noqa: F401 - the one backend fixture
+    reap_worker,
+    spawn_worker,
+    worker_line,
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-
-async def _spawn(*args: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable, str(WORKER), *args, stdout=asyncio.subprocess.PIPE
-    )
-
-
-async def _line(proc: asyncio.subprocess.Process, within: float = 30) -> str:
-    assert proc.stdout is not None
-    return (await asyncio.wait_for(proc.stdout.readline(), within)).decode().strip()
 
 
 async def test_paused_holder_is_refused_and_learns_loss(
@@ -44,11 +33,11 @@ async def test_paused_holder_is_refused_and_learns_loss(
     name = backend.n("lock")
     reg_path = str(tmp_path / "reg.db")
     register = kc.SqliteFencedRegister(reg_path)
-    victim = await _spawn(
+    victim = await spawn_worker(
         "victim", backend.url, name, str(TTL), str(tmp_path / "victim.jsonl"), reg_path, "victim"
     )
     try:
-        assert (await _line(victim)).startswith("HOLDING")
+        assert (await worker_line(victim)).startswith("HOLDING")
         victim.send_signal(signal.SIGSTOP)
         # While it is frozen its lease runs out and another client takes over and writes.
         coord = await backend.connect("taker")
@@ -60,14 +49,11 @@ async def test_paused_holder_is_refused_and_learns_loss(
             register.write(name, held.fence, "taker")
             recorder.record("write", name, held.fence, start)
             victim.send_signal(signal.SIGCONT)
-            outcome = [await _line(victim, TTL * 6) for _ in range(2)]
+            outcome = [await worker_line(victim, TTL * 6) for _ in range(2)]
         assert outcome == ["REFUSED", "LOST"]
         recorder.close()
     finally:
-        if victim.returncode is None:
-            victim.send_signal(signal.SIGCONT)
-            victim.kill()
-        await victim.wait()
+        await reap_worker(victim)
     events = kc.load([tmp_path / "victim.jsonl", tmp_path / "taker.jsonl"])
     accepted = register.accepted()
     register.close()
@@ -99,7 +85,7 @@ async def test_randomized_workload_under_faults(backend: BackendUnderTest, tmp_p
     seconds = 90.0  # a bound: the test stops them (STOP) once the last fault has settled
     stop = tmp_path / "stop"
     workers = [
-        await _spawn(
+        await spawn_worker(
             "loop",
             url,
             name,
@@ -116,7 +102,7 @@ async def test_randomized_workload_under_faults(backend: BackendUnderTest, tmp_p
     marks: dict[str, float] = {}
     try:
         for w in workers:
-            assert await _line(w) == "STARTED"
+            assert await worker_line(w) == "STARTED"
         await asyncio.sleep(1.0)
         workers[0].kill()  # a holder (or a waiter) dies at once
         marks["killed"] = time.time()
@@ -141,13 +127,10 @@ async def test_randomized_workload_under_faults(backend: BackendUnderTest, tmp_p
         await asyncio.sleep(TTL + FREE_BOUND)  # long enough to see the lock taken again
         stop.touch()
         for w in workers[1:]:
-            assert await _line(w, 60) == "DONE"
+            assert await worker_line(w, 60) == "DONE"
     finally:
         for w in workers:
-            if w.returncode is None:
-                os.kill(w.pid, signal.SIGCONT)
-                w.kill()
-            await w.wait()
+            await reap_worker(w)
     events = kc.load([tmp_path / f"w{i}.jsonl" for i in range(len(workers))])
     accepted = register.accepted()
     counted = register.value(name)
