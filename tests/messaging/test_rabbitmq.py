@@ -332,3 +332,159 @@ async def test_acks_and_requeues_settled_together(
         await transport.delete_queue(queue + "-noise")
     finally:
         await transport.close()
+
+
+async def test_a_retiring_reply_queue_ends_with_its_transport(url: str, topic_name: str) -> None:
+    """A reply queue replaced by a reconnect waits (up to 300 s) for the calls sent on it.
+    Closing the transport meanwhile ends that wait: no task of a closed transport sleeps on
+    for minutes and then talks to it."""
+    transport = await connect(url)
+    assert isinstance(transport, RabbitTransport)
+    serving = await connect(url)
+    server = RPCServer(serving, Target(topic_name), [Echo()])
+    await server.start()
+    lk = link(transport)
+    try:
+        client = RPCClient(transport, Target(topic_name), timeout=10)
+        assert await client.call(None, "echo", value=1) == 1
+        waiting = lk.expect("a-call-without-a-deadline")  # still waiting at the reconnect
+        connection = transport._connection
+        assert connection is not None
+        await connection.close()
+        await eventually(lambda: bool(lk._retiring), timeout=15)
+        await transport.close()
+        await eventually(lambda: not lk._retiring, timeout=5)
+    finally:
+        lk.forget("a-call-without-a-deadline", waiting)
+        for task in list(lk._retiring):
+            task.cancel()
+        await transport.close()
+        await server.stop()
+        await serving.close()
+
+
+async def test_a_call_that_read_the_reply_queue_before_a_reconnect_gets_its_reply(
+    transport: RabbitTransport, url: str, topic_name: str
+) -> None:
+    """The first call to a topic reads the reply queue, then declares the topic's queue
+    (which waits for a reconnect in progress), then registers its request id. The
+    reconnect's reply-queue move snapshots the calls waiting, without this one, and deletes
+    the old queue at once: the reply goes to a deleted queue and the call times out."""
+    serving = await connect(url)
+    first, second = topic_name, topic_name + "-b"
+    servers = [RPCServer(serving, Target(t), [Echo()]) for t in (first, second)]
+    for server in servers:
+        await server.start()
+    try:
+        assert await RPCClient(transport, Target(first), timeout=10).call(None, "echo", value=1)
+        lk = link(transport)
+        old = lk.reply_to
+        connection = transport._connection
+        assert connection is not None
+        assert old is not None
+        await connection.close()
+        # A new topic: its queue is declared after reply_to is read, across the reconnect.
+        client = RPCClient(transport, Target(second), timeout=5)
+        assert await client.call(None, "echo", value=2) == 2
+    finally:
+        for server in servers:
+            await server.stop()
+        await serving.close()
+
+
+async def _reject_publish_queue(url: str, queue: str) -> None:
+    """A queue that holds one message and nacks every publish beyond it (a classic queue:
+    a quorum queue's overflow state reaches its publishers late, so it nacks inexactly)."""
+    connection = aiormq.Connection(url.replace("rabbit://", "amqp://"))
+    await connection.connect()
+    try:
+        channel = await connection.channel()
+        await channel.queue_declare(
+            queue,
+            durable=True,
+            arguments={
+                "x-max-length": 1,
+                "x-overflow": "reject-publish",
+            },
+        )
+        await channel.basic_publish(b"full", routing_key=queue)
+    finally:
+        await connection.close()
+
+
+async def test_concurrent_nacks_are_refused_typed_and_retire_one_channel(
+    url: str, queue: str
+) -> None:
+    """Many confirmed publishes nacked at once (a full reject-publish queue): each
+    raises a retryable TransportError (never an aiormq error, never reported sent), the
+    confirm channel is replaced once for the whole burst (the rest retry on the new one),
+    the old channel is closed once its confirms are due, and nothing got into the queue."""
+    await _reject_publish_queue(url, queue)
+    transport = await connect(url + "?queue_type=quorum&publish_timeout=1")
+    assert isinstance(transport, RabbitTransport)
+    try:
+        first = transport._confirm
+        assert first is not None
+        results = await asyncio.gather(
+            *(
+                transport.publish_raw("", queue, f"m{i}".encode(), durable=False, confirm=True)
+                for i in range(50)
+            ),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, errors.TransportError) and r.retryable for r in results), {
+            type(r).__name__ for r in results
+        }
+        second = transport._confirm
+        assert second is not None
+        assert second is not first
+        await asyncio.sleep(0.6)  # past _RETIRE_EVERY_S: the next nack may retire again
+        with pytest.raises(errors.TransportError):
+            await transport.publish_raw("", queue, b"late", durable=False, confirm=True)
+        assert transport._confirm is not second
+        await eventually(lambda: first.is_closed and second.is_closed, timeout=5)
+        await eventually(lambda: not transport._tasks, timeout=5)
+        channel = await transport._channel("_control", "test")
+        ok = await channel.queue_declare(queue, passive=True)
+        assert ok.message_count == 1
+    finally:
+        await transport.delete_queue(queue)
+        await transport.close()
+
+
+async def test_two_reconnects_retire_both_old_reply_queues(
+    transport: RabbitTransport, url: str, topic_name: str
+) -> None:
+    """Two reconnects in quick succession, a call between them and one waiting across both:
+    each replaced reply queue is deleted once the calls sent on it are done, and no retiring
+    task is left behind."""
+    serving = await connect(url)
+    server = RPCServer(serving, Target(topic_name), [Echo()])
+    await server.start()
+    lk = link(transport)
+    client = RPCClient(transport, Target(topic_name), timeout=10)
+    waiting = None
+    try:
+        assert await client.call(None, "echo", value=1) == 1
+        first = lk.reply_to
+        waiting = lk.expect("waits-across-both")
+        for _ in range(2):
+            connection = transport._connection
+            assert connection is not None
+            await connection.close()
+            await eventually(lambda c=connection: transport._connection is not c, timeout=15)
+            assert await client.call(None, "echo", value=2) == 2
+        current = lk.reply_to
+        assert len({first, current, None}) == 3
+        assert len(lk._retiring) == 2
+        lk.forget("waits-across-both", waiting)
+        waiting = None
+        await eventually(lambda: not lk._retiring, timeout=5)
+        assert first not in transport._queues
+        assert [q for q in transport._queues if q.startswith("keel.reply.")] == [lk.reply_to]
+        assert await client.call(None, "echo", value=3) == 3
+    finally:
+        if waiting is not None:
+            lk.forget("waits-across-both", waiting)
+        await server.stop()
+        await serving.close()

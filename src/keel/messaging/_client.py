@@ -180,8 +180,6 @@ class RPCClient:
         if handling is not None:
             self._check_reentrant(target, method)
         lk = self._link
-        # Both are set up once per transport; skipping the awaits keeps the hot path short.
-        reply_to = lk.reply_to or await lk.reply_queue()
         queue = options.queue
         if queue not in lk.declared:
             await lk.declare(queue, durable=True)
@@ -192,17 +190,22 @@ class RPCClient:
         while True:
             attempt += 1
             request_id = new_id()
-            request = Request(
-                ENVELOPE_VERSION, CALL, request_id, method, child, kwargs,
-                target.namespace, target.version, reply_to, target.server, attempt, monitor,
-            )  # fmt: skip
-            body = encode(request, limit)
-            if len(body) > limit // 4:
-                self._warn_huge(method, len(body))
             ends = loop.time() + (deadline - time.time())
             future = lk.expect(request_id, loop, None if monitor else ends)
-            watchdog = None if monitor is None else _watch(lk, request_id, future, ends, monitor)
+            watchdog = None
             try:
+                # Read after expect, never before an await: a reconnect moves calls to a new
+                # reply queue and keeps the old one only for the calls it saw waiting.
+                reply_to = lk.reply_to or await lk.reply_queue()
+                request = Request(
+                    ENVELOPE_VERSION, CALL, request_id, method, child, kwargs,
+                    target.namespace, target.version, reply_to, target.server, attempt, monitor,
+                )  # fmt: skip
+                body = encode(request, limit)
+                if len(body) > limit // 4:
+                    self._warn_huge(method, len(body))
+                if monitor is not None:
+                    watchdog = _watch(lk, request_id, future, ends, monitor)
                 await self.transport.send(queue, body, durable=False)
                 reply = await future
             except TimeoutError:

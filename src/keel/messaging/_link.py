@@ -111,6 +111,8 @@ class Link:
 
     async def _retire(self, queue: str, waiting: set[str]) -> None:
         for _ in range(_RETIRE_WAIT_S):  # bounded: calls without a deadline may never end
+            if getattr(self.transport, "closed", False):
+                return  # the queue died with the connection; nothing to wait for
             if waiting.isdisjoint(self._pending):
                 break
             await asyncio.sleep(1)

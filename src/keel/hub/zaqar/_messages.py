@@ -130,8 +130,10 @@ class Messages(Resource):
         who = await self.who(request)
         name = queue_name(request)
         config = self.face.config
-        sub = await self.face.ensure_queue(who, name)
-        meta = _model.metadata_of(sub)
+        # Made (a lazy queue, a subscription write) only once the body is read and checked: a
+        # refused post makes nothing and spends nothing.
+        found = await self.face.queue(who, name)
+        meta = _model.metadata_of(found) if found is not None else {}
         limit = config.max_messages_post_size
         own = meta.get("_max_messages_post_size")
         if isinstance(own, int) and not isinstance(own, bool) and own > 0:
@@ -143,7 +145,7 @@ class Messages(Resource):
             raise bad_request("No messages to enqueue.")
         default_ttl = meta.get("_default_message_ttl") or config.default_message_ttl
         default_delay = meta.get("_default_message_delay") or 0
-        items: list[Routed] = []
+        checked: list[tuple[str, bytes, int, int]] = []
         for m in doc.messages:
             if len(m.body) == 0:
                 raise bad_request('Missing "body" field.', BAD_BODY)
@@ -161,7 +163,12 @@ class Messages(Resource):
                 )
             event_id = uuid.uuid4().hex
             event = _model.posted_event(event_id, who.project, name, m.body, who.client_id)
-            items.append(Routed(event_id, event, (sub.id,), ttl=float(ttl), delay=float(delay)))
+            checked.append((event_id, event, ttl, delay))
+        sub = found if found is not None else await self.face.ensure_queue(who, name)
+        items = [
+            Routed(event_id, event, (sub.id,), ttl=float(ttl), delay=float(delay))
+            for event_id, event, ttl, delay in checked
+        ]
         made = await self.face.hub.commit(items)
         ids = []
         for appended in made:

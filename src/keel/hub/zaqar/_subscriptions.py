@@ -31,7 +31,7 @@ from starlette.responses import Response
 
 from keel.errors import NotFound
 from keel.hub._webhooks import check_form, new_secret
-from keel.hub.stores.base import Message, Routed, Subscription, Webhook
+from keel.hub.stores.base import Message, Routed, Subscription, Webhook, quota_exceeded
 from keel.hub.zaqar import _model, _signed
 from keel.hub.zaqar._errors import BAD_BODY, CONFLICT, ZaqarError, bad_request, not_found
 from keel.hub.zaqar._face import Face, Resource
@@ -120,8 +120,13 @@ class Subscriptions(Resource):
         # The queue (if new) and the tee are two writes: both are counted before either is
         # made, so a refusal leaves no queue behind.
         queue = await self.face.queue(who, name)
-        self.face.hub.count_writes(who.project, 1 if queue is not None else 2)
+        made = queue is None
+        hub = self.face.hub
+        hub.count_writes(who.project, 2 if made else 1)
         if queue is None:
+            quota = hub.quota_subscriptions
+            if await hub.store.count_subscriptions(who.project) + 2 > quota:
+                raise quota_exceeded(who.project, quota)  # the queue and its tee: two
             queue = await self.face.ensure_queue(who, name, counted=True)
         now = self.face.now()
         for tee in await self.face.tees(who.project, name):
@@ -157,7 +162,13 @@ class Subscriptions(Resource):
                 "confirmed": False,
             },
         )
-        await self.face.hub.add_subscription(tee, counted=True)
+        try:
+            await hub.add_subscription(tee, counted=True)
+        except Exception:
+            if made:  # a create that raced past the count above: take back the queue it made
+                with contextlib.suppress(NotFound):
+                    await hub.delete_subscription(who.principal, queue.id)
+            raise
         await self._notice(tee, confirm=True)
         return json(_created(tee), 201, {"location": request.url.path})
 

@@ -971,7 +971,10 @@ class NatsTransport:
         await asyncio.gather(*(puller.cancel() for puller in pullers))
         for puller in pullers:
             for delivery in list(puller.unsettled):
-                await delivery.requeue()
+                # One that cannot be handed back (a reconnect's buffer full, the connection
+                # closed under us) comes back after ack_wait: close still closes.
+                with contextlib.suppress(KeelError):
+                    await delivery.requeue()
         for consumer in list(self.core_consumers):
             await consumer.cancel()
         self.closed = True
