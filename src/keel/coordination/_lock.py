@@ -60,8 +60,10 @@ class HeldLock:
         "_bound",
         "_cancelled",
         "_fence",
+        "_gone",
         "_last",
         "_loop",
+        "_lost",
         "_on_lost",
         "_released",
         "_renewing",
@@ -70,7 +72,6 @@ class HeldLock:
         "coord",
         "data",
         "key",
-        "lost",
         "lost_reason",
         "name",
         "ttl",
@@ -92,7 +93,10 @@ class HeldLock:
         self.key = key
         self.ttl = ttl
         self.data = data
-        self.lost = asyncio.Event()
+        # The Event is made only when someone asks for it: most locks are never lost, and
+        # making one is a good part of an uncontended cycle.
+        self._gone = False
+        self._lost: asyncio.Event | None = None
         self.lost_reason = ""
         self._fence = fence
         wall, current = time.time(), now()  # read once for the bound and the first renewal
@@ -114,8 +118,17 @@ class HeldLock:
         coord._held.add(self)
 
     def __repr__(self) -> str:
-        state = "lost" if self.lost.is_set() else "released" if self._released else "held"
+        state = "lost" if self._gone else "released" if self._released else "held"
         return f"<HeldLock {self.name!r} fence={self._fence} {state}>"
+
+    @property
+    def lost(self) -> asyncio.Event:
+        """Set once the lease is lost (never for a lock released while held)."""
+        if self._lost is None:
+            self._lost = asyncio.Event()
+            if self._gone:
+                self._lost.set()
+        return self._lost
 
     @property
     def fence(self) -> int:
@@ -140,7 +153,7 @@ class HeldLock:
 
     def check(self) -> None:
         """Raise `LockLost` unless the lease is known to be valid right now (no I/O)."""
-        if not (self._released or self.lost.is_set()):
+        if not (self._released or self._gone):
             if not self._bound.passed():
                 return
             self._mark_lost(_RAN_OUT)
@@ -191,7 +204,7 @@ class HeldLock:
         server confirms it, as `release` does."""
         if self._released:
             return False
-        was_lost = self.lost.is_set() or self._bound.passed()
+        was_lost = self._gone or self._bound.passed()
         self._released = True
         self._stop_renewal()
         self.coord._held.discard(self)
@@ -206,10 +219,12 @@ class HeldLock:
         return deleted and not was_lost
 
     def _mark_lost(self, reason: str) -> None:
-        if self.lost.is_set() or self._released:
+        if self._gone or self._released:
             return
         self.lost_reason = reason
-        self.lost.set()
+        self._gone = True
+        if self._lost is not None:
+            self._lost.set()
         self.coord._held.discard(self)
         self._stop_renewal()
         # The server may still have the record as ours (a lease given up by the client's
@@ -250,7 +265,7 @@ class HeldLock:
 
     def _due(self) -> None:
         self._timer = None
-        if not (self._released or self.lost.is_set()):
+        if not (self._released or self._gone):
             self._renewing = self._loop.create_task(self._renew_once())
 
     async def _renew_once(self) -> None:
@@ -271,7 +286,7 @@ class HeldLock:
         if expires is None:
             self._mark_lost("the backend no longer has this lease (expired or taken over)")
             return
-        if not (self._released or self.lost.is_set()):
+        if not (self._released or self._gone):
             self._renewed(sent, expires)
 
 
@@ -370,7 +385,7 @@ async def _acquire(
         held = HeldLock(
             coord, name, key, fence=grant.fence, ttl=lease, expires=grant.expires, data=data
         )
-        if not held._bound.passed():
+        if grant.expires > held._last:  # the bound not passed when made (clocks read there)
             return held
         held._mark_lost(_RAN_OUT)  # stalled between the grant and here: not live any more
         await held.release()
