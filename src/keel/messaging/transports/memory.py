@@ -77,18 +77,23 @@ class _Queue:
 
 
 class _Delivery:
-    __slots__ = ("_consumer", "_message", "_settled", "body")
+    # The body and the delivery count, not the queued _Message: a message handed straight to
+    # a consumer (every call and reply) never becomes one; a requeue makes it again.
+    __slots__ = ("_consumer", "_count", "_reason", "_settled", "body")
 
-    def __init__(self, consumer: _Consumer, message: _Message) -> None:
+    def __init__(
+        self, consumer: _Consumer, body: bytes, count: int = 1, reason: str | None = None
+    ) -> None:
         self._consumer = consumer
-        self._message = message
+        self._count = count
+        self._reason = reason
         self._settled = False
         # An attribute, not a property: the server and the reply link each read it per call.
-        self.body = message.body
+        self.body = body
 
     @property
     def delivery_count(self) -> int:
-        return self._message.delivery_count
+        return self._count
 
     @property
     def settled(self) -> bool:
@@ -96,7 +101,7 @@ class _Delivery:
 
     @property
     def dead_letter_reason(self) -> str | None:
-        return self._message.reason
+        return self._reason
 
     def _settle(self) -> bool:
         if self._settled:
@@ -106,8 +111,14 @@ class _Delivery:
         return True
 
     async def ack(self) -> None:
-        if self._settle():
-            self._consumer.queue.broker.dispatch(self._consumer.queue)
+        # _settle and dispatch's first check, inlined: every call is acknowledged here.
+        if not self._settled:
+            self._settled = True
+            consumer = self._consumer
+            consumer.unsettled.discard(self)
+            queue = consumer.queue
+            if queue.ready:  # the credit freed may take a message that waits
+                queue.broker.dispatch(queue)
 
     async def requeue(self) -> None:
         self.requeue_now()
@@ -115,9 +126,9 @@ class _Delivery:
     def requeue_now(self) -> None:
         if self._settle():
             queue = self._consumer.queue
-            self._message.delivery_count += 1
+            message = _Message(self.body, self._count + 1, self._reason)
             with queue.broker.lock:
-                queue.ready.appendleft(self._message)
+                queue.ready.appendleft(message)
             queue.broker.dispatch(queue)
 
     async def dead_letter(self, reason: str) -> None:
@@ -126,7 +137,7 @@ class _Delivery:
             broker = queue.broker
             dlq = broker.ensure_queue(queue.name + ".dlq", owner=None)
             with broker.lock:
-                dlq.ready.append(_Message(self._message.body, reason=reason))
+                dlq.ready.append(_Message(self.body, reason=reason))
             broker.dispatch(dlq)
             broker.dispatch(queue)
 
@@ -152,27 +163,6 @@ class _Broker:
                     queue.consumers.extend(adopted)
             return queue
 
-    def push(self, queue: _Queue, message: _Message) -> None:
-        """Queue one message, handing it straight to a consumer with credit if none waits
-        before it (one lock round for the common case of every call and reply)."""
-        ready = queue.ready
-        with self.lock:
-            chosen = None if ready else self._next_consumer(queue)
-            if chosen is None:
-                ready.append(message)
-            else:
-                delivery = _Delivery(chosen, message)
-                if chosen.auto_ack:
-                    delivery._settled = True
-                else:
-                    chosen.unsettled.add(delivery)
-        if chosen is None:
-            self.dispatch(queue)  # a consumer may have got credit meanwhile
-        elif asyncio._get_running_loop() is chosen.loop:
-            chosen.handler(delivery)
-        else:
-            chosen.loop.call_soon_threadsafe(chosen.handler, delivery)
-
     def dispatch(self, queue: _Queue) -> None:
         """Hand ready messages to consumers with credit, round robin."""
         # Unlocked fast path: whoever appends to `ready` calls dispatch afterwards.
@@ -186,7 +176,8 @@ class _Broker:
                 chosen = self._next_consumer(queue)
                 if chosen is None or not ready:
                     return
-                delivery = _Delivery(chosen, ready.popleft())
+                message = ready.popleft()
+                delivery = _Delivery(chosen, message.body, message.delivery_count, message.reason)
                 if chosen.auto_ack:
                     delivery._settled = True
                 else:
@@ -338,8 +329,9 @@ class MemoryTransport:
     def _check_size(self, body: bytes) -> None:
         check_size(body, self.max_message_bytes)
 
-    async def send(self, queue: str, body: bytes, *, durable: bool) -> None:
-        # The hot path of every call and reply: the checks inline.
+    async def send(  # noqa: PLR0912 - the hot path of every call and reply, inlined
+        self, queue: str, body: bytes, *, durable: bool
+    ) -> None:
         if self._closed:
             self._check_open()
         if len(body) > self.max_message_bytes:
@@ -353,7 +345,34 @@ class MemoryTransport:
                     f"queue {queue!r} does not exist on {self.url.raw}; declare it before sending"
                 )
             log.warning("queue %s was gone: declared again", queue)
-        self._broker.push(target, _Message(body))
+        # Queued, or handed straight to a consumer with credit if none waits before it: one
+        # lock round, and the one-consumer case (a server, a reply queue) without a call.
+        broker = self._broker
+        ready = target.ready
+        chosen: _Consumer | None = None
+        with broker.lock:
+            if not ready:
+                consumers = target.consumers
+                if len(consumers) == 1:
+                    only = consumers[0]
+                    if only.auto_ack or len(only.unsettled) < only.prefetch:
+                        chosen = only
+                elif consumers:
+                    chosen = broker._next_consumer(target)
+            if chosen is None:
+                ready.append(_Message(body))
+            else:
+                delivery = _Delivery(chosen, body)
+                if chosen.auto_ack:
+                    delivery._settled = True
+                else:
+                    chosen.unsettled.add(delivery)
+        if chosen is None:
+            broker.dispatch(target)  # a consumer may have got credit meanwhile
+        elif asyncio._get_running_loop() is chosen.loop:
+            chosen.handler(delivery)
+        else:
+            chosen.loop.call_soon_threadsafe(chosen.handler, delivery)
 
     async def publish(self, subject: str, body: bytes, *, durable: bool) -> None:
         self._check_open()
