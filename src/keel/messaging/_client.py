@@ -157,7 +157,7 @@ class RPCClient:
 
     # --- the three patterns --------------------------------------------------------------
 
-    async def call(  # noqa: PLR0915 - the hot path, inlined
+    async def call(  # noqa: PLR0912, PLR0915 - the hot path, inlined
         self, ctx: RequestContext | None, method: str, /, **kwargs: Any
     ) -> Any:
         """Run ``method`` on one server of the topic and return its result.
@@ -176,7 +176,14 @@ class RPCClient:
         deadline = (
             now + options.timeout if parent is None else _sooner(now + options.timeout, parent)
         )
-        child = self._child(parent, deadline, method)
+        if parent is None:
+            # _child's root case, inlined (positional: the Struct's field order).
+            root_id, traceparent = new_root_ids()
+            child = RequestContext(
+                root_id, None, None, (), traceparent, deadline, self.service or None
+            )
+        else:
+            child = self._child(parent, deadline, method)
         if handling is not None:
             self._check_reentrant(target, method)
         lk = self._link
@@ -208,7 +215,12 @@ class RPCClient:
                     watchdog = _watch(lk, request_id, future, ends, monitor)
                 await self.transport.send(queue, body, durable=False)
                 reply = await future
-            except TimeoutError:
+            except BaseException as exc:
+                if watchdog is not None:
+                    watchdog.cancel()
+                lk.forget(request_id, future)
+                if not isinstance(exc, TimeoutError):
+                    raise
                 self.counts["keel_rpc_client_requests", "call", method, "timeout"] += 1
                 self._report(method, "call", "timeout", started, child.traceparent)
                 raise _timeout(
@@ -219,9 +231,10 @@ class RPCClient:
                     window=monitor,
                     silent=watchdog is not None and watchdog.silent,
                 ) from None
-            finally:
-                if watchdog is not None:
-                    watchdog.cancel()
+            # Answered: the reply router let go of the id as it resolved the future, so only
+            # a monitor's heartbeat entry is left to drop (forget, without its checks).
+            if watchdog is not None:
+                watchdog.cancel()
                 lk.forget(request_id, future)
             failure = reply.failure
             if failure is None:

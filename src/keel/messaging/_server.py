@@ -169,6 +169,9 @@ class RPCServer:
         self._deadlines: dict[asyncio.Task[Any], float] = {}
         self._expired_tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        # The loop the consumers deliver on, set by start() (no delivery comes before): looking
+        # it up costs a getpid() (asyncio's fork check) on each of a request's lookups.
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.state = ServerState.NEW
         self.running = 0
         self._counts: Counter[tuple[str, ...]] = Counter()
@@ -195,6 +198,7 @@ class RPCServer:
             return
         self._set_state(ServerState.STARTING)
         self._draining = False
+        self._loop = asyncio.get_running_loop()  # before the first consumer may deliver
         lk = link(self.transport)
         topic_queue = rpc_queue(self.target.topic)
         server_queue = rpc_queue(self.target.topic, self.name)
@@ -215,7 +219,7 @@ class RPCServer:
             await consume(self._fanout_queue, self._on_fanout, prefetch=0, auto_ack=True),
         ]
         self._own = await consume(server_queue, self._on_own, prefetch=prefetch)
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._sweeper = observe(loop.create_task(self._sweep_deadlines()), log)
         self._set_state(ServerState.SERVING)
         await self._presence.start()
@@ -368,7 +372,7 @@ class RPCServer:
 
     def _on_shared(self, delivery: Delivery) -> None:
         # _spawn, inlined: this runs for every request on the topic.
-        self._tasks.add(asyncio.Task(self._handle(delivery, self._topic_queue)))
+        self._tasks.add(asyncio.Task(self._handle(delivery, self._topic_queue), loop=self._loop))
 
     def _on_fanout(self, delivery: Delivery) -> None:
         # Auto-acknowledged, so no credit window holds a flood back: at most max_concurrency
@@ -401,7 +405,7 @@ class RPCServer:
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         # A Task made directly skips the loop's create_task wrapper (and its debug and
         # closed checks) on every request; the loop is the one running this callback.
-        task = asyncio.Task(coro)
+        task = asyncio.Task(coro, loop=self._loop)
         self._tasks.add(task)  # the sweeper drops it once done, and logs what it ended with
         return task
 
@@ -414,11 +418,7 @@ class RPCServer:
         # second) cost more, in allocator and cache misses and in collector passes, than
         # everything else the server keeps per call. One an exception escapes (a bug: Keel
         # catches the rest below) or that was cancelled stays for the sweep, which logs it.
-        task = (
-            asyncio.current_task()
-            if _RUNNING is None
-            else _RUNNING.get(asyncio._get_running_loop())  # type: ignore[arg-type]
-        )
+        task = asyncio.current_task() if _RUNNING is None else _RUNNING.get(self._loop)
         escaped = False
         try:
             body = delivery.body
@@ -714,11 +714,7 @@ class RPCServer:
                     return await coro
                 # A call's handler is cancelled at its deadline by the sweeper: cheaper than a
                 # timer per call, and the caller has given up by then anyway.
-                task = (
-                    asyncio.current_task()
-                    if _RUNNING is None
-                    else _RUNNING.get(asyncio._get_running_loop())  # type: ignore[arg-type]
-                )
+                task = asyncio.current_task() if _RUNNING is None else _RUNNING.get(self._loop)
                 assert task is not None
                 self._deadlines[task] = ctx.deadline
                 try:
