@@ -127,7 +127,7 @@ async def test_a_writer_cancelled_while_it_waits_for_the_ingest_batch(
     assert not store._lock.locked()
     assert not store._ingesting
     assert not store._ingest_queued
-    assert store._queued == [] or all(fut.done() for _, fut in store._queued)
+    assert store._queued == [] or all(fut.done() for _, fut, _ in store._queued)
     # "behind" took over the wait the cancelled one left, and went alone: one wait, no more.
     assert waits.joined == [False]
     await make_sub(store, "next")
@@ -362,7 +362,7 @@ async def test_many_concurrent_writers_and_appends_all_finish(
     assert tx.count < 200  # grouped, not one each
     assert last_seq_against_rows(store) == []
     assert not store._lock.locked()
-    assert all(fut.done() for _, fut in store._queued)
+    assert all(fut.done() for _, fut, _ in store._queued)
 
 
 async def test_a_hub_that_stops_ingesting_costs_a_lone_write_one_wait(

@@ -469,6 +469,8 @@ class Hub:
         # Only where commits proceed in parallel: with one writer (SQLite) the extra
         # commit would wait behind the one in flight all the same.
         self.express_commits = express_commits and store.append_concurrency > 1
+        self._committing: dict[str | None, int] = {}  # tenant -> commits in flight with it
+        self._busy_slots = 0  # normal (not express) commits in flight
         self._tasks: list[asyncio.Task[None]] = []
         self._reloads: set[asyncio.Task[None]] = set()
         self.ingested = 0
@@ -656,60 +658,69 @@ class Hub:
         return tuple(out)
 
     async def _batcher(self) -> None:
+        # One committer task per commit slot, plus the express one (see `_committer`); each
+        # takes its next batch the moment its commit ends, in the same loop turn. A task
+        # per batch, started by a batcher woken when the last one ended, kept the store
+        # idle for three more loop iterations between commits, and on a busy loop each one
+        # is every stream's and every tenant's callbacks.
+        workers = [
+            asyncio.create_task(self._committer(express=False), name="keel-hub-commit")
+            for _ in range(self.commits_in_flight)
+        ]
+        if self.express_commits:
+            workers.append(
+                asyncio.create_task(self._committer(express=True), name="keel-hub-express")
+            )
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for task in workers:
+                task.cancel()
+            await asyncio.wait(workers)
+
+    async def _committer(self, *, express: bool) -> None:
         # A slot first, then the batch: events that arrive while every slot is busy all
         # join the next commit rather than wait behind a batch formed too early. While every
-        # slot is busy, one more commit may start for the tenants that have nothing in a
-        # commit in flight: a flooding tenant keeps the slots busy with its fair share, and
-        # another tenant's event would otherwise wait for one of those commits to end, then
-        # share its own with the flood's rows.
+        # slot is busy, the express committer may start one more commit for the tenants that
+        # have nothing in a commit in flight: a flooding tenant keeps the slots busy with its
+        # fair share, and another tenant's event would otherwise wait for one of those
+        # commits to end, then share its own with the flood's rows.
         pending = self._pending
-        commits: set[asyncio.Task[None]] = set()
-        committing: dict[str | None, int] = {}  # tenant -> commits in flight with it
-        normal = 0
-        express = False
-        try:
-            while True:
-                idle: list[str | None] = []
-                if not pending or normal >= self.commits_in_flight:
-                    if pending and self.express_commits and not express:
-                        idle = [t for t in pending.tenants() if t not in committing]
-                    if not idle:
-                        await pending.changed()
-                        continue
-                if idle:
-                    batch = pending.take(self.batch_max, self.batch_rows, self.batch_bytes, idle)
-                    express = True
-                else:
-                    batch = pending.take(self.batch_max, self.batch_rows, self.batch_bytes)
-                    normal += 1
-                tenants = {tenant for _, _, tenant in batch}
+        committing = self._committing
+        while True:
+            batch = self._next_batch(express=express)
+            if not batch:
+                await pending.changed()
+                continue
+            tenants = {tenant for _, _, tenant in batch}
+            for tenant in tenants:
+                committing[tenant] = committing.get(tenant, 0) + 1
+            if not express:
+                self._busy_slots += 1
+            try:
+                await self._commit(batch)
+            finally:
                 for tenant in tenants:
-                    committing[tenant] = committing.get(tenant, 0) + 1
-                task = asyncio.create_task(self._commit(batch))
-                commits.add(task)
-
-                def done(
-                    t: asyncio.Task[None], fast: bool = bool(idle), ts: set[str | None] = tenants
-                ) -> None:
-                    nonlocal normal, express
-                    commits.discard(t)
-                    for tenant in ts:
-                        if committing[tenant] == 1:
-                            del committing[tenant]
-                        else:
-                            committing[tenant] -= 1
-                    if fast:
-                        express = False
+                    if committing[tenant] == 1:
+                        del committing[tenant]
                     else:
-                        normal -= 1
-                    pending.poke()
+                        committing[tenant] -= 1
+                if not express:
+                    self._busy_slots -= 1
+                pending.poke()  # a slot, or a tenant for the express commit, came free
 
-                task.add_done_callback(done)
-        finally:
-            for task in list(commits):
-                task.cancel()
-            if commits:
-                await asyncio.wait(commits)
+    def _next_batch(self, *, express: bool) -> list[_Pending]:
+        pending = self._pending
+        if not pending:
+            return []
+        if not express:
+            return pending.take(self.batch_max, self.batch_rows, self.batch_bytes)
+        if self._busy_slots < self.commits_in_flight:
+            return []  # a normal slot is free: the event goes there
+        idle = [t for t in pending.tenants() if t not in self._committing]
+        if not idle:
+            return []
+        return pending.take(self.batch_max, self.batch_rows, self.batch_bytes, idle)
 
     async def _commit(self, batch: list[_Pending]) -> None:
         try:

@@ -27,6 +27,7 @@ from typing import Any, ClassVar, TypeVar
 
 import msgspec
 
+from keel import _switch_interval
 from keel._log import event as log_event
 from keel.errors import ClaimExpired, ConfigError, Conflict, NotFound
 from keel.hub.stores.base import (
@@ -48,7 +49,9 @@ T = TypeVar("T")
 
 _json = msgspec.json.Encoder().encode
 # A write waiting for the next group commit: what to run in it and who waits for the result.
-_Queued = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
+# A write waiting for a transaction: the work, its outcome, and the future its writer awaits
+# (set once the outcome is, or earlier to hand it the lead: see `SQLiteStore._group_write`).
+_Queued = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]", "asyncio.Future[None]"]
 log = logging.getLogger("keel.hub.sqlite")
 
 CACHE_KIB = 64 * 1024
@@ -140,6 +143,19 @@ SMALL_QUEUE = 1000
 INGEST_WAIT_TURNS = 16
 
 
+def _settle(
+    committed: asyncio.Future[None],
+    finished: asyncio.Future[BaseException | None],
+    error: BaseException | None,
+) -> None:
+    finished.set_result(error)
+    if not committed.done():  # cancelled: the waiter went on to wait for ``finished``
+        if error is None:
+            committed.set_result(None)
+        else:
+            committed.set_exception(error)
+
+
 class _TooLarge(Exception):
     """The queue is longer than `SMALL_QUEUE`."""
 
@@ -150,11 +166,20 @@ class SQLiteStore:
     append_concurrency: ClassVar[int] = 1
 
     def __init__(
-        self, path: str | Path, *, synchronous: str = "FULL", dedup_s: float = 86400.0
+        self,
+        path: str | Path,
+        *,
+        synchronous: str = "FULL",
+        dedup_s: float = 86400.0,
+        lower_switch_interval: bool = True,
     ) -> None:
         if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise ConfigError("synchronous must be FULL, EXTRA or NORMAL")
         self.path = str(path)
+        # While open, the process's GIL switch interval is at most 0.5 ms (see
+        # keel._switch_interval): every COMMIT returns to the loop through a thread.
+        self.lower_switch_interval = lower_switch_interval
+        self._holds_interval = False
         self.synchronous = synchronous.upper()
         self.dedup_s = dedup_s
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="keel-hub-sqlite")
@@ -163,6 +188,8 @@ class SQLiteStore:
         self._queued: list[_Queued] = []
         self._ingest_queued = False  # an ingest batch (`append`) is among ``_queued``
         self._ingesting = False  # the last transaction carried one
+        self._leading = False  # a writer is committing the queued writes, or about to
+        self._successor_due = False  # `_wake_successor` is scheduled
         # Checkpoints run on their own connection and thread (see `_checkpoint`).
         self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="keel-hub-checkpoint")
         self._checkpoint_db: sqlite3.Connection | None = None
@@ -183,23 +210,80 @@ class SQLiteStore:
         return await self._group_write(func, ingest=False)
 
     async def _group_write(self, func: Callable[[sqlite3.Connection], T], *, ingest: bool) -> T:
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queued.append((func, fut))
+        """One leader at a time commits every write queued (see `_lead`); the others wait
+        for their outcome only. A writer whose write went into someone else's transaction
+        never queues for the connection's lock just to learn it is done: each such turn is
+        one more loop iteration before the next commit can start, and a tenant churning
+        subscriptions put a turn per write between every other tenant's commits."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        wake: asyncio.Future[None] = loop.create_future()
+        self._queued.append((func, fut, wake))
         if ingest:
             self._ingest_queued = True
+        if self._leading:
+            try:
+                await wake
+            except asyncio.CancelledError:
+                # Woken with no outcome: it was handed the lead just as it was cancelled.
+                handed = wake.done() and not wake.cancelled() and not fut.done()
+                fut.cancel()  # not yet run: the next batch skips it
+                if handed:
+                    self._pass_lead()
+                raise
+            if not fut.done():  # not taken: handed the lead
+                await self._lead_for(fut)
+        else:
+            self._leading = True
+            await self._lead_for(fut)
+        result: T = fut.result()
+        return result
+
+    async def _lead_for(self, fut: asyncio.Future[Any]) -> None:
+        try:
+            await self._lead()
+        except asyncio.CancelledError:
+            fut.cancel()  # cancelled before its batch was taken: the next batch skips it
+            raise
+
+    async def _lead(self) -> None:
         try:
             async with self._lock:
-                if not fut.done():
+                if self._queued:
                     if not self._ingest_queued and self._ingesting:
                         await self._wait_for_ingest()
                     batch, self._queued = self._queued, []
                     self._ingesting, self._ingest_queued = self._ingest_queued, False
-                    await self._commit_batch(batch)
-        except asyncio.CancelledError:
-            fut.cancel()  # not yet run: a later batch skips it
-            raise
-        result: T = fut.result()
-        return result
+                    try:
+                        await self._commit_batch(batch)
+                    finally:
+                        for _, fut, wake in batch:
+                            if not fut.done():  # cannot happen; never leave a writer hanging
+                                fut.set_exception(RuntimeError("write left without an outcome"))
+                            if not wake.done():
+                                wake.set_result(None)
+        finally:
+            self._pass_lead()
+
+    def _pass_lead(self) -> None:
+        """Stop leading; writes still queued get a leader on the next loop turn, unless a
+        writer arriving in this one (the hub's next ingest batch, as a rule) leads first and
+        takes them into its transaction."""
+        self._leading = False
+        if self._queued and not self._successor_due:
+            self._successor_due = True
+            asyncio.get_running_loop().call_soon(self._wake_successor)
+
+    def _wake_successor(self) -> None:
+        self._successor_due = False
+        if self._leading:
+            return
+        self._queued = [q for q in self._queued if not q[1].done()]
+        for _, _, wake in self._queued:
+            if not wake.done():
+                self._leading = True
+                wake.set_result(None)
+                return
 
     async def _wait_for_ingest(self) -> None:
         """While the hub ingests, its next batch is on its way (a few loop turns after the
@@ -213,27 +297,34 @@ class SQLiteStore:
                 return
 
     async def _commit_batch(self, batch: list[_Queued]) -> None:
-        batch = [(func, fut) for func, fut in batch if not fut.done()]
+        batch = [q for q in batch if not q[1].done()]
         if not batch:
             return
         outcomes = self._run_batch(batch)
         if outcomes is None:
             return  # the transaction failed: every writer of the batch holds the error
-        commit = asyncio.get_running_loop().run_in_executor(self._executor, self._commit)
+        loop = asyncio.get_running_loop()
+        # Two futures the thread settles with one loop callback: ``committed`` is awaited
+        # (a cancel cancels only it, never the COMMIT), ``finished`` is what a cancelled
+        # commit waits for. `run_in_executor` under `asyncio.shield` took two more loop
+        # iterations to resume this task, each one the writer idle while everyone waits.
+        committed: asyncio.Future[None] = loop.create_future()
+        finished: asyncio.Future[BaseException | None] = loop.create_future()
+        self._executor.submit(self._commit_then, loop, committed, finished)
         cancelled = False
         try:
-            await asyncio.shield(commit)
+            await committed
         except asyncio.CancelledError:
             # The thread goes on with the COMMIT: keep the connection until it is done.
             cancelled = True
             # However many times this task is cancelled meanwhile: a second cancel that
             # escaped here left the batch's other writers without their results.
-            while not commit.done():
+            while not finished.done():
                 with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait([commit])
+                    await asyncio.wait([finished])
         except Exception:
             pass  # reported to every writer of the batch below
-        failed = commit.exception() if commit.done() and not commit.cancelled() else None
+        failed = finished.result()
         for fut, error, value in outcomes:
             problem = failed or error
             if fut.done():
@@ -254,7 +345,7 @@ class SQLiteStore:
         outcomes: list[tuple[asyncio.Future[Any], BaseException | None, Any]] = []
         try:
             db.execute("BEGIN IMMEDIATE")
-            for func, fut in batch:
+            for func, fut, _ in batch:
                 db.execute("SAVEPOINT w")
                 try:
                     value = func(db)
@@ -268,7 +359,7 @@ class SQLiteStore:
         except BaseException as exc:
             if db.in_transaction:
                 db.execute("ROLLBACK")
-            for _, fut in batch:
+            for _, fut, _ in batch:
                 if not fut.done():
                     fut.set_exception(exc)
             if not isinstance(exc, Exception):
@@ -301,6 +392,20 @@ class SQLiteStore:
         self._commit()
         return result
 
+    def _commit_then(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        committed: asyncio.Future[None],
+        finished: asyncio.Future[BaseException | None],
+    ) -> None:
+        """On the store thread: COMMIT, then settle both futures in one loop callback."""
+        error: BaseException | None = None
+        try:
+            self._commit()
+        except BaseException as exc:
+            error = exc
+        loop.call_soon_threadsafe(_settle, committed, finished, error)
+
     def _commit(self) -> None:
         db = self.db
         try:
@@ -312,6 +417,9 @@ class SQLiteStore:
 
     async def open(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._open)
+        if self.lower_switch_interval and not self._holds_interval:
+            _switch_interval.hold()
+            self._holds_interval = True
 
     def _open(self) -> None:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -409,6 +517,9 @@ class SQLiteStore:
             )
         self._executor.shutdown(wait=True)
         self._checkpointer.shutdown(wait=True)
+        if self._holds_interval:
+            _switch_interval.release()
+            self._holds_interval = False
 
     @property
     def db(self) -> sqlite3.Connection:
