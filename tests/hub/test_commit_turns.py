@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sys
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -126,3 +127,22 @@ async def test_the_next_commit_starts_in_the_iteration_the_last_one_ended(
     # A task per batch, started by a batcher woken by the last one's done callback: 3 or
     # more iterations with the store idle each time.
     assert gaps == [0] * len(gaps), spans
+
+
+async def test_an_open_store_lowers_the_switch_interval_and_the_last_close_restores_it(
+    tmp_path: Path,
+) -> None:
+    before = sys.getswitchinterval()
+    first = SQLiteStore(tmp_path / "a.db")
+    second = SQLiteStore(tmp_path / "b.db")
+    alone = SQLiteStore(tmp_path / "c.db", lower_switch_interval=False)
+    await alone.open()
+    assert sys.getswitchinterval() == before
+    await first.open()
+    await second.open()
+    assert sys.getswitchinterval() <= 0.0005
+    await first.close()
+    assert sys.getswitchinterval() <= 0.0005  # the second one is still open
+    await second.close()
+    await alone.close()
+    assert sys.getswitchinterval() == before
