@@ -65,7 +65,12 @@ class Coordinator:
         self.owner = f"{member_id}#{secrets.token_hex(4)}"
         self._held: set[HeldLock] = set()
         self._pending: set[asyncio.Future[None]] = set()  # background retries, confirmations
+        self._settled: object = None  # see `_confirm`
         self._renewals = Renewals()  # one timer for every held lock's next renewal
+        # Read once: an enum's hash is a Python call, and this was asked on every acquire.
+        self._per_lock_ttl = Characteristic.PER_LOCK_TTL in self.characteristics
+        # A local backend that can take a free key without waiting (`Backend` docs).
+        self._take_now = getattr(backend, "take_now", None)
         backend.on_session_lost(self._session_lost)
 
     def __repr__(self) -> str:
@@ -76,7 +81,7 @@ class Coordinator:
         if not (requested > 0 and math.isfinite(requested)):
             raise ConfigError(f"ttl must be a positive number of seconds, not {ttl!r}")
         enforced = self.backend.lease_ttl(requested)
-        if Characteristic.PER_LOCK_TTL not in self.characteristics and enforced > requested + 1e-9:
+        if not self._per_lock_ttl and enforced > requested + 1e-9:
             raise Unsupported(
                 f"this backend times leases by its session ({enforced}s), so a lock cannot "
                 f"free sooner than that; ask for ttl >= {enforced} or connect with a shorter "
@@ -97,11 +102,19 @@ class Coordinator:
         except BackendUnavailable:
             self._retry(lambda: self._release_confirmed(key, fence), f"release of {key}")
             return
+        self._confirm(sent, key, fence)
+
+    def _confirm(self, sent: Awaitable[None], key: str, fence: int) -> None:
+        """Watch a sent release's confirmation; send it again until the server confirms."""
+        if sent is self._settled:  # the very future last found confirmed (SQLite's one)
+            return
         # Most backends hand back a future (often one already done): no wrapping needed.
         confirmation = sent if isinstance(sent, asyncio.Future) else asyncio.ensure_future(sent)
         if confirmation.done():
             if confirmation.cancelled() or confirmation.exception() is not None:
                 self._retry(lambda: self._release_confirmed(key, fence), f"release of {key}")
+            else:
+                self._settled = confirmation  # a done future stays done, with that result
             return
         self._pending.add(confirmation)
 

@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from keel.coordination._clock import Bound, now
 from keel.coordination._renewals import Entry
@@ -49,6 +49,7 @@ _LOSS_MESSAGE = "keel.coordination: lock lost"
 _RAN_OUT = "the lease ran out before it could be renewed"
 _RETRY = 0.05
 _FOREVER = 3600.0  # one wait_turn call when there is no deadline; the loop goes on after it
+_new_bound = object.__new__
 
 
 class HeldLock:
@@ -100,7 +101,9 @@ class HeldLock:
         self.lost_reason = ""
         self._fence = fence
         wall, current = time.time(), now()  # read once for the bound and the first renewal
-        self._bound = Bound(expires, wall, current)
+        # Bound(expires, wall, current), without a call into its __init__ (every acquire).
+        bound = self._bound = _new_bound(Bound)
+        bound.boot, bound.wall = expires, wall + (expires - current)
         self._released = False
         self._task: asyncio.Task[object] | None = None  # cancelled on loss
         self._on_lost: list[Callable[[], None]] = []
@@ -111,10 +114,11 @@ class HeldLock:
         self._loop = asyncio.get_running_loop()
         self._last = current
         self._renewing: asyncio.Task[None] | None = None
-        self._timer: Entry | None = None
         # Half the time left when less than a third of the ttl is (a grant that came late): a
         # renewal due at the bound itself could only find it passed and declare the loss.
-        self._schedule(min(ttl / 3, (expires - current) / 2), current)
+        # (`_schedule`, inlined: this runs on every acquire.)
+        delay = min(ttl / 3, (expires - current) / 2)
+        self._timer: Entry | None = coord._renewals.add(current + max(0.0, delay), self, self._loop)
         coord._held.add(self)
 
     def __repr__(self) -> str:
@@ -134,7 +138,8 @@ class HeldLock:
     def fence(self) -> int:
         """The fence to present to the resource; `LockLost` if the lease is gone (checked on
         every read, so a holder resuming from a pause learns here, before it writes)."""
-        self.check()
+        if self._released or self._gone or self._bound.passed():
+            self.check()  # raises (check()'s own test, without its call for a live lock)
         return self._fence
 
     @property
@@ -185,9 +190,20 @@ class HeldLock:
         if self._released:
             return
         self._released = True
-        self._stop_renewal()
-        self.coord._held.discard(self)
-        await self.coord._release(self.key, self._fence)
+        coord, key, fence = self.coord, self.key, self._fence
+        if self._timer is not None:  # `_stop_renewal`, inlined for the common case
+            coord._renewals.cancel(self._timer)
+            self._timer = None
+        if self._renewing is not None:
+            self._stop_renewal()
+        coord._held.discard(self)
+        # `Coordinator._release`, inlined (a coroutine less on every release).
+        try:
+            sent = await coord.backend.release(key, coord.owner, fence)
+        except BackendUnavailable:
+            coord._retry(lambda: coord._release_confirmed(key, fence), f"release of {key}")
+            return
+        coord._confirm(sent, key, fence)
 
     def _renewed(self, sent: float, expires: float) -> None:
         self._last = sent
@@ -304,6 +320,8 @@ def live(held: HeldLock | None) -> bool:
 class LockContext:
     """``async with coord.lock(name) as held:`` — acquire on entry, release on exit."""
 
+    __slots__ = ("_acquire", "_cancel_on_loss", "_held")  # one is made per acquisition
+
     def __init__(self, acquire: Callable[[], Awaitable[HeldLock]], *, cancel_on_loss: bool) -> None:
         self._acquire = acquire
         self._cancel_on_loss = cancel_on_loss
@@ -312,7 +330,7 @@ class LockContext:
     async def __aenter__(self) -> HeldLock:
         held = await self._acquire()
         if self._cancel_on_loss:
-            held._task = asyncio.current_task()
+            held._task = asyncio.current_task(held._loop)  # the loop known: no lookup
         self._held = held
         return held
 
@@ -332,18 +350,20 @@ class LockContext:
             if task is not None and task.uncancel() > 0:
                 # Someone else cancelled this task too: their cancellation wins.
                 cancelled_by_us = False
-        # Check before releasing: after the release the reason would read "released".
+        # Check before releasing: after the release the reason would read "released". (The
+        # test is check()'s own, so that a live lock pays no call and no exception frame.)
         lost: LockLost | None = None
-        try:
-            held.check()
-        except LockLost as error:
-            lost = error
+        if held._released or held._gone or held._bound.passed():
+            try:
+                held.check()
+            except LockLost as error:
+                lost = error
         await held.release()
         if lost is not None and (exc_type is None or cancelled_by_us):
             raise lost
 
 
-async def acquire_key(
+def acquire_key(
     coord: Coordinator,
     name: str,
     key: str,
@@ -351,14 +371,13 @@ async def acquire_key(
     ttl: float | None,
     timeout: float | None,
     data: bytes = b"",
-) -> HeldLock:
+) -> Coroutine[Any, Any, HeldLock]:
     """Acquire a leased key, waiting in its queue up to ``timeout`` (None: forever; 0: one
     try). The lock returned is live: one whose lease ran out before it could be handed over
-    (a stalled loop) is given back and waited for again."""
-    held = await _acquire(coord, name, key, ttl=ttl, timeout=timeout, data=data)
-    if held is None:
-        raise _timed_out(name, timeout)
-    return held
+    (a stalled loop) is given back and waited for again. `LockTimeout` when not taken."""
+    # `_acquire`'s own coroutine, not one wrapping it: a frame less on every acquire.
+    # Never None with or_raise (typing.cast would be one more call).
+    return _acquire(coord, name, key, ttl=ttl, timeout=timeout, data=data, or_raise=True)  # type: ignore[return-value]
 
 
 async def try_key(coord: Coordinator, name: str, key: str, *, ttl: float | None) -> HeldLock | None:
@@ -374,14 +393,32 @@ async def _acquire(
     ttl: float | None,
     timeout: float | None,
     data: bytes,
+    or_raise: bool = False,
 ) -> HeldLock | None:
+    """The held lock, or None (`LockTimeout` with ``or_raise``) when not taken in time."""
     lease = coord._lease_ttl(ttl)
+    take_now = coord._take_now
+    if take_now is not None:
+        # A local backend's fast path: no Waiter, no queue dance, no coroutine below here.
+        taken = take_now(key, coord.owner, lease, data)
+        if type(taken) is tuple:
+            fence, expires = taken
+            held = HeldLock(coord, name, key, fence=fence, ttl=lease, expires=expires, data=data)
+            if expires > held._last:  # as below: the bound not passed when made
+                return held
+            held._mark_lost(_RAN_OUT)
+            await held.release()
+            if timeout is not None and timeout <= 0:
+                return _not_taken(name, timeout, or_raise)
+        elif taken is None and timeout is not None and timeout <= 0:
+            # Not free: a try's answer (enqueue would say the same).
+            return _not_taken(name, timeout, or_raise)
     deadline = None if timeout is None else now() + timeout
     while True:
         waiter = Waiter(key, coord.owner, lease, data)
         grant = await _take(coord, waiter, deadline)
         if grant is None:
-            return None
+            return _not_taken(name, timeout, or_raise)
         held = HeldLock(
             coord, name, key, fence=grant.fence, ttl=lease, expires=grant.expires, data=data
         )
@@ -390,7 +427,14 @@ async def _acquire(
         held._mark_lost(_RAN_OUT)  # stalled between the grant and here: not live any more
         await held.release()
         if deadline is None or deadline <= now():
-            return None
+            return _not_taken(name, timeout, or_raise)
+
+
+def _not_taken(name: str, timeout: float | None, or_raise: bool) -> HeldLock | None:
+    """What an attempt not taken in time returns: None, or with ``or_raise`` `LockTimeout`."""
+    if or_raise:
+        raise _timed_out(name, timeout)
+    return None
 
 
 async def _take(coord: Coordinator, waiter: Waiter, deadline: float | None) -> Grant | None:

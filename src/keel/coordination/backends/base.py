@@ -192,6 +192,23 @@ class Backend(Protocol):
         ...
 
 
+# What `take_now` returns when it cannot tell now (the file is busy): ask `enqueue`.
+TAKE_LATER: Any = object()
+
+
+class TakesNow(Protocol):
+    """An optional fast path, for a backend that answers from local state or a local file
+    without waiting (SQLite): the core calls ``take_now`` first, with no `Waiter`, and falls
+    back to `Backend.enqueue` unless it got a grant."""
+
+    def take_now(self, key: str, owner: str, ttl: float, data: bytes) -> Any:
+        """Take the key if it is free and nobody waits for it, as ``enqueue`` would on its
+        first try: ``(fence, expires)`` (as in `Grant`); None if it is not free (held, or
+        waited for), which a try can take as its answer; `TAKE_LATER` if it cannot tell
+        now. Must not leave anything behind unless it granted."""
+        ...
+
+
 class BackendFactory(Protocol):
     """What `keel.urls` resolves a coordination URL to."""
 

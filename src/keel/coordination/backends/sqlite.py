@@ -50,6 +50,7 @@ from typing import Any
 
 from keel.coordination._clock import now
 from keel.coordination.backends.base import (
+    TAKE_LATER,
     Backend,
     Changes,
     Characteristic,
@@ -97,10 +98,11 @@ WHERE keel_leases.expires <= ?7
 RETURNING fence
 """
 # A release not yet applied, and this client takes the key again: one write for both. The
-# row's fence is known (?3), so the new one is too: no RETURNING, whose result table cost a
-# fifth of the statement.
+# row's fence is known (?3), so the new one is too (?4, computed by the caller as the row's
+# fence plus one, or the epoch floor): no RETURNING, whose result table cost a fifth of the
+# statement, and no expression to evaluate.
 _RETAKE = """
-UPDATE keel_leases SET fence = max(fence + 1, ?4), expires = ?5, data = ?6
+UPDATE keel_leases SET fence = ?4, expires = ?5, data = ?6
 WHERE key = ?1 AND owner = ?2 AND fence = ?3 AND expires > ?7
     AND NOT EXISTS (SELECT 1 FROM keel_waiters WHERE key = ?1 AND expires > ?7)
 """
@@ -338,20 +340,60 @@ class SqliteBackend:
     def lease_ttl(self, ttl: float) -> float:
         return ttl
 
+    def take_now(self, key: str, owner: str, ttl: float, data: bytes) -> Any:
+        """The core's fast path (`keel.coordination.backends.base.TakesNow`): `_take` for a
+        first try, without a `Waiter` or a `Grant` to make."""
+        sent, wall = now(), time.time()
+        taken = self._retake(key, ttl, data, sent, wall)
+        if taken is None:
+            self._flush()
+            params = (key, _parent(key), owner, self._base, wall + ttl, data, wall, _NO_TICKET)
+            done = self._try(_TAKE, params)
+            if done is _BUSY:
+                return TAKE_LATER
+            if not done[0]:
+                return None
+            self.changed += 1
+            return int(done[0][0][0]), sent + ttl
+        return TAKE_LATER if taken is _BUSY else taken
+
+    def _retake(self, key: str, ttl: float, data: bytes, sent: float, wall: float) -> Any:
+        """Our own release of the key not applied yet: take it again in the same write.
+        ``(fence, expires)``, None (no such release, or the key is not ours to retake: the
+        release stays pending), or _BUSY."""
+        pending = self._releases.pop(key, None)
+        if pending is None:
+            return None
+        owner, fence = pending
+        new = max(fence + 1, self._base)
+        # `_try`, inlined for the one statement of an uncontended cycle (no rows to fetch).
+        try:
+            changed = self._cursor.execute(
+                _RETAKE, (key, owner, fence, new, wall + ttl, data, wall)
+            ).rowcount
+        except sqlite3.OperationalError as exc:
+            self._releases[key] = pending  # still to apply, whatever happened
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                with map_errors((), backend="sqlite", url=self._path):
+                    raise
+            return _BUSY
+        if self._db.total_changes >= self._checkpoint_at:
+            self._checkpoint_soon()
+        if changed == 1:
+            self.changed += 1
+            return new, sent + ttl
+        self._releases[key] = pending
+        return None
+
     def _take(self, waiter: Waiter, ticket: int) -> Any:
         """One attempt to take the key: a Grant, None if it is not ours to take, or _BUSY."""
         sent, wall = now(), time.time()
         key, expires, data = waiter.key, wall + waiter.ttl, waiter.data
-        pending = self._releases.pop(key, None)
-        if pending is not None:
-            owner, fence = pending
-            done = self._try(_RETAKE, (key, owner, fence, self._base, expires, data, wall))
-            if done is not _BUSY and done[1] == 1:
-                self.changed += 1
-                return Grant(max(fence + 1, self._base), sent + waiter.ttl)
-            self._releases[key] = pending
-            if done is _BUSY:
-                return _BUSY
+        taken = self._retake(key, waiter.ttl, data, sent, wall)
+        if taken is _BUSY:
+            return _BUSY
+        if taken is not None:
+            return Grant(*taken)
 
         self._flush()
         take = (_TAKE, (key, _parent(key), waiter.owner, self._base, expires, data, wall, ticket))
@@ -444,7 +486,10 @@ class SqliteBackend:
         if key in self._releases:
             self._flush()
         self._releases[key] = (owner, fence)
-        _unflushed.setdefault(self._loop, set()).add(self)
+        waiting = _unflushed.get(self._loop)  # not setdefault: that makes a set every call
+        if waiting is None:
+            waiting = _unflushed[self._loop] = set()
+        waiting.add(self)
         if not self._flush_due:
             self._flush_due = True
             self._loop.call_soon(self._flush_soon)

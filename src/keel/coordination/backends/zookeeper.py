@@ -38,6 +38,7 @@ from typing import Any
 
 from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import (
+    EXCEPTIONS,
     BadVersionError,
     ConnectionClosedError,
     ConnectionLoss,
@@ -49,7 +50,17 @@ from kazoo.exceptions import (
     SessionExpiredError,
 )
 from kazoo.handlers.threading import AsyncResult, KazooTimeoutError, SequentialThreadingHandler
-from kazoo.protocol.serialization import Connect, Create2
+from kazoo.protocol.serialization import (
+    Connect,
+    Create,
+    Create2,
+    Delete,
+    MultiHeader,
+    Transaction,
+    int_struct,
+    read_string,
+    stat_struct,
+)
 from kazoo.security import OPEN_ACL_UNSAFE
 
 from keel._tls import TLS_OPTIONS, credentials_rejected
@@ -74,6 +85,7 @@ _UNAVAILABLE = (
     KazooTimeoutError,
 )
 _CONTAINER = 4  # CreateMode.CONTAINER
+_EPHEMERAL_SEQUENTIAL = 3  # CreateMode.EPHEMERAL_SEQUENTIAL
 
 
 class _CreateContainer(Create2):  # type: ignore[misc]
@@ -81,6 +93,50 @@ class _CreateContainer(Create2):  # type: ignore[misc]
     the server deletes once its last child is gone. kazoo has no call for it."""
 
     type = 19
+
+
+class _Multi(Transaction):  # type: ignore[misc]
+    """A ``multi`` whose reply kazoo's `Transaction` cannot read: a create sent as Create2
+    (ZooKeeper 3.8 answers it like a plain create, with the path alone; a server that adds
+    the stat is read too). Results: the created path, True for a delete, or the op's error
+    (a failed multi changes nothing and says which op failed)."""
+
+    @classmethod
+    def deserialize(cls, data: bytes, offset: int) -> list[Any]:
+        header, offset = MultiHeader.deserialize(data, offset)
+        results: list[Any] = []
+        while not header.done:
+            if header.type in (Create.type, Create2.type):
+                path, offset = read_string(data, offset)
+                if header.type == Create2.type:
+                    offset += stat_struct.size
+                results.append(path)
+            elif header.type == Delete.type:
+                results.append(True)
+            elif header.type == -1:
+                err = int_struct.unpack_from(data, offset)[0]
+                offset += int_struct.size
+                results.append(EXCEPTIONS[err]())
+            header, offset = MultiHeader.deserialize(data, offset)
+        return results
+
+
+@dataclass(slots=True)
+class _Release:
+    """A release not sent yet: the key, our node, its fence, and the confirmation handed to
+    the core."""
+
+    key: str
+    node: str
+    last_seq: int
+    fence: int
+    confirmation: asyncio.Future[None]
+
+
+# Backends (per event loop) holding releases not sent yet: every request any ZooKeeper
+# backend here sends flushes them all first, so once ``release()`` returned, whatever this
+# process asks next is ordered after the delete, as if it had been sent at once.
+_deferring: dict[asyncio.AbstractEventLoop, set[ZookeeperBackend]] = {}
 
 
 class _InlineResult(AsyncResult):  # type: ignore[misc]
@@ -97,6 +153,17 @@ class _Handler(SequentialThreadingHandler):  # type: ignore[misc]
     def async_result(self) -> AsyncResult:
         return _InlineResult(self)
 
+    def dispatch_callback(self, callback: Any) -> None:
+        # Keel's watchers only hand the event to the event loop (``call_soon_threadsafe``):
+        # run them on the connection thread, as `_InlineResult` does for replies. A lock's
+        # hand-off waits on its predecessor's watch, and the hop to kazoo's completion
+        # thread was a thread wake-up on that path. Anything else keeps kazoo's thread.
+        if getattr(callback.func, "keel_inline", False):
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody to tell
+                callback.func(*callback.args)
+        else:
+            super().dispatch_callback(callback)
+
     def create_connection(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("use_ssl"):
             # kazoo wraps the socket in TLS before it connects, and drops it unclosed when the
@@ -104,6 +171,12 @@ class _Handler(SequentialThreadingHandler):  # type: ignore[misc]
             address = kwargs["address"] if "address" in kwargs else args[0]
             socket.create_connection(address, kwargs.get("timeout")).close()
         return super().create_connection(*args, **kwargs)
+
+
+def _inline(watcher: Callable[[Any], object]) -> Callable[[Any], object]:
+    """Mark a watcher as safe to run on kazoo's connection thread (it must not block)."""
+    watcher.keel_inline = True  # type: ignore[attr-defined]
+    return watcher
 
 
 def _dir(key: str) -> str:
@@ -128,6 +201,7 @@ class _Attempt:
     fence: int = 0
     ahead: tuple[str, ...] = ()
     alive_since: float = 0.0
+    last_seq: int = -1  # the highest sequence in our last listing of the key (`_retake`)
 
 
 class ZookeeperBackend:
@@ -153,8 +227,12 @@ class ZookeeperBackend:
         self._negotiated: float | None = None
         self._loop = asyncio.get_running_loop()
         self._on_lost: list[Callable[[], None]] = []
-        self._held: dict[tuple[str, int], str] = {}  # (key, fence) -> our node's path
+        # (key, fence) -> our node's path, and the highest sequence under the key when granted
+        self._held: dict[tuple[str, int], tuple[str, int]] = {}
         self._dirs: set[str] = set()  # container nodes known to exist
+        # Releases wait for the end of the loop iteration (see `release`), by key.
+        self._deferred: dict[str, _Release] = {}
+        self._flush_due = False
         client.add_listener(self._state_changed)
         self._learn_negotiated_timeout()
 
@@ -242,6 +320,7 @@ class ZookeeperBackend:
         return future
 
     async def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        self._flush()
         with self._mapped():
             return await self._future(method(*args, **kwargs))
 
@@ -258,6 +337,7 @@ class ZookeeperBackend:
         if parent not in self._dirs:
             await self._call(self._client.ensure_path_async, parent)
             self._dirs.add(parent)
+        self._flush()
         result = self._client.handler.async_result()
         self._client._call(
             _CreateContainer(path, b"", self._client.default_acl or OPEN_ACL_UNSAFE, _CONTAINER),
@@ -290,6 +370,10 @@ class ZookeeperBackend:
                 stat = await self._call(self._client.exists_async, f"{path}/{mine[0]}")
                 if stat is not None and stat.ephemeralOwner == self._session_id():
                     attempt.node, attempt.fence = mine[0], int(stat.czxid)
+        released = None if waiter.sent else self._deferred.pop(waiter.key, None)
+        self._flush()  # every other release first, in the order they were made
+        if released is not None:
+            children = await self._retake(waiter, attempt, path, prefix, released)
         if attempt.node is None:
             for _ in range(3):
                 attempt.alive_since = now()
@@ -325,6 +409,124 @@ class ZookeeperBackend:
             children = await self._children_of(path)
         return await self._position(waiter, attempt, children, queue=queue)
 
+    async def _retake(
+        self, waiter: Waiter, attempt: _Attempt, path: str, prefix: str, released: _Release
+    ) -> list[str] | None:
+        """This client's release of the key, not sent yet, and its next attempt at it: one
+        ``multi`` deleting the old node and creating the new one, so one write (one fsync on
+        the server) instead of two. The new node queues behind every waiter like any other.
+        A multi's create answers with the path alone, so the fence (the new node's czxid) is
+        read by an ``exists`` pipelined behind it on the path the server gives the node when
+        nobody created under the key since our last listing (the sequence after the highest
+        one in it: uncontended, ours; contended, the last waiter's); a wrong guess costs one
+        more round trip, never a wrong fence (the name holds our attempt's token). The
+        listing after both. Returns the listing, or None (``attempt.node`` unset) when the
+        multi changed nothing: then the release is sent on its own (or was already done: our
+        node was gone) and the caller creates."""
+        client = self._client
+        chroot = client.chroot
+        guess = f"{path}/{prefix}{released.last_seq + 1:010d}"
+        create = Create2(
+            chroot + f"{path}/{prefix}",
+            waiter.owner.encode() + b"\n" + waiter.data,
+            client.default_acl or OPEN_ACL_UNSAFE,
+            _EPHEMERAL_SEQUENTIAL,
+        )
+        result = client.handler.async_result()
+        attempt.alive_since = now()
+        waiter.sent = True
+        try:
+            with self._mapped():
+                client._call(_Multi([Delete(chroot + released.node, -1), create]), result)
+                multi = self._future(result)
+                listed = self._future(client.get_children_async(path))
+                probed = self._future(client.exists_async(guess))
+        except BaseException as exc:
+            self._fail_release(released, exc)
+            raise
+        for future in (listed, probed):  # a failure here is the multi's, told below
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        # The release is settled by the multi's answer, whoever waits for it (or stops to).
+        multi.add_done_callback(lambda f: self._retake_released(f, released))
+        with self._mapped():
+            outcome = await multi
+            children: list[str] = await listed
+            stat = await probed
+        if not (outcome and outcome[0] is True and isinstance(outcome[-1], str)):
+            return None
+        node = posixpath.basename(client.unchroot(outcome[-1]))
+        if stat is None or posixpath.basename(guess) != node:
+            stat = await self._call(client.exists_async, f"{path}/{node}")
+            if stat is None:  # our session ended meanwhile: the core looks for it by name
+                raise BackendUnavailable(f"zookeeper at {self._url}: {path}/{node} vanished")
+        # Both at once: a node known without its fence would be granted with fence 0.
+        attempt.node, attempt.fence = node, int(stat.czxid)
+        return children
+
+    def _retake_released(self, multi: asyncio.Future[Any], released: _Release) -> None:
+        if multi.cancelled():  # no answer to read: send the release (a repeat is harmless)
+            self._send_release(released)
+            return
+        error = multi.exception()
+        if error is not None:
+            self._fail_release(released, error)
+            return
+        outcome = multi.result()
+        if outcome and outcome[0] is True:
+            self._release_done(released)
+        elif outcome and isinstance(outcome[0], NoNodeError):
+            self._release_done(released)  # our node was already gone (session, break)
+        else:  # the multi failed on the create: nothing was deleted
+            self._send_release(released)
+
+    def _flush(self) -> None:
+        backends = _deferring.get(self._loop)
+        if backends:
+            for backend in list(backends):
+                backend._flush_own()
+
+    def _flush_own(self) -> None:
+        self._flush_due = False
+        _deferring.get(self._loop, set()).discard(self)
+        deferred, self._deferred = self._deferred, {}
+        for released in deferred.values():
+            self._send_release(released)
+
+    def _send_release(self, released: _Release) -> None:
+        try:
+            with self._mapped():
+                sent = self._future(self._client.delete_async(released.node))
+        except Exception as exc:
+            self._fail_release(released, exc)
+            return
+        sent.add_done_callback(lambda f: self._delete_answered(f, released))
+
+    def _delete_answered(self, sent: asyncio.Future[Any], released: _Release) -> None:
+        error = None if sent.cancelled() else sent.exception()
+        if sent.cancelled() or (error is not None and not isinstance(error, NoNodeError)):
+            self._fail_release(released, error or ConnectionLoss())
+        else:  # gone now, or already gone
+            self._release_done(released)
+
+    def _release_done(self, released: _Release) -> None:
+        self._held.pop((released.key, released.fence), None)
+        if not released.confirmation.done():
+            released.confirmation.set_result(None)
+
+    def _fail_release(self, released: _Release, error: BaseException) -> None:
+        # The core sends the release again until the server confirms it.
+        def reraise() -> None:
+            raise error
+
+        mapped: BaseException = error
+        try:
+            with self._mapped():
+                reraise()
+        except BaseException as exc:  # mapped to Keel's errors here, handed to the core
+            mapped = exc
+        if not released.confirmation.done():
+            released.confirmation.set_exception(mapped)
+
     async def _children_of(self, path: str) -> list[str]:
         try:
             children: list[str] = await self._call(self._client.get_children_async, path)
@@ -343,6 +545,7 @@ class ZookeeperBackend:
             waiter.sent = False
             return await self.enqueue(waiter, queue=queue)
         attempt.ahead = tuple(sorted((c for c in children if _seq(c) < mine), key=_seq))
+        attempt.last_seq = max(map(_seq, children))
         if not attempt.ahead:
             return self._granted(waiter, attempt)
         if not queue:
@@ -351,7 +554,8 @@ class ZookeeperBackend:
         return None
 
     def _granted(self, waiter: Waiter, attempt: _Attempt) -> Grant:
-        self._held[(waiter.key, attempt.fence)] = f"{_dir(waiter.key)}/{attempt.node}"
+        node = f"{_dir(waiter.key)}/{attempt.node}"
+        self._held[(waiter.key, attempt.fence)] = (node, attempt.last_seq)
         return Grant(attempt.fence, attempt.alive_since + self.lease_ttl(waiter.ttl))
 
     async def wait_turn(self, waiter: Waiter, timeout: float) -> Grant | None:
@@ -360,12 +564,21 @@ class ZookeeperBackend:
         deadline = now() + timeout
         ttl = self._negotiated or self._ttl
         gone = asyncio.Event()
+        prefetched: list[tuple[float, AsyncResult]] = []  # (sent, listing) asked by `watcher`
 
+        @_inline
         def watcher(_event: Any) -> None:  # one function: kazoo keeps one watch per path
+            # On kazoo's connection thread. The listing that decides whether we are next is
+            # asked for here, at once, rather than after a wake-up of the event loop and then
+            # of this thread again: both were on the hand-off's path. Any listing taken after
+            # our node was made can decide it (a lower sequence never appears later).
+            if len(attempt.ahead) > 1:
+                prefetched.append((now(), self._client.get_children_async(path)))
             self._loop.call_soon_threadsafe(gone.set)
 
         while True:
             gone.clear()
+            prefetched.clear()
             predecessor = attempt.ahead[-1]
             sent = now()
             stat = await self._call(self._client.exists_async, f"{path}/{predecessor}", watcher)
@@ -380,8 +593,16 @@ class ZookeeperBackend:
                     continue  # look again in time: our session must still be ours
                 if len(attempt.ahead) == 1 and now() - attempt.alive_since < ttl / 3:
                     return self._granted(waiter, attempt)  # the only one ahead of us left
-            attempt.alive_since = now()
-            grant = await self._position(waiter, attempt, await self._children_of(path), queue=True)
+            if prefetched:
+                attempt.alive_since, listing = prefetched[-1]
+                try:
+                    children: list[str] = await self._call(lambda: listing)  # noqa: B023
+                except NoNodeError:
+                    children = []
+            else:
+                attempt.alive_since = now()
+                children = await self._children_of(path)
+            grant = await self._position(waiter, attempt, children, queue=True)
             if grant is not None:
                 return grant
             if waiter.state is not attempt or attempt.node is None:
@@ -405,9 +626,10 @@ class ZookeeperBackend:
     # --- holding -------------------------------------------------------------------------------
 
     async def renew(self, key: str, owner: str, fence: int, ttl: float) -> float | None:
-        node = self._held.get((key, fence))
-        if node is None:
+        held = self._held.get((key, fence))
+        if held is None:
             return None
+        node = held[0]
         sent = now()
         stat = await self._call(self._client.exists_async, node)
         if stat is None or stat.czxid != fence or stat.ephemeralOwner != self._session_id():
@@ -416,19 +638,23 @@ class ZookeeperBackend:
         return sent + self.lease_ttl(ttl)
 
     async def release(self, key: str, owner: str, fence: int) -> Awaitable[None]:
-        node = self._held.get((key, fence))
-        if node is None:
+        held = self._held.get((key, fence))
+        if held is None:
             return _done(self._loop)
-        # Sent at once: the session's next request is ordered after it. Confirmed by the
-        # server (gone now, or already gone) before the core lets go of it.
-        with self._mapped():
-            sent = self._future(self._client.delete_async(node))
-        return self._confirmed(sent, key, fence)
-
-    async def _confirmed(self, sent: asyncio.Future[Any], key: str, fence: int) -> None:
-        with contextlib.suppress(NoNodeError), self._mapped():
-            await sent
-        self._held.pop((key, fence), None)
+        # Sent at the end of this loop iteration, unless this client's next attempt at the
+        # key comes first (then both are one write, `_retake`); any other request from this
+        # process sends it first (`_flush`), so it is ordered as if sent at once. Confirmed
+        # by the server (gone now, or already gone) before the core lets go of it.
+        earlier = self._deferred.pop(key, None)
+        if earlier is not None:
+            self._send_release(earlier)
+        confirmation: asyncio.Future[None] = self._loop.create_future()
+        self._deferred[key] = _Release(key, *held, fence=fence, confirmation=confirmation)
+        _deferring.setdefault(self._loop, set()).add(self)
+        if not self._flush_due:
+            self._flush_due = True
+            self._loop.call_soon(self._flush_own)
+        return confirmation
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -508,7 +734,7 @@ class ZookeeperBackend:
         own = self._held.get((key, fence))
         if own is not None:
             try:
-                await self._call(self._client.delete_async, own)
+                await self._call(self._client.delete_async, own[0])
             except NoNodeError:
                 self._held.pop((key, fence), None)
                 return False
@@ -557,6 +783,8 @@ class ZookeeperBackend:
         self._on_lost.append(callback)
 
     async def close(self) -> None:
+        self._flush_own()  # sent before the session goes (it would free them anyway)
+
         def stop() -> None:
             self._client.stop()
             self._client.close()
@@ -583,7 +811,7 @@ class _Changes:
         self._seen: tuple[int, ...] | None = None
         self._changed = asyncio.Event()
         loop = backend._loop
-        self._watcher = lambda _event: loop.call_soon_threadsafe(self._changed.set)
+        self._watcher = _inline(lambda _event: loop.call_soon_threadsafe(self._changed.set))
 
     async def _look(self, path: str) -> tuple[list[str], int]:
         client = self._backend._client
