@@ -697,8 +697,16 @@ class Hub:
                 committing[tenant] = committing.get(tenant, 0) + 1
             if not express:
                 self._busy_slots += 1
+                if pending and self._busy_slots >= self.commits_in_flight:
+                    # The last slot taken with events left (a full batch): the express
+                    # committer looks for an idle tenant's now, not at the next event.
+                    pending.poke()
             try:
                 await self._commit(batch)
+            except Exception as exc:
+                # Past the store's append (a fan-out that raised, say): this task is the
+                # slot, so it must not end; the events still waiting are told.
+                self._commit_failed(batch, exc)
             finally:
                 for tenant in tenants:
                     if committing[tenant] == 1:
@@ -708,6 +716,13 @@ class Hub:
                 if not express:
                     self._busy_slots -= 1
                 pending.poke()  # a slot, or a tenant for the express commit, came free
+
+    def _commit_failed(self, batch: list[_Pending], exc: Exception) -> None:
+        log_event(log, logging.ERROR, "hub.commit_failed", error=repr(exc))
+        for _, fut, tenant in batch:
+            if not fut.done():
+                self.admission.release(tenant)
+                fut.set_exception(exc)
 
     def _next_batch(self, *, express: bool) -> list[_Pending]:
         pending = self._pending
@@ -747,9 +762,11 @@ class Hub:
                 fut.set_result(made.pop(routed.event_id, []))
         # Fanned out before the slots are released: the waiters admitted next route and
         # encode on this loop, after the streams got this batch.
-        self.fanout.publish(appended)
-        for _, _, tenant in batch:
-            self.admission.release(tenant)
+        try:
+            self.fanout.publish(appended)
+        finally:
+            for _, _, tenant in batch:
+                self.admission.release(tenant)
         for sub_id in {a.subscription for a in appended}:
             self.webhooks.wake(sub_id)
 

@@ -341,9 +341,10 @@ class SQLiteStore:
     ) -> list[tuple[asyncio.Future[Any], BaseException | None, Any]] | None:
         """Each write in its savepoint; None when the transaction itself failed (BEGIN
         refused, say, while another connection holds the write lock)."""
-        db = self.db
         outcomes: list[tuple[asyncio.Future[Any], BaseException | None, Any]] = []
+        db: sqlite3.Connection | None = None
         try:
+            db = self.db  # closed while the batch waited: every writer of it is told so
             db.execute("BEGIN IMMEDIATE")
             for func, fut, _ in batch:
                 db.execute("SAVEPOINT w")
@@ -357,7 +358,7 @@ class SQLiteStore:
                     db.execute("RELEASE w")
                     outcomes.append((fut, None, value))
         except BaseException as exc:
-            if db.in_transaction:
+            if db is not None and db.in_transaction:
                 db.execute("ROLLBACK")
             for _, fut, _ in batch:
                 if not fut.done():
