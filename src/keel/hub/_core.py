@@ -256,6 +256,14 @@ class _FairShare:
         if tenant in self._waiters:
             self._wake(tenant, time.monotonic())
 
+    def close(self, exc: BaseException) -> None:
+        """Fail every caller waiting in line: nothing will commit its event."""
+        lines, self._waiters = self._waiters, {}
+        for line in lines.values():
+            for fut in line:
+                if not fut.done():
+                    fut.set_exception(exc)
+
     def _wake(self, tenant: str | None, now: float) -> None:
         line = self._waiters[tenant]
         while line and (
@@ -471,6 +479,7 @@ class Hub:
         self.express_commits = express_commits and store.append_concurrency > 1
         self._committing: dict[str | None, int] = {}  # tenant -> commits in flight with it
         self._busy_slots = 0  # normal (not express) commits in flight
+        self._stopped = False
         self._tasks: list[asyncio.Task[None]] = []
         self._reloads: set[asyncio.Task[None]] = set()
         self.ingested = 0
@@ -486,6 +495,7 @@ class Hub:
             marker = page[-1].id
 
     async def start(self) -> None:
+        self._stopped = False
         for sub in await self._all_subscriptions():
             self._routes[sub.id] = _Route(sub)
             self.webhooks.add(sub)
@@ -508,6 +518,10 @@ class Hub:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        self._stopped = True
+        # Those in line first: a slot released below would admit one, whose event would
+        # then wait for committers that are gone.
+        self.admission.close(ConnectionError("hub stopped before the event was admitted"))
         for _, fut, tenant in self._pending.drain():
             self.admission.release(tenant)
             if not fut.done():
@@ -579,6 +593,8 @@ class Hub:
         Within its tenant's fair share (`_FairShare`): past it, wait in line, or with
         ``wait=False`` raise `TooManyRequests` having accepted nothing."""
         tenant = event.tenant
+        if self._stopped:
+            raise ConnectionError("hub stopped: the event was not accepted")
         await self.admission.admit(tenant, wait=wait)
         try:
             body = encode_body(event)
@@ -597,6 +613,8 @@ class Hub:
         the same group commit as ingest, each in the fair share of its first queue's project;
         each item is atomic, the list is not), the messages each item became (none for an
         event id seen before)."""
+        if self._stopped:
+            raise ConnectionError("hub stopped: nothing was accepted")
         loop = asyncio.get_running_loop()
         futs: list[asyncio.Future[list[Appended]]] = []
         for item in items:
