@@ -24,7 +24,7 @@ import random
 import sqlite3
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from keel.hub import CloudEvent, Hub, SQLiteStore, StaticTokens, Store
 from keel.hub.stores.base import Appended, Routed
 from keel.hub.stores.sqlite import SMALL_QUEUE
 from tests.hub.conftest import STORES, TOKENS, drop
+from tests.hub.test_sqlite_group_write_attack import held_commit, turns
 from tests.hub.test_store_conformance import NOW, ev, make_sub
 
 pytestmark = pytest.mark.timeout(30)
@@ -63,11 +64,6 @@ async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
         yield seen
     finally:
         loop.set_exception_handler(previous)
-
-
-async def turns(n: int) -> None:
-    for _ in range(n):
-        await asyncio.sleep(0)
 
 
 def insert(k: str) -> Callable[[sqlite3.Connection], str]:
@@ -100,27 +96,6 @@ async def settle(store: SQLiteStore) -> None:
     """A few loop turns: a successor scheduled by the last leader has run."""
     await turns(4)
     assert_quiet(store)
-
-
-@contextlib.contextmanager
-def held_commit(store: SQLiteStore) -> Iterator[tuple[threading.Event, threading.Event]]:
-    """Each COMMIT, on the store thread, sets ``committing`` and waits (up to 5 s) for
-    ``go_on``."""
-    committing = threading.Event()
-    go_on = threading.Event()
-    commit = store._commit
-
-    def slow() -> None:
-        committing.set()
-        go_on.wait(5)
-        commit()
-
-    store._commit = slow  # type: ignore[method-assign]
-    try:
-        yield committing, go_on
-    finally:
-        go_on.set()
-        store._commit = commit  # type: ignore[method-assign]
 
 
 async def in_commit(store: SQLiteStore, committing: threading.Event) -> None:
@@ -181,7 +156,7 @@ async def test_a_follower_cancelled_as_it_is_handed_the_lead_passes_it_on(
                 task.cancel()
 
     handed = hand_lead_then(store, monkeypatch, cancel_the_first)
-    with held_commit(store) as (committing, go_on):
+    with held_commit(store, patience=5) as (committing, go_on):
         leader, followers = await leader_in_commit_with_followers(store, committing, 3)
         go_on.set()
         results = await asyncio.wait_for(
@@ -202,7 +177,7 @@ async def test_every_follower_cancelled_as_it_is_handed_the_lead(
     """Each successor is cancelled as it is handed the lead, down to the last: nobody leads,
     no write of theirs ran, and the next writer leads at once."""
     handed = hand_lead_then(store, monkeypatch, lambda t: t.cancel())
-    with held_commit(store) as (committing, go_on):
+    with held_commit(store, patience=5) as (committing, go_on):
         leader, followers = await leader_in_commit_with_followers(store, committing, 4)
         go_on.set()
         results = await asyncio.wait_for(
@@ -258,7 +233,7 @@ async def test_a_leader_cancelled_twice_during_its_commit_leaves_the_next_one_a_
     """The leader's batch carries two followers; the leader is cancelled twice during the
     COMMIT, while more writers queue. The batch commits (the leader's caller told
     "cancelled"), its followers get their results, the writers queued meanwhile commit."""
-    with held_commit(store) as (committing, go_on):
+    with held_commit(store, patience=5) as (committing, go_on):
         leader = write(store, "L")
         await turns(1)
         inside = [write(store, f"in{i}") for i in range(2)]
@@ -393,7 +368,7 @@ async def test_reads_and_a_long_delete_between_group_writes(store: SQLiteStore) 
         batch = [Routed(f"big{n}", ev(n), ("big",)) for n in range(start, start + 500)]
         await store.append(batch, now=NOW)
     tasks: list[asyncio.Task[Any]] = []
-    with held_commit(store) as (committing, go_on):
+    with held_commit(store, patience=5) as (committing, go_on):
         tasks.append(write(store, "w0"))
         await in_commit(store, committing)
         tasks.append(asyncio.create_task(store.get_subscription("big")))  # on the lock
@@ -424,7 +399,7 @@ async def test_close_with_writes_queued_gives_each_writer_one_outcome(
     store = SQLiteStore(tmp_path / "hub.db")
     await store.open()
     store.db.execute("CREATE TABLE attack (k TEXT NOT NULL)")
-    with held_commit(store) as (committing, go_on):
+    with held_commit(store, patience=5) as (committing, go_on):
         leader = write(store, "L")
         await in_commit(store, committing)
         queued = [write(store, f"q{i}") for i in range(4)]

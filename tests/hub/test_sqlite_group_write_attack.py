@@ -191,16 +191,18 @@ async def test_an_append_cancelled_before_its_batch_runs(
 
 
 @contextlib.contextmanager
-def held_commit(store: SQLiteStore) -> Iterator[tuple[threading.Event, threading.Event]]:
-    """The store's COMMIT, on its thread, waits (up to 2 s) for ``go_on`` once it has set
-    ``committing``: a commit in flight to cancel writers against."""
+def held_commit(
+    store: SQLiteStore, patience: float = 2.0
+) -> Iterator[tuple[threading.Event, threading.Event]]:
+    """The store's COMMIT, on its thread, waits (up to ``patience`` s) for ``go_on`` once it
+    has set ``committing``: a commit in flight to cancel writers against."""
     committing = threading.Event()
     go_on = threading.Event()
     commit = store._commit
 
     def slow() -> None:
         committing.set()
-        go_on.wait(2)
+        go_on.wait(patience)
         commit()
 
     store._commit = slow  # type: ignore[method-assign]
