@@ -39,6 +39,7 @@ async def _zaqar(
         subscription_rate=1,
         subscription_burst=burst,
         fair_window=30,
+        refusal_delay=0,  # the bucket's arithmetic, not the tarpit (test_refusal_tarpit.py)
     )
     await hub.start()
     try:

@@ -122,7 +122,7 @@ class Subscriptions(Resource):
         queue = await self.face.queue(who, name)
         made = queue is None
         hub = self.face.hub
-        hub.count_writes(who.project, 2 if made else 1)
+        await hub.count_writes(who.project, 2 if made else 1)
         if queue is None:
             quota = hub.quota_subscriptions
             if await hub.store.count_subscriptions(who.project) + 2 > quota:
