@@ -4,8 +4,12 @@ A key ``K`` is a container node ``/keel/K`` (the server removes it once empty); 
 wants it creates an ephemeral sequential child named for its attempt, ``_c_<token>-<seq>``.
 The holder is the lowest sequence, and the fence is that node's creation zxid, which ZooKeeper
 orders totally and persists (the epoch is in its high bits, so it grows across restarts and
-leader changes). A waiter watches only its predecessor, and when that goes it is next: no
-herd, and the lock goes to waiters in the order they came.
+leader changes). A waiter watches its predecessor and the node ahead of that (`_Turn`): when
+the one ahead of its predecessor goes it lists the key, while its predecessor holds, so that
+when the predecessor goes it knows it is next without a listing on the hand-off's path. Each
+node has two watchers at most (no herd), and the lock goes to waiters in the order they came.
+Only a node's deletion frees a place: a holder's `update` changes its data, which fires the
+watch too.
 
 Leases are the *session*: the server removes every ephemeral node of a session it has not heard
 from for the *negotiated* session timeout (the server may grant less than the ``ttl`` asked of
@@ -61,6 +65,7 @@ from kazoo.protocol.serialization import (
     read_string,
     stat_struct,
 )
+from kazoo.protocol.states import EventType
 from kazoo.security import OPEN_ACL_UNSAFE
 
 from keel._tls import TLS_OPTIONS, credentials_rejected
@@ -129,6 +134,7 @@ class _Release:
     key: str
     node: str
     last_seq: int
+    unseen: int
     fence: int
     confirmation: asyncio.Future[None]
 
@@ -202,6 +208,10 @@ class _Attempt:
     ahead: tuple[str, ...] = ()
     alive_since: float = 0.0
     last_seq: int = -1  # the highest sequence in our last listing of the key (`_retake`)
+    # Nodes likely made under the key since that listing (`_retake` looks for its new node
+    # at each place): a predecessor that handed us the lock with no listing of ours after
+    # it usually queued again as it left (`_retake`).
+    unseen: int = 0
 
 
 class ZookeeperBackend:
@@ -227,8 +237,9 @@ class ZookeeperBackend:
         self._negotiated: float | None = None
         self._loop = asyncio.get_running_loop()
         self._on_lost: list[Callable[[], None]] = []
-        # (key, fence) -> our node's path, and the highest sequence under the key when granted
-        self._held: dict[tuple[str, int], tuple[str, int]] = {}
+        # (key, fence) -> our node's path, the highest sequence under the key when granted,
+        # and how many nodes were likely made under it since (`_Attempt.unseen`)
+        self._held: dict[tuple[str, int], tuple[str, int, int]] = {}
         self._dirs: set[str] = set()  # container nodes known to exist
         # Releases wait for the end of the loop iteration (see `release`), by key.
         self._deferred: dict[str, _Release] = {}
@@ -418,14 +429,15 @@ class ZookeeperBackend:
         A multi's create answers with the path alone, so the fence (the new node's czxid) is
         read by an ``exists`` pipelined behind it on the path the server gives the node when
         nobody created under the key since our last listing (the sequence after the highest
-        one in it: uncontended, ours; contended, the last waiter's); a wrong guess costs one
-        more round trip, never a wrong fence (the name holds our attempt's token). The
+        one in it: uncontended, ours; contended, the last waiter's), or the one after that
+        when a node was likely made since (`_Attempt.unseen`); a wrong guess costs one more
+        round trip, never a wrong fence (the name holds our attempt's token). The
         listing after both. Returns the listing, or None (``attempt.node`` unset) when the
         multi changed nothing: then the release is sent on its own (or was already done: our
         node was gone) and the caller creates."""
         client = self._client
         chroot = client.chroot
-        guess = f"{path}/{prefix}{released.last_seq + 1:010d}"
+        guess = f"{path}/{prefix}{released.last_seq + 1 + released.unseen:010d}"
         create = Create2(
             chroot + f"{path}/{prefix}",
             waiter.owner.encode() + b"\n" + waiter.data,
@@ -546,6 +558,7 @@ class ZookeeperBackend:
             return await self.enqueue(waiter, queue=queue)
         attempt.ahead = tuple(sorted((c for c in children if _seq(c) < mine), key=_seq))
         attempt.last_seq = max(map(_seq, children))
+        attempt.unseen = 0
         if not attempt.ahead:
             return self._granted(waiter, attempt)
         if not queue:
@@ -555,7 +568,7 @@ class ZookeeperBackend:
 
     def _granted(self, waiter: Waiter, attempt: _Attempt) -> Grant:
         node = f"{_dir(waiter.key)}/{attempt.node}"
-        self._held[(waiter.key, attempt.fence)] = (node, attempt.last_seq)
+        self._held[(waiter.key, attempt.fence)] = (node, attempt.last_seq, attempt.unseen)
         return Grant(attempt.fence, attempt.alive_since + self.lease_ttl(waiter.ttl))
 
     async def wait_turn(self, waiter: Waiter, timeout: float) -> Grant | None:
@@ -563,45 +576,32 @@ class ZookeeperBackend:
         path = _dir(waiter.key)
         deadline = now() + timeout
         ttl = self._negotiated or self._ttl
-        gone = asyncio.Event()
-        prefetched: list[tuple[float, AsyncResult]] = []  # (sent, listing) asked by `watcher`
-
-        @_inline
-        def watcher(_event: Any) -> None:  # one function: kazoo keeps one watch per path
-            # On kazoo's connection thread. The listing that decides whether we are next is
-            # asked for here, at once, rather than after a wake-up of the event loop and then
-            # of this thread again: both were on the hand-off's path. Any listing taken after
-            # our node was made can decide it (a lower sequence never appears later).
-            if len(attempt.ahead) > 1:
-                prefetched.append((now(), self._client.get_children_async(path)))
-            self._loop.call_soon_threadsafe(gone.set)
-
+        turn = _Turn(self, attempt, path)
         while True:
-            gone.clear()
-            prefetched.clear()
-            predecessor = attempt.ahead[-1]
-            sent = now()
-            stat = await self._call(self._client.exists_async, f"{path}/{predecessor}", watcher)
-            attempt.alive_since = sent
-            if stat is not None:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(max(0.0, min(deadline - now(), ttl / 3))):
-                        await gone.wait()
-                if not gone.is_set():
-                    if now() >= deadline:
-                        return None
-                    continue  # look again in time: our session must still be ours
-                if len(attempt.ahead) == 1 and now() - attempt.alive_since < ttl / 3:
-                    return self._granted(waiter, attempt)  # the only one ahead of us left
-            if prefetched:
-                attempt.alive_since, listing = prefetched[-1]
-                try:
-                    children: list[str] = await self._call(lambda: listing)  # noqa: B023
-                except NoNodeError:
-                    children = []
-            else:
-                attempt.alive_since = now()
-                children = await self._children_of(path)
+            if attempt.node != turn.node:  # our node was made again: other names, other facts
+                turn = _Turn(self, attempt, path)
+            remaining = turn.remaining()
+            if not (remaining or turn.relist) and now() - attempt.alive_since < ttl / 3:
+                attempt.unseen = 1  # the last one ahead of us is gone, and queued again
+                return self._granted(waiter, attempt)
+            if remaining and not turn.relist:
+                turn.gone.clear()
+                await turn.watch(remaining[-2:])
+                if turn.covered():
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(max(0.0, min(deadline - now(), ttl / 3))):
+                            await turn.gone.wait()
+                    if not turn.gone.is_set():
+                        if now() >= deadline:
+                            return None
+                        turn.armed.clear()  # look again in time: our session must still be ours
+                    continue
+                if not turn.remaining():
+                    continue
+            # Our node may be gone, or nodes ahead of the watched ones are not known gone.
+            turn.relist = False
+            attempt.alive_since = now()
+            children = await self._children_of(path)
             grant = await self._position(waiter, attempt, children, queue=True)
             if grant is not None:
                 return grant
@@ -790,6 +790,139 @@ class ZookeeperBackend:
             self._client.close()
 
         await asyncio.to_thread(stop)
+
+
+class _Turn:
+    """What one waiter knows of the nodes ahead of its own, kept up to date on kazoo's
+    connection thread as watch events and listings come, so that the event loop wakes only
+    when it has something to do: take the lock, set a watch, or list the key itself.
+
+    Nodes ahead seen gone (a deletion event, an ``exists`` answering None, a listing without
+    them) are in ``deleted``: names are unique per attempt, so a name once gone never comes
+    back, and no sequence lower than ours appears after our node was made. So when every node
+    of the last full listing's ``ahead`` is in ``deleted``, nobody is ahead of us, and no
+    listing is needed to tell. The waiter watches the last two nodes it does not know gone:
+    its predecessor's deletion hands it the lock; the one ahead of that (two watchers per
+    node: still no herd) makes it list the key while its predecessor holds, so that the
+    predecessor's release finds it knowing it is next, with no listing on the hand-off."""
+
+    __slots__ = (
+        "armed",
+        "attempt",
+        "backend",
+        "deleted",
+        "gone",
+        "node",
+        "path",
+        "relist",
+        "watcher",
+    )
+
+    def __init__(self, backend: ZookeeperBackend, attempt: _Attempt, path: str) -> None:
+        self.backend = backend
+        self.attempt = attempt
+        self.path = path
+        self.node = attempt.node
+        self.gone = asyncio.Event()  # something to do (set from the connection thread)
+        self.deleted: set[str] = set()
+        self.armed: set[str] = set()  # nodes the server holds an unfired watch of ours on
+        self.relist = False  # our own node may be gone, or a listing failed: list in the loop
+
+        def watcher(event: Any) -> None:  # one function: kazoo keeps a watcher once per path
+            self._event(event)
+
+        self.watcher = _inline(watcher)
+
+    def remaining(self) -> list[str]:
+        """The nodes ahead of ours not known gone, in sequence order."""
+        return [n for n in self.attempt.ahead if n not in self.deleted]
+
+    def covered(self) -> bool:
+        """Whether our watches are on the last two nodes that could still be ahead of ours
+        (then the next event says what to do; a listing prunes those ahead of them)."""
+        remaining = self.remaining()
+        return bool(remaining) and self.armed.issuperset(remaining[-2:])
+
+    async def watch(self, names: list[str]) -> None:
+        """Set our watch on those of ``names`` not watched yet (pipelined: one round trip).
+        A ``get``, not an ``exists``: on a node already gone it leaves no watch behind (an
+        exists would wait on the server, for the session's life, for a creation that never
+        comes)."""
+        client, backend = self.backend._client, self.backend
+        asked = [n for n in names if n not in self.armed]
+        if not asked:
+            return
+        sent = now()
+        backend._flush()
+        with backend._mapped():
+            answers = []
+            for name in asked:
+                result = client.get_async(f"{self.path}/{name}", self.watcher)
+                # Booked on the connection thread as the answer is read, so before any
+                # event of that watch (which the server sends after the answer).
+                result.rawlink(self._answered(name))
+                answers.append(backend._future(result))
+            for answer in answers:
+                with contextlib.suppress(NoNodeError):
+                    await answer
+        self.attempt.alive_since = max(self.attempt.alive_since, sent)
+
+    def _answered(self, name: str) -> Callable[[AsyncResult], None]:
+        booked: list[bool] = []
+
+        def book(result: AsyncResult) -> None:
+            if booked:  # rawlink may call a callback again
+                return
+            booked.append(True)
+            if result.successful():
+                self.armed.add(name)
+            elif isinstance(result.exception, NoNodeError):
+                self.deleted.add(name)
+
+        return book
+
+    def _event(self, event: Any) -> None:
+        # On kazoo's connection thread: the listing that says whether we are next is asked
+        # for here, at once, and read here too, rather than after wake-ups of the event
+        # loop: those were on the hand-off's path.
+        if event.path is None:  # the session ended: kazoo dropped every watch
+            self.armed.clear()
+            self.relist = True
+            self._wake()
+            return
+        name = posixpath.basename(event.path)
+        self.armed.discard(name)
+        if event.type == EventType.DELETED:  # a holder's `update` only changes its data
+            self.deleted.add(name)
+        if not self.remaining():
+            self._wake()
+        elif not self.covered():
+            sent = now()
+            listing = self.backend._client.get_children_async(self.path)
+            listing.rawlink(lambda result: self._listed(sent, result))
+
+    def _listed(self, sent: float, result: AsyncResult) -> None:
+        try:
+            children = set(result.get_nowait())
+        except NoNodeError:
+            children = set()
+        except Exception:  # the loop lists again and meets the error there
+            self.relist = True
+            self._wake()
+            return
+        if self.attempt.node not in children:
+            self.relist = True  # `_position` queues us again
+        else:
+            attempt = self.attempt
+            attempt.alive_since = max(attempt.alive_since, sent)
+            attempt.last_seq = max([attempt.last_seq, *map(_seq, _attempts_of(list(children)))])
+            self.deleted.update(n for n in attempt.ahead if n not in children)
+        if self.relist or not self.covered():
+            self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody to tell
+            self.backend._loop.call_soon_threadsafe(self.gone.set)
 
 
 def _done(loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
