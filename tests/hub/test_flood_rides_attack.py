@@ -1,0 +1,142 @@
+"""Attacks on the flood rides (`Hub._flood_waits`, `_FairShare.light_active`) and the refusal
+tarpit (`_Refusals`): what they cost per batch with many tenants, whether they ever hold a
+flood for good, and whether one client's refusals hold another's."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from keel.hub import CloudEvent, Hub, StaticTokens, Store
+from keel.hub._core import _FairShare
+from tests.hub.conftest import TOKENS
+
+
+def _event(tenant: str) -> CloudEvent:
+    return CloudEvent(id=f"{tenant}/{uuid.uuid4().hex}", source="t", type="t.e", tenant=tenant)
+
+
+class _CountingDict(dict[Any, float]):
+    """A dict that counts the keys iterated over: the cost of a scan of it."""
+
+    iterated = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        for key in super().__iter__():
+            self.iterated += 1
+            yield key
+
+
+def _crowd(n: int, *, light: bool) -> tuple[_FairShare, _CountingDict, float]:
+    """``n`` tenants seen and held back just now, and (``light``) one seen last, not held."""
+    fs = _FairShare(4, 30.0)
+    seen = _CountingDict()
+    fs._seen = seen
+    now = time.monotonic()
+    fs._pruned = now  # no pruning pass in the counts
+    for i in range(n):
+        seen[f"p-{i}"] = now
+        fs._pressed[f"p-{i}"] = now
+    if light:
+        seen["quiet"] = now
+    return fs, seen, now
+
+
+@pytest.mark.parametrize("light", [True, False])
+def test_light_active_is_not_a_scan_of_every_tenant_per_batch(light: bool) -> None:
+    # `_flood_waits` asks on every committer wake-up while only held-back tenants wait.
+    # With 5,000 held-back tenants seen it walked all of them each time (2 ms a call
+    # measured at 10,000, on the loop every commit waits on), 500,000 keys in 100 calls.
+    n, calls = 5000, 100
+    fs, seen, now = _crowd(n, light=light)
+    for _ in range(calls):
+        assert fs.light_active(now) is light
+    assert seen.iterated <= 2 * (n + 1) + calls, seen.iterated
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_light_active_agrees_with_a_scan_under_any_history(seed: int) -> None:
+    # The cached answer must be the scan's: a tenant becomes light by entering unpressed, or
+    # once its press is older than the window (also one that left and came back pressed);
+    # it stops by being pressed, or leaving.
+    rng = random.Random(seed)
+    fs = _FairShare(2, 1.0)
+    now = 1000.0
+    tenants = [f"p-{i}" for i in range(6)] + [None]
+    for step in range(4000):
+        op = rng.random()
+        t = rng.choice(tenants)
+        if op < 0.35:
+            fs._enter(t, now)
+        elif op < 0.6:
+            fs._pressed[t] = now
+        elif op < 0.75 and fs._inflight.get(t):
+            fs.release(t)
+        else:
+            now += rng.choice([0.001, 0.05, 0.1, 0.2, 0.3, 0.9, 1.2])
+        got = fs.light_active(now)
+        want = any(not fs.pressed(x, now) for x in fs._seen)
+        assert got == want, (step, now, dict(fs._seen), dict(fs._pressed))
+
+
+def test_a_tenant_back_with_an_old_press_turns_light_when_it_expires() -> None:
+    fs = _FairShare(2, 1.0)
+    fs._enter("x", 100.0)
+    fs.release("x")
+    fs._pressed["x"] = 100.5
+    fs._enter("y", 100.9)
+    fs._pressed["y"] = 100.9
+    assert not fs.light_active(101.2)  # x left (seen 1.2 s ago), y pressed
+    fs._enter("x", 101.3)  # back, still pressed (0.8 s ago)
+    assert not fs.light_active(101.4)
+    assert fs.light_active(101.6)  # x's press is 1.1 s old: x is light
+
+
+async def test_floods_beside_a_trickle_with_failing_and_cancelled_commits_all_finish(
+    store: Store,
+) -> None:
+    # Held: two floods (held back) ride a trickle's commits and commit on their own between
+    # them, while every 5th append fails and some callers give up; every caller is
+    # answered, and nothing is left counted in flight.
+    hub = Hub(store, StaticTokens(TOKENS), fair_share=1, fair_window=30, flood_gap=0.01)
+    append = store.append
+    n = 0
+
+    async def flaky(batch: Any, *, now: float) -> Any:
+        nonlocal n
+        n += 1
+        if n % 5 == 0:
+            raise ConnectionError("injected")
+        return await append(batch, now=now)
+
+    store.append = flaky  # type: ignore[method-assign]
+    await hub.start()
+    try:
+        await hub.ingest(_event("p-quiet"))
+        floods = [
+            asyncio.create_task(hub.ingest(_event(t))) for t in ("p-f1", "p-f2") for _ in range(25)
+        ]
+        for task in floods[3::7]:
+            task.cancel()
+        async with asyncio.timeout(60):
+            for _ in range(10):
+                with contextlib.suppress(ConnectionError):  # an injected failure answers too
+                    await hub.ingest(_event("p-quiet"))
+                await asyncio.sleep(0.02)
+            results = await asyncio.gather(*floods, return_exceptions=True)
+        answers = (ConnectionError, asyncio.CancelledError)
+        assert all(r is None or isinstance(r, answers) for r in results), results
+        assert sum(r is None for r in results) >= 20
+        assert hub._floods_in_flight == 0
+        assert not hub._committing
+        assert hub._busy_slots == 0
+        assert not hub.admission._inflight
+    finally:
+        await hub.stop()
