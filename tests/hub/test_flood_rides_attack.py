@@ -9,14 +9,18 @@ import contextlib
 import random
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 
+from keel.errors import TooManyRequests
 from keel.hub import CloudEvent, Hub, StaticTokens, Store
 from keel.hub._core import _FairShare
 from tests.hub.conftest import TOKENS
+
+ALICE, BOB, ADMIN = TOKENS["tok-alice"], TOKENS["tok-bob"], TOKENS["tok-admin"]
 
 
 def _event(tenant: str) -> CloudEvent:
@@ -97,6 +101,84 @@ def test_a_tenant_back_with_an_old_press_turns_light_when_it_expires() -> None:
     fs._enter("x", 101.3)  # back, still pressed (0.8 s ago)
     assert not fs.light_active(101.4)
     assert fs.light_active(101.6)  # x's press is 1.1 s old: x is light
+
+
+@asynccontextmanager
+async def _in_flight(hub: Hub) -> AsyncIterator[None]:
+    """Bob and alice each have an event in flight (its commit held) until the block ends."""
+    gate = asyncio.Event()
+    append = hub.store.append
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        await gate.wait()
+        return await append(*args, **kwargs)
+
+    hub.store.append = held  # type: ignore[method-assign]
+    quiet = asyncio.create_task(hub.ingest(_event(BOB.project)))
+    mine = asyncio.create_task(hub.ingest(_event(ALICE.project)))
+    await asyncio.sleep(0.05)
+    try:
+        yield
+    finally:
+        gate.set()
+        async with asyncio.timeout(10):
+            await asyncio.gather(quiet, mine)
+
+
+async def _refused_in(coro: Any) -> tuple[float, TooManyRequests]:
+    start = time.monotonic()
+    with pytest.raises(TooManyRequests) as refused:
+        await coro
+    return time.monotonic() - start, refused.value
+
+
+async def test_a_client_that_waits_its_retry_after_is_not_held_in_a_longer_fair_window(
+    store: Store,
+) -> None:
+    # The tarpit held any refusal within fair_window of the last one; with a fair_window
+    # longer than the Retry-After (1 s) it held a client that waited exactly as told.
+    hub = Hub(store, StaticTokens(TOKENS), fair_share=1, fair_window=30, refusal_delay=2.0)
+    await hub.start()
+    try:
+        async with _in_flight(hub):
+            took, refused = await _refused_in(hub.ingest_as(ADMIN, _event(ALICE.project)))
+            assert took < 1.0
+            await asyncio.sleep(refused.retry_after + 0.05)
+            took, _ = await _refused_in(hub.ingest_as(ADMIN, _event(ALICE.project)))
+            assert took < 1.0, took  # refused again (still in flight), but not held
+            took, _ = await _refused_in(hub.ingest_as(ADMIN, _event(ALICE.project)))
+            assert took >= 2.0  # retried at once: held
+    finally:
+        await hub.stop()
+
+
+async def test_a_projects_write_refusals_do_not_hold_an_admins_event_refusals(
+    store: Store,
+) -> None:
+    # Only admins post events, for any project: the tarpit keyed both kinds of refusal by
+    # the project, so a member looping on refused subscription creates had the admin's
+    # first refusal (of an event for that project) held as a repeat.
+    hub = Hub(
+        store,
+        StaticTokens(TOKENS),
+        fair_share=1,
+        fair_window=30,
+        refusal_delay=2.0,
+        subscription_rate=1,
+        subscription_burst=1,
+    )
+    await hub.start()
+    try:
+        async with _in_flight(hub):
+            await hub.create_subscription(ALICE, {})
+            took, _ = await _refused_in(hub.create_subscription(ALICE, {}))
+            assert took < 1.0
+            took, _ = await _refused_in(hub.ingest_as(ADMIN, _event(ALICE.project)))
+            assert took < 1.0, took  # the admin's first refusal
+            took, _ = await _refused_in(hub.create_subscription(ALICE, {}))
+            assert took >= 2.0  # alice's own repeat is still held
+    finally:
+        await hub.stop()
 
 
 async def test_floods_beside_a_trickle_with_failing_and_cancelled_commits_all_finish(

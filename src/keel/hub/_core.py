@@ -321,34 +321,42 @@ class _FairShare:
 
 
 class _Refusals:
-    """How fast a tenant may be refused: a refusal within ``window`` seconds of the tenant's
-    last one is answered only after ``delay`` seconds (a tarpit). A client that retries a
-    refused request at once, in a loop, otherwise spends the hub's loop on refusals: bench
-    hub, SQLite, one in-process caller retrying refused subscription creates made 14,000
+    """How fast a tenant may be refused: a refusal that comes before the ``Retry-After`` of
+    the tenant's last one of the same kind (admission, or subscription writes) has passed is
+    answered only after ``delay`` seconds (a tarpit). A client that retries a refused
+    request at once, in a loop, otherwise spends the hub's loop on refusals: bench hub,
+    SQLite, one in-process caller retrying refused subscription creates made 14,000
     refusals a second, kept the loop 64% busy and doubled the quiet tenant's SSE p50 (7.5
     ms against 5.0 ms with the same retries 1 ms apart). A client that waits the
-    ``Retry-After`` it was given is never held; nor is anyone else while a tenant is."""
+    ``Retry-After`` it was given is never held, whatever ``fair_window`` is (counted in
+    fair_window instead, one that waited its 1 s in a 30 s window was held); nor is anyone
+    else while a tenant is. The kinds are apart because their callers are: only
+    admins post events (for any project), while a project's members change its
+    subscriptions, and one's retry loop must not hold the other's first refusal."""
 
-    def __init__(self, delay: float, window: float) -> None:
+    def __init__(self, delay: float) -> None:
         if delay < 0:
             raise ValueError("refusal_delay must be >= 0")
         self.delay = delay
-        self.window = window
-        self._last: dict[str | None, float] = {}  # tenant -> its last refusal (monotonic)
+        # (kind, tenant) -> until when a refusal repeats the last (monotonic): the moment
+        # the last was answered, plus the Retry-After it gave
+        self._until: dict[tuple[str, str | None], float] = {}
         self._prune_above = 1024
 
-    def hold_for(self, tenant: str | None) -> float:
-        """Seconds to hold the refusal being made now."""
+    def hold_for(self, kind: str, tenant: str | None, retry_after: float) -> float:
+        """Seconds to hold the refusal being made now, which tells its client to wait
+        ``retry_after`` seconds."""
         now = time.monotonic()
-        if len(self._last) > self._prune_above:
-            self._last = {t: at for t, at in self._last.items() if now - at < self.window}
-            self._prune_above = max(1024, 2 * len(self._last))
-        last = self._last.get(tenant)
-        self._last[tenant] = now
-        return self.delay if last is not None and now - last < self.window else 0.0
+        if len(self._until) > self._prune_above:
+            self._until = {k: until for k, until in self._until.items() if now < until}
+            self._prune_above = max(1024, 2 * len(self._until))
+        key = (kind, tenant)
+        delay = self.delay if now < self._until.get(key, -math.inf) else 0.0
+        self._until[key] = now + delay + retry_after
+        return delay
 
-    async def hold(self, tenant: str | None) -> None:
-        delay = self.hold_for(tenant)
+    async def hold(self, kind: str, tenant: str | None, refused: TooManyRequests) -> None:
+        delay = self.hold_for(kind, tenant, getattr(refused, "retry_after", RETRY_AFTER_S))
         if delay:
             await asyncio.sleep(delay)
 
@@ -551,7 +559,7 @@ class Hub:
         self._pending = _FairQueue()
         self.admission = _FairShare(fair_share, fair_window)
         self.subscription_writes = _WriteRate(subscription_rate, subscription_burst)
-        self.refusals = _Refusals(refusal_delay, fair_window)
+        self.refusals = _Refusals(refusal_delay)
         if flood_gap < 0:
             raise ValueError("flood_gap must be >= 0")
         self.flood_gap = flood_gap
@@ -685,8 +693,8 @@ class Hub:
             raise ConnectionError("hub stopped: the event was not accepted")
         try:
             await self.admission.admit(tenant, wait=wait)
-        except TooManyRequests:
-            await self.refusals.hold(tenant)
+        except TooManyRequests as refused:
+            await self.refusals.hold("events", tenant, refused)
             raise
         try:
             body = encode_body(event)
@@ -1007,8 +1015,8 @@ class Hub:
         ``counted=True`` to each, so a refusal changes nothing."""
         try:
             self.subscription_writes.take(tenant, self.admission.others_active(tenant), n)
-        except TooManyRequests:
-            await self.refusals.hold(tenant)
+        except TooManyRequests as refused:
+            await self.refusals.hold("writes", tenant, refused)
             raise
 
     def known(self, sub_id: str) -> Subscription | None:
