@@ -222,3 +222,56 @@ async def test_floods_beside_a_trickle_with_failing_and_cancelled_commits_all_fi
         assert not hub.admission._inflight
     finally:
         await hub.stop()
+
+
+async def test_a_light_tenant_that_floods_too_frees_both_floods(store: Store) -> None:
+    # Held: light while it sent one event, then held back itself: nobody is light any
+    # more, so neither flood waits for a gap (30 s here) to commit on its own.
+    hub = Hub(store, StaticTokens(TOKENS), fair_share=1, fair_window=30, flood_gap=30.0)
+    await hub.start()
+    try:
+        await hub.ingest(_event("p-light"))
+        first = [asyncio.create_task(hub.ingest(_event("p-flood"))) for _ in range(5)]
+        await asyncio.sleep(0.2)  # p-flood's events wait for a ride (p-light is light)
+        assert not all(t.done() for t in first)
+        both = [asyncio.create_task(hub.ingest(_event("p-light"))) for _ in range(5)]
+        async with asyncio.timeout(10):
+            await asyncio.gather(*first, *both)
+    finally:
+        await hub.stop()
+
+
+async def test_stop_during_a_floods_own_commit_then_start_leaves_nothing_counted(
+    store: Store,
+) -> None:
+    # Held: the flood's own commit cancelled by stop() is no longer counted in flight, so
+    # after start() the next flood commits on its own at once (gap 0.01 s).
+    hub = Hub(store, StaticTokens(TOKENS), fair_share=1, fair_window=30, flood_gap=0.01)
+    await hub.start()
+    await hub.ingest(_event("p-light"))
+    gate = asyncio.Event()
+    append = store.append
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        await gate.wait()
+        return await append(*args, **kwargs)
+
+    store.append = held  # type: ignore[method-assign]
+    flood = [asyncio.create_task(hub.ingest(_event("p-flood"))) for _ in range(3)]
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if hub._floods_in_flight:
+            break
+    assert hub._floods_in_flight == 1
+    await hub.stop()
+    results = await asyncio.gather(*flood, return_exceptions=True)
+    assert all(isinstance(r, ConnectionError) for r in results), results
+    assert hub._floods_in_flight == 0
+    store.append = append  # type: ignore[method-assign]
+    await hub.start()
+    try:
+        await hub.ingest(_event("p-light"))
+        async with asyncio.timeout(10):
+            await asyncio.gather(*(hub.ingest(_event("p-flood")) for _ in range(5)))
+    finally:
+        await hub.stop()
