@@ -275,3 +275,22 @@ async def test_stop_during_a_floods_own_commit_then_start_leaves_nothing_counted
             await asyncio.gather(*(hub.ingest(_event("p-flood")) for _ in range(5)))
     finally:
         await hub.stop()
+
+
+async def test_a_flood_goes_full_speed_once_the_light_tenant_is_out_of_the_window(
+    store: Store,
+) -> None:
+    # Held: rationed (one event per commit, one commit per 0.1 s gap) while p-light is
+    # active, window 0.3 s (pruned up to a quarter of it late); then p-flood is alone, its
+    # line goes at once, and the 30 events are done well before 30 gaps (3 s).
+    hub = Hub(store, StaticTokens(TOKENS), fair_share=1, fair_window=0.3, flood_gap=0.1)
+    await hub.start()
+    try:
+        await hub.ingest(_event("p-light"))
+        t0 = time.monotonic()
+        flood = [asyncio.create_task(hub.ingest(_event("p-flood"))) for _ in range(30)]
+        async with asyncio.timeout(20):
+            await asyncio.gather(*flood)
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        await hub.stop()
