@@ -101,27 +101,28 @@ async def test_another_tenant_is_not_held_while_one_is(store: Store) -> None:
 
 
 async def test_a_client_that_waits_as_told_is_never_held() -> None:
-    refusals = _Refusals(delay=0.1, window=1.0)
-    assert refusals.hold_for("p") == 0.0
-    assert refusals.hold_for("p") == 0.1
-    assert refusals.hold_for("q") == 0.0  # per tenant
-    refusals._last["p"] -= 1.5  # its last refusal more than a window ago
-    assert refusals.hold_for("p") == 0.0
+    refusals = _Refusals(delay=0.1)
+    assert refusals.hold_for("events", "p", 1) == 0.0
+    assert refusals.hold_for("events", "p", 1) == 0.1
+    assert refusals.hold_for("events", "q", 1) == 0.0  # per tenant
+    assert refusals.hold_for("writes", "p", 1) == 0.0  # and per kind
+    refusals._until["events", "p"] -= 1.2  # it waited the Retry-After the last one gave
+    assert refusals.hold_for("events", "p", 1) == 0.0
 
 
 def test_the_refusal_table_is_pruned() -> None:
-    refusals = _Refusals(delay=0.1, window=1.0)
+    refusals = _Refusals(delay=0.1)
     for i in range(1025):
-        refusals.hold_for(f"p-{i}")
-    for t in list(refusals._last):
-        refusals._last[t] -= 2.0
-    refusals.hold_for("new")
-    assert list(refusals._last) == ["new"]
+        refusals.hold_for("writes", f"p-{i}", 1)
+    for k in list(refusals._until):
+        refusals._until[k] -= 2.0
+    refusals.hold_for("writes", "new", 1)
+    assert list(refusals._until) == [("writes", "new")]
 
 
 def test_a_negative_delay_is_refused() -> None:
     with pytest.raises(ValueError, match="refusal_delay"):
-        _Refusals(delay=-1, window=1.0)
+        _Refusals(delay=-1)
 
 
 async def test_http_ingest_past_its_share_is_held_then_429_with_its_body(store: Store) -> None:
