@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
 import random
 import sqlite3
 import threading
@@ -293,37 +294,39 @@ async def test_a_failed_commit_fails_every_write_of_its_batch_and_only_those(
     transaction; a leader cancelled during the failing COMMIT still hands its followers the
     error, not a hang."""
     commit = store._commit
-    committing = threading.Event()
-    go_on = threading.Event()
-    fail = [True]
+    # One permit per COMMIT, and a note as each one starts: clearing a shared event after
+    # the next COMMIT had already set it made this test fail 3 runs in 5.
+    entered: queue.SimpleQueue[None] = queue.SimpleQueue()
+    permits = threading.Semaphore(0)
+    fail = [False]
 
     def failing() -> None:
-        committing.set()
-        go_on.wait(5)
+        entered.put(None)
+        assert permits.acquire(timeout=5)
         if fail[0]:
             fail[0] = False
             store.db.execute("ROLLBACK")
             raise sqlite3.OperationalError("disk I/O error")
         commit()
 
+    async def commit_started() -> None:
+        await asyncio.to_thread(entered.get, True, 5)
+
     monkeypatch.setattr(store, "_commit", failing)
     # The first batch: a leader alone ("warm"), then four writers in the next one.
     warm = write(store, "warm")
-    await in_commit(store, committing)
+    await commit_started()
     batch = [write(store, f"b{i}") for i in range(4)]
     await turns(1)
-    fail[0] = False
-    go_on.set()
+    permits.release()
     assert await asyncio.wait_for(warm, 5) == "warm"
     await turns(1)  # b0 is handed the lead and takes all four
-    committing.clear()
-    go_on.clear()
-    fail[0] = True
-    await in_commit(store, committing)
+    await commit_started()
+    fail[0] = True  # read once its permit is given: this COMMIT fails
     queued = [write(store, f"q{i}") for i in range(3)]
     await turns(1)
     batch[0].cancel()  # the leader, during the failing COMMIT
-    go_on.set()
+    permits.release(2)
     results = await asyncio.wait_for(asyncio.gather(*batch, *queued, return_exceptions=True), 5)
     assert isinstance(results[0], asyncio.CancelledError)
     assert all(isinstance(r, sqlite3.OperationalError) for r in results[1:4]), results

@@ -8,6 +8,7 @@ now 0.04 ms; 560-690 commits of the flood's own in 5 s, now 15-120)."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -133,3 +134,11 @@ async def test_stop_during_the_gap_fails_the_waiting_events_and_leaves_no_timer(
 async def test_a_negative_gap_is_refused(store: Store) -> None:
     with pytest.raises(ValueError, match="flood_gap"):
         Hub(store, StaticTokens(TOKENS), flood_gap=-1)
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+async def test_an_infinite_or_nan_gap_or_delay_is_refused(store: Store, bad: float) -> None:
+    with pytest.raises(ValueError, match="flood_gap"):
+        Hub(store, StaticTokens(TOKENS), flood_gap=bad)
+    with pytest.raises(ValueError, match="refusal_delay"):
+        Hub(store, StaticTokens(TOKENS), refusal_delay=bad)

@@ -335,8 +335,8 @@ class _Refusals:
     subscriptions, and one's retry loop must not hold the other's first refusal."""
 
     def __init__(self, delay: float) -> None:
-        if delay < 0:
-            raise ValueError("refusal_delay must be >= 0")
+        if not 0 <= delay < math.inf:  # NaN fails too
+            raise ValueError("refusal_delay must be a finite number >= 0")
         self.delay = delay
         # (kind, tenant) -> until when a refusal repeats the last (monotonic): the moment
         # the last was answered, plus the Retry-After it gave
@@ -560,8 +560,8 @@ class Hub:
         self.admission = _FairShare(fair_share, fair_window)
         self.subscription_writes = _WriteRate(subscription_rate, subscription_burst)
         self.refusals = _Refusals(refusal_delay)
-        if flood_gap < 0:
-            raise ValueError("flood_gap must be >= 0")
+        if not 0 <= flood_gap < math.inf:  # NaN fails too
+            raise ValueError("flood_gap must be a finite number >= 0")
         self.flood_gap = flood_gap
         self._flood_after = 0.0  # loop time: when a flood's next commit of its own may start
         self._floods_in_flight = 0
