@@ -326,8 +326,8 @@ class _Refusals:
     answered only after ``delay`` seconds (a tarpit). A client that retries a refused
     request at once, in a loop, otherwise spends the hub's loop on refusals: bench hub,
     SQLite, one in-process caller retrying refused subscription creates made 14,000
-    refusals a second, kept the loop 64% busy and doubled the quiet tenant's SSE p50 (7.5
-    ms against 5.0 ms with the same retries 1 ms apart). A client that waits the
+    refusals a second, kept the loop 64% busy and raised the quiet tenant's SSE p50 to 7.5
+    ms (5.0 ms with the same retries 1 ms apart). A client that waits the
     ``Retry-After`` it was given is never held, whatever ``fair_window`` is (counted in
     fair_window instead, one that waited its 1 s in a 30 s window was held); nor is anyone
     else while a tenant is. The kinds are apart because their callers are: only
