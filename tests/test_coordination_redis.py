@@ -22,10 +22,14 @@ pytestmark = pytest.mark.timeout(60)
 async def _loading(url: str) -> AsyncIterator[asyncio.Task[object]]:
     """Make the server spend about two seconds loading its dataset (DEBUG RELOAD, slowed down
     per key), as it does after a restart; the task ends when it has loaded."""
-    admin = aioredis.Redis.from_url(url.rsplit("/", 1)[0] + "/15")
+    # redis-py's default 5 s socket timeout would cut DEBUG RELOAD short.
+    admin = aioredis.Redis.from_url(url.rsplit("/", 1)[0] + "/15", socket_timeout=60)
     await admin.eval("for i = 1, 20000 do redis.call('set', 'keel-load-test:' .. i, 'x') end", 0)
+    # The delay is per key of every database, and earlier tests leave keys in theirs: spread
+    # about one second of sleeping over all of them, so the reload lasts the same on any server.
+    keys = sum(int(db["keys"]) for db in (await admin.info("keyspace")).values())
     await admin.config_set("loading-process-events-interval-bytes", 1024)
-    await admin.config_set("key-load-delay", 100)
+    await admin.config_set("key-load-delay", max(1, 1_000_000 // keys))
     reload = asyncio.create_task(admin.execute_command("DEBUG", "RELOAD"))
     await asyncio.sleep(0.3)
     try:
