@@ -7,6 +7,7 @@ statement the store's connections send."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,9 +15,10 @@ import asyncpg
 import asyncpg.connection
 import pytest
 
+from keel.errors import Conflict, NotFound, QuotaExceeded
 from keel.hub.stores.base import Routed
 from keel.hub.stores.postgres import PostgresStore
-from tests.hub.conftest import fresh_pg_store, plain_sub
+from tests.hub.conftest import another_view, fresh_pg_store, plain_sub
 
 _SENDS = ("execute", "fetch", "fetchrow", "fetchval")
 
@@ -89,3 +91,53 @@ async def test_a_read_is_one_round_trip_and_a_left_transaction_is_rolled_back(
     again = await pool.acquire()
     assert not again.is_in_transaction()
     await pool.release(again)
+
+
+async def test_subscription_writes_are_one_round_trip_each(
+    pg: PostgresStore, sent: list[str]
+) -> None:
+    """A tenant may change subscriptions at its write rate beside a flood; each write was
+    seven round trips (BEGIN, lock, count, insert or three deletes, NOTIFY, COMMIT)."""
+    other = await another_view(pg)
+    heard: list[tuple[str, str]] = []
+    await other.watch(lambda kind, sub_id: heard.append((kind, sub_id)))
+    try:
+        sent.clear()
+        await pg.create_subscription(plain_sub("sub-a"), quota=2)
+        await pg.create_subscription(plain_sub("sub-b"), quota=2)
+        assert len(sent) == 2, sent
+        sent.clear()
+        with pytest.raises(QuotaExceeded):
+            await pg.create_subscription(plain_sub("sub-c"), quota=2)
+        with pytest.raises(Conflict):
+            await pg.create_subscription(plain_sub("sub-a"))
+        updated = plain_sub("sub-a", max_messages=7)
+        await pg.update_subscription(updated)
+        with pytest.raises(NotFound):
+            await pg.update_subscription(plain_sub("sub-gone"))
+        await pg.append([Routed("e1", b"{}", ("sub-b",))], now=1.0)
+        await pg.delete_subscription("sub-b")
+        with pytest.raises(NotFound):
+            await pg.delete_subscription("sub-b")
+        with pytest.raises(NotFound):
+            await pg.delete_subscription("sub-\x00")  # refused before PostgreSQL sees it
+        assert len(sent) == 7, sent
+        assert (await pg.get_subscription("sub-a")).retention.max_messages == 7
+        assert [s.id for s in await pg.list_subscriptions("p", limit=10, marker=None)] == [
+            "sub-a"
+        ]
+        pool = pg._pool
+        assert pool is not None
+        for table in ("messages", "claims"):
+            left = await pool.fetchval(
+                f"SELECT count(*) FROM {pg.schema}.{table} WHERE sub_id = 'sub-b'"
+            )
+            assert left == 0, table
+        for _ in range(100):  # NOTIFY is delivered after the commit, asynchronously
+            if len(heard) >= 4:
+                break
+            await asyncio.sleep(0.02)
+        subscription_changes = [s for kind, s in heard if kind == "subscription"]
+        assert subscription_changes == ["sub-a", "sub-b", "sub-a", "sub-b"], heard
+    finally:
+        await other.close()
