@@ -371,9 +371,7 @@ async def run_store(kind: str, args: argparse.Namespace, tmp: Path) -> dict[str,
         for _ in range(args.rounds):
             for hostile in (False, True):
                 store = await open_store(kind, tmp)
-                stats = await sse_latency(
-                    store, quiet, args.rate, args.seconds, hostile=hostile
-                )
+                stats = await sse_latency(store, quiet, args.rate, args.seconds, hostile=hostile)
                 await drop(store)
                 (beside if hostile else alone).extend(stats.delays)
                 if hostile:

@@ -123,9 +123,7 @@ async def test_subscription_writes_are_one_round_trip_each(
             await pg.delete_subscription("sub-\x00")  # refused before PostgreSQL sees it
         assert len(sent) == 7, sent
         assert (await pg.get_subscription("sub-a")).retention.max_messages == 7
-        assert [s.id for s in await pg.list_subscriptions("p", limit=10, marker=None)] == [
-            "sub-a"
-        ]
+        assert [s.id for s in await pg.list_subscriptions("p", limit=10, marker=None)] == ["sub-a"]
         pool = pg._pool
         assert pool is not None
         for table in ("messages", "claims"):
