@@ -197,6 +197,9 @@ class _FairShare:
         # tenant -> when it was last refused (a caller that cannot wait); one that waits is
         # held back while its line lasts (`pressed`)
         self._pressed: dict[str | None, float] = {}
+        # tenant -> how many of its events in flight were let out of its line (at most its
+        # in flight): a flood whose line empties at each commit end is still one (`held`)
+        self._let_out: dict[str | None, int] = {}
         self._pruned = 0.0
         # What `light_active` found last, so that it is not a walk over every tenant seen
         # on each batch: a tenant that was light (checked first), or, when none was, the
@@ -232,12 +235,26 @@ class _FairShare:
         flood that waits keeps its line; one refused cannot queue, so its refusals count."""
         return tenant in self._waiters or now - self._pressed.get(tenant, -math.inf) <= self.window
 
-    def light_active(self, now: float) -> bool:
+    def held(self, tenant: str | None, now: float) -> bool:
+        """`pressed`, or with events in flight that were let out of its line: a commit of
+        such events is a flood's. A flood with one caller more than its share has its line
+        empty each time a commit ends (the one let out is routed and queued before the
+        caller whose event was committed comes back to wait), and counted as light then its
+        commits of its own went unrationed, back to back, beside a quiet tenant."""
+        return self._let_out.get(tenant, 0) > 0 or self.pressed(tenant, now)
+
+    def light_active(self, now: float, besides: Collection[str | None] = ()) -> bool:
         """Whether some tenant active in the last ``window`` seconds was not held back in
-        it: one whose events a flood would make wait."""
+        it: one whose events a flood would make wait. ``besides``: tenants not to count
+        (a batch's, `held` by events let out of their line, though light)."""
         self.others_active(None, now)  # prunes
         light = self._light
-        if light and light[0] in self._seen and not self.pressed(light[0], now):
+        if (
+            light
+            and light[0] in self._seen
+            and light[0] not in besides
+            and not self.pressed(light[0], now)
+        ):
             return True
         # The same comparison as `pressed`: every press seen is at least this one.
         if now - self._oldest_press <= self.window:
@@ -247,16 +264,21 @@ class _FairShare:
         # unpressed, by its press growing older than the window or by its line ending, so
         # one walk answers until the oldest press seen expires or a line ends.
         oldest = math.inf
+        skipped = False
         for t in self._seen:
             if t in self._waiters:  # held back while its line lasts; its end walks again
                 continue
             at = self._pressed.get(t, -math.inf)
             if now - at > self.window:
+                if t in besides:  # light all the same: the next call walks again
+                    skipped = True
+                    continue
                 self._light = [t]
                 return True
             oldest = min(oldest, at)
-        self._light = []
-        self._oldest_press = oldest
+        if not skipped:
+            self._light = []
+            self._oldest_press = oldest
         return False
 
     def _enter(self, tenant: str | None, now: float) -> None:
@@ -292,8 +314,11 @@ class _FairShare:
         try:
             await fut
         except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():  # admitted just as it was cancelled
-                self.release(tenant)
+            if fut.done() and not fut.cancelled():
+                # Admitted just as it was cancelled; failed by `close` it never was (its
+                # release would uncount an event in flight of the same tenant).
+                if fut.exception() is None:
+                    self.release(tenant)
             else:
                 with contextlib.suppress(ValueError):
                     line.remove(fut)
@@ -307,12 +332,22 @@ class _FairShare:
             self._inflight[tenant] = n
         else:
             self._inflight.pop(tenant, None)
+        if self._let_out.get(tenant, 0) > max(n, 0):
+            # Which event this was is not known: the ones let out are the last admitted,
+            # so they are counted as committed last.
+            if n > 0:
+                self._let_out[tenant] = n
+            else:
+                del self._let_out[tenant]
         if tenant in self._waiters:
             self._wake(tenant, time.monotonic())
 
     def close(self, exc: BaseException) -> None:
         """Fail every caller waiting in line: nothing will commit its event."""
         lines, self._waiters = self._waiters, {}
+        # Every line ended: `light_active`'s walk skipped these tenants (its cache could say
+        # "nobody light" for good, with `inf` when every tenant seen was in line).
+        self._oldest_press = -math.inf
         for line in lines.values():
             for fut in line:
                 if not fut.done():
@@ -326,6 +361,7 @@ class _FairShare:
             fut = line.popleft()
             if not fut.done():
                 self._enter(tenant, now)
+                self._let_out[tenant] = self._let_out.get(tenant, 0) + 1
                 fut.set_result(None)
         if not line:
             self._line_ended(tenant)
@@ -898,9 +934,10 @@ class Hub:
             return False
         admission = self.admission
         now = time.monotonic()
-        if not all(admission.pressed(t, now) for t in tenants):
+        tenants = set(tenants)
+        if not all(admission.held(t, now) for t in tenants):
             return False
-        if not admission.light_active(now):
+        if not admission.light_active(now, tenants):
             return False
         if self._floods_in_flight:
             return None  # its end pokes the committers

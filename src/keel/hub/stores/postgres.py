@@ -41,7 +41,14 @@ import asyncpg
 import msgspec
 
 from keel._log import event as log_event
-from keel.errors import BackendUnavailable, ClaimExpired, ConfigError, Conflict, NotFound
+from keel.errors import (
+    BackendUnavailable,
+    BadRequest,
+    ClaimExpired,
+    ConfigError,
+    Conflict,
+    NotFound,
+)
 from keel.hub.stores._pg_connect import dsn_and_ssl, hidden_refusal, refusal
 from keel.hub.stores.base import (
     ACKED,
@@ -588,6 +595,13 @@ class PostgresStore:
 
     async def create_subscription(self, sub: Subscription, *, quota: int | None = None) -> None:
         r = sub.retention
+        if "\x00" in sub.id or "\x00" in sub.project:  # asyncpg's DataError was a 500
+            raise BadRequest("PostgreSQL text cannot hold NUL: not in a subscription id or project")
+        if len(sub.id.encode()) > _NOTIFY_BYTES:  # its NOTIFY failed ("payload string too long")
+            raise BadRequest(f"a subscription id is at most {_NOTIFY_BYTES} bytes")
+        # The function's quota is an int (a Python one past 2**31 - 1 failed the statement);
+        # no project holds 2**31 - 1 subscriptions.
+        limit = None if quota is None else min(max(quota, 0), 2**31 - 1)
         async with self._conn() as conn:
             made = await conn.fetchval(
                 self._q("SELECT {s}.create_subscription($1, $2, $3, $4, $5, $6, $7, $8)"),
@@ -596,7 +610,7 @@ class PostgresStore:
                 msgspec.json.encode(sub).decode(),
                 r.max_messages,
                 r.max_age_s,
-                quota,
+                limit,
                 self.channel,
                 self.origin,
             )
@@ -619,6 +633,8 @@ class PostgresStore:
 
     async def update_subscription(self, sub: Subscription) -> None:
         r = sub.retention
+        if "\x00" in sub.id:  # PostgreSQL text cannot hold NUL: no subscription has that id
+            raise NotFound(f"no subscription {sub.id!r}", subscription=sub.id)
         async with self._conn() as conn:
             found = await conn.fetchval(
                 self._q("SELECT {s}.update_subscription($1, $2, $3, $4, $5, $6)"),
