@@ -5,8 +5,9 @@ Adding a store means adding it to STORES, nothing else: no test names a store.
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
-from keel.hub import Hub, HubServer, Principal, SQLiteStore, StaticTokens, Store
+from keel.hub import CloudEvent, Hub, HubServer, Principal, SQLiteStore, StaticTokens, Store
 from keel.hub.stores.base import Retention, Subscription
 from tests.servers import server_url
 
@@ -170,3 +171,27 @@ def bob(clients: Clients) -> httpx.AsyncClient:
 @pytest.fixture
 def admin(clients: Clients) -> httpx.AsyncClient:
     return clients("tok-admin")
+
+
+def tenant_event(tenant: str) -> CloudEvent:
+    """An event of ``tenant`` whose id names it (read back by `Commits`)."""
+    return CloudEvent(id=f"{tenant}/{uuid.uuid4().hex}", source="t", type="t.e", tenant=tenant)
+
+
+class Commits:
+    """Every append the hub makes on ``store``: when it started and ended, and whose events
+    (`tenant_event`) it held."""
+
+    def __init__(self, store: Store) -> None:
+        self.log: list[tuple[float, float, set[str]]] = []
+        self._append = store.append
+        store.append = self._recorded  # type: ignore[method-assign]
+
+    async def _recorded(self, batch: Sequence[Any], *, now: float) -> Any:
+        start = time.monotonic()
+        out = await self._append(batch, now=now)
+        self.log.append((start, time.monotonic(), {r.event_id.split("/")[0] for r in batch}))
+        return out
+
+    def of_only(self, tenants: set[str]) -> list[tuple[float, float, set[str]]]:
+        return [c for c in self.log if c[2] <= tenants]

@@ -9,46 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
-import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import pytest
 
-from keel.hub import CloudEvent, Hub, StaticTokens, Store
-from tests.hub.conftest import TOKENS
+from keel.hub import Hub, StaticTokens, Store
+from tests.hub.conftest import TOKENS, Commits, tenant_event
 
 FLOOD, QUIET, OTHER = "p-one", "p-two", "p-three"
 
 
-def _event(tenant: str) -> CloudEvent:
-    return CloudEvent(id=f"{tenant}/{uuid.uuid4().hex}", source="t", type="t.e", tenant=tenant)
-
-
-class _Commits:
-    """Every append the hub makes: when it started and ended, and whose events it held."""
-
-    def __init__(self, store: Store) -> None:
-        self.log: list[tuple[float, float, set[str]]] = []
-        self._append = store.append
-        store.append = self._recorded  # type: ignore[method-assign]
-
-    async def _recorded(self, batch: Sequence[Any], *, now: float) -> Any:
-        start = time.monotonic()
-        out = await self._append(batch, now=now)
-        self.log.append((start, time.monotonic(), {r.event_id.split("/")[0] for r in batch}))
-        return out
-
-    def of_only(self, tenants: set[str]) -> list[tuple[float, float, set[str]]]:
-        return [c for c in self.log if c[2] <= tenants]
-
-
 @asynccontextmanager
-async def _hub(store: Store, *, gap: float) -> AsyncIterator[tuple[Hub, _Commits]]:
+async def _hub(store: Store, *, gap: float) -> AsyncIterator[tuple[Hub, Commits]]:
     hub = Hub(store, StaticTokens(TOKENS), fair_share=1, fair_window=30, flood_gap=gap)
-    commits = _Commits(store)
+    commits = Commits(store)
     await hub.start()
     try:
         yield hub, commits
@@ -57,7 +32,7 @@ async def _hub(store: Store, *, gap: float) -> AsyncIterator[tuple[Hub, _Commits
 
 
 def _flood(hub: Hub, tenant: str, n: int) -> list[asyncio.Task[None]]:
-    return [asyncio.create_task(hub.ingest(_event(tenant))) for _ in range(n)]
+    return [asyncio.create_task(hub.ingest(tenant_event(tenant))) for _ in range(n)]
 
 
 async def test_a_floods_own_commits_wait_the_gap_while_a_quiet_tenant_is_active(
@@ -65,7 +40,7 @@ async def test_a_floods_own_commits_wait_the_gap_while_a_quiet_tenant_is_active(
 ) -> None:
     gap = 0.05
     async with _hub(store, gap=gap) as (hub, commits):
-        await hub.ingest(_event(QUIET))  # active from now on (fair_window 30 s)
+        await hub.ingest(tenant_event(QUIET))  # active from now on (fair_window 30 s)
         flood = _flood(hub, FLOOD, 12)
         async with asyncio.timeout(30):
             await asyncio.gather(*flood)  # nothing starves
@@ -80,7 +55,7 @@ async def test_a_floods_own_commits_wait_the_gap_while_a_quiet_tenant_is_active(
                 assert start - commits.log[i - 1][1] >= gap * 0.8, (i, starts)
 
 
-async def _until_waiting(hub: Hub, commits: _Commits) -> None:
+async def _until_waiting(hub: Hub, commits: Commits) -> None:
     """Until the flood's events wait for a ride: pending, and none of them committed."""
     for _ in range(200):
         await asyncio.sleep(0.01)
@@ -93,11 +68,11 @@ async def _until_waiting(hub: Hub, commits: _Commits) -> None:
 
 async def test_a_quiet_event_rides_at_once_with_the_floods_waiting_events(store: Store) -> None:
     async with _hub(store, gap=30.0) as (hub, commits):
-        await hub.ingest(_event(QUIET))  # QUIET active; FLOOD held back from its second event
+        await hub.ingest(tenant_event(QUIET))  # QUIET active; FLOOD held back from its second event
         flood = _flood(hub, FLOOD, 4)
         await _until_waiting(hub, commits)
         async with asyncio.timeout(5):
-            await hub.ingest(_event(QUIET))  # not held: it commits now, the flood with it
+            await hub.ingest(tenant_event(QUIET))  # not held: it commits now, the flood with it
         assert commits.log[-1][2] == {QUIET, FLOOD}
         for task in flood:
             task.cancel()
@@ -108,8 +83,8 @@ async def test_floods_alone_are_never_rationed(store: Store) -> None:
     # Two tenants both held back, nobody else: each one's commits go on back to back. With
     # the gap applied, 2 x 10 commits would take 20 x 30 s.
     async with _hub(store, gap=30.0) as (hub, commits):
-        await hub.ingest(_event(FLOOD))
-        await hub.ingest(_event(OTHER))  # both active: from now on each is held back
+        await hub.ingest(tenant_event(FLOOD))
+        await hub.ingest(tenant_event(OTHER))  # both active: from now on each is held back
         tasks = _flood(hub, FLOOD, 10) + _flood(hub, OTHER, 10)
         async with asyncio.timeout(20):
             await asyncio.gather(*tasks)
@@ -120,9 +95,9 @@ async def test_stop_during_the_gap_fails_the_waiting_events_and_leaves_no_timer(
     store: Store,
 ) -> None:
     hub = Hub(store, StaticTokens(TOKENS), fair_share=1, fair_window=30, flood_gap=30.0)
-    commits = _Commits(store)
+    commits = Commits(store)
     await hub.start()
-    await hub.ingest(_event(QUIET))
+    await hub.ingest(tenant_event(QUIET))
     flood = _flood(hub, FLOOD, 3)
     await _until_waiting(hub, commits)
     assert hub._flood_wake is not None
@@ -152,12 +127,12 @@ async def test_a_quiet_tenant_that_waited_in_line_once_is_light_again_when_its_l
     slow commit counted as held back for the whole window, and the flood beside it was
     rationed no more (bench hub, PostgreSQL: the hostile tenant's arrival)."""
     async with _hub(store, gap=30.0) as (hub, commits):
-        await hub.ingest(_event(QUIET))
+        await hub.ingest(tenant_event(QUIET))
         flood = _flood(hub, FLOOD, 6)
         await _until_waiting(hub, commits)
         # Two at once with fair share 1: the second waits in line for the first's commit.
         async with asyncio.timeout(5):
-            await asyncio.gather(hub.ingest(_event(QUIET)), hub.ingest(_event(QUIET)))
+            await asyncio.gather(hub.ingest(tenant_event(QUIET)), hub.ingest(tenant_event(QUIET)))
         await asyncio.sleep(0.3)
         assert not commits.of_only({FLOOD})  # still rationed: QUIET is light again
         assert not all(task.done() for task in flood)

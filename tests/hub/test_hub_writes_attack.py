@@ -10,20 +10,26 @@ import contextlib
 import random
 import time
 import types
-import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
 import pytest
 
 from keel.errors import BadRequest, Conflict, NotFound, QuotaExceeded, TooManyRequests
-from keel.hub import CloudEvent, Hub, StaticTokens, Store, _core
+from keel.hub import Hub, StaticTokens, Store, _core
 from keel.hub._core import _FairShare
 from keel.hub.stores import postgres
 from keel.hub.stores.base import Subscription, quota_exceeded
 from keel.hub.stores.postgres import PostgresStore
-from tests.hub.conftest import TOKENS, another_view, fresh_pg_store, plain_sub
+from tests.hub.conftest import (
+    TOKENS,
+    Commits,
+    another_view,
+    fresh_pg_store,
+    plain_sub,
+    tenant_event,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -423,23 +429,6 @@ async def test_a_waiter_cancelled_just_after_close_releases_nothing() -> None:
 # --- a flood whose line empties at every commit -----------------------------------------
 
 
-class _Commits:
-    def __init__(self, store: Store) -> None:
-        self.log: list[tuple[float, float, set[str]]] = []
-        self._append = store.append
-        store.append = self._recorded  # type: ignore[method-assign]
-
-    async def _recorded(self, batch: Sequence[Any], *, now: float) -> Any:
-        start = time.monotonic()
-        out = await self._append(batch, now=now)
-        self.log.append((start, time.monotonic(), {r.event_id.split("/")[0] for r in batch}))
-        return out
-
-
-def _event(tenant: str) -> CloudEvent:
-    return CloudEvent(id=f"{tenant}/{uuid.uuid4().hex}", source="t", type="t.e", tenant=tenant)
-
-
 @pytest.mark.parametrize(("producers", "yields"), [(2, 0), (2, 1), (2, 3), (6, 1)])
 async def test_a_flood_one_caller_past_its_share_is_still_rationed(
     store: Store, producers: int, yields: int
@@ -451,17 +440,17 @@ async def test_a_flood_one_caller_past_its_share_is_still_rationed(
     50 ms; before the line-only press, none unrationed). Every event still commits."""
     gap = 0.05
     hub = Hub(store, StaticTokens(TOKENS), fair_share=1, fair_window=30, flood_gap=gap)
-    commits = _Commits(store)
+    commits = Commits(store)
     await hub.start()
     try:
-        await hub.ingest(_event("p-two"))  # the quiet tenant: active, light
+        await hub.ingest(tenant_event("p-two"))  # the quiet tenant: active, light
         until = time.monotonic() + 0.6
         sent = 0
 
         async def producer() -> None:
             nonlocal sent
             while time.monotonic() < until:
-                await hub.ingest(_event("p-one"))
+                await hub.ingest(tenant_event("p-one"))
                 sent += 1
                 for _ in range(yields):
                     await asyncio.sleep(0)
@@ -483,10 +472,10 @@ async def test_a_flood_one_caller_past_its_share_is_still_rationed(
 async def test_stop_with_lines_then_start_rations_the_flood_again(store: Store) -> None:
     gap = 0.05
     hub = Hub(store, StaticTokens(TOKENS), fair_share=1, fair_window=30, flood_gap=gap)
-    commits = _Commits(store)
+    commits = Commits(store)
     await hub.start()
-    await hub.ingest(_event("p-two"))
-    flood = [asyncio.create_task(hub.ingest(_event("p-one"))) for _ in range(4)]
+    await hub.ingest(tenant_event("p-two"))
+    flood = [asyncio.create_task(hub.ingest(tenant_event("p-one"))) for _ in range(4)]
     for _ in range(100):
         await asyncio.sleep(0.01)
         if "p-one" in hub.admission._waiters:
@@ -497,10 +486,10 @@ async def test_stop_with_lines_then_start_rations_the_flood_again(store: Store) 
     assert not hub.admission._waiters
     await hub.start()
     try:
-        await hub.ingest(_event("p-two"))
+        await hub.ingest(tenant_event("p-two"))
         assert hub.admission.light_active(time.monotonic())
         commits.log.clear()
-        tasks = [asyncio.create_task(hub.ingest(_event("p-one"))) for _ in range(6)]
+        tasks = [asyncio.create_task(hub.ingest(tenant_event("p-one"))) for _ in range(6)]
         async with asyncio.timeout(30):
             await asyncio.gather(*tasks)
         log = commits.log

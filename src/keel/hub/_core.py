@@ -1084,7 +1084,7 @@ class Hub:
         except NotFound:
             sub = None
         if sub is None or sub.project != who.project:
-            raise NotFound(f"no subscription {sub_id!r} in your project", subscription=sub_id)
+            raise _not_yours(sub_id)
         return sub
 
     async def list_subscriptions(
@@ -1099,7 +1099,7 @@ class Hub:
         if known is None:  # made by another process moments ago, or no one's: ask the store
             await self.subscription(who, sub_id)
         elif known.project != who.project:  # a subscription's project never changes
-            raise NotFound(f"no subscription {sub_id!r} in your project", subscription=sub_id)
+            raise _not_yours(sub_id)
         self._routes.pop(sub_id, None)
         self._by_tenant = None
         self.webhooks.remove(sub_id)
@@ -1166,6 +1166,10 @@ class Hub:
         if not who.is_admin:
             raise Forbidden("only admins may post events")
         await self.ingest(event, wait=False)
+
+
+def _not_yours(sub_id: str) -> NotFound:
+    return NotFound(f"no subscription {sub_id!r} in your project", subscription=sub_id)
 
 
 def encode_body(event: CloudEvent) -> bytes:

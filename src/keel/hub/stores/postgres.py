@@ -277,6 +277,13 @@ async def _reset(conn: asyncpg.Connection[asyncpg.Record]) -> None:
         await conn.execute("ROLLBACK")
 
 
+def _no_nul(sub_id: str) -> None:
+    """PostgreSQL text cannot hold NUL: no subscription has such an id (asyncpg's error
+    for it was a 500)."""
+    if "\x00" in sub_id:
+        raise NotFound(f"no subscription {sub_id!r}", subscription=sub_id)
+
+
 def _dedup_key(event_id: str) -> str:
     """The event id as PostgreSQL text can hold it: a CloudEvents id may contain U+0000
     (SQLite stores it), which PostgreSQL refuses, and the refusal failed the whole group
@@ -621,8 +628,7 @@ class PostgresStore:
             raise Conflict(f"subscription {sub.id} exists")
 
     async def get_subscription(self, sub_id: str) -> Subscription:
-        if "\x00" in sub_id:  # PostgreSQL text cannot hold NUL: no subscription has that id
-            raise NotFound(f"no subscription {sub_id!r}", subscription=sub_id)
+        _no_nul(sub_id)
         async with self._conn() as conn:
             row = await conn.fetchrow(
                 self._q(f"SELECT {_SUB} FROM {{s}}.subscriptions WHERE id = $1"), sub_id
@@ -633,8 +639,7 @@ class PostgresStore:
 
     async def update_subscription(self, sub: Subscription) -> None:
         r = sub.retention
-        if "\x00" in sub.id:  # PostgreSQL text cannot hold NUL: no subscription has that id
-            raise NotFound(f"no subscription {sub.id!r}", subscription=sub.id)
+        _no_nul(sub.id)
         async with self._conn() as conn:
             found = await conn.fetchval(
                 self._q("SELECT {s}.update_subscription($1, $2, $3, $4, $5, $6)"),
@@ -673,8 +678,7 @@ class PostgresStore:
         return int(n)
 
     async def delete_subscription(self, sub_id: str) -> None:
-        if "\x00" in sub_id:  # PostgreSQL text cannot hold NUL: no subscription has that id
-            raise NotFound(f"no subscription {sub_id!r}", subscription=sub_id)
+        _no_nul(sub_id)
         async with self._conn() as conn:
             found = await conn.fetchval(
                 self._q("SELECT {s}.delete_subscription($1, $2, $3)"),
