@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import ssl
@@ -627,6 +628,12 @@ class Hub:
         self._stopped = False
         self._tasks: list[asyncio.Task[None]] = []
         self._reloads: set[asyncio.Task[None]] = set()
+        # A reload reads the store, then sets the route: a change made here (or a newer
+        # reload) between the two would be undone. Each change takes a number; while a reload
+        # or resync is in flight, the number of the last change of each route is kept, and a
+        # reload applies only what no later change has overtaken.
+        self._changes = itertools.count(1)
+        self._changed_at: dict[str, int] = {}
         self.ingested = 0
 
     async def _all_subscriptions(self) -> list[Subscription]:
@@ -684,12 +691,28 @@ class Hub:
             job = self._reload(sub_id) if kind == "subscription" else self._resync()
             task = asyncio.get_running_loop().create_task(job)
             self._reloads.add(task)
-            task.add_done_callback(self._reloads.discard)
+            task.add_done_callback(self._reload_done)
+
+    def _reload_done(self, task: asyncio.Task[None]) -> None:
+        self._reloads.discard(task)
+        if not self._reloads:
+            self._changed_at.clear()
+
+    def _changed(self, sub_id: str) -> int:
+        """Number a change of ``sub_id``'s route (see ``_changed_at``)."""
+        n = next(self._changes)
+        if self._reloads:
+            self._changed_at[sub_id] = n
+        return n
+
+    def _overtaken(self, sub_id: str, n: int) -> bool:
+        return self._changed_at.get(sub_id, 0) > n
 
     async def _resync(self) -> None:
         """Changes of other processes may have gone unreported: reload every route, and wake
         every stream and webhook to catch up from the store. Retried while the store is
         still coming back (the notification channel can return before the pool does)."""
+        started = next(self._changes)
         for attempt in range(RESYNC_ATTEMPTS):
             try:
                 subs = {sub.id: sub for sub in await self._all_subscriptions()}
@@ -701,10 +724,16 @@ class Hub:
             log_event(log, logging.ERROR, "hub.resync_gave_up", attempts=RESYNC_ATTEMPTS)
             return
         for gone in set(self._routes) - set(subs):
+            if self._overtaken(gone, started):  # made here after the listing
+                continue
+            self._changed_at[gone] = started  # a reload that read before the listing is older
             self._routes.pop(gone, None)
             self.webhooks.remove(gone)
             self.fanout.close_subscription(gone)
         for sub in subs.values():
+            if self._overtaken(sub.id, started):  # changed or deleted here after the listing
+                continue
+            self._changed_at[sub.id] = started
             self._routes[sub.id] = _Route(sub)
             self.webhooks.add(sub)
             self.fanout.nudge(sub.id)
@@ -713,9 +742,12 @@ class Hub:
         log_event(log, logging.INFO, "hub.resynced", subscriptions=len(subs))
 
     async def _reload(self, sub_id: str) -> None:
+        mine = self._changed(sub_id)
         try:
             sub = await self.store.get_subscription(sub_id)
         except NotFound:
+            if self._overtaken(sub_id, mine):
+                return
             self._routes.pop(sub_id, None)
             self.webhooks.remove(sub_id)
             self.fanout.close_subscription(sub_id)
@@ -723,6 +755,8 @@ class Hub:
             log_event(log, logging.WARNING, "hub.reload_failed", sub=sub_id, error=repr(exc))
             return
         else:
+            if self._overtaken(sub_id, mine):
+                return
             self._routes[sub_id] = _Route(sub)
             self.webhooks.remove(sub_id)  # its delivery task holds the old version
             self.webhooks.add(sub)
@@ -1006,6 +1040,7 @@ class Hub:
                 await self.store.delete_subscription(r.id)
 
     def _forget(self, sub_id: str) -> None:
+        self._changed(sub_id)
         self._routes.pop(sub_id, None)
         self._by_tenant = None
         self.webhooks.remove(sub_id)
@@ -1047,6 +1082,7 @@ class Hub:
 
     async def _add(self, sub: Subscription) -> None:
         await self.store.create_subscription(sub, quota=self.quota_subscriptions)
+        self._changed(sub.id)
         self._routes[sub.id] = _Route(sub)
         self._by_tenant = None
         self.webhooks.add(sub)
@@ -1056,6 +1092,7 @@ class Hub:
         if not counted:
             await self.count_writes(sub.project)
         await self.store.update_subscription(sub)
+        self._changed(sub.id)
         self._routes[sub.id] = _Route(sub)
         self._by_tenant = None
         self.webhooks.remove(sub.id)
@@ -1100,6 +1137,7 @@ class Hub:
             await self.subscription(who, sub_id)
         elif known.project != who.project:  # a subscription's project never changes
             raise _not_yours(sub_id)
+        self._changed(sub_id)
         self._routes.pop(sub_id, None)
         self._by_tenant = None
         self.webhooks.remove(sub_id)
