@@ -32,6 +32,10 @@ class Receiver:
         self.connections = 0  # accepted TCP connections, requests or not
         self.arrived = asyncio.Event()
         self._server: asyncio.Server | None = None
+        # Closed on exit: a keep-alive connection the hub has not closed yet would otherwise
+        # be left to the garbage collector, whose "unclosed transport" warning then fails
+        # whichever later test it happens in.
+        self._writers: set[asyncio.StreamWriter] = set()
 
     @property
     def port(self) -> int:
@@ -49,10 +53,20 @@ class Receiver:
     async def __aexit__(self, *exc: object) -> None:
         assert self._server is not None
         self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
         await self._server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self._writers.add(writer)
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -68,7 +82,6 @@ class Receiver:
                 self.arrived.set()
                 writer.write(f"HTTP/1.1 {status} X\r\ncontent-length: 0\r\n\r\n".encode())
                 await writer.drain()
-        writer.close()
 
     async def wait_for(self, n: int, timeout: float = 10) -> None:
         async with asyncio.timeout(timeout):
