@@ -138,7 +138,7 @@ async def test_changed_at_is_kept_while_reloads_overlap(hub: Hub, store: Store) 
             sub = await hub.create_subscription(ALICE, {})
             await hub.delete_subscription(ALICE, sub.id)
         hub._on_store_change("subscription", other.id)  # the next reload starts ...
-        await eventually(lambda: len(gates) == round_ + 1)
+        await eventually(lambda n=round_ + 1: len(gates) == n)
         gates[round_ - 1].set()  # ... before the older one ends
         await eventually(lambda: len(hub._reloads) == 1)
     # One reload in flight, started after every one of those 20 deleted subscriptions.

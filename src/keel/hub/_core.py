@@ -627,11 +627,13 @@ class Hub:
         self._busy_slots = 0  # normal (not express) commits in flight
         self._stopped = False
         self._tasks: list[asyncio.Task[None]] = []
-        self._reloads: set[asyncio.Task[None]] = set()
         # A reload reads the store, then sets the route: a change made here (or a newer
-        # reload) between the two would be undone. Each change takes a number; while a reload
-        # or resync is in flight, the number of the last change of each route is kept, and a
-        # reload applies only what no later change has overtaken.
+        # reload) between the two would be undone. Each reload and each change takes a
+        # number; while reloads are in flight the number of each route's last applied change
+        # is kept (only those newer than the oldest reload in flight: no older one can
+        # overtake anything), and a reload applies only what no later change has overtaken.
+        # A reload that fails applies nothing and so overtakes nothing.
+        self._reloads: dict[asyncio.Task[None], int] = {}  # -> the number it started with
         self._changes = itertools.count(1)
         self._changed_at: dict[str, int] = {}
         self.ingested = 0
@@ -660,7 +662,7 @@ class Hub:
 
     async def stop(self) -> None:
         await self.store.unwatch(self._on_store_change)
-        for task in self._reloads:
+        for task in list(self._reloads):
             task.cancel()
         self.fanout.close_all()
         await self.webhooks.stop()
@@ -688,15 +690,20 @@ class Hub:
             self.fanout.nudge(sub_id)
             self.webhooks.wake(sub_id)
         elif kind in ("subscription", "resync"):
-            job = self._reload(sub_id) if kind == "subscription" else self._resync()
+            n = next(self._changes)
+            job = self._reload(sub_id, n) if kind == "subscription" else self._resync()
             task = asyncio.get_running_loop().create_task(job)
-            self._reloads.add(task)
+            self._reloads[task] = n
             task.add_done_callback(self._reload_done)
 
     def _reload_done(self, task: asyncio.Task[None]) -> None:
-        self._reloads.discard(task)
+        self._reloads.pop(task, None)
         if not self._reloads:
             self._changed_at.clear()
+            return
+        oldest = min(self._reloads.values())
+        for sub_id in [k for k, v in self._changed_at.items() if v < oldest]:
+            del self._changed_at[sub_id]
 
     def _changed(self, sub_id: str) -> int:
         """Number a change of ``sub_id``'s route (see ``_changed_at``)."""
@@ -712,8 +719,8 @@ class Hub:
         """Changes of other processes may have gone unreported: reload every route, and wake
         every stream and webhook to catch up from the store. Retried while the store is
         still coming back (the notification channel can return before the pool does)."""
-        started = next(self._changes)
         for attempt in range(RESYNC_ATTEMPTS):
+            started = next(self._changes)  # the listing that succeeds decides
             try:
                 subs = {sub.id: sub for sub in await self._all_subscriptions()}
                 break
@@ -741,13 +748,13 @@ class Hub:
         self._by_tenant = None
         log_event(log, logging.INFO, "hub.resynced", subscriptions=len(subs))
 
-    async def _reload(self, sub_id: str) -> None:
-        mine = self._changed(sub_id)
+    async def _reload(self, sub_id: str, mine: int) -> None:
         try:
             sub = await self.store.get_subscription(sub_id)
         except NotFound:
             if self._overtaken(sub_id, mine):
                 return
+            self._changed_at[sub_id] = mine
             self._routes.pop(sub_id, None)
             self.webhooks.remove(sub_id)
             self.fanout.close_subscription(sub_id)
@@ -757,6 +764,7 @@ class Hub:
         else:
             if self._overtaken(sub_id, mine):
                 return
+            self._changed_at[sub_id] = mine
             self._routes[sub_id] = _Route(sub)
             self.webhooks.remove(sub_id)  # its delivery task holds the old version
             self.webhooks.add(sub)
@@ -1142,6 +1150,11 @@ class Hub:
         self._by_tenant = None
         self.webhooks.remove(sub_id)
         await self.store.delete_subscription(sub_id)
+        # A reload or resync begun while the delete was on its way read the row still there.
+        self._changed(sub_id)
+        self._routes.pop(sub_id, None)
+        self._by_tenant = None
+        self.webhooks.remove(sub_id)
         self.fanout.close_subscription(sub_id)
 
     # --- queues ---------------------------------------------------------------------------
