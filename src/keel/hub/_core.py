@@ -1048,11 +1048,14 @@ class Hub:
                 await self.store.delete_subscription(r.id)
 
     def _forget(self, sub_id: str) -> None:
+        self._unroute(sub_id)
+        self.fanout.close_subscription(sub_id)
+
+    def _unroute(self, sub_id: str) -> None:
         self._changed(sub_id)
         self._routes.pop(sub_id, None)
         self._by_tenant = None
         self.webhooks.remove(sub_id)
-        self.fanout.close_subscription(sub_id)
 
     # --- subscriptions --------------------------------------------------------------------
 
@@ -1145,17 +1148,10 @@ class Hub:
             await self.subscription(who, sub_id)
         elif known.project != who.project:  # a subscription's project never changes
             raise _not_yours(sub_id)
-        self._changed(sub_id)
-        self._routes.pop(sub_id, None)
-        self._by_tenant = None
-        self.webhooks.remove(sub_id)
+        self._unroute(sub_id)
         await self.store.delete_subscription(sub_id)
         # A reload or resync begun while the delete was on its way read the row still there.
-        self._changed(sub_id)
-        self._routes.pop(sub_id, None)
-        self._by_tenant = None
-        self.webhooks.remove(sub_id)
-        self.fanout.close_subscription(sub_id)
+        self._forget(sub_id)
 
     # --- queues ---------------------------------------------------------------------------
 
