@@ -8,6 +8,7 @@ import asyncio
 from typing import Any
 
 import msgspec
+import pytest
 
 from keel.errors import BackendUnavailable
 from keel.hub import Hub, Store
@@ -15,43 +16,31 @@ from tests.helpers import eventually
 from tests.hub.test_reload_order import ALICE, Gate
 
 
+@pytest.mark.parametrize(
+    ("change", "read"),
+    [("subscription", "get_subscription"), ("resync", "list_subscriptions")],
+    ids=["reload", "resync"],
+)
 async def test_a_reload_started_between_the_route_pop_and_the_store_delete_brings_it_back(
-    hub: Hub, store: Store
+    hub: Hub, store: Store, change: str, read: str
 ) -> None:
-    # delete_subscription numbers its change and pops the route *before* the store delete:
-    # a reload that starts then (another process changed the subscription) takes a higher
-    # number, reads the still-present row, and is not overtaken.
+    # delete_subscription numbered its change and popped the route *before* the store
+    # delete: a reload (another process changed the subscription) or a resync (the
+    # notification channel came back) that starts then takes a higher number, reads the
+    # still-present row, and is not overtaken.
     sub = await hub.create_subscription(ALICE, {})
-    gate = Gate(store, "get_subscription")
+    gate = Gate(store, read)
     real_delete = store.delete_subscription
 
     async def delete(sub_id: str) -> Any:
-        hub._on_store_change("subscription", sub_id)  # another process updated it
-        await gate.read.wait()  # its reload read the row before the delete
+        hub._on_store_change(change, sub_id if change == "subscription" else "")
+        await gate.read.wait()  # its read saw the row before the delete
         return await real_delete(sub_id)
 
     store.delete_subscription = delete  # type: ignore[method-assign]
     await hub.delete_subscription(ALICE, sub.id)
     await gate.open(hub)
     assert hub.known(sub.id) is None  # the deleted subscription is routed again
-
-
-async def test_a_resync_started_between_the_route_pop_and_the_store_delete_brings_it_back(
-    hub: Hub, store: Store
-) -> None:
-    sub = await hub.create_subscription(ALICE, {})
-    gate = Gate(store, "list_subscriptions")
-    real_delete = store.delete_subscription
-
-    async def delete(sub_id: str) -> Any:
-        hub._on_store_change("resync", "")  # the notification channel came back
-        await gate.read.wait()  # the listing still holds the row
-        return await real_delete(sub_id)
-
-    store.delete_subscription = delete  # type: ignore[method-assign]
-    await hub.delete_subscription(ALICE, sub.id)
-    await gate.open(hub)
-    assert hub.known(sub.id) is None
 
 
 async def test_a_failed_reload_overtakes_an_older_reload_that_read_the_new_version(
