@@ -705,12 +705,11 @@ class Hub:
         for sub_id in [k for k, v in self._changed_at.items() if v < oldest]:
             del self._changed_at[sub_id]
 
-    def _changed(self, sub_id: str) -> int:
-        """Number a change of ``sub_id``'s route (see ``_changed_at``)."""
+    def _changed(self, sub_id: str) -> None:
+        """Number a change of ``sub_id``'s route made here (see ``_changed_at``)."""
         n = next(self._changes)
         if self._reloads:
             self._changed_at[sub_id] = n
-        return n
 
     def _overtaken(self, sub_id: str, n: int) -> bool:
         return self._changed_at.get(sub_id, 0) > n
