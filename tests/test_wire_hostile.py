@@ -201,6 +201,45 @@ def test_what_encodes_decodes_and_what_is_too_deep_fails_at_the_sender(depth: in
             assert decode(wire.encode(message, 1 << 20)) == message
 
 
+def _too_deep() -> Any:
+    value: Any = None
+    for _ in range(wire.MAX_DEPTH + 2):
+        value = [value]
+    return value
+
+
+def test_only_plain_values_skip_the_count_and_deep_ones_are_refused_wherever_they_hide() -> None:
+    # Plain values whose text is full of container-marker bytes (UTF-8 continuation bytes
+    # 0x80-0x9f) read back as they were: small and flat, they are never counted.
+    text = "\u0400" * 300
+    ctx = msgspec.structs.replace(_FIXED_CTX, deadline=time.time() + 30)
+    flat = [
+        wire.Request(1, wire.CALL, "i", "m", ctx, {"a": text, "b": 1, "c": None, "d": b"\x9f"}),
+        wire.Reply(wire.ENVELOPE_VERSION, "id", text),
+        wire.Notification(1, "m", "p", "e", "INFO", text, "t", ctx),
+    ]
+    decoders = (wire.decode_request, wire.decode_reply, wire.decode_notification)
+    for message, decode in zip(flat, decoders, strict=True):
+        body = wire.encode(message, 1 << 20)
+        assert wire.openers(body, wire.NOT_MSGPACK_OPENERS) > wire.MAX_DEPTH
+        assert decode(body, LIMIT) == message
+    # A value too deep in a field the flat check looks at (not the arguments) is still refused,
+    # by the sender and, sent past it, by the reader.
+    deep = _too_deep()
+    hidden = [
+        (wire.Request(1, wire.CAST, "i", "m", msgspec.structs.replace(ctx, extra={"x": deep})),
+         wire.decode_request),
+        (wire.Reply(1, "id", None, wire.Failure("T", "m", fields={"x": deep})), wire.decode_reply),
+        (wire.Notification(1, "m", "p", "e", "INFO", deep, "t", ctx), wire.decode_notification),
+    ]  # fmt: skip
+    for message, decode in hidden:
+        with pytest.raises(errors.SerializationError, match="deep"):
+            wire.encode(message, 1 << 20)
+        with pytest.raises(errors.MalformedMessage) as refused:
+            decode(msgspec.msgpack.encode(message), LIMIT)
+        assert refused.value.problem == "depth"
+
+
 @fast
 @given(request_id=st.text(max_size=40), result=values)
 def test_the_id_of_any_reply_is_read_from_its_first_bytes(request_id: str, result: Any) -> None:

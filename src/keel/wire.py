@@ -17,8 +17,10 @@ Reading is total and bounded: a decoder either returns its Struct or raises
 size limit is refused before a byte of it is parsed; nesting is bounded during parsing
 (msgspec's recursion guard) and then to `MAX_DEPTH`, and a message holds at most
 `MAX_CONTAINERS` lists and maps, both checked only when the body holds enough container
-markers to exceed them, so small messages pay one ``bytes.translate``; integer fields carry
-the ranges Keel writes (msgspec ``Meta`` constraints, checked in C).
+markers to exceed them (one ``bytes.translate`` counts them); a body of at most
+`COLLECTOR_PAUSE_OPENERS` bytes whose free-form values hold no container (every call's
+arguments of plain values, every plain result) cannot, and is not counted; integer fields
+carry the ranges Keel writes (msgspec ``Meta`` constraints, checked in C).
 
 What a hostile body costs the reader is bounded by its size: a body with many container
 markers (a "wide bomb", a megabyte of empty lists) is decoded with the cyclic garbage
@@ -205,6 +207,10 @@ NOT_JSON_OPENERS = bytes(b for b in range(256) if b not in b"[{")
 INT_MIN, INT_MAX = -(2**63), 2**64 - 1  # what msgpack carries
 _NESTED = (list, dict, tuple)
 _is_nested = frozenset(_NESTED).__contains__
+# Values that are one msgpack scalar whichever side holds them (exact types: a subclass, a
+# Struct, a dataclass or a set may encode as a container).
+_SCALARS = frozenset({str, int, float, bool, type(None), bytes})
+_is_scalar = _SCALARS.__contains__
 # Past this many container markers a body is decoded with the cyclic collector paused: a
 # megabyte of empty lists costs msgspec ~0.1 s, and the collections its allocations trigger
 # (each walking every list made so far) ten times that.
@@ -298,6 +304,20 @@ def _values(message: Request | Reply | Notification) -> list[tuple[Any, int]]:
     return [(message.payload, MAX_DEPTH), (message.ctx.extra, MAX_DEPTH + 1)]
 
 
+def _flat(message: Request | Reply | Notification) -> bool:
+    """Whether no free-form value of ``message`` holds a container (a call's arguments map
+    aside): then nothing in it nests deeper than 2 or adds up to `MAX_CONTAINERS`, whatever
+    bytes its strings hold. False only means the body must be counted (`openers`)."""
+    if type(message) is Request:
+        return not message.ctx.extra and all(map(_is_scalar, map(type, message.args.values())))
+    if type(message) is Reply:
+        failure = message.failure
+        return type(message.result) in _SCALARS and (failure is None or not failure.fields)
+    if type(message) is Notification:
+        return type(message.payload) in _SCALARS and not message.ctx.extra
+    return False
+
+
 def encode(message: Request | Reply | Notification, limit: int) -> bytes:
     """Encode a message; raise `SerializationError` or `MessageTooLarge` (nothing is sent)."""
     try:
@@ -317,8 +337,10 @@ def encode(message: Request | Reply | Notification, limit: int) -> bytes:
             limit=limit,
         )
     # The reader refuses what nests deeper than MAX_DEPTH: say so here, to the sender.
-    # openers(), inlined: two calls fewer per call and reply.
-    found = len(data.translate(None, NOT_MSGPACK_OPENERS)) if len(data) > MAX_DEPTH else 0
+    # openers(), inlined; not even that for a message of plain values (nearly every one).
+    if len(data) <= MAX_DEPTH or _flat(message):
+        return data
+    found = len(data.translate(None, NOT_MSGPACK_OPENERS))
     if found > MAX_DEPTH:
         try:
             with collector_paused(found > COLLECTOR_PAUSE_OPENERS):
@@ -479,12 +501,25 @@ def _decode_message(
 ) -> _Message:
     """`decode_bounded`, then `MAX_DEPTH` and `MAX_CONTAINERS` for the free-form values. Runs
     on every message: the size check and the opener count are cheap, the walk rare."""
-    if limit is not None and len(data) > limit:
-        raise oversize(what, len(data), limit)
-    found = openers(data, NOT_MSGPACK_OPENERS) if len(data) > MAX_DEPTH else 0
+    size = len(data)
+    if limit is not None and size > limit:
+        raise oversize(what, size, limit)
+    if size <= COLLECTOR_PAUSE_OPENERS:
+        # No more openers than bytes: no collector pause, never too many containers. Every
+        # call and reply comes here; one of plain values is not even counted.
+        try:
+            message = decoder.decode(data)
+        except Exception as exc:
+            raise _unreadable(data, what, exc) from None
+        if size <= MAX_DEPTH or _flat(message) or openers(data, NOT_MSGPACK_OPENERS) <= MAX_DEPTH:
+            return message
+        problem = bounds_problem(_values(message))
+        if problem is not None:
+            del message
+            raise bounds_error(f"not a Keel {what}", problem, size)
+        return message
+    found = openers(data, NOT_MSGPACK_OPENERS)
     if found <= MAX_DEPTH:
-        # Nothing can nest too deep or hold too many containers: every call and reply comes
-        # here, so no collector pause and no allocation count (a tenth of a call's cost).
         try:
             return decoder.decode(data)
         except Exception as exc:
