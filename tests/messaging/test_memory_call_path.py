@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 import uuid
+from typing import Any
 
 import pytest
 
@@ -83,3 +85,74 @@ async def test_drain_waits_for_the_running_call() -> None:
         await server.stop()
         await client_transport.close()
         await server_transport.close()
+
+
+async def test_calls_between_loops_on_two_threads_cross_over() -> None:
+    # A delivery to a consumer whose loop runs on another thread goes through that loop
+    # (call_soon_threadsafe), never runs here: the send asks the consumer's loop which thread
+    # runs it, not asyncio (one getpid() per send on 3.11).
+    url = f"memory://call-path-{uuid.uuid4().hex}"
+    ready = threading.Event()
+    stop: asyncio.Future[None] | None = None
+    server_loop: asyncio.AbstractEventLoop | None = None
+    seen_threads: set[int] = set()
+
+    class Where(Echo):
+        async def echo(self, ctx: RequestContext, i: int) -> int:
+            seen_threads.add(threading.get_ident())
+            return i
+
+    async def serve() -> None:
+        nonlocal stop, server_loop
+        transport = await connect(url)
+        server = RPCServer(transport, Target("threads"), [Where()])
+        await server.start()
+        server_loop = asyncio.get_running_loop()
+        stop = server_loop.create_future()
+        ready.set()
+        await stop
+        await server.stop()
+        await transport.close()
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),))
+    thread.start()
+    try:
+        assert await asyncio.to_thread(ready.wait, 5)
+        client_transport = await connect(url)
+        client = RPCClient(client_transport, Target("threads"), timeout=10)
+        results = await asyncio.gather(*(client.call(None, "echo", i=i) for i in range(50)))
+        assert results == list(range(50))
+        assert seen_threads == {thread.ident}
+        assert not link(client_transport)._pending
+        await client_transport.close()
+    finally:
+        if server_loop is not None and stop is not None:
+            server_loop.call_soon_threadsafe(stop.set_result, None)
+        await asyncio.to_thread(thread.join, 10)
+
+
+async def test_a_delivery_runs_on_its_consumers_loop_whichever_thread_sends() -> None:
+    url = f"memory://call-path-{uuid.uuid4().hex}"
+    transport = await connect(url)
+    got: list[tuple[bytes, int]] = []
+    arrived = asyncio.Event()
+
+    def handler(delivery: Any) -> None:
+        got.append((delivery.body, threading.get_ident()))
+        arrived.set()
+
+    await transport.declare_queue("q", durable=False)
+    await transport.consume("q", handler, prefetch=0, auto_ack=True)
+    await transport.send("q", b"here", durable=False)
+    assert got == [(b"here", threading.get_ident())]  # same loop: handed over at once
+
+    async def send_from_elsewhere() -> None:
+        other = await connect(url)
+        await other.send("q", b"there", durable=False)
+
+    await asyncio.to_thread(asyncio.run, send_from_elsewhere())
+    arrived.clear()
+    if len(got) < 2:
+        await asyncio.wait_for(arrived.wait(), 5)
+    assert got[1] == (b"there", threading.get_ident())
+    await transport.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -40,6 +41,7 @@ from keel.wire import (
 )
 
 log = logging.getLogger("keel.messaging.client")
+_get_ident = threading.get_ident
 
 DEFAULT_TIMEOUT = 60.0
 RETRY_PAUSE = 0.05  # first pause before resending a call a draining server handed back
@@ -190,7 +192,13 @@ class RPCClient:
         queue = options.queue
         if queue not in lk.declared:
             await lk.declare(queue, durable=True)
-        loop = asyncio.get_running_loop()
+        # The link's loop if it runs on this thread (so it is the running one): asking asyncio
+        # costs a getpid() system call (3.11's fork check) per call.
+        loop: asyncio.AbstractEventLoop | None = lk.loop
+        if loop is None or loop._thread_id != _get_ident():  # type: ignore[attr-defined]
+            loop = asyncio.get_running_loop()
+            if isinstance(loop, asyncio.BaseEventLoop):  # uvloop's do not say their thread
+                lk.loop = loop
         monitor = options.monitor
         limit = self.transport.max_message_bytes
         attempt = 0

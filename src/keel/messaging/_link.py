@@ -56,6 +56,8 @@ class Link:
         # Calls with a monitor window: request id -> what to do when a heartbeat comes.
         self._beats: dict[str, Callable[[], None]] = {}
         self.reply_to: str | None = None
+        # The asyncio loop of the last call made here (clients check it runs on their thread).
+        self.loop: asyncio.BaseEventLoop | None = None
         self._reply_lock = asyncio.Lock()
         self.late_replies = 0
         # Deadlines of the calls waiting here, earliest first, under one timer instead of a

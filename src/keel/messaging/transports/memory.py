@@ -35,6 +35,7 @@ from keel.messaging.transports.base import (
 from keel.urls import URL
 
 log = logging.getLogger("keel.messaging.memory")
+_get_ident = threading.get_ident
 
 
 @dataclass(slots=True)
@@ -54,6 +55,20 @@ class _Consumer:
     auto_ack: bool = False
     unsettled: set[_Delivery] = field(default_factory=set)
     active: bool = True
+    # asyncio's own loops say which thread runs them (`_thread_id`, None while stopped): a
+    # send asks that, not asyncio._get_running_loop(), which costs a getpid() system call
+    # (3.11's fork check) on every call and reply. Other loops (uvloop) are asked the latter.
+    plain: bool = False
+
+    def __post_init__(self) -> None:
+        self.plain = isinstance(self.loop, asyncio.BaseEventLoop)
+
+    def here(self) -> bool:
+        """Whether this consumer's loop is the one running this code."""
+        loop = self.loop
+        if self.plain:
+            return loop._thread_id == _get_ident()  # type: ignore[attr-defined,no-any-return]
+        return asyncio._get_running_loop() is loop
 
     async def cancel(self) -> None:
         broker = self.queue.broker
@@ -169,8 +184,6 @@ class _Broker:
         ready = queue.ready
         if not ready or not queue.consumers:
             return
-        # Every call and reply passes here: the loop is looked up once, not per delivery.
-        running = asyncio._get_running_loop()
         while ready:
             with self.lock:
                 chosen = self._next_consumer(queue)
@@ -182,7 +195,7 @@ class _Broker:
                     delivery._settled = True
                 else:
                     chosen.unsettled.add(delivery)
-            if running is chosen.loop:
+            if chosen.here():
                 chosen.handler(delivery)
             else:
                 chosen.loop.call_soon_threadsafe(chosen.handler, delivery)
@@ -369,7 +382,12 @@ class MemoryTransport:
                     chosen.unsettled.add(delivery)
         if chosen is None:
             broker.dispatch(target)  # a consumer may have got credit meanwhile
-        elif asyncio._get_running_loop() is chosen.loop:
+        # chosen.here(), inlined: every call and reply passes here.
+        elif (
+            chosen.loop._thread_id == _get_ident()  # type: ignore[attr-defined]
+            if chosen.plain
+            else asyncio._get_running_loop() is chosen.loop
+        ):
             chosen.handler(delivery)
         else:
             chosen.loop.call_soon_threadsafe(chosen.handler, delivery)
