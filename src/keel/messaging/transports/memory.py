@@ -24,6 +24,8 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import msgspec
+
 from keel.errors import TransportError
 from keel.messaging.transports.base import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -91,20 +93,18 @@ class _Queue:
     next_consumer: int = 0
 
 
-class _Delivery:
-    # The body and the delivery count, not the queued _Message: a message handed straight to
-    # a consumer (every call and reply) never becomes one; a requeue makes it again.
-    __slots__ = ("_consumer", "_count", "_reason", "_settled", "body")
+class _Delivery(msgspec.Struct, eq=False):
+    """One delivery: the body and the delivery count, not the queued _Message (a message
+    handed straight to a consumer, every call and reply, never becomes one; a requeue makes
+    it again). A Struct: made in C, two per call; eq=False keeps identity hashing (the
+    consumer's set of unsettled deliveries)."""
 
-    def __init__(
-        self, consumer: _Consumer, body: bytes, count: int = 1, reason: str | None = None
-    ) -> None:
-        self._consumer = consumer
-        self._count = count
-        self._reason = reason
-        self._settled = False
-        # An attribute, not a property: the server and the reply link each read it per call.
-        self.body = body
+    _consumer: _Consumer
+    # An attribute, not a property: the server and the reply link each read it per call.
+    body: bytes
+    _count: int = 1
+    _reason: str | None = None
+    _settled: bool = False
 
     @property
     def delivery_count(self) -> int:
