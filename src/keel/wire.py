@@ -511,13 +511,9 @@ def _decode_message(
             message = decoder.decode(data)
         except Exception as exc:
             raise _unreadable(data, what, exc) from None
-        if size <= MAX_DEPTH or _flat(message) or openers(data, NOT_MSGPACK_OPENERS) <= MAX_DEPTH:
+        if size <= MAX_DEPTH or _flat(message):
             return message
-        problem = bounds_problem(_values(message))
-        if problem is not None:
-            del message
-            raise bounds_error(f"not a Keel {what}", problem, size)
-        return message
+        return _small_checked(message, data, what)
     found = openers(data, NOT_MSGPACK_OPENERS)
     if found <= MAX_DEPTH:
         try:
@@ -542,6 +538,18 @@ def _decode_message(
     return message
 
 
+def _small_checked(message: _Message, data: bytes, what: str) -> _Message:
+    """A decoded body of at most `COLLECTOR_PAUSE_OPENERS` bytes (never too many containers)
+    whose free-form values hold a container: walked if it has openers enough to nest too
+    deep."""
+    if openers(data, NOT_MSGPACK_OPENERS) > MAX_DEPTH:
+        problem = bounds_problem(_values(message))
+        if problem is not None:
+            del message
+            raise bounds_error(f"not a Keel {what}", problem, len(data))
+    return message
+
+
 def bounds_error(what: str, problem: str, size: int) -> MalformedMessage:
     """The `MalformedMessage` for a `bounds_problem` of a body that reads as ``what``."""
     return MalformedMessage(f"{what}: {bounds_reason(problem)}", problem=problem, size=size)
@@ -556,10 +564,32 @@ def bounds_reason(problem: str) -> str:
 
 
 def decode_request(data: bytes, limit: int | None = None) -> Request:
+    # _decode_message's path for a small body of plain values (every call), inlined.
+    size = len(data)
+    if size <= COLLECTOR_PAUSE_OPENERS and (limit is None or size <= limit):
+        try:
+            request = _request_decoder.decode(data)
+        except Exception as exc:
+            raise _unreadable(data, "request", exc) from None
+        if size <= MAX_DEPTH or (
+            not request.ctx.extra and all(map(_is_scalar, map(type, request.args.values())))
+        ):
+            return request
+        return _small_checked(request, data, "request")
     return _decode_message(_request_decoder, data, "request", limit)
 
 
 def decode_reply(data: bytes, limit: int | None = None) -> Reply:
+    # _decode_message's path for a small body of a plain result (every call), inlined.
+    size = len(data)
+    if size <= COLLECTOR_PAUSE_OPENERS and (limit is None or size <= limit):
+        try:
+            reply = _reply_decoder.decode(data)
+        except Exception as exc:
+            raise _unreadable(data, "reply", exc) from None
+        if size <= MAX_DEPTH or (type(reply.result) in _SCALARS and reply.failure is None):
+            return reply
+        return _small_checked(reply, data, "reply")
     return _decode_message(_reply_decoder, data, "reply", limit)
 
 
