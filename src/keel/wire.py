@@ -84,6 +84,13 @@ def new_traceparent(trace_id: str | None = None) -> str:
     return f"00-{trace_id or new_id()}-{_bits(64).to_bytes(8, 'big').hex()}-01"
 
 
+def new_call_ids() -> tuple[str, str, str]:
+    """`new_root_ids` and a message id (`new_id`) for a call no other started, from one
+    draw: a call's three ids cost one Python call."""
+    bits = _bits(448).to_bytes(56, "big").hex()
+    return "req-" + bits[:32], f"00-{bits[32:64]}-{bits[64:80]}-01", bits[80:]
+
+
 def new_root_ids() -> tuple[str, str]:
     """A request id and a traceparent for a request no other started, from one draw: the
     two default factories cost a caller four Python calls (and three draws) per request."""
@@ -337,9 +344,25 @@ def encode(message: Request | Reply | Notification, limit: int) -> bytes:
             limit=limit,
         )
     # The reader refuses what nests deeper than MAX_DEPTH: say so here, to the sender.
-    # openers(), inlined; not even that for a message of plain values (nearly every one).
-    if len(data) <= MAX_DEPTH or _flat(message):
+    # openers(), inlined; not even that for a message of plain values (nearly every one):
+    # _flat's checks of a request and a reply inlined too.
+    if len(data) <= MAX_DEPTH:
         return data
+    if type(message) is Request:
+        if not message.ctx.extra and all(map(_is_scalar, map(type, message.args.values()))):
+            return data
+    elif type(message) is Reply:
+        if type(message.result) in _SCALARS and message.failure is None:
+            return data
+    elif _flat(message):
+        return data
+    _check_sendable(message, data)
+    return data
+
+
+def _check_sendable(message: Request | Reply | Notification, data: bytes) -> None:
+    """Raise `SerializationError` if readers would refuse ``message`` (encoded as ``data``)
+    for its nesting or its number of containers."""
     found = len(data.translate(None, NOT_MSGPACK_OPENERS))
     if found > MAX_DEPTH:
         try:
@@ -357,7 +380,6 @@ def encode(message: Request | Reply | Notification, limit: int) -> bytes:
             )
         if problem is not None:
             raise _too_deep_to_send()
-    return data
 
 
 def _too_deep_to_send() -> SerializationError:

@@ -36,6 +36,7 @@ from keel.wire import (
     Request,
     RequestContext,
     encode,
+    new_call_ids,
     new_id,
     new_root_ids,
 )
@@ -179,13 +180,15 @@ class RPCClient:
             now + options.timeout if parent is None else _sooner(now + options.timeout, parent)
         )
         if parent is None:
-            # _child's root case, inlined (positional: the Struct's field order).
-            root_id, traceparent = new_root_ids()
+            # _child's root case, inlined (positional: the Struct's field order), with the
+            # first attempt's message id from the same draw.
+            root_id, traceparent, first_id = new_call_ids()
             child = RequestContext(
                 root_id, None, None, (), traceparent, deadline, self.service or None
             )
         else:
             child = self._child(parent, deadline, method)
+            first_id = new_id()
         if handling is not None:
             self._check_reentrant(target, method)
         lk = self._link
@@ -204,7 +207,7 @@ class RPCClient:
         attempt = 0
         while True:
             attempt += 1
-            request_id = new_id()
+            request_id = first_id if attempt == 1 else new_id()
             ends = loop.time() + (deadline - time.time())
             future = lk.expect(request_id, loop, None if monitor else ends)
             watchdog = None
