@@ -26,7 +26,7 @@ from keel.messaging import _context, _metrics, _presence, _tap
 from keel.messaging._failures import from_failure, qualified
 from keel.messaging._link import Link, link
 from keel.messaging._target import Target, fanout_subject, parse_version, rpc_queue
-from keel.messaging.transports.base import Transport
+from keel.messaging.transports.base import Transport, send_nowait
 from keel.wire import (
     CALL,
     CAST,
@@ -96,6 +96,7 @@ class RPCClient:
         self._watch: _presence.VersionWatch | None = None
         self.service = service or urls.from_env("service", "")
         self._link = link(transport)
+        self._send_nowait = send_nowait(transport)
         self._counts: Counter[tuple[str, ...]] = Counter()
         # Calls answered, by method: the one count every call makes (see `counts`).
         self._ok = _metrics.Tally(("keel_rpc_client_requests", "call"), ("ok",))
@@ -224,7 +225,10 @@ class RPCClient:
                     self._warn_huge(method, len(body))
                 if monitor is not None:
                     watchdog = _watch(lk, request_id, future, ends, monitor)
-                await self.transport.send(queue, body, durable=False)
+                if self._send_nowait is not None:
+                    self._send_nowait(queue, body, durable=False)
+                else:
+                    await self.transport.send(queue, body, durable=False)
                 reply = await future
             except BaseException as exc:
                 if watchdog is not None:

@@ -62,6 +62,7 @@ from keel.messaging.transports.base import (
     Transport,
     log_outcome,
     observe,
+    send_nowait,
 )
 from keel.wire import (
     CALL,
@@ -145,6 +146,7 @@ class RPCServer:
         # A face for another framework (the oslo.messaging driver) brings its own dispatcher:
         # its framework finds the method, Keel's server does everything around it.
         self._dispatcher = dispatcher or Dispatcher(endpoints)
+        self._send_nowait = send_nowait(transport)
         self._dedup: DedupStore = dedup or MemoryDedup()
         self._thread_pool_size = thread_pool_size
         self._executor: ThreadPoolExecutor | None = None
@@ -631,7 +633,10 @@ class RPCServer:
                     await self._reply(request, result=result)
                 else:
                     try:
-                        await self.transport.send(reply_to, body, durable=False)
+                        if self._send_nowait is not None:
+                            self._send_nowait(reply_to, body, durable=False)
+                        else:
+                            await self.transport.send(reply_to, body, durable=False)
                     except KeelError as exc:
                         self._undeliverable(request, exc)
         finally:

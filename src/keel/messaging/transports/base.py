@@ -122,6 +122,21 @@ class Consumer(Protocol):
         ...
 
 
+class SendNowait(Protocol):
+    """What a transport whose `Transport.send` never waits (the in-process broker) may offer
+    beside it: the same send as a plain call, raising what ``send`` raises. The core's call
+    and reply paths use it where a transport has it (a coroutine fewer per message), and
+    ``await transport.send(...)`` everywhere else."""
+
+    def __call__(self, queue: str, body: bytes, *, durable: bool) -> None: ...
+
+
+def send_nowait(transport: Transport) -> SendNowait | None:
+    """The transport's ``send_nowait`` if it has one (see `SendNowait`)."""
+    found: SendNowait | None = getattr(transport, "send_nowait", None)
+    return found
+
+
 @runtime_checkable
 class Transport(Protocol):
     url: URL

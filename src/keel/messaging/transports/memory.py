@@ -342,9 +342,14 @@ class MemoryTransport:
     def _check_size(self, body: bytes) -> None:
         check_size(body, self.max_message_bytes)
 
-    async def send(  # noqa: PLR0912 - the hot path of every call and reply, inlined
+    async def send(self, queue: str, body: bytes, *, durable: bool) -> None:
+        self.send_nowait(queue, body, durable=durable)
+
+    def send_nowait(  # noqa: PLR0912 - the hot path of every call and reply, inlined
         self, queue: str, body: bytes, *, durable: bool
     ) -> None:
+        """`send`, which never waits here, without its coroutine (see base.SendNowait):
+        the core calls this for every call and reply."""
         if self._closed:
             self._check_open()
         if len(body) > self.max_message_bytes:
