@@ -436,13 +436,18 @@ class RPCServer:
                 await self._malformed(delivery, queue, _poison.crashed("request", exc))
                 return
             started = False
+            slots = self._slots
             try:
                 while True:
                     if self._draining and not (own and self._continues(request.ctx)):
                         await self._decline(request, delivery, own=own)
                         return
-                    # take() first: the common free slot without the coroutine acquire() costs.
-                    if self._slots.take() or await self._slots.acquire():
+                    # take(), inlined, first: the common free slot without the coroutine
+                    # acquire() costs.
+                    if slots.free > 0 and not slots._waiters:
+                        slots.free -= 1
+                        break
+                    if await slots.acquire():
                         break
                 started = True
                 # _run, inlined: one coroutine fewer on every request.
@@ -452,7 +457,7 @@ class RPCServer:
                 try:
                     kind = request.kind
                     if kind == CALL:
-                        await self._do_call(request, delivery)
+                        await self._do_call(request, delivery, task)
                     elif kind == CAST:
                         await self._do_cast(request, delivery)
                     else:  # the decoder admits CALL, CAST and FANOUT only
@@ -460,7 +465,10 @@ class RPCServer:
                 finally:
                     self.running -= 1
                     del self._running_ctx[key]
-                    self._slots.release()
+                    if slots._waiters:  # release(), inlined for the common case: nobody waits
+                        slots.release()
+                    else:
+                        slots.free += 1
                     # Only a drain waits for the server to go idle.
                     if not self.running and self._draining:
                         self._idle.set()
@@ -539,8 +547,9 @@ class RPCServer:
         return True
 
     async def _do_call(  # noqa: PLR0912, PLR0915 - every call: _invoke and _reply inlined
-        self, request: Request, delivery: Delivery
+        self, request: Request, delivery: Delivery, task: asyncio.Task[Any] | None = None
     ) -> None:
+        """``task`` is the one running this (_handle knows it)."""
         # Acknowledged before the method runs (after the checks): a crash mid-call must never
         # lead a broker to run the call a second time elsewhere.
         await delivery.ack()
@@ -565,8 +574,9 @@ class RPCServer:
                         coro = method.func(ctx, **request.args)
                     except TypeError as exc:
                         raise self._bad_arguments(method, request, exc) from None
-                    task = asyncio.current_task() if _RUNNING is None else _RUNNING.get(self._loop)
-                    assert task is not None
+                    if task is None:
+                        task = asyncio.current_task()
+                        assert task is not None
                     self._deadlines[task] = deadline
                     try:
                         result = await coro

@@ -354,7 +354,8 @@ class MemoryTransport:
             self._check_open()
         if len(body) > self.max_message_bytes:
             self._check_size(body)
-        target = self._broker.queues.get(queue)
+        broker = self._broker
+        target = broker.queues.get(queue)
         if target is None:
             # Deleted by another transport since this one declared it: declare it again.
             target = self._declare_again(queue)
@@ -364,38 +365,47 @@ class MemoryTransport:
                 )
             log.warning("queue %s was gone: declared again", queue)
         # Queued, or handed straight to a consumer with credit if none waits before it: one
-        # lock round, and the one-consumer case (a server, a reply queue) without a call.
-        broker = self._broker
+        # lock round (acquire and release: cheaper than a with block), and the one-consumer
+        # case (a server, a reply queue) without a call.
         ready = target.ready
         chosen: _Consumer | None = None
-        with broker.lock:
+        lock = broker.lock
+        lock.acquire()
+        try:
             if not ready:
                 consumers = target.consumers
                 if len(consumers) == 1:
                     only = consumers[0]
-                    if only.auto_ack or len(only.unsettled) < only.prefetch:
+                    if only.auto_ack:
                         chosen = only
+                        delivery = _Delivery(only, body, 1, None, True)
+                    elif len(only.unsettled) < only.prefetch:
+                        chosen = only
+                        delivery = _Delivery(only, body)
+                        only.unsettled.add(delivery)
                 elif consumers:
                     chosen = broker._next_consumer(target)
+                    if chosen is not None:
+                        delivery = _Delivery(chosen, body, 1, None, chosen.auto_ack)
+                        if not chosen.auto_ack:
+                            chosen.unsettled.add(delivery)
             if chosen is None:
                 ready.append(_Message(body))
-            else:
-                delivery = _Delivery(chosen, body)
-                if chosen.auto_ack:
-                    delivery._settled = True
-                else:
-                    chosen.unsettled.add(delivery)
+        finally:
+            lock.release()
         if chosen is None:
             broker.dispatch(target)  # a consumer may have got credit meanwhile
+            return
         # chosen.here(), inlined: every call and reply passes here.
-        elif (
-            chosen.loop._thread_id == _get_ident()  # type: ignore[attr-defined]
+        loop = chosen.loop
+        if (
+            loop._thread_id == _get_ident()  # type: ignore[attr-defined]
             if chosen.plain
-            else asyncio._get_running_loop() is chosen.loop
+            else asyncio._get_running_loop() is loop
         ):
             chosen.handler(delivery)
         else:
-            chosen.loop.call_soon_threadsafe(chosen.handler, delivery)
+            loop.call_soon_threadsafe(chosen.handler, delivery)
 
     async def publish(self, subject: str, body: bytes, *, durable: bool) -> None:
         self._check_open()
