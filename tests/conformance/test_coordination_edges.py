@@ -1,7 +1,7 @@
 """The edges of the coordination contract, on every backend: a release or an acquire lost with
 its connection, a lease extended, the lease the server enforces rather than the one asked for,
 stale terms, paused holders, fair hand-off and waiting without polling
-(docs/coordination-contract.md, "Restarts, lost replies and pauses").
+(docs/coordination-contract.md, "After restarts, pauses and lost replies").
 
 On SQLite there is no connection to lose: the proxy faults do nothing there and the same
 assertions hold trivially.
@@ -138,6 +138,8 @@ async def test_the_lease_is_the_one_the_server_enforces(backend: BackendUnderTes
     a = await backend.connect("a", ttl=90)  # beyond what ZooKeeper's server allows
     held = await a.acquire(backend.n("lock"))
     assert held.ttl <= backend.server_max_ttl
+    # The expiry bound too, not only the number reported: ZooKeeper's negotiated timeout.
+    assert held.remaining() <= backend.server_max_ttl
     await held.release()
 
 
