@@ -106,6 +106,7 @@ _UNAVAILABLE = (
     ThrottledOpError,
 )
 _CONTAINER = 4  # CreateMode.CONTAINER
+_HANDSHAKE_FLOOR = 1.0  # seconds: the shortest wait for a handshake's answer
 _EPHEMERAL_SEQUENTIAL = 3  # CreateMode.EPHEMERAL_SEQUENTIAL
 
 
@@ -289,6 +290,12 @@ class ZookeeperBackend:
         invoke = connection._invoke
 
         def handshake(timeout: float, request: Any, xid: int | None = None) -> Any:
+            if isinstance(request, Connect):
+                # kazoo waits for the handshake's answer a whole session timeout (per host): a
+                # reconnect that landed on a restarted server still loading its data waited
+                # that long (15 s with a 15 s session) although the server was serving a
+                # second later. A third of it leaves two more tries within the session.
+                timeout = min(timeout, max(_HANDSHAKE_FLOOR, timeout / 3))
             result = invoke(timeout, request, xid)
             if isinstance(request, Connect) and isinstance(result, tuple):
                 self._negotiated = result[0].time_out / 1000
