@@ -281,6 +281,17 @@ class BackendUnderTest:
         if self.server is not None:
             servers.restart(self.server)
 
+    def stop(self) -> None:
+        """Stop the server (same data) until `resume`; SQLite has none and is unaffected."""
+        if self.server is not None:
+            servers.stop(self.server)
+
+    def resume(self) -> None:
+        """Start the server `stop` stopped and wait until it is ready (not booked as started
+        by this session: it stays up after it)."""
+        if self.server is not None:
+            servers.resume(self.server)
+
     def unreachable_url(self) -> str:
         if self.server is None:
             blocker = self.tmp / "not-a-directory"

@@ -95,3 +95,12 @@ def release(name: str) -> None:
     _run("stop", name)
     ledger.write_text("".join(n + "\n" for n in names if n != name))
     _started.pop(name, None)
+
+
+def resume(name: str) -> None:
+    """Start a server a test stopped (`stop`) again, and wait until it is ready. Unlike
+    `start`, never books it as started by this session: a server that was running before the
+    test stays running after the session."""
+    result = _run("start", name)
+    if result.returncode != 0:
+        pytest.fail(f"server {name} failed to start:\n{result.stderr}", pytrace=False)

@@ -5,6 +5,7 @@ stay ahead of an OS crash, and a host suspended past its leases (docs/coordinati
 from __future__ import annotations
 
 import asyncio
+import functools
 import shutil
 import threading
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import keel.coordination as kc
+from keel.coordination import _clock
 from keel.errors import LockLost
 
 pytestmark = pytest.mark.timeout(60)
@@ -78,6 +80,22 @@ async def test_fences_stay_ahead_of_a_crash_that_loses_unsynced_commits(tmp_path
     await after.close()
 
 
+def _suspended(monkeypatch: pytest.MonkeyPatch, seconds: float, *, wall: bool) -> None:
+    """The clocks as a host finds them after sleeping ``seconds``: CLOCK_BOOTTIME (and, with
+    ``wall``, the wall clock) moved on, CLOCK_MONOTONIC did not. The bound reads the boot clock
+    through `_clock.now`, made once from ``time.clock_gettime`` and the clock it chose: rebuilt
+    here on a faked ``clock_gettime``, so a bound kept on CLOCK_MONOTONIC misses the sleep."""
+    real_time, real_clock = time.time, time.clock_gettime
+
+    def after_sleep(clock: int) -> float:
+        return real_clock(clock) + (seconds if clock == time.CLOCK_BOOTTIME else 0)
+
+    monkeypatch.setattr(time, "clock_gettime", after_sleep)
+    monkeypatch.setattr(_clock, "now", functools.partial(after_sleep, *_clock.now.args))
+    if wall:
+        monkeypatch.setattr(time, "time", lambda: real_time() + seconds)
+
+
 async def test_a_suspended_host_resumes_with_its_leases_run_out(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -85,17 +103,27 @@ async def test_a_suspended_host_resumes_with_its_leases_run_out(
     a = await kc.connect(url, member_id="a", ttl=2)
     b = await kc.connect(url, member_id="b", ttl=2)
     held = await a.acquire("x")
-    # A suspend: the wall clock and CLOCK_BOOTTIME move on by 10 s, CLOCK_MONOTONIC does not.
-    real_time, real_clock = time.time, time.clock_gettime
-    monkeypatch.setattr(time, "time", lambda: real_time() + 10)
-    monkeypatch.setattr(
-        time,
-        "clock_gettime",
-        lambda clock: real_clock(clock) + (10 if clock == time.CLOCK_BOOTTIME else 0),
-    )
+    _suspended(monkeypatch, 10, wall=True)
     other = await b.acquire("x", timeout=0)  # every process on the host sees the lease over
     with pytest.raises(LockLost):
         held.check()
     await other.release()
     await a.close()
     await b.close()
+
+
+async def test_the_boot_clock_alone_ends_a_lease_the_host_slept_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: ``time.monotonic`` stops while a host is suspended. With the wall clock held
+    back (not corrected yet, or stepped back meanwhile) the boot clock must still end the lease
+    on the holder's first look: a bound on CLOCK_MONOTONIC would outlive the lease."""
+    a = await kc.connect(f"sqlite://{tmp_path}/coord.db", member_id="a", ttl=2)
+    held = await a.acquire("x")
+    held.check()
+    _suspended(monkeypatch, 10, wall=False)
+    with pytest.raises(LockLost, match="ran out"):
+        held.check()
+    with pytest.raises(LockLost):
+        _ = held.fence
+    await a.close()

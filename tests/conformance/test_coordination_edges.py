@@ -1,7 +1,7 @@
 """The edges of the coordination contract, on every backend: a release or an acquire lost with
 its connection, a lease extended, the lease the server enforces rather than the one asked for,
 stale terms, paused holders, fair hand-off and waiting without polling
-(docs/coordination-contract.md, "Restarts, lost replies and pauses").
+(docs/coordination-contract.md, "After restarts, pauses and lost replies").
 
 On SQLite there is no connection to lose: the proxy faults do nothing there and the same
 assertions hold trivially.
@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import signal
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -138,6 +141,8 @@ async def test_the_lease_is_the_one_the_server_enforces(backend: BackendUnderTes
     a = await backend.connect("a", ttl=90)  # beyond what ZooKeeper's server allows
     held = await a.acquire(backend.n("lock"))
     assert held.ttl <= backend.server_max_ttl
+    # The expiry bound too, not only the number reported: ZooKeeper's negotiated timeout.
+    assert held.remaining() <= backend.server_max_ttl
     await held.release()
 
 
@@ -321,24 +326,115 @@ class _CountingReads:
         return counted
 
 
+async def _zookeeper_received(coord: kc.Coordinator) -> int:
+    """What the server counts as received on this coordinator's own connection (the ``stat``
+    four-letter command lists each connection's ``recved``): other clients do not count."""
+    port = coord.backend._client._connection._socket.getsockname()[1]  # type: ignore[attr-defined]
+    host, server_port = urlsplit(coord.url).hostname, urlsplit(coord.url).port
+    reader, writer = await asyncio.open_connection(host, server_port)
+    writer.write(b"stat")
+    answer = (await reader.read()).decode()
+    writer.close()
+    found = re.search(rf"/127\.0\.0\.1:{port}\[\d+\]\([^)]*recved=(\d+)", answer)
+    assert found, answer
+    return int(found.group(1))
+
+
+async def _redis_requests(url: str, ns: str, seconds: float) -> int:
+    """Commands the server ran, over ``seconds``, that name this test's keys (MONITOR on a
+    connection of its own; other clients' keys never hold this test's namespace)."""
+    parts = urlsplit(url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    writer.write(b"MONITOR\r\n")
+    assert (await reader.readline()).startswith(b"+OK")
+    count = 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            while line := await reader.readline():
+                count += ns.encode() in line
+    writer.close()
+    return count
+
+
+def _etcd_requests(url: str) -> int:
+    """Every read etcd counts (Range and Txn calls, Watch requests) from every client: its
+    metrics are per server, not per connection."""
+    parts = urlsplit(url)
+    with urllib.request.urlopen(f"http://{parts.hostname}:{parts.port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    total = 0
+    for line in text.splitlines():
+        started = line.startswith("grpc_server_started_total") and (
+            'grpc_method="Range"' in line or 'grpc_method="Txn"' in line
+        )
+        watched = line.startswith("grpc_server_msg_received_total") and (
+            'grpc_method="Watch",grpc_service="etcdserverpb.Watch"' in line
+        )
+        if started or watched:
+            total += int(float(line.rsplit(" ", 1)[1]))
+    return total
+
+
+async def _etcd_least(url: str) -> int:
+    """The median of the requests etcd got in three seconds, one by one: another client's
+    burst in one of them does not count, a steady load does."""
+    seconds = []
+    for _ in range(3):
+        before = await asyncio.to_thread(_etcd_requests, url)
+        await asyncio.sleep(1.0)
+        seconds.append(await asyncio.to_thread(_etcd_requests, url) - before)
+    return sorted(seconds)[1]
+
+
+async def _server_requests(
+    backend: BackendUnderTest, coord: kc.Coordinator, baseline: int
+) -> int | None:
+    """Requests the server got from ``coord`` in one second, as the server counts them (None
+    on SQLite: there is no server). ZooKeeper counts per connection and Redis's MONITOR is
+    filtered by this test's keys, so other clients of the shared server do not count. etcd's
+    metrics count every client: ``baseline`` is the same count taken before ``coord`` began
+    (`_etcd_least`), and only what comes on top of it counts."""
+    if backend.kind == "zookeeper":
+        before = await _zookeeper_received(coord)
+        await asyncio.sleep(1.0)
+        return await _zookeeper_received(coord) - before
+    if backend.kind == "redis":
+        return await _redis_requests(backend.url, backend.ns, 1.0)
+    if backend.kind == "etcd":
+        return await _etcd_least(backend.url) - baseline
+    return None
+
+
+@pytest.mark.parametrize("poll", [None, 0.1], ids=["default-poll", "poll-0.1"])
 async def test_observers_wait_for_the_server_instead_of_polling(
-    backend: BackendUnderTest,
+    backend: BackendUnderTest, poll: float | None
 ) -> None:
     a, b = await backend.connect("a"), await backend.connect("b")
     counting = _CountingReads(a.backend)
     a.backend = counting  # type: ignore[assignment]
     seen: list[kc.Leader | None] = []
+    # One re-read per poll when nothing is signalled (at most three requests each: ZooKeeper
+    # lists the key, reads its holder and sets its watch), and kazoo's pings, etc.: a loop
+    # that polls the server reads it hundreds of times a second (ZooKeeper 356/s, Redis 87/s).
+    reads_allowed = 3 if poll is None else 1 / poll + 3
+    sent_allowed = 10 if poll is None else 3 / poll + 15
 
     async def observe() -> None:
-        async for leader in a.election(backend.n("e")).observe():
+        async for leader in a.election(backend.n("e")).observe(poll=poll):
             seen.append(leader)
             if leader is not None:
                 return
 
+    baseline = await _etcd_least(backend.url) if backend.kind == "etcd" else 0
     watcher = asyncio.create_task(observe())
+    await asyncio.sleep(0.3)  # the first read is done
+    counting.reads = 0
     await asyncio.sleep(1.0)  # nobody leads: an observer should be waiting, not reading
     idle_reads = counting.reads
-    assert idle_reads <= 3, f"{idle_reads} reads in one idle second"
+    assert idle_reads <= reads_allowed, f"{idle_reads} reads in one idle second"
+    sent = await _server_requests(backend, a, baseline)
+    if sent is not None:
+        assert sent < sent_allowed, f"the server got {sent} requests in one idle second"
     campaigned = time.monotonic()
     term = await b.election(backend.n("e")).campaign(timeout=5)
     await asyncio.wait_for(watcher, 5)

@@ -15,8 +15,8 @@ holder reads 10, the new holder reads 10, the stale holder's write of 11 is stil
 read must *claim* the fence (raise the stored fence to yours as you read, so an older holder's
 later write is refused), or the read and the write must be one transaction, or the write must
 be a compare-and-set on a version every write changes. `fenced_modify` does the first for a
-SQL row; docs/coordination-contract.md shows all three for a SQL row, an etcd key, a Redis key
-and an HTTP API with ``If-Match``.
+SQL row; docs/coordination-fencing.md shows them for a SQL row, an etcd key, a Redis key and
+an HTTP API with ``If-Match``.
 """
 
 from __future__ import annotations

@@ -26,6 +26,9 @@ connection drops before the server confirms it, the core sends it again — the 
 survive the reconnect (on another server of an ensemble, say), and with it the node — until
 the server says the node is gone (or the session is). Node names are unique per attempt, so a
 retried delete can never remove someone else's node.
+A request made while kazoo is not connected (a server down or restarting) fails at once with
+`BackendUnavailable`, as every other "not now" of the server does (`_UNAVAILABLE`): kazoo would
+queue it until a server answered, and send it then, behind the back of a caller that gave up.
 
 Ensembles, TLS and digest logins: see `_zk_connect`.
 """
@@ -45,13 +48,18 @@ from kazoo.exceptions import (
     EXCEPTIONS,
     BadVersionError,
     ConnectionClosedError,
+    ConnectionDropped,
     ConnectionLoss,
     NoAuthError,
     NodeExistsError,
     NoNodeError,
     NotEmptyError,
+    NotReadOnlyCallError,
     OperationTimeoutError,
+    RequestTimeoutError,
     SessionExpiredError,
+    SessionMovedError,
+    ThrottledOpError,
 )
 from kazoo.handlers.threading import AsyncResult, KazooTimeoutError, SequentialThreadingHandler
 from kazoo.protocol.serialization import (
@@ -82,14 +90,23 @@ from keel.coordination.backends.base import (
 )
 from keel.errors import BackendUnavailable
 
+# Every "not now" of kazoo or the server: connection and session faults, and the replies of a
+# server that cannot serve the request yet (throttling, read-only without quorum, a session
+# moved to another member, a request timed out).
 _UNAVAILABLE = (
     ConnectionLoss,
+    ConnectionDropped,
     ConnectionClosedError,
     SessionExpiredError,
     OperationTimeoutError,
     KazooTimeoutError,
+    NotReadOnlyCallError,
+    RequestTimeoutError,
+    SessionMovedError,
+    ThrottledOpError,
 )
 _CONTAINER = 4  # CreateMode.CONTAINER
+_HANDSHAKE_FLOOR = 1.0  # seconds: the shortest wait for a handshake's answer
 _EPHEMERAL_SEQUENTIAL = 3  # CreateMode.EPHEMERAL_SEQUENTIAL
 
 
@@ -246,6 +263,25 @@ class ZookeeperBackend:
         self._flush_due = False
         client.add_listener(self._state_changed)
         self._learn_negotiated_timeout()
+        self._fail_fast_while_disconnected()
+
+    def _fail_fast_while_disconnected(self) -> None:
+        # kazoo queues a request made while it reconnects (SUSPENDED) and sends it once a
+        # server answers again: a try, a read or a renewal against a server that is down or
+        # restarting hung until it was back, instead of failing with the retryable
+        # BackendUnavailable; and a create queued so, given up by its caller meanwhile, would
+        # have been applied later behind its back. Refuse instead: ConnectionLoss, which the
+        # core retries (a waiting acquire, a release) or the caller sees as "not now".
+        client = self._client
+        call = client._call
+
+        def refused_unless_connected(request: Any, async_object: Any) -> Any:
+            if client.state != KazooState.CONNECTED:
+                async_object.set_exception(ConnectionLoss("not connected to a server"))
+                return False
+            return call(request, async_object)
+
+        client._call = refused_unless_connected
 
     def _learn_negotiated_timeout(self) -> None:
         # kazoo uses the session timeout the server negotiated but keeps only the one it
@@ -254,6 +290,12 @@ class ZookeeperBackend:
         invoke = connection._invoke
 
         def handshake(timeout: float, request: Any, xid: int | None = None) -> Any:
+            if isinstance(request, Connect):
+                # kazoo waits for the handshake's answer a whole session timeout (per host): a
+                # reconnect that landed on a restarted server still loading its data waited
+                # that long (15 s with a 15 s session) although the server was serving a
+                # second later. A third of it leaves two more tries within the session.
+                timeout = min(timeout, max(_HANDSHAKE_FLOOR, timeout / 3))
             result = invoke(timeout, request, xid)
             if isinstance(request, Connect) and isinstance(result, tuple):
                 self._negotiated = result[0].time_out / 1000
