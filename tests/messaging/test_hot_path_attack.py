@@ -638,3 +638,21 @@ def test_blocking_facade_from_many_threads() -> None:
         for t in threads:
             t.join(30)
         assert sorted(got) == sorted(k * 100 + i for k in range(8) for i in range(25))
+
+
+async def test_send_nowait_refusal_is_the_callers_error_and_leaves_nothing_waiting() -> None:
+    st_, ct, server, _ = await _pair("closedsend")
+    client = RPCClient(ct, Target("closedsend"), timeout=5)
+    try:
+        assert await client.call(None, "work", mode="ok", n=1) == 1
+        big = "x" * (2 << 20)  # past the memory broker's 1 MiB: refused before it is sent
+        with pytest.raises((errors.MessageTooLarge, errors.SerializationError)):
+            await client.call(None, "work", mode="ok", n=2, pad=big)
+        assert not link(ct)._pending
+        await ct.close()
+        with pytest.raises(errors.KeelError):
+            await client.call(None, "work", mode="ok", n=3)
+        assert not link(ct)._pending
+    finally:
+        await server.stop()
+        await st_.close()
