@@ -356,3 +356,18 @@ async def test_close_while_disconnected_is_prompt_and_leaves_nothing() -> None:
     assert [t for t in left if not t.name.startswith("asyncio_")] == [], left
     stray = [t for t in asyncio.all_tasks() - tasks_before if t is not asyncio.current_task()]
     assert stray == [], stray
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the handshake's answer is waited ttl/3 (7ac1875): a live server answering it "
+    "later than that (3.5 s with a 9 s session) is never reached, each try timing out at 3 s; "
+    "before, kazoo waited the whole session timeout and connected",
+)
+async def test_a_slow_handshake_beyond_the_cap_still_connects() -> None:
+    proxy = _DelayProxy(3.5)
+    try:
+        coord = await kc.connect(_via(proxy.port), member_id="a", ttl=9, connect_timeout="12")
+        await coord.close()
+    finally:
+        proxy.close()
