@@ -235,11 +235,20 @@ class Coordinator:
         held = list(self._held)
         if held:
             await asyncio.gather(*(h.release() for h in held), return_exceptions=True)
-        if self._pending:
-            _, late = await asyncio.wait(list(self._pending), timeout=_FLUSH)
-            for future in late:
-                future.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
+        # A confirmation that fails while waited for starts a retry of its own (`_retry`): wait
+        # for those too, within the same bound, then cancel what is left. (Waiting once for
+        # the set as it was left a retry started meanwhile running after close, for ever: a
+        # release refused at once while ZooKeeper reconnects, retried on the closed client.)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _FLUSH
+        while (waiting := [f for f in self._pending if not f.done()]) and (
+            left := deadline - loop.time()
+        ) > 0:
+            await asyncio.wait(waiting, timeout=left)
+        late = [f for f in self._pending if not f.done()]
+        for future in late:
+            future.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
         self._renewals.close()
         await self.backend.close()
 
