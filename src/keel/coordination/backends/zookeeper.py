@@ -289,15 +289,26 @@ class ZookeeperBackend:
         connection = self._client._connection
         invoke = connection._invoke
 
+        late = [0]  # 1 when the last handshake's answer did not come in time
+
         def handshake(timeout: float, request: Any, xid: int | None = None) -> Any:
-            if isinstance(request, Connect):
-                # kazoo waits for the handshake's answer a whole session timeout (per host): a
-                # reconnect that landed on a restarted server still loading its data waited
-                # that long (15 s with a 15 s session) although the server was serving a
-                # second later. A third of it leaves two more tries within the session.
-                timeout = min(timeout, max(_HANDSHAKE_FLOOR, timeout / 3))
-            result = invoke(timeout, request, xid)
-            if isinstance(request, Connect) and isinstance(result, tuple):
+            if not isinstance(request, Connect):
+                return invoke(timeout, request, xid)
+            # kazoo waits for the handshake's answer a whole session timeout (per host): a
+            # reconnect that landed on a restarted server still loading its data waited that
+            # long (15 s with a 15 s session) although the server was serving a second later.
+            # The first try waits a third of it, the next ones after a late answer two thirds:
+            # a live server slower than a third (3.5 s of a 9 s session) is reached on the
+            # second try instead of never, and a close() that must wait out a handshake under
+            # way (kazoo's stop does) waits two thirds of a session at most.
+            wait = min(timeout, max(_HANDSHAKE_FLOOR, timeout / 3) * (2 if late[0] else 1))
+            try:
+                result = invoke(wait, request, xid)
+            except Exception:
+                late[0] = 1
+                raise
+            late[0] = 0
+            if isinstance(result, tuple):
                 self._negotiated = result[0].time_out / 1000
             return result
 
