@@ -262,6 +262,9 @@ async def test_a_call_cancelled_at_each_await_leaves_the_counters_right(
             await send(queue, body, durable=durable)
 
         monkeypatch.setattr(s.server_transport, "send", gated_send)
+        # The memory transport's reply is sent without an await (send_nowait): take the path
+        # of a transport whose send waits, the await this case cancels at.
+        monkeypatch.setattr(s.server, "_send_nowait", None)
     call = asyncio.ensure_future(s.client.call(None, "work", i=1))
     await asyncio.wait_for(arrived.wait(), 5)
     assert s.server.running == 1
@@ -386,7 +389,7 @@ async def test_a_settle_failure_is_logged_and_frees_the_slot(
     s = await make(start=False, timeout=0.5)
     calls = 0
 
-    async def failing(request: Any, delivery: Delivery) -> None:
+    async def failing(request: Any, delivery: Delivery, task: Any = None) -> None:
         nonlocal calls
         calls += 1
         await delivery.ack()
