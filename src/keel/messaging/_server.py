@@ -581,9 +581,7 @@ class RPCServer:
                     try:
                         result = await coro
                     except asyncio.CancelledError:
-                        if task in self._expired_tasks:
-                            self._expired_tasks.discard(task)
-                            task.uncancel()
+                        if self._deadline_cancelled(task):
                             raise _DeadlinePassed from None
                         raise
                     finally:
@@ -778,9 +776,7 @@ class RPCServer:
                 try:
                     return await coro
                 except asyncio.CancelledError:
-                    if task in self._expired_tasks:
-                        self._expired_tasks.discard(task)
-                        task.uncancel()
+                    if self._deadline_cancelled(task):
                         raise _DeadlinePassed from None
                     raise
                 finally:
@@ -829,6 +825,15 @@ class RPCServer:
             await self.transport.send(request.reply_to, body, durable=False)
         except KeelError as exc:
             self._undeliverable(request, exc)
+
+    def _deadline_cancelled(self, task: asyncio.Task[Any]) -> bool:
+        """Whether ``task`` was cancelled by the deadline sweeper (then it is uncancelled: the
+        caller raises `_DeadlinePassed` instead)."""
+        if task in self._expired_tasks:
+            self._expired_tasks.discard(task)
+            task.uncancel()
+            return True
+        return False
 
     def _undeliverable(self, request: Request, exc: KeelError) -> None:
         event(
