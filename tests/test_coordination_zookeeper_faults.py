@@ -95,3 +95,30 @@ async def test_a_restarting_server_is_backend_unavailable_and_ridden_out() -> No
     finally:
         await coord.close()
     assert errors == [], errors
+
+
+async def test_a_watch_whose_answers_all_fail_leaves_none_unobserved() -> None:
+    """`_Turn.watch` pipelines one ``get`` per node and reads the answers in order: when the
+    connection drops under it, the first failure is raised and the others (ConnectionLoss
+    too) must not be left for asyncio to log as never retrieved (CI, a cluster node killed
+    under load). The conftest's teardown fails this test if one is."""
+    from keel.coordination.backends import zookeeper
+
+    coord = await kc.connect(servers.server_url("zookeeper"), member_id="w", ttl=5)
+    try:
+        backend = coord.backend
+        assert isinstance(backend, zookeeper.ZookeeperBackend)
+        client = backend._client
+
+        def lost(*args: object, **kwargs: object) -> object:
+            result = client.handler.async_result()
+            result.set_exception(kz.ConnectionLoss())
+            return result
+
+        client.get_async = lost
+        turn = zookeeper._Turn(backend, zookeeper._Attempt(node="n-0000000003"), "/keel/w")
+        with pytest.raises(BackendUnavailable):
+            await turn.watch(["n-0000000001", "n-0000000002"])
+        await asyncio.sleep(0.05)  # the other answer's settle runs on the loop
+    finally:
+        await coord.close()

@@ -914,7 +914,11 @@ class _Turn:
                 # Booked on the connection thread as the answer is read, so before any
                 # event of that watch (which the server sends after the answer).
                 result.rawlink(self._answered(name))
-                answers.append(backend._future(result))
+                answer = backend._future(result)
+                # Read below until one fails (or we are cancelled): the rest are observed
+                # here, or asyncio logs their ConnectionLoss as never retrieved.
+                answer.add_done_callback(lambda f: f.cancelled() or f.exception())
+                answers.append(answer)
             for answer in answers:
                 with contextlib.suppress(NoNodeError):
                     await answer
