@@ -113,6 +113,7 @@ from keel._tls import (
     tls_failure,
 )
 from keel.errors import ConfigError, KeelError, TransportError
+from keel.messaging.transports import _amqp_publish
 from keel.messaging.transports.base import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -963,12 +964,6 @@ class RabbitTransport:
         broker confirmed it. With ``mandatory`` (and ``confirm``) a message no queue took is
         `_Unroutable`."""
         confirm = durable if confirm is None else confirm
-        properties = spec.Basic.Properties(
-            delivery_mode=2 if durable else 1,
-            headers=headers,
-            content_type=content_type,
-            content_encoding=content_encoding,
-        )
         where = f"exchange {exchange!r}, " if exchange else ""
         answer: object = None  # the broker's confirm frame
         for _ in range(2):  # once more on a fresh channel after a nack
@@ -977,14 +972,32 @@ class RabbitTransport:
                     "_confirm" if confirm else "_plain",
                     f"publishing to {where}routing key {routing_key!r}",
                 )
-                answer = await channel.basic_publish(
-                    body,
-                    exchange=exchange,
-                    routing_key=routing_key,
-                    properties=properties,
-                    timeout=self._publish_timeout,
-                    mandatory=mandatory and confirm,
-                )
+                if headers is None:
+                    answer = await _amqp_publish.publish(
+                        channel,
+                        body,
+                        exchange=exchange,
+                        routing_key=routing_key,
+                        delivery_mode=2 if durable else 1,
+                        content_type=content_type,
+                        content_encoding=content_encoding,
+                        mandatory=mandatory and confirm,
+                        timeout=self._publish_timeout,
+                    )
+                else:
+                    answer = await channel.basic_publish(
+                        body,
+                        exchange=exchange,
+                        routing_key=routing_key,
+                        properties=spec.Basic.Properties(
+                            delivery_mode=2 if durable else 1,
+                            headers=headers,
+                            content_type=content_type,
+                            content_encoding=content_encoding,
+                        ),
+                        timeout=self._publish_timeout,
+                        mandatory=mandatory and confirm,
+                    )
             except KeelError:
                 raise
             except amqp_errors.PublishError:

@@ -1,0 +1,167 @@
+"""One AMQP ``Basic.Publish`` put on an aiormq channel as bytes written here.
+
+aiormq's ``basic_publish`` costs about 280 µs of CPU per confirmed message on this
+project's 2-core machine (pamqp builds and marshals three frame objects, a random UUID is
+drawn for the message id, and the channel's lock is held until the writer task has drained
+the socket, so publishers on a channel take turns one loop iteration apart). Keel's
+publishes use four properties at most, so the three frames are packed here with
+`struct`, the lock is held only while the delivery tag is taken and the frames are queued
+(the order the broker numbers confirms in), and a confirmed publish waits for its confirm
+alone: the confirm bounds what is buffered, as the drain did. About 150 µs per message
+(bench: ``ratio_notify_rabbit_vs_oslo``).
+
+What aiormq's channel does with the answer is unchanged, so the two paths share a channel:
+the confirm future is registered where ``basic_publish`` puts it, a mandatory message's id
+where a ``Basic.Return`` is matched back to it, and a closed channel fails the wait as it
+does aiormq's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import struct
+from typing import Any
+
+from aiormq.abc import ChannelFrame
+
+_FRAME = struct.Struct(">BHI")  # type, channel, payload size
+_PUBLISH = struct.pack(">HHH", 60, 40, 0)  # Basic.Publish, reserved ticket
+_HEADER = struct.Struct(">HHQH")  # class Basic, weight, body size, property flags
+_END = b"\xce"
+_CONTENT_TYPE, _CONTENT_ENCODING, _DELIVERY_MODE, _MESSAGE_ID = 1 << 15, 1 << 14, 1 << 12, 1 << 7
+
+# A returned message is matched to its publish by message id, on the channel: unique per
+# process is enough, and a counter costs nothing next to aiormq's random UUID.
+_PREFIX = os.urandom(4).hex() + "-"
+_serial = itertools.count()
+
+
+def _short(text: str) -> bytes | None:
+    raw = text.encode()
+    return bytes((len(raw),)) + raw if len(raw) < 256 else None
+
+
+def frames(
+    number: int,
+    max_body: int,
+    exchange: str,
+    routing_key: str,
+    body: bytes,
+    *,
+    delivery_mode: int,
+    message_id: str,
+    content_type: str | None,
+    content_encoding: str | None,
+    mandatory: bool,
+) -> bytes | None:
+    """The publish's three (or more) frames, or None for what only aiormq encodes (a name
+    too long for a short string: ``basic_publish`` raises the error for it)."""
+    ex, key, mid = _short(exchange), _short(routing_key), _short(message_id)
+    if ex is None or key is None or mid is None:
+        return None
+    method = b"".join((_PUBLISH, ex, key, b"\x01" if mandatory else b"\x00"))
+    flags = _DELIVERY_MODE | _MESSAGE_ID
+    props = [bytes((delivery_mode,)), mid]
+    if content_encoding is not None:
+        encoding = _short(content_encoding)
+        if encoding is None:
+            return None
+        flags |= _CONTENT_ENCODING
+        props.insert(0, encoding)
+    if content_type is not None:
+        kind = _short(content_type)
+        if kind is None:
+            return None
+        flags |= _CONTENT_TYPE
+        props.insert(0, kind)
+    header = _HEADER.pack(60, 0, len(body), flags) + b"".join(props)
+    parts = [
+        _FRAME.pack(1, number, len(method)),
+        method,
+        _END,
+        _FRAME.pack(2, number, len(header)),
+        header,
+        _END,
+    ]
+    for start in range(0, len(body), max_body):
+        chunk = body[start : start + max_body]
+        parts += (_FRAME.pack(3, number, len(chunk)), chunk, _END)
+    return b"".join(parts)
+
+
+async def publish(
+    channel: Any,
+    body: bytes,
+    *,
+    exchange: str,
+    routing_key: str,
+    delivery_mode: int,
+    content_type: str | None,
+    content_encoding: str | None,
+    mandatory: bool,
+    timeout: float | None,
+) -> Any:
+    """As aiormq's ``channel.basic_publish``: the broker's confirm frame on a confirming
+    channel (a nack raises aiormq's ``DeliveryError``, a return its ``PublishError``),
+    None on another once the frames are on the socket."""
+    message_id = _PREFIX + str(next(_serial))
+    payload = frames(
+        channel.number,
+        channel.max_content_size,
+        exchange,
+        routing_key,
+        body,
+        delivery_mode=delivery_mode,
+        message_id=message_id,
+        content_type=content_type,
+        content_encoding=content_encoding,
+        mandatory=mandatory,
+    )
+    if payload is None:
+        from pamqp import commands as spec  # noqa: PLC0415 - the rare path
+
+        return await channel.basic_publish(
+            body,
+            exchange=exchange,
+            routing_key=routing_key,
+            properties=spec.Basic.Properties(
+                delivery_mode=delivery_mode,
+                content_type=content_type,
+                content_encoding=content_encoding,
+            ),
+            mandatory=mandatory,
+            timeout=timeout,
+        )
+    confirm = channel.publisher_confirms
+    async with channel._raise_on_channel_close(), asyncio.timeout(timeout):
+        async with channel.lock:
+            channel.delivery_tag += 1
+            tag = channel.delivery_tag
+            confirmation: asyncio.Future[Any] | None = None
+            if confirm:
+                confirmation = channel.create_future()
+                channel.confirmations[tag] = confirmation
+                if mandatory:
+                    channel.message_id_delivery_tag[message_id] = tag
+            # Without a confirm to wait for, the writer's drain is the flow control.
+            drained = None if confirm else channel.create_future()
+            try:
+                await channel.write_queue.put(ChannelFrame(payload, False, drained))
+            except BaseException:  # never queued: the tag is free again (as aiormq does)
+                channel.delivery_tag -= 1
+                channel.confirmations.pop(tag, None)
+                channel.message_id_delivery_tag.pop(message_id, None)
+                if confirmation is not None:
+                    confirmation.cancel()
+                raise
+        if confirmation is None:
+            assert drained is not None
+            await drained
+            return None
+        try:
+            return await confirmation
+        finally:
+            if mandatory:
+                channel.message_id_delivery_tag.pop(message_id, None)
