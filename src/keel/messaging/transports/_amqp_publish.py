@@ -25,6 +25,7 @@ import struct
 from typing import Any
 
 from aiormq.abc import ChannelFrame
+from pamqp import commands as spec
 
 _FRAME = struct.Struct(">BHI")  # type, channel, payload size
 _PUBLISH = struct.pack(">HHH", 60, 40, 0)  # Basic.Publish, reserved ticket
@@ -98,6 +99,7 @@ async def publish(
     exchange: str,
     routing_key: str,
     delivery_mode: int,
+    headers: dict[str, Any] | None = None,
     content_type: str | None,
     content_encoding: str | None,
     mandatory: bool,
@@ -105,29 +107,33 @@ async def publish(
 ) -> Any:
     """As aiormq's ``channel.basic_publish``: the broker's confirm frame on a confirming
     channel (a nack raises aiormq's ``DeliveryError``, a return its ``PublishError``),
-    None on another once the frames are on the socket."""
+    None on another once the frames are on the socket. A message with headers (a field
+    table: rare, dead letters) is aiormq's to encode and send."""
     message_id = _PREFIX + str(next(_serial))
-    payload = frames(
-        channel.number,
-        channel.max_content_size,
-        exchange,
-        routing_key,
-        body,
-        delivery_mode=delivery_mode,
-        message_id=message_id,
-        content_type=content_type,
-        content_encoding=content_encoding,
-        mandatory=mandatory,
+    payload = (
+        None
+        if headers
+        else frames(
+            channel.number,
+            channel.max_content_size,
+            exchange,
+            routing_key,
+            body,
+            delivery_mode=delivery_mode,
+            message_id=message_id,
+            content_type=content_type,
+            content_encoding=content_encoding,
+            mandatory=mandatory,
+        )
     )
     if payload is None:
-        from pamqp import commands as spec  # noqa: PLC0415 - the rare path
-
         return await channel.basic_publish(
             body,
             exchange=exchange,
             routing_key=routing_key,
             properties=spec.Basic.Properties(
                 delivery_mode=delivery_mode,
+                headers=headers,
                 content_type=content_type,
                 content_encoding=content_encoding,
             ),

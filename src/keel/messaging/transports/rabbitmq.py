@@ -972,32 +972,18 @@ class RabbitTransport:
                     "_confirm" if confirm else "_plain",
                     f"publishing to {where}routing key {routing_key!r}",
                 )
-                if headers is None:
-                    answer = await _amqp_publish.publish(
-                        channel,
-                        body,
-                        exchange=exchange,
-                        routing_key=routing_key,
-                        delivery_mode=2 if durable else 1,
-                        content_type=content_type,
-                        content_encoding=content_encoding,
-                        mandatory=mandatory and confirm,
-                        timeout=self._publish_timeout,
-                    )
-                else:
-                    answer = await channel.basic_publish(
-                        body,
-                        exchange=exchange,
-                        routing_key=routing_key,
-                        properties=spec.Basic.Properties(
-                            delivery_mode=2 if durable else 1,
-                            headers=headers,
-                            content_type=content_type,
-                            content_encoding=content_encoding,
-                        ),
-                        timeout=self._publish_timeout,
-                        mandatory=mandatory and confirm,
-                    )
+                answer = await _amqp_publish.publish(
+                    channel,
+                    body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    delivery_mode=2 if durable else 1,
+                    headers=headers,
+                    content_type=content_type,
+                    content_encoding=content_encoding,
+                    mandatory=mandatory and confirm,
+                    timeout=self._publish_timeout,
+                )
             except KeelError:
                 raise
             except amqp_errors.PublishError:
