@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiormq
@@ -78,6 +79,14 @@ def test_a_name_too_long_for_a_short_string_is_left_to_aiormq() -> None:
     assert _amqp_publish.frames(1, 100, "", "k" * 255, b"", **common) is not None  # type: ignore[arg-type]
 
 
+@pytest.fixture
+async def connection() -> AsyncIterator[Any]:
+    url = servers.server_url("rabbitmq").replace("rabbit://", "amqp://", 1)
+    opened = await aiormq.connect(url)
+    yield opened
+    await opened.close()
+
+
 async def _publish(channel: object, queue: str, i: int, *, mandatory: bool = False) -> object:
     return await _amqp_publish.publish(
         channel,
@@ -92,77 +101,62 @@ async def _publish(channel: object, queue: str, i: int, *, mandatory: bool = Fal
     )
 
 
-async def test_both_paths_on_one_confirming_channel() -> None:
+async def test_both_paths_on_one_confirming_channel(connection: Any) -> None:
     """Confirms are matched by delivery tag, counted by the channel: hand-packed publishes
     interleaved with aiormq's (which Keel still uses for a message with headers) all get
     their own ack, a mandatory one nobody routes gets its return, and every message is on the
     queue in the order published."""
-    url = servers.server_url("rabbitmq").replace("rabbit://", "amqp://", 1)
-    connection = await aiormq.connect(url)
-    try:
-        channel: Any = await connection.channel(publisher_confirms=True)
-        queue = f"amqp-publish-{uuid.uuid4().hex[:8]}"
-        await channel.queue_declare(queue, durable=True)
+    channel: Any = await connection.channel(publisher_confirms=True)
+    queue = f"amqp-publish-{uuid.uuid4().hex[:8]}"
+    await channel.queue_declare(queue, durable=True)
 
-        async def theirs(i: int) -> object:
-            return await channel.basic_publish(
-                str(i).encode(),
-                routing_key=queue,
-                properties=spec.Basic.Properties(delivery_mode=2, headers={"n": i}),
-            )
-
-        answers = await asyncio.gather(
-            *(theirs(i) if i % 3 == 0 else _publish(channel, queue, i) for i in range(300))
+    async def theirs(i: int) -> object:
+        return await channel.basic_publish(
+            str(i).encode(),
+            routing_key=queue,
+            properties=spec.Basic.Properties(delivery_mode=2, headers={"n": i}),
         )
-        assert all(isinstance(a, spec.Basic.Ack) for a in answers), answers[:5]
-        with pytest.raises(amqp_errors.PublishError):
-            await _publish(channel, f"{queue}-nobody", 0, mandatory=True)
-        assert not channel.message_id_delivery_tag  # nothing left behind per message
-        assert not channel.confirmations
-        got = []
-        for _ in range(300):
-            message = await channel.basic_get(queue, no_ack=True)
-            got.append(int(message.body))
-        assert got == list(range(300))
-        await channel.queue_delete(queue)
-    finally:
-        await connection.close()
+
+    answers = await asyncio.gather(
+        *(theirs(i) if i % 3 == 0 else _publish(channel, queue, i) for i in range(300))
+    )
+    assert all(isinstance(a, spec.Basic.Ack) for a in answers), answers[:5]
+    with pytest.raises(amqp_errors.PublishError):
+        await _publish(channel, f"{queue}-nobody", 0, mandatory=True)
+    assert not channel.message_id_delivery_tag  # nothing left behind per message
+    assert not channel.confirmations
+    got = []
+    for _ in range(300):
+        message = await channel.basic_get(queue, no_ack=True)
+        got.append(int(message.body))
+    assert got == list(range(300))
+    await channel.queue_delete(queue)
 
 
-async def test_an_unconfirmed_channel_returns_once_written() -> None:
-    url = servers.server_url("rabbitmq").replace("rabbit://", "amqp://", 1)
-    connection = await aiormq.connect(url)
-    try:
-        channel = await connection.channel(publisher_confirms=False)
-        queue = f"amqp-plain-{uuid.uuid4().hex[:8]}"
-        await channel.queue_declare(queue, auto_delete=False)
-        answers = await asyncio.gather(*(_publish(channel, queue, i) for i in range(200)))
-        assert answers == [None] * 200
+async def test_an_unconfirmed_channel_returns_once_written(connection: Any) -> None:
+    channel = await connection.channel(publisher_confirms=False)
+    queue = f"amqp-plain-{uuid.uuid4().hex[:8]}"
+    await channel.queue_declare(queue, auto_delete=False)
+    answers = await asyncio.gather(*(_publish(channel, queue, i) for i in range(200)))
+    assert answers == [None] * 200
+    ok = await channel.queue_declare(queue, passive=True)
+    for _ in range(50):  # unconfirmed: the broker counts them as it routes them
+        if ok.message_count == 200:
+            break
+        await asyncio.sleep(0.05)
         ok = await channel.queue_declare(queue, passive=True)
-        for _ in range(50):  # unconfirmed: the broker counts them as it routes them
-            if ok.message_count == 200:
-                break
-            await asyncio.sleep(0.05)
-            ok = await channel.queue_declare(queue, passive=True)
-        assert ok.message_count == 200
-        await channel.queue_delete(queue)
-    finally:
-        await connection.close()
+    assert ok.message_count == 200
+    await channel.queue_delete(queue)
 
 
-async def test_a_closed_channel_fails_the_wait() -> None:
+async def test_a_closed_channel_fails_the_wait(connection: Any) -> None:
     """A publish waiting for its confirm when the channel closes fails (aiormq's close
     error), rather than waiting out its timeout."""
-    url = servers.server_url("rabbitmq").replace("rabbit://", "amqp://", 1)
-    connection = await aiormq.connect(url)
-    try:
-        channel = await connection.channel(publisher_confirms=True)
-        queue = f"amqp-close-{uuid.uuid4().hex[:8]}"
-        await channel.queue_declare(queue, auto_delete=True)
-        pending = [asyncio.create_task(_publish(channel, queue, i)) for i in range(50)]
-        await asyncio.sleep(0)
-        await channel.close()
-        results = await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 10)
-        assert all(isinstance(r, (spec.Basic.Ack, BaseException)) for r in results)
-    finally:
-        await connection.close()
+    channel = await connection.channel(publisher_confirms=True)
+    queue = f"amqp-close-{uuid.uuid4().hex[:8]}"
+    await channel.queue_declare(queue, auto_delete=True)
+    pending = [asyncio.create_task(_publish(channel, queue, i)) for i in range(50)]
+    await asyncio.sleep(0)
+    await channel.close()
+    results = await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 10)
+    assert all(isinstance(r, (spec.Basic.Ack, BaseException)) for r in results)

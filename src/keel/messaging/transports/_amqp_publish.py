@@ -64,19 +64,16 @@ def frames(
         return None
     method = b"".join((_PUBLISH, ex, key, b"\x01" if mandatory else b"\x00"))
     flags = _DELIVERY_MODE | _MESSAGE_ID
-    props = [bytes((delivery_mode,)), mid]
-    if content_encoding is not None:
-        encoding = _short(content_encoding)
-        if encoding is None:
-            return None
-        flags |= _CONTENT_ENCODING
-        props.insert(0, encoding)
-    if content_type is not None:
-        kind = _short(content_type)
-        if kind is None:
-            return None
-        flags |= _CONTENT_TYPE
-        props.insert(0, kind)
+    props = []
+    # In the order of their flag bits, highest first, as AMQP lays properties out.
+    for value, flag in ((content_type, _CONTENT_TYPE), (content_encoding, _CONTENT_ENCODING)):
+        if value is not None:
+            packed = _short(value)
+            if packed is None:
+                return None
+            flags |= flag
+            props.append(packed)
+    props += (bytes((delivery_mode,)), mid)
     header = _HEADER.pack(60, 0, len(body), flags) + b"".join(props)
     parts = [
         _FRAME.pack(1, number, len(method)),
