@@ -136,3 +136,43 @@ async def test_a_holders_data_change_does_not_hand_its_lock_on(connect: Connect)
     joined = await asyncio.wait_for(joining, 10)
     assert joined.granted_fence > membership.granted_fence
     await joined.release()
+
+
+async def test_a_retaken_locks_fence_is_its_nodes_czxid(connect: Connect) -> None:
+    """A release and the next acquire of the same key are one multi (`_retake`), whose
+    answer names the new node but not its stat: the fence is the zxid of the multi's answer
+    header. It must be the node's czxid, every time, whether the key is free or contended and
+    while other keys are written (whose zxids come in between)."""
+    a, b = await connect("a"), await connect("b")
+    client = _client(a)
+    name = f"czxid-{uuid.uuid4().hex[:8]}"
+    stop = asyncio.Event()
+
+    async def elsewhere() -> None:  # writes of other keys between ours
+        while not stop.is_set():
+            async with b.lock(f"{name}-other"):
+                pass
+
+    async def contend() -> None:
+        while not stop.is_set():
+            async with b.lock(name):
+                await asyncio.sleep(0)
+
+    def czxids(key: str) -> list[int]:
+        path = zookeeper._dir(key)
+        stats = [client.exists(f"{path}/{n}") for n in client.get_children(path)]
+        return [int(s.czxid) for s in stats if s is not None]
+
+    checked = 0
+    for noise in (elsewhere, contend):
+        stop.clear()
+        task = asyncio.create_task(noise())
+        try:
+            for _ in range(60):
+                async with a.lock(name) as held:
+                    assert held.fence in await asyncio.to_thread(czxids, held.key)
+                    checked += 1
+        finally:
+            stop.set()
+            await task
+    assert checked == 120

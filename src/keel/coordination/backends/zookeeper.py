@@ -150,8 +150,6 @@ class _Release:
 
     key: str
     node: str
-    last_seq: int
-    unseen: int
     fence: int
     confirmation: asyncio.Future[None]
 
@@ -224,11 +222,6 @@ class _Attempt:
     fence: int = 0
     ahead: tuple[str, ...] = ()
     alive_since: float = 0.0
-    last_seq: int = -1  # the highest sequence in our last listing of the key (`_retake`)
-    # Nodes likely made under the key since that listing (`_retake` looks for its new node
-    # at each place): a predecessor that handed us the lock with no listing of ours after
-    # it usually queued again as it left (`_retake`).
-    unseen: int = 0
 
 
 class ZookeeperBackend:
@@ -254,9 +247,7 @@ class ZookeeperBackend:
         self._negotiated: float | None = None
         self._loop = asyncio.get_running_loop()
         self._on_lost: list[Callable[[], None]] = []
-        # (key, fence) -> our node's path, the highest sequence under the key when granted,
-        # and how many nodes were likely made under it since (`_Attempt.unseen`)
-        self._held: dict[tuple[str, int], tuple[str, int, int]] = {}
+        self._held: dict[tuple[str, int], str] = {}  # (key, fence) -> our node's path
         self._dirs: set[str] = set()  # container nodes known to exist
         # Releases wait for the end of the loop iteration (see `release`), by key.
         self._deferred: dict[str, _Release] = {}
@@ -479,18 +470,16 @@ class ZookeeperBackend:
         """This client's release of the key, not sent yet, and its next attempt at it: one
         ``multi`` deleting the old node and creating the new one, so one write (one fsync on
         the server) instead of two. The new node queues behind every waiter like any other.
-        A multi's create answers with the path alone, so the fence (the new node's czxid) is
-        read by an ``exists`` pipelined behind it on the path the server gives the node when
-        nobody created under the key since our last listing (the sequence after the highest
-        one in it: uncontended, ours; contended, the last waiter's), or the one after that
-        when a node was likely made since (`_Attempt.unseen`); a wrong guess costs one more
-        round trip, never a wrong fence (the name holds our attempt's token). The
-        listing after both. Returns the listing, or None (``attempt.node`` unset) when the
+        A multi's create answers with the path alone; the fence (the new node's czxid) is
+        the multi's own zxid, which the server puts in the answer's header: it applies
+        writes one at a time and answers each with the last zxid applied, this one's (see
+        ZooKeeper's FinalRequestProcessor), and every node a multi creates gets that zxid as
+        its czxid. So no ``exists`` after it (one request less per cycle). The listing is
+        pipelined behind. Returns the listing, or None (``attempt.node`` unset) when the
         multi changed nothing: then the release is sent on its own (or was already done: our
         node was gone) and the caller creates."""
         client = self._client
         chroot = client.chroot
-        guess = f"{path}/{prefix}{released.last_seq + 1 + released.unseen:010d}"
         create = Create2(
             chroot + f"{path}/{prefix}",
             waiter.owner.encode() + b"\n" + waiter.data,
@@ -498,6 +487,10 @@ class ZookeeperBackend:
             _EPHEMERAL_SEQUENTIAL,
         )
         result = client.handler.async_result()
+        zxid = [0]
+        # Inline on the connection thread, as the answer is read: kazoo has just set
+        # last_zxid from this answer's header, the multi's own zxid (see the docstring).
+        result.rawlink(lambda _: zxid.__setitem__(0, client.last_zxid))
         attempt.alive_since = now()
         waiter.sent = True
         try:
@@ -505,27 +498,27 @@ class ZookeeperBackend:
                 client._call(_Multi([Delete(chroot + released.node, -1), create]), result)
                 multi = self._future(result)
                 listed = self._future(client.get_children_async(path))
-                probed = self._future(client.exists_async(guess))
         except BaseException as exc:
             self._fail_release(released, exc)
             raise
-        for future in (listed, probed):  # a failure here is the multi's, told below
-            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        # A failure here is the multi's, told below.
+        listed.add_done_callback(lambda f: f.cancelled() or f.exception())
         # The release is settled by the multi's answer, whoever waits for it (or stops to).
         multi.add_done_callback(lambda f: self._retake_released(f, released))
         with self._mapped():
             outcome = await multi
             children: list[str] = await listed
-            stat = await probed
         if not (outcome and outcome[0] is True and isinstance(outcome[-1], str)):
             return None
         node = posixpath.basename(client.unchroot(outcome[-1]))
-        if stat is None or posixpath.basename(guess) != node:
+        fence = zxid[0]
+        if fence <= 0:  # not read (an answer without a zxid): ask the node itself
             stat = await self._call(client.exists_async, f"{path}/{node}")
             if stat is None:  # our session ended meanwhile: the core looks for it by name
                 raise BackendUnavailable(f"zookeeper at {self._url}: {path}/{node} vanished")
+            fence = int(stat.czxid)
         # Both at once: a node known without its fence would be granted with fence 0.
-        attempt.node, attempt.fence = node, int(stat.czxid)
+        attempt.node, attempt.fence = node, fence
         return children
 
     def _retake_released(self, multi: asyncio.Future[Any], released: _Release) -> None:
@@ -610,8 +603,6 @@ class ZookeeperBackend:
             waiter.sent = False
             return await self.enqueue(waiter, queue=queue)
         attempt.ahead = tuple(sorted((c for c in children if _seq(c) < mine), key=_seq))
-        attempt.last_seq = max(map(_seq, children))
-        attempt.unseen = 0
         if not attempt.ahead:
             return self._granted(waiter, attempt)
         if not queue:
@@ -621,7 +612,7 @@ class ZookeeperBackend:
 
     def _granted(self, waiter: Waiter, attempt: _Attempt) -> Grant:
         node = f"{_dir(waiter.key)}/{attempt.node}"
-        self._held[(waiter.key, attempt.fence)] = (node, attempt.last_seq, attempt.unseen)
+        self._held[(waiter.key, attempt.fence)] = node
         return Grant(attempt.fence, attempt.alive_since + self.lease_ttl(waiter.ttl))
 
     async def wait_turn(self, waiter: Waiter, timeout: float) -> Grant | None:
@@ -635,7 +626,6 @@ class ZookeeperBackend:
                 turn = _Turn(self, attempt, path)
             remaining = turn.remaining()
             if not (remaining or turn.relist) and now() - attempt.alive_since < ttl / 3:
-                attempt.unseen = 1  # the last one ahead of us is gone, and queued again
                 return self._granted(waiter, attempt)
             if remaining and not turn.relist:
                 turn.gone.clear()
@@ -682,7 +672,7 @@ class ZookeeperBackend:
         held = self._held.get((key, fence))
         if held is None:
             return None
-        node = held[0]
+        node = held
         sent = now()
         stat = await self._call(self._client.exists_async, node)
         if stat is None or stat.czxid != fence or stat.ephemeralOwner != self._session_id():
@@ -702,7 +692,7 @@ class ZookeeperBackend:
         if earlier is not None:
             self._send_release(earlier)
         confirmation: asyncio.Future[None] = self._loop.create_future()
-        self._deferred[key] = _Release(key, *held, fence=fence, confirmation=confirmation)
+        self._deferred[key] = _Release(key, held, fence=fence, confirmation=confirmation)
         _deferring.setdefault(self._loop, set()).add(self)
         if not self._flush_due:
             self._flush_due = True
@@ -787,7 +777,7 @@ class ZookeeperBackend:
         own = self._held.get((key, fence))
         if own is not None:
             try:
-                await self._call(self._client.delete_async, own[0])
+                await self._call(self._client.delete_async, own)
             except NoNodeError:
                 self._held.pop((key, fence), None)
                 return False
@@ -972,7 +962,6 @@ class _Turn:
         else:
             attempt = self.attempt
             attempt.alive_since = max(attempt.alive_since, sent)
-            attempt.last_seq = max([attempt.last_seq, *map(_seq, _attempts_of(list(children)))])
             self.deleted.update(n for n in attempt.ahead if n not in children)
         if self.relist or not self.covered():
             self._wake()
