@@ -19,23 +19,35 @@ does aiormq's own.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import os
 import struct
 from typing import Any
 
 from aiormq.abc import ChannelFrame
+from pamqp.constants import DOMAIN_REGEX
 
 _FRAME = struct.Struct(">BHI")  # type, channel, payload size
 _PUBLISH = struct.pack(">HHH", 60, 40, 0)  # Basic.Publish, reserved ticket
 _HEADER = struct.Struct(">HHQH")  # class Basic, weight, body size, property flags
 _END = b"\xce"
+_EXCHANGE_NAME = DOMAIN_REGEX["exchange-name"]
 _CONTENT_TYPE, _CONTENT_ENCODING, _DELIVERY_MODE, _MESSAGE_ID = 1 << 15, 1 << 14, 1 << 12, 1 << 7
 
 # A returned message is matched to its publish by message id, on the channel: unique per
 # process is enough, and a counter costs nothing next to aiormq's random UUID.
 _PREFIX = os.urandom(4).hex() + "-"
 _serial = itertools.count()
+
+
+@functools.lru_cache(maxsize=64)
+def _exchange_ok(name: str) -> bool:
+    """What pamqp's ``Basic.Publish`` accepts as an exchange name (127 characters of
+    ``[a-zA-Z0-9-_.:@#,/+ ]``); another is left to aiormq, whose pamqp raises the
+    ValueError for it rather than the broker closing the channel (and failing every
+    publish in flight on it) over a name that cannot exist."""
+    return len(name) <= 127 and _EXCHANGE_NAME.fullmatch(name) is not None
 
 
 def _short(text: str) -> bytes | None:
@@ -58,19 +70,22 @@ def frames(
 ) -> bytes | None:
     """The publish's three (or more) frames, or None for what only aiormq encodes (a name
     too long for a short string: ``basic_publish`` raises the error for it)."""
+    if exchange and not _exchange_ok(exchange):
+        return None
     ex, key, mid = _short(exchange), _short(routing_key), _short(message_id)
     if ex is None or key is None or mid is None:
         return None
     method = b"".join((_PUBLISH, ex, key, b"\x01" if mandatory else b"\x00"))
     flags = _DELIVERY_MODE | _MESSAGE_ID
     props = [bytes((delivery_mode,)), mid]
-    if content_encoding is not None:
+    # pamqp leaves out a property that is "" (no flag): the consumer reads it as absent.
+    if content_encoding:
         encoding = _short(content_encoding)
         if encoding is None:
             return None
         flags |= _CONTENT_ENCODING
         props.insert(0, encoding)
-    if content_type is not None:
+    if content_type:
         kind = _short(content_type)
         if kind is None:
             return None
