@@ -23,9 +23,11 @@ import functools
 import itertools
 import os
 import struct
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from aiormq.abc import ChannelFrame
+from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 from pamqp.constants import DOMAIN_REGEX
 
 _FRAME = struct.Struct(">BHI")  # type, channel, payload size
@@ -106,6 +108,47 @@ def frames(
     return b"".join(parts)
 
 
+_CLOSED = "keel: the channel closed under a publish"
+_T = TypeVar("_T")
+
+
+async def until_closed(channel: Any, step: Awaitable[_T]) -> _T:
+    """``await step``, unless ``channel`` closes first: then the close's AMQP error (aiormq's
+    ChannelInvalidStateError if it had none) is raised, and ``step`` was cancelled.
+
+    A dead connection's writer never takes another frame, so a publish waiting for room in
+    its write queue would hold the channel lock until its timeout, and every publisher
+    behind it with it (the channel's futures are failed on close, a queue put is not).
+    aiormq alone never fills the queue, holding the lock until a frame is drained; Keel's
+    publishes do (the lock is held only while queueing), for its own and aiormq's alike.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    closing: asyncio.Future[Any] = channel._closing
+    waiting, fired = True, False
+
+    def closed(_: object) -> None:
+        nonlocal fired
+        if waiting:  # a callback already scheduled must not cancel the task later
+            fired = True
+            task.cancel(_CLOSED)
+
+    closing.add_done_callback(closed)
+    try:
+        return await step
+    except asyncio.CancelledError:
+        # Our cancel is taken back; one from elsewhere (a timeout, the caller) stays.
+        if fired and task.uncancel() == 0:
+            reason = None if closing.cancelled() else closing.exception()
+            if isinstance(reason, AMQPError):
+                raise reason from None
+            raise ChannelInvalidStateError(f"{channel!r} closed") from None
+        raise
+    finally:
+        waiting = False
+        closing.remove_done_callback(closed)
+
+
 async def publish(
     channel: Any,
     body: bytes,
@@ -137,17 +180,20 @@ async def publish(
     if payload is None:
         from pamqp import commands as spec  # noqa: PLC0415 - the rare path
 
-        return await channel.basic_publish(
-            body,
-            exchange=exchange,
-            routing_key=routing_key,
-            properties=spec.Basic.Properties(
-                delivery_mode=delivery_mode,
-                content_type=content_type,
-                content_encoding=content_encoding,
+        return await until_closed(
+            channel,
+            channel.basic_publish(
+                body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=spec.Basic.Properties(
+                    delivery_mode=delivery_mode,
+                    content_type=content_type,
+                    content_encoding=content_encoding,
+                ),
+                mandatory=mandatory,
+                timeout=timeout,
             ),
-            mandatory=mandatory,
-            timeout=timeout,
         )
     confirm = channel.publisher_confirms
     async with channel._raise_on_channel_close(), asyncio.timeout(timeout):
@@ -163,13 +209,20 @@ async def publish(
             # Without a confirm to wait for, the writer's drain is the flow control.
             drained = None if confirm else channel.create_future()
             try:
-                await channel.write_queue.put(ChannelFrame(payload, False, drained))
+                frame = ChannelFrame(payload, False, drained)
+                queue: asyncio.Queue[Any] = channel.write_queue
+                if queue.full():
+                    await until_closed(channel, queue.put(frame))
+                else:
+                    queue.put_nowait(frame)
             except BaseException:  # never queued: the tag is free again (as aiormq does)
                 channel.delivery_tag -= 1
                 channel.confirmations.pop(tag, None)
                 channel.message_id_delivery_tag.pop(message_id, None)
                 if confirmation is not None:
                     confirmation.cancel()
+                if drained is not None:
+                    drained.cancel()  # else the channel's future store keeps it until close
                 raise
         if confirmation is None:
             assert drained is not None

@@ -984,19 +984,22 @@ class RabbitTransport:
                         mandatory=mandatory and confirm,
                         timeout=self._publish_timeout,
                     )
-                else:
-                    answer = await channel.basic_publish(
-                        body,
-                        exchange=exchange,
-                        routing_key=routing_key,
-                        properties=spec.Basic.Properties(
-                            delivery_mode=2 if durable else 1,
-                            headers=headers,
-                            content_type=content_type,
-                            content_encoding=content_encoding,
+                else:  # on a closed channel this waits no more than Keel's own publish
+                    answer = await _amqp_publish.until_closed(
+                        channel,
+                        channel.basic_publish(
+                            body,
+                            exchange=exchange,
+                            routing_key=routing_key,
+                            properties=spec.Basic.Properties(
+                                delivery_mode=2 if durable else 1,
+                                headers=headers,
+                                content_type=content_type,
+                                content_encoding=content_encoding,
+                            ),
+                            timeout=self._publish_timeout,
+                            mandatory=mandatory and confirm,
                         ),
-                        timeout=self._publish_timeout,
-                        mandatory=mandatory and confirm,
                     )
             except KeelError:
                 raise
