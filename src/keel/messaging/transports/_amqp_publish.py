@@ -21,10 +21,12 @@ does aiormq's own.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import itertools
 import os
 import struct
+import weakref
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -151,6 +153,35 @@ async def until_closed(channel: Any, step: Awaitable[_T]) -> _T:
         closing.remove_done_callback(closed)
 
 
+# aiormq answers a broker's Channel.Close (and Connection.Close) with a Close-Ok it puts on
+# the write queue without waiting, dropping it if the queue is full; the broker then holds
+# the channel number, and the next channel opened with it closes the whole connection
+# ("second 'channel.open' seen"). aiormq's own publishes leave the queue room for it (one
+# at a time, drained under the lock); Keel's fill it, so they keep this many slots free:
+# a publish waits while as many of Keel's frames are queued or being written as the queue
+# holds less this.
+_HEADROOM = 2
+_unwritten: weakref.WeakKeyDictionary[asyncio.Queue[Any], collections.deque[asyncio.Future[None]]]
+_unwritten = weakref.WeakKeyDictionary()
+
+
+async def _room(channel: Any, queue: asyncio.Queue[Any]) -> collections.deque[asyncio.Future[None]]:
+    """Wait (unless the channel closes) until Keel's frames leave the queue room for
+    aiormq's; the deque of those frames' drain futures, oldest first, to add one's to."""
+    pending = _unwritten.get(queue)
+    if pending is None:
+        pending = _unwritten[queue] = collections.deque()
+    limit = queue.maxsize - _HEADROOM if queue.maxsize > _HEADROOM else 0
+    while pending and pending[0].done():
+        pending.popleft()
+    while limit and len(pending) >= limit:
+        # asyncio.wait: a cancel here must not cancel another publisher's future
+        await until_closed(channel, asyncio.wait((pending[0],)))
+        while pending and pending[0].done():
+            pending.popleft()
+    return pending
+
+
 async def publish(
     channel: Any,
     body: bytes,
@@ -221,10 +252,12 @@ async def publish(
             try:
                 frame = ChannelFrame(payload, False, drained)
                 queue: asyncio.Queue[Any] = channel.write_queue
-                if queue.full():
+                pending = await _room(channel, queue)
+                if queue.full():  # aiormq's frames fill it
                     await until_closed(channel, queue.put(frame))
                 else:
                     queue.put_nowait(frame)
+                pending.append(drained)
             except BaseException:  # never queued: the tag is free again (as aiormq does)
                 channel.delivery_tag -= 1
                 channel.confirmations.pop(tag, None)
