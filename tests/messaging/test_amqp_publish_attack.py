@@ -378,8 +378,10 @@ class _Proxy:
 
     def __init__(self, host: str, port: int) -> None:
         self.target = (host, port)
-        self.flowing = asyncio.Event()
+        self.flowing = asyncio.Event()  # client to broker
         self.flowing.set()
+        self.answering = asyncio.Event()  # broker to client
+        self.answering.set()
         self.writers: list[asyncio.StreamWriter] = []
         self.server: asyncio.Server | None = None
 
@@ -391,16 +393,19 @@ class _Proxy:
         up_reader, up_writer = await asyncio.open_connection(*self.target)
         self.writers += [writer, up_writer]
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, gated: bool) -> None:
+        async def pipe(
+            src: asyncio.StreamReader, dst: asyncio.StreamWriter, gate: asyncio.Event
+        ) -> None:
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 while data := await src.read(65536):
-                    if gated:
-                        await self.flowing.wait()
+                    await gate.wait()
                     dst.write(data)
                     await dst.drain()
             dst.close()
 
-        await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
+        await asyncio.gather(
+            pipe(reader, up_writer, self.flowing), pipe(up_reader, writer, self.answering)
+        )
 
     def cut(self) -> None:
         for w in self.writers:
@@ -409,6 +414,7 @@ class _Proxy:
 
     async def close(self) -> None:
         self.flowing.set()
+        self.answering.set()
         self.cut()
         if self.server is not None:
             self.server.close()
@@ -496,6 +502,58 @@ async def test_a_stalled_broker_holds_up_publishers_not_the_socket_buffer(
         with contextlib.suppress(errors.KeelError):
             await transport.delete_queue(queue)
         await transport.close()
+
+
+async def test_a_channel_closed_by_the_broker_under_a_full_queue(proxy: _Proxy) -> None:
+    """The broker closes a channel (a publish to a missing exchange) while the socket is slow
+    and publishers on another channel of the connection wait: aiormq's Close-Ok still finds
+    room in the write queue (it is dropped when the queue is full), so the next channel,
+    which gets the closed one's number, opens. Before, the broker still held that number
+    and closed the whole connection: "second 'channel.open' seen"."""
+    assert proxy.server is not None
+    port = proxy.server.sockets[0].getsockname()[1]
+    connection = await aiormq.connect(f"amqp://guest:guest@127.0.0.1:{port}/")
+    try:
+        filler: Any = await connection.channel(publisher_confirms=True)
+        victim: Any = await connection.channel(publisher_confirms=True)
+        queue = f"attack-closeok-{uuid.uuid4().hex[:8]}"
+        await filler.queue_declare(queue, auto_delete=True)
+        proxy.answering.clear()  # the broker's Channel.Close waits in the proxy
+        bad = asyncio.create_task(
+            _amqp_publish.publish(
+                victim,
+                b"x",
+                exchange=f"missing-{uuid.uuid4().hex[:8]}",
+                routing_key="k",
+                delivery_mode=1,
+                content_type=None,
+                content_encoding=None,
+                mandatory=False,
+                timeout=20,
+            )
+        )
+        await asyncio.sleep(0.3)  # it reached the broker
+        proxy.flowing.clear()  # now the socket is slow: the writer stops at its drain
+        fill = [
+            asyncio.create_task(_publish(filler, queue, b"f" * 1_000_000, timeout=20))
+            for _ in range(40)
+        ]
+        await asyncio.sleep(1)
+        assert not any(t.done() for t in fill)  # the writer is held up
+        assert connection.write_queue.qsize() <= connection.write_queue.maxsize - 2
+        proxy.answering.set()  # Channel.Close arrives; Close-Ok is queued
+        with pytest.raises(amqp_errors.ChannelNotFoundEntity):
+            await bad
+        proxy.flowing.set()
+        await asyncio.wait_for(asyncio.gather(*fill), 15)
+        again: Any = await asyncio.wait_for(connection.channel(publisher_confirms=True), 5)
+        assert again.number == victim.number
+        assert isinstance(await _publish(again, queue, b"y", timeout=5), spec.Basic.Ack)
+        assert not connection.is_closed
+    finally:
+        proxy.flowing.set()
+        proxy.answering.set()
+        await connection.close()
 
 
 @pytest.mark.parametrize("durable", [True, False])
