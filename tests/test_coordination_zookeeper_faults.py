@@ -16,6 +16,7 @@ from kazoo.handlers.threading import KazooTimeoutError
 
 import keel.coordination as kc
 import servers
+from keel.coordination.backends import zookeeper
 from keel.coordination.backends.base import map_errors
 from keel.coordination.backends.zookeeper import _UNAVAILABLE
 from keel.errors import BackendUnavailable, CoordinationError
@@ -102,8 +103,6 @@ async def test_a_watch_whose_answers_all_fail_leaves_none_unobserved() -> None:
     connection drops under it, the first failure is raised and the others (ConnectionLoss
     too) must not be left for asyncio to log as never retrieved (CI, a cluster node killed
     under load). The conftest's teardown fails this test if one is."""
-    from keel.coordination.backends import zookeeper
-
     coord = await kc.connect(servers.server_url("zookeeper"), member_id="w", ttl=5)
     try:
         backend = coord.backend
