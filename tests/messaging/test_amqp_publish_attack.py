@@ -104,12 +104,18 @@ def _store(channel: Any) -> set[Any]:
 
 
 async def _publish(
-    channel: Any, queue: str, body: bytes, *, mandatory: bool = False, timeout: float = 30
+    channel: Any,
+    queue: str,
+    body: bytes,
+    *,
+    mandatory: bool = False,
+    timeout: float = 30,
+    exchange: str = "",
 ) -> Any:
     return await _amqp_publish.publish(
         channel,
         body,
-        exchange="",
+        exchange=exchange,
         routing_key=queue,
         delivery_mode=1,
         content_type=None,
@@ -304,17 +310,7 @@ def test_an_exchange_name_pamqp_refuses_is_left_to_aiormq() -> None:
 async def test_a_refused_exchange_name_raises_as_aiormq_does(amqp: aiormq.Connection) -> None:
     channel: Any = await amqp.channel(publisher_confirms=True)
     with pytest.raises(ValueError, match="exchange"):
-        await _amqp_publish.publish(
-            channel,
-            b"x",
-            exchange="bad!name",
-            routing_key="k",
-            delivery_mode=1,
-            content_type=None,
-            content_encoding=None,
-            mandatory=False,
-            timeout=5,
-        )
+        await _publish(channel, "k", b"x", exchange="bad!name", timeout=5)
     assert not channel.is_closed
     assert isinstance(await _publish(channel, "nowhere", b"x"), spec.Basic.Ack)
 
@@ -520,17 +516,7 @@ async def test_a_channel_closed_by_the_broker_under_a_full_queue(proxy: _Proxy) 
         await filler.queue_declare(queue, auto_delete=True)
         proxy.answering.clear()  # the broker's Channel.Close waits in the proxy
         bad = asyncio.create_task(
-            _amqp_publish.publish(
-                victim,
-                b"x",
-                exchange=f"missing-{uuid.uuid4().hex[:8]}",
-                routing_key="k",
-                delivery_mode=1,
-                content_type=None,
-                content_encoding=None,
-                mandatory=False,
-                timeout=20,
-            )
+            _publish(victim, "k", b"x", exchange=f"missing-{uuid.uuid4().hex[:8]}", timeout=20)
         )
         await asyncio.sleep(0.3)  # it reached the broker
         proxy.flowing.clear()  # now the socket is slow: the writer stops at its drain
