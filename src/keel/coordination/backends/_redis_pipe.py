@@ -32,6 +32,7 @@ from typing import Any
 
 import hiredis
 
+from keel.coordination.backends.base import mark_observed
 from keel.errors import BackendUnavailable
 
 
@@ -219,7 +220,7 @@ class Pipe:
         reply = self._write(writer, args)
         waited = self._write(writer, ("WAIT", self._wait_replicas, 2000))
         # Retrieved even when the reply above fails first (the hang-up fails both).
-        waited.add_done_callback(lambda f: f.cancelled() or f.exception())
+        mark_observed(waited)
         result, counted = await self._answers(reply, waited)
         if isinstance(result, hiredis.ReplyError):
             raise result

@@ -36,6 +36,7 @@ Failure semantics a backend must keep:
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import itertools
 import os
@@ -219,6 +220,19 @@ class BackendFactory(Protocol):
 
 def _never(exc: BaseException) -> bool:
     return False
+
+
+def _read(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def mark_observed(future: asyncio.Future[Any]) -> asyncio.Future[Any]:
+    """Read ``future``'s exception once it is done. For an answer its caller may never
+    await (pipelined behind one whose failure is told instead, or tidying nobody waits
+    for): asyncio would otherwise log the failure as never retrieved."""
+    future.add_done_callback(_read)
+    return future
 
 
 @contextmanager

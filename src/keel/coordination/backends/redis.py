@@ -58,6 +58,7 @@ from keel.coordination.backends.base import (
     Record,
     Waiter,
     map_errors,
+    mark_observed,
 )
 from keel.errors import BackendUnavailable
 
@@ -278,7 +279,7 @@ class RedisBackend:
             if gone:
                 # Tidying only: nobody waits for the answer, and a failure is harmless.
                 pruned = await self._pipe.send("SREM", index, *gone)
-                pruned.add_done_callback(lambda f: f.cancelled() or f.exception())
+                mark_observed(pruned)
         return [
             _parse((n.decode() if isinstance(n, bytes) else n).removeprefix("keel:"), v)
             for n, v in zip(names, values, strict=True)

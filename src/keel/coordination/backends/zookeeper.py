@@ -87,6 +87,7 @@ from keel.coordination.backends.base import (
     Record,
     Waiter,
     map_errors,
+    mark_observed,
 )
 from keel.errors import BackendUnavailable
 
@@ -446,7 +447,7 @@ class ZookeeperBackend:
                 )
                 listed = self._future(self._client.get_children_async(path))
                 # If the create fails, the listing fails alike: nobody needs its error.
-                listed.add_done_callback(lambda f: f.cancelled() or f.exception())
+                mark_observed(listed)
                 try:
                     with self._mapped():
                         new_path, stat = await created
@@ -502,7 +503,7 @@ class ZookeeperBackend:
             self._fail_release(released, exc)
             raise
         # A failure here is the multi's, told below.
-        listed.add_done_callback(lambda f: f.cancelled() or f.exception())
+        mark_observed(listed)
         # The release is settled by the multi's answer, whoever waits for it (or stops to).
         multi.add_done_callback(lambda f: self._retake_released(f, released))
         with self._mapped():
@@ -672,9 +673,8 @@ class ZookeeperBackend:
         held = self._held.get((key, fence))
         if held is None:
             return None
-        node = held
         sent = now()
-        stat = await self._call(self._client.exists_async, node)
+        stat = await self._call(self._client.exists_async, held)
         if stat is None or stat.czxid != fence or stat.ephemeralOwner != self._session_id():
             self._held.pop((key, fence), None)
             return None
@@ -907,7 +907,7 @@ class _Turn:
                 answer = backend._future(result)
                 # Read below until one fails (or we are cancelled): the rest are observed
                 # here, or asyncio logs their ConnectionLoss as never retrieved.
-                answer.add_done_callback(lambda f: f.cancelled() or f.exception())
+                mark_observed(answer)
                 answers.append(answer)
             for answer in answers:
                 with contextlib.suppress(NoNodeError):
