@@ -9,8 +9,8 @@ publishes use four properties at most, so the three frames are packed here with
 (the order the broker numbers confirms in), and a confirmed publish waits for its confirm
 alone (the writer still drains the socket after its frames, so a broker that stops reading
 holds publishers up at the write queue, as aiormq's drain did, rather than letting every
-publish in flight into the socket's buffer). About 150 µs per message (bench:
-``ratio_notify_rabbit_vs_oslo``).
+publish in flight into the socket's buffer). 174-226 µs per message here, against 369 µs
+through ``basic_publish`` (bench: ``ratio_notify_rabbit_vs_oslo``).
 
 What aiormq's channel does with the answer is unchanged, so the two paths share a channel:
 the confirm future is registered where ``basic_publish`` puts it, a mandatory message's id
@@ -75,8 +75,9 @@ def frames(
     content_encoding: str | None,
     mandatory: bool,
 ) -> bytes | None:
-    """The publish's three (or more) frames, or None for what only aiormq encodes (a name
-    too long for a short string: ``basic_publish`` raises the error for it)."""
+    """The publish's three (or more) frames, or None for what aiormq is left to refuse (a
+    name too long for a short string, an exchange name pamqp rejects: ``basic_publish``
+    raises the error for it)."""
     if exchange and not _exchange_ok(exchange):
         return None
     ex, key, mid = _short(exchange), _short(routing_key), _short(message_id)
