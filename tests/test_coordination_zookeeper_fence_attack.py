@@ -120,6 +120,35 @@ async def test_the_fence_holds_while_the_same_client_has_other_writes_in_flight(
     assert retakes[0] >= 100, retakes  # the multi path, not the plain create
 
 
+async def test_the_fence_holds_when_the_answer_is_read_before_the_loop_links_it(
+    connect: Connect,
+) -> None:
+    """The multi's answer may be read (on kazoo's connection thread) before the event loop
+    links its own callback to the result: kazoo's rawlink then runs every callback again,
+    the zxid reader included, on the loop thread. If other answers were read meanwhile,
+    last_zxid is theirs by then. Forced here: the multi is sent, its answer awaited, then
+    another write's answer read on the same client, all before `_retake` links the result."""
+    a = await connect("a")
+    name = _name("early-answer")
+    client = _backend(a)._client
+    call = client._call
+    forced = [0]
+    noise = f"/{name}-noise"
+
+    def answered_early(request: Any, async_object: Any) -> Any:
+        sent = call(request, async_object)
+        if isinstance(request, zookeeper._Multi):
+            async_object.wait(10)  # the multi's answer is read
+            client.create(noise, ephemeral=True, sequence=True)  # and a later write's
+            forced[0] += 1
+        return sent
+
+    client._call = answered_early
+    fences: list[int] = []
+    await _cycle(a, name, 5, fences)
+    assert forced[0] >= 4, forced
+
+
 async def test_the_fence_holds_when_the_multis_reply_is_lost(connect: Connect) -> None:
     """The multi is applied but its reply lost and the connection cut: the retake fails with
     ConnectionLoss, the core tries again, and the node it finds by name (its czxid read by an

@@ -489,9 +489,17 @@ class ZookeeperBackend:
         )
         result = client.handler.async_result()
         zxid = [0]
-        # Inline on the connection thread, as the answer is read: kazoo has just set
-        # last_zxid from this answer's header, the multi's own zxid (see the docstring).
-        result.rawlink(lambda _: zxid.__setitem__(0, client.last_zxid))
+
+        def answered(_: AsyncResult) -> None:
+            # Inline on the connection thread, as the answer is read: kazoo has just set
+            # last_zxid from this answer's header, the multi's own zxid (see the docstring).
+            # Only then: a rawlink made after the answer (`_future`'s, below, when the
+            # answer came first) runs every callback again, by when last_zxid may be a
+            # later answer's.
+            if not zxid[0]:
+                zxid[0] = client.last_zxid
+
+        result.rawlink(answered)
         attempt.alive_since = now()
         waiter.sent = True
         try:
